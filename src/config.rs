@@ -1,0 +1,507 @@
+//! Every `SCOPEGATE_*` environment variable, parsed once at start-up.
+//!
+//! Each variable has one parser and one default here, and a bad value becomes a
+//! [`ConfigError`] naming the variable and the problem (the binary exits 2 with it).
+//! The README's configuration table lists the same variables in the same order.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::upstream::{Upstream, UpstreamUrl};
+
+/// The whole runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub io_driver: IoDriver,
+    pub upstreams: Vec<Upstream>,
+    pub upstream_timeout: Duration,
+    pub max_body: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain: Duration,
+    pub allowed_origins: Vec<String>,
+    pub policy: Option<PathBuf>,
+    pub insecure_open: bool,
+    pub log_level: crate::log::Level,
+}
+
+/// Which io driver each worker runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, epoll otherwise.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.variable, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_DRAIN_MS: u64 = 10_000;
+
+/// Upper bound on worker threads: far past any core count we run on, low enough that a typo
+/// (`SCOPEGATE_THREADS=20000`) is an error and not thousands of runtimes.
+const MAX_THREADS: usize = 1024;
+
+fn err(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("SCOPEGATE_"))
+            .collect();
+        // A variable that is not valid UTF-8 would otherwise be silently ignored.
+        for (k, v) in std::env::vars_os() {
+            if let Some(name) = k.to_str()
+                && name.starts_with("SCOPEGATE_")
+                && v.to_str().is_none()
+            {
+                return Err(ConfigError {
+                    variable: leak_name(name),
+                    problem: "value is not valid UTF-8".into(),
+                });
+            }
+        }
+        Config::from_vars(&vars)
+    }
+
+    /// Parses a given set of variables (the environment, or a test's map).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+
+        for name in vars.keys() {
+            if !KNOWN_VARIABLES.contains(&name.as_str()) {
+                return Err(ConfigError {
+                    variable: leak_name(name),
+                    problem: format!(
+                        "unknown variable (a typo?); known: {}",
+                        KNOWN_VARIABLES.join(", ")
+                    ),
+                });
+            }
+        }
+
+        let listen = parse_listen(get("SCOPEGATE_LISTEN").unwrap_or(DEFAULT_LISTEN))?;
+        let threads = match get("SCOPEGATE_THREADS") {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(v) => {
+                let n = parse_u64("SCOPEGATE_THREADS", v)? as usize;
+                if n == 0 || n > MAX_THREADS {
+                    return Err(err(
+                        "SCOPEGATE_THREADS",
+                        format!("must be between 1 and {MAX_THREADS}, got {n}"),
+                    ));
+                }
+                n
+            }
+        };
+        let io_driver = match get("SCOPEGATE_IO_DRIVER") {
+            None | Some("auto") => IoDriver::Auto,
+            Some("io_uring") | Some("uring") => IoDriver::IoUring,
+            Some("epoll") | Some("legacy") => IoDriver::Epoll,
+            Some(other) => {
+                return Err(err(
+                    "SCOPEGATE_IO_DRIVER",
+                    format!("expected auto, io_uring or epoll, got {other:?}"),
+                ));
+            }
+        };
+        let upstreams = match get("SCOPEGATE_UPSTREAMS") {
+            None => Vec::new(),
+            Some(v) => parse_upstreams(v)?,
+        };
+        let upstream_timeout = parse_ms(
+            "SCOPEGATE_UPSTREAM_TIMEOUT_MS",
+            get("SCOPEGATE_UPSTREAM_TIMEOUT_MS"),
+            DEFAULT_UPSTREAM_TIMEOUT_MS,
+        )?;
+        let max_body = match get("SCOPEGATE_MAX_BODY") {
+            None => DEFAULT_MAX_BODY,
+            Some(v) => parse_size("SCOPEGATE_MAX_BODY", v)?,
+        };
+        let header_timeout = parse_ms(
+            "SCOPEGATE_HEADER_TIMEOUT_MS",
+            get("SCOPEGATE_HEADER_TIMEOUT_MS"),
+            DEFAULT_HEADER_TIMEOUT_MS,
+        )?;
+        let body_timeout = parse_ms(
+            "SCOPEGATE_BODY_TIMEOUT_MS",
+            get("SCOPEGATE_BODY_TIMEOUT_MS"),
+            DEFAULT_BODY_TIMEOUT_MS,
+        )?;
+        let idle_timeout = parse_ms(
+            "SCOPEGATE_IDLE_TIMEOUT_MS",
+            get("SCOPEGATE_IDLE_TIMEOUT_MS"),
+            DEFAULT_IDLE_TIMEOUT_MS,
+        )?;
+        let drain = parse_ms(
+            "SCOPEGATE_DRAIN_MS",
+            get("SCOPEGATE_DRAIN_MS"),
+            DEFAULT_DRAIN_MS,
+        )?;
+        let allowed_origins = match get("SCOPEGATE_ALLOWED_ORIGINS") {
+            None => Vec::new(),
+            Some(v) => parse_origins(v)?,
+        };
+        let policy = get("SCOPEGATE_POLICY").map(PathBuf::from);
+        let insecure_open = parse_bool("SCOPEGATE_INSECURE_OPEN", get("SCOPEGATE_INSECURE_OPEN"))?;
+        let log_level = match get("SCOPEGATE_LOG") {
+            None => crate::log::Level::Info,
+            Some(v) => crate::log::Level::parse(v).ok_or_else(|| {
+                err(
+                    "SCOPEGATE_LOG",
+                    format!("expected error, warn, info or debug, got {v:?}"),
+                )
+            })?,
+        };
+
+        if policy.is_none() && !insecure_open {
+            return Err(err(
+                "SCOPEGATE_POLICY",
+                "no policy file: scopegate refuses to start without one. Set SCOPEGATE_POLICY, \
+                 or SCOPEGATE_INSECURE_OPEN=1 to forward everything without authentication \
+                 (local development only)",
+            ));
+        }
+        if policy.is_some() {
+            // Authentication and the policy file arrive with the permissions work; refusing here
+            // keeps a configured policy from being silently ignored.
+            return Err(err(
+                "SCOPEGATE_POLICY",
+                "policy files are not supported by this build yet; use SCOPEGATE_INSECURE_OPEN=1 \
+                 for local development",
+            ));
+        }
+        if upstreams.is_empty() {
+            return Err(err(
+                "SCOPEGATE_UPSTREAMS",
+                "no upstream configured; expected name=http://host:port/path[,name=url...]",
+            ));
+        }
+
+        Ok(Config {
+            listen,
+            threads,
+            io_driver,
+            upstreams,
+            upstream_timeout,
+            max_body,
+            header_timeout,
+            body_timeout,
+            idle_timeout,
+            drain,
+            allowed_origins,
+            policy,
+            insecure_open,
+            log_level,
+        })
+    }
+
+    /// Whether the listener is on a loopback address, which turns on the loopback-only `Host`
+    /// and `Origin` defaults (DNS-rebinding defence).
+    pub fn listens_on_loopback(&self) -> bool {
+        self.listen.ip().is_loopback()
+    }
+}
+
+/// Every variable scopegate reads; anything else starting with `SCOPEGATE_` is refused so a
+/// misspelt setting does not silently fall back to its default.
+pub const KNOWN_VARIABLES: &[&str] = &[
+    "SCOPEGATE_LISTEN",
+    "SCOPEGATE_THREADS",
+    "SCOPEGATE_IO_DRIVER",
+    "SCOPEGATE_UPSTREAMS",
+    "SCOPEGATE_UPSTREAM_TIMEOUT_MS",
+    "SCOPEGATE_MAX_BODY",
+    "SCOPEGATE_HEADER_TIMEOUT_MS",
+    "SCOPEGATE_BODY_TIMEOUT_MS",
+    "SCOPEGATE_IDLE_TIMEOUT_MS",
+    "SCOPEGATE_DRAIN_MS",
+    "SCOPEGATE_ALLOWED_ORIGINS",
+    "SCOPEGATE_POLICY",
+    "SCOPEGATE_INSECURE_OPEN",
+    "SCOPEGATE_LOG",
+];
+
+fn leak_name(name: &str) -> &'static str {
+    // Only on the error path at start-up, once.
+    Box::leak(name.to_owned().into_boxed_str())
+}
+
+fn parse_listen(v: &str) -> Result<SocketAddr, ConfigError> {
+    let mut addrs = v.to_socket_addrs().map_err(|e| {
+        err(
+            "SCOPEGATE_LISTEN",
+            format!("expected host:port (e.g. 127.0.0.1:8080), got {v:?}: {e}"),
+        )
+    })?;
+    addrs
+        .next()
+        .ok_or_else(|| err("SCOPEGATE_LISTEN", format!("{v:?} resolves to no address")))
+}
+
+fn parse_u64(variable: &'static str, v: &str) -> Result<u64, ConfigError> {
+    v.parse::<u64>().map_err(|_| {
+        err(
+            variable,
+            format!("expected a non-negative integer, got {v:?}"),
+        )
+    })
+}
+
+fn parse_ms(
+    variable: &'static str,
+    v: Option<&str>,
+    default_ms: u64,
+) -> Result<Duration, ConfigError> {
+    let ms = match v {
+        None => default_ms,
+        Some(v) => parse_u64(variable, v)?,
+    };
+    if ms == 0 {
+        return Err(err(variable, "must be at least 1 millisecond"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn parse_bool(variable: &'static str, v: Option<&str>) -> Result<bool, ConfigError> {
+    match v {
+        None => Ok(false),
+        Some("1") | Some("true") | Some("yes") | Some("on") => Ok(true),
+        Some("0") | Some("false") | Some("no") | Some("off") => Ok(false),
+        Some(other) => Err(err(variable, format!("expected 1 or 0, got {other:?}"))),
+    }
+}
+
+/// Bytes, with an optional `KiB`/`MiB`/`GiB` (or `k`/`m`/`g`) suffix.
+pub fn parse_size(variable: &'static str, v: &str) -> Result<usize, ConfigError> {
+    let lower = v.to_ascii_lowercase();
+    let (digits, multiplier) = [
+        ("kib", 1usize << 10),
+        ("mib", 1 << 20),
+        ("gib", 1 << 30),
+        ("k", 1 << 10),
+        ("m", 1 << 20),
+        ("g", 1 << 30),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| lower.strip_suffix(suffix).map(|d| (d.trim(), *m)))
+    .unwrap_or((lower.as_str(), 1));
+    let n: usize = digits.parse().map_err(|_| {
+        err(
+            variable,
+            format!("expected a size in bytes (e.g. 4194304 or 4MiB), got {v:?}"),
+        )
+    })?;
+    let size = n
+        .checked_mul(multiplier)
+        .ok_or_else(|| err(variable, format!("{v:?} is too large")))?;
+    if size == 0 {
+        return Err(err(variable, "must be at least 1 byte"));
+    }
+    Ok(size)
+}
+
+fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
+    let mut out: Vec<Upstream> = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, url) = item.split_once('=').ok_or_else(|| {
+            err(
+                "SCOPEGATE_UPSTREAMS",
+                format!("expected name=http://host:port/path, got {item:?}"),
+            )
+        })?;
+        let name = name.trim();
+        if !valid_upstream_name(name) {
+            return Err(err(
+                "SCOPEGATE_UPSTREAMS",
+                format!(
+                    "upstream name {name:?} must be 1-64 characters of letters, digits, '_' or '-'"
+                ),
+            ));
+        }
+        if out.iter().any(|u| u.name == name) {
+            return Err(err(
+                "SCOPEGATE_UPSTREAMS",
+                format!("upstream {name:?} is named twice"),
+            ));
+        }
+        let url = UpstreamUrl::parse(url.trim()).map_err(|problem| {
+            err(
+                "SCOPEGATE_UPSTREAMS",
+                format!("upstream {name:?}: {problem}"),
+            )
+        })?;
+        out.push(Upstream {
+            name: name.to_owned(),
+            url,
+        });
+    }
+    if out.is_empty() {
+        return Err(err("SCOPEGATE_UPSTREAMS", "names no upstream"));
+    }
+    Ok(out)
+}
+
+/// Upstream names appear in paths (`/mcp/<name>`) and, later, in tool names: keep them plain.
+pub fn valid_upstream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn parse_origins(v: &str) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if item == "*" {
+            return Err(err(
+                "SCOPEGATE_ALLOWED_ORIGINS",
+                "\"*\" is not accepted: list each allowed origin (scheme://host[:port])",
+            ));
+        }
+        let rest = item
+            .strip_prefix("http://")
+            .or_else(|| item.strip_prefix("https://"))
+            .ok_or_else(|| {
+                err(
+                    "SCOPEGATE_ALLOWED_ORIGINS",
+                    format!("{item:?} is not an origin (expected scheme://host[:port])"),
+                )
+            })?;
+        if rest.is_empty() || rest.contains('/') {
+            return Err(err(
+                "SCOPEGATE_ALLOWED_ORIGINS",
+                format!("{item:?} is not an origin (expected scheme://host[:port], no path)"),
+            ));
+        }
+        out.push(item.to_ascii_lowercase());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn open(extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut v = vars(&[
+            ("SCOPEGATE_INSECURE_OPEN", "1"),
+            ("SCOPEGATE_UPSTREAMS", "a=http://127.0.0.1:9001/mcp"),
+        ]);
+        v.extend(vars(extra));
+        v
+    }
+
+    #[test]
+    fn defaults_apply_in_open_mode() {
+        let c = Config::from_vars(&open(&[])).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.max_body, DEFAULT_MAX_BODY);
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].name, "a");
+        assert!(c.threads >= 1);
+        assert!(c.listens_on_loopback());
+    }
+
+    #[test]
+    fn no_policy_refuses_to_start() {
+        let e = Config::from_vars(&vars(&[(
+            "SCOPEGATE_UPSTREAMS",
+            "a=http://127.0.0.1:1/mcp",
+        )]))
+        .unwrap_err();
+        assert_eq!(e.variable, "SCOPEGATE_POLICY");
+        assert!(e.problem.contains("refuses to start"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases = [
+            ("SCOPEGATE_THREADS", "zero"),
+            ("SCOPEGATE_THREADS", "0"),
+            ("SCOPEGATE_MAX_BODY", "lots"),
+            ("SCOPEGATE_LISTEN", "nowhere"),
+            ("SCOPEGATE_UPSTREAM_TIMEOUT_MS", "-5"),
+            ("SCOPEGATE_UPSTREAMS", "a=ftp://x/"),
+            ("SCOPEGATE_UPSTREAMS", "just-a-url"),
+            (
+                "SCOPEGATE_UPSTREAMS",
+                "a=http://127.0.0.1:1/,a=http://127.0.0.1:2/",
+            ),
+            ("SCOPEGATE_ALLOWED_ORIGINS", "*"),
+            ("SCOPEGATE_INSECURE_OPEN", "maybe"),
+            ("SCOPEGATE_IO_DRIVER", "kqueue"),
+            ("SCOPEGATE_LOG", "loud"),
+        ];
+        for (name, value) in cases {
+            let e = Config::from_vars(&open(&[(name, value)])).unwrap_err();
+            assert_eq!(e.variable, name, "{name}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_variable_is_refused() {
+        let e = Config::from_vars(&open(&[("SCOPEGATE_MAX_BDOY", "1")])).unwrap_err();
+        assert_eq!(e.variable, "SCOPEGATE_MAX_BDOY");
+    }
+
+    #[test]
+    fn sizes_take_suffixes() {
+        assert_eq!(parse_size("X", "4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_size("X", "64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("X", "123").unwrap(), 123);
+        assert!(parse_size("X", "0").is_err());
+    }
+
+    #[test]
+    fn upstream_list_parses() {
+        let c = Config::from_vars(&open(&[(
+            "SCOPEGATE_UPSTREAMS",
+            "github=http://127.0.0.1:9001/mcp, files=http://localhost:9002",
+        )]))
+        .unwrap();
+        assert_eq!(c.upstreams[0].name, "github");
+        assert_eq!(c.upstreams[0].url.path, "/mcp");
+        assert_eq!(c.upstreams[1].url.path, "/");
+        assert_eq!(c.upstreams[1].url.host_header, "localhost:9002");
+    }
+}

@@ -1,0 +1,519 @@
+//! The upstream exchange: send the request (the body exactly as received), read the response
+//! head, and relay the body to the agent as it arrives.
+//!
+//! Every read from the upstream is written to the agent before the next read is issued, so a
+//! Server-Sent Event reaches the agent the moment the upstream sends it. Bodies are relayed in
+//! their own framing where the agent can take it (chunked stays chunked, byte for byte); a
+//! close-delimited body is re-framed as chunked so the agent's connection survives it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::net::TcpStream;
+
+use crate::http::conn::{Conn, ReadError};
+use crate::http::framing::{self, ChunkedDecoder, Framing};
+use crate::http::head::{self, Head, HeadError};
+use crate::mcp::jsonrpc;
+use crate::pipeline::Refusal;
+use crate::worker::Worker;
+
+/// Pieces at most this long are copied into one buffer with what precedes them so they go out
+/// in a single write; larger ones are handed to the kernel as they are.
+const COALESCE_LIMIT: usize = 16 * 1024;
+
+/// Per-connection scratch reused across requests.
+#[derive(Default)]
+pub struct Exchange {
+    out: Vec<u8>,
+    response: Head,
+}
+
+pub struct Relayed {
+    /// Whether the agent's connection can carry another request.
+    pub keep_alive: bool,
+}
+
+pub enum ForwardError {
+    /// Nothing was sent to the agent yet: answer with this refusal (502/504).
+    BeforeResponse(Refusal),
+    /// The response was partly relayed when the upstream or the agent failed: the agent's
+    /// connection must be closed (an incomplete body is signalled by the close).
+    MidResponse,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    worker: &Worker,
+    ex: &mut Exchange,
+    client: &mut Conn,
+    request: &Head,
+    body: Bytes,
+    upstream_index: usize,
+    peer: SocketAddr,
+    close_after: bool,
+) -> Result<Relayed, ForwardError> {
+    let upstream = &worker.config.upstreams[upstream_index];
+    let timeout = worker.config.upstream_timeout;
+    let deadline = Instant::now() + timeout;
+
+    build_request(&mut ex.out, request, &body, upstream, peer);
+    let inline_body = body.len() <= COALESCE_LIMIT;
+    if inline_body {
+        ex.out.extend_from_slice(&body);
+    }
+
+    // A pooled connection may have been closed by the upstream while idle; if it fails before
+    // any response byte arrives, the request is retried once on a fresh connection.
+    let mut up = None;
+    for attempt in 0..2 {
+        let (mut conn, reused) = match worker.pool.take(upstream_index) {
+            Some(c) if attempt == 0 => (c, true),
+            _ => match connect(upstream.url.addr, deadline).await {
+                Ok(c) => (c, false),
+                Err(e) => return Err(ForwardError::BeforeResponse(unavailable(&upstream.name, e))),
+            },
+        };
+        let sent = send_request(&mut conn, &mut ex.out, &body, inline_body).await;
+        let result = match sent {
+            Ok(()) => read_response_head(&mut conn, &mut ex.response, deadline).await,
+            Err(e) => Err(UpstreamError::Io(e)),
+        };
+        match result {
+            Ok(()) => {
+                up = Some(conn);
+                break;
+            }
+            Err(UpstreamError::Io(_) | UpstreamError::Closed) if reused => continue,
+            Err(e) => {
+                return Err(ForwardError::BeforeResponse(
+                    e.refusal(&upstream.name, timeout),
+                ));
+            }
+        }
+    }
+    let Some(mut up) = up else {
+        return Err(ForwardError::BeforeResponse(unavailable(
+            &upstream.name,
+            UpstreamError::Closed,
+        )));
+    };
+
+    let (relayed, reusable) = relay(
+        worker,
+        ex,
+        client,
+        request,
+        &mut up,
+        upstream_index,
+        close_after,
+    )
+    .await?;
+    if reusable {
+        worker.pool.put(upstream_index, up);
+    }
+    Ok(relayed)
+}
+
+/// The request line and headers for the upstream: end-to-end headers as received, minus the
+/// agent's credentials and hop-by-hop fields, with `Host` set for the upstream and the agent's
+/// address added to `X-Forwarded-For`.
+fn build_request(
+    out: &mut Vec<u8>,
+    request: &Head,
+    body: &Bytes,
+    upstream: &crate::upstream::Upstream,
+    peer: SocketAddr,
+) {
+    out.clear();
+    out.extend_from_slice(request.method());
+    out.push(b' ');
+    out.extend_from_slice(upstream.url.path.as_bytes());
+    let target = request.target();
+    if let Some(q) = memchr::memchr(b'?', target) {
+        let query = &target[q + 1..];
+        if !query.is_empty() {
+            out.push(if upstream.url.path.contains('?') {
+                b'&'
+            } else {
+                b'?'
+            });
+            out.extend_from_slice(query);
+        }
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(upstream.url.host_header.as_bytes());
+    out.extend_from_slice(b"\r\n");
+
+    let mut forwarded_for: Option<&[u8]> = None;
+    for (name, value) in request.iter() {
+        if head::is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"host")
+            || name.eq_ignore_ascii_case(b"expect")
+            // The agent's credential is scopegate's business, never the upstream's.
+            || name.eq_ignore_ascii_case(b"authorization")
+            || head::named_by_connection(request, name)
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            forwarded_for = Some(value);
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(prior) = forwarded_for {
+        out.extend_from_slice(prior);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer.ip().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !body.is_empty() || request.method() == b"POST" {
+        out.extend_from_slice(b"Content-Length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[derive(Debug)]
+enum UpstreamError {
+    Io(std::io::Error),
+    /// The upstream closed before a complete response head.
+    Closed,
+    TimedOut,
+    BadHead(&'static str),
+}
+
+impl UpstreamError {
+    fn refusal(self, name: &str, timeout: Duration) -> Refusal {
+        match self {
+            UpstreamError::TimedOut => Refusal::new(
+                504,
+                jsonrpc::UPSTREAM_TIMEOUT,
+                format!(
+                    "upstream {name:?} did not answer within {} ms (SCOPEGATE_UPSTREAM_TIMEOUT_MS)",
+                    timeout.as_millis()
+                ),
+            ),
+            UpstreamError::BadHead(why) => Refusal::new(
+                502,
+                jsonrpc::UPSTREAM_UNAVAILABLE,
+                format!("upstream {name:?} sent an invalid response: {why}"),
+            ),
+            other => unavailable(name, other),
+        }
+    }
+}
+
+fn unavailable(name: &str, e: UpstreamError) -> Refusal {
+    let what = match &e {
+        UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "refused the connection".to_owned()
+        }
+        UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
+            "reset the connection".to_owned()
+        }
+        UpstreamError::Io(io) => format!("failed: {io}"),
+        UpstreamError::Closed => "closed the connection before answering".to_owned(),
+        UpstreamError::TimedOut => "timed out".to_owned(),
+        UpstreamError::BadHead(why) => format!("sent an invalid response: {why}"),
+    };
+    if matches!(e, UpstreamError::TimedOut) {
+        return Refusal::new(
+            504,
+            jsonrpc::UPSTREAM_TIMEOUT,
+            format!("upstream {name:?} {what}"),
+        );
+    }
+    Refusal::new(
+        502,
+        jsonrpc::UPSTREAM_UNAVAILABLE,
+        format!("upstream {name:?} {what}"),
+    )
+}
+
+async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, UpstreamError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(Conn::new(stream))
+        }
+        Ok(Err(e)) => Err(UpstreamError::Io(e)),
+        Err(_) => Err(UpstreamError::TimedOut),
+    }
+}
+
+async fn send_request(
+    up: &mut Conn,
+    out: &mut Vec<u8>,
+    body: &Bytes,
+    inline_body: bool,
+) -> std::io::Result<()> {
+    let buf = std::mem::take(out);
+    let (res, buf) = up.write_all(buf).await;
+    *out = buf;
+    res?;
+    if !inline_body {
+        let (res, _) = up.write_all(body.clone()).await;
+        res?;
+    }
+    Ok(())
+}
+
+async fn read_response_head(
+    up: &mut Conn,
+    response: &mut Head,
+    deadline: Instant,
+) -> Result<(), UpstreamError> {
+    up.buf.clear();
+    loop {
+        if !up.buf.is_empty() {
+            match head::parse_response(&up.buf, response) {
+                Ok(Some(len)) => {
+                    if (100..200).contains(&response.status) {
+                        if response.status == 101 {
+                            return Err(UpstreamError::BadHead("unexpected protocol switch (101)"));
+                        }
+                        // Interim response (100 Continue, 103 Early Hints): not relayed.
+                        let _ = up.buf.split_to(len);
+                        continue;
+                    }
+                    response.raw = up.buf.split_to(len).freeze();
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => {
+                    return Err(UpstreamError::BadHead("response head too large"));
+                }
+                Err(HeadError::Malformed(why)) => return Err(UpstreamError::BadHead(why)),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match up.fill_within(Some(left)).await {
+            Ok(0) => return Err(UpstreamError::Closed),
+            Ok(_) => {}
+            Err(ReadError::TimedOut) => return Err(UpstreamError::TimedOut),
+            Err(ReadError::Io(e)) => return Err(UpstreamError::Io(e)),
+        }
+    }
+}
+
+/// How the agent receives the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Downstream {
+    Empty,
+    Length(u64),
+    /// Upstream chunked, relayed byte for byte.
+    ChunkedRaw,
+    /// Upstream chunked, de-chunked for an HTTP/1.0 agent and ended by close.
+    ChunkedDecoded,
+    /// Upstream close-delimited, re-framed as chunks.
+    ChunkedWrapped,
+    /// Upstream close-delimited, relayed close-delimited (HTTP/1.0 agent).
+    UntilClose,
+}
+
+async fn relay(
+    worker: &Worker,
+    ex: &mut Exchange,
+    client: &mut Conn,
+    request: &Head,
+    up: &mut Conn,
+    upstream_index: usize,
+    close_after: bool,
+) -> Result<(Relayed, bool), ForwardError> {
+    let response = &ex.response;
+    let upstream_framing = match framing::response_framing(response, request.method()) {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(ForwardError::BeforeResponse(Refusal::new(
+                502,
+                jsonrpc::UPSTREAM_UNAVAILABLE,
+                format!(
+                    "upstream {:?} sent an invalid response: {}",
+                    worker.config.upstreams[upstream_index].name,
+                    e.message()
+                ),
+            )));
+        }
+    };
+    let agent_is_http10 = request.minor_version == 0;
+    let downstream = match (upstream_framing, agent_is_http10) {
+        (Framing::Empty, _) => Downstream::Empty,
+        (Framing::Length(n), _) => Downstream::Length(n),
+        (Framing::Chunked, false) => Downstream::ChunkedRaw,
+        (Framing::Chunked, true) => Downstream::ChunkedDecoded,
+        (Framing::UntilClose, false) => Downstream::ChunkedWrapped,
+        (Framing::UntilClose, true) => Downstream::UntilClose,
+    };
+    let keep_client = !close_after
+        && !matches!(
+            downstream,
+            Downstream::ChunkedDecoded | Downstream::UntilClose
+        );
+    let mut keep_upstream = response.minor_version == 1
+        && !head::connection_has(response, "close")
+        && upstream_framing != Framing::UntilClose;
+    // Long-lived event streams have no read deadline; other bodies must keep flowing.
+    let is_event_stream = response
+        .get("content-type")
+        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
+    let read_limit = (!is_event_stream).then_some(worker.config.upstream_timeout);
+
+    // The response head for the agent.
+    let out = &mut ex.out;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(response.status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(response.reason());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in response.iter() {
+        if head::is_hop_by_hop(name) || head::named_by_connection(response, name) {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    match downstream {
+        Downstream::Empty => {
+            if !matches!(response.status, 204 | 304) && request.method() != b"HEAD" {
+                out.extend_from_slice(b"Content-Length: 0\r\n");
+            }
+        }
+        Downstream::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Downstream::ChunkedRaw | Downstream::ChunkedWrapped => {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
+        }
+        Downstream::ChunkedDecoded | Downstream::UntilClose => {}
+    }
+    if !keep_client {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let mid = |_| ForwardError::MidResponse;
+    match downstream {
+        Downstream::Empty => {
+            flush(client, out).await.map_err(mid)?;
+            if !up.buf.is_empty() {
+                keep_upstream = false;
+            }
+        }
+        Downstream::Length(n) => {
+            let mut remaining = n;
+            loop {
+                let take = (up.buf.len() as u64).min(remaining) as usize;
+                let piece = up.buf.split_to(take).freeze();
+                remaining -= take as u64;
+                send(client, out, piece).await.map_err(mid)?;
+                if remaining == 0 {
+                    break;
+                }
+                fill(up, read_limit).await?;
+            }
+            if !up.buf.is_empty() {
+                keep_upstream = false;
+            }
+        }
+        Downstream::ChunkedRaw | Downstream::ChunkedDecoded => {
+            let decode = downstream == Downstream::ChunkedDecoded;
+            let mut decoder = ChunkedDecoder::default();
+            let mut decoded = BytesMut::new();
+            loop {
+                let consumed = decoder
+                    .feed(&up.buf, decode.then_some(&mut decoded))
+                    .map_err(|_| ForwardError::MidResponse)?;
+                let raw = up.buf.split_to(consumed).freeze();
+                let piece = if decode {
+                    decoded.split().freeze()
+                } else {
+                    raw
+                };
+                send(client, out, piece).await.map_err(mid)?;
+                if decoder.is_done() {
+                    break;
+                }
+                fill(up, read_limit).await?;
+            }
+            if !up.buf.is_empty() {
+                keep_upstream = false;
+            }
+        }
+        Downstream::ChunkedWrapped | Downstream::UntilClose => {
+            let wrap = downstream == Downstream::ChunkedWrapped;
+            let mut chunk = BytesMut::new();
+            loop {
+                if !up.buf.is_empty() {
+                    let data = up.buf.split().freeze();
+                    let piece = if wrap {
+                        framing::encode_chunk(&data, &mut chunk);
+                        chunk.split().freeze()
+                    } else {
+                        data
+                    };
+                    send(client, out, piece).await.map_err(mid)?;
+                }
+                match up.fill_within(read_limit).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return Err(ForwardError::MidResponse),
+                }
+            }
+            if wrap {
+                send(client, out, Bytes::from_static(framing::LAST_CHUNK))
+                    .await
+                    .map_err(mid)?;
+            }
+        }
+    }
+
+    Ok((
+        Relayed {
+            keep_alive: keep_client,
+        },
+        keep_upstream,
+    ))
+}
+
+async fn fill(up: &mut Conn, limit: Option<Duration>) -> Result<(), ForwardError> {
+    match up.fill_within(limit).await {
+        Ok(0) | Err(_) => Err(ForwardError::MidResponse),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Writes what is pending in `out` plus `piece`: in one write when small, else two.
+async fn send(client: &mut Conn, out: &mut Vec<u8>, piece: Bytes) -> std::io::Result<()> {
+    if out.len() + piece.len() <= COALESCE_LIMIT || piece.is_empty() {
+        out.extend_from_slice(&piece);
+        return flush(client, out).await;
+    }
+    flush(client, out).await?;
+    let (res, _) = client.write_all(piece).await;
+    res
+}
+
+async fn flush(client: &mut Conn, out: &mut Vec<u8>) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let buf = std::mem::take(out);
+    let (res, mut buf) = client.write_all(buf).await;
+    buf.clear();
+    *out = buf;
+    res
+}

@@ -1,0 +1,71 @@
+//! A TCP connection with its read buffer, over monoio's owned-buffer I/O.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+/// Bytes asked of the kernel per read. Large enough for a typical MCP message in one read,
+/// small enough that 10,000 idle connections stay cheap (buffers are released when idle).
+pub const READ_CHUNK: usize = 16 * 1024;
+
+pub struct Conn {
+    pub stream: TcpStream,
+    /// Bytes read and not yet consumed.
+    pub buf: BytesMut,
+}
+
+#[derive(Debug)]
+pub enum ReadError {
+    Io(io::Error),
+    TimedOut,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Reads once, appending to `buf`. `Ok(0)` is end of stream.
+    pub async fn fill(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let len = self.buf.len();
+        let buf = std::mem::take(&mut self.buf);
+        let (res, slice) = self.stream.read(buf.slice_mut(len..)).await;
+        self.buf = slice.into_inner();
+        res
+    }
+
+    /// [`fill`](Self::fill) with a deadline; `None` waits indefinitely.
+    pub async fn fill_within(&mut self, limit: Option<Duration>) -> Result<usize, ReadError> {
+        match limit {
+            None => self.fill().await.map_err(ReadError::Io),
+            Some(d) => match monoio::time::timeout(d, self.fill()).await {
+                Ok(r) => r.map_err(ReadError::Io),
+                Err(_) => Err(ReadError::TimedOut),
+            },
+        }
+    }
+
+    /// Writes all of `data` (owned, handed to the kernel without copying) and returns it.
+    pub async fn write_all<B: monoio::buf::IoBuf>(&mut self, data: B) -> (io::Result<()>, B) {
+        let (res, data) = self.stream.write_all(data).await;
+        (res.map(|_| ()), data)
+    }
+
+    /// Drops the read buffer's allocation when nothing is pending, so idle connections hold
+    /// no buffer memory.
+    pub fn release_idle_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+}

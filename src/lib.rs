@@ -1,0 +1,14 @@
+//! scopegate: a thread-per-core MCP gateway.
+//!
+//! The binary (`src/main.rs`) reads the configuration, binds one listener per worker and runs
+//! [`worker::run`] on each core. The request path is [`pipeline`]; HTTP framing is [`http`];
+//! MCP knowledge is [`mcp`].
+
+pub mod config;
+pub mod forward;
+pub mod http;
+pub mod log;
+pub mod mcp;
+pub mod pipeline;
+pub mod upstream;
+pub mod worker;

@@ -1,0 +1,81 @@
+//! JSON-RPC error responses that scopegate writes itself.
+
+use super::envelope::Id;
+
+pub const PARSE_ERROR: i32 = -32700;
+pub const INVALID_REQUEST: i32 = -32600;
+pub const METHOD_NOT_FOUND: i32 = -32601;
+pub const INTERNAL_ERROR: i32 = -32603;
+/// Implementation-defined server errors (-32000..-32099), scopegate's own:
+/// the upstream could not be reached or failed before answering.
+pub const UPSTREAM_UNAVAILABLE: i32 = -32001;
+/// The upstream did not answer within `SCOPEGATE_UPSTREAM_TIMEOUT_MS`.
+pub const UPSTREAM_TIMEOUT: i32 = -32002;
+/// The request was refused by scopegate before reaching any upstream (HTTP-level problem).
+pub const GATEWAY_REFUSED: i32 = -32003;
+
+/// `{"jsonrpc":"2.0","id":<id|null>,"error":{"code":<code>,"message":<message>}}`
+pub fn error_body(id: Option<Id<'_>>, code: i32, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + message.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    match id {
+        Some(id) => id.write_json(&mut out),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"error\":{\"code\":");
+    out.extend_from_slice(code.to_string().as_bytes());
+    out.extend_from_slice(b",\"message\":");
+    write_json_string(message, &mut out);
+    out.extend_from_slice(b"}}");
+    out
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0..=0x1f => None,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        match escaped {
+            Some(e) => out.extend_from_slice(e),
+            None => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_valid_json() {
+        let body = error_body(
+            Some(Id::Str("a\"b")),
+            UPSTREAM_TIMEOUT,
+            "took\ttoo long\u{1}",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["id"], "a\"b");
+        assert_eq!(v["error"]["code"], -32002);
+        assert_eq!(v["error"]["message"], "took\ttoo long\u{1}");
+        let body = error_body(None, PARSE_ERROR, "x");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["id"].is_null());
+        let body = error_body(Some(Id::Int(-3)), PARSE_ERROR, "x");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["id"], -3);
+    }
+}

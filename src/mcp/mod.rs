@@ -1,0 +1,6 @@
+//! MCP knowledge: the JSON-RPC envelope, scopegate's own JSON-RPC errors, and the Streamable
+//! HTTP transport's rules (origin checks, which headers travel).
+
+pub mod envelope;
+pub mod jsonrpc;
+pub mod origin;

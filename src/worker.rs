@@ -1,0 +1,246 @@
+//! One worker per core: its own monoio runtime pinned to its core, its own SO_REUSEPORT
+//! listener, its own upstream pool. Nothing here is shared with other workers except the
+//! read-only configuration and the shutdown flag.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use monoio::net::{TcpListener, TcpStream};
+
+use crate::config::{Config, IoDriver};
+use crate::upstream::Pool;
+use crate::{debug, error, info, warn};
+
+/// Set once by the main thread on SIGTERM/SIGINT; read between requests.
+pub static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+
+pub fn shutting_down() -> bool {
+    SHUTTING_DOWN.load(Ordering::Relaxed)
+}
+
+/// Counters a worker publishes for the main thread. Each worker writes only its own (one
+/// cache line each), so there is no contention on the request path.
+#[repr(align(64))]
+#[derive(Default)]
+pub struct WorkerStats {
+    pub open_connections: AtomicUsize,
+}
+
+/// A client connection's socket and whether it is idle between requests.
+type OpenConnection = (RawFd, Rc<Cell<bool>>);
+
+/// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`).
+pub struct Worker {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub pool: Pool,
+    pub stats: Arc<WorkerStats>,
+    /// Open client connections: raw fd and whether it is idle between requests. Touched once
+    /// per connection (open/close); per request only the `Cell` flips.
+    connections: RefCell<HashMap<u64, OpenConnection>>,
+    next_connection: Cell<u64>,
+}
+
+/// Starts a worker on the current thread and runs it until shutdown drains it.
+pub fn run(
+    id: usize,
+    config: Arc<Config>,
+    listener: std::net::TcpListener,
+    stats: Arc<WorkerStats>,
+) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let core = id % cores;
+    let pinned = monoio::utils::bind_to_cpu_set([core]).is_ok();
+
+    let uring_available = monoio::utils::detect_uring();
+    let use_uring = match config.io_driver {
+        IoDriver::Auto => uring_available,
+        IoDriver::IoUring => {
+            if !uring_available {
+                error!(
+                    "worker {id}: SCOPEGATE_IO_DRIVER=io_uring but io_uring is unavailable here"
+                );
+                std::process::exit(2);
+            }
+            true
+        }
+        IoDriver::Epoll => false,
+    };
+    let driver = if use_uring { "io_uring" } else { "epoll" };
+    info!(
+        "worker {id}: {driver} driver{}{}",
+        if pinned {
+            format!(", pinned to core {core}")
+        } else {
+            ", not pinned".into()
+        },
+        if !uring_available && config.io_driver == IoDriver::Auto {
+            " (io_uring unavailable: seccomp or kernel.io_uring_disabled)"
+        } else {
+            ""
+        }
+    );
+
+    let main = worker_main(id, config, listener, stats);
+    if use_uring {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .with_entries(1024)
+            .build()
+        {
+            Ok(mut rt) => rt.block_on(main),
+            Err(e) => {
+                error!("worker {id}: cannot build the io_uring runtime: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+        {
+            Ok(mut rt) => rt.block_on(main),
+            Err(e) => {
+                error!("worker {id}: cannot build the epoll runtime: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+async fn worker_main(
+    id: usize,
+    config: Arc<Config>,
+    listener: std::net::TcpListener,
+    stats: Arc<WorkerStats>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("worker {id}: cannot adopt the listener: {e}");
+            std::process::exit(1);
+        }
+    };
+    let worker = Rc::new(Worker {
+        id,
+        pool: Pool::new(config.upstreams.len()),
+        config,
+        stats,
+        connections: RefCell::new(HashMap::new()),
+        next_connection: Cell::new(0),
+    });
+
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if shutting_down() {
+                    break;
+                }
+                let _ = stream.set_nodelay(true);
+                let worker = worker.clone();
+                monoio::spawn(async move {
+                    let guard = worker.register(&stream);
+                    crate::pipeline::serve_connection(&worker, stream, peer, &guard.idle).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                if shutting_down() {
+                    break;
+                }
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!("worker {id}: accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+
+    // Drain: idle keep-alive connections are closed now (their pending read sees end of
+    // stream); busy ones finish their request and close. The main thread bounds the wait.
+    worker.close_idle_connections();
+    while !worker.connections.borrow().is_empty() {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+        worker.close_idle_connections();
+    }
+    debug!("worker {id}: drained");
+}
+
+/// Removes a connection from the registry when its task ends, however it ends.
+pub struct ConnectionGuard {
+    worker: Rc<Worker>,
+    key: u64,
+    pub idle: Rc<Cell<bool>>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.worker.connections.borrow_mut().remove(&self.key);
+        self.worker
+            .stats
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Worker {
+    fn register(self: &Rc<Self>, stream: &TcpStream) -> ConnectionGuard {
+        let key = self.next_connection.get();
+        self.next_connection.set(key + 1);
+        let idle = Rc::new(Cell::new(true));
+        self.connections
+            .borrow_mut()
+            .insert(key, (stream.as_raw_fd(), idle.clone()));
+        self.stats.open_connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard {
+            worker: self.clone(),
+            key,
+            idle,
+        }
+    }
+
+    fn close_idle_connections(&self) {
+        for (fd, idle) in self.connections.borrow().values() {
+            if idle.get() {
+                // Ends the pending read with end-of-stream; the task then closes the socket.
+                // SAFETY: the fd belongs to a live connection task of this thread (the entry is
+                // removed before the stream is dropped).
+                unsafe {
+                    libc::shutdown(*fd, libc::SHUT_RD);
+                }
+            }
+        }
+    }
+}
+
+/// Creates `n` listening sockets on `addr` with SO_REUSEPORT, so the kernel spreads new
+/// connections across workers. The first resolves port 0; the rest bind to the same port.
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        if addr.port() == 0 {
+            addr = listener.local_addr()?;
+        }
+        out.push(listener);
+    }
+    Ok(out)
+}
