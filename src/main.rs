@@ -72,7 +72,7 @@ fn serve() {
     let bound = listeners[0].local_addr().unwrap_or(config.listen);
     let listener_fds: Vec<i32> = listeners
         .iter()
-        .map(|l| std::os::fd::AsRawFd::as_raw_fd(l))
+        .map(std::os::fd::AsRawFd::as_raw_fd)
         .collect();
 
     let config = Arc::new(config);
