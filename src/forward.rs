@@ -353,7 +353,9 @@ async fn relay(
         (Framing::UntilClose, false) => Downstream::ChunkedWrapped,
         (Framing::UntilClose, true) => Downstream::UntilClose,
     };
+    // Decided now, not when the request arrived: a drain that began meanwhile closes it.
     let keep_client = !close_after
+        && !crate::worker::shutting_down()
         && !matches!(
             downstream,
             Downstream::ChunkedDecoded | Downstream::UntilClose

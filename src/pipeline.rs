@@ -84,7 +84,9 @@ pub async fn serve_connection(
             Ok(Some(len)) => len,
             Ok(None) => return,
             Err(refusal) => {
-                let _ = respond(&mut client, None, &refusal, true).await;
+                if respond(&mut client, None, &refusal, true).await.is_ok() {
+                    linger_close(&mut client).await;
+                }
                 return;
             }
         };
@@ -134,26 +136,31 @@ async fn handle_request(
     };
 
     // Stage 3: route, and the DNS-rebinding checks.
-    let route = match route(worker, head).and_then(|r| check_origin(worker, head).map(|()| r)) {
-        Ok(r) => r,
-        Err(refusal) => {
-            let close = client_wants_close || body_framing != Framing::Empty;
-            return finish(client, None, &refusal, close).await;
-        }
-    };
-    if route == Route::Health {
-        let close = client_wants_close || body_framing != Framing::Empty;
-        let reply = response::build(200, "text/plain", "", b"ok\n", close);
-        return write_reply(client, reply, close).await;
-    }
-    let Route::Mcp { upstream } = route else {
-        return Err(());
-    };
+    let route = route(worker, head).and_then(|r| check_origin(worker, head).map(|()| r));
 
-    // Stage 4: the body, within SCOPEGATE_MAX_BODY and SCOPEGATE_BODY_TIMEOUT_MS.
+    // Stage 4: the body, within SCOPEGATE_MAX_BODY and SCOPEGATE_BODY_TIMEOUT_MS. A refused
+    // request's body is still read (within the same limits) so the connection stays usable;
+    // one that announces `Expect: 100-continue` is answered at once instead.
+    if let Err(refusal) = &route
+        && body_framing != Framing::Empty
+        && head.get("expect").is_some()
+    {
+        return finish(client, None, refusal, true).await;
+    }
     let body = match read_body(worker, client, head, body_framing).await {
         Ok(b) => b,
         Err(refusal) => return finish(client, None, &refusal, true).await,
+    };
+    let route = match route {
+        Ok(r) => r,
+        Err(refusal) => return finish(client, None, &refusal, client_wants_close).await,
+    };
+    if route == Route::Health {
+        let reply = response::build(200, "text/plain", "", b"ok\n", client_wants_close);
+        return write_reply(client, reply, client_wants_close).await;
+    }
+    let Route::Mcp { upstream } = route else {
+        return Err(());
     };
 
     // Stage 5: the JSON-RPC envelope of every POST.
@@ -510,7 +517,39 @@ async fn finish(
 ) -> Result<KeepAlive, ()> {
     let close = close || refusal.close;
     respond(client, id, refusal, close).await?;
-    Ok(if close { KeepAlive::No } else { KeepAlive::Yes })
+    if close {
+        linger_close(client).await;
+        return Ok(KeepAlive::No);
+    }
+    Ok(KeepAlive::Yes)
+}
+
+/// Most bytes read and discarded while closing after an error.
+const LINGER_BYTES: usize = 256 * 1024;
+/// Longest wait for the client to stop sending while closing after an error.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Closes after an error without destroying the answer: closing a socket with unread input
+/// makes the kernel send RST, which can discard the response before the client reads it
+/// (RFC 9112 §9.6). So: stop writing, then read and drop what the client still sends, briefly.
+async fn linger_close(client: &mut Conn) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is this connection's open socket.
+    unsafe {
+        libc::shutdown(client.stream.as_raw_fd(), libc::SHUT_WR);
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        client.buf.clear();
+        match client
+            .fill_within(Some(deadline.saturating_duration_since(Instant::now())))
+            .await
+        {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
 }
 
 async fn respond(

@@ -1,0 +1,142 @@
+//! Start-up, configuration errors, drivers, signals.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+#[test]
+fn refuses_to_start_without_a_policy() {
+    let up = MockServer::start(MockConfig::default());
+    let (code, err) = Gateway::open()
+        .upstream("m", &up)
+        .without("SCOPEGATE_INSECURE_OPEN")
+        .run_to_exit();
+    assert_eq!(code, 2);
+    assert!(err.contains("SCOPEGATE_POLICY"), "{err}");
+    assert!(err.contains("refuses to start"), "{err}");
+}
+
+#[test]
+fn bad_values_exit_2_naming_the_variable() {
+    let up = MockServer::start(MockConfig::default());
+    for (name, value) in [
+        ("SCOPEGATE_THREADS", "lots"),
+        ("SCOPEGATE_MAX_BODY", "-1"),
+        ("SCOPEGATE_LISTEN", "not an address"),
+        ("SCOPEGATE_UPSTREAM_TIMEOUT_MS", "0"),
+        ("SCOPEGATE_UPSTREAMS", "x=https://127.0.0.1/mcp"),
+        ("SCOPEGATE_IO_DRIVER", "select"),
+        ("SCOPEGATE_TYPO", "1"),
+    ] {
+        let (code, err) = Gateway::open()
+            .upstream("m", &up)
+            .env(name, value)
+            .run_to_exit();
+        assert_eq!(code, 2, "{name}={value}: {err}");
+        assert!(err.contains(name), "{name}={value}: {err}");
+    }
+}
+
+#[test]
+fn insecure_open_says_so_loudly() {
+    let up = MockServer::start(MockConfig::default());
+    let gw = Gateway::open().upstream("m", &up).start();
+    assert!(gw.log().contains("NO AUTHENTICATION"), "{}", gw.log());
+}
+
+#[test]
+fn epoll_driver_serves_and_is_logged() {
+    let up = MockServer::start(MockConfig::default());
+    let gw = Gateway::open()
+        .upstream("m", &up)
+        .env("SCOPEGATE_IO_DRIVER", "epoll")
+        .env("SCOPEGATE_THREADS", "2")
+        .start();
+    let mut c = gw.client();
+    assert_eq!(c.post("/mcp", INIT).send().status, 200);
+    let r = c
+        .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"slow_events","arguments":{"count":2,"delay_ms":50}}}"#)
+        .header("Mcp-Session-Id", "s")
+        .send();
+    assert!(r.text().contains("2 events"));
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .log()
+            .matches("epoll driver")
+            .count()
+            == 2),
+        "{}",
+        gw.log()
+    );
+}
+
+#[test]
+fn default_driver_is_logged_per_worker() {
+    let up = MockServer::start(MockConfig::default());
+    let gw = Gateway::open()
+        .upstream("m", &up)
+        .env("SCOPEGATE_THREADS", "2")
+        .start();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let log = gw.log();
+            log.contains("worker 0:") && log.contains("worker 1:") && log.contains(" driver")
+        }),
+        "{}",
+        gw.log()
+    );
+    let mut c = gw.client();
+    assert_eq!(c.post("/mcp", INIT).send().status, 200);
+}
+
+fn drains_in_flight_then_exits_0(sig: i32) {
+    let up = MockServer::start(MockConfig::default());
+    let mut gw = Gateway::open().upstream("m", &up).start();
+    let mut busy = gw.client();
+    let mut idle = gw.client();
+    assert_eq!(idle.post("/mcp", INIT).send().status, 200);
+    busy.post("/mcp", &call(7, "sleep", "{\"ms\":1000}"))
+        .header("Mcp-Session-Id", "s")
+        .write();
+    assert!(eventually(Duration::from_secs(5), || up.recorded().len() == 2));
+    gw.signal(sig);
+    // The in-flight call completes, told the connection is closing.
+    let r = busy.read_response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["id"], 7);
+    assert_eq!(r.header("connection"), Some("close"));
+    // The idle keep-alive connection is closed, new connections are refused.
+    assert!(idle.is_closed());
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(std::net::TcpStream::connect(gw.addr).is_err());
+    assert!(gw.log().contains("drained"), "{}", gw.log());
+}
+
+#[test]
+fn sigterm_drains_in_flight_then_exits_0() {
+    drains_in_flight_then_exits_0(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_drains_in_flight_then_exits_0() {
+    drains_in_flight_then_exits_0(libc::SIGINT);
+}
+
+#[test]
+fn drain_is_bounded() {
+    let up = MockServer::start(MockConfig::default());
+    let mut gw = Gateway::open()
+        .upstream("m", &up)
+        .env("SCOPEGATE_DRAIN_MS", "300")
+        .start();
+    let mut stream = gw.client();
+    stream
+        .request("GET", "/mcp")
+        .header("Mcp-Session-Id", "s")
+        .write();
+    let _ = stream.read_until("list_changed");
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(gw.log().contains("drain deadline reached"), "{}", gw.log());
+}
