@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Side-by-side proxy cost on this machine, in one run: the mock MCP upstream direct (the limit),
+# scopegate in front of it, and nginx as a plain reverse proxy in front of it. One worker each.
+#
+# For each target: throughput under wrk (closed loop) and the CPU time the proxy process spent
+# per request (utime+stime from /proc/PID/stat, divided by the requests wrk completed).
+#
+# usage: scripts/bench.sh [--duration SECONDS] [--connections N] [--out FILE]
+# Needs wrk and nginx (installed from Debian's packages when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=10
+CONNECTIONS=32
+OUT=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --duration) DURATION="$2"; shift 2 ;;
+    --connections) CONNECTIONS="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+need() { command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" ]]; }
+if ! need wrk || ! need nginx; then
+  echo "bench.sh: installing wrk and nginx from Debian's packages" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release -q -p scopegate -p scopegate-loadtest
+BIN=target/release
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  [[ -f "$WORK/nginx.pid" ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; return 1; }
+# utime+stime of a set of pids, in clock ticks.
+cpu_ticks() { local t=0; for p in "$@"; do read -r -a f < "/proc/$p/stat"; t=$((t + f[13] + f[14])); done; echo "$t"; }
+TICK=$(getconf CLK_TCK)
+
+# Core 0: the proxy under test. Core 1: upstream and load generator.
+UP_PORT=$(free_port)
+taskset -c 1 "$BIN/sg-mock" --listen "127.0.0.1:$UP_PORT" > "$WORK/mock.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP_PORT"
+
+SG_PORT=$(free_port)
+env SCOPEGATE_INSECURE_OPEN=1 SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$SG_PORT" \
+  SCOPEGATE_UPSTREAMS="bench=http://127.0.0.1:$UP_PORT/mcp" SCOPEGATE_LOG=warn ${BENCH_SCOPEGATE_ENV:-} \
+  taskset -c 0 "$BIN/scopegate" 2> "$WORK/scopegate.log" &
+SG_PID=$!
+PIDS+=($SG_PID)
+wait_port "$SG_PORT"
+
+NG_PORT=$(free_port)
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+worker_cpu_affinity 01;
+daemon on;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/body; proxy_temp_path $WORK/proxy;
+  fastcgi_temp_path $WORK/fcgi; uwsgi_temp_path $WORK/uwsgi; scgi_temp_path $WORK/scgi;
+  upstream mock { server 127.0.0.1:$UP_PORT; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NG_PORT;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+taskset -c 0 "$NGINX" -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
+wait_port "$NG_PORT"
+NG_PIDS=$(pgrep -f "nginx: .*$WORK/nginx.conf|nginx: worker process" | tr '\n' ' ')
+NG_MASTER=$(cat "$WORK/nginx.pid")
+NG_PIDS="$NG_MASTER $(pgrep -P "$NG_MASTER" | tr '\n' ' ')"
+
+BODY='{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"repo":"acme/web","title":"bench"}}}'
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+wrk.headers["Mcp-Session-Id"] = "bench"
+wrk.headers["Host"] = "127.0.0.1"
+LUA
+
+# run NAME PORT PIDS...  -> prints "NAME rps requests cpu_us_per_req"
+run() {
+  local name=$1 port=$2; shift 2
+  # Warm-up (keep-alive pools, caches), not measured.
+  taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d2s -s "$WORK/post.lua" "http://127.0.0.1:$port/mcp" >/dev/null
+  local before=0 after=0
+  [[ $# -gt 0 ]] && before=$(cpu_ticks "$@")
+  taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$port/mcp" > "$WORK/$name.wrk"
+  [[ $# -gt 0 ]] && after=$(cpu_ticks "$@")
+  local requests rps errors
+  requests=$(awk '/requests in/ {print $1}' "$WORK/$name.wrk")
+  rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/$name.wrk")
+  errors=$(awk '/Non-2xx|Socket errors/ {print}' "$WORK/$name.wrk" | tr '\n' ' ')
+  local cpu_us="-"
+  if [[ $# -gt 0 ]]; then
+    cpu_us=$(python3 -c "print(f'{($after-$before)/$TICK*1e6/$requests:.2f}')")
+  fi
+  printf '%-22s %12s %12s %14s  %s\n' "$name" "$rps" "$requests" "$cpu_us" "$errors"
+}
+
+{
+  echo "# scopegate bench: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "# machine: $(nproc) cores, $(awk '/model name/ {sub(/.*: /,""); print; exit}' /proc/cpuinfo), kernel $(uname -r)"
+  echo "# wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST tools/call of ${#BODY} bytes; proxy on core 0, upstream+wrk on core 1"
+  printf '%-22s %12s %12s %14s\n' target req/s requests cpu_us/req
+  run direct "$UP_PORT"
+  run scopegate-open "$SG_PORT" "$SG_PID"
+  run nginx "$NG_PORT" $NG_PIDS
+} | tee "$WORK/result.txt"
+
+if [[ -n "$OUT" ]]; then cp "$WORK/result.txt" "$OUT"; fi
+if grep -q "Non-2xx\|Socket errors" "$WORK/result.txt"; then
+  echo "bench.sh: some requests failed (see above)" >&2
+fi

@@ -1,0 +1,108 @@
+"""Fixtures: a FastMCP upstream process and a scopegate process in front of it."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCOPEGATE = os.environ.get("SCOPEGATE_BIN", str(ROOT / "target" / "debug" / "scopegate"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, limit: float = 20.0) -> None:
+    end = time.time() + limit
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+class Upstream:
+    def __init__(self, tmp_path: Path, name: str = "upstream"):
+        self.port = free_port()
+        self.log = tmp_path / f"{name}-executions.jsonl"
+        self.log.touch()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "fastmcp_upstream.py"), str(self.port), str(self.log)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"{name}.stderr", "w"),
+        )
+        wait_for_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+
+    def executions(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Scopegate:
+    def __init__(self, env: dict[str, str]):
+        full_env = {"PATH": os.environ.get("PATH", ""), "SCOPEGATE_LISTEN": "127.0.0.1:0", "SCOPEGATE_THREADS": "2"}
+        full_env.update(env)
+        self.proc = subprocess.Popen(
+            [SCOPEGATE], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        found = threading.Event()
+        self.addr = None
+
+        def pump():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r" listening on (\S+)", line)
+                if m and not found.is_set():
+                    self.addr = m.group(1)
+                    found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(20):
+            self.proc.kill()
+            raise RuntimeError("scopegate did not start:\n" + "".join(self.lines))
+        self.base = f"http://{self.addr}"
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    u = Upstream(tmp_path)
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def open_gateway(upstream):
+    g = Scopegate({"SCOPEGATE_INSECURE_OPEN": "1", "SCOPEGATE_UPSTREAMS": f"files={upstream.url}"})
+    yield g
+    g.stop()

@@ -1,0 +1,70 @@
+"""An official-SDK (Python `mcp` 1.x FastMCP) upstream for end-to-end tests.
+
+usage: python fastmcp_upstream.py PORT LOGFILE
+Every tool execution is appended to LOGFILE as one JSON line, so tests can prove what the
+upstream actually executed (and what it never saw).
+"""
+
+import asyncio
+import json
+import os
+import sys
+
+from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.transport_security import TransportSecuritySettings
+
+port = int(sys.argv[1])
+log_path = sys.argv[2]
+
+mcp = FastMCP(
+    "e2e-upstream",
+    host="127.0.0.1",
+    port=port,
+    transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+)
+
+
+def record(tool: str, ctx: Context | None = None, **args) -> None:
+    entry = {"tool": tool, "args": args}
+    if ctx is not None:
+        request = ctx.request_context.request
+        if request is not None:
+            entry["headers"] = {k.lower(): v for k, v in request.headers.items()}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+@mcp.tool()
+def add(a: int, b: int, ctx: Context) -> int:
+    """Adds two numbers."""
+    record("add", ctx, a=a, b=b)
+    return a + b
+
+
+@mcp.tool()
+async def stepwise(steps: int, marker: str, ctx: Context) -> str:
+    """Reports progress once per step. After the first report it waits for the client to create
+    `marker`, which the client does only when that first report reaches it: the call can finish
+    only if progress is relayed while the tool is still running."""
+    record("stepwise", ctx, steps=steps, marker=marker)
+    saw_marker = False
+    for i in range(steps):
+        await ctx.report_progress(i + 1, steps, f"step {i + 1}")
+        if i == 0:
+            for _ in range(200):
+                if os.path.exists(marker):
+                    saw_marker = True
+                    break
+                await asyncio.sleep(0.05)
+    return f"done {steps} steps; marker seen while running: {saw_marker}"
+
+
+@mcp.tool()
+def delete_everything(ctx: Context) -> str:
+    """A tool no agent should be allowed to call."""
+    record("delete_everything", ctx)
+    return "deleted"
+
+
+if __name__ == "__main__":
+    mcp.run(transport="streamable-http")
