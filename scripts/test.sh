@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs every test peer and runs every test: formatting, lints, Rust unit and integration
+# tests (the real binary against the mock upstream), and end-to-end tests with the official
+# Python MCP SDK as agent and as upstream.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Python test peers (official MCP SDK) into .venv"
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+step "build"
+cargo build --workspace -q
+
+step "Rust unit and integration tests"
+cargo test --workspace -q 2>&1 | tee target/cargo-test.log
+# Fail loudly if any test binary reported a failure that the pipeline might hide.
+if grep -q "test result: FAILED" target/cargo-test.log; then
+  exit 1
+fi
+
+step "end-to-end tests with the official Python MCP SDK"
+SCOPEGATE_BIN="$PWD/target/debug/scopegate" .venv/bin/python -m pytest -q
+
+step "benches compile"
+cargo bench --workspace --no-run -q
+
+echo
+echo "all tests passed"
