@@ -310,3 +310,46 @@ fn routes_by_upstream_name() {
     assert_eq!(r.status, 405);
     assert_eq!(c.request("GET", "/other").send().status, 404);
 }
+
+#[test]
+fn batches_of_2025_03_26_pass_through() {
+    let (up, gw) = gateway();
+    let mut c = gw.client();
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":2,"method":"tools/list"}]"#;
+    let r = c
+        .post("/mcp", batch)
+        .header("Mcp-Session-Id", "s")
+        .header("MCP-Protocol-Version", "2025-03-26")
+        .send();
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(up.recorded().last().unwrap().body, batch.as_bytes());
+}
+
+#[test]
+fn http_1_0_agents_get_a_delimited_answer() {
+    let up = MockServer::start(MockConfig {
+        sse: true,
+        ..MockConfig::default()
+    });
+    let gw = Gateway::open().upstream("m", &up).start();
+    let mut c = gw.client();
+    let body = call(1, "echo", "{\"v\":1}");
+    c.send_raw(
+        format!(
+            "POST /mcp HTTP/1.0\r\nHost: 127.0.0.1\r\nMcp-Session-Id: s\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    assert!(!r.chunked, "HTTP/1.0 cannot take chunked");
+    assert!(r.text().contains("\"id\":1"), "{}", r.text());
+    assert!(
+        r.text().starts_with("event: message"),
+        "de-chunked SSE body: {}",
+        r.text()
+    );
+}
