@@ -365,6 +365,7 @@ fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
         out.push(Upstream {
             name: name.to_owned(),
             url,
+            headers: Vec::new(),
         });
     }
     if out.is_empty() {

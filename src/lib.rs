@@ -10,5 +10,6 @@ pub mod http;
 pub mod log;
 pub mod mcp;
 pub mod pipeline;
+pub mod policy;
 pub mod upstream;
 pub mod worker;

@@ -15,6 +15,8 @@ use crate::http::conn::Conn;
 pub struct Upstream {
     pub name: String,
     pub url: UpstreamUrl,
+    /// Injected on every request to this upstream (from the policy's `[upstream.headers]`).
+    pub headers: Vec<(String, String)>,
 }
 
 /// A parsed `http://host:port/path` URL. Only plain HTTP: upstreams are expected on the same
