@@ -29,6 +29,14 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     pub insecure_open: bool,
     pub log_level: crate::log::Level,
+    /// Accept `/key/<key>/mcp[/<upstream>]` for clients that cannot set headers.
+    pub path_keys: bool,
+    /// `authorization_servers` in the protected resource metadata.
+    pub auth_servers: Vec<String>,
+    /// The URL agents reach scopegate at (for resource metadata); else `http://<Host>`.
+    pub public_url: Option<String>,
+    /// Key material for session tokens; `None`: random per start.
+    pub session_secret: Option<Vec<u8>>,
 }
 
 /// Which io driver each worker runtime uses.
@@ -193,16 +201,54 @@ impl Config {
                  (local development only)",
             ));
         }
-        if policy.is_some() {
-            // Authentication and the policy file arrive with the permissions work; refusing here
-            // keeps a configured policy from being silently ignored.
+        let path_keys = parse_bool("SCOPEGATE_PATH_KEYS", get("SCOPEGATE_PATH_KEYS"))?;
+        let auth_servers = match get("SCOPEGATE_AUTH_SERVERS") {
+            None => Vec::new(),
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    if s.starts_with("https://") || s.starts_with("http://") {
+                        Ok(s.to_owned())
+                    } else {
+                        Err(err(
+                            "SCOPEGATE_AUTH_SERVERS",
+                            format!("{s:?} is not an http(s) URL"),
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let public_url = match get("SCOPEGATE_PUBLIC_URL") {
+            None => None,
+            Some(v) if v.starts_with("https://") || v.starts_with("http://") => {
+                Some(v.trim_end_matches('/').to_owned())
+            }
+            Some(v) => {
+                return Err(err(
+                    "SCOPEGATE_PUBLIC_URL",
+                    format!("{v:?} is not an http(s) URL"),
+                ));
+            }
+        };
+        let session_secret = match get("SCOPEGATE_SESSION_SECRET") {
+            None => None,
+            Some(v) if v.len() < 32 => {
+                return Err(err(
+                    "SCOPEGATE_SESSION_SECRET",
+                    "must be at least 32 characters (e.g. `openssl rand -hex 32`)",
+                ));
+            }
+            Some(v) => Some(v.as_bytes().to_vec()),
+        };
+        if insecure_open && policy.is_some() {
             return Err(err(
-                "SCOPEGATE_POLICY",
-                "policy files are not supported by this build yet; use SCOPEGATE_INSECURE_OPEN=1 \
-                 for local development",
+                "SCOPEGATE_INSECURE_OPEN",
+                "set together with SCOPEGATE_POLICY; choose one (a policy, or no authentication)",
             ));
         }
-        if upstreams.is_empty() {
+        if upstreams.is_empty() && policy.is_none() {
             return Err(err(
                 "SCOPEGATE_UPSTREAMS",
                 "no upstream configured; expected name=http://host:port/path[,name=url...]",
@@ -224,6 +270,10 @@ impl Config {
             policy,
             insecure_open,
             log_level,
+            path_keys,
+            auth_servers,
+            public_url,
+            session_secret,
         })
     }
 
@@ -251,6 +301,10 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_POLICY",
     "SCOPEGATE_INSECURE_OPEN",
     "SCOPEGATE_LOG",
+    "SCOPEGATE_PATH_KEYS",
+    "SCOPEGATE_AUTH_SERVERS",
+    "SCOPEGATE_PUBLIC_URL",
+    "SCOPEGATE_SESSION_SECRET",
 ];
 
 fn leak_name(name: &str) -> &'static str {
@@ -332,7 +386,7 @@ pub fn parse_size(variable: &'static str, v: &str) -> Result<usize, ConfigError>
     Ok(size)
 }
 
-fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
+pub fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
     let mut out: Vec<Upstream> = Vec::new();
     for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, url) = item.split_once('=').ok_or_else(|| {

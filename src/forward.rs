@@ -30,6 +30,27 @@ pub struct Exchange {
     response: Head,
 }
 
+/// What the policy asks of one exchange beyond plain forwarding.
+#[derive(Default)]
+pub struct Plan<'a> {
+    /// Headers injected into the upstream request (the upstream's credential); they replace any
+    /// the agent sent under the same names.
+    pub inject: &'a [(String, String)],
+    /// The upstream's own session id, sent instead of the agent's (sealed) `Mcp-Session-Id`.
+    pub upstream_session: Option<&'a [u8]>,
+    /// Turns an `Mcp-Session-Id` from the upstream into the token the agent sees.
+    pub seal_session: Option<&'a dyn Fn(&[u8]) -> Option<String>>,
+    /// Drop response headers that carry upstream credentials (`Set-Cookie`,
+    /// `WWW-Authenticate`, ...), and any named like an injected header.
+    pub strip_credentials: bool,
+    /// Rewrite a list result to what the agent may see.
+    pub filter: Option<(crate::mcp::lists::ListKind, &'a dyn Fn(&str) -> bool)>,
+}
+
+/// Largest list response scopegate buffers to filter; larger is refused (502) rather than
+/// relayed unfiltered.
+pub const MAX_FILTERED_BODY: usize = 16 * 1024 * 1024;
+
 pub struct Relayed {
     /// Whether the agent's connection can carry another request.
     pub keep_alive: bool,
@@ -53,12 +74,13 @@ pub async fn forward(
     upstream_index: usize,
     peer: SocketAddr,
     close_after: bool,
+    plan: &Plan<'_>,
 ) -> Result<Relayed, ForwardError> {
     let upstream = &worker.config.upstreams[upstream_index];
     let timeout = worker.config.upstream_timeout;
     let deadline = Instant::now() + timeout;
 
-    build_request(&mut ex.out, request, &body, upstream, peer);
+    build_request(&mut ex.out, request, &body, upstream, peer, plan);
     let inline_body = body.len() <= COALESCE_LIMIT;
     if inline_body {
         ex.out.extend_from_slice(&body);
@@ -108,6 +130,7 @@ pub async fn forward(
         &mut up,
         upstream_index,
         close_after,
+        plan,
     )
     .await?;
     if reusable {
@@ -125,6 +148,7 @@ fn build_request(
     body: &Bytes,
     upstream: &crate::upstream::Upstream,
     peer: SocketAddr,
+    plan: &Plan<'_>,
 ) {
     out.clear();
     out.extend_from_slice(request.method());
@@ -154,6 +178,8 @@ fn build_request(
             // The agent's credential is scopegate's business, never the upstream's.
             || name.eq_ignore_ascii_case(b"authorization")
             || head::named_by_connection(request, name)
+            || (plan.upstream_session.is_some() && name.eq_ignore_ascii_case(b"mcp-session-id"))
+            || plan.inject.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
         {
             continue;
         }
@@ -164,6 +190,17 @@ fn build_request(
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in plan.inject {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(session) = plan.upstream_session {
+        out.extend_from_slice(b"Mcp-Session-Id: ");
+        out.extend_from_slice(session);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -328,7 +365,25 @@ async fn relay(
     up: &mut Conn,
     upstream_index: usize,
     close_after: bool,
+    plan: &Plan<'_>,
 ) -> Result<(Relayed, bool), ForwardError> {
+    if let Some((kind, keep)) = plan.filter
+        && ex.response.status == 200
+    {
+        return relay_filtered(
+            worker,
+            ex,
+            client,
+            request,
+            up,
+            upstream_index,
+            close_after,
+            plan,
+            kind,
+            keep,
+        )
+        .await;
+    }
     let response = &ex.response;
     let upstream_framing = match framing::response_framing(response, request.method()) {
         Ok(f) => f,
@@ -377,14 +432,8 @@ async fn relay(
     out.push(b' ');
     out.extend_from_slice(response.reason());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in response.iter() {
-        if head::is_hop_by_hop(name) || head::named_by_connection(response, name) {
-            continue;
-        }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+    if !write_response_headers(out, response, plan) {
+        return Err(ForwardError::BeforeResponse(session_refusal()));
     }
     match downstream {
         Downstream::Empty => {
@@ -518,4 +567,172 @@ async fn flush(client: &mut Conn, out: &mut Vec<u8>) -> std::io::Result<()> {
     buf.clear();
     *out = buf;
     res
+}
+
+fn session_refusal() -> Refusal {
+    Refusal::new(
+        502,
+        jsonrpc::UPSTREAM_UNAVAILABLE,
+        "the upstream's session id cannot be carried (too long or not visible ASCII)",
+    )
+}
+
+/// Response headers for the agent: end-to-end headers, minus upstream credentials when asked,
+/// with the upstream's session id sealed. `false` when a session id could not be sealed.
+fn write_response_headers(out: &mut Vec<u8>, response: &Head, plan: &Plan<'_>) -> bool {
+    for (name, value) in response.iter() {
+        if head::is_hop_by_hop(name) || head::named_by_connection(response, name) {
+            continue;
+        }
+        if plan.strip_credentials
+            && (CREDENTIAL_HEADERS
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+                || plan
+                    .inject
+                    .iter()
+                    .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes())))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        match plan.seal_session {
+            Some(seal) if name.eq_ignore_ascii_case(b"mcp-session-id") => {
+                if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                    return false;
+                }
+                match seal(value) {
+                    Some(token) => out.extend_from_slice(token.as_bytes()),
+                    None => return false,
+                }
+            }
+            _ => out.extend_from_slice(value),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    true
+}
+
+/// Response headers that carry or request upstream credentials; never relayed to agents in
+/// policy mode (the agent authenticates to scopegate, not to the upstream).
+const CREDENTIAL_HEADERS: [&str; 4] = [
+    "set-cookie",
+    "www-authenticate",
+    "proxy-authenticate",
+    "authentication-info",
+];
+
+/// Reads a list response whole, filters it, and sends it with a length.
+#[allow(clippy::too_many_arguments)]
+async fn relay_filtered(
+    worker: &Worker,
+    ex: &mut Exchange,
+    client: &mut Conn,
+    request: &Head,
+    up: &mut Conn,
+    upstream_index: usize,
+    close_after: bool,
+    plan: &Plan<'_>,
+    kind: crate::mcp::lists::ListKind,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(Relayed, bool), ForwardError> {
+    let name = &worker.config.upstreams[upstream_index].name;
+    let bad = |why: &str| {
+        ForwardError::BeforeResponse(Refusal::new(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("upstream {name:?}: {why}"),
+        ))
+    };
+    let response = &ex.response;
+    let framing =
+        framing::response_framing(response, request.method()).map_err(|e| bad(e.message()))?;
+    let limit = Some(worker.config.upstream_timeout);
+    let mut body = BytesMut::new();
+    let mut reusable = response.minor_version == 1 && !head::connection_has(response, "close");
+    match framing {
+        Framing::Empty => {}
+        Framing::Length(n) => {
+            if n as usize > MAX_FILTERED_BODY {
+                return Err(bad("list response too large to filter"));
+            }
+            while (up.buf.len() as u64) < n {
+                fill(up, limit)
+                    .await
+                    .map_err(|_| bad("list response cut short"))?;
+            }
+            body = up.buf.split_to(n as usize);
+        }
+        Framing::Chunked => {
+            let mut decoder = ChunkedDecoder::default();
+            loop {
+                let consumed = decoder
+                    .feed(&up.buf, Some(&mut body))
+                    .map_err(|_| bad("bad chunked list response"))?;
+                let _ = up.buf.split_to(consumed);
+                if body.len() > MAX_FILTERED_BODY {
+                    return Err(bad("list response too large to filter"));
+                }
+                if decoder.is_done() {
+                    break;
+                }
+                fill(up, limit)
+                    .await
+                    .map_err(|_| bad("list response cut short"))?;
+            }
+        }
+        Framing::UntilClose => {
+            reusable = false;
+            loop {
+                body.extend_from_slice(&up.buf.split());
+                if body.len() > MAX_FILTERED_BODY {
+                    return Err(bad("list response too large to filter"));
+                }
+                match up.fill_within(limit).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return Err(bad("list response cut short")),
+                }
+            }
+        }
+    }
+    if !up.buf.is_empty() {
+        reusable = false;
+    }
+    let is_sse = response
+        .get("content-type")
+        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
+    let filtered = if is_sse {
+        crate::mcp::lists::filter_sse(&body, kind, keep)
+    } else {
+        crate::mcp::lists::filter_json(&body, kind, keep)
+    }
+    .ok_or_else(|| bad("list response is not a readable list result; not relayed unfiltered"))?;
+
+    let keep_client = !close_after && !crate::worker::shutting_down();
+    let out = &mut ex.out;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 200 ");
+    out.extend_from_slice(response.reason());
+    out.extend_from_slice(b"\r\n");
+    if !write_response_headers(out, response, plan) {
+        return Err(ForwardError::BeforeResponse(session_refusal()));
+    }
+    out.extend_from_slice(b"Content-Length: ");
+    out.extend_from_slice(filtered.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !keep_client {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    send(client, out, Bytes::from(filtered))
+        .await
+        .map_err(|_| ForwardError::MidResponse)?;
+    Ok((
+        Relayed {
+            keep_alive: keep_client,
+        },
+        reusable,
+    ))
 }

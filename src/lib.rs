@@ -4,6 +4,8 @@
 //! [`worker::run`] on each core. The request path is [`pipeline`]; HTTP framing is [`http`];
 //! MCP knowledge is [`mcp`].
 
+pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod forward;
 pub mod http;
@@ -11,5 +13,6 @@ pub mod log;
 pub mod mcp;
 pub mod pipeline;
 pub mod policy;
+pub mod token;
 pub mod upstream;
 pub mod worker;

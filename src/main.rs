@@ -5,7 +5,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use scopegate::config::Config;
-use scopegate::worker::{self, SHUTTING_DOWN, WorkerStats};
+use scopegate::mcp::session::SessionKeys;
+use scopegate::policy::live::LivePolicy;
+use scopegate::policy::{Policy, ProcessEnv};
+use scopegate::worker::{self, SHUTTING_DOWN, Shared, WorkerStats};
 use scopegate::{error, info, warn};
 
 #[global_allocator]
@@ -15,9 +18,13 @@ const USAGE: &str = "\
 scopegate: an MCP gateway
 
 usage:
-  scopegate            run the gateway (configured by SCOPEGATE_* environment variables)
-  scopegate --version  print the version
-  scopegate --help     print this help
+  scopegate                       run the gateway (configured by SCOPEGATE_* variables)
+  scopegate hash-key [KEY]        print the key_sha256 of KEY; without KEY, make a strong
+                                  random key and print both
+  scopegate validate FILE         load a policy file and report the first problem, if any
+  scopegate check --policy FILE --agent ID --tool UPSTREAM/NAME [--args JSON]
+                                  print allow or deny and the rule that decided
+  scopegate --version             print the version
 
 See README.md for every variable.";
 
@@ -29,6 +36,9 @@ fn main() {
             println!("scopegate {}", env!("CARGO_PKG_VERSION"));
         }
         Some("--help") | Some("-h") | Some("help") => println!("{USAGE}"),
+        Some("hash-key") => std::process::exit(scopegate::cli::hash_key(&args[1..])),
+        Some("validate") => std::process::exit(scopegate::cli::validate(&args[1..])),
+        Some("check") => std::process::exit(scopegate::cli::check(&args[1..])),
         Some(other) => {
             eprintln!("scopegate: unknown command {other:?}\n\n{USAGE}");
             std::process::exit(2);
@@ -37,7 +47,7 @@ fn main() {
 }
 
 fn serve() {
-    let config = match Config::from_env() {
+    let mut config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("scopegate: configuration error: {e}");
@@ -45,6 +55,48 @@ fn serve() {
         }
     };
     scopegate::log::set_level(config.log_level);
+
+    // The policy names the agents and may add upstreams to those of SCOPEGATE_UPSTREAMS.
+    let env_upstreams = config.upstreams.clone();
+    let live = match &config.policy {
+        None => None,
+        Some(path) => match Policy::load(path, &env_upstreams, &ProcessEnv) {
+            Ok(p) => {
+                info!(
+                    "policy {}: {} tenant(s), {} upstream(s), {} agent(s)",
+                    path.display(),
+                    p.tenants.len(),
+                    p.upstreams().len(),
+                    p.agents.len()
+                );
+                config.upstreams = p.upstreams().to_vec();
+                Some(Arc::new(LivePolicy::new(p)))
+            }
+            Err(e) => {
+                eprintln!("scopegate: policy error: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
+    if config.upstreams.is_empty() {
+        eprintln!(
+            "scopegate: configuration error: no upstream in SCOPEGATE_UPSTREAMS or the policy"
+        );
+        std::process::exit(2);
+    }
+    if live.is_some() && config.session_secret.is_none() {
+        warn!(
+            "SCOPEGATE_SESSION_SECRET is unset: session tokens use a random key for this process; \
+             sessions will not survive a restart or move between replicas"
+        );
+    }
+    let sessions = match SessionKeys::new(config.session_secret.as_deref()) {
+        Ok(k) => Arc::new(k),
+        Err(e) => {
+            error!("{e}");
+            std::process::exit(1);
+        }
+    };
 
     if config.insecure_open {
         for line in [
@@ -76,6 +128,11 @@ fn serve() {
         .collect();
 
     let config = Arc::new(config);
+    let shared = Shared {
+        config: config.clone(),
+        policy: live.clone(),
+        sessions,
+    };
     for u in &config.upstreams {
         info!(
             "upstream {} -> http://{}{}",
@@ -84,13 +141,13 @@ fn serve() {
     }
     let mut workers = Vec::new();
     for (id, listener) in listeners.into_iter().enumerate() {
-        let config = config.clone();
+        let shared = shared.clone();
         let stats = Arc::new(WorkerStats::default());
         let handle = std::thread::Builder::new()
             .name(format!("scopegate-w{id}"))
             .spawn({
                 let stats = stats.clone();
-                move || worker::run(id, config, listener, stats)
+                move || worker::run(id, shared, listener, stats)
             });
         match handle {
             Ok(h) => workers.push((h, stats)),
@@ -102,10 +159,28 @@ fn serve() {
     }
     info!("listening on {bound} with {} worker(s)", config.threads);
 
+    let mut watched = config.policy.as_deref().and_then(file_stamp);
     loop {
-        match wait_signal(&signals) {
-            libc::SIGHUP => info!("SIGHUP: nothing to reload (no policy file in this build)"),
-            sig => {
+        match wait_signal(&signals, Duration::from_secs(1)) {
+            None => {
+                // Reload when the policy file changed (checked once a second).
+                if let Some(path) = config.policy.as_deref() {
+                    let now = file_stamp(path);
+                    if now.is_some() && now != watched {
+                        watched = now;
+                        info!("policy file changed; reloading");
+                        reload(&config, live.as_deref(), &env_upstreams);
+                    }
+                }
+            }
+            Some(libc::SIGHUP) => {
+                info!("SIGHUP: reloading the policy");
+                if let Some(path) = config.policy.as_deref() {
+                    watched = file_stamp(path);
+                }
+                reload(&config, live.as_deref(), &env_upstreams);
+            }
+            Some(sig) => {
                 let name = if sig == libc::SIGINT {
                     "SIGINT"
                 } else {
@@ -159,13 +234,56 @@ fn blocked_signals() -> libc::sigset_t {
     }
 }
 
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` was initialised by blocked_signals; sigwait writes one int.
-        let rc = unsafe { libc::sigwait(set, &mut sig) };
-        if rc == 0 {
-            return sig;
+/// The next blocked signal, or `None` after `timeout`.
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` was initialised by blocked_signals; a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}
+
+/// What identifies a version of the policy file: modification time and length.
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Loads the policy again; an invalid file, or one that changes the set of upstreams (which
+/// the workers' connection pools are built on), leaves the running policy in place.
+fn reload(
+    config: &Config,
+    live: Option<&LivePolicy>,
+    env_upstreams: &[scopegate::upstream::Upstream],
+) {
+    let (Some(path), Some(live)) = (config.policy.as_deref(), live) else {
+        info!("no policy file to reload");
+        return;
+    };
+    match Policy::load(path, env_upstreams, &ProcessEnv) {
+        Ok(p) => {
+            let same_upstreams = p.upstreams().len() == config.upstreams.len()
+                && p.upstreams()
+                    .iter()
+                    .zip(&config.upstreams)
+                    .all(|(a, b)| a.name == b.name && a.url == b.url);
+            if !same_upstreams {
+                error!(
+                    "policy reload refused: the set of upstreams (names or URLs) changed; restart \
+                     scopegate to apply it. The running policy stays in place."
+                );
+                return;
+            }
+            info!(
+                "policy reloaded: {} tenant(s), {} upstream(s), {} agent(s)",
+                p.tenants.len(),
+                p.upstreams().len(),
+                p.agents.len()
+            );
+            live.replace(p);
         }
+        Err(e) => error!("policy reload failed, the running policy stays in place: {e}"),
     }
 }

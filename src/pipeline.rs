@@ -17,13 +17,18 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 
+use crate::auth::{self, AuthError};
 use crate::forward::{self, Exchange};
 use crate::http::conn::{Conn, ReadError};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
-use crate::http::head::{self, Head, HeadError};
+use crate::http::head::{self, Head, HeadError, Span};
 use crate::http::response;
 use crate::mcp::envelope::{EnvelopeParser, Id};
+use crate::mcp::lists::ListKind;
 use crate::mcp::{jsonrpc, origin};
+use crate::policy::Policy;
+use crate::policy::decide::{self, Decision};
+use crate::policy::live::PolicyView;
 use crate::worker::{Worker, shutting_down};
 
 /// A request scopegate answers itself instead of forwarding.
@@ -35,7 +40,7 @@ pub struct Refusal {
     /// Close the connection after answering (the rest of the stream cannot be trusted).
     pub close: bool,
     /// Extra header lines, each ending in CRLF.
-    pub headers: &'static str,
+    pub headers: String,
 }
 
 impl Refusal {
@@ -45,7 +50,7 @@ impl Refusal {
             code,
             message: message.into(),
             close: false,
-            headers: "",
+            headers: String::new(),
         }
     }
 
@@ -59,6 +64,8 @@ impl Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Health,
+    /// RFC 9728 protected resource metadata.
+    ResourceMetadata,
     /// An MCP endpoint backed by upstream `index`.
     Mcp {
         upstream: usize,
@@ -127,6 +134,8 @@ async fn handle_request(
     _started: Instant,
 ) -> Result<KeepAlive, ()> {
     let client_wants_close = head.minor_version == 0 || head::connection_has(head, "close");
+    // One policy for the whole request, even if a reload lands meanwhile.
+    let policy = worker.policy.as_ref().map(PolicyView::current);
 
     // Stage 2: how the body is framed. Ambiguous framing is refused and the connection closed,
     // since we cannot know where the next request would start.
@@ -135,13 +144,15 @@ async fn handle_request(
         Err(refusal) => return finish(client, None, &refusal, true).await,
     };
 
-    // Stage 3: route, and the DNS-rebinding checks.
-    let route = route(worker, head).and_then(|r| check_origin(worker, head).map(|()| r));
+    // Stage 3: route, the DNS-rebinding checks, and who is calling.
+    let admitted = route(worker, head)
+        .and_then(|r| check_origin(worker, head).map(|()| r))
+        .and_then(|r| authenticate(worker, policy.as_deref(), head, r));
 
     // Stage 4: the body, within SCOPEGATE_MAX_BODY and SCOPEGATE_BODY_TIMEOUT_MS. A refused
     // request's body is still read (within the same limits) so the connection stays usable;
     // one that announces `Expect: 100-continue` is answered at once instead.
-    if let Err(refusal) = &route
+    if let Err(refusal) = &admitted
         && body_framing != Framing::Empty
         && head.get("expect").is_some()
     {
@@ -151,16 +162,20 @@ async fn handle_request(
         Ok(b) => b,
         Err(refusal) => return finish(client, None, &refusal, true).await,
     };
-    let route = match route {
-        Ok(r) => r,
+    let admitted = match admitted {
+        Ok(a) => a,
         Err(refusal) => return finish(client, None, &refusal, client_wants_close).await,
     };
-    if route == Route::Health {
-        let reply = response::build(200, "text/plain", "", b"ok\n", client_wants_close);
-        return write_reply(client, reply, client_wants_close).await;
-    }
-    let Route::Mcp { upstream } = route else {
-        return Err(());
+    let (upstream, agent) = match admitted.route {
+        Route::Health => {
+            let reply = response::build(200, "text/plain", "", b"ok\n", client_wants_close);
+            return write_reply(client, reply, client_wants_close).await;
+        }
+        Route::ResourceMetadata => {
+            let reply = resource_metadata(worker, head, client_wants_close);
+            return write_reply(client, reply, client_wants_close).await;
+        }
+        Route::Mcp { upstream } => (upstream, admitted.agent),
     };
 
     // Stage 5: the JSON-RPC envelope of every POST.
@@ -179,8 +194,78 @@ async fn handle_request(
         .as_ref()
         .and_then(|e| e.single())
         .and_then(|m| m.id);
+    if let Some(env) = &envelope
+        && let Err(refusal) = check_envelope_headers(head, env)
+    {
+        return finish(client, request_id, &refusal, client_wants_close).await;
+    }
 
-    // Stage 6: forward upstream and relay the answer.
+    // Stage 6: authorize what the upstream will execute (policy mode).
+    if let (Some(policy), Some(agent), Some(env)) = (&policy, agent, &envelope)
+        && let Some(reply) = authorize(policy, agent, upstream, head, env)
+    {
+        let reply = response::build(
+            reply.0,
+            "application/json",
+            "",
+            &reply.1,
+            client_wants_close,
+        );
+        return write_reply(client, reply, client_wants_close).await;
+    }
+
+    // Stage 7: the session: the agent's token opens to the upstream's session id, bound to
+    // this agent and upstream.
+    let upstream_session = match (&policy, agent, head.get("mcp-session-id")) {
+        (Some(policy), Some(agent), Some(token)) => {
+            match open_session(worker, policy, agent, upstream, token) {
+                Some(s) => Some(s),
+                None => {
+                    let refusal = Refusal::new(
+                        404,
+                        jsonrpc::SESSION_NOT_FOUND,
+                        "session not found: initialize a new session",
+                    );
+                    return finish(client, request_id, &refusal, client_wants_close).await;
+                }
+            }
+        }
+        _ => None,
+    };
+
+    // Stage 8: forward upstream and relay the answer.
+    let list_kind = envelope
+        .as_ref()
+        .and_then(|e| e.single())
+        .and_then(|m| m.method)
+        .and_then(ListKind::for_method);
+    let seal;
+    let keep;
+    let mut plan = forward::Plan::default();
+    if let (Some(policy), Some(agent)) = (&policy, agent) {
+        let upstream_def = &policy.upstreams()[upstream];
+        plan.inject = &upstream_def.headers;
+        plan.strip_credentials = true;
+        plan.upstream_session = upstream_session.as_deref();
+        let agent_id = policy.agents[agent].id.as_str();
+        let upstream_name = upstream_def.name.as_str();
+        let sessions = &worker.sessions;
+        seal = move |id: &[u8]| sessions.seal(agent_id, upstream_name, id);
+        plan.seal_session = Some(&seal);
+        if let Some(kind) = list_kind {
+            let policy = policy.clone();
+            keep = move |item: &str| match kind {
+                ListKind::Tools => decide::tool_visible(&policy, agent, upstream, item),
+                ListKind::Prompts => {
+                    decide::item_denied(&policy, agent, upstream, "prompt", item).is_none()
+                }
+                ListKind::Resources | ListKind::ResourceTemplates => {
+                    decide::item_denied(&policy, agent, upstream, "resource", item).is_none()
+                }
+            };
+            plan.filter = Some((kind, &keep));
+        }
+    }
     let relayed = forward::forward(
         worker,
         exchange,
@@ -190,9 +275,9 @@ async fn handle_request(
         upstream,
         peer,
         client_wants_close || shutting_down(),
+        &plan,
     )
     .await;
-    drop(envelope);
     match relayed {
         Ok(forward::Relayed { keep_alive: true }) => Ok(KeepAlive::Yes),
         Ok(forward::Relayed { keep_alive: false }) => Ok(KeepAlive::No),
@@ -202,6 +287,210 @@ async fn handle_request(
         }
         Err(forward::ForwardError::MidResponse) => Err(()),
     }
+}
+
+/// A routed, authenticated request.
+struct Admitted {
+    route: Route,
+    /// The agent (index into the policy), in policy mode.
+    agent: Option<usize>,
+}
+
+/// Stage 3c. In policy mode every MCP request names an agent by its key; the agent must be
+/// allowed to use the upstream (else it is told the upstream does not exist).
+fn authenticate(
+    worker: &Worker,
+    policy: Option<&Policy>,
+    head: &Head,
+    routed: Routed,
+) -> Result<Admitted, Refusal> {
+    let Routed { route, path_key } = routed;
+    let (Some(policy), Route::Mcp { upstream }) = (policy, route) else {
+        return Ok(Admitted { route, agent: None });
+    };
+    let unauthorized = |e: AuthError| {
+        let mut r = Refusal::new(401, jsonrpc::UNAUTHENTICATED, e.message());
+        r.headers = format!(
+            "WWW-Authenticate: Bearer resource_metadata=\"{}\"\r\n",
+            metadata_url(worker, head)
+        );
+        r
+    };
+    let header_key = auth::bearer(head).map_err(unauthorized)?;
+    let path_key = path_key.map(|span| span.get(&head.raw));
+    let key = match (header_key, path_key) {
+        (Some(_), Some(_)) => return Err(unauthorized(AuthError::Invalid)),
+        (Some(k), None) | (None, Some(k)) => k,
+        (None, None) => return Err(unauthorized(AuthError::Missing)),
+    };
+    let agent = auth::agent_for_key(policy, key).map_err(unauthorized)?;
+    if !policy.may_use_upstream(agent, upstream) {
+        return Err(Refusal::new(
+            404,
+            jsonrpc::GATEWAY_REFUSED,
+            "unknown upstream".to_string(),
+        ));
+    }
+    Ok(Admitted {
+        route,
+        agent: Some(agent),
+    })
+}
+
+/// The URL of this gateway's protected resource metadata (RFC 9728).
+fn metadata_url(worker: &Worker, head: &Head) -> String {
+    format!(
+        "{}/.well-known/oauth-protected-resource",
+        public_base(worker, head)
+    )
+}
+
+fn public_base(worker: &Worker, head: &Head) -> String {
+    match &worker.config.public_url {
+        Some(url) => url.clone(),
+        None => {
+            let host = head.get("host").unwrap_or(b"localhost");
+            format!("http://{}", String::from_utf8_lossy(host))
+        }
+    }
+}
+
+/// `GET /.well-known/oauth-protected-resource`: RFC 9728 metadata for MCP's authorization.
+fn resource_metadata(worker: &Worker, head: &Head, close: bool) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256);
+    body.extend_from_slice(b"{\"resource\":");
+    jsonrpc::write_json_string(&format!("{}/mcp", public_base(worker, head)), &mut body);
+    body.extend_from_slice(b",\"authorization_servers\":[");
+    for (i, server) in worker.config.auth_servers.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        jsonrpc::write_json_string(server, &mut body);
+    }
+    body.extend_from_slice(
+        b"],\"bearer_methods_supported\":[\"header\"],\"resource_name\":\"scopegate\"}",
+    );
+    response::build(
+        200,
+        "application/json",
+        "Cache-Control: max-age=300\r\n",
+        &body,
+        close,
+    )
+}
+
+/// 2026-07-28 routing headers must agree with the body: the body is what executes.
+fn check_envelope_headers(
+    head: &Head,
+    env: &crate::mcp::envelope::Envelope<'_>,
+) -> Result<(), Refusal> {
+    let mismatch = |what: &str| {
+        Refusal::new(
+            400,
+            jsonrpc::INVALID_REQUEST,
+            format!("{what} header does not match the body"),
+        )
+    };
+    let method_header = head.get("mcp-method");
+    let name_header = head.get("mcp-name");
+    if method_header.is_none() && name_header.is_none() {
+        return Ok(());
+    }
+    if head.count("mcp-method") > 1 || head.count("mcp-name") > 1 {
+        return Err(mismatch("a repeated Mcp-Method or Mcp-Name"));
+    }
+    let Some(message) = env.single() else {
+        return Err(mismatch("Mcp-Method/Mcp-Name on a batch:"));
+    };
+    if let Some(h) = method_header
+        && Some(h) != message.method.map(str::as_bytes)
+    {
+        return Err(mismatch("Mcp-Method"));
+    }
+    if let Some(h) = name_header
+        && Some(h) != message.name.or(message.uri).map(str::as_bytes)
+    {
+        return Err(mismatch("Mcp-Name"));
+    }
+    Ok(())
+}
+
+/// Stage 6. `Some((status, body))` when scopegate answers itself: a refused call (JSON-RPC
+/// error, HTTP 200, so the agent's session carries on), or a batch where the negotiated revision
+/// has none. A batch is authorized element by element and refused whole if any element is.
+fn authorize(
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    head: &Head,
+    env: &crate::mcp::envelope::Envelope<'_>,
+) -> Option<(u16, Vec<u8>)> {
+    if env.is_batch() {
+        let version = head.get("mcp-protocol-version").unwrap_or(b"2025-03-26");
+        if version != b"2025-03-26" {
+            let body = jsonrpc::error_body(
+                None,
+                jsonrpc::INVALID_REQUEST,
+                "JSON-RPC batches are not part of this MCP revision (only 2025-03-26 has them)",
+            );
+            return Some((400, body));
+        }
+    }
+    let mut refusal: Option<(usize, String, String)> = None;
+    for (i, m) in env.messages().iter().enumerate() {
+        if let Decision::Deny { rule, reason } =
+            decide::authorize_message(policy, agent, upstream, m, env.arguments(m))
+        {
+            refusal = Some((i, rule, reason));
+            break;
+        }
+    }
+    let (index, rule, reason) = refusal?;
+    if !env.is_batch() {
+        let id = env.messages()[0].id;
+        return Some((
+            200,
+            jsonrpc::denied_body(id, jsonrpc::POLICY_DENIED, &reason, &rule),
+        ));
+    }
+    let mut body = vec![b'['];
+    let mut first = true;
+    for (i, m) in env.messages().iter().enumerate() {
+        if m.kind != crate::mcp::envelope::Kind::Request {
+            continue;
+        }
+        if !first {
+            body.push(b',');
+        }
+        first = false;
+        let message = if i == index {
+            reason.clone()
+        } else {
+            format!("batch refused: element {index} was denied ({reason})")
+        };
+        body.extend(jsonrpc::denied_body(
+            m.id,
+            jsonrpc::POLICY_DENIED,
+            &message,
+            &rule,
+        ));
+    }
+    body.push(b']');
+    Some((200, body))
+}
+
+/// Opens the agent's session token: it must be scopegate's, sealed for this agent and upstream.
+fn open_session(
+    worker: &Worker,
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    token: &[u8],
+) -> Option<Vec<u8>> {
+    let session = worker.sessions.open(token)?;
+    (session.agent == policy.agents[agent].id
+        && session.upstream == policy.upstreams()[upstream].name)
+        .then_some(session.upstream_session)
 }
 
 /// Stage 1. `Ok(None)`: the client closed (or went idle past the timeout) between requests.
@@ -289,13 +578,48 @@ fn check_framing(head: &Head) -> Result<Framing, Refusal> {
     Ok(framing)
 }
 
+/// A route, and the key carried in the path (`/key/<key>/mcp...`) when path keys are on.
+pub struct Routed {
+    pub route: Route,
+    pub path_key: Option<Span>,
+}
+
 /// Stage 3a: which endpoint. `/mcp/<name>` names an upstream; `/mcp` is the only upstream.
-pub fn route(worker: &Worker, head: &Head) -> Result<Route, Refusal> {
+pub fn route(worker: &Worker, head: &Head) -> Result<Routed, Refusal> {
     let target = head.target();
-    let path = match memchr::memchr(b'?', target) {
+    let mut path = match memchr::memchr(b'?', target) {
         Some(i) => &target[..i],
         None => target,
     };
+    let mut path_key = None;
+    if worker.config.path_keys
+        && let Some(rest) = path.strip_prefix(b"/key/")
+    {
+        let end = memchr::memchr(b'/', rest).unwrap_or(rest.len());
+        if end == 0 {
+            return Err(Refusal::new(
+                404,
+                jsonrpc::GATEWAY_REFUSED,
+                "empty path key",
+            ));
+        }
+        path_key = Some(Span::within(&head.raw, &rest[..end]));
+        path = &rest[end..];
+    }
+    if path.starts_with(b"/.well-known/oauth-protected-resource") && path_key.is_none() {
+        return if head.method() == b"GET" || head.method() == b"HEAD" {
+            Ok(Routed {
+                route: Route::ResourceMetadata,
+                path_key,
+            })
+        } else {
+            Err(method_not_allowed("GET, HEAD"))
+        };
+    }
+    route_path(worker, head, path).map(|route| Routed { route, path_key })
+}
+
+fn route_path(worker: &Worker, head: &Head, path: &[u8]) -> Result<Route, Refusal> {
     if path == b"/healthz" {
         return if head.method() == b"GET" || head.method() == b"HEAD" {
             Ok(Route::Health)
@@ -351,10 +675,7 @@ fn method_not_allowed(allow: &'static str) -> Refusal {
         jsonrpc::GATEWAY_REFUSED,
         format!("method not allowed; allowed: {allow}"),
     );
-    r.headers = match allow {
-        "GET, HEAD" => "Allow: GET, HEAD\r\n",
-        _ => "Allow: GET, POST, DELETE\r\n",
-    };
+    r.headers = format!("Allow: {allow}\r\n");
     r
 }
 
@@ -562,7 +883,7 @@ async fn respond(
     let reply = response::build(
         refusal.status,
         "application/json",
-        refusal.headers,
+        &refusal.headers,
         &body,
         close,
     );

@@ -14,6 +14,8 @@ use std::time::Duration;
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, IoDriver};
+use crate::mcp::session::SessionKeys;
+use crate::policy::live::{LivePolicy, PolicyView};
 use crate::upstream::Pool;
 use crate::{debug, error, info, warn};
 
@@ -35,10 +37,21 @@ pub struct WorkerStats {
 /// A client connection's socket and whether it is idle between requests.
 type OpenConnection = (RawFd, Rc<Cell<bool>>);
 
+/// What every worker starts from: read-only configuration, the live policy, session keys.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub policy: Option<Arc<LivePolicy>>,
+    pub sessions: Arc<SessionKeys>,
+}
+
 /// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`).
 pub struct Worker {
     pub id: usize,
     pub config: Arc<Config>,
+    /// The policy as this worker sees it (refreshed between requests after a reload).
+    pub policy: Option<PolicyView>,
+    pub sessions: Arc<SessionKeys>,
     pub pool: Pool,
     pub stats: Arc<WorkerStats>,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
@@ -48,12 +61,8 @@ pub struct Worker {
 }
 
 /// Starts a worker on the current thread and runs it until shutdown drains it.
-pub fn run(
-    id: usize,
-    config: Arc<Config>,
-    listener: std::net::TcpListener,
-    stats: Arc<WorkerStats>,
-) {
+pub fn run(id: usize, shared: Shared, listener: std::net::TcpListener, stats: Arc<WorkerStats>) {
+    let config = shared.config.clone();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = id % cores;
     let pinned = monoio::utils::bind_to_cpu_set([core]).is_ok();
@@ -87,7 +96,7 @@ pub fn run(
         }
     );
 
-    let main = worker_main(id, config, listener, stats);
+    let main = worker_main(id, shared, listener, stats);
     if use_uring {
         match build_uring_runtime() {
             Ok((mut rt, flags)) => {
@@ -151,10 +160,11 @@ const URING_ENTRIES: u32 = 1024;
 
 async fn worker_main(
     id: usize,
-    config: Arc<Config>,
+    shared: Shared,
     listener: std::net::TcpListener,
     stats: Arc<WorkerStats>,
 ) {
+    let config = shared.config;
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -166,6 +176,8 @@ async fn worker_main(
         id,
         pool: Pool::new(config.upstreams.len()),
         config,
+        policy: shared.policy.map(PolicyView::new),
+        sessions: shared.sessions,
         stats,
         connections: RefCell::new(HashMap::new()),
         next_connection: Cell::new(0),

@@ -30,6 +30,11 @@ impl Span {
         }
     }
 
+    /// The span of `part`, a subslice of `buf`.
+    pub fn within(buf: &[u8], part: &[u8]) -> Span {
+        Span::of(buf, part)
+    }
+
     pub fn get<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         &buf[self.start as usize..self.end as usize]
     }

@@ -14,6 +14,24 @@ pub const UPSTREAM_TIMEOUT: i32 = -32002;
 /// The request was refused by scopegate before reaching any upstream (HTTP-level problem).
 pub const GATEWAY_REFUSED: i32 = -32003;
 
+/// A tools/call (or other message) refused by the policy.
+pub const POLICY_DENIED: i32 = -32004;
+/// The agent's session token did not open (with HTTP 404: the agent re-initializes).
+pub const SESSION_NOT_FOUND: i32 = -32006;
+/// Missing or invalid credentials (with HTTP 401).
+pub const UNAUTHENTICATED: i32 = -32005;
+
+/// An error object with `data: {"rule": <rule>}`, for policy refusals.
+pub fn denied_body(id: Option<Id<'_>>, code: i32, message: &str, rule: &str) -> Vec<u8> {
+    let mut out = error_body(id, code, message);
+    // Replace the closing "}}" with the data member.
+    out.truncate(out.len() - 2);
+    out.extend_from_slice(b",\"data\":{\"rule\":");
+    write_json_string(rule, &mut out);
+    out.extend_from_slice(b"}}}");
+    out
+}
+
 /// `{"jsonrpc":"2.0","id":<id|null>,"error":{"code":<code>,"message":<message>}}`
 pub fn error_body(id: Option<Id<'_>>, code: i32, message: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + message.len());
@@ -77,5 +95,9 @@ mod tests {
         let body = error_body(Some(Id::Int(-3)), PARSE_ERROR, "x");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["id"], -3);
+        let body = denied_body(Some(Id::Int(4)), POLICY_DENIED, "no", "deny \"x/*\"");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["data"]["rule"], "deny \"x/*\"");
+        assert_eq!(v["error"]["message"], "no");
     }
 }

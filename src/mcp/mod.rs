@@ -3,4 +3,6 @@
 
 pub mod envelope;
 pub mod jsonrpc;
+pub mod lists;
 pub mod origin;
+pub mod session;

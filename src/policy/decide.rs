@@ -102,6 +102,72 @@ pub fn authorize_call(
     Decision::Allow
 }
 
+/// Whether a prompt or resource is hidden from `agent`: prompts and resources of an upstream the
+/// agent may use are visible unless a `deny` glob matches `"<upstream>/prompt:<name>"` or
+/// `"<upstream>/resource:<uri>"`.
+pub fn item_denied(
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    kind: &str,
+    item: &str,
+) -> Option<String> {
+    let up = policy.upstreams().get(upstream)?;
+    let a = &policy.agents[agent];
+    // "<kind>:<item>" is matched as the tool part; build it once.
+    let qualified = format!("{kind}:{item}");
+    a.deny
+        .iter()
+        .find(|g| g.matches_qualified(&up.name, &qualified))
+        .map(|g| g.as_str().to_owned())
+}
+
+/// Authorizes one JSON-RPC message from `agent` to `upstream`. tools/call is decided by
+/// [`authorize_call`]; prompts/get and resources/* by [`item_denied`]; everything else (initialize,
+/// ping, lists, notifications, responses to server requests) by access to the upstream, which
+/// the caller has already checked.
+pub fn authorize_message(
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    message: &crate::mcp::envelope::Message<'_>,
+    arguments: Option<&[Node<'_>]>,
+) -> Decision {
+    let Some(method) = message.method else {
+        return Decision::Allow;
+    };
+    match method {
+        "tools/call" => match message.name {
+            Some(name) => authorize_call(policy, agent, upstream, name, arguments),
+            None => Decision::Deny {
+                rule: "tools/call".into(),
+                reason: "tools/call without params.name".into(),
+            },
+        },
+        "prompts/get" => match message.name {
+            Some(name) => match item_denied(policy, agent, upstream, "prompt", name) {
+                Some(rule) => Decision::Deny {
+                    reason: format!("prompt {name:?} is denied by rule {rule:?}"),
+                    rule: format!("deny {rule:?}"),
+                },
+                None => Decision::Allow,
+            },
+            None => Decision::Allow,
+        },
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => match message.uri {
+            Some(uri) => match item_denied(policy, agent, upstream, "resource", uri) {
+                Some(rule) => Decision::Deny {
+                    reason: format!("resource {uri:?} is denied by rule {rule:?}"),
+                    rule: format!("deny {rule:?}"),
+                },
+                None => Decision::Allow,
+            },
+            None => Decision::Allow,
+        },
+        _ => Decision::Allow,
+    }
+}
+
 fn unknown_tool(name: &str) -> Decision {
     Decision::Deny {
         rule: "unknown tool".into(),

@@ -8,6 +8,7 @@
 pub mod args;
 pub mod decide;
 pub mod glob;
+pub mod live;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

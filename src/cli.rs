@@ -1,0 +1,133 @@
+//! The policy commands: `hash-key`, `validate`, `check`. Each returns the process exit status:
+//! 0 success (or allow), 1 a problem found (or deny), 2 a usage error.
+
+use std::path::Path;
+
+use crate::config;
+use crate::policy::decide::{Decision, authorize_call};
+use crate::policy::{Policy, ProcessEnv, hash_key as sha256_hex};
+
+/// `scopegate hash-key [KEY]`
+pub fn hash_key(args: &[String]) -> i32 {
+    match args {
+        [key] => {
+            println!("{}", sha256_hex(key));
+            0
+        }
+        [] => {
+            let mut bytes = [0u8; 32];
+            if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err()
+            {
+                eprintln!("scopegate: no system randomness available");
+                return 1;
+            }
+            let key = format!("sg_{}", crate::token::base64url(&bytes));
+            println!("key:        {key}");
+            println!("key_sha256: {}", sha256_hex(&key));
+            0
+        }
+        _ => {
+            eprintln!("usage: scopegate hash-key [KEY]");
+            2
+        }
+    }
+}
+
+fn upstreams_from_env() -> Result<Vec<crate::upstream::Upstream>, String> {
+    match std::env::var("SCOPEGATE_UPSTREAMS") {
+        Ok(v) if !v.trim().is_empty() => config::parse_upstreams(&v).map_err(|e| e.to_string()),
+        _ => Ok(Vec::new()),
+    }
+}
+
+fn load(path: &str) -> Result<Policy, String> {
+    let upstreams = upstreams_from_env()?;
+    Policy::load(Path::new(path), &upstreams, &ProcessEnv).map_err(|e| e.to_string())
+}
+
+/// `scopegate validate FILE`
+pub fn validate(args: &[String]) -> i32 {
+    let [path] = args else {
+        eprintln!("usage: scopegate validate FILE");
+        return 2;
+    };
+    match load(path) {
+        Ok(p) => {
+            println!(
+                "{path}: ok ({} tenant(s), {} upstream(s), {} agent(s))",
+                p.tenants.len(),
+                p.upstreams().len(),
+                p.agents.len()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+/// `scopegate check --policy FILE --agent ID --tool UPSTREAM/NAME [--args JSON]`
+pub fn check(args: &[String]) -> i32 {
+    let usage = || {
+        eprintln!(
+            "usage: scopegate check --policy FILE --agent ID --tool UPSTREAM/NAME [--args JSON]"
+        );
+        2
+    };
+    let (mut policy, mut agent, mut tool, mut json) = (None, None, None, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let Some(value) = it.next() else {
+            return usage();
+        };
+        match flag.as_str() {
+            "--policy" => policy = Some(value.clone()),
+            "--agent" => agent = Some(value.clone()),
+            "--tool" => tool = Some(value.clone()),
+            "--args" => json = Some(value.clone()),
+            _ => return usage(),
+        }
+    }
+    let (Some(policy), Some(agent), Some(tool)) = (policy, agent, tool) else {
+        return usage();
+    };
+    let p = match load(&policy) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let Some(a) = p.agent_by_id(&agent) else {
+        eprintln!("no agent {agent:?} in {policy}");
+        return 1;
+    };
+    let Some((upstream, name)) = tool.split_once('/') else {
+        eprintln!("--tool wants UPSTREAM/NAME, got {tool:?}");
+        return 2;
+    };
+    let Some(u) = p.upstreams().iter().position(|x| x.name == upstream) else {
+        println!("deny: unknown tool: no upstream {upstream:?}");
+        return 1;
+    };
+    let mut bytes = json.unwrap_or_else(|| "{}".into()).into_bytes();
+    let tape = match simd_json::to_tape(&mut bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("--args is not JSON: {e}");
+            return 2;
+        }
+    };
+    match authorize_call(&p, a, u, name, Some(&tape.0)) {
+        Decision::Allow => {
+            println!("allow");
+            0
+        }
+        Decision::Deny { rule, reason } => {
+            println!("deny: {rule}: {reason}");
+            1
+        }
+    }
+}

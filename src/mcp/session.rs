@@ -1,0 +1,161 @@
+//! Session tokens: the `Mcp-Session-Id` an agent sees is scopegate's own, an AEAD-sealed
+//! (ChaCha20-Poly1305) record of the agent, the upstream and the upstream's session id. Any
+//! worker, and any replica with the same `SCOPEGATE_SESSION_SECRET`, opens it without a shared
+//! table; a forged token, or one presented by another agent, does not open (the agent gets 404
+//! and re-initializes, as the transport specifies for unknown sessions).
+
+use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::token::{base64url, base64url_decode};
+
+const PREFIX: &str = "sg1.";
+const AAD: &[u8] = b"scopegate-session-v1";
+/// Longest upstream session id we carry (the spec bounds it only by "visible ASCII").
+pub const MAX_UPSTREAM_SESSION: usize = 1024;
+
+pub struct SessionKeys {
+    key: LessSafeKey,
+    rng: SystemRandom,
+}
+
+/// What a token carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub agent: String,
+    pub upstream: String,
+    pub upstream_session: Vec<u8>,
+}
+
+impl SessionKeys {
+    /// Keys from a configured secret, or random (sessions then do not survive a restart).
+    pub fn new(secret: Option<&[u8]>) -> Result<SessionKeys, String> {
+        let rng = SystemRandom::new();
+        let mut material = [0u8; 32];
+        match secret {
+            Some(s) => {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                ctx.update(AAD);
+                ctx.update(s);
+                material.copy_from_slice(ctx.finish().as_ref());
+            }
+            None => rng
+                .fill(&mut material)
+                .map_err(|_| "no system randomness for the session key".to_string())?,
+        }
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &material)
+            .map_err(|_| "cannot build the session key".to_string())?;
+        Ok(SessionKeys {
+            key: LessSafeKey::new(key),
+            rng,
+        })
+    }
+
+    pub fn seal(&self, agent: &str, upstream: &str, upstream_session: &[u8]) -> Option<String> {
+        if agent.len() > 255
+            || upstream.len() > 255
+            || upstream_session.len() > MAX_UPSTREAM_SESSION
+        {
+            return None;
+        }
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let mut data =
+            Vec::with_capacity(2 + agent.len() + upstream.len() + upstream_session.len() + 16);
+        data.push(agent.len() as u8);
+        data.extend_from_slice(agent.as_bytes());
+        data.push(upstream.len() as u8);
+        data.extend_from_slice(upstream.as_bytes());
+        data.extend_from_slice(upstream_session);
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(AAD),
+                &mut data,
+            )
+            .ok()?;
+        let mut raw = Vec::with_capacity(nonce.len() + data.len());
+        raw.extend_from_slice(&nonce);
+        raw.extend_from_slice(&data);
+        Some(format!("{PREFIX}{}", base64url(&raw)))
+    }
+
+    pub fn open(&self, token: &[u8]) -> Option<Session> {
+        let body = token.strip_prefix(PREFIX.as_bytes())?;
+        if body.len() > 4 * (MAX_UPSTREAM_SESSION + 600) / 3 {
+            return None;
+        }
+        let raw = base64url_decode(body)?;
+        if raw.len() < aead::NONCE_LEN + CHACHA20_POLY1305.tag_len() {
+            return None;
+        }
+        let (nonce, sealed) = raw.split_at(aead::NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut sealed = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(AAD), &mut sealed)
+            .ok()?;
+        let (&alen, rest) = plain.split_first()?;
+        let agent = std::str::from_utf8(rest.get(..alen as usize)?)
+            .ok()?
+            .to_owned();
+        let rest = &rest[alen as usize..];
+        let (&ulen, rest) = rest.split_first()?;
+        let upstream = std::str::from_utf8(rest.get(..ulen as usize)?)
+            .ok()?
+            .to_owned();
+        let upstream_session = rest[ulen as usize..].to_vec();
+        Some(Session {
+            agent,
+            upstream,
+            upstream_session,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_and_open() {
+        let keys = SessionKeys::new(Some(b"0123456789abcdef0123456789abcdef")).unwrap();
+        let t = keys.seal("triage-bot", "github", b"abc-123").unwrap();
+        assert!(
+            t.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+            "visible ASCII only"
+        );
+        let s = keys.open(t.as_bytes()).unwrap();
+        assert_eq!(s.agent, "triage-bot");
+        assert_eq!(s.upstream, "github");
+        assert_eq!(s.upstream_session, b"abc-123");
+        // Two seals of the same record differ (random nonce), both open.
+        let t2 = keys.seal("triage-bot", "github", b"abc-123").unwrap();
+        assert_ne!(t, t2);
+        assert!(keys.open(t2.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn replicas_with_the_same_secret_agree_and_others_do_not() {
+        let a = SessionKeys::new(Some(b"0123456789abcdef0123456789abcdef")).unwrap();
+        let b = SessionKeys::new(Some(b"0123456789abcdef0123456789abcdef")).unwrap();
+        let c = SessionKeys::new(Some(b"another secret, 32 characters!!!")).unwrap();
+        let t = a.seal("x", "u", b"s").unwrap();
+        assert!(b.open(t.as_bytes()).is_some());
+        assert!(c.open(t.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn forgeries_do_not_open() {
+        let keys = SessionKeys::new(None).unwrap();
+        let t = keys.seal("x", "u", b"s").unwrap();
+        let mut bytes = t.clone().into_bytes();
+        let last = bytes.len() - 3;
+        bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+        assert!(keys.open(&bytes).is_none());
+        assert!(keys.open(b"mock-session-0").is_none());
+        assert!(keys.open(b"sg1.").is_none());
+        assert!(keys.open(b"sg1.!!!!").is_none());
+    }
+}

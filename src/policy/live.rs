@@ -1,0 +1,62 @@
+//! The running policy, replaceable on reload. Workers cache an `Arc` and compare a generation
+//! number between requests (one relaxed atomic load); only a reload touches the mutex.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::Policy;
+
+pub struct LivePolicy {
+    generation: AtomicU64,
+    current: Mutex<Arc<Policy>>,
+}
+
+impl LivePolicy {
+    pub fn new(policy: Policy) -> LivePolicy {
+        LivePolicy {
+            generation: AtomicU64::new(1),
+            current: Mutex::new(Arc::new(policy)),
+        }
+    }
+
+    pub fn replace(&self, policy: Policy) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        *current = Arc::new(policy);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn snapshot(&self) -> Arc<Policy> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A worker's view: the policy it serves with until the generation moves.
+pub struct PolicyView {
+    live: Arc<LivePolicy>,
+    cached: RefCell<(u64, Arc<Policy>)>,
+}
+
+impl PolicyView {
+    pub fn new(live: Arc<LivePolicy>) -> PolicyView {
+        let generation = live.generation.load(Ordering::Acquire);
+        let policy = live.snapshot();
+        PolicyView {
+            live,
+            cached: RefCell::new((generation, policy)),
+        }
+    }
+
+    /// The current policy; called once per request, so a request sees one policy throughout.
+    pub fn current(&self) -> Arc<Policy> {
+        let generation = self.live.generation.load(Ordering::Acquire);
+        let mut cached = self.cached.borrow_mut();
+        if cached.0 != generation {
+            *cached = (generation, self.live.snapshot());
+        }
+        cached.1.clone()
+    }
+}
