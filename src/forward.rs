@@ -30,6 +30,11 @@ pub struct Exchange {
     response: Head,
 }
 
+/// Maps the upstream's session id to the token the agent sees.
+pub type SealFn<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
+/// Whether a listed item (tool name, prompt name, resource URI) is kept.
+pub type KeepFn<'a> = &'a dyn Fn(&str) -> bool;
+
 /// What the policy asks of one exchange beyond plain forwarding.
 #[derive(Default)]
 pub struct Plan<'a> {
@@ -39,12 +44,12 @@ pub struct Plan<'a> {
     /// The upstream's own session id, sent instead of the agent's (sealed) `Mcp-Session-Id`.
     pub upstream_session: Option<&'a [u8]>,
     /// Turns an `Mcp-Session-Id` from the upstream into the token the agent sees.
-    pub seal_session: Option<&'a dyn Fn(&[u8]) -> Option<String>>,
+    pub seal_session: Option<SealFn<'a>>,
     /// Drop response headers that carry upstream credentials (`Set-Cookie`,
     /// `WWW-Authenticate`, ...), and any named like an injected header.
     pub strip_credentials: bool,
     /// Rewrite a list result to what the agent may see.
-    pub filter: Option<(crate::mcp::lists::ListKind, &'a dyn Fn(&str) -> bool)>,
+    pub filter: Option<(crate::mcp::lists::ListKind, KeepFn<'a>)>,
 }
 
 /// Largest list response scopegate buffers to filter; larger is refused (502) rather than
@@ -357,6 +362,7 @@ enum Downstream {
     UntilClose,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     worker: &Worker,
     ex: &mut Exchange,
