@@ -9,7 +9,7 @@
 //! | `echo`            | the arguments back as text (JSON, or SSE when `sse` is set) |
 //! | `slow_events`     | SSE: `count` progress events `delay_ms` apart, then the result |
 //! | `sse_raw`         | SSE with `id:`, `retry:`, `event:`, comments and an empty-data event |
-//! | `status`          | HTTP status `code` with body `body` |
+//! | `status`          | HTTP status `code` with body `body` and extra response `headers` |
 //! | `close_delimited` | JSON with neither length nor chunking, then close |
 //! | `sleep`           | the result after `ms` milliseconds |
 //! | `big`             | a text result of `bytes` bytes |
@@ -444,9 +444,15 @@ async fn call_tool(stream: &mut TcpStream, shared: &Shared, msg: &Value, id: &Va
         "status" => {
             let code = args["code"].as_u64().unwrap_or(500) as u16;
             let body = args["body"].as_str().unwrap_or("");
+            let mut extra = String::new();
+            if let Some(headers) = args["headers"].as_object() {
+                for (name, value) in headers {
+                    extra.push_str(&format!("{name}: {}\r\n", value.as_str().unwrap_or("")));
+                }
+            }
             write(
                 stream,
-                response(code, "application/json", "", body.as_bytes()),
+                response(code, "application/json", &extra, body.as_bytes()),
             )
             .await
         }

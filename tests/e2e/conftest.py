@@ -106,3 +106,58 @@ def open_gateway(upstream):
     g = Scopegate({"SCOPEGATE_INSECURE_OPEN": "1", "SCOPEGATE_UPSTREAMS": f"files={upstream.url}"})
     yield g
     g.stop()
+
+
+AGENT_KEY = "e2e-agent-key-0123456789"
+OTHER_KEY = "e2e-other-key-0123456789"
+
+
+def sha256_hex(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def policy_gateway(upstream, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f"""
+[[tenant]]
+id = "acme"
+
+[[upstream]]
+name = "files"
+tenant = "acme"
+[upstream.headers]
+X-Upstream-Key = "${{E2E_UPSTREAM_TOKEN}}"
+
+[[agent]]
+id = "agent"
+tenant = "acme"
+key_sha256 = "{sha256_hex(AGENT_KEY)}"
+allow = ["files/*"]
+deny = ["files/delete_*"]
+
+[[agent.tool]]
+match = "files/add"
+[agent.tool.args]
+a = {{ min = 0, max = 100 }}
+
+[[agent]]
+id = "other"
+tenant = "acme"
+key_sha256 = "{sha256_hex(OTHER_KEY)}"
+allow = ["files/add"]
+"""
+    )
+    g = Scopegate(
+        {
+            "SCOPEGATE_POLICY": str(policy),
+            "SCOPEGATE_UPSTREAMS": f"files={upstream.url}",
+            "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e",
+            "E2E_UPSTREAM_TOKEN": "upstream-credential",
+        }
+    )
+    yield g
+    g.stop()

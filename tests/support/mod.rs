@@ -55,6 +55,17 @@ impl Gateway {
         self
     }
 
+    /// Policy mode: writes `policy` to a fresh file and points SCOPEGATE_POLICY at it.
+    pub fn policy(self, policy: &str) -> (Gateway, std::path::PathBuf) {
+        let dir = temp_dir("policy");
+        let path = dir.join("policy.toml");
+        std::fs::write(&path, policy).unwrap();
+        let g = self
+            .without("SCOPEGATE_INSECURE_OPEN")
+            .env("SCOPEGATE_POLICY", path.to_str().unwrap());
+        (g, path)
+    }
+
     pub fn env(mut self, name: &str, value: &str) -> Gateway {
         self.env.retain(|(k, _)| k != name);
         self.env.push((name.into(), value.into()));
@@ -428,4 +439,25 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     f()
+}
+
+/// A fresh directory under the system temp dir, unique to this process and call.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "scopegate-{tag}-{}-{n}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `hex(sha256(key))`, as the policy's key_sha256 wants it.
+pub fn sha256_hex(key: &str) -> String {
+    scopegate::policy::hash_key(key)
 }

@@ -1,0 +1,104 @@
+"""Policy mode with the official Python SDK on both sides: what an agent sees and may do."""
+
+import asyncio
+
+import httpx
+from conftest import AGENT_KEY, OTHER_KEY
+from mcp import ClientSession
+from mcp.client.streamable_http import streamablehttp_client
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=60))
+
+
+def test_agent_sees_and_calls_only_its_tools(policy_gateway, upstream):
+    outcome = {}
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {AGENT_KEY}"}
+        async with streamablehttp_client(f"{policy_gateway.base}/mcp", headers=headers) as (read, write, get_sid):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                outcome["sid"] = get_sid()
+                tools = await session.list_tools()
+                outcome["tools"] = sorted(t.name for t in tools.tools)
+
+                ok = await session.call_tool("add", {"a": 2, "b": 3})
+                outcome["add"] = ok.content[0].text
+
+                # Refused by a deny rule: a JSON-RPC error, and the session carries on.
+                try:
+                    await session.call_tool("delete_everything", {})
+                    outcome["delete"] = "ran"
+                except Exception as e:  # McpError
+                    outcome["delete"] = str(e)
+
+                # Refused by an argument constraint.
+                try:
+                    await session.call_tool("add", {"a": 1000, "b": 1})
+                    outcome["big"] = "ran"
+                except Exception as e:
+                    outcome["big"] = str(e)
+
+                again = await session.call_tool("add", {"a": 1, "b": 1})
+                outcome["again"] = again.content[0].text
+
+    run(scenario())
+    assert outcome["tools"] == ["add", "stepwise"], "delete_everything must be hidden"
+    assert outcome["add"] == "5"
+    assert "denied by rule" in outcome["delete"] and "files/delete_*" in outcome["delete"], outcome["delete"]
+    assert '"a"' in outcome["big"] and "maximum" in outcome["big"], outcome["big"]
+    assert outcome["again"] == "2"
+
+    executed = upstream.executions()
+    assert [e["tool"] for e in executed] == ["add", "add"], "a refused call reached the upstream"
+    for e in executed:
+        assert e["headers"].get("x-upstream-key") == "upstream-credential"
+        assert "authorization" not in e["headers"]
+        assert AGENT_KEY not in str(e["headers"])
+
+    # The agent's session id is scopegate's token, not the upstream's.
+    assert outcome["sid"].startswith("sg1.")
+
+
+def test_another_agents_session_is_refused(policy_gateway, upstream):
+    sids = []
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {AGENT_KEY}"}
+        async with streamablehttp_client(
+            f"{policy_gateway.base}/mcp", headers=headers, terminate_on_close=False
+        ) as (read, write, get_sid):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                sids.append(get_sid())
+
+    run(scenario())
+    r = httpx.post(
+        f"{policy_gateway.base}/mcp",
+        headers={
+            "Authorization": f"Bearer {OTHER_KEY}",
+            "Mcp-Session-Id": sids[0],
+            "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": "2025-06-18",
+        },
+        json={"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 1}}},
+    )
+    assert r.status_code == 404, r.text
+    assert upstream.executions() == []
+
+
+def test_unauthenticated_sdk_client_gets_401(policy_gateway):
+    async def scenario():
+        async with streamablehttp_client(f"{policy_gateway.base}/mcp") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+
+    try:
+        run(scenario())
+        raised = None
+    except BaseException as e:  # the SDK surfaces the 401 as an HTTP error inside a task group
+        raised = e
+    assert raised is not None
+    assert "401" in repr(raised) or "Unauthorized" in repr(raised), repr(raised)
