@@ -302,10 +302,13 @@ fn refused_calls_are_answered_by_scopegate_and_never_reach_the_upstream() {
     assert_eq!(executed_tools(&s.up), ["echo"]);
 }
 
+/// (what, body, extra headers)
+type Case = (&'static str, String, Vec<(&'static str, &'static str)>);
+
 #[test]
 fn ambiguous_bodies_never_let_a_refused_tool_run() {
     let s = setup();
-    let cases: Vec<(&str, String, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "duplicate name",
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"sleep","arguments":{}}}"#.into(),
