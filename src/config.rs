@@ -37,6 +37,19 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Key material for session tokens; `None`: random per start.
     pub session_secret: Option<Vec<u8>>,
+    /// JWT bearer tokens, when a key set is configured.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `SCOPEGATE_JWT_*`: accept JWTs issued by `issuer` for `audience`, verified with the JWKS
+/// in `keys`.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub keys: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    pub agent_claim: String,
+    pub leeway_s: u64,
 }
 
 /// Which io driver each worker runtime uses.
@@ -242,6 +255,39 @@ impl Config {
             }
             Some(v) => Some(v.as_bytes().to_vec()),
         };
+        let jwt = match get("SCOPEGATE_JWT_KEYS") {
+            None => {
+                for name in ["SCOPEGATE_JWT_ISSUER", "SCOPEGATE_JWT_AUDIENCE", "SCOPEGATE_JWT_AGENT_CLAIM", "SCOPEGATE_JWT_LEEWAY_S"] {
+                    if get(name).is_some() {
+                        return Err(ConfigError {
+                            variable: leak_name(name),
+                            problem: "set without SCOPEGATE_JWT_KEYS (the JWKS file to verify tokens with)".into(),
+                        });
+                    }
+                }
+                None
+            }
+            Some(keys) => Some(JwtConfig {
+                keys: PathBuf::from(keys),
+                issuer: get("SCOPEGATE_JWT_ISSUER")
+                    .ok_or_else(|| err("SCOPEGATE_JWT_ISSUER", "required with SCOPEGATE_JWT_KEYS: the issuer (iss) tokens must name"))?
+                    .to_owned(),
+                audience: get("SCOPEGATE_JWT_AUDIENCE")
+                    .ok_or_else(|| err("SCOPEGATE_JWT_AUDIENCE", "required with SCOPEGATE_JWT_KEYS: this server's resource URL (aud), e.g. https://gw.example.com/mcp"))?
+                    .to_owned(),
+                agent_claim: get("SCOPEGATE_JWT_AGENT_CLAIM").unwrap_or("sub").to_owned(),
+                leeway_s: match get("SCOPEGATE_JWT_LEEWAY_S") {
+                    None => 60,
+                    Some(v) => parse_u64("SCOPEGATE_JWT_LEEWAY_S", v)?,
+                },
+            }),
+        };
+        if jwt.is_some() && policy.is_none() {
+            return Err(err(
+                "SCOPEGATE_JWT_KEYS",
+                "JWTs name agents of a policy: set SCOPEGATE_POLICY too",
+            ));
+        }
         if insecure_open && policy.is_some() {
             return Err(err(
                 "SCOPEGATE_INSECURE_OPEN",
@@ -274,6 +320,7 @@ impl Config {
             auth_servers,
             public_url,
             session_secret,
+            jwt,
         })
     }
 
@@ -305,6 +352,11 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_AUTH_SERVERS",
     "SCOPEGATE_PUBLIC_URL",
     "SCOPEGATE_SESSION_SECRET",
+    "SCOPEGATE_JWT_KEYS",
+    "SCOPEGATE_JWT_ISSUER",
+    "SCOPEGATE_JWT_AUDIENCE",
+    "SCOPEGATE_JWT_AGENT_CLAIM",
+    "SCOPEGATE_JWT_LEEWAY_S",
 ];
 
 fn leak_name(name: &str) -> &'static str {

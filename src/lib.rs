@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod forward;
 pub mod http;
+pub mod jwt;
 pub mod log;
 pub mod mcp;
 pub mod pipeline;

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use scopegate::config::Config;
+use scopegate::jwt::JwtVerifier;
 use scopegate::mcp::session::SessionKeys;
 use scopegate::policy::live::LivePolicy;
 use scopegate::policy::{Policy, ProcessEnv};
@@ -128,10 +129,34 @@ fn serve() {
         .collect();
 
     let config = Arc::new(config);
+    let jwt = config.jwt.as_ref().map(|j| {
+        let jwks = std::fs::read_to_string(&j.keys).unwrap_or_else(|e| {
+            eprintln!(
+                "scopegate: configuration error: SCOPEGATE_JWT_KEYS: cannot read {}: {e}",
+                j.keys.display()
+            );
+            std::process::exit(2);
+        });
+        let verifier =
+            JwtVerifier::from_jwks(&jwks, &j.issuer, &j.audience, &j.agent_claim, j.leeway_s)
+                .unwrap_or_else(|e| {
+                    eprintln!(
+                        "scopegate: configuration error: SCOPEGATE_JWT_KEYS: {}: {e}",
+                        j.keys.display()
+                    );
+                    std::process::exit(2);
+                });
+        info!(
+            "JWT bearer tokens accepted from issuer {} for audience {}",
+            j.issuer, j.audience
+        );
+        Arc::new(verifier)
+    });
     let shared = Shared {
         config: config.clone(),
         policy: live.clone(),
         sessions,
+        jwt,
     };
     for u in &config.upstreams {
         info!(

@@ -18,11 +18,13 @@ use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 
 use crate::auth::{self, AuthError};
+use crate::debug;
 use crate::forward::{self, Exchange};
 use crate::http::conn::{Conn, ReadError};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
 use crate::http::head::{self, Head, HeadError, Span};
 use crate::http::response;
+use crate::jwt::JwtVerifier;
 use crate::mcp::envelope::{EnvelopeParser, Id};
 use crate::mcp::lists::ListKind;
 use crate::mcp::{jsonrpc, origin};
@@ -323,7 +325,21 @@ fn authenticate(
         (Some(k), None) | (None, Some(k)) => k,
         (None, None) => return Err(unauthorized(AuthError::Missing)),
     };
-    let agent = auth::agent_for_key(policy, key).map_err(unauthorized)?;
+    let agent = match &worker.jwt {
+        Some(jwt) if JwtVerifier::looks_like_jwt(key) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let id = jwt.verify(key, now).map_err(|e| {
+                debug!("JWT refused: {e:?}");
+                unauthorized(AuthError::Invalid)
+            })?;
+            policy
+                .agent_by_id(&id)
+                .ok_or_else(|| unauthorized(AuthError::Invalid))?
+        }
+        _ => auth::agent_for_key(policy, key).map_err(unauthorized)?,
+    };
     if !policy.may_use_upstream(agent, upstream) {
         return Err(Refusal::new(
             404,

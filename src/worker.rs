@@ -14,6 +14,7 @@ use std::time::Duration;
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, IoDriver};
+use crate::jwt::JwtVerifier;
 use crate::mcp::session::SessionKeys;
 use crate::policy::live::{LivePolicy, PolicyView};
 use crate::upstream::Pool;
@@ -43,6 +44,7 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub policy: Option<Arc<LivePolicy>>,
     pub sessions: Arc<SessionKeys>,
+    pub jwt: Option<Arc<JwtVerifier>>,
 }
 
 /// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`).
@@ -52,6 +54,7 @@ pub struct Worker {
     /// The policy as this worker sees it (refreshed between requests after a reload).
     pub policy: Option<PolicyView>,
     pub sessions: Arc<SessionKeys>,
+    pub jwt: Option<Arc<JwtVerifier>>,
     pub pool: Pool,
     pub stats: Arc<WorkerStats>,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
@@ -178,6 +181,7 @@ async fn worker_main(
         config,
         policy: shared.policy.map(PolicyView::new),
         sessions: shared.sessions,
+        jwt: shared.jwt,
         stats,
         connections: RefCell::new(HashMap::new()),
         next_connection: Cell::new(0),

@@ -673,3 +673,82 @@ fn the_shared_example_policy_validates_and_serves() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("deny \"github/delete_*\""));
 }
+
+fn hs256(secret: &[u8], claims: &str) -> String {
+    use scopegate::token::base64url;
+    let signed = format!(
+        "{}.{}",
+        base64url(br#"{"alg":"HS256","typ":"JWT"}"#),
+        base64url(claims.as_bytes())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    format!(
+        "{signed}.{}",
+        base64url(ring::hmac::sign(&key, signed.as_bytes()).as_ref())
+    )
+}
+
+#[test]
+fn jwt_bearer_tokens_name_agents() {
+    let secret = b"jwt-secret-for-tests-0123456789ab";
+    let dir = temp_dir("jwks");
+    let jwks = dir.join("jwks.json");
+    std::fs::write(
+        &jwks,
+        format!(
+            r#"{{"keys":[{{"kty":"oct","k":"{}"}}]}}"#,
+            scopegate::token::base64url(secret)
+        ),
+    )
+    .unwrap();
+    let s = setup_with(
+        MockConfig::default(),
+        &[
+            ("SCOPEGATE_JWT_KEYS", jwks.to_str().unwrap()),
+            ("SCOPEGATE_JWT_ISSUER", "https://auth.test"),
+            ("SCOPEGATE_JWT_AUDIENCE", "http://127.0.0.1/mcp"),
+        ],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |sub: &str, aud: &str, exp: u64| {
+        format!(r#"{{"iss":"https://auth.test","aud":"{aud}","sub":"{sub}","exp":{exp}}}"#)
+    };
+    let mut c = s.gw.client();
+    let good = hs256(secret, &claims("bot", "http://127.0.0.1/mcp", now + 300));
+    let token = initialize(&mut c, "/mcp/m", &good);
+    let r = c
+        .post(
+            "/mcp/m",
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        )
+        .header("Authorization", &bearer(&good))
+        .header("Mcp-Session-Id", &token)
+        .send();
+    assert_eq!(tool_names(&r).len(), 5, "the JWT's sub is agent bot");
+    for bad in [
+        hs256(secret, &claims("bot", "http://other/mcp", now + 300)),
+        hs256(secret, &claims("bot", "http://127.0.0.1/mcp", now - 3600)),
+        hs256(secret, &claims("nobody", "http://127.0.0.1/mcp", now + 300)),
+        hs256(
+            b"wrong-secret-wrong-secret-wrong!!",
+            &claims("bot", "http://127.0.0.1/mcp", now + 300),
+        ),
+    ] {
+        let r = c
+            .post("/mcp/m", INIT)
+            .header("Authorization", &bearer(&bad))
+            .send();
+        assert_eq!(r.status, 401, "{bad}");
+    }
+    // Keys still work beside JWTs.
+    assert_eq!(
+        c.post("/mcp/m", INIT)
+            .header("Authorization", &bearer(OTHER))
+            .send()
+            .status,
+        200
+    );
+}

@@ -102,3 +102,54 @@ def test_unauthenticated_sdk_client_gets_401(policy_gateway):
         raised = e
     assert raised is not None
     assert "401" in repr(raised) or "Unauthorized" in repr(raised), repr(raised)
+
+
+def test_es256_jwt_from_pyjwt_authenticates_an_sdk_client(upstream, tmp_path):
+    import json
+    import time
+
+    import jwt as pyjwt
+    from conftest import Scopegate
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+    jwk.update({"kid": "k1", "alg": "ES256"})
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk]}))
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[agent]]\nid = "jwt-agent"\nallow = ["files/add"]\n')
+    g = Scopegate(
+        {
+            "SCOPEGATE_POLICY": str(policy),
+            "SCOPEGATE_UPSTREAMS": f"files={upstream.url}",
+            "SCOPEGATE_JWT_KEYS": str(jwks),
+            "SCOPEGATE_JWT_ISSUER": "https://auth.example",
+            "SCOPEGATE_JWT_AUDIENCE": "https://gw.example/mcp",
+        }
+    )
+    try:
+        token = pyjwt.encode(
+            {"iss": "https://auth.example", "aud": "https://gw.example/mcp", "sub": "jwt-agent", "exp": int(time.time()) + 300},
+            private,
+            algorithm="ES256",
+            headers={"kid": "k1"},
+        )
+        names = []
+
+        async def scenario():
+            headers = {"Authorization": f"Bearer {token}"}
+            async with streamablehttp_client(f"{g.base}/mcp", headers=headers) as (read, write, _):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    names.extend(t.name for t in (await session.list_tools()).tools)
+                    result = await session.call_tool("add", {"a": 20, "b": 22})
+                    names.append(result.content[0].text)
+
+        run(scenario())
+        assert names == ["add", "42"]
+        assert [e["tool"] for e in upstream.executions()] == ["add"]
+        assert token not in str(upstream.executions()), "the agent's JWT reached the upstream"
+    finally:
+        g.stop()
