@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side proxy cost on this machine, in one run: the mock MCP upstream direct (the limit),
-# scopegate in front of it, and nginx as a plain reverse proxy in front of it. One worker each.
+# scopegate in front of it (insecure-open, and with a policy: key authentication + a tools/call
+# checked against three argument constraints), and nginx as a plain reverse proxy in front of
+# it. One worker each.
 #
 # For each target: throughput under wrk (closed loop) and the CPU time the proxy process spent
 # per request (utime+stime from /proc/PID/stat, divided by the requests wrk completed).
@@ -49,7 +51,8 @@ TICK=$(getconf CLK_TCK)
 
 # Core 0: the proxy under test. Core 1: upstream and load generator.
 UP_PORT=$(free_port)
-taskset -c 1 "$BIN/sg-mock" --listen "127.0.0.1:$UP_PORT" > "$WORK/mock.log" 2>&1 &
+# Session-less upstream, so every target gets the identical request (no session token to juggle).
+taskset -c 1 "$BIN/sg-mock" --listen "127.0.0.1:$UP_PORT" --no-sessions > "$WORK/mock.log" 2>&1 &
 PIDS+=($!)
 wait_port "$UP_PORT"
 
@@ -60,6 +63,42 @@ env SCOPEGATE_INSECURE_OPEN=1 SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$S
 SG_PID=$!
 PIDS+=($SG_PID)
 wait_port "$SG_PORT"
+
+# scopegate with a policy: the agent's key is authenticated and the call is checked against
+# three argument constraints on every request.
+KEY="bench-agent-key-0123456789"
+KEY_SHA=$("$BIN/scopegate" hash-key "$KEY")
+cat > "$WORK/policy.toml" <<TOML
+[[tenant]]
+id = "bench"
+
+[[upstream]]
+name = "bench"
+tenant = "bench"
+[upstream.headers]
+X-Upstream-Key = "injected"
+
+[[agent]]
+id = "bench-agent"
+tenant = "bench"
+key_sha256 = "$KEY_SHA"
+allow = ["bench/echo"]
+
+[[agent.tool]]
+match = "bench/echo"
+[agent.tool.args]
+repo = { one_of = ["acme/web", "acme/api"] }
+title = { max_len = 200 }
+labels = { max_len = 5 }
+TOML
+SGP_PORT=$(free_port)
+env SCOPEGATE_POLICY="$WORK/policy.toml" SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$SGP_PORT" \
+  SCOPEGATE_UPSTREAMS="bench=http://127.0.0.1:$UP_PORT/mcp" SCOPEGATE_LOG=warn \
+  SCOPEGATE_SESSION_SECRET=bench-secret-bench-secret-bench-secret ${BENCH_SCOPEGATE_ENV:-} \
+  taskset -c 0 "$BIN/scopegate" 2> "$WORK/scopegate-policy.log" &
+SGP_PID=$!
+PIDS+=($SGP_PID)
+wait_port "$SGP_PORT"
 
 NG_PORT=$(free_port)
 cat > "$WORK/nginx.conf" <<CONF
@@ -90,19 +129,28 @@ NG_PIDS=$(pgrep -f "nginx: .*$WORK/nginx.conf|nginx: worker process" | tr '\n' '
 NG_MASTER=$(cat "$WORK/nginx.pid")
 NG_PIDS="$NG_MASTER $(pgrep -P "$NG_MASTER" | tr '\n' ' ')"
 
-BODY='{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"repo":"acme/web","title":"bench"}}}'
+BODY='{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"repo":"acme/web","title":"bench","labels":["a"]}}}'
 cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '$BODY'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json, text/event-stream"
-wrk.headers["Mcp-Session-Id"] = "bench"
+wrk.headers["Authorization"] = "Bearer $KEY"
 wrk.headers["Host"] = "127.0.0.1"
 LUA
 
 # run NAME PORT PIDS...  -> prints "NAME rps requests cpu_us_per_req"
 run() {
   local name=$1 port=$2; shift 2
+  # The request must be forwarded and answered by the upstream (a refusal would be cheaper and
+  # prove nothing).
+  local probe
+  probe=$(curl -s -X POST -H "Content-Type: application/json" -H "Accept: application/json, text/event-stream" \
+    -H "Authorization: Bearer $KEY" --data "$BODY" "http://127.0.0.1:$port/mcp")
+  if [[ "$probe" != *'"result"'* ]]; then
+    echo "bench.sh: $name did not forward the request: $probe" >&2
+    exit 1
+  fi
   # Warm-up (keep-alive pools, caches), not measured.
   taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d2s -s "$WORK/post.lua" "http://127.0.0.1:$port/mcp" >/dev/null
   local before=0 after=0
@@ -127,6 +175,7 @@ run() {
   printf '%-22s %12s %12s %14s\n' target req/s requests cpu_us/req
   run direct "$UP_PORT"
   run scopegate-open "$SG_PORT" "$SG_PID"
+  run scopegate-policy "$SGP_PORT" "$SGP_PID"
   run nginx "$NG_PORT" $NG_PIDS
 } | tee "$WORK/result.txt"
 

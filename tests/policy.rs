@@ -752,3 +752,40 @@ fn jwt_bearer_tokens_name_agents() {
         200
     );
 }
+
+#[test]
+fn hash_key_prints_the_digest_or_makes_a_key() {
+    let bin = env!("CARGO_BIN_EXE_scopegate");
+    let out = std::process::Command::new(bin)
+        .args(["hash-key", "password"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+    );
+    let out = std::process::Command::new(bin)
+        .arg("hash-key")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let digest = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key_sha256:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(key.len() >= 40, "a strong key: {key}");
+    assert_eq!(digest, sha256_hex(&key));
+    let again = std::process::Command::new(bin)
+        .arg("hash-key")
+        .output()
+        .unwrap();
+    assert_ne!(out.stdout, again.stdout, "keys are random");
+}

@@ -293,4 +293,53 @@ mod tests {
         // Arguments that are not an object are refused.
         assert!(!decide(&p, "nightly-report", FILES, "stat", "[1]").is_allowed());
     }
+
+    #[test]
+    fn prompts_and_resources_are_visible_unless_denied() {
+        let env = HashMap::new();
+        let text = r#"
+[[upstream]]
+name = "files"
+url = "http://127.0.0.1:9/mcp"
+[[agent]]
+id = "a"
+allow = ["files/read_*"]
+deny = ["files/prompt:admin_*", "files/resource:file:///etc/*"]
+"#;
+        let p = Policy::parse(Path::new("p.toml"), text, &[], &env).unwrap();
+        let a = p.agent_by_id("a").unwrap();
+        assert_eq!(item_denied(&p, a, 0, "prompt", "summarize"), None);
+        assert_eq!(
+            item_denied(&p, a, 0, "prompt", "admin_reset").as_deref(),
+            Some("files/prompt:admin_*")
+        );
+        assert_eq!(item_denied(&p, a, 0, "resource", "file:///srv/x"), None);
+        assert!(item_denied(&p, a, 0, "resource", "file:///etc/passwd").is_some());
+
+        let parse = |body: &str| {
+            let mut parser = crate::mcp::envelope::EnvelopeParser::new();
+            let env = parser.parse(body.as_bytes()).unwrap();
+            let m = *env.single().unwrap();
+            authorize_message(&p, a, 0, &m, env.arguments(&m))
+        };
+        assert!(
+            parse(
+                r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"summarize"}}"#
+            )
+            .is_allowed()
+        );
+        assert!(
+            !parse(
+                r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"admin_reset"}}"#
+            )
+            .is_allowed()
+        );
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///etc/shadow"}}"#).is_allowed());
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"resources/subscribe","params":{"uri":"file:///etc/shadow"}}"#).is_allowed());
+        assert!(parse(r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///srv/a"}}"#).is_allowed());
+        assert!(parse(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#).is_allowed());
+        assert!(
+            !parse(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#).is_allowed()
+        );
+    }
 }
