@@ -39,6 +39,8 @@ pub struct Config {
     pub session_secret: Option<Vec<u8>>,
     /// JWT bearer tokens, when a key set is configured.
     pub jwt: Option<JwtConfig>,
+    /// HTTP status of a rate-limit refusal: 200 (JSON-RPC error, the default) or 429.
+    pub rate_limit_status: u16,
 }
 
 /// `SCOPEGATE_JWT_*`: accept JWTs issued by `issuer` for `audience`, verified with the JWKS
@@ -282,6 +284,16 @@ impl Config {
                 },
             }),
         };
+        let rate_limit_status = match get("SCOPEGATE_RATE_LIMIT_STATUS") {
+            None | Some("200") => 200,
+            Some("429") => 429,
+            Some(other) => {
+                return Err(err(
+                    "SCOPEGATE_RATE_LIMIT_STATUS",
+                    format!("expected 200 or 429, got {other:?}"),
+                ));
+            }
+        };
         if jwt.is_some() && policy.is_none() {
             return Err(err(
                 "SCOPEGATE_JWT_KEYS",
@@ -321,6 +333,7 @@ impl Config {
             public_url,
             session_secret,
             jwt,
+            rate_limit_status,
         })
     }
 
@@ -357,6 +370,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_JWT_AUDIENCE",
     "SCOPEGATE_JWT_AGENT_CLAIM",
     "SCOPEGATE_JWT_LEEWAY_S",
+    "SCOPEGATE_RATE_LIMIT_STATUS",
 ];
 
 fn leak_name(name: &str) -> &'static str {

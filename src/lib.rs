@@ -14,6 +14,7 @@ pub mod log;
 pub mod mcp;
 pub mod pipeline;
 pub mod policy;
+pub mod ratelimit;
 pub mod token;
 pub mod upstream;
 pub mod worker;

@@ -216,7 +216,22 @@ async fn handle_request(
         return write_reply(client, reply, client_wants_close).await;
     }
 
-    // Stage 7: the session: the agent's token opens to the upstream's session id, bound to
+    // Stage 7: rate limits (policy mode). Only what was authorized takes tokens.
+    if let (Some(policy), Some(agent)) = (&policy, agent)
+        && let Some((status, headers, body)) =
+            rate_limit(worker, policy, agent, upstream, head, envelope.as_ref())
+    {
+        let reply = response::build(
+            status,
+            "application/json",
+            &headers,
+            &body,
+            client_wants_close,
+        );
+        return write_reply(client, reply, client_wants_close).await;
+    }
+
+    // Stage 8: the session: the agent's token opens to the upstream's session id, bound to
     // this agent and upstream.
     let upstream_session = match (&policy, agent, head.get("mcp-session-id")) {
         (Some(policy), Some(agent), Some(token)) => {
@@ -235,7 +250,7 @@ async fn handle_request(
         _ => None,
     };
 
-    // Stage 8: forward upstream and relay the answer.
+    // Stage 9: forward upstream and relay the answer.
     let list_kind = envelope
         .as_ref()
         .and_then(|e| e.single())
@@ -493,6 +508,89 @@ fn authorize(
     }
     body.push(b']');
     Some((200, body))
+}
+
+/// Stage 7. JSON-RPC requests take from the buckets (tools/call: the agent's tool rules, the
+/// agent, its tenant, the upstream; any other request: the agent's own bucket); a GET stream
+/// counts as a request. Notifications, responses and DELETE are never limited, so cancellations
+/// and answers to server requests always get through. `Some((status, headers, body))` refuses.
+fn rate_limit(
+    worker: &Worker,
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    head: &Head,
+    env: Option<&crate::mcp::envelope::Envelope<'_>>,
+) -> Option<(u16, String, Vec<u8>)> {
+    use crate::mcp::envelope::Kind;
+    let limits = &policy.limits;
+    let now = crate::ratelimit::now_ns();
+    fn tool_of<'a>(m: &crate::mcp::envelope::Message<'a>) -> Option<&'a str> {
+        if m.method == Some("tools/call") {
+            m.name
+        } else {
+            None
+        }
+    }
+    let refused = match env {
+        None if head.method() == b"GET" => limits.admit(policy, agent, upstream, None, now).err(),
+        None => None,
+        Some(env) => {
+            let messages = env.messages();
+            let mut refused = None;
+            for (i, m) in messages.iter().enumerate() {
+                if m.kind != Kind::Request {
+                    continue;
+                }
+                if let Err(limited) = limits.admit(policy, agent, upstream, tool_of(m), now) {
+                    // A batch is admitted whole or not at all.
+                    for earlier in messages[..i].iter().filter(|m| m.kind == Kind::Request) {
+                        limits.release(policy, agent, upstream, tool_of(earlier));
+                    }
+                    refused = Some(limited);
+                    break;
+                }
+            }
+            refused
+        }
+    }?;
+    let retry_ms = refused.retry_after_ns.div_ceil(1_000_000).max(1);
+    let message = format!(
+        "rate limited by {}; retry after {retry_ms} ms",
+        refused.label
+    );
+    let headers = format!("Retry-After: {}\r\n", retry_ms.div_ceil(1000).max(1));
+    let status = if env.is_none() {
+        429
+    } else {
+        worker.config.rate_limit_status
+    };
+    let body = match env {
+        Some(env) if env.is_batch() => {
+            let mut body = vec![b'['];
+            for m in env.messages().iter().filter(|m| m.kind == Kind::Request) {
+                if body.len() > 1 {
+                    body.push(b',');
+                }
+                body.extend(jsonrpc::rate_limited_body(
+                    m.id,
+                    &message,
+                    retry_ms,
+                    &refused.label,
+                ));
+            }
+            body.push(b']');
+            body
+        }
+        Some(env) => jsonrpc::rate_limited_body(
+            env.single().and_then(|m| m.id),
+            &message,
+            retry_ms,
+            &refused.label,
+        ),
+        None => jsonrpc::rate_limited_body(None, &message, retry_ms, &refused.label),
+    };
+    Some((status, headers, body))
 }
 
 /// Opens the agent's session token: it must be scopegate's, sealed for this agent and upstream.

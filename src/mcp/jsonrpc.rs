@@ -18,6 +18,26 @@ pub const GATEWAY_REFUSED: i32 = -32003;
 pub const POLICY_DENIED: i32 = -32004;
 /// The agent's session token did not open (with HTTP 404: the agent re-initializes).
 pub const SESSION_NOT_FOUND: i32 = -32006;
+/// Over a rate limit; `error.data` has `retry_after_ms` and `limit`.
+pub const RATE_LIMITED: i32 = -32007;
+
+/// `{"jsonrpc":"2.0","id":..,"error":{"code":-32007,"message":..,"data":{"retry_after_ms":N,"limit":..}}}`
+pub fn rate_limited_body(
+    id: Option<Id<'_>>,
+    message: &str,
+    retry_after_ms: u64,
+    limit: &str,
+) -> Vec<u8> {
+    let mut out = error_body(id, RATE_LIMITED, message);
+    out.truncate(out.len() - 2);
+    out.extend_from_slice(b",\"data\":{\"retry_after_ms\":");
+    out.extend_from_slice(retry_after_ms.to_string().as_bytes());
+    out.extend_from_slice(b",\"limit\":");
+    write_json_string(limit, &mut out);
+    out.extend_from_slice(b"}}}");
+    out
+}
+
 /// Missing or invalid credentials (with HTTP 401).
 pub const UNAUTHENTICATED: i32 = -32005;
 

@@ -20,8 +20,10 @@ impl LivePolicy {
         }
     }
 
-    pub fn replace(&self, policy: Policy) {
+    /// Installs a new policy; rate-limit buckets whose limit did not change keep their state.
+    pub fn replace(&self, mut policy: Policy) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        policy.inherit_rate_state(&current);
         *current = Arc::new(policy);
         self.generation.fetch_add(1, Ordering::Release);
     }

@@ -22,11 +22,13 @@ use args::{Constraint, Literal};
 use glob::Glob;
 
 /// A rate: `per_second`, `per_minute` or `per_hour` (exactly one), and `burst`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rate {
     /// Requests per second (the per-minute/per-hour forms are converted).
     pub per_second: f64,
     pub burst: u64,
+    /// As written, for messages: `20/s`, `10/min`, `120/h`.
+    pub text: String,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +76,8 @@ pub struct Policy {
     pub agents: Vec<Agent>,
     by_key: HashMap<[u8; 32], usize>,
     by_id: HashMap<String, usize>,
+    /// The buckets of every `rate` in the file (shared by all workers; atomics inside).
+    pub limits: crate::ratelimit::RateLimits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -514,7 +518,7 @@ impl Policy {
             });
         }
 
-        Ok(Policy {
+        let mut policy = Policy {
             source: path.to_owned(),
             tenants,
             upstream_rules: rules,
@@ -522,7 +526,17 @@ impl Policy {
             agents,
             by_key,
             by_id,
-        })
+            limits: crate::ratelimit::RateLimits::default(),
+        };
+        policy.limits = crate::ratelimit::RateLimits::for_policy(&policy);
+        Ok(policy)
+    }
+
+    /// After a reload: buckets whose key and limit did not change keep their state.
+    pub fn inherit_rate_state(&mut self, old: &Policy) {
+        let mut limits = std::mem::take(&mut self.limits);
+        limits.inherit(self, &old.limits, old);
+        self.limits = limits;
     }
 
     /// The gateway's upstreams: `SCOPEGATE_UPSTREAMS` merged with the policy's.
@@ -637,10 +651,10 @@ fn compile_rate(
     };
     let span = Some(r.span());
     let v = *r.get_ref();
-    let per_second = match (v.per_second, v.per_minute, v.per_hour) {
-        (Some(n), None, None) => n as f64,
-        (None, Some(n), None) => n as f64 / 60.0,
-        (None, None, Some(n)) => n as f64 / 3600.0,
+    let (per_second, text) = match (v.per_second, v.per_minute, v.per_hour) {
+        (Some(n), None, None) => (n as f64, format!("{n}/s")),
+        (None, Some(n), None) => (n as f64 / 60.0, format!("{n}/min")),
+        (None, None, Some(n)) => (n as f64 / 3600.0, format!("{n}/h")),
         _ => {
             return Err(at(
                 span,
@@ -662,7 +676,11 @@ fn compile_rate(
     if burst == 0 {
         return Err(at(span, field, "burst must be at least 1".into()));
     }
-    Ok(Some(Rate { per_second, burst }))
+    Ok(Some(Rate {
+        per_second,
+        burst,
+        text,
+    }))
 }
 
 /// A rule glob over `"<upstream>/<tool>"`. When the upstream part is literal it must name a
@@ -806,7 +824,7 @@ mod tests {
         assert_eq!(p.agents[nightly].upstreams, Some(vec![1]));
         assert!(p.may_use_upstream(nightly, 1));
         assert!(!p.may_use_upstream(nightly, 0));
-        let rate = p.agents[nightly].rate.unwrap();
+        let rate = p.agents[nightly].rate.clone().unwrap();
         assert_eq!(rate.burst, 10);
         assert!((rate.per_second - 2.0).abs() < 1e-9);
     }
