@@ -219,7 +219,7 @@ async fn handle_request(
     // Stage 7: rate limits (policy mode). Only what was authorized takes tokens.
     if let (Some(policy), Some(agent)) = (&policy, agent)
         && let Some((status, headers, body)) =
-            rate_limit(worker, policy, agent, upstream, head, envelope.as_ref())
+            rate_limit(worker, policy, agent, upstream, envelope.as_ref())
     {
         let reply = response::build(
             status,
@@ -511,15 +511,15 @@ fn authorize(
 }
 
 /// Stage 7. JSON-RPC requests take from the buckets (tools/call: the agent's tool rules, the
-/// agent, its tenant, the upstream; any other request: the agent's own bucket); a GET stream
-/// counts as a request. Notifications, responses and DELETE are never limited, so cancellations
-/// and answers to server requests always get through. `Some((status, headers, body))` refuses.
+/// agent, its tenant, the upstream; any other request: the agent's own bucket). Notifications,
+/// responses, the session's GET event stream and DELETE are session plumbing and never limited,
+/// so cancellations and answers to server requests always get through (and an SDK's background
+/// GET does not eat an agent's burst). `Some((status, headers, body))` refuses.
 fn rate_limit(
     worker: &Worker,
     policy: &Policy,
     agent: usize,
     upstream: usize,
-    head: &Head,
     env: Option<&crate::mcp::envelope::Envelope<'_>>,
 ) -> Option<(u16, String, Vec<u8>)> {
     use crate::mcp::envelope::Kind;
@@ -533,7 +533,6 @@ fn rate_limit(
         }
     }
     let refused = match env {
-        None if head.method() == b"GET" => limits.admit(policy, agent, upstream, None, now).err(),
         None => None,
         Some(env) => {
             let messages = env.messages();
@@ -588,7 +587,7 @@ fn rate_limit(
             retry_ms,
             &refused.label,
         ),
-        None => jsonrpc::rate_limited_body(None, &message, retry_ms, &refused.label),
+        None => return None,
     };
     Some((status, headers, body))
 }

@@ -153,3 +153,54 @@ def test_es256_jwt_from_pyjwt_authenticates_an_sdk_client(upstream, tmp_path):
         assert token not in str(upstream.executions()), "the agent's JWT reached the upstream"
     finally:
         g.stop()
+
+
+def test_rate_limit_refuses_the_burst_excess_and_the_session_survives(upstream, tmp_path):
+    import time
+
+    from conftest import Scopegate, sha256_hex
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f"""
+[[agent]]
+id = "agent"
+key_sha256 = "{sha256_hex(AGENT_KEY)}"
+allow = ["files/add"]
+rate = {{ per_second = 2, burst = 4 }}
+"""
+    )
+    g = Scopegate({"SCOPEGATE_POLICY": str(policy), "SCOPEGATE_UPSTREAMS": f"files={upstream.url}"})
+    outcome = {"ok": 0, "refused": [], "after": None}
+    try:
+
+        async def scenario():
+            headers = {"Authorization": f"Bearer {AGENT_KEY}"}
+            async with streamablehttp_client(f"{g.base}/mcp", headers=headers) as (read, write, _):
+                async with ClientSession(read, write) as session:
+                    # initialize and tools/list take two of the burst of 4 (the SDK lists
+                    # tools itself before its first call_tool, to validate results).
+                    await session.initialize()
+                    await session.list_tools()
+                    for i in range(5):
+                        try:
+                            await session.call_tool("add", {"a": i, "b": 0})
+                            outcome["ok"] += 1
+                        except Exception as e:  # McpError carrying the JSON-RPC error
+                            outcome["refused"].append(e)
+                    wait_ms = outcome["refused"][-1].error.data["retry_after_ms"]
+                    await asyncio.sleep(wait_ms / 1000 + 0.05)
+                    result = await session.call_tool("add", {"a": 40, "b": 2})
+                    outcome["after"] = result.content[0].text
+
+        run(scenario())
+    finally:
+        g.stop()
+    assert outcome["ok"] == 2, "initialize and tools/list used 2 of the burst of 4"
+    assert len(outcome["refused"]) == 3
+    err = outcome["refused"][0].error
+    assert err.code == -32007
+    assert "rate limited by agent" in err.message and "retry after" in err.message
+    assert err.data["retry_after_ms"] > 0
+    assert outcome["after"] == "42", "the same session works after the advertised wait"
+    assert len(upstream.executions()) == 3
