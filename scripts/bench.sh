@@ -56,25 +56,26 @@ taskset -c 1 "$BIN/sg-mock" --listen "127.0.0.1:$UP_PORT" --no-sessions > "$WORK
 PIDS+=($!)
 wait_port "$UP_PORT"
 
-SG_PORT=$(free_port)
-env SCOPEGATE_INSECURE_OPEN=1 SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$SG_PORT" \
-  SCOPEGATE_UPSTREAMS="bench=http://127.0.0.1:$UP_PORT/mcp" SCOPEGATE_LOG=warn ${BENCH_SCOPEGATE_ENV:-} \
-  taskset -c 0 "$BIN/scopegate" 2> "$WORK/scopegate.log" &
-SG_PID=$!
-PIDS+=($SG_PID)
-wait_port "$SG_PORT"
-
 # scopegate with a policy: the agent's key is authenticated and the call is checked against
 # three argument constraints on every request.
 KEY="bench-agent-key-0123456789"
 KEY_SHA=$("$BIN/scopegate" hash-key "$KEY")
-cat > "$WORK/policy.toml" <<TOML
+SG_PORT=$(free_port)
+
+# policy RATES_ON -> the policy file (with or without rate limits on every kind of bucket; the
+# limits are far above the load, so they are checked on every call and never refuse).
+policy() {
+  local rate=""
+  [[ "$1" == 1 ]] && rate='rate = { per_second = 10000000, burst = 10000000 }'
+  cat <<TOML
 [[tenant]]
 id = "bench"
+$rate
 
 [[upstream]]
 name = "bench"
 tenant = "bench"
+$rate
 [upstream.headers]
 X-Upstream-Key = "injected"
 
@@ -83,22 +84,41 @@ id = "bench-agent"
 tenant = "bench"
 key_sha256 = "$KEY_SHA"
 allow = ["bench/echo"]
+$rate
 
 [[agent.tool]]
 match = "bench/echo"
+$rate
 [agent.tool.args]
 repo = { one_of = ["acme/web", "acme/api"] }
 title = { max_len = 200 }
 labels = { max_len = 5 }
 TOML
+}
+policy 1 > "$WORK/policy.toml"
+policy 0 > "$WORK/policy-nolimits.toml"
+
+# start_scopegate NAME PORT POLICY|-  -> starts it pinned to core 0; prints its pid
+start_scopegate() {
+  local name=$1 port=$2 file=$3
+  local mode=(SCOPEGATE_POLICY="$file" SCOPEGATE_SESSION_SECRET=bench-secret-bench-secret-bench-secret)
+  [[ "$file" == - ]] && mode=(SCOPEGATE_INSECURE_OPEN=1)
+  env "${mode[@]}" SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$port" \
+    SCOPEGATE_UPSTREAMS="bench=http://127.0.0.1:$UP_PORT/mcp" SCOPEGATE_LOG=warn ${BENCH_SCOPEGATE_ENV:-} \
+    taskset -c 0 "$BIN/scopegate" > /dev/null 2> "$WORK/$name.log" &
+  echo $!
+}
 SGP_PORT=$(free_port)
-env SCOPEGATE_POLICY="$WORK/policy.toml" SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$SGP_PORT" \
-  SCOPEGATE_UPSTREAMS="bench=http://127.0.0.1:$UP_PORT/mcp" SCOPEGATE_LOG=warn \
-  SCOPEGATE_SESSION_SECRET=bench-secret-bench-secret-bench-secret ${BENCH_SCOPEGATE_ENV:-} \
-  taskset -c 0 "$BIN/scopegate" 2> "$WORK/scopegate-policy.log" &
-SGP_PID=$!
+SGP_PID=$(start_scopegate scopegate-policy "$SGP_PORT" "$WORK/policy.toml")
 PIDS+=($SGP_PID)
 wait_port "$SGP_PORT"
+SG_PID=$(start_scopegate scopegate-open "$SG_PORT" -)
+PIDS+=($SG_PID)
+wait_port "$SG_PORT"
+SGN_PORT=$(free_port)
+SGN_PID=$(start_scopegate scopegate-nolimits "$SGN_PORT" "$WORK/policy-nolimits.toml")
+PIDS+=($SGN_PID)
+wait_port "$SGN_PORT"
 
 NG_PORT=$(free_port)
 cat > "$WORK/nginx.conf" <<CONF
@@ -175,6 +195,7 @@ run() {
   printf '%-22s %12s %12s %14s\n' target req/s requests cpu_us/req
   run direct "$UP_PORT"
   run scopegate-open "$SG_PORT" "$SG_PID"
+  run scopegate-nolimits "$SGN_PORT" "$SGN_PID"
   run scopegate-policy "$SGP_PORT" "$SGP_PID"
   run nginx "$NG_PORT" $NG_PIDS
 } | tee "$WORK/result.txt"
