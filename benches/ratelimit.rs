@@ -78,12 +78,24 @@ rate = { per_second = 1000000000, burst = 1000000000 }
 match = "gh/create_issue"
 rate = { per_second = 1000000000, burst = 1000000000 }
 "#;
-    let policy = Policy::parse(Path::new("bench.toml"), text, &[], &HashMap::<String, String>::new()).expect("policy");
+    let policy = Policy::parse(
+        Path::new("bench.toml"),
+        text,
+        &[],
+        &HashMap::<String, String>::new(),
+    )
+    .expect("policy");
     c.bench_function("ratelimit/admit_tools_call_4_buckets", |bench| {
         bench.iter(|| {
             policy
                 .limits
-                .admit(&policy, 0, 0, Some(std::hint::black_box("create_issue")), now_ns())
+                .admit(
+                    &policy,
+                    0,
+                    0,
+                    Some(std::hint::black_box("create_issue")),
+                    now_ns(),
+                )
                 .expect("admitted")
         })
     });

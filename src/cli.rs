@@ -131,3 +131,28 @@ pub fn check(args: &[String]) -> i32 {
         }
     }
 }
+
+/// `scopegate audit verify DIR`
+pub fn audit(args: &[String]) -> i32 {
+    let [verb, dir] = args else {
+        eprintln!("usage: scopegate audit verify DIR");
+        return 2;
+    };
+    if verb != "verify" {
+        eprintln!("usage: scopegate audit verify DIR");
+        return 2;
+    }
+    match crate::audit::verify::verify_dir(Path::new(dir)) {
+        Ok(r) => {
+            println!(
+                "{dir}: ok ({} entries in {} file(s), every chain intact)",
+                r.entries, r.files
+            );
+            0
+        }
+        Err(e) => {
+            println!("{e}");
+            1
+        }
+    }
+}

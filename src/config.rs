@@ -41,6 +41,8 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     /// HTTP status of a rate-limit refusal: 200 (JSON-RPC error, the default) or 429.
     pub rate_limit_status: u16,
+    /// The audit log, when `SCOPEGATE_AUDIT_DIR` is set.
+    pub audit: Option<crate::audit::writer::AuditConfig>,
 }
 
 /// `SCOPEGATE_JWT_*`: accept JWTs issued by `issuer` for `audience`, verified with the JWKS
@@ -294,6 +296,69 @@ impl Config {
                 ));
             }
         };
+        let audit = match get("SCOPEGATE_AUDIT_DIR") {
+            None => {
+                for name in [
+                    "SCOPEGATE_AUDIT_FLUSH_MS",
+                    "SCOPEGATE_AUDIT_MAX_FILE_MB",
+                    "SCOPEGATE_AUDIT_FSYNC",
+                    "SCOPEGATE_AUDIT_FAIL_CLOSED",
+                    "SCOPEGATE_AUDIT_MAX_ARGS",
+                    "SCOPEGATE_AUDIT_RING",
+                ] {
+                    if get(name).is_some() {
+                        return Err(ConfigError {
+                            variable: leak_name(name),
+                            problem: "set without SCOPEGATE_AUDIT_DIR (where the audit log goes)"
+                                .into(),
+                        });
+                    }
+                }
+                None
+            }
+            Some(dir) => {
+                let max_args = match get("SCOPEGATE_AUDIT_MAX_ARGS") {
+                    None => 4096,
+                    Some(v) => parse_size("SCOPEGATE_AUDIT_MAX_ARGS", v)?,
+                };
+                let ring_bytes = match get("SCOPEGATE_AUDIT_RING") {
+                    None => 4 << 20,
+                    Some(v) => parse_size("SCOPEGATE_AUDIT_RING", v)?,
+                };
+                if ring_bytes < 16 * max_args + (64 << 10) {
+                    return Err(err(
+                        "SCOPEGATE_AUDIT_RING",
+                        format!(
+                            "{ring_bytes} bytes is too small for SCOPEGATE_AUDIT_MAX_ARGS={max_args}: \
+                             needs at least 16 entries of the largest size plus 64 KiB"
+                        ),
+                    ));
+                }
+                let max_file_mb = match get("SCOPEGATE_AUDIT_MAX_FILE_MB") {
+                    None => 100,
+                    Some(v) => parse_u64("SCOPEGATE_AUDIT_MAX_FILE_MB", v)?,
+                };
+                if max_file_mb == 0 {
+                    return Err(err("SCOPEGATE_AUDIT_MAX_FILE_MB", "must be at least 1"));
+                }
+                Some(crate::audit::writer::AuditConfig {
+                    dir: PathBuf::from(dir),
+                    flush: parse_ms(
+                        "SCOPEGATE_AUDIT_FLUSH_MS",
+                        get("SCOPEGATE_AUDIT_FLUSH_MS"),
+                        200,
+                    )?,
+                    max_file_bytes: max_file_mb << 20,
+                    fsync: parse_bool("SCOPEGATE_AUDIT_FSYNC", get("SCOPEGATE_AUDIT_FSYNC"))?,
+                    fail_closed: parse_bool(
+                        "SCOPEGATE_AUDIT_FAIL_CLOSED",
+                        get("SCOPEGATE_AUDIT_FAIL_CLOSED"),
+                    )?,
+                    ring_bytes,
+                    max_args,
+                })
+            }
+        };
         if jwt.is_some() && policy.is_none() {
             return Err(err(
                 "SCOPEGATE_JWT_KEYS",
@@ -334,6 +399,7 @@ impl Config {
             session_secret,
             jwt,
             rate_limit_status,
+            audit,
         })
     }
 
@@ -371,6 +437,13 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_JWT_AGENT_CLAIM",
     "SCOPEGATE_JWT_LEEWAY_S",
     "SCOPEGATE_RATE_LIMIT_STATUS",
+    "SCOPEGATE_AUDIT_DIR",
+    "SCOPEGATE_AUDIT_FLUSH_MS",
+    "SCOPEGATE_AUDIT_MAX_FILE_MB",
+    "SCOPEGATE_AUDIT_FSYNC",
+    "SCOPEGATE_AUDIT_FAIL_CLOSED",
+    "SCOPEGATE_AUDIT_MAX_ARGS",
+    "SCOPEGATE_AUDIT_RING",
 ];
 
 fn leak_name(name: &str) -> &'static str {

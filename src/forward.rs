@@ -23,11 +23,82 @@ use crate::worker::Worker;
 /// in a single write; larger ones are handed to the kernel as they are.
 const COALESCE_LIMIT: usize = 16 * 1024;
 
-/// Per-connection scratch reused across requests.
+/// Per-connection scratch reused across requests, and what the audit log learns from the
+/// exchange.
 #[derive(Default)]
 pub struct Exchange {
     out: Vec<u8>,
     response: Head,
+    /// Microseconds from sending the request to the upstream's response head.
+    pub upstream_us: Option<u64>,
+    /// The upstream's status.
+    pub status: u16,
+    /// A tools/call result's `isError`, when it was seen in the relayed body.
+    pub is_error: IsErrorScan,
+}
+
+/// Finds a result's `"isError": true|false` in a relayed body, piece by piece, without parsing
+/// it: in JSON text an unescaped `"isError"` followed by `:` can only be a key. The last
+/// `PATTERN_CARRY` bytes of each piece are kept so a key split across reads is still found.
+#[derive(Default)]
+pub struct IsErrorScan {
+    pub found: Option<bool>,
+    carry: Vec<u8>,
+}
+
+const PATTERN_CARRY: usize = 24;
+
+impl IsErrorScan {
+    pub fn reset(&mut self) {
+        self.found = None;
+        self.carry.clear();
+    }
+
+    pub fn feed(&mut self, piece: &[u8]) {
+        if self.found.is_some() || piece.is_empty() {
+            return;
+        }
+        // The boundary: the end of the last piece with the start of this one.
+        if !self.carry.is_empty() {
+            let take = piece.len().min(PATTERN_CARRY);
+            self.carry.extend_from_slice(&piece[..take]);
+            if let Some(v) = Self::scan(&self.carry) {
+                self.found = Some(v);
+                return;
+            }
+        }
+        if let Some(v) = Self::scan(piece) {
+            self.found = Some(v);
+            return;
+        }
+        self.carry.clear();
+        self.carry
+            .extend_from_slice(&piece[piece.len().saturating_sub(PATTERN_CARRY)..]);
+    }
+
+    fn scan(data: &[u8]) -> Option<bool> {
+        let mut from = 0;
+        while let Some(i) = memchr::memmem::find(&data[from..], b"\"isError\"") {
+            let mut j = from + i + 9;
+            while j < data.len() && matches!(data[j], b' ' | b'\t' | b'\r' | b'\n') {
+                j += 1;
+            }
+            if data.get(j) == Some(&b':') {
+                j += 1;
+                while j < data.len() && matches!(data[j], b' ' | b'\t' | b'\r' | b'\n') {
+                    j += 1;
+                }
+                if data[j..].starts_with(b"true") {
+                    return Some(true);
+                }
+                if data[j..].starts_with(b"false") {
+                    return Some(false);
+                }
+            }
+            from += i + 9;
+        }
+        None
+    }
 }
 
 /// Maps the upstream's session id to the token the agent sees.
@@ -50,6 +121,8 @@ pub struct Plan<'a> {
     pub strip_credentials: bool,
     /// Rewrite a list result to what the agent may see.
     pub filter: Option<(crate::mcp::lists::ListKind, KeepFn<'a>)>,
+    /// Look for the result's `isError` (tools/call, audit on).
+    pub scan_is_error: bool,
 }
 
 /// Largest list response scopegate buffers to filter; larger is refused (502) rather than
@@ -91,6 +164,10 @@ pub async fn forward(
         ex.out.extend_from_slice(&body);
     }
 
+    ex.upstream_us = None;
+    ex.status = 0;
+    ex.is_error.reset();
+    let sent_at = Instant::now();
     // A pooled connection may have been closed by the upstream while idle; if it fails before
     // any response byte arrives, the request is retried once on a fresh connection.
     let mut up = None;
@@ -109,6 +186,8 @@ pub async fn forward(
         };
         match result {
             Ok(()) => {
+                ex.upstream_us = Some(sent_at.elapsed().as_micros() as u64);
+                ex.status = ex.response.status;
                 up = Some(conn);
                 break;
             }
@@ -476,7 +555,14 @@ async fn relay(
                 let take = (up.buf.len() as u64).min(remaining) as usize;
                 let piece = up.buf.split_to(take).freeze();
                 remaining -= take as u64;
-                send(client, out, piece).await.map_err(mid)?;
+                send_scanned(
+                    client,
+                    out,
+                    piece,
+                    plan.scan_is_error.then_some(&mut ex.is_error),
+                )
+                .await
+                .map_err(mid)?;
                 if remaining == 0 {
                     break;
                 }
@@ -500,7 +586,14 @@ async fn relay(
                 } else {
                     raw
                 };
-                send(client, out, piece).await.map_err(mid)?;
+                send_scanned(
+                    client,
+                    out,
+                    piece,
+                    plan.scan_is_error.then_some(&mut ex.is_error),
+                )
+                .await
+                .map_err(mid)?;
                 if decoder.is_done() {
                     break;
                 }
@@ -522,7 +615,14 @@ async fn relay(
                     } else {
                         data
                     };
-                    send(client, out, piece).await.map_err(mid)?;
+                    send_scanned(
+                        client,
+                        out,
+                        piece,
+                        plan.scan_is_error.then_some(&mut ex.is_error),
+                    )
+                    .await
+                    .map_err(mid)?;
                 }
                 match up.fill_within(read_limit).await {
                     Ok(0) => break,
@@ -555,6 +655,19 @@ async fn fill(up: &mut Conn, limit: Option<Duration>) -> Result<(), ForwardError
 
 /// Writes what is pending in `out` plus `piece`: in one write when small, else two.
 async fn send(client: &mut Conn, out: &mut Vec<u8>, piece: Bytes) -> std::io::Result<()> {
+    send_scanned(client, out, piece, None).await
+}
+
+/// [`send`], feeding the body piece to the `isError` scan first.
+async fn send_scanned(
+    client: &mut Conn,
+    out: &mut Vec<u8>,
+    piece: Bytes,
+    scan: Option<&mut IsErrorScan>,
+) -> std::io::Result<()> {
+    if let Some(scan) = scan {
+        scan.feed(&piece);
+    }
     if out.len() + piece.len() <= COALESCE_LIMIT || piece.is_empty() {
         out.extend_from_slice(&piece);
         return flush(client, out).await;

@@ -25,6 +25,8 @@ usage:
   scopegate validate FILE         load a policy file and report the first problem, if any
   scopegate check --policy FILE --agent ID --tool UPSTREAM/NAME [--args JSON]
                                   print allow or deny and the rule that decided
+  scopegate audit verify DIR      check the audit log's hash chains; name the first line
+                                  that was changed, removed or reordered
   scopegate --version             print the version
 
 See README.md for every variable.";
@@ -40,6 +42,7 @@ fn main() {
         Some("hash-key") => std::process::exit(scopegate::cli::hash_key(&args[1..])),
         Some("validate") => std::process::exit(scopegate::cli::validate(&args[1..])),
         Some("check") => std::process::exit(scopegate::cli::check(&args[1..])),
+        Some("audit") => std::process::exit(scopegate::cli::audit(&args[1..])),
         Some(other) => {
             eprintln!("scopegate: unknown command {other:?}\n\n{USAGE}");
             std::process::exit(2);
@@ -152,11 +155,44 @@ fn serve() {
         );
         Arc::new(verifier)
     });
+    // The audit log: a channel and a writer thread per worker.
+    let mut audit_channels = Vec::new();
+    let mut audit_writers = Vec::new();
+    if let Some(audit) = &config.audit {
+        for id in 0..config.threads {
+            let channel = Arc::new(scopegate::audit::writer::Channel::new(audit.ring_bytes));
+            match scopegate::audit::writer::spawn(id, audit.clone(), channel.clone()) {
+                Ok(handle) => audit_writers.push(handle),
+                Err(e) => {
+                    eprintln!(
+                        "scopegate: configuration error: SCOPEGATE_AUDIT_DIR: {}: {e}",
+                        audit.dir.display()
+                    );
+                    std::process::exit(2);
+                }
+            }
+            audit_channels.push(channel);
+        }
+        info!(
+            "audit log in {} (flush every {} ms{}{})",
+            audit.dir.display(),
+            audit.flush.as_millis(),
+            if audit.fsync { ", fsync" } else { "" },
+            if audit.fail_closed {
+                ", fail-closed"
+            } else {
+                ""
+            }
+        );
+    } else if live.is_some() {
+        warn!("SCOPEGATE_AUDIT_DIR is unset: no audit log is written");
+    }
     let shared = Shared {
         config: config.clone(),
         policy: live.clone(),
         sessions,
         jwt,
+        audit: audit_channels.clone(),
     };
     for u in &config.upstreams {
         info!(
@@ -241,10 +277,39 @@ fn serve() {
     if open > 0 {
         warn!("drain deadline reached with {open} connection(s) still open; closing them");
     } else {
-        info!("drained; exiting");
+        info!("drained");
     }
+    // Flush the audit log: every entry recorded so far is written before exit. A sink that
+    // keeps failing is given a bounded time, then what could not be written is reported.
+    if !audit_channels.is_empty() {
+        for c in &audit_channels {
+            c.stop.store(true, Ordering::Release);
+            c.wake();
+        }
+        let flush_deadline = Instant::now() + AUDIT_FLUSH_GRACE;
+        while Instant::now() < flush_deadline && !audit_writers.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let written: u64 = audit_channels
+            .iter()
+            .map(|c| c.written.load(Ordering::Relaxed))
+            .sum();
+        let pending: usize = audit_channels.iter().map(|c| c.ring.used()).sum();
+        if audit_writers.iter().all(|h| h.is_finished()) {
+            info!("audit: flushed; {written} entries written by this process");
+        } else {
+            error!(
+                "audit: could not flush everything (the sink is failing); {pending} bytes of entries not written"
+            );
+            std::process::exit(1);
+        }
+    }
+    info!("exiting");
     std::process::exit(0);
 }
+
+/// How long the audit writers may take to flush after the drain.
+const AUDIT_FLUSH_GRACE: Duration = Duration::from_secs(10);
 
 fn blocked_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a zeroed, then initialised, set.

@@ -12,11 +12,13 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 
+use crate::audit::entry::{Decision as AuditDecision, Entry, encode_message};
 use crate::auth::{self, AuthError};
 use crate::debug;
 use crate::forward::{self, Exchange};
@@ -43,6 +45,8 @@ pub struct Refusal {
     pub close: bool,
     /// Extra header lines, each ending in CRLF.
     pub headers: String,
+    /// What the audit log records.
+    pub decision: AuditDecision,
 }
 
 impl Refusal {
@@ -53,7 +57,14 @@ impl Refusal {
             message: message.into(),
             close: false,
             headers: String::new(),
+            decision: AuditDecision::Invalid,
         }
+    }
+
+    /// A refusal by policy (authentication, origin, session), not a malformed request.
+    pub fn denied(mut self) -> Refusal {
+        self.decision = AuditDecision::Denied;
+        self
     }
 
     pub fn closing(mut self) -> Refusal {
@@ -85,6 +96,10 @@ pub async fn serve_connection(
     let mut head = Head::default();
     let mut parser = EnvelopeParser::new();
     let mut exchange = Exchange::default();
+    let mut draft = Draft {
+        active: worker.audit.is_some(),
+        ..Draft::default()
+    };
 
     loop {
         // Stage 1: the request head.
@@ -93,14 +108,22 @@ pub async fn serve_connection(
             Ok(Some(len)) => len,
             Ok(None) => return,
             Err(refusal) => {
+                draft.reset(Instant::now(), SystemTime::now());
+                let written = client.written;
                 if respond(&mut client, None, &refusal, true).await.is_ok() {
                     linger_close(&mut client).await;
                 }
+                draft.status = refusal.status;
+                draft.decision = refusal.decision;
+                draft.reason = Some(refusal.message);
+                draft.bytes_in = client.buf.len() as u64;
+                emit(worker, &draft, b"", client.written - written).await;
                 return;
             }
         };
         idle.set(false);
-        let started = Instant::now();
+        draft.reset(Instant::now(), SystemTime::now());
+        let written = client.written;
         head.raw = client.buf.split_to(head_len).freeze();
 
         let outcome = handle_request(
@@ -110,14 +133,130 @@ pub async fn serve_connection(
             &mut parser,
             &mut exchange,
             peer,
-            started,
+            &mut draft,
         )
         .await;
+        // Bytes in: the head and the body.
+        draft.bytes_in += head_len as u64;
+        emit(worker, &draft, head.method(), client.written - written).await;
         match outcome {
             Ok(KeepAlive::Yes) if !shutting_down() => {}
             _ => return,
         }
         client.release_idle_buffer();
+    }
+}
+
+/// What the audit log records of the request in progress; reused across a connection's
+/// requests so steady state allocates nothing for it.
+#[derive(Default)]
+pub struct Draft {
+    /// The audit log is on.
+    active: bool,
+    /// Not an MCP request (health, metadata): not audited.
+    skip: bool,
+    started: Option<Instant>,
+    time: Option<SystemTime>,
+    policy: Option<Arc<Policy>>,
+    agent: Option<usize>,
+    upstream: Option<usize>,
+    /// 16 hex characters of SHA-256 of the agent's session token.
+    session: Option<[u8; 16]>,
+    /// Pre-encoded message fragments, one range per message.
+    frags: Vec<u8>,
+    messages: Vec<(usize, usize)>,
+    scratch: Vec<u8>,
+    decision: AuditDecision,
+    reason: Option<String>,
+    status: u16,
+    upstream_us: Option<u64>,
+    is_error: Option<bool>,
+    /// Body bytes read beyond what was buffered with the head.
+    bytes_in: u64,
+}
+
+impl Draft {
+    fn reset(&mut self, started: Instant, time: SystemTime) {
+        self.skip = false;
+        self.started = Some(started);
+        self.time = Some(time);
+        self.policy = None;
+        self.agent = None;
+        self.upstream = None;
+        self.session = None;
+        self.frags.clear();
+        self.messages.clear();
+        self.decision = AuditDecision::Allowed;
+        self.reason = None;
+        self.status = 0;
+        self.upstream_us = None;
+        self.is_error = None;
+        self.bytes_in = 0;
+    }
+
+    fn set_session(&mut self, token: &[u8]) {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token);
+        let mut hex = [0u8; 16];
+        for (i, b) in digest.as_ref()[..8].iter().enumerate() {
+            hex[2 * i] = b"0123456789abcdef"[(b >> 4) as usize];
+            hex[2 * i + 1] = b"0123456789abcdef"[(b & 15) as usize];
+        }
+        self.session = Some(hex);
+    }
+}
+
+/// Writes the request's entries to the audit log: one per JSON-RPC message (one for a request
+/// that carried none).
+async fn emit(worker: &Worker, draft: &Draft, http_method: &[u8], bytes_out: u64) {
+    let Some(audit) = &worker.audit else {
+        return;
+    };
+    if draft.skip {
+        return;
+    }
+    let policy = draft.policy.as_deref();
+    let agent = match (policy, draft.agent) {
+        (Some(p), Some(a)) => p.agents.get(a),
+        _ => None,
+    };
+    let tenant = match (policy, agent.and_then(|a| a.tenant)) {
+        (Some(p), Some(t)) => p.tenants.get(t).map(|t| t.id.as_str()),
+        _ => None,
+    };
+    let upstream = draft
+        .upstream
+        .and_then(|u| worker.config.upstreams.get(u))
+        .map(|u| u.name.as_str());
+    let session = draft
+        .session
+        .as_ref()
+        .and_then(|h| std::str::from_utf8(h).ok());
+    let mut entry = Entry {
+        time: draft.time.unwrap_or_else(SystemTime::now),
+        worker: worker.id,
+        http_method,
+        agent: agent.map(|a| a.id.as_str()),
+        tenant,
+        user: agent.and_then(|a| a.user.as_deref()),
+        upstream,
+        session,
+        message: b"",
+        decision: draft.decision,
+        reason: draft.reason.as_deref(),
+        status: draft.status,
+        upstream_us: draft.upstream_us,
+        total_us: draft.started.map_or(0, |s| s.elapsed().as_micros() as u64),
+        bytes_in: draft.bytes_in,
+        bytes_out,
+        is_error: draft.is_error,
+    };
+    if draft.messages.is_empty() {
+        audit.record(&entry).await;
+        return;
+    }
+    for &(start, end) in &draft.messages {
+        entry.message = &draft.frags[start..end];
+        audit.record(&entry).await;
     }
 }
 
@@ -133,7 +272,7 @@ async fn handle_request(
     parser: &mut EnvelopeParser,
     exchange: &mut Exchange,
     peer: SocketAddr,
-    _started: Instant,
+    draft: &mut Draft,
 ) -> Result<KeepAlive, ()> {
     let client_wants_close = head.minor_version == 0 || head::connection_has(head, "close");
     // One policy for the whole request, even if a reload lands meanwhile.
@@ -143,7 +282,7 @@ async fn handle_request(
     // since we cannot know where the next request would start.
     let body_framing = match check_framing(head) {
         Ok(f) => f,
-        Err(refusal) => return finish(client, None, &refusal, true).await,
+        Err(refusal) => return finish(draft, client, None, &refusal, true).await,
     };
 
     // Stage 3: route, the DNS-rebinding checks, and who is calling.
@@ -158,27 +297,38 @@ async fn handle_request(
         && body_framing != Framing::Empty
         && head.get("expect").is_some()
     {
-        return finish(client, None, refusal, true).await;
+        return finish(draft, client, None, refusal, true).await;
     }
     let body = match read_body(worker, client, head, body_framing).await {
         Ok(b) => b,
-        Err(refusal) => return finish(client, None, &refusal, true).await,
+        Err(refusal) => return finish(draft, client, None, &refusal, true).await,
     };
+    draft.bytes_in = body.len() as u64;
     let admitted = match admitted {
         Ok(a) => a,
-        Err(refusal) => return finish(client, None, &refusal, client_wants_close).await,
+        Err(refusal) => return finish(draft, client, None, &refusal, client_wants_close).await,
     };
     let (upstream, agent) = match admitted.route {
         Route::Health => {
+            draft.skip = true;
             let reply = response::build(200, "text/plain", "", b"ok\n", client_wants_close);
-            return write_reply(client, reply, client_wants_close).await;
+            return write_reply(draft, client, reply, client_wants_close).await;
         }
         Route::ResourceMetadata => {
+            draft.skip = true;
             let reply = resource_metadata(worker, head, client_wants_close);
-            return write_reply(client, reply, client_wants_close).await;
+            return write_reply(draft, client, reply, client_wants_close).await;
         }
         Route::Mcp { upstream } => (upstream, admitted.agent),
     };
+    draft.upstream = Some(upstream);
+    draft.agent = agent;
+    if draft.active {
+        draft.policy = policy.clone();
+        if let Some(token) = head.get("mcp-session-id") {
+            draft.set_session(token);
+        }
+    }
 
     // Stage 5: the JSON-RPC envelope of every POST.
     let envelope = if head.method() == b"POST" {
@@ -186,7 +336,7 @@ async fn handle_request(
             Ok(env) => Some(env),
             Err(e) => {
                 let refusal = Refusal::new(400, e.code(), e.message());
-                return finish(client, None, &refusal, client_wants_close).await;
+                return finish(draft, client, None, &refusal, client_wants_close).await;
             }
         }
     } else {
@@ -196,16 +346,53 @@ async fn handle_request(
         .as_ref()
         .and_then(|e| e.single())
         .and_then(|m| m.id);
+    if draft.active
+        && let Some(env) = &envelope
+    {
+        let redact = match (&policy, agent) {
+            (Some(p), Some(a)) => p.agents[a].redact.as_slice(),
+            _ => &[],
+        };
+        let max_args = worker.audit.as_ref().map_or(4096, |a| a.max_args);
+        for m in env.messages() {
+            let start = draft.frags.len();
+            encode_message(
+                m,
+                env.arguments(m),
+                redact,
+                max_args,
+                &mut draft.scratch,
+                &mut draft.frags,
+            );
+            draft.messages.push((start, draft.frags.len()));
+        }
+    }
+    if let Some(audit) = &worker.audit
+        && audit.refusing()
+    {
+        let refusal = Refusal::new(
+            503,
+            jsonrpc::AUDIT_UNAVAILABLE,
+            "the audit log cannot be written; calls are refused until it can (SCOPEGATE_AUDIT_FAIL_CLOSED)",
+        );
+        return finish(draft, client, request_id, &refusal, client_wants_close).await;
+    }
     if let Some(env) = &envelope
         && let Err(refusal) = check_envelope_headers(head, env)
     {
-        return finish(client, request_id, &refusal, client_wants_close).await;
+        return finish(draft, client, request_id, &refusal, client_wants_close).await;
     }
 
     // Stage 6: authorize what the upstream will execute (policy mode).
     if let (Some(policy), Some(agent), Some(env)) = (&policy, agent, &envelope)
         && let Some(reply) = authorize(policy, agent, upstream, head, env)
     {
+        draft.decision = if reply.0 == 200 {
+            AuditDecision::Denied
+        } else {
+            AuditDecision::Invalid
+        };
+        draft.reason = Some(reply.2);
         let reply = response::build(
             reply.0,
             "application/json",
@@ -213,14 +400,16 @@ async fn handle_request(
             &reply.1,
             client_wants_close,
         );
-        return write_reply(client, reply, client_wants_close).await;
+        return write_reply(draft, client, reply, client_wants_close).await;
     }
 
     // Stage 7: rate limits (policy mode). Only what was authorized takes tokens.
     if let (Some(policy), Some(agent)) = (&policy, agent)
-        && let Some((status, headers, body)) =
+        && let Some((status, headers, body, limit)) =
             rate_limit(worker, policy, agent, upstream, envelope.as_ref())
     {
+        draft.decision = AuditDecision::RateLimited;
+        draft.reason = Some(limit);
         let reply = response::build(
             status,
             "application/json",
@@ -228,7 +417,7 @@ async fn handle_request(
             &body,
             client_wants_close,
         );
-        return write_reply(client, reply, client_wants_close).await;
+        return write_reply(draft, client, reply, client_wants_close).await;
     }
 
     // Stage 8: the session: the agent's token opens to the upstream's session id, bound to
@@ -242,8 +431,9 @@ async fn handle_request(
                         404,
                         jsonrpc::SESSION_NOT_FOUND,
                         "session not found: initialize a new session",
-                    );
-                    return finish(client, request_id, &refusal, client_wants_close).await;
+                    )
+                    .denied();
+                    return finish(draft, client, request_id, &refusal, client_wants_close).await;
                 }
             }
         }
@@ -283,6 +473,11 @@ async fn handle_request(
             plan.filter = Some((kind, &keep));
         }
     }
+    plan.scan_is_error = draft.active
+        && envelope
+            .as_ref()
+            .and_then(|e| e.single())
+            .is_some_and(|m| m.method == Some("tools/call"));
     let relayed = forward::forward(
         worker,
         exchange,
@@ -295,14 +490,28 @@ async fn handle_request(
         &plan,
     )
     .await;
+    draft.upstream_us = exchange.upstream_us;
+    draft.is_error = exchange.is_error.found;
     match relayed {
-        Ok(forward::Relayed { keep_alive: true }) => Ok(KeepAlive::Yes),
-        Ok(forward::Relayed { keep_alive: false }) => Ok(KeepAlive::No),
-        Err(forward::ForwardError::BeforeResponse(refusal)) => {
-            let close = client_wants_close || refusal.close;
-            finish(client, request_id, &refusal, close).await
+        Ok(relayed) => {
+            draft.status = exchange.status;
+            Ok(if relayed.keep_alive {
+                KeepAlive::Yes
+            } else {
+                KeepAlive::No
+            })
         }
-        Err(forward::ForwardError::MidResponse) => Err(()),
+        Err(forward::ForwardError::BeforeResponse(mut refusal)) => {
+            refusal.decision = AuditDecision::UpstreamError;
+            let close = client_wants_close || refusal.close;
+            finish(draft, client, request_id, &refusal, close).await
+        }
+        Err(forward::ForwardError::MidResponse) => {
+            draft.status = exchange.status;
+            draft.decision = AuditDecision::UpstreamError;
+            draft.reason = Some("the response was cut off mid-body".into());
+            Err(())
+        }
     }
 }
 
@@ -326,7 +535,7 @@ fn authenticate(
         return Ok(Admitted { route, agent: None });
     };
     let unauthorized = |e: AuthError| {
-        let mut r = Refusal::new(401, jsonrpc::UNAUTHENTICATED, e.message());
+        let mut r = Refusal::new(401, jsonrpc::UNAUTHENTICATED, e.message()).denied();
         r.headers = format!(
             "WWW-Authenticate: Bearer resource_metadata=\"{}\"\r\n",
             metadata_url(worker, head)
@@ -360,7 +569,8 @@ fn authenticate(
             404,
             jsonrpc::GATEWAY_REFUSED,
             "unknown upstream".to_string(),
-        ));
+        )
+        .denied());
     }
     Ok(Admitted {
         route,
@@ -455,7 +665,7 @@ fn authorize(
     upstream: usize,
     head: &Head,
     env: &crate::mcp::envelope::Envelope<'_>,
-) -> Option<(u16, Vec<u8>)> {
+) -> Option<(u16, Vec<u8>, String)> {
     if env.is_batch() {
         let version = head.get("mcp-protocol-version").unwrap_or(b"2025-03-26");
         if version != b"2025-03-26" {
@@ -464,7 +674,7 @@ fn authorize(
                 jsonrpc::INVALID_REQUEST,
                 "JSON-RPC batches are not part of this MCP revision (only 2025-03-26 has them)",
             );
-            return Some((400, body));
+            return Some((400, body, "batch outside 2025-03-26".into()));
         }
     }
     let mut refusal: Option<(usize, String, String)> = None;
@@ -482,6 +692,7 @@ fn authorize(
         return Some((
             200,
             jsonrpc::denied_body(id, jsonrpc::POLICY_DENIED, &reason, &rule),
+            rule,
         ));
     }
     let mut body = vec![b'['];
@@ -507,7 +718,7 @@ fn authorize(
         ));
     }
     body.push(b']');
-    Some((200, body))
+    Some((200, body, rule))
 }
 
 /// Stage 7. JSON-RPC requests take from the buckets (tools/call: the agent's tool rules, the
@@ -521,7 +732,7 @@ fn rate_limit(
     agent: usize,
     upstream: usize,
     env: Option<&crate::mcp::envelope::Envelope<'_>>,
-) -> Option<(u16, String, Vec<u8>)> {
+) -> Option<(u16, String, Vec<u8>, String)> {
     use crate::mcp::envelope::Kind;
     let limits = &policy.limits;
     let now = crate::ratelimit::now_ns();
@@ -589,7 +800,7 @@ fn rate_limit(
         ),
         None => return None,
     };
-    Some((status, headers, body))
+    Some((status, headers, body, refused.label))
 }
 
 /// Opens the agent's session token: it must be scopegate's, sealed for this agent and upstream.
@@ -818,7 +1029,8 @@ fn check_origin(worker: &Worker, head: &Head) -> Result<(), Refusal> {
                  other hosts (DNS-rebinding defence)",
                 String::from_utf8_lossy(host)
             ),
-        ));
+        )
+        .denied());
     }
     if let Some(value) = head.get("origin")
         && !origin::origin_allowed(value, &worker.config.allowed_origins, loopback)
@@ -830,7 +1042,8 @@ fn check_origin(worker: &Worker, head: &Head) -> Result<(), Refusal> {
                 "Origin {:?} is not allowed (SCOPEGATE_ALLOWED_ORIGINS)",
                 String::from_utf8_lossy(value)
             ),
-        ));
+        )
+        .denied());
     }
     Ok(())
 }
@@ -944,12 +1157,20 @@ async fn read_body(
 
 /// Writes a refusal; `Ok(KeepAlive::Yes)` when the connection can serve another request.
 async fn finish(
+    draft: &mut Draft,
     client: &mut Conn,
     id: Option<Id<'_>>,
     refusal: &Refusal,
     close: bool,
 ) -> Result<KeepAlive, ()> {
     let close = close || refusal.close;
+    draft.status = refusal.status;
+    if draft.decision == AuditDecision::Allowed {
+        draft.decision = refusal.decision;
+    }
+    if draft.reason.is_none() {
+        draft.reason = Some(refusal.message.clone());
+    }
     respond(client, id, refusal, close).await?;
     if close {
         linger_close(client).await;
@@ -1004,7 +1225,18 @@ async fn respond(
     res.map_err(|_| ())
 }
 
-async fn write_reply(client: &mut Conn, reply: Vec<u8>, close: bool) -> Result<KeepAlive, ()> {
+async fn write_reply(
+    draft: &mut Draft,
+    client: &mut Conn,
+    reply: Vec<u8>,
+    close: bool,
+) -> Result<KeepAlive, ()> {
+    // "HTTP/1.1 NNN ..."
+    draft.status = reply
+        .get(9..12)
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0);
     let (res, _) = client.write_all(reply).await;
     res.map_err(|_| ())?;
     Ok(if close { KeepAlive::No } else { KeepAlive::Yes })

@@ -45,6 +45,17 @@ pub struct Shared {
     pub policy: Option<Arc<LivePolicy>>,
     pub sessions: Arc<SessionKeys>,
     pub jwt: Option<Arc<JwtVerifier>>,
+    /// One audit channel per worker (indexed by worker id), when the audit log is on.
+    pub audit: Vec<Arc<crate::audit::writer::Channel>>,
+}
+
+/// What is left of [`Shared`] once the config is taken.
+struct SharedRest {
+    config_audit: Option<crate::audit::writer::AuditConfig>,
+    policy: Option<Arc<LivePolicy>>,
+    sessions: Arc<SessionKeys>,
+    jwt: Option<Arc<JwtVerifier>>,
+    audit: Vec<Arc<crate::audit::writer::Channel>>,
 }
 
 /// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`).
@@ -55,6 +66,7 @@ pub struct Worker {
     pub policy: Option<PolicyView>,
     pub sessions: Arc<SessionKeys>,
     pub jwt: Option<Arc<JwtVerifier>>,
+    pub audit: Option<crate::audit::AuditSink>,
     pub pool: Pool,
     pub stats: Arc<WorkerStats>,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
@@ -168,6 +180,13 @@ async fn worker_main(
     stats: Arc<WorkerStats>,
 ) {
     let config = shared.config;
+    let shared = SharedRest {
+        config_audit: config.audit.clone(),
+        policy: shared.policy,
+        sessions: shared.sessions,
+        jwt: shared.jwt,
+        audit: shared.audit,
+    };
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -182,6 +201,15 @@ async fn worker_main(
         policy: shared.policy.map(PolicyView::new),
         sessions: shared.sessions,
         jwt: shared.jwt,
+        audit: shared.audit.get(id).map(|channel| {
+            let cfg = shared.config_audit.as_ref();
+            crate::audit::AuditSink::new(
+                id,
+                channel.clone(),
+                cfg.is_some_and(|c| c.fail_closed),
+                cfg.map_or(4096, |c| c.max_args),
+            )
+        }),
         stats,
         connections: RefCell::new(HashMap::new()),
         next_connection: Cell::new(0),

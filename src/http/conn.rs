@@ -16,6 +16,8 @@ pub struct Conn {
     pub stream: TcpStream,
     /// Bytes read and not yet consumed.
     pub buf: BytesMut,
+    /// Bytes written so far (the audit log's bytes out).
+    pub written: u64,
 }
 
 #[derive(Debug)]
@@ -29,6 +31,7 @@ impl Conn {
         Conn {
             stream,
             buf: BytesMut::new(),
+            written: 0,
         }
     }
 
@@ -58,6 +61,9 @@ impl Conn {
     /// Writes all of `data` (owned, handed to the kernel without copying) and returns it.
     pub async fn write_all<B: monoio::buf::IoBuf>(&mut self, data: B) -> (io::Result<()>, B) {
         let (res, data) = self.stream.write_all(data).await;
+        if let Ok(n) = &res {
+            self.written += *n as u64;
+        }
         (res.map(|_| ()), data)
     }
 

@@ -38,6 +38,8 @@ pub fn rate_limited_body(
     out
 }
 
+/// The audit log cannot be written and `SCOPEGATE_AUDIT_FAIL_CLOSED=1` (with HTTP 503).
+pub const AUDIT_UNAVAILABLE: i32 = -32008;
 /// Missing or invalid credentials (with HTTP 401).
 pub const UNAUTHENTICATED: i32 = -32005;
 

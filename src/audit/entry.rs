@@ -1,0 +1,331 @@
+//! Audit entry encoding: one JSON object per line. The request path writes everything but the
+//! closing `,"seq":N,"prev":"<hash>"}`, which the worker's writer thread appends when it chains
+//! the line: so sequence numbers follow the file's order exactly, with no gaps.
+
+use std::time::SystemTime;
+
+use simd_json::{Node, StaticNode};
+
+use crate::mcp::envelope::{Kind, Message};
+use crate::mcp::jsonrpc::write_json_string;
+use crate::policy::glob::Glob;
+
+/// What scopegate decided about a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Decision {
+    #[default]
+    Allowed,
+    Denied,
+    RateLimited,
+    Invalid,
+    UpstreamError,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Denied => "denied",
+            Decision::RateLimited => "rate_limited",
+            Decision::Invalid => "invalid",
+            Decision::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// The fields of one entry. Strings are borrowed; `message` is a fragment made by
+/// [`encode_message`] (empty when the request carried no JSON-RPC message).
+pub struct Entry<'a> {
+    pub time: SystemTime,
+    pub worker: usize,
+    pub http_method: &'a [u8],
+    pub agent: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub upstream: Option<&'a str>,
+    /// A short hash of scopegate's session token, never the token.
+    pub session: Option<&'a str>,
+    pub message: &'a [u8],
+    pub decision: Decision,
+    /// The rule (denied) or limit (rate_limited) or error text.
+    pub reason: Option<&'a str>,
+    pub status: u16,
+    pub upstream_us: Option<u64>,
+    pub total_us: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub is_error: Option<bool>,
+}
+
+/// Appends the entry, without its closing brace, to `out`.
+pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
+    let mut ts = String::with_capacity(32);
+    crate::log::rfc3339_micros(e.time, &mut ts);
+    out.extend_from_slice(b"{\"ts\":\"");
+    out.extend_from_slice(ts.as_bytes());
+    out.extend_from_slice(b"\",\"worker\":");
+    push_u64(out, e.worker as u64);
+    out.extend_from_slice(b",\"http\":");
+    write_json_string(&String::from_utf8_lossy(e.http_method), out);
+    for (key, value) in [
+        ("agent", e.agent),
+        ("tenant", e.tenant),
+        ("user", e.user),
+        ("upstream", e.upstream),
+        ("session", e.session),
+    ] {
+        if let Some(v) = value {
+            out.push(b',');
+            out.push(b'"');
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            write_json_string(v, out);
+        }
+    }
+    if !e.message.is_empty() {
+        out.push(b',');
+        out.extend_from_slice(e.message);
+    }
+    out.extend_from_slice(b",\"decision\":\"");
+    out.extend_from_slice(e.decision.as_str().as_bytes());
+    out.push(b'"');
+    if let Some(r) = e.reason {
+        out.extend_from_slice(b",\"reason\":");
+        write_json_string(r, out);
+    }
+    out.extend_from_slice(b",\"status\":");
+    push_u64(out, u64::from(e.status));
+    if let Some(us) = e.upstream_us {
+        out.extend_from_slice(b",\"upstream_us\":");
+        push_u64(out, us);
+    }
+    out.extend_from_slice(b",\"total_us\":");
+    push_u64(out, e.total_us);
+    out.extend_from_slice(b",\"bytes_in\":");
+    push_u64(out, e.bytes_in);
+    out.extend_from_slice(b",\"bytes_out\":");
+    push_u64(out, e.bytes_out);
+    if let Some(is_error) = e.is_error {
+        out.extend_from_slice(if is_error {
+            b",\"is_error\":true"
+        } else {
+            b",\"is_error\":false"
+        });
+    }
+}
+
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// Appends `"kind":..,"method":..,"id":..,"name":..,"args":..` for one message. Arguments whose
+/// names match a `redact` glob (at any depth) are written as `"[redacted]"`; arguments longer
+/// than `max_args` bytes are cut to a string prefix and marked `"args_truncated":true`.
+pub fn encode_message(
+    m: &Message<'_>,
+    args: Option<&[Node<'_>]>,
+    redact: &[Glob],
+    max_args: usize,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(b"\"kind\":\"");
+    out.extend_from_slice(match m.kind {
+        Kind::Request => b"request".as_slice(),
+        Kind::Notification => b"notification",
+        Kind::Response => b"response",
+    });
+    out.push(b'"');
+    if let Some(method) = m.method {
+        out.extend_from_slice(b",\"method\":");
+        write_json_string(method, out);
+    }
+    if let Some(id) = m.id {
+        out.extend_from_slice(b",\"id\":");
+        id.write_json(out);
+    }
+    if let Some(name) = m.name {
+        out.extend_from_slice(b",\"name\":");
+        write_json_string(name, out);
+    }
+    if let Some(uri) = m.uri {
+        out.extend_from_slice(b",\"uri\":");
+        write_json_string(uri, out);
+    }
+    if let Some(nodes) = args {
+        scratch.clear();
+        write_value(nodes, redact, scratch);
+        out.extend_from_slice(b",\"args\":");
+        if scratch.len() <= max_args {
+            out.extend_from_slice(scratch);
+        } else {
+            let mut cut = max_args;
+            // Cut on a character boundary of the UTF-8 text.
+            while cut > 0 && (scratch[cut] & 0xC0) == 0x80 {
+                cut -= 1;
+            }
+            write_json_string(&String::from_utf8_lossy(&scratch[..cut]), out);
+            out.extend_from_slice(b",\"args_truncated\":true,\"args_bytes\":");
+            push_u64(out, scratch.len() as u64);
+        }
+    }
+}
+
+/// Re-serializes the value at `nodes[0]`; returns how many nodes it spans.
+fn write_value(nodes: &[Node<'_>], redact: &[Glob], out: &mut Vec<u8>) -> usize {
+    match nodes.first() {
+        None => {
+            out.extend_from_slice(b"null");
+            0
+        }
+        Some(Node::String(s)) => {
+            write_json_string(s, out);
+            1
+        }
+        Some(Node::Static(v)) => {
+            match v {
+                StaticNode::Null => out.extend_from_slice(b"null"),
+                StaticNode::Bool(true) => out.extend_from_slice(b"true"),
+                StaticNode::Bool(false) => out.extend_from_slice(b"false"),
+                StaticNode::I64(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                StaticNode::U64(n) => push_u64(out, *n),
+                StaticNode::F64(f) => out.extend_from_slice(f.to_string().as_bytes()),
+            }
+            1
+        }
+        Some(Node::Array { len, count }) => {
+            out.push(b'[');
+            let mut i = 1;
+            for k in 0..*len {
+                if k > 0 {
+                    out.push(b',');
+                }
+                i += write_value(&nodes[i..], redact, out);
+            }
+            out.push(b']');
+            count + 1
+        }
+        Some(Node::Object { len, count }) => {
+            out.push(b'{');
+            let mut i = 1;
+            for k in 0..*len {
+                if k > 0 {
+                    out.push(b',');
+                }
+                let key = match nodes.get(i) {
+                    Some(Node::String(key)) => *key,
+                    _ => "",
+                };
+                write_json_string(key, out);
+                out.push(b':');
+                i += 1;
+                if redact.iter().any(|g| g.matches(key)) {
+                    out.extend_from_slice(b"\"[redacted]\"");
+                    i += crate::policy::args::node_span(&nodes[i]);
+                } else {
+                    i += write_value(&nodes[i..], redact, out);
+                }
+            }
+            out.push(b'}');
+            count + 1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mcp::envelope::EnvelopeParser;
+
+    fn glob(p: &str) -> Glob {
+        Glob::new(p, |b| b.is_ascii_graphic()).unwrap()
+    }
+
+    fn fragment(body: &str, redact: &[Glob], max: usize) -> String {
+        let mut p = EnvelopeParser::new();
+        let env = p.parse(body.as_bytes()).unwrap();
+        let m = env.single().unwrap();
+        let mut out = Vec::new();
+        encode_message(m, env.arguments(m), redact, max, &mut Vec::new(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn messages_with_redaction_at_any_depth() {
+        let f = fragment(
+            r#"{"jsonrpc":"2.0","id":"q-1","method":"tools/call","params":{"name":"login","arguments":{"user":"al\"ice","token":"s3cret","nested":{"db_password":"x","n":[1,2.5,true,null]}}}}"#,
+            &[glob("token"), glob("*password*")],
+            4096,
+        );
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{f}}}")).unwrap();
+        assert_eq!(v["method"], "tools/call");
+        assert_eq!(v["id"], "q-1");
+        assert_eq!(v["name"], "login");
+        assert_eq!(v["args"]["user"], "al\"ice");
+        assert_eq!(v["args"]["token"], "[redacted]");
+        assert_eq!(v["args"]["nested"]["db_password"], "[redacted]");
+        assert_eq!(
+            v["args"]["nested"]["n"],
+            serde_json::json!([1, 2.5, true, null])
+        );
+        assert!(!f.contains("s3cret"));
+    }
+
+    #[test]
+    fn long_arguments_are_truncated_and_marked() {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"w","arguments":{{"text":"{}é"}}}}}}"#,
+            "a".repeat(200)
+        );
+        let f = fragment(&body, &[], 64);
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{f}}}")).unwrap();
+        assert_eq!(v["args_truncated"], true);
+        assert!(v["args_bytes"].as_u64().unwrap() > 200);
+        assert!(v["args"].as_str().unwrap().len() <= 64);
+    }
+
+    #[test]
+    fn entries_are_json_once_closed() {
+        let frag = fragment(r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#, &[], 100);
+        let e = Entry {
+            time: SystemTime::UNIX_EPOCH,
+            worker: 1,
+            http_method: b"POST",
+            agent: Some("bot"),
+            tenant: None,
+            user: Some("u@x"),
+            upstream: Some("m"),
+            session: Some("abcd"),
+            message: frag.as_bytes(),
+            decision: Decision::Denied,
+            reason: Some("deny \"m/x\""),
+            status: 200,
+            upstream_us: None,
+            total_us: 17,
+            bytes_in: 10,
+            bytes_out: 20,
+            is_error: Some(false),
+        };
+        let mut out = Vec::new();
+        encode(&e, &mut out);
+        out.push(b'}');
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000000Z");
+        assert_eq!(v["worker"], 1);
+        assert_eq!(v["decision"], "denied");
+        assert_eq!(v["reason"], "deny \"m/x\"");
+        assert_eq!(v["method"], "ping");
+        assert!(v.get("tenant").is_none());
+    }
+}
