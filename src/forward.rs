@@ -508,6 +508,8 @@ async fn relay(
         .get("content-type")
         .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"));
     let read_limit = (!is_event_stream).then_some(worker.config.upstream_timeout);
+    let _stream_gauge =
+        is_event_stream.then(|| StreamGauge::open(&worker.stats.metrics.sse_streams));
 
     // The response head for the agent.
     let out = &mut ex.out;
@@ -854,4 +856,20 @@ async fn relay_filtered(
         },
         reusable,
     ))
+}
+
+/// Counts an event stream as open for as long as it is relayed.
+struct StreamGauge<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> StreamGauge<'a> {
+    fn open(gauge: &'a std::sync::atomic::AtomicU64) -> StreamGauge<'a> {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StreamGauge(gauge)
+    }
+}
+
+impl Drop for StreamGauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }

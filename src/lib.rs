@@ -13,6 +13,7 @@ pub mod http;
 pub mod jwt;
 pub mod log;
 pub mod mcp;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod ratelimit;

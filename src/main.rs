@@ -187,12 +187,18 @@ fn serve() {
     } else if live.is_some() {
         warn!("SCOPEGATE_AUDIT_DIR is unset: no audit log is written");
     }
+    let all_stats: Arc<Vec<Arc<WorkerStats>>> = Arc::new(
+        (0..config.threads)
+            .map(|_| Arc::new(WorkerStats::new(config.upstreams.len())))
+            .collect(),
+    );
     let shared = Shared {
         config: config.clone(),
         policy: live.clone(),
         sessions,
         jwt,
         audit: audit_channels.clone(),
+        all_stats: all_stats.clone(),
     };
     for u in &config.upstreams {
         info!(
@@ -203,7 +209,7 @@ fn serve() {
     let mut workers = Vec::new();
     for (id, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
-        let stats = Arc::new(WorkerStats::default());
+        let stats = all_stats[id].clone();
         let handle = std::thread::Builder::new()
             .name(format!("scopegate-w{id}"))
             .spawn({

@@ -79,6 +79,8 @@ pub enum Route {
     Health,
     /// RFC 9728 protected resource metadata.
     ResourceMetadata,
+    /// Prometheus metrics.
+    Metrics,
     /// An MCP endpoint backed by upstream `index`.
     Mcp {
         upstream: usize,
@@ -162,6 +164,8 @@ pub struct Draft {
     upstream: Option<usize>,
     /// 16 hex characters of SHA-256 of the agent's session token.
     session: Option<[u8; 16]>,
+    /// Each message's method slot (for metrics).
+    methods: Vec<usize>,
     /// Pre-encoded message fragments, one range per message.
     frags: Vec<u8>,
     messages: Vec<(usize, usize)>,
@@ -186,6 +190,7 @@ impl Draft {
         self.session = None;
         self.frags.clear();
         self.messages.clear();
+        self.methods.clear();
         self.decision = AuditDecision::Allowed;
         self.reason = None;
         self.status = 0;
@@ -208,12 +213,21 @@ impl Draft {
 /// Writes the request's entries to the audit log: one per JSON-RPC message (one for a request
 /// that carried none).
 async fn emit(worker: &Worker, draft: &Draft, http_method: &[u8], bytes_out: u64) {
-    let Some(audit) = &worker.audit else {
-        return;
-    };
     if draft.skip {
         return;
     }
+    let metrics = &worker.stats.metrics;
+    let total_us = draft.started.map_or(0, |s| s.elapsed().as_micros() as u64);
+    metrics.observe(total_us, draft.upstream_us);
+    if draft.methods.is_empty() {
+        metrics.count(crate::metrics::NO_MESSAGE, draft.decision, draft.upstream);
+    }
+    for &m in &draft.methods {
+        metrics.count(m, draft.decision, draft.upstream);
+    }
+    let Some(audit) = &worker.audit else {
+        return;
+    };
     let policy = draft.policy.as_deref();
     let agent = match (policy, draft.agent) {
         (Some(p), Some(a)) => p.agents.get(a),
@@ -245,7 +259,7 @@ async fn emit(worker: &Worker, draft: &Draft, http_method: &[u8], bytes_out: u64
         reason: draft.reason.as_deref(),
         status: draft.status,
         upstream_us: draft.upstream_us,
-        total_us: draft.started.map_or(0, |s| s.elapsed().as_micros() as u64),
+        total_us,
         bytes_in: draft.bytes_in,
         bytes_out,
         is_error: draft.is_error,
@@ -314,6 +328,18 @@ async fn handle_request(
             let reply = response::build(200, "text/plain", "", b"ok\n", client_wants_close);
             return write_reply(draft, client, reply, client_wants_close).await;
         }
+        Route::Metrics => {
+            draft.skip = true;
+            let body = metrics_text(worker);
+            let reply = response::build(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                "",
+                body.as_bytes(),
+                client_wants_close,
+            );
+            return write_reply(draft, client, reply, client_wants_close).await;
+        }
         Route::ResourceMetadata => {
             draft.skip = true;
             let reply = resource_metadata(worker, head, client_wants_close);
@@ -346,6 +372,14 @@ async fn handle_request(
         .as_ref()
         .and_then(|e| e.single())
         .and_then(|m| m.id);
+    if let Some(env) = &envelope {
+        for m in env.messages() {
+            draft.methods.push(crate::metrics::method_index(
+                m.method,
+                m.kind == crate::mcp::envelope::Kind::Response,
+            ));
+        }
+    }
     if draft.active
         && let Some(env) = &envelope
     {
@@ -575,6 +609,46 @@ fn authenticate(
     Ok(Admitted {
         route,
         agent: Some(agent),
+    })
+}
+
+/// `/metrics`: every worker's counters, summed now.
+fn metrics_text(worker: &Worker) -> String {
+    use std::sync::atomic::Ordering;
+    let workers: Vec<&crate::metrics::WorkerMetrics> =
+        worker.all_stats.iter().map(|s| &s.metrics).collect();
+    let names: Vec<String> = worker
+        .config
+        .upstreams
+        .iter()
+        .map(|u| u.name.clone())
+        .collect();
+    let audit = (!worker.all_audit.is_empty()).then(|| crate::metrics::AuditGauges {
+        written: worker
+            .all_audit
+            .iter()
+            .map(|c| c.written.load(Ordering::Relaxed))
+            .sum(),
+        pending_bytes: worker.all_audit.iter().map(|c| c.ring.used() as u64).sum(),
+        write_errors: worker
+            .all_audit
+            .iter()
+            .map(|c| c.write_errors.load(Ordering::Relaxed))
+            .sum(),
+        failing: worker
+            .all_audit
+            .iter()
+            .any(|c| c.failing.load(Ordering::Relaxed)),
+    });
+    crate::metrics::render(&crate::metrics::Scrape {
+        workers: &workers,
+        upstream_names: &names,
+        open_connections: worker
+            .all_stats
+            .iter()
+            .map(|s| s.open_connections.load(Ordering::Relaxed) as u64)
+            .sum(),
+        audit,
     })
 }
 
@@ -944,6 +1018,13 @@ pub fn route(worker: &Worker, head: &Head) -> Result<Routed, Refusal> {
 }
 
 fn route_path(worker: &Worker, head: &Head, path: &[u8]) -> Result<Route, Refusal> {
+    if path == b"/metrics" {
+        return if head.method() == b"GET" {
+            Ok(Route::Metrics)
+        } else {
+            Err(method_not_allowed("GET"))
+        };
+    }
     if path == b"/healthz" {
         return if head.method() == b"GET" || head.method() == b"HEAD" {
             Ok(Route::Health)

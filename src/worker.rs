@@ -30,9 +30,18 @@ pub fn shutting_down() -> bool {
 /// Counters a worker publishes for the main thread. Each worker writes only its own (one
 /// cache line each), so there is no contention on the request path.
 #[repr(align(64))]
-#[derive(Default)]
 pub struct WorkerStats {
     pub open_connections: AtomicUsize,
+    pub metrics: crate::metrics::WorkerMetrics,
+}
+
+impl WorkerStats {
+    pub fn new(upstreams: usize) -> WorkerStats {
+        WorkerStats {
+            open_connections: AtomicUsize::new(0),
+            metrics: crate::metrics::WorkerMetrics::new(upstreams),
+        }
+    }
 }
 
 /// A client connection's socket and whether it is idle between requests.
@@ -47,6 +56,8 @@ pub struct Shared {
     pub jwt: Option<Arc<JwtVerifier>>,
     /// One audit channel per worker (indexed by worker id), when the audit log is on.
     pub audit: Vec<Arc<crate::audit::writer::Channel>>,
+    /// Every worker's counters, for `/metrics` (read only at scrape time).
+    pub all_stats: Arc<Vec<Arc<WorkerStats>>>,
 }
 
 /// What is left of [`Shared`] once the config is taken.
@@ -56,6 +67,7 @@ struct SharedRest {
     sessions: Arc<SessionKeys>,
     jwt: Option<Arc<JwtVerifier>>,
     audit: Vec<Arc<crate::audit::writer::Channel>>,
+    all_stats: Arc<Vec<Arc<WorkerStats>>>,
 }
 
 /// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`).
@@ -67,6 +79,9 @@ pub struct Worker {
     pub sessions: Arc<SessionKeys>,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub audit: Option<crate::audit::AuditSink>,
+    /// Every worker's counters and audit channels, for `/metrics`.
+    pub all_stats: Arc<Vec<Arc<WorkerStats>>>,
+    pub all_audit: Vec<Arc<crate::audit::writer::Channel>>,
     pub pool: Pool,
     pub stats: Arc<WorkerStats>,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
@@ -186,6 +201,7 @@ async fn worker_main(
         sessions: shared.sessions,
         jwt: shared.jwt,
         audit: shared.audit,
+        all_stats: shared.all_stats,
     };
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -201,6 +217,8 @@ async fn worker_main(
         policy: shared.policy.map(PolicyView::new),
         sessions: shared.sessions,
         jwt: shared.jwt,
+        all_stats: shared.all_stats.clone(),
+        all_audit: shared.audit.clone(),
         audit: shared.audit.get(id).map(|channel| {
             let cfg = shared.config_audit.as_ref();
             crate::audit::AuditSink::new(

@@ -422,3 +422,47 @@ fn a_failing_sink_keeps_entries_and_retries_fail_open() {
 fn a_failing_sink_refuses_calls_when_fail_closed() {
     failing_sink(true);
 }
+
+#[test]
+fn metrics_count_requests_decisions_and_the_audit_log() {
+    let dir = temp_dir("audit-metrics");
+    let (_up, gw) = start(&dir, &[("SCOPEGATE_THREADS", "1")]);
+    let mut c = gw.client();
+    for i in 0..3 {
+        post(&mut c, i, "echo", "{}");
+    }
+    post(&mut c, 9, "forbidden_tool", "{}");
+    assert!(eventually(Duration::from_secs(5), || {
+        let r = c.request("GET", "/metrics").send();
+        r.text().contains("scopegate_audit_entries_written_total 4")
+    }));
+    let r = c.request("GET", "/metrics").send();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = r.text();
+    assert!(text.contains("scopegate_requests_total{method=\"tools/call\",decision=\"allowed\",upstream=\"m\"} 3\n"), "{text}");
+    assert!(
+        text.contains(
+            "scopegate_requests_total{method=\"tools/call\",decision=\"denied\",upstream=\"m\"} 1\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("scopegate_request_duration_seconds_count 4\n"),
+        "{text}"
+    );
+    assert!(text.contains("scopegate_open_connections 1\n"), "{text}");
+    assert!(
+        text.contains("scopegate_audit_write_errors_total 0\n"),
+        "{text}"
+    );
+    // Every sample line is `name{labels} value`.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (_, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+}

@@ -204,3 +204,28 @@ rate = {{ per_second = 2, burst = 4 }}
     assert err.data["retry_after_ms"] > 0
     assert outcome["after"] == "42", "the same session works after the advertised wait"
     assert len(upstream.executions()) == 3
+
+
+def test_metrics_parse_as_prometheus_text(policy_gateway):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {AGENT_KEY}"}
+        async with streamablehttp_client(f"{policy_gateway.base}/mcp", headers=headers) as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                await session.list_tools()
+                await session.call_tool("add", {"a": 1, "b": 2})
+
+    run(scenario())
+    text = httpx.get(f"{policy_gateway.base}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = families["scopegate_requests"]
+    calls = [
+        s.value
+        for s in requests.samples
+        if s.labels.get("method") == "tools/call" and s.labels.get("decision") == "allowed"
+    ]
+    assert calls == [1.0]
+    assert families["scopegate_request_duration_seconds"].type == "histogram"
+    assert "scopegate_open_connections" in families

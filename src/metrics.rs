@@ -1,0 +1,368 @@
+//! `/metrics` in Prometheus text format. Each worker owns its counters (single writer, relaxed
+//! atomics on its own cache lines, so nothing is contended on the request path); a scrape sums
+//! every worker's.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::audit::entry::Decision;
+
+/// JSON-RPC methods counted by name; anything else is `other`.
+pub const METHODS: [&str; 17] = [
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "prompts/list",
+    "prompts/get",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "completion/complete",
+    "logging/setLevel",
+    "server/discover",
+    "notification",
+    "response",
+    "other",
+];
+/// The label for a request that carried no JSON-RPC message (GET stream, DELETE, refusals
+/// before the body was read).
+pub const NO_MESSAGE: usize = METHODS.len();
+const METHOD_SLOTS: usize = METHODS.len() + 1;
+
+const DECISIONS: [Decision; 5] = [
+    Decision::Allowed,
+    Decision::Denied,
+    Decision::RateLimited,
+    Decision::Invalid,
+    Decision::UpstreamError,
+];
+
+/// Histogram bucket bounds, in microseconds.
+pub const LATENCY_BOUNDS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// The method slot of a message.
+pub fn method_index(method: Option<&str>, is_response: bool) -> usize {
+    match method {
+        None if is_response => METHODS.len() - 2,
+        None => METHODS.len() - 1,
+        Some(m) if m.starts_with("notifications/") => METHODS.len() - 3,
+        Some(m) => METHODS[..METHODS.len() - 3]
+            .iter()
+            .position(|x| *x == m)
+            .unwrap_or(METHODS.len() - 1),
+    }
+}
+
+fn decision_index(d: Decision) -> usize {
+    DECISIONS.iter().position(|x| *x == d).unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Histogram {
+    buckets: Vec<AtomicU64>,
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram {
+            buckets: (0..=LATENCY_BOUNDS_US.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, us: u64) {
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One worker's counters.
+pub struct WorkerMetrics {
+    upstreams: usize,
+    /// [method][decision][upstream or none]
+    requests: Vec<AtomicU64>,
+    total_latency: Histogram,
+    upstream_latency: Histogram,
+    pub sse_streams: AtomicU64,
+}
+
+impl WorkerMetrics {
+    pub fn new(upstreams: usize) -> WorkerMetrics {
+        WorkerMetrics {
+            upstreams,
+            requests: (0..METHOD_SLOTS * DECISIONS.len() * (upstreams + 1))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            total_latency: Histogram::new(),
+            upstream_latency: Histogram::new(),
+            sse_streams: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, method: usize, decision: Decision, upstream: Option<usize>) -> usize {
+        let u = upstream
+            .filter(|&u| u < self.upstreams)
+            .unwrap_or(self.upstreams);
+        (method * DECISIONS.len() + decision_index(decision)) * (self.upstreams + 1) + u
+    }
+
+    /// Counts one message.
+    pub fn count(&self, method: usize, decision: Decision, upstream: Option<usize>) {
+        self.requests[self.slot(method.min(NO_MESSAGE), decision, upstream)]
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observes one request's latencies.
+    pub fn observe(&self, total_us: u64, upstream_us: Option<u64>) {
+        self.total_latency.observe(total_us);
+        if let Some(us) = upstream_us {
+            self.upstream_latency.observe(us);
+        }
+    }
+}
+
+/// What a scrape needs besides the workers' counters.
+pub struct Scrape<'a> {
+    pub workers: &'a [&'a WorkerMetrics],
+    pub upstream_names: &'a [String],
+    pub open_connections: u64,
+    pub audit: Option<AuditGauges>,
+}
+
+pub struct AuditGauges {
+    pub written: u64,
+    pub pending_bytes: u64,
+    pub write_errors: u64,
+    pub failing: bool,
+}
+
+/// Renders the Prometheus text exposition format (version 0.0.4).
+pub fn render<'a>(s: &Scrape<'a>) -> String {
+    let mut out = String::with_capacity(8192);
+    let n = s.upstream_names.len();
+    let upstream_label = |u: usize| {
+        if u < n {
+            s.upstream_names[u].as_str()
+        } else {
+            ""
+        }
+    };
+
+    out.push_str("# HELP scopegate_requests_total JSON-RPC messages handled, by method, decision and upstream.\n");
+    out.push_str("# TYPE scopegate_requests_total counter\n");
+    let mut upstream_errors = vec![0u64; n + 1];
+    let mut rate_limited = vec![0u64; n + 1];
+    for m in 0..METHOD_SLOTS {
+        for d in DECISIONS {
+            for u in 0..=n {
+                let total: u64 = s
+                    .workers
+                    .iter()
+                    .map(|w| w.requests[w.slot(m, d, Some(u))].load(Ordering::Relaxed))
+                    .sum();
+                if total == 0 {
+                    continue;
+                }
+                match d {
+                    Decision::UpstreamError => upstream_errors[u] += total,
+                    Decision::RateLimited => rate_limited[u] += total,
+                    _ => {}
+                }
+                let method = if m == NO_MESSAGE { "" } else { METHODS[m] };
+                let _ = writeln!(
+                    out,
+                    "scopegate_requests_total{{method=\"{method}\",decision=\"{}\",upstream=\"{}\"}} {total}",
+                    d.as_str(),
+                    escape(upstream_label(u))
+                );
+            }
+        }
+    }
+    out.push_str("# HELP scopegate_upstream_errors_total Requests that failed at the upstream (refused, reset, timed out, invalid).\n");
+    out.push_str("# TYPE scopegate_upstream_errors_total counter\n");
+    for (u, v) in upstream_errors.iter().enumerate().take(n) {
+        let _ = writeln!(
+            out,
+            "scopegate_upstream_errors_total{{upstream=\"{}\"}} {v}",
+            escape(upstream_label(u))
+        );
+    }
+    out.push_str("# HELP scopegate_rate_limited_total Requests refused by a rate limit.\n");
+    out.push_str("# TYPE scopegate_rate_limited_total counter\n");
+    let _ = writeln!(
+        out,
+        "scopegate_rate_limited_total {}",
+        rate_limited.iter().sum::<u64>()
+    );
+
+    for (name, help, pick) in [
+        (
+            "scopegate_request_duration_seconds",
+            "Time from request head to the end of the answer.",
+            0,
+        ),
+        (
+            "scopegate_upstream_duration_seconds",
+            "Time from sending upstream to its response head.",
+            1,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        fn pick_of(w: &WorkerMetrics, pick: u8) -> &Histogram {
+            if pick == 0 {
+                &w.total_latency
+            } else {
+                &w.upstream_latency
+            }
+        }
+        let hist = |w: &'a WorkerMetrics| pick_of(w, pick);
+        let mut cumulative = 0u64;
+        for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+            cumulative += s
+                .workers
+                .iter()
+                .map(|w| hist(w).buckets[i].load(Ordering::Relaxed))
+                .sum::<u64>();
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        cumulative += s
+            .workers
+            .iter()
+            .map(|w| hist(w).buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed))
+            .sum::<u64>();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum: u64 = s
+            .workers
+            .iter()
+            .map(|w| hist(w).sum.load(Ordering::Relaxed))
+            .sum();
+        let count: u64 = s
+            .workers
+            .iter()
+            .map(|w| hist(w).count.load(Ordering::Relaxed))
+            .sum();
+        let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+
+    out.push_str("# HELP scopegate_open_connections Client connections open now.\n");
+    out.push_str("# TYPE scopegate_open_connections gauge\n");
+    let _ = writeln!(out, "scopegate_open_connections {}", s.open_connections);
+    out.push_str("# HELP scopegate_open_sse_streams Event streams being relayed now.\n");
+    out.push_str("# TYPE scopegate_open_sse_streams gauge\n");
+    let streams: u64 = s
+        .workers
+        .iter()
+        .map(|w| w.sse_streams.load(Ordering::Relaxed))
+        .sum();
+    let _ = writeln!(out, "scopegate_open_sse_streams {streams}");
+
+    if let Some(a) = &s.audit {
+        out.push_str(
+            "# HELP scopegate_audit_entries_written_total Audit entries written to disk.\n",
+        );
+        out.push_str("# TYPE scopegate_audit_entries_written_total counter\n");
+        let _ = writeln!(out, "scopegate_audit_entries_written_total {}", a.written);
+        out.push_str(
+            "# HELP scopegate_audit_pending_bytes Encoded audit entries waiting to be written.\n",
+        );
+        out.push_str("# TYPE scopegate_audit_pending_bytes gauge\n");
+        let _ = writeln!(out, "scopegate_audit_pending_bytes {}", a.pending_bytes);
+        out.push_str(
+            "# HELP scopegate_audit_write_errors_total Failed audit writes (each retried).\n",
+        );
+        out.push_str("# TYPE scopegate_audit_write_errors_total counter\n");
+        let _ = writeln!(out, "scopegate_audit_write_errors_total {}", a.write_errors);
+        out.push_str("# HELP scopegate_audit_failing Whether the audit sink is failing now.\n");
+        out.push_str("# TYPE scopegate_audit_failing gauge\n");
+        let _ = writeln!(out, "scopegate_audit_failing {}", u8::from(a.failing));
+    }
+    out
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_sum_across_workers() {
+        let a = WorkerMetrics::new(2);
+        let b = WorkerMetrics::new(2);
+        a.count(
+            method_index(Some("tools/call"), false),
+            Decision::Allowed,
+            Some(0),
+        );
+        b.count(
+            method_index(Some("tools/call"), false),
+            Decision::Allowed,
+            Some(0),
+        );
+        b.count(
+            method_index(Some("tools/call"), false),
+            Decision::RateLimited,
+            Some(1),
+        );
+        a.count(NO_MESSAGE, Decision::Denied, None);
+        a.observe(300, Some(120));
+        b.observe(20_000_000, None);
+        let names = vec!["gh".to_string(), "files".to_string()];
+        let text = render(&Scrape {
+            workers: &[&a, &b],
+            upstream_names: &names,
+            open_connections: 3,
+            audit: None,
+        });
+        assert!(text.contains("scopegate_requests_total{method=\"tools/call\",decision=\"allowed\",upstream=\"gh\"} 2\n"), "{text}");
+        assert!(text.contains(
+            "scopegate_requests_total{method=\"\",decision=\"denied\",upstream=\"\"} 1\n"
+        ));
+        assert!(text.contains("scopegate_rate_limited_total 1\n"));
+        assert!(
+            text.contains("scopegate_request_duration_seconds_bucket{le=\"0.0005\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("scopegate_request_duration_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("scopegate_request_duration_seconds_count 2\n"));
+        assert!(text.contains("scopegate_upstream_duration_seconds_count 1\n"));
+        assert!(text.contains("scopegate_open_connections 3\n"));
+    }
+
+    #[test]
+    fn method_slots() {
+        assert_eq!(
+            METHODS[method_index(Some("tools/call"), false)],
+            "tools/call"
+        );
+        assert_eq!(
+            METHODS[method_index(Some("notifications/progress"), false)],
+            "notification"
+        );
+        assert_eq!(METHODS[method_index(None, true)], "response");
+        assert_eq!(METHODS[method_index(Some("x/y"), false)], "other");
+    }
+}
