@@ -165,6 +165,8 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
     out.push_str("# TYPE scopegate_requests_total counter\n");
     let mut upstream_errors = vec![0u64; n + 1];
     let mut rate_limited = vec![0u64; n + 1];
+    // `m` also addresses the counters, which have one more slot than METHODS has names.
+    #[allow(clippy::needless_range_loop)]
     for m in 0..METHOD_SLOTS {
         for d in DECISIONS {
             for u in 0..=n {
