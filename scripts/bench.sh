@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Side-by-side proxy cost on this machine, in one run: the mock MCP upstream direct (the limit),
-# scopegate in front of it (insecure-open, and with a policy: key authentication + a tools/call
-# checked against three argument constraints), and nginx as a plain reverse proxy in front of
-# it. One worker each.
+# scopegate in front of it (insecure-open; policy: key authentication + a tools/call checked
+# against three argument constraints; + rate limits on every kind of bucket; + the audit log),
+# and nginx as a plain reverse proxy in front of it. One worker each.
 #
 # For each target: throughput under wrk (closed loop) and the CPU time the proxy process spent
 # per request (utime+stime from /proc/PID/stat, divided by the requests wrk completed).
 #
-# usage: scripts/bench.sh [--duration SECONDS] [--connections N] [--out FILE]
+# Targets are measured in interleaved rounds (all targets, then all again, ...) and the median
+# of the rounds is reported, since single runs on a shared 2-core VM vary by 10-20%.
+#
+# usage: scripts/bench.sh [--duration SECONDS] [--connections N] [--rounds N] [--out FILE]
 # Needs wrk and nginx (installed from Debian's packages when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=10
 CONNECTIONS=32
+ROUNDS=3
 OUT=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
     --connections) CONNECTIONS="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -98,10 +103,11 @@ TOML
 policy 1 > "$WORK/policy.toml"
 policy 0 > "$WORK/policy-nolimits.toml"
 
-# start_scopegate NAME PORT POLICY|-  -> starts it pinned to core 0; prints its pid
+# start_scopegate NAME PORT POLICY|- [VAR=VALUE...]  -> starts it pinned to core 0; prints its pid
 start_scopegate() {
   local name=$1 port=$2 file=$3
-  local mode=(SCOPEGATE_POLICY="$file" SCOPEGATE_SESSION_SECRET=bench-secret-bench-secret-bench-secret)
+  shift 3
+  local mode=(SCOPEGATE_POLICY="$file" SCOPEGATE_SESSION_SECRET=bench-secret-bench-secret-bench-secret "$@")
   [[ "$file" == - ]] && mode=(SCOPEGATE_INSECURE_OPEN=1)
   env "${mode[@]}" SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$port" \
     SCOPEGATE_UPSTREAMS="bench=http://127.0.0.1:$UP_PORT/mcp" SCOPEGATE_LOG=warn ${BENCH_SCOPEGATE_ENV:-} \
@@ -109,14 +115,19 @@ start_scopegate() {
   echo $!
 }
 SGP_PORT=$(free_port)
-SGP_PID=$(start_scopegate scopegate-policy "$SGP_PORT" "$WORK/policy.toml")
+SGP_PID=$(start_scopegate scopegate-limits "$SGP_PORT" "$WORK/policy.toml")
 PIDS+=($SGP_PID)
 wait_port "$SGP_PORT"
+# Everything on: policy, rate limits and the audit log (default flush interval, no fsync).
+SGF_PORT=$(free_port)
+SGF_PID=$(start_scopegate scopegate-full "$SGF_PORT" "$WORK/policy.toml" SCOPEGATE_AUDIT_DIR="$WORK/audit")
+PIDS+=($SGF_PID)
+wait_port "$SGF_PORT"
 SG_PID=$(start_scopegate scopegate-open "$SG_PORT" -)
 PIDS+=($SG_PID)
 wait_port "$SG_PORT"
 SGN_PORT=$(free_port)
-SGN_PID=$(start_scopegate scopegate-nolimits "$SGN_PORT" "$WORK/policy-nolimits.toml")
+SGN_PID=$(start_scopegate scopegate-policy "$SGN_PORT" "$WORK/policy-nolimits.toml")
 PIDS+=($SGN_PID)
 wait_port "$SGN_PORT"
 
@@ -186,18 +197,41 @@ run() {
     cpu_us=$(python3 -c "print(f'{($after-$before)/$TICK*1e6/$requests:.2f}')")
   fi
   printf '%-22s %12s %12s %14s  %s\n' "$name" "$rps" "$requests" "$cpu_us" "$errors"
+  echo "$name $rps $cpu_us" >> "$WORK/rounds.txt"
 }
 
 {
   echo "# scopegate bench: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "# machine: $(nproc) cores, $(awk '/model name/ {sub(/.*: /,""); print; exit}' /proc/cpuinfo), kernel $(uname -r)"
-  echo "# wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST tools/call of ${#BODY} bytes; proxy on core 0, upstream+wrk on core 1"
-  printf '%-22s %12s %12s %14s\n' target req/s requests cpu_us/req
-  run direct "$UP_PORT"
-  run scopegate-open "$SG_PORT" "$SG_PID"
-  run scopegate-nolimits "$SGN_PORT" "$SGN_PID"
-  run scopegate-policy "$SGP_PORT" "$SGP_PID"
-  run nginx "$NG_PORT" $NG_PIDS
+  echo "# wrk -t1 -c$CONNECTIONS -d${DURATION}s, POST tools/call of ${#BODY} bytes; proxy on core 0, upstream+wrk on core 1; $ROUNDS interleaved rounds"
+  for round in $(seq 1 "$ROUNDS"); do
+    echo "## round $round"
+    printf '%-22s %12s %12s %14s\n' target req/s requests cpu_us/req
+    run direct "$UP_PORT"
+    run scopegate-open "$SG_PORT" "$SG_PID"
+    run scopegate-policy "$SGN_PORT" "$SGN_PID"
+    run scopegate-limits "$SGP_PORT" "$SGP_PID"
+    run scopegate-full "$SGF_PORT" "$SGF_PID"
+    run nginx "$NG_PORT" $NG_PIDS
+  done
+  echo "## median of $ROUNDS rounds"
+  python3 - "$WORK/rounds.txt" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, rps, cpu = line.split()
+    rows.setdefault(name, []).append((float(rps), None if cpu == "-" else float(cpu)))
+nginx_rps = statistics.median(r for r, _ in rows["nginx"])
+nginx_cpu = statistics.median(c for _, c in rows["nginx"])
+print(f"{'target':22} {'req/s':>10} {'cpu_us/req':>11} {'x nginx req/s':>14} {'x nginx cpu':>12}")
+for name, vals in rows.items():
+    rps = statistics.median(r for r, _ in vals)
+    cpus = [c for _, c in vals if c is not None]
+    cpu = statistics.median(cpus) if cpus else None
+    cpu_s = f"{cpu:11.2f}" if cpu is not None else f"{'-':>11}"
+    ratio_cpu = f"{cpu / nginx_cpu:12.2f}" if cpu is not None else f"{'-':>12}"
+    print(f"{name:22} {rps:10.0f} {cpu_s} {rps / nginx_rps:14.2f} {ratio_cpu}")
+PY
 } | tee "$WORK/result.txt"
 
 if [[ -n "$OUT" ]]; then cp "$WORK/result.txt" "$OUT"; fi

@@ -59,10 +59,8 @@ pub struct Entry<'a> {
 
 /// Appends the entry, without its closing brace, to `out`.
 pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
-    let mut ts = String::with_capacity(32);
-    crate::log::rfc3339_micros(e.time, &mut ts);
     out.extend_from_slice(b"{\"ts\":\"");
-    out.extend_from_slice(ts.as_bytes());
+    write_timestamp(e.time, out);
     out.extend_from_slice(b"\",\"worker\":");
     push_u64(out, e.worker as u64);
     out.extend_from_slice(b",\"http\":");
@@ -112,6 +110,40 @@ pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
             b",\"is_error\":false"
         });
     }
+}
+
+/// RFC 3339 with microseconds, UTC. The `YYYY-MM-DDTHH:MM:SS.` part changes once a second, so
+/// each thread keeps it formatted and only the microseconds are written per entry.
+fn write_timestamp(t: SystemTime, out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static PREFIX: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    PREFIX.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.0 != secs {
+            let mut s = String::with_capacity(32);
+            crate::log::rfc3339_micros(
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                &mut s,
+            );
+            // Keep through the '.', drop "000000Z".
+            p.1.clear();
+            p.1.extend_from_slice(&s.as_bytes()[..s.len() - 7]);
+            p.0 = secs;
+        }
+        out.extend_from_slice(&p.1);
+    });
+    let mut micros = d.subsec_micros();
+    let mut digits = [b'0'; 6];
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
 }
 
 fn push_u64(out: &mut Vec<u8>, n: u64) {
@@ -322,6 +354,18 @@ mod tests {
         out.push(b'}');
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["ts"], "1970-01-01T00:00:00.000000Z");
+        let mut ts = Vec::new();
+        write_timestamp(
+            SystemTime::UNIX_EPOCH + std::time::Duration::new(1_795_478_400, 123_456_000),
+            &mut ts,
+        );
+        assert_eq!(ts, b"2026-11-24T00:00:00.123456Z");
+        ts.clear();
+        write_timestamp(
+            SystemTime::UNIX_EPOCH + std::time::Duration::new(1_795_478_401, 7_000),
+            &mut ts,
+        );
+        assert_eq!(ts, b"2026-11-24T00:00:01.000007Z");
         assert_eq!(v["worker"], 1);
         assert_eq!(v["decision"], "denied");
         assert_eq!(v["reason"], "deny \"m/x\"");

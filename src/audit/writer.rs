@@ -73,7 +73,32 @@ pub fn head_path(dir: &Path, worker: usize) -> PathBuf {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    push_hex(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends lowercase hex without allocating.
+pub fn push_hex(bytes: &[u8], out: &mut Vec<u8>) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize]);
+        out.push(DIGITS[(b & 15) as usize]);
+    }
+}
+
+fn push_decimal(mut n: u64, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -241,9 +266,9 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
                 batch.extend_from_slice(record);
                 sink.next_seq += 1;
                 batch.extend_from_slice(b",\"seq\":");
-                batch.extend_from_slice(sink.next_seq.to_string().as_bytes());
+                push_decimal(sink.next_seq, &mut batch);
                 batch.extend_from_slice(b",\"prev\":\"");
-                batch.extend_from_slice(hex(&sink.prev).as_bytes());
+                push_hex(&sink.prev, &mut batch);
                 batch.extend_from_slice(b"\"}");
                 sink.prev = sha256(&batch[start..]);
                 batch_last_seq = sink.next_seq;

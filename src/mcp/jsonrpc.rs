@@ -74,6 +74,16 @@ pub fn error_body(id: Option<Id<'_>>, code: i32, message: &str) -> Vec<u8> {
 pub fn write_json_string(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Most strings (names, ids, methods) need no escaping: copy them whole.
+    // A fold without early exit, so the compiler can vectorize the check.
+    let needs_escape = bytes.iter().fold(false, |acc, &b| {
+        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escape {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escaped: Option<&[u8]> = match b {

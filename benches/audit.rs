@@ -1,0 +1,127 @@
+//! The cost of recording one audit entry on the request path: encoding it (timestamp, names,
+//! message fragment) and pushing it into the worker's ring, while a consumer thread drains the
+//! ring as the writer does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use scopegate::audit::entry::{Decision, Entry, encode, encode_message};
+use scopegate::audit::ring::ByteRing;
+use scopegate::mcp::envelope::EnvelopeParser;
+
+fn bench(c: &mut Criterion) {
+    let body = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"acme/web","title":"Crash on start","labels":["bug","p1"]}}}"#;
+    let mut parser = EnvelopeParser::new();
+    let env = parser.parse(body).expect("valid");
+    let m = *env.single().expect("one");
+    let mut fragment = Vec::new();
+    encode_message(
+        &m,
+        env.arguments(&m),
+        &[],
+        4096,
+        &mut Vec::new(),
+        &mut fragment,
+    );
+
+    let ring = Arc::new(ByteRing::new(4 << 20));
+    let mut buf = Vec::with_capacity(1024);
+    // What the request path does: encode, push. The ring is drained between timed stretches
+    // (the writer thread's work is off the request path).
+    c.bench_function("audit/record_entry", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = std::time::Duration::ZERO;
+            let mut start = Instant::now();
+            for _ in 0..iters {
+                let entry = Entry {
+                    time: SystemTime::now(),
+                    worker: 0,
+                    http_method: b"POST",
+                    agent: Some("triage-bot"),
+                    tenant: Some("acme"),
+                    user: Some("alice@acme.example"),
+                    upstream: Some("github"),
+                    session: Some("0123456789abcdef"),
+                    message: &fragment,
+                    decision: Decision::Allowed,
+                    reason: None,
+                    status: 200,
+                    upstream_us: Some(310),
+                    total_us: 420,
+                    bytes_in: 412,
+                    bytes_out: 236,
+                    is_error: Some(false),
+                };
+                buf.clear();
+                encode(&entry, &mut buf);
+                if !ring.try_push(&buf) {
+                    timed += start.elapsed();
+                    ring.drain(|r| {
+                        std::hint::black_box(r);
+                    });
+                    start = Instant::now();
+                    assert!(ring.try_push(&buf));
+                }
+            }
+            timed + start.elapsed()
+        })
+    });
+    // The same with a writer thread draining concurrently on the other core (cache lines of
+    // the ring move between cores; on 2 cores the bench itself competes with it).
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (ring, stop) = (ring.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                ring.drain(|r| {
+                    std::hint::black_box(r);
+                });
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    c.bench_function("audit/record_entry_with_writer_draining", |b| {
+        b.iter(|| {
+            buf.clear();
+            let entry = Entry {
+                time: SystemTime::now(),
+                worker: 0,
+                http_method: b"POST",
+                agent: Some("triage-bot"),
+                tenant: Some("acme"),
+                user: Some("alice@acme.example"),
+                upstream: Some("github"),
+                session: Some("0123456789abcdef"),
+                message: &fragment,
+                decision: Decision::Allowed,
+                reason: None,
+                status: 200,
+                upstream_us: Some(310),
+                total_us: 420,
+                bytes_in: 412,
+                bytes_out: 236,
+                is_error: Some(false),
+            };
+            encode(&entry, &mut buf);
+            while !ring.try_push(&buf) {
+                std::hint::spin_loop();
+            }
+        })
+    });
+    c.bench_function("audit/encode_message_fragment", |b| {
+        let mut scratch = Vec::new();
+        let mut out = Vec::new();
+        b.iter(|| {
+            out.clear();
+            encode_message(&m, env.arguments(&m), &[], 4096, &mut scratch, &mut out);
+            std::hint::black_box(&out);
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = consumer.join();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
