@@ -1160,13 +1160,6 @@ async fn read_body(
         _ => {}
     }
     let deadline = Instant::now() + worker.config.body_timeout;
-    let timed_out = || {
-        Refusal::new(
-            408,
-            jsonrpc::GATEWAY_REFUSED,
-            "request body not received within SCOPEGATE_BODY_TIMEOUT_MS",
-        )
-    };
     let needs_more = match framing {
         Framing::Length(n) => (client.buf.len() as u64) < n,
         _ => true,
@@ -1181,20 +1174,7 @@ async fn read_body(
             let n = n as usize;
             while client.buf.len() < n {
                 client.buf.reserve(n - client.buf.len());
-                match client
-                    .fill_within(Some(deadline.saturating_duration_since(Instant::now())))
-                    .await
-                {
-                    Ok(0) | Err(ReadError::Io(_)) => {
-                        return Err(Refusal::new(
-                            400,
-                            jsonrpc::GATEWAY_REFUSED,
-                            "body shorter than Content-Length",
-                        ));
-                    }
-                    Ok(_) => {}
-                    Err(ReadError::TimedOut) => return Err(timed_out()),
-                }
+                fill_body(client, deadline, "body shorter than Content-Length").await?;
             }
             Ok(client.buf.split_to(n).freeze())
         }
@@ -1216,23 +1196,28 @@ async fn read_body(
                 if decoder.is_done() {
                     return Ok(body.freeze());
                 }
-                match client
-                    .fill_within(Some(deadline.saturating_duration_since(Instant::now())))
-                    .await
-                {
-                    Ok(0) | Err(ReadError::Io(_)) => {
-                        return Err(Refusal::new(
-                            400,
-                            jsonrpc::GATEWAY_REFUSED,
-                            "chunked body cut short",
-                        ));
-                    }
-                    Ok(_) => {}
-                    Err(ReadError::TimedOut) => return Err(timed_out()),
-                }
+                fill_body(client, deadline, "chunked body cut short").await?;
             }
         }
         Framing::Empty | Framing::UntilClose => Ok(Bytes::new()),
+    }
+}
+
+/// Reads more of a request body before `deadline`; `cut_short` says what an early end means.
+async fn fill_body(client: &mut Conn, deadline: Instant, cut_short: &str) -> Result<(), Refusal> {
+    match client
+        .fill_within(Some(deadline.saturating_duration_since(Instant::now())))
+        .await
+    {
+        Ok(0) | Err(ReadError::Io(_)) => {
+            Err(Refusal::new(400, jsonrpc::GATEWAY_REFUSED, cut_short))
+        }
+        Ok(_) => Ok(()),
+        Err(ReadError::TimedOut) => Err(Refusal::new(
+            408,
+            jsonrpc::GATEWAY_REFUSED,
+            "request body not received within SCOPEGATE_BODY_TIMEOUT_MS",
+        )),
     }
 }
 

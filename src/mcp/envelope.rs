@@ -260,6 +260,38 @@ fn span(node: &Node<'_>) -> usize {
     }
 }
 
+/// The `(key, value index)` pairs of the object at `nodes[at]`, in order; an `Err` item if the
+/// tape is not shaped like an object there.
+pub fn object_entries<'t, 'a>(
+    nodes: &'t [Node<'a>],
+    at: usize,
+) -> impl Iterator<Item = Result<(&'a str, usize), EnvelopeError>> + 't {
+    let len = match nodes.get(at) {
+        Some(Node::Object { len, .. }) => *len,
+        _ => 0,
+    };
+    let mut idx = at + 1;
+    (0..len).map(move |_| {
+        let (Some(Node::String(key)), Some(value)) = (nodes.get(idx), nodes.get(idx + 1)) else {
+            return Err(EnvelopeError::Invalid("malformed object"));
+        };
+        let value_at = idx + 1;
+        idx = value_at + span(value);
+        Ok((*key, value_at))
+    })
+}
+
+/// Records that the key with `bit` was seen; a second sighting is an ambiguous body.
+fn mark_seen(seen: &mut u8, bit: u8, name: &'static str) -> Result<(), EnvelopeError> {
+    if bit != 0 {
+        if *seen & bit != 0 {
+            return Err(EnvelopeError::DuplicateKey(name));
+        }
+        *seen |= bit;
+    }
+    Ok(())
+}
+
 fn read_batch<'a>(nodes: &[Node<'a>], out: &mut Vec<Message<'a>>) -> Result<(), EnvelopeError> {
     let Some(Node::Array { len, .. }) = nodes.first() else {
         return Err(EnvelopeError::Invalid("not a batch"));
@@ -279,9 +311,9 @@ fn read_batch<'a>(nodes: &[Node<'a>], out: &mut Vec<Message<'a>>) -> Result<(), 
 
 /// Walks the object at `nodes[at]` and picks out the envelope fields.
 fn read_message<'a>(nodes: &[Node<'a>], at: usize) -> Result<Message<'a>, EnvelopeError> {
-    let Some(Node::Object { len, .. }) = nodes.get(at) else {
+    if !matches!(nodes.get(at), Some(Node::Object { .. })) {
         return Err(EnvelopeError::Invalid("a message must be a JSON object"));
-    };
+    }
     let mut jsonrpc: Option<&str> = None;
     let mut method: Option<&str> = None;
     let mut id: Option<Id<'a>> = None;
@@ -290,16 +322,10 @@ fn read_message<'a>(nodes: &[Node<'a>], at: usize) -> Result<Message<'a>, Envelo
     let mut has_error = false;
     let mut seen = 0u8;
 
-    let mut idx = at + 1;
-    for _ in 0..*len {
-        let Some(Node::String(key)) = nodes.get(idx) else {
-            return Err(EnvelopeError::Invalid("malformed object"));
-        };
-        let value_at = idx + 1;
-        let value = nodes
-            .get(value_at)
-            .ok_or(EnvelopeError::Invalid("malformed object"))?;
-        let (bit, name): (u8, &'static str) = match *key {
+    for entry in object_entries(nodes, at) {
+        let (key, value_at) = entry?;
+        let value = &nodes[value_at];
+        let (bit, name): (u8, &'static str) = match key {
             "jsonrpc" => (1, "jsonrpc"),
             "method" => (2, "method"),
             "id" => (4, "id"),
@@ -308,13 +334,8 @@ fn read_message<'a>(nodes: &[Node<'a>], at: usize) -> Result<Message<'a>, Envelo
             "error" => (32, "error"),
             _ => (0, ""),
         };
-        if bit != 0 {
-            if seen & bit != 0 {
-                return Err(EnvelopeError::DuplicateKey(name));
-            }
-            seen |= bit;
-        }
-        match *key {
+        mark_seen(&mut seen, bit, name)?;
+        match key {
             "jsonrpc" => {
                 jsonrpc = Some(
                     as_str(value).ok_or(EnvelopeError::Invalid("\"jsonrpc\" must be \"2.0\""))?,
@@ -335,7 +356,6 @@ fn read_message<'a>(nodes: &[Node<'a>], at: usize) -> Result<Message<'a>, Envelo
             "error" => has_error = true,
             _ => {}
         }
-        idx = value_at + span(value);
     }
 
     if jsonrpc != Some("2.0") {
@@ -372,37 +392,25 @@ fn read_params<'a>(
     at: usize,
     message: &mut Message<'a>,
 ) -> Result<(), EnvelopeError> {
-    let Some(Node::Object { len, .. }) = nodes.get(at) else {
+    match nodes.get(at) {
+        Some(Node::Object { .. }) => {}
         // JSON-RPC allows positional params; MCP never uses them, and there is nothing to read.
-        return match nodes.get(at) {
-            Some(Node::Array { .. }) => Ok(()),
-            _ => Err(EnvelopeError::Invalid("\"params\" must be an object")),
-        };
-    };
+        Some(Node::Array { .. }) => return Ok(()),
+        _ => return Err(EnvelopeError::Invalid("\"params\" must be an object")),
+    }
     let mut seen = 0u8;
-    let mut idx = at + 1;
-    for _ in 0..*len {
-        let Some(Node::String(key)) = nodes.get(idx) else {
-            return Err(EnvelopeError::Invalid("malformed object"));
-        };
-        let value_at = idx + 1;
-        let value = nodes
-            .get(value_at)
-            .ok_or(EnvelopeError::Invalid("malformed object"))?;
-        let (bit, name): (u8, &'static str) = match *key {
+    for entry in object_entries(nodes, at) {
+        let (key, value_at) = entry?;
+        let value = &nodes[value_at];
+        let (bit, name): (u8, &'static str) = match key {
             "name" => (1, "params.name"),
             "uri" => (2, "params.uri"),
             "arguments" => (4, "params.arguments"),
             "_meta" => (8, "params._meta"),
             _ => (0, ""),
         };
-        if bit != 0 {
-            if seen & bit != 0 {
-                return Err(EnvelopeError::DuplicateKey(name));
-            }
-            seen |= bit;
-        }
-        match *key {
+        mark_seen(&mut seen, bit, name)?;
+        match key {
             "name" => {
                 message.name = Some(
                     as_str(value)
@@ -424,30 +432,22 @@ fn read_params<'a>(
             "_meta" => message.progress_token = read_progress_token(nodes, value_at)?,
             _ => {}
         }
-        idx = value_at + span(value);
     }
     Ok(())
 }
 
 fn read_progress_token<'a>(nodes: &[Node<'a>], at: usize) -> Result<Option<Id<'a>>, EnvelopeError> {
-    let Some(Node::Object { len, .. }) = nodes.get(at) else {
-        return Ok(None);
-    };
     let mut token = None;
-    let mut idx = at + 1;
-    for _ in 0..*len {
-        let (Some(Node::String(key)), Some(value)) = (nodes.get(idx), nodes.get(idx + 1)) else {
-            return Err(EnvelopeError::Invalid("malformed object"));
-        };
-        if *key == "progressToken" {
+    for entry in object_entries(nodes, at) {
+        let (key, value_at) = entry?;
+        if key == "progressToken" {
             if token.is_some() {
                 return Err(EnvelopeError::DuplicateKey("params._meta.progressToken"));
             }
-            token = Some(as_id(value).ok_or(EnvelopeError::Invalid(
+            token = Some(as_id(&nodes[value_at]).ok_or(EnvelopeError::Invalid(
                 "\"progressToken\" must be a string or a number",
             ))?);
         }
-        idx += 1 + span(value);
     }
     Ok(token)
 }
@@ -455,27 +455,23 @@ fn read_progress_token<'a>(nodes: &[Node<'a>], at: usize) -> Result<Option<Id<'a
 /// Refuses an arguments object naming the same argument twice: a constraint checked on one
 /// copy must not be bypassed by the upstream reading the other.
 fn check_unique_keys(nodes: &[Node<'_>], at: usize) -> Result<(), EnvelopeError> {
-    let Some(Node::Object { len, .. }) = nodes.get(at) else {
-        return Ok(());
+    let len = match nodes.get(at) {
+        Some(Node::Object { len, .. }) => *len,
+        _ => return Ok(()),
     };
-    let len = *len;
     // Small objects (the norm) compare pairwise without allocating.
     let mut keys: [&str; 16] = [""; 16];
     let mut many: Vec<&str> = Vec::new();
-    let mut idx = at + 1;
-    for i in 0..len {
-        let (Some(Node::String(key)), Some(value)) = (nodes.get(idx), nodes.get(idx + 1)) else {
-            return Err(EnvelopeError::Invalid("malformed object"));
-        };
+    for (i, entry) in object_entries(nodes, at).enumerate() {
+        let (key, _) = entry?;
         if len <= keys.len() {
-            if keys[..i].contains(key) {
+            if keys[..i].contains(&key) {
                 return Err(EnvelopeError::DuplicateKey("params.arguments"));
             }
             keys[i] = key;
         } else {
             many.push(key);
         }
-        idx += 1 + span(value);
     }
     if !many.is_empty() {
         many.sort_unstable();

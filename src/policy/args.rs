@@ -138,21 +138,12 @@ pub fn node_span(node: &Node<'_>) -> usize {
 pub fn arguments_iter<'t, 'a>(
     args: &'t [Node<'a>],
 ) -> impl Iterator<Item = (&'a str, &'t [Node<'a>])> + 't {
-    let len = match args.first() {
-        Some(Node::Object { len, .. }) => *len,
-        _ => 0,
-    };
-    let mut idx = 1;
-    (0..len).filter_map(move |_| {
-        let Node::String(key) = args.get(idx)? else {
-            return None;
-        };
-        let value = args.get(idx + 1)?;
-        let end = idx + 1 + node_span(value);
-        let slice = args.get(idx + 1..end)?;
-        idx = end;
-        Some((*key, slice))
-    })
+    crate::mcp::envelope::object_entries(args, 0)
+        .map_while(Result::ok)
+        .filter_map(move |(key, at)| {
+            let end = at + node_span(args.get(at)?);
+            Some((key, args.get(at..end)?))
+        })
 }
 
 #[cfg(test)]
