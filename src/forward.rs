@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 
+use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
 use crate::http::head::{self, Head, HeadError};
@@ -292,11 +293,14 @@ fn build_request(
         out.extend_from_slice(prior);
         out.extend_from_slice(b", ");
     }
-    out.extend_from_slice(peer.ip().to_string().as_bytes());
+    {
+        use std::io::Write as _;
+        let _ = write!(out, "{}", peer.ip());
+    }
     out.extend_from_slice(b"\r\n");
     if !body.is_empty() || request.method() == b"POST" {
         out.extend_from_slice(b"Content-Length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        push_decimal(out, body.len() as u64);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -515,7 +519,7 @@ async fn relay(
     let out = &mut ex.out;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(response.status.to_string().as_bytes());
+    push_decimal(out, u64::from(response.status));
     out.push(b' ');
     out.extend_from_slice(response.reason());
     out.extend_from_slice(b"\r\n");
@@ -530,7 +534,7 @@ async fn relay(
         }
         Downstream::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            push_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         Downstream::ChunkedRaw | Downstream::ChunkedWrapped => {
@@ -841,7 +845,7 @@ async fn relay_filtered(
         return Err(ForwardError::BeforeResponse(session_refusal()));
     }
     out.extend_from_slice(b"Content-Length: ");
-    out.extend_from_slice(filtered.len().to_string().as_bytes());
+    push_decimal(out, filtered.len() as u64);
     out.extend_from_slice(b"\r\n");
     if !keep_client {
         out.extend_from_slice(b"Connection: close\r\n");

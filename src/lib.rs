@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod fmt;
 pub mod forward;
 pub mod http;
 pub mod jwt;

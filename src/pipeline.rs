@@ -159,7 +159,7 @@ pub struct Draft {
     skip: bool,
     started: Option<Instant>,
     time: Option<SystemTime>,
-    policy: Option<Arc<Policy>>,
+    policy: Option<std::rc::Rc<Arc<Policy>>>,
     agent: Option<usize>,
     upstream: Option<usize>,
     /// 16 hex characters of SHA-256 of the agent's session token.
@@ -228,7 +228,7 @@ async fn emit(worker: &Worker, draft: &Draft, http_method: &[u8], bytes_out: u64
     let Some(audit) = &worker.audit else {
         return;
     };
-    let policy = draft.policy.as_deref();
+    let policy = draft.policy.as_deref().map(|p| &**p);
     let agent = match (policy, draft.agent) {
         (Some(p), Some(a)) => p.agents.get(a),
         _ => None,
@@ -302,7 +302,7 @@ async fn handle_request(
     // Stage 3: route, the DNS-rebinding checks, and who is calling.
     let admitted = route(worker, head)
         .and_then(|r| check_origin(worker, head).map(|()| r))
-        .and_then(|r| authenticate(worker, policy.as_deref(), head, r));
+        .and_then(|r| authenticate(worker, policy.as_deref().map(|p| &**p), head, r));
 
     // Stage 4: the body, within SCOPEGATE_MAX_BODY and SCOPEGATE_BODY_TIMEOUT_MS. A refused
     // request's body is still read (within the same limits) so the connection stays usable;
@@ -419,7 +419,7 @@ async fn handle_request(
 
     // Stage 6: authorize what the upstream will execute (policy mode).
     if let (Some(policy), Some(agent), Some(env)) = (&policy, agent, &envelope)
-        && let Some(reply) = authorize(policy, agent, upstream, head, env)
+        && let Some(reply) = authorize(&**policy, agent, upstream, head, env)
     {
         draft.decision = if reply.0 == 200 {
             AuditDecision::Denied

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use simd_json::{Node, StaticNode};
 
+use crate::fmt::push_decimal;
 use crate::mcp::envelope::{Kind, Message};
 use crate::mcp::jsonrpc::write_json_string;
 use crate::policy::glob::Glob;
@@ -62,7 +63,7 @@ pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"ts\":\"");
     write_timestamp(e.time, out);
     out.extend_from_slice(b"\",\"worker\":");
-    push_u64(out, e.worker as u64);
+    push_decimal(out, e.worker as u64);
     out.extend_from_slice(b",\"http\":");
     write_json_string(&String::from_utf8_lossy(e.http_method), out);
     for (key, value) in [
@@ -92,17 +93,17 @@ pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
         write_json_string(r, out);
     }
     out.extend_from_slice(b",\"status\":");
-    push_u64(out, u64::from(e.status));
+    push_decimal(out, u64::from(e.status));
     if let Some(us) = e.upstream_us {
         out.extend_from_slice(b",\"upstream_us\":");
-        push_u64(out, us);
+        push_decimal(out, us);
     }
     out.extend_from_slice(b",\"total_us\":");
-    push_u64(out, e.total_us);
+    push_decimal(out, e.total_us);
     out.extend_from_slice(b",\"bytes_in\":");
-    push_u64(out, e.bytes_in);
+    push_decimal(out, e.bytes_in);
     out.extend_from_slice(b",\"bytes_out\":");
-    push_u64(out, e.bytes_out);
+    push_decimal(out, e.bytes_out);
     if let Some(is_error) = e.is_error {
         out.extend_from_slice(if is_error {
             b",\"is_error\":true"
@@ -144,21 +145,6 @@ fn write_timestamp(t: SystemTime, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(&digits);
     out.push(b'Z');
-}
-
-fn push_u64(out: &mut Vec<u8>, n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
 }
 
 /// Appends `"kind":..,"method":..,"id":..,"name":..,"args":..` for one message. Arguments whose
@@ -209,7 +195,7 @@ pub fn encode_message(
             }
             write_json_string(&String::from_utf8_lossy(&scratch[..cut]), out);
             out.extend_from_slice(b",\"args_truncated\":true,\"args_bytes\":");
-            push_u64(out, scratch.len() as u64);
+            push_decimal(out, scratch.len() as u64);
         }
     }
 }
@@ -230,8 +216,12 @@ fn write_value(nodes: &[Node<'_>], redact: &[Glob], out: &mut Vec<u8>) -> usize 
                 StaticNode::Null => out.extend_from_slice(b"null"),
                 StaticNode::Bool(true) => out.extend_from_slice(b"true"),
                 StaticNode::Bool(false) => out.extend_from_slice(b"false"),
-                StaticNode::I64(n) => out.extend_from_slice(n.to_string().as_bytes()),
-                StaticNode::U64(n) => push_u64(out, *n),
+                StaticNode::I64(n) if *n >= 0 => push_decimal(out, *n as u64),
+                StaticNode::I64(n) => {
+                    out.push(b'-');
+                    push_decimal(out, n.unsigned_abs());
+                }
+                StaticNode::U64(n) => push_decimal(out, *n),
                 StaticNode::F64(f) => out.extend_from_slice(f.to_string().as_bytes()),
             }
             1

@@ -12,6 +12,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use super::ring::ByteRing;
+use crate::fmt::{push_decimal, push_hex};
 use crate::{error, info, warn};
 
 #[derive(Debug, Clone)]
@@ -76,29 +77,6 @@ pub fn hex(bytes: &[u8]) -> String {
     let mut out = Vec::with_capacity(bytes.len() * 2);
     push_hex(bytes, &mut out);
     String::from_utf8(out).unwrap_or_default()
-}
-
-/// Appends lowercase hex without allocating.
-pub fn push_hex(bytes: &[u8], out: &mut Vec<u8>) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize]);
-        out.push(DIGITS[(b & 15) as usize]);
-    }
-}
-
-fn push_decimal(mut n: u64, out: &mut Vec<u8>) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -266,7 +244,7 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
                 batch.extend_from_slice(record);
                 sink.next_seq += 1;
                 batch.extend_from_slice(b",\"seq\":");
-                push_decimal(sink.next_seq, &mut batch);
+                push_decimal(&mut batch, sink.next_seq);
                 batch.extend_from_slice(b",\"prev\":\"");
                 push_hex(&sink.prev, &mut batch);
                 batch.extend_from_slice(b"\"}");

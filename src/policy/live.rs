@@ -1,7 +1,10 @@
 //! The running policy, replaceable on reload. Workers cache an `Arc` and compare a generation
-//! number between requests (one relaxed atomic load); only a reload touches the mutex.
+//! number between requests (one atomic load of a word written only on reload); only a reload
+//! touches the mutex. A request holds the policy through a per-worker `Rc`, so no reference
+//! count shared between cores changes per request.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -39,7 +42,7 @@ impl LivePolicy {
 /// A worker's view: the policy it serves with until the generation moves.
 pub struct PolicyView {
     live: Arc<LivePolicy>,
-    cached: RefCell<(u64, Arc<Policy>)>,
+    cached: RefCell<(u64, Rc<Arc<Policy>>)>,
 }
 
 impl PolicyView {
@@ -48,16 +51,16 @@ impl PolicyView {
         let policy = live.snapshot();
         PolicyView {
             live,
-            cached: RefCell::new((generation, policy)),
+            cached: RefCell::new((generation, Rc::new(policy))),
         }
     }
 
     /// The current policy; called once per request, so a request sees one policy throughout.
-    pub fn current(&self) -> Arc<Policy> {
+    pub fn current(&self) -> Rc<Arc<Policy>> {
         let generation = self.live.generation.load(Ordering::Acquire);
         let mut cached = self.cached.borrow_mut();
         if cached.0 != generation {
-            *cached = (generation, self.live.snapshot());
+            *cached = (generation, Rc::new(self.live.snapshot()));
         }
         cached.1.clone()
     }
