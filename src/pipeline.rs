@@ -159,7 +159,7 @@ pub struct Draft {
     skip: bool,
     started: Option<Instant>,
     time: Option<SystemTime>,
-    policy: Option<std::rc::Rc<Arc<Policy>>>,
+    policy: Option<crate::policy::live::LocalPolicy>,
     agent: Option<usize>,
     upstream: Option<usize>,
     /// 16 hex characters of SHA-256 of the agent's session token.
@@ -419,7 +419,7 @@ async fn handle_request(
 
     // Stage 6: authorize what the upstream will execute (policy mode).
     if let (Some(policy), Some(agent), Some(env)) = (&policy, agent, &envelope)
-        && let Some(reply) = authorize(&**policy, agent, upstream, head, env)
+        && let Some(reply) = authorize(policy, agent, upstream, head, env)
     {
         draft.decision = if reply.0 == 200 {
             AuditDecision::Denied
