@@ -12,7 +12,6 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
