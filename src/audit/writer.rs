@@ -224,7 +224,13 @@ pub fn spawn(
         .name(format!("scopegate-audit{worker}"))
         .spawn({
             let channel = channel.clone();
-            move || run(&config, &channel, &mut sink)
+            move || {
+                // Thread-per-core: a worker's writer runs on the worker's core, so its hashing
+                // and writes use that core's idle time and its cache, not another core's.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let _ = monoio::utils::bind_to_cpu_set([worker % cores]);
+                run(&config, &channel, &mut sink)
+            }
         })?;
     let _ = channel.writer.set(handle.thread().clone());
     Ok(handle)
