@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use scopegate::audit::entry::{Decision, Entry, encode, encode_message};
+use scopegate::audit::entry::{
+    Decision, Entry, encode, encode_message, identity_fragment, upstream_fragment,
+};
 use scopegate::audit::ring::ByteRing;
 use scopegate::mcp::envelope::EnvelopeParser;
 
@@ -26,6 +28,9 @@ fn bench(c: &mut Criterion) {
         &mut fragment,
     );
 
+    // Made once per agent and upstream when the policy loads.
+    let identity = identity_fragment("triage-bot", Some("acme"), Some("alice@acme.example"));
+    let upstream = upstream_fragment("github");
     let ring = Arc::new(ByteRing::new(4 << 20));
     let mut buf = Vec::with_capacity(1024);
     // What the request path does: encode, push. The ring is drained between timed stretches
@@ -39,10 +44,8 @@ fn bench(c: &mut Criterion) {
                     time: SystemTime::now(),
                     worker: 0,
                     http_method: b"POST",
-                    agent: Some("triage-bot"),
-                    tenant: Some("acme"),
-                    user: Some("alice@acme.example"),
-                    upstream: Some("github"),
+                    identity: &identity,
+                    upstream: &upstream,
                     session: Some("0123456789abcdef"),
                     message: &fragment,
                     decision: Decision::Allowed,
@@ -89,10 +92,8 @@ fn bench(c: &mut Criterion) {
                 time: SystemTime::now(),
                 worker: 0,
                 http_method: b"POST",
-                agent: Some("triage-bot"),
-                tenant: Some("acme"),
-                user: Some("alice@acme.example"),
-                upstream: Some("github"),
+                identity: &identity,
+                upstream: &upstream,
                 session: Some("0123456789abcdef"),
                 message: &fragment,
                 decision: Decision::Allowed,

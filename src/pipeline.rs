@@ -228,18 +228,14 @@ async fn emit(worker: &Worker, draft: &Draft, http_method: &[u8], bytes_out: u64
         return;
     };
     let policy = draft.policy.as_deref().map(|p| &**p);
-    let agent = match (policy, draft.agent) {
-        (Some(p), Some(a)) => p.agents.get(a),
-        _ => None,
+    let identity: &[u8] = match (policy, draft.agent) {
+        (Some(p), Some(a)) => p.agents.get(a).map_or(&[], |a| a.audit_identity.as_slice()),
+        _ => &[],
     };
-    let tenant = match (policy, agent.and_then(|a| a.tenant)) {
-        (Some(p), Some(t)) => p.tenants.get(t).map(|t| t.id.as_str()),
-        _ => None,
-    };
-    let upstream = draft
+    let upstream: &[u8] = draft
         .upstream
-        .and_then(|u| worker.config.upstreams.get(u))
-        .map(|u| u.name.as_str());
+        .and_then(|u| worker.upstream_fragments.get(u))
+        .map_or(&[], Vec::as_slice);
     let session = draft
         .session
         .as_ref()
@@ -248,9 +244,7 @@ async fn emit(worker: &Worker, draft: &Draft, http_method: &[u8], bytes_out: u64
         time: draft.time.unwrap_or_else(SystemTime::now),
         worker: worker.id,
         http_method,
-        agent: agent.map(|a| a.id.as_str()),
-        tenant,
-        user: agent.and_then(|a| a.user.as_deref()),
+        identity,
         upstream,
         session,
         message: b"",

@@ -79,6 +79,8 @@ pub struct Worker {
     pub sessions: Arc<SessionKeys>,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub audit: Option<crate::audit::AuditSink>,
+    /// Each upstream's `,"upstream":<name>` for audit entries, encoded once.
+    pub upstream_fragments: Vec<Vec<u8>>,
     /// Every worker's counters and audit channels, for `/metrics`.
     pub all_stats: Arc<Vec<Arc<WorkerStats>>>,
     pub all_audit: Vec<Arc<crate::audit::writer::Channel>>,
@@ -213,6 +215,11 @@ async fn worker_main(
     let worker = Rc::new(Worker {
         id,
         pool: Pool::new(config.upstreams.len()),
+        upstream_fragments: config
+            .upstreams
+            .iter()
+            .map(|u| crate::audit::entry::upstream_fragment(&u.name))
+            .collect(),
         config,
         policy: shared.policy.map(PolicyView::new),
         sessions: shared.sessions,

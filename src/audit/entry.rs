@@ -40,10 +40,11 @@ pub struct Entry<'a> {
     pub time: SystemTime,
     pub worker: usize,
     pub http_method: &'a [u8],
-    pub agent: Option<&'a str>,
-    pub tenant: Option<&'a str>,
-    pub user: Option<&'a str>,
-    pub upstream: Option<&'a str>,
+    /// `,"agent":..,"tenant":..,"user":..` as made once per agent by [`identity_fragment`]
+    /// (empty when no agent is known).
+    pub identity: &'a [u8],
+    /// `,"upstream":..` as made once per upstream by [`upstream_fragment`] (or empty).
+    pub upstream: &'a [u8],
     /// A short hash of scopegate's session token, never the token.
     pub session: Option<&'a str>,
     pub message: &'a [u8],
@@ -58,28 +59,51 @@ pub struct Entry<'a> {
     pub is_error: Option<bool>,
 }
 
+/// `,"agent":<id>,"tenant":<t>,"user":<u>` (absent parts left out), made once per agent.
+pub fn identity_fragment(agent: &str, tenant: Option<&str>, user: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b",\"agent\":");
+    write_json_string(agent, &mut out);
+    if let Some(t) = tenant {
+        out.extend_from_slice(b",\"tenant\":");
+        write_json_string(t, &mut out);
+    }
+    if let Some(u) = user {
+        out.extend_from_slice(b",\"user\":");
+        write_json_string(u, &mut out);
+    }
+    out
+}
+
+/// `,"upstream":<name>`, made once per upstream.
+pub fn upstream_fragment(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(b",\"upstream\":");
+    write_json_string(name, &mut out);
+    out
+}
+
 /// Appends the entry, without its closing brace, to `out`.
 pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"ts\":\"");
     write_timestamp(e.time, out);
     out.extend_from_slice(b"\",\"worker\":");
     push_decimal(out, e.worker as u64);
-    out.extend_from_slice(b",\"http\":");
-    write_json_string(&String::from_utf8_lossy(e.http_method), out);
-    for (key, value) in [
-        ("agent", e.agent),
-        ("tenant", e.tenant),
-        ("user", e.user),
-        ("upstream", e.upstream),
-        ("session", e.session),
-    ] {
-        if let Some(v) = value {
-            out.push(b',');
-            out.push(b'"');
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":");
-            write_json_string(v, out);
+    match e.http_method {
+        b"POST" => out.extend_from_slice(b",\"http\":\"POST\""),
+        b"GET" => out.extend_from_slice(b",\"http\":\"GET\""),
+        b"DELETE" => out.extend_from_slice(b",\"http\":\"DELETE\""),
+        other => {
+            out.extend_from_slice(b",\"http\":");
+            write_json_string(&String::from_utf8_lossy(other), out);
         }
+    }
+    // Identity and upstream were encoded once, when the policy loaded: copied, not re-escaped.
+    out.extend_from_slice(e.identity);
+    out.extend_from_slice(e.upstream);
+    if let Some(session) = e.session {
+        out.extend_from_slice(b",\"session\":");
+        write_json_string(session, out);
     }
     if !e.message.is_empty() {
         out.push(b',');
@@ -324,10 +348,8 @@ mod tests {
             time: SystemTime::UNIX_EPOCH,
             worker: 1,
             http_method: b"POST",
-            agent: Some("bot"),
-            tenant: None,
-            user: Some("u@x"),
-            upstream: Some("m"),
+            identity: &identity_fragment("bot", None, Some("u@x")),
+            upstream: &upstream_fragment("m"),
             session: Some("abcd"),
             message: frag.as_bytes(),
             decision: Decision::Denied,
@@ -361,5 +383,9 @@ mod tests {
         assert_eq!(v["reason"], "deny \"m/x\"");
         assert_eq!(v["method"], "ping");
         assert!(v.get("tenant").is_none());
+        assert_eq!(v["agent"], "bot");
+        assert_eq!(v["user"], "u@x");
+        assert_eq!(v["upstream"], "m");
+        assert_eq!(v["http"], "POST");
     }
 }

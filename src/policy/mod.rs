@@ -63,6 +63,8 @@ pub struct Agent {
     /// Upstream indexes this agent may use (`upstreams = [...]`), or all of its tenant's.
     pub upstreams: Option<Vec<usize>>,
     pub tools: Vec<ToolRule>,
+    /// This agent's identity fields as the audit log writes them, encoded once.
+    pub audit_identity: Vec<u8>,
 }
 
 /// A loaded policy.
@@ -505,7 +507,13 @@ impl Policy {
             }
             let rate = compile_rate(&a.rate, "agent.rate", &at)?;
             by_id.insert(id.clone(), agents.len());
+            let audit_identity = crate::audit::entry::identity_fragment(
+                id,
+                tenant.map(|t| tenants[t].id.as_str()),
+                a.user.as_deref(),
+            );
             agents.push(Agent {
+                audit_identity,
                 id: id.clone(),
                 tenant,
                 user: a.user.clone(),
