@@ -13,6 +13,9 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
 
+step "npm test peers (official TypeScript MCP SDK) into tests/e2e/node/node_modules"
+(cd tests/e2e/node && npm ci --no-audit --no-fund --silent)
+
 step "cargo fmt --check"
 cargo fmt --all --check
 
@@ -29,7 +32,7 @@ if grep -q "test result: FAILED" target/cargo-test.log; then
   exit 1
 fi
 
-step "end-to-end tests with the official Python MCP SDK"
+step "end-to-end tests with the official Python and TypeScript MCP SDKs"
 SCOPEGATE_BIN="$PWD/target/debug/scopegate" .venv/bin/python -m pytest -q
 
 step "benches compile"

@@ -229,3 +229,32 @@ def test_metrics_parse_as_prometheus_text(policy_gateway):
     assert calls == [1.0]
     assert families["scopegate_request_duration_seconds"].type == "histogram"
     assert "scopegate_open_connections" in families
+
+
+def test_typescript_sdk_client_through_scopegate(policy_gateway, upstream):
+    """The official npm SDK client (Client + StreamableHTTPClientTransport) as the agent."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node_dir = Path(__file__).parent / "node"
+    assert (node_dir / "node_modules" / "@modelcontextprotocol" / "sdk").exists(), "run scripts/test.sh"
+    out = subprocess.run(
+        [shutil.which("node") or "node", str(node_dir / "agent.mjs"), f"{policy_gateway.base}/mcp", AGENT_KEY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=node_dir,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["server"] == "e2e-upstream"
+    assert report["sessionId"].startswith("sg1.")
+    assert report["tools"] == ["add", "stepwise"]
+    assert report["add"] == "42"
+    assert "denied by rule" in report["denied"], report["denied"]
+    assert report["progress"] == [1, 2], "progress relayed to the TypeScript client"
+    assert report["stepwise"].startswith("done 2 steps")
+    executed = [e["tool"] for e in upstream.executions()]
+    assert executed == ["add", "stepwise"], "the refused call never reached the upstream"
