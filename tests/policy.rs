@@ -789,3 +789,22 @@ fn hash_key_prints_the_digest_or_makes_a_key() {
         .unwrap();
     assert_ne!(out.stdout, again.stdout, "keys are random");
 }
+
+#[test]
+fn upstreams_can_come_from_the_policy_alone() {
+    let up = MockServer::start(MockConfig::default());
+    let (g, _) = Gateway::open().policy(&format!(
+        "[[upstream]]\nname = \"only\"\nurl = \"{}\"\n[[agent]]\nid = \"a\"\nkey_sha256 = \"{}\"\nallow = [\"only/*\"]\n",
+        up.url(),
+        sha256_hex(BOT)
+    ));
+    let gw = g.start();
+    let mut c = gw.client();
+    // One upstream, so /mcp reaches it too.
+    let r = c
+        .post("/mcp", INIT)
+        .header("Authorization", &bearer(BOT))
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.recorded().len(), 1);
+}
