@@ -109,7 +109,7 @@ pub async fn serve_connection(
             Ok(Some(len)) => len,
             Ok(None) => return,
             Err(refusal) => {
-                draft.reset(Instant::now(), SystemTime::now());
+                draft.reset(Instant::now());
                 let written = client.written;
                 if respond(&mut client, None, &refusal, true).await.is_ok() {
                     linger_close(&mut client).await;
@@ -123,7 +123,7 @@ pub async fn serve_connection(
             }
         };
         idle.set(false);
-        draft.reset(Instant::now(), SystemTime::now());
+        draft.reset(Instant::now());
         let written = client.written;
         head.raw = client.buf.split_to(head_len).freeze();
 
@@ -179,10 +179,11 @@ pub struct Draft {
 }
 
 impl Draft {
-    fn reset(&mut self, started: Instant, time: SystemTime) {
+    /// Starts a new request; the wall clock is read only when entries will be written.
+    fn reset(&mut self, started: Instant) {
         self.skip = false;
         self.started = Some(started);
-        self.time = Some(time);
+        self.time = self.active.then(SystemTime::now);
         self.policy = None;
         self.agent = None;
         self.upstream = None;
