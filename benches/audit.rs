@@ -13,6 +13,27 @@ use scopegate::audit::entry::{
 use scopegate::audit::ring::ByteRing;
 use scopegate::mcp::envelope::EnvelopeParser;
 
+/// A typical allowed tools/call entry.
+fn sample_entry<'a>(identity: &'a [u8], upstream: &'a [u8], fragment: &'a [u8]) -> Entry<'a> {
+    Entry {
+        time: SystemTime::now(),
+        worker: 0,
+        http_method: b"POST",
+        identity,
+        upstream,
+        session: Some("0123456789abcdef"),
+        message: fragment,
+        decision: Decision::Allowed,
+        reason: None,
+        status: 200,
+        upstream_us: Some(310),
+        total_us: 420,
+        bytes_in: 412,
+        bytes_out: 236,
+        is_error: Some(false),
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let body = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"create_issue","arguments":{"repo":"acme/web","title":"Crash on start","labels":["bug","p1"]}}}"#;
     let mut parser = EnvelopeParser::new();
@@ -40,23 +61,7 @@ fn bench(c: &mut Criterion) {
             let mut timed = std::time::Duration::ZERO;
             let mut start = Instant::now();
             for _ in 0..iters {
-                let entry = Entry {
-                    time: SystemTime::now(),
-                    worker: 0,
-                    http_method: b"POST",
-                    identity: &identity,
-                    upstream: &upstream,
-                    session: Some("0123456789abcdef"),
-                    message: &fragment,
-                    decision: Decision::Allowed,
-                    reason: None,
-                    status: 200,
-                    upstream_us: Some(310),
-                    total_us: 420,
-                    bytes_in: 412,
-                    bytes_out: 236,
-                    is_error: Some(false),
-                };
+                let entry = sample_entry(&identity, &upstream, &fragment);
                 buf.clear();
                 encode(&entry, &mut buf);
                 if !ring.try_push(&buf) {
@@ -88,23 +93,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("audit/record_entry_with_writer_draining", |b| {
         b.iter(|| {
             buf.clear();
-            let entry = Entry {
-                time: SystemTime::now(),
-                worker: 0,
-                http_method: b"POST",
-                identity: &identity,
-                upstream: &upstream,
-                session: Some("0123456789abcdef"),
-                message: &fragment,
-                decision: Decision::Allowed,
-                reason: None,
-                status: 200,
-                upstream_us: Some(310),
-                total_us: 420,
-                bytes_in: 412,
-                bytes_out: 236,
-                is_error: Some(false),
-            };
+            let entry = sample_entry(&identity, &upstream, &fragment);
             encode(&entry, &mut buf);
             while !ring.try_push(&buf) {
                 std::hint::spin_loop();

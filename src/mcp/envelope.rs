@@ -223,11 +223,6 @@ impl<'a> Envelope<'a> {
         let (start, end) = message.arguments?;
         self.tape.0.get(start as usize..end as usize)
     }
-
-    /// Whether any message is a request (and so expects a response).
-    pub fn has_request(&self) -> bool {
-        self.messages().iter().any(|m| m.kind == Kind::Request)
-    }
 }
 
 impl Drop for Envelope<'_> {

@@ -4,8 +4,6 @@ use super::envelope::Id;
 
 pub const PARSE_ERROR: i32 = -32700;
 pub const INVALID_REQUEST: i32 = -32600;
-pub const METHOD_NOT_FOUND: i32 = -32601;
-pub const INTERNAL_ERROR: i32 = -32603;
 /// Implementation-defined server errors (-32000..-32099), scopegate's own:
 /// the upstream could not be reached or failed before answering.
 pub const UPSTREAM_UNAVAILABLE: i32 = -32001;
