@@ -319,7 +319,14 @@ async fn handle_request(
     let (upstream, agent) = match admitted.route {
         Route::Health => {
             draft.skip = true;
-            let reply = response::build(200, "text/plain", "", b"ok\n", client_wants_close);
+            let reply = response::build_for(
+                head.method(),
+                200,
+                "text/plain",
+                "",
+                b"ok\n",
+                client_wants_close,
+            );
             return write_reply(draft, client, reply, client_wants_close).await;
         }
         Route::Metrics => {
@@ -679,7 +686,8 @@ fn resource_metadata(worker: &Worker, head: &Head, close: bool) -> Vec<u8> {
     body.extend_from_slice(
         b"],\"bearer_methods_supported\":[\"header\"],\"resource_name\":\"scopegate\"}",
     );
-    response::build(
+    response::build_for(
+        head.method(),
         200,
         "application/json",
         "Cache-Control: max-age=300\r\n",

@@ -353,3 +353,24 @@ fn http_1_0_agents_get_a_delimited_answer() {
         r.text()
     );
 }
+
+#[test]
+fn head_requests_get_a_head_and_no_body() {
+    let (_up, gw) = gateway();
+    let mut c = gw.client();
+    c.request("HEAD", "/healthz").write();
+    let r = c.read_head_response();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length"),
+        Some("3"),
+        "the length GET would have"
+    );
+    // Had a body followed the head, this next response would be misread.
+    let r = c.request("GET", "/healthz").send();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+    c.request("HEAD", "/.well-known/oauth-protected-resource")
+        .write();
+    assert_eq!(c.read_head_response().status, 200);
+    assert_eq!(c.request("GET", "/healthz").send().text(), "ok\n");
+}

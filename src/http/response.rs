@@ -46,4 +46,21 @@ pub fn build(status: u16, content_type: &str, extra: &str, body: &[u8], close: b
     out
 }
 
+/// [`build`] for a request with `method`: a HEAD request gets the same head, without the body
+/// (RFC 9110 §9.3.2), so the connection's next response is framed right.
+pub fn build_for(
+    method: &[u8],
+    status: u16,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+    close: bool,
+) -> Vec<u8> {
+    let mut out = build(status, content_type, extra, body, close);
+    if method == b"HEAD" {
+        out.truncate(out.len() - body.len());
+    }
+    out
+}
+
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";

@@ -305,6 +305,17 @@ impl Client {
         }
     }
 
+    /// Reads the response to a HEAD request: a head, never a body.
+    pub fn read_head_response(&mut self) -> Response {
+        let (status, headers) = self.read_head();
+        Response {
+            status,
+            headers,
+            body: Vec::new(),
+            chunked: false,
+        }
+    }
+
     /// Reads one whole response (skipping 1xx).
     pub fn read_response(&mut self) -> Response {
         let (mut status, mut headers) = self.read_head();
