@@ -466,3 +466,36 @@ fn metrics_count_requests_decisions_and_the_audit_log() {
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
 }
+
+#[test]
+fn a_torn_last_line_is_cut_off_and_the_chain_continues() {
+    let dir = temp_dir("audit-torn");
+    for round in 0..2 {
+        let (_up, mut gw) = start(&dir, &[("SCOPEGATE_THREADS", "1")]);
+        let mut c = gw.client();
+        for i in 0..3 {
+            assert_eq!(post(&mut c, round * 10 + i, "echo", "{}").status, 200);
+        }
+        gw.signal(libc::SIGTERM);
+        assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+        if round == 0 {
+            // A crash while the disk was full left half a line behind.
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("audit-w0.jsonl"))
+                .unwrap();
+            f.write_all(br#"{"ts":"2026-11-24T00:00:00.000000Z","worker":0,"ht"#)
+                .unwrap();
+            assert!(
+                !verify(&dir).0,
+                "the torn line is visible before the restart"
+            );
+        }
+    }
+    let all = entries(&dir);
+    assert_eq!(all.len(), 6);
+    assert_no_gaps(&all);
+    let (ok, out) = verify(&dir);
+    assert!(ok, "{out}");
+}

@@ -374,3 +374,25 @@ fn head_requests_get_a_head_and_no_body() {
     assert_eq!(c.read_head_response().status, 200);
     assert_eq!(c.request("GET", "/healthz").send().text(), "ok\n");
 }
+
+#[test]
+fn metrics_count_open_event_streams() {
+    let (_up, gw) = gateway();
+    let mut stream = gw.client();
+    stream
+        .request("GET", "/mcp")
+        .header("Mcp-Session-Id", "s")
+        .write();
+    let _ = stream.read_until("list_changed");
+    let mut c = gw.client();
+    let text = c.request("GET", "/metrics").send().text();
+    assert!(text.contains("scopegate_open_sse_streams 1\n"), "{text}");
+    drop(stream);
+    // The relay notices the departed client at the upstream's next heartbeat (500 ms).
+    assert!(eventually(std::time::Duration::from_secs(10), || {
+        c.request("GET", "/metrics")
+            .send()
+            .text()
+            .contains("scopegate_open_sse_streams 0\n")
+    }));
+}
