@@ -161,8 +161,8 @@ pub struct Draft {
     policy: Option<crate::policy::live::LocalPolicy>,
     agent: Option<usize>,
     upstream: Option<usize>,
-    /// 16 hex characters of SHA-256 of the agent's session token.
-    session: Option<[u8; 16]>,
+    /// 16 hex characters of SHA-256 of the agent's session token (empty: none); reused.
+    session: Vec<u8>,
     /// Each message's method slot (for metrics).
     methods: Vec<usize>,
     /// Pre-encoded message fragments, one range per message.
@@ -187,7 +187,7 @@ impl Draft {
         self.policy = None;
         self.agent = None;
         self.upstream = None;
-        self.session = None;
+        self.session.clear();
         self.frags.clear();
         self.messages.clear();
         self.methods.clear();
@@ -201,12 +201,8 @@ impl Draft {
 
     fn set_session(&mut self, token: &[u8]) {
         let digest = ring::digest::digest(&ring::digest::SHA256, token);
-        let mut hex = [0u8; 16];
-        for (i, b) in digest.as_ref()[..8].iter().enumerate() {
-            hex[2 * i] = b"0123456789abcdef"[(b >> 4) as usize];
-            hex[2 * i + 1] = b"0123456789abcdef"[(b & 15) as usize];
-        }
-        self.session = Some(hex);
+        self.session.clear();
+        crate::fmt::push_hex(&digest.as_ref()[..8], &mut self.session);
     }
 }
 
@@ -237,10 +233,9 @@ async fn emit(worker: &Worker, draft: &Draft, http_method: &[u8], bytes_out: u64
         .upstream
         .and_then(|u| worker.upstream_fragments.get(u))
         .map_or(&[], Vec::as_slice);
-    let session = draft
-        .session
-        .as_ref()
-        .and_then(|h| std::str::from_utf8(h).ok());
+    let session = (!draft.session.is_empty())
+        .then(|| std::str::from_utf8(&draft.session).ok())
+        .flatten();
     let mut entry = Entry {
         time: draft.time.unwrap_or_else(SystemTime::now),
         worker: worker.id,
