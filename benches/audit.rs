@@ -11,6 +11,7 @@ use scopegate::audit::entry::{
     Decision, Entry, encode, encode_message, identity_fragment, upstream_fragment,
 };
 use scopegate::audit::ring::ByteRing;
+use scopegate::audit::writer::chain_line;
 use scopegate::mcp::envelope::EnvelopeParser;
 
 /// A typical allowed tools/call entry.
@@ -111,6 +112,29 @@ fn bench(c: &mut Criterion) {
     });
     stop.store(true, Ordering::Relaxed);
     let _ = consumer.join();
+
+    // The writer thread's work per line (off the request path, on the worker's core): append
+    // seq and the previous line's hash, and hash the finished line for the next.
+    let entry = sample_entry(&identity, &upstream, &fragment);
+    buf.clear();
+    encode(&entry, &mut buf);
+    c.bench_function("audit/writer_chain_line", |b| {
+        let mut batch = Vec::with_capacity(1 << 20);
+        let mut prev = [0u8; 32];
+        let mut seq = 0;
+        b.iter(|| {
+            if batch.len() > (1 << 20) - 1024 {
+                batch.clear();
+            }
+            seq += 1;
+            prev = chain_line(&mut batch, &buf, seq, &prev);
+        })
+    });
+    c.bench_function("audit/sha256_line", |b| {
+        b.iter(|| {
+            std::hint::black_box(scopegate::audit::writer::sha256(std::hint::black_box(&buf)))
+        })
+    });
 }
 
 criterion_group!(benches, bench);

@@ -11,6 +11,8 @@
 # of the rounds is reported, since single runs on a shared 2-core VM vary by 10-20%.
 #
 # usage: scripts/bench.sh [--duration SECONDS] [--connections N] [--rounds N] [--out FILE]
+#                         [--only NAME,NAME...]   (targets: direct, scopegate-open, scopegate-policy,
+#                                                  scopegate-limits, scopegate-full, nginx)
 # Needs wrk and nginx (installed from Debian's packages when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +21,14 @@ DURATION=10
 CONNECTIONS=32
 ROUNDS=3
 OUT=""
+ONLY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
     --connections) CONNECTIONS="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
+    --only) ONLY=",$2,"; shift 2 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -173,6 +177,7 @@ LUA
 # run NAME PORT PIDS...  -> prints "NAME rps requests cpu_us_per_req"
 run() {
   local name=$1 port=$2; shift 2
+  [[ -n "$ONLY" && "$ONLY" != *",$name,"* ]] && return 0
   # The request must be forwarded and answered by the upstream (a refusal would be cheaper and
   # prove nothing).
   local probe
@@ -221,16 +226,29 @@ rows = {}
 for line in open(sys.argv[1]):
     name, rps, cpu = line.split()
     rows.setdefault(name, []).append((float(rps), None if cpu == "-" else float(cpu)))
-nginx_rps = statistics.median(r for r, _ in rows["nginx"])
-nginx_cpu = statistics.median(c for _, c in rows["nginx"])
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+base = rows.get("nginx")
+nginx_rps = med(r for r, _ in base) if base else None
+nginx_cpu = med(c for _, c in base) if base else None
+fmt = lambda x, w, p=2: f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}}"
 print(f"{'target':22} {'req/s':>10} {'cpu_us/req':>11} {'x nginx req/s':>14} {'x nginx cpu':>12}")
 for name, vals in rows.items():
-    rps = statistics.median(r for r, _ in vals)
-    cpus = [c for _, c in vals if c is not None]
-    cpu = statistics.median(cpus) if cpus else None
-    cpu_s = f"{cpu:11.2f}" if cpu is not None else f"{'-':>11}"
-    ratio_cpu = f"{cpu / nginx_cpu:12.2f}" if cpu is not None else f"{'-':>12}"
-    print(f"{name:22} {rps:10.0f} {cpu_s} {rps / nginx_rps:14.2f} {ratio_cpu}")
+    rps = med(r for r, _ in vals)
+    cpu = med(c for _, c in vals)
+    r_rps = rps / nginx_rps if nginx_rps else None
+    r_cpu = cpu / nginx_cpu if cpu is not None and nginx_cpu else None
+    print(f"{name:22} {rps:10.0f} {fmt(cpu, 11)} {fmt(r_rps, 14)} {fmt(r_cpu, 12)}")
+# The audit log's cost: full (audit on) against limits (the same with audit off), paired by
+# round (the two run back to back), so slow phases of the machine hit both.
+on, off = rows.get("scopegate-full"), rows.get("scopegate-limits")
+if on and off:
+    pairs = list(zip(on, off))
+    rps = med(a[0] / b[0] for a, b in pairs)
+    cpu = med(b[1] / a[1] for a, b in pairs if a[1] and b[1])
+    print(f"audit on/off, median of per-round ratios: throughput {rps:.3f}, "
+          f"requests per CPU-second {cpu:.3f}")
 PY
 } | tee "$WORK/result.txt"
 

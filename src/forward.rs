@@ -78,8 +78,11 @@ impl IsErrorScan {
     }
 
     fn scan(data: &[u8]) -> Option<bool> {
+        // Built once: `memmem::find` would build (and allocate) a searcher on every call.
+        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"isError\""));
         let mut from = 0;
-        while let Some(i) = memchr::memmem::find(&data[from..], b"\"isError\"") {
+        while let Some(i) = FINDER.find(&data[from..]) {
             let mut j = from + i + 9;
             while j < data.len() && matches!(data[j], b' ' | b'\t' | b'\r' | b'\n') {
                 j += 1;

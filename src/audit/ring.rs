@@ -63,19 +63,30 @@ impl ByteRing {
     }
 
     /// Consumer: calls `f` with each waiting record, in order, then frees them. Returns how
-    /// many were taken.
+    /// many were taken. A record is lent straight from the ring unless it wraps around the end
+    /// (then it is copied once into a scratch buffer).
     pub fn drain(&self, mut f: impl FnMut(&[u8])) -> usize {
         let head = self.head.load(Ordering::Acquire);
         let mut tail = self.tail.load(Ordering::Relaxed);
-        let mut record = Vec::new();
+        let mut wrapped = Vec::new();
         let mut n = 0;
         while tail < head {
             let mut len = [0u8; LEN];
             self.copy_out(tail, &mut len);
             let len = u32::from_le_bytes(len) as usize;
-            record.resize(len, 0);
-            self.copy_out(tail + LEN, &mut record);
-            f(&record);
+            let start = (tail + LEN) & self.mask;
+            if start + len <= self.capacity() {
+                // SAFETY: [tail + LEN, tail + LEN + len) lies in [tail, head), published by
+                // the producer and not reused until `tail` moves past it below; it does not
+                // wrap, so it is one contiguous run of the buffer.
+                let record =
+                    unsafe { std::slice::from_raw_parts(self.buf[start].get().cast_const(), len) };
+                f(record);
+            } else {
+                wrapped.resize(len, 0);
+                self.copy_out(tail + LEN, &mut wrapped);
+                f(&wrapped);
+            }
             tail += LEN + len;
             n += 1;
         }

@@ -213,6 +213,21 @@ fn seq_of(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+/// Appends one finished line to `batch`: the encoded entry, its `seq`, the hash of the previous
+/// line, and a newline. Returns this line's hash (without the newline), the next line's `prev`.
+pub fn chain_line(batch: &mut Vec<u8>, record: &[u8], seq: u64, prev: &[u8; 32]) -> [u8; 32] {
+    let start = batch.len();
+    batch.extend_from_slice(record);
+    batch.extend_from_slice(b",\"seq\":");
+    push_decimal(batch, seq);
+    batch.extend_from_slice(b",\"prev\":\"");
+    push_hex(prev, batch);
+    batch.extend_from_slice(b"\"}");
+    let hash = sha256(&batch[start..]);
+    batch.push(b'\n');
+    hash
+}
+
 /// Starts worker `worker`'s writer thread.
 pub fn spawn(
     worker: usize,
@@ -246,17 +261,9 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
         let stopping = channel.stop.load(Ordering::Acquire);
         if batch.is_empty() {
             channel.ring.drain(|record| {
-                let start = batch.len();
-                batch.extend_from_slice(record);
                 sink.next_seq += 1;
-                batch.extend_from_slice(b",\"seq\":");
-                push_decimal(&mut batch, sink.next_seq);
-                batch.extend_from_slice(b",\"prev\":\"");
-                push_hex(&sink.prev, &mut batch);
-                batch.extend_from_slice(b"\"}");
-                sink.prev = sha256(&batch[start..]);
+                sink.prev = chain_line(&mut batch, record, sink.next_seq, &sink.prev);
                 batch_last_seq = sink.next_seq;
-                batch.push(b'\n');
                 batch_lines += 1;
             });
             written = 0;
