@@ -43,6 +43,11 @@ pub struct Config {
     pub rate_limit_status: u16,
     /// The audit log, when `SCOPEGATE_AUDIT_DIR` is set.
     pub audit: Option<crate::audit::writer::AuditConfig>,
+    /// The aggregate endpoint's `<upstream><sep><name>` separator.
+    pub name_separator: String,
+    /// On the aggregate endpoint, fail a fan-out (initialize, lists) when any upstream fails,
+    /// instead of answering with the upstreams that did answer.
+    pub aggregate_fail_closed: bool,
 }
 
 /// `SCOPEGATE_JWT_*`: accept JWTs issued by `issuer` for `audience`, verified with the JWKS
@@ -296,6 +301,24 @@ impl Config {
                 ));
             }
         };
+        let name_separator = get("SCOPEGATE_NAME_SEPARATOR").unwrap_or("__").to_owned();
+        if name_separator.is_empty()
+            || name_separator.len() > 8
+            || !name_separator
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(err(
+                "SCOPEGATE_NAME_SEPARATOR",
+                format!(
+                    "expected 1 to 8 characters allowed in tool names (letters, digits, _ - .), got {name_separator:?}"
+                ),
+            ));
+        }
+        let aggregate_fail_closed = parse_bool(
+            "SCOPEGATE_AGGREGATE_FAIL_CLOSED",
+            get("SCOPEGATE_AGGREGATE_FAIL_CLOSED"),
+        )?;
         let audit = match get("SCOPEGATE_AUDIT_DIR") {
             None => {
                 for name in [
@@ -400,6 +423,8 @@ impl Config {
             jwt,
             rate_limit_status,
             audit,
+            name_separator,
+            aggregate_fail_closed,
         })
     }
 
@@ -444,6 +469,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_AUDIT_FAIL_CLOSED",
     "SCOPEGATE_AUDIT_MAX_ARGS",
     "SCOPEGATE_AUDIT_RING",
+    "SCOPEGATE_NAME_SEPARATOR",
+    "SCOPEGATE_AGGREGATE_FAIL_CLOSED",
 ];
 
 fn leak_name(name: &str) -> &'static str {

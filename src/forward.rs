@@ -310,7 +310,7 @@ fn build_request(
 }
 
 #[derive(Debug)]
-enum UpstreamError {
+pub(crate) enum UpstreamError {
     Io(std::io::Error),
     /// The upstream closed before a complete response head.
     Closed,
@@ -319,7 +319,7 @@ enum UpstreamError {
 }
 
 impl UpstreamError {
-    fn refusal(self, name: &str, timeout: Duration) -> Refusal {
+    pub(crate) fn refusal(self, name: &str, timeout: Duration) -> Refusal {
         match self {
             UpstreamError::TimedOut => Refusal::new(
                 504,
@@ -366,7 +366,7 @@ fn unavailable(name: &str, e: UpstreamError) -> Refusal {
     )
 }
 
-async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, UpstreamError> {
+pub(crate) async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, UpstreamError> {
     let left = deadline.saturating_duration_since(Instant::now());
     match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
         Ok(Ok(stream)) => {
@@ -395,7 +395,7 @@ async fn send_request(
     Ok(())
 }
 
-async fn read_response_head(
+pub(crate) async fn read_response_head(
     up: &mut Conn,
     response: &mut Head,
     deadline: Instant,
@@ -866,10 +866,10 @@ async fn relay_filtered(
 }
 
 /// Counts an event stream as open for as long as it is relayed.
-struct StreamGauge<'a>(&'a std::sync::atomic::AtomicU64);
+pub(crate) struct StreamGauge<'a>(&'a std::sync::atomic::AtomicU64);
 
 impl<'a> StreamGauge<'a> {
-    fn open(gauge: &'a std::sync::atomic::AtomicU64) -> StreamGauge<'a> {
+    pub(crate) fn open(gauge: &'a std::sync::atomic::AtomicU64) -> StreamGauge<'a> {
         gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         StreamGauge(gauge)
     }

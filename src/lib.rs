@@ -4,6 +4,7 @@
 //! [`worker::run`] on each core. The request path is [`pipeline`]; HTTP framing is [`http`];
 //! MCP knowledge is [`mcp`].
 
+pub mod aggregate;
 pub mod audit;
 pub mod auth;
 pub mod cli;

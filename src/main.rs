@@ -88,6 +88,19 @@ fn serve() {
         );
         std::process::exit(2);
     }
+    if config.upstreams.len() > 1
+        && let Some(u) = config
+            .upstreams
+            .iter()
+            .find(|u| u.name.contains(config.name_separator.as_str()))
+    {
+        eprintln!(
+            "scopegate: configuration error: upstream name {:?} contains the aggregate name separator {:?} \
+             (SCOPEGATE_NAME_SEPARATOR): tool names would be ambiguous; rename it or choose another separator",
+            u.name, config.name_separator
+        );
+        std::process::exit(2);
+    }
     if live.is_some() && config.session_secret.is_none() {
         warn!(
             "SCOPEGATE_SESSION_SECRET is unset: session tokens use a random key for this process; \

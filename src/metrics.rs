@@ -97,6 +97,8 @@ pub struct WorkerMetrics {
     total_latency: Histogram,
     upstream_latency: Histogram,
     pub sse_streams: AtomicU64,
+    /// Per upstream: times the aggregate endpoint left it out (failed or timed out).
+    aggregate_failures: Vec<AtomicU64>,
 }
 
 impl WorkerMetrics {
@@ -109,6 +111,14 @@ impl WorkerMetrics {
             total_latency: Histogram::new(),
             upstream_latency: Histogram::new(),
             sse_streams: AtomicU64::new(0),
+            aggregate_failures: (0..upstreams).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Counts an upstream the aggregate endpoint had to leave out.
+    pub fn aggregate_failure(&self, upstream: usize) {
+        if let Some(c) = self.aggregate_failures.get(upstream) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -199,6 +209,24 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
         let _ = writeln!(
             out,
             "scopegate_upstream_errors_total{{upstream=\"{}\"}} {v}",
+            escape(upstream_label(u))
+        );
+    }
+    out.push_str("# HELP scopegate_aggregate_upstream_failures_total Times the aggregate endpoint left an upstream out (down, slow or failing).\n");
+    out.push_str("# TYPE scopegate_aggregate_upstream_failures_total counter\n");
+    for u in 0..n {
+        let total: u64 = s
+            .workers
+            .iter()
+            .map(|w| {
+                w.aggregate_failures
+                    .get(u)
+                    .map_or(0, |c| c.load(Ordering::Relaxed))
+            })
+            .sum();
+        let _ = writeln!(
+            out,
+            "scopegate_aggregate_upstream_failures_total{{upstream=\"{}\"}} {total}",
             escape(upstream_label(u))
         );
     }

@@ -84,6 +84,8 @@ pub enum Route {
     Mcp {
         upstream: usize,
     },
+    /// `/mcp` with several upstreams: all of them behind one MCP server.
+    Aggregate,
 }
 
 /// Serves requests on one client connection until it closes.
@@ -341,9 +343,10 @@ async fn handle_request(
             let reply = resource_metadata(worker, head, client_wants_close);
             return write_reply(draft, client, reply, client_wants_close).await;
         }
-        Route::Mcp { upstream } => (upstream, admitted.agent),
+        Route::Mcp { upstream } => (Some(upstream), admitted.agent),
+        Route::Aggregate => (None, admitted.agent),
     };
-    draft.upstream = Some(upstream);
+    draft.upstream = upstream;
     draft.agent = agent;
     if draft.active {
         draft.policy = policy.clone();
@@ -412,6 +415,32 @@ async fn handle_request(
     {
         return finish(draft, client, request_id, &refusal, client_wants_close).await;
     }
+
+    let Some(upstream) = upstream else {
+        // The aggregate endpoint: authorization, rate limits and routing per message inside.
+        let request = crate::aggregate::Request {
+            worker,
+            head,
+            body: &body,
+            env: envelope.as_ref(),
+            policy: policy.as_deref().map(|p| &**p),
+            agent,
+            peer,
+            close: client_wants_close || shutting_down(),
+        };
+        let result = crate::aggregate::handle(&request, client).await;
+        let (Ok(outcome) | Err(outcome)) = &result;
+        draft.status = outcome.status;
+        draft.decision = outcome.decision;
+        draft.reason = outcome.reason.clone();
+        draft.upstream = outcome.upstream;
+        draft.upstream_us = outcome.upstream_us;
+        return match result {
+            Ok(o) if o.keep_alive => Ok(KeepAlive::Yes),
+            Ok(_) => Ok(KeepAlive::No),
+            Err(_) => Err(()),
+        };
+    };
 
     // Stage 6: authorize what the upstream will execute (policy mode).
     if let (Some(policy), Some(agent), Some(env)) = (&policy, agent, &envelope)
@@ -561,7 +590,7 @@ fn authenticate(
     routed: Routed,
 ) -> Result<Admitted, Refusal> {
     let Routed { route, path_key } = routed;
-    let (Some(policy), Route::Mcp { upstream }) = (policy, route) else {
+    let (Some(policy), Route::Mcp { .. } | Route::Aggregate) = (policy, route) else {
         return Ok(Admitted { route, agent: None });
     };
     let unauthorized = |e: AuthError| {
@@ -594,7 +623,9 @@ fn authenticate(
         }
         _ => auth::agent_for_key(policy, key).map_err(unauthorized)?,
     };
-    if !policy.may_use_upstream(agent, upstream) {
+    if let Route::Mcp { upstream } = route
+        && !policy.may_use_upstream(agent, upstream)
+    {
         return Err(Refusal::new(
             404,
             jsonrpc::GATEWAY_REFUSED,
@@ -1031,15 +1062,12 @@ fn route_path(worker: &Worker, head: &Head, path: &[u8]) -> Result<Route, Refusa
     }
     let upstreams = &worker.config.upstreams;
     let index = if path == b"/mcp" || path == b"/mcp/" {
-        if upstreams.len() != 1 {
-            return Err(Refusal::new(
-                404,
-                jsonrpc::GATEWAY_REFUSED,
-                format!(
-                    "several upstreams are configured; use /mcp/<name> with one of: {}",
-                    upstream_names(worker)
-                ),
-            ));
+        if upstreams.len() > 1 {
+            // Every upstream behind one MCP server.
+            return match head.method() {
+                b"POST" | b"GET" | b"DELETE" => Ok(Route::Aggregate),
+                _ => Err(method_not_allowed("GET, POST, DELETE")),
+            };
         }
         0
     } else if let Some(name) = path.strip_prefix(b"/mcp/") {

@@ -86,6 +86,8 @@ pub struct Worker {
     pub all_audit: Vec<Arc<crate::audit::writer::Channel>>,
     pub pool: Pool,
     pub stats: Arc<WorkerStats>,
+    /// Upstreams the aggregate endpoint joined after a session's initialize.
+    pub lazy_joins: crate::aggregate::LazyJoins,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
     /// per connection (open/close); per request only the `Cell` flips.
     connections: RefCell<HashMap<u64, OpenConnection>>,
@@ -215,6 +217,7 @@ async fn worker_main(
     let worker = Rc::new(Worker {
         id,
         pool: Pool::new(config.upstreams.len()),
+        lazy_joins: crate::aggregate::LazyJoins::default(),
         upstream_fragments: config
             .upstreams
             .iter()

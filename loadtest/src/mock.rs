@@ -43,6 +43,8 @@ pub struct MockConfig {
     pub pad: usize,
     /// Threads (each its own runtime and SO_REUSEPORT listener).
     pub threads: usize,
+    /// tools/list pages of this many tools, with `nextCursor` (0: one page).
+    pub page_size: usize,
 }
 
 impl Default for MockConfig {
@@ -54,6 +56,7 @@ impl Default for MockConfig {
             record: true,
             pad: 0,
             threads: 1,
+            page_size: 0,
         }
     }
 }
@@ -379,7 +382,23 @@ async fn handle_post(
             answer(stream, shared, &result, &extra).await
         }
         "ping" => answer(stream, shared, &reply(json!({})), "").await,
-        "tools/list" => answer(stream, shared, &reply(tools_list()), "").await,
+        "tools/list" => {
+            let mut list = tools_list();
+            let size = shared.config.page_size;
+            if size > 0 {
+                let start: usize = msg["params"]["cursor"]
+                    .as_str()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                let all = list["tools"].as_array().cloned().unwrap_or_default();
+                let end = (start + size).min(all.len());
+                list["tools"] = Value::Array(all[start.min(end)..end].to_vec());
+                if end < all.len() {
+                    list["nextCursor"] = Value::String(end.to_string());
+                }
+            }
+            answer(stream, shared, &reply(list), "").await
+        }
         "tools/call" => call_tool(stream, shared, &msg, &id).await,
         _ => {
             let err = json!({"jsonrpc":"2.0","id":id,"error":{"code":-32601,"message":format!("mock: no method {method}")}});
@@ -419,6 +438,7 @@ fn tools_list() -> Value {
         tool("close_delimited", "JSON without length or chunking"),
         tool("sleep", "answers after ms milliseconds"),
         tool("big", "a result of bytes bytes"),
+        tool("ask", "SSE: asks the client to sample (server request id 0), answers with its reply"),
     ]})
 }
 
@@ -481,6 +501,37 @@ async fn call_tool(stream: &mut TcpStream, shared: &Shared, msg: &Value, id: &Va
                 monoio::time::sleep(delay).await;
             }
             let mut out = chunk(&event(&text_result(format!("{count} events"))));
+            out.extend_from_slice(b"0\r\n\r\n");
+            write(stream, out).await
+        }
+        "ask" => {
+            // A server-to-client request on the call's stream, then the client's answer (which
+            // arrives as another POST) in the result.
+            if !write(stream, sse_head("")).await {
+                return false;
+            }
+            let seen = shared.recorded.lock().map_or(0, |r| r.len());
+            let request = json!({"jsonrpc":"2.0","id":0,"method":"sampling/createMessage",
+                "params":{"messages":[{"role":"user","content":{"type":"text","text":"hello?"}}],"maxTokens":10}});
+            if !write(stream, chunk(&event(&request))).await {
+                return false;
+            }
+            let mut answer_text = String::from("no answer");
+            for _ in 0..1000 {
+                let found = shared.recorded.lock().ok().and_then(|r| {
+                    r[seen.min(r.len())..].iter().find_map(|rec| {
+                        let v: Value = serde_json::from_slice(&rec.body).ok()?;
+                        (v["id"] == json!(0) && v.get("result").is_some())
+                            .then(|| v["result"].to_string())
+                    })
+                });
+                if let Some(text) = found {
+                    answer_text = text;
+                    break;
+                }
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut out = chunk(&event(&text_result(answer_text)));
             out.extend_from_slice(b"0\r\n\r\n");
             write(stream, out).await
         }

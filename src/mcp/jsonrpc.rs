@@ -4,6 +4,8 @@ use super::envelope::Id;
 
 pub const PARSE_ERROR: i32 = -32700;
 pub const INVALID_REQUEST: i32 = -32600;
+pub const METHOD_NOT_FOUND: i32 = -32601;
+pub const INVALID_PARAMS: i32 = -32602;
 /// Implementation-defined server errors (-32000..-32099), scopegate's own:
 /// the upstream could not be reached or failed before answering.
 pub const UPSTREAM_UNAVAILABLE: i32 = -32001;

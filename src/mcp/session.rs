@@ -11,6 +11,11 @@ use crate::token::{base64url, base64url_decode};
 
 const PREFIX: &str = "sg1.";
 const AAD: &[u8] = b"scopegate-session-v1";
+/// The aggregate endpoint's token: one agent, several upstream sessions.
+const MULTI_PREFIX: &str = "sg2.";
+const MULTI_AAD: &[u8] = b"scopegate-session-v2";
+/// The longest aggregate token accepted (before decoding).
+const MAX_MULTI_TOKEN: usize = 16 * 1024;
 /// Longest upstream session id we carry (the spec bounds it only by "visible ASCII").
 pub const MAX_UPSTREAM_SESSION: usize = 1024;
 
@@ -114,6 +119,86 @@ impl SessionKeys {
     }
 }
 
+/// An aggregate session: the agent and, per upstream joined at initialize, its session id
+/// (empty when the upstream issued none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiSession {
+    pub agent: String,
+    pub upstreams: Vec<(String, Vec<u8>)>,
+}
+
+impl SessionKeys {
+    /// Seals an aggregate session: `sg2.<base64url(nonce | AEAD(agent, [(upstream, session)]))>`.
+    pub fn seal_multi(&self, agent: &str, upstreams: &[(String, Vec<u8>)]) -> Option<String> {
+        if agent.len() > 255 || upstreams.len() > 255 {
+            return None;
+        }
+        let mut data = Vec::with_capacity(256);
+        data.push(agent.len() as u8);
+        data.extend_from_slice(agent.as_bytes());
+        data.push(upstreams.len() as u8);
+        for (name, session) in upstreams {
+            if name.len() > 255 || session.len() > MAX_UPSTREAM_SESSION {
+                return None;
+            }
+            data.push(name.len() as u8);
+            data.extend_from_slice(name.as_bytes());
+            data.extend_from_slice(&(session.len() as u16).to_be_bytes());
+            data.extend_from_slice(session);
+        }
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(MULTI_AAD),
+                &mut data,
+            )
+            .ok()?;
+        let mut raw = Vec::with_capacity(nonce.len() + data.len());
+        raw.extend_from_slice(&nonce);
+        raw.extend_from_slice(&data);
+        let token = format!("{MULTI_PREFIX}{}", base64url(&raw));
+        (token.len() <= MAX_MULTI_TOKEN).then_some(token)
+    }
+
+    pub fn open_multi(&self, token: &[u8]) -> Option<MultiSession> {
+        let body = token.strip_prefix(MULTI_PREFIX.as_bytes())?;
+        if token.len() > MAX_MULTI_TOKEN {
+            return None;
+        }
+        let raw = base64url_decode(body)?;
+        if raw.len() < aead::NONCE_LEN + CHACHA20_POLY1305.tag_len() {
+            return None;
+        }
+        let (nonce, sealed) = raw.split_at(aead::NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut sealed = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(MULTI_AAD), &mut sealed)
+            .ok()?;
+        let mut rest: &[u8] = plain;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+            rest = tail;
+            Some(head)
+        };
+        let alen = take(1)?[0] as usize;
+        let agent = std::str::from_utf8(take(alen)?).ok()?.to_owned();
+        let count = take(1)?[0] as usize;
+        let mut upstreams = Vec::with_capacity(count);
+        for _ in 0..count {
+            let nlen = take(1)?[0] as usize;
+            let name = std::str::from_utf8(take(nlen)?).ok()?.to_owned();
+            let slen = take(2)?;
+            let slen = u16::from_be_bytes([slen[0], slen[1]]) as usize;
+            upstreams.push((name, take(slen)?.to_vec()));
+        }
+        Some(MultiSession { agent, upstreams })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +229,29 @@ mod tests {
         let t = a.seal("x", "u", b"s").unwrap();
         assert!(b.open(t.as_bytes()).is_some());
         assert!(c.open(t.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn multi_sessions_seal_and_open_and_do_not_mix_with_single() {
+        let keys = SessionKeys::new(Some(b"0123456789abcdef0123456789abcdef")).unwrap();
+        let ups = vec![
+            ("github".to_string(), b"gh-1".to_vec()),
+            ("jira".to_string(), Vec::new()),
+        ];
+        let t = keys.seal_multi("bot", &ups).unwrap();
+        assert!(t.starts_with("sg2."));
+        assert!(t.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        let s = keys.open_multi(t.as_bytes()).unwrap();
+        assert_eq!(s.agent, "bot");
+        assert_eq!(s.upstreams, ups);
+        // A single-upstream token is not an aggregate one and the other way round.
+        assert!(keys.open(t.as_bytes()).is_none());
+        let single = keys.seal("bot", "github", b"gh-1").unwrap();
+        assert!(keys.open_multi(single.as_bytes()).is_none());
+        let mut forged = t.into_bytes();
+        let i = forged.len() - 2;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        assert!(keys.open_multi(&forged).is_none());
     }
 
     #[test]

@@ -378,6 +378,17 @@ impl Client {
         }
     }
 
+    /// Reads until `needle` has arrived `n` times; returns all so far.
+    pub fn read_until_count(&mut self, needle: &str, n: usize) -> String {
+        loop {
+            let text = String::from_utf8_lossy(&self.buf).into_owned();
+            if text.matches(needle).count() >= n {
+                return text;
+            }
+            assert!(self.fill() > 0, "closed before {n} x {needle:?}: {text}");
+        }
+    }
+
     /// Reads body bytes of a chunked response until `needle` has arrived; returns all so far.
     pub fn read_until(&mut self, needle: &str) -> String {
         loop {

@@ -1,6 +1,6 @@
 //! The mock MCP upstream as a standalone process, for the demo and the load scripts.
 //!
-//! usage: sg-mock [--listen ADDR] [--sse] [--no-sessions] [--no-get] [--pad BYTES] [--threads N]
+//! usage: sg-mock [--listen ADDR] [--sse] [--no-sessions] [--no-get] [--pad BYTES] [--threads N] [--page-size N]
 
 use scopegate_loadtest::mock::{MockConfig, MockServer};
 
@@ -25,6 +25,7 @@ fn main() {
             "--no-get" => config.get_stream = false,
             "--pad" => config.pad = parse(&value("--pad"), "--pad"),
             "--threads" => config.threads = parse(&value("--threads"), "--threads"),
+            "--page-size" => config.page_size = parse(&value("--page-size"), "--page-size"),
             other => {
                 eprintln!("sg-mock: unknown argument {other:?}");
                 std::process::exit(2);

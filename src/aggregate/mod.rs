@@ -1,0 +1,1527 @@
+//! The aggregate endpoint: `/mcp` with several upstreams behind one MCP server.
+//!
+//! - `initialize` goes to every upstream the agent may use, in parallel; the answer is
+//!   scopegate's own `serverInfo`, the merged capabilities and the lowest protocol version the
+//!   upstreams agreed to. One sealed `sg2.` session token carries every upstream's session id (no
+//!   table); an upstream that failed at initialize is joined lazily, per worker.
+//! - Tools and prompts are named `<upstream><sep><name>`; resource URIs become
+//!   `scopegate://<upstream>/<uri>`. Lists are merged, filtered by policy, and paged with a
+//!   cursor that carries each upstream's own cursor. A call goes to its upstream with the name
+//!   spliced back: the rest of the body is byte-identical.
+//! - Server-to-client traffic is relayed event by event. Server requests get the id
+//!   `sg:<upstream>:<original id as JSON>` so two upstreams can never collide, and the agent's
+//!   answer is routed back to the upstream that asked with the original id spliced in.
+//! - An upstream that fails loses its tools from lists (logged, counted) and calls to it get a
+//!   JSON-RPC error, while the others keep working; `SCOPEGATE_AGGREGATE_FAIL_CLOSED=1` fails
+//!   the whole fan-out instead.
+
+pub mod client;
+pub mod json;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Instant;
+
+use serde_json::{Map, Value, json};
+
+use crate::audit::entry::Decision as AuditDecision;
+use crate::http::conn::Conn;
+use crate::http::head::Head;
+use crate::http::response;
+use crate::mcp::envelope::{Envelope, Kind, Message};
+use crate::mcp::jsonrpc;
+use crate::mcp::session::MultiSession;
+use crate::pipeline::Refusal;
+use crate::policy::Policy;
+use crate::policy::decide::{self, Decision};
+use crate::worker::Worker;
+use crate::{info, warn};
+use client::{UpRequest, UpResponse, exchange, join_all, send};
+
+/// An upstream's answer to initialize: its session id (empty: none) and its result.
+type Joined = (Vec<u8>, Value);
+
+/// A boxed future borrowing the request.
+type Fut<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+/// The longest tool or prompt name the specification allows.
+pub const MAX_NAME: usize = 128;
+/// The resource URI scheme of the aggregate endpoint.
+const URI_SCHEME: &str = "scopegate://";
+/// The prefix of server request ids as the agent sees them.
+const ID_PREFIX: &str = "sg:";
+
+/// What the pipeline records about an aggregate request.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub status: u16,
+    pub decision: AuditDecision,
+    pub reason: Option<String>,
+    /// The upstream a routed message went to.
+    pub upstream: Option<usize>,
+    pub upstream_us: Option<u64>,
+    pub keep_alive: bool,
+}
+
+/// Per-worker memory of upstreams joined after initialize (an upstream that was down then),
+/// keyed by a hash of the agent's session token. A cache, not a session table: a worker that
+/// has not seen the session joins again.
+#[derive(Default)]
+pub struct LazyJoins {
+    map: RefCell<HashMap<(u64, usize), Vec<u8>>>,
+}
+
+const MAX_LAZY_JOINS: usize = 65_536;
+
+/// One aggregate request.
+pub struct Request<'a, 'b> {
+    pub worker: &'a Worker,
+    pub head: &'a Head,
+    pub body: &'a [u8],
+    pub env: Option<&'a Envelope<'b>>,
+    pub policy: Option<&'a Policy>,
+    pub agent: Option<usize>,
+    pub peer: SocketAddr,
+    pub close: bool,
+}
+
+impl Request<'_, '_> {
+    fn upstream_name(&self, i: usize) -> &str {
+        &self.worker.config.upstreams[i].name
+    }
+
+    fn sep(&self) -> &str {
+        &self.worker.config.name_separator
+    }
+
+    /// The upstreams this agent may use (all of them in insecure-open mode).
+    fn reachable(&self) -> Vec<usize> {
+        (0..self.worker.config.upstreams.len())
+            .filter(|&i| match (self.policy, self.agent) {
+                (Some(p), Some(a)) => p.may_use_upstream(a, i),
+                _ => true,
+            })
+            .collect()
+    }
+
+    fn inject(&self, i: usize) -> &[(String, String)] {
+        match self.policy {
+            Some(p) => &p.upstreams()[i].headers,
+            None => &self.worker.config.upstreams[i].headers,
+        }
+    }
+
+    fn agent_id(&self) -> &str {
+        match (self.policy, self.agent) {
+            (Some(p), Some(a)) => &p.agents[a].id,
+            _ => "",
+        }
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.worker
+            .config
+            .upstreams
+            .iter()
+            .position(|u| u.name == name)
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.worker.config.upstream_timeout
+    }
+
+    fn version(&self) -> Option<&[u8]> {
+        self.head.get("mcp-protocol-version")
+    }
+
+    fn up_request<'s>(
+        &'s self,
+        i: usize,
+        method: &'static str,
+        body: &'s [u8],
+        session: Option<&'s [u8]>,
+    ) -> UpRequest<'s> {
+        UpRequest {
+            method,
+            body,
+            session,
+            protocol_version: self.version(),
+            inject: self.inject(i),
+            peer: self.peer,
+        }
+    }
+
+    fn note_failure(&self, i: usize, why: &str) {
+        self.worker.stats.metrics.aggregate_failure(i);
+        warn!(
+            "aggregate: upstream {:?} left out: {why}",
+            self.upstream_name(i)
+        );
+    }
+}
+
+/// A reply scopegate writes itself.
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    headers: String,
+    decision: AuditDecision,
+    reason: Option<String>,
+    upstream: Option<usize>,
+}
+
+impl Reply {
+    fn json(status: u16, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            body,
+            headers: String::new(),
+            decision: AuditDecision::Allowed,
+            reason: None,
+            upstream: None,
+        }
+    }
+
+    fn refusal(r: &Refusal, id: Option<crate::mcp::envelope::Id<'_>>) -> Reply {
+        Reply {
+            status: r.status,
+            body: jsonrpc::error_body(id, r.code, &r.message),
+            headers: r.headers.clone(),
+            decision: r.decision,
+            reason: Some(r.message.clone()),
+            upstream: None,
+        }
+    }
+
+    /// A JSON-RPC error with HTTP 200: one upstream's failure must not look like the whole
+    /// endpoint's (an HTTP error would end some clients' sessions).
+    fn upstream_failed(
+        id: Option<crate::mcp::envelope::Id<'_>>,
+        r: &Refusal,
+        upstream: usize,
+    ) -> Reply {
+        Reply {
+            status: 200,
+            body: jsonrpc::error_body(id, r.code, &r.message),
+            headers: String::new(),
+            decision: AuditDecision::UpstreamError,
+            reason: Some(r.message.clone()),
+            upstream: Some(upstream),
+        }
+    }
+
+    fn denied(
+        id: Option<crate::mcp::envelope::Id<'_>>,
+        rule: &str,
+        reason: &str,
+        upstream: Option<usize>,
+    ) -> Reply {
+        Reply {
+            status: 200,
+            body: jsonrpc::denied_body(id, jsonrpc::POLICY_DENIED, reason, rule),
+            headers: String::new(),
+            decision: AuditDecision::Denied,
+            reason: Some(rule.to_owned()),
+            upstream,
+        }
+    }
+}
+
+/// Handles one request on the aggregate endpoint, writing the answer to `client`. `Err`: the
+/// connection must be closed (a response was cut off).
+pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outcome> {
+    let method = req.head.method();
+    if method == b"POST" {
+        return post(req, client).await;
+    }
+    // GET and DELETE need a session.
+    let session = match open(req) {
+        Ok(s) => s,
+        Err(reply) => return write(req, client, reply).await,
+    };
+    match method {
+        b"GET" => get_stream(req, client, &session).await,
+        b"DELETE" => {
+            let futures: Vec<Fut<'_, ()>> = joined(req, &session)
+                .into_iter()
+                .map(|(i, s)| {
+                    Box::pin(async move {
+                        let r = req.up_request(i, "DELETE", b"", Some(&s));
+                        if let Ok(mut resp) = send(req.worker, i, &r, req.deadline()).await {
+                            let _ = resp.read_all(req.deadline(), 1 << 20).await;
+                            resp.finish(req.worker);
+                        }
+                    }) as Fut<'_, ()>
+                })
+                .collect();
+            join_all(futures).await;
+            write(req, client, Reply::json(200, Vec::new())).await
+        }
+        _ => {
+            let mut r = Refusal::new(405, jsonrpc::INVALID_REQUEST, "method not allowed");
+            r.headers = "Allow: GET, POST, DELETE\r\n".into();
+            write(req, client, Reply::refusal(&r, None)).await
+        }
+    }
+}
+
+/// The agent's aggregate session, from its `Mcp-Session-Id`.
+fn open(req: &Request<'_, '_>) -> Result<MultiSession, Reply> {
+    let not_found = || {
+        Reply::refusal(
+            &Refusal::new(
+                404,
+                jsonrpc::SESSION_NOT_FOUND,
+                "session not found: initialize a new session",
+            )
+            .denied(),
+            None,
+        )
+    };
+    let Some(token) = req.head.get("mcp-session-id") else {
+        return Err(Reply::refusal(
+            &Refusal::new(
+                400,
+                jsonrpc::INVALID_REQUEST,
+                "Mcp-Session-Id is required after initialize",
+            ),
+            None,
+        ));
+    };
+    let session = req
+        .worker
+        .sessions
+        .open_multi(token)
+        .ok_or_else(not_found)?;
+    if session.agent != req.agent_id() {
+        return Err(not_found());
+    }
+    Ok(session)
+}
+
+fn token_key(req: &Request<'_, '_>) -> u64 {
+    let token = req.head.get("mcp-session-id").unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_le_bytes(k)
+}
+
+/// The upstreams of this session that the agent may still use, with their session ids:
+/// those joined at initialize and those this worker joined later.
+fn joined(req: &Request<'_, '_>, session: &MultiSession) -> Vec<(usize, Vec<u8>)> {
+    let reachable = req.reachable();
+    let key = token_key(req);
+    let lazy = req.worker.lazy_joins.map.borrow();
+    reachable
+        .into_iter()
+        .filter_map(|i| {
+            let name = req.upstream_name(i);
+            session
+                .upstreams
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| (i, s.clone()))
+                .or_else(|| lazy.get(&(key, i)).map(|s| (i, s.clone())))
+        })
+        .collect()
+}
+
+/// The session id to use for upstream `i`, joining it now when it was not joined yet.
+async fn session_for(
+    req: &Request<'_, '_>,
+    session: &MultiSession,
+    i: usize,
+) -> Result<Vec<u8>, Refusal> {
+    let name = req.upstream_name(i);
+    if let Some((_, s)) = session.upstreams.iter().find(|(n, _)| n == name) {
+        return Ok(s.clone());
+    }
+    let key = token_key(req);
+    if let Some(s) = req.worker.lazy_joins.map.borrow().get(&(key, i)) {
+        return Ok(s.clone());
+    }
+    let version = req
+        .version()
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or("2025-06-18");
+    let init = json!({
+        "jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": {"name": "scopegate", "version": env!("CARGO_PKG_VERSION")}
+        }
+    })
+    .to_string();
+    let r = req.up_request(i, "POST", init.as_bytes(), None);
+    let (resp, body) = exchange(req.worker, i, &r, req.deadline()).await?;
+    let status = resp.status();
+    let sid = resp
+        .header("mcp-session-id")
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    resp.finish(req.worker);
+    if status != 200 || !body_has_result(&body) {
+        return Err(Refusal::new(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("upstream {name:?} did not accept initialize (HTTP {status})"),
+        ));
+    }
+    let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let r = req.up_request(i, "POST", done, Some(&sid));
+    if let Ok(mut resp) = send(req.worker, i, &r, req.deadline()).await {
+        let _ = resp.read_all(req.deadline(), 1 << 20).await;
+        resp.finish(req.worker);
+    }
+    info!("aggregate: joined upstream {name:?} for an existing session");
+    let mut map = req.worker.lazy_joins.map.borrow_mut();
+    if map.len() >= MAX_LAZY_JOINS {
+        map.clear();
+    }
+    map.insert((key, i), sid.clone());
+    Ok(sid)
+}
+
+fn body_has_result(body: &[u8]) -> bool {
+    matches!(serde_json::from_slice::<Value>(body), Ok(Value::Object(m)) if m.contains_key("result"))
+}
+
+async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outcome> {
+    let Some(env) = req.env else {
+        let r = Refusal::new(400, jsonrpc::INVALID_REQUEST, "no JSON-RPC message");
+        return write(req, client, Reply::refusal(&r, None)).await;
+    };
+    let Some(m) = env.single() else {
+        let r = Refusal::new(
+            400,
+            jsonrpc::INVALID_REQUEST,
+            "JSON-RPC batches are not supported on the aggregate endpoint; send one message per POST",
+        );
+        return write(req, client, Reply::refusal(&r, None)).await;
+    };
+    if m.method == Some("initialize") {
+        let reply = initialize(req, m).await;
+        return write(req, client, reply).await;
+    }
+    let session = match open(req) {
+        Ok(s) => s,
+        Err(reply) => return write(req, client, reply).await,
+    };
+    match m.kind {
+        Kind::Notification => {
+            broadcast(req, &session, req.body).await;
+            write(req, client, Reply::json(202, Vec::new())).await
+        }
+        Kind::Response => {
+            let reply = answer_server_request(req, &session).await;
+            write(req, client, reply).await
+        }
+        Kind::Request => {
+            let method = m.method.unwrap_or_default();
+            match method {
+                "ping" => {
+                    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
+                    if let Some(id) = m.id {
+                        id.write_json(&mut body);
+                    }
+                    body.extend_from_slice(b",\"result\":{}}");
+                    write(req, client, Reply::json(200, body)).await
+                }
+                "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" => {
+                    let reply = list(req, &session, m, method).await;
+                    write(req, client, reply).await
+                }
+                "logging/setLevel" => {
+                    broadcast(req, &session, req.body).await;
+                    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
+                    if let Some(id) = m.id {
+                        id.write_json(&mut body);
+                    }
+                    body.extend_from_slice(b",\"result\":{}}");
+                    write(req, client, Reply::json(200, body)).await
+                }
+                "tools/call"
+                | "prompts/get"
+                | "resources/read"
+                | "resources/subscribe"
+                | "resources/unsubscribe"
+                | "completion/complete" => routed(req, client, &session, m, method).await,
+                other => {
+                    let body = jsonrpc::error_body(
+                        m.id,
+                        jsonrpc::METHOD_NOT_FOUND,
+                        &format!("method {other:?} is not available on the aggregate endpoint"),
+                    );
+                    write(req, client, Reply::json(200, body)).await
+                }
+            }
+        }
+    }
+}
+
+/// Sends a notification (or logging/setLevel) to every joined upstream and waits for them.
+async fn broadcast(req: &Request<'_, '_>, session: &MultiSession, body: &[u8]) {
+    let futures: Vec<Fut<'_, ()>> = joined(req, session)
+        .into_iter()
+        .map(|(i, s)| {
+            Box::pin(async move {
+                let r = req.up_request(i, "POST", body, Some(&s));
+                match exchange_or_accepted(req, i, &r).await {
+                    Ok(()) => {}
+                    Err(e) => req.note_failure(i, &e.message),
+                }
+            }) as Fut<'_, ()>
+        })
+        .collect();
+    join_all(futures).await;
+}
+
+/// Sends a message whose answer is 202 (or a JSON-RPC response that is discarded).
+async fn exchange_or_accepted(
+    req: &Request<'_, '_>,
+    i: usize,
+    r: &UpRequest<'_>,
+) -> Result<(), Refusal> {
+    let mut resp = send(req.worker, i, r, req.deadline()).await?;
+    if resp.is_event_stream() {
+        // A response on a stream: not awaited, and the connection is not reused.
+        return Ok(());
+    }
+    let _ = resp.read_all(req.deadline(), 1 << 20).await;
+    resp.finish(req.worker);
+    Ok(())
+}
+
+async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
+    let reachable = req.reachable();
+    if reachable.is_empty() {
+        let r = Refusal::new(
+            404,
+            jsonrpc::GATEWAY_REFUSED,
+            "no upstream is available to this agent",
+        )
+        .denied();
+        return Reply::refusal(&r, m.id);
+    }
+    let futures: Vec<Fut<'_, Result<Joined, Refusal>>> = reachable
+        .iter()
+        .map(|&i| {
+            Box::pin(async move {
+                let r = UpRequest {
+                    method: "POST",
+                    body: req.body,
+                    session: None,
+                    protocol_version: None,
+                    inject: req.inject(i),
+                    peer: req.peer,
+                };
+                let (resp, body) = exchange(req.worker, i, &r, req.deadline()).await?;
+                let status = resp.status();
+                let sid = resp
+                    .header("mcp-session-id")
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
+                resp.finish(req.worker);
+                let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                match value.get("result") {
+                    Some(result) if status == 200 => Ok((sid, result.clone())),
+                    _ => Err(Refusal::new(
+                        502,
+                        jsonrpc::UPSTREAM_UNAVAILABLE,
+                        format!(
+                            "upstream {:?} refused initialize (HTTP {status}): {}",
+                            req.upstream_name(i),
+                            String::from_utf8_lossy(&body[..body.len().min(200)])
+                        ),
+                    )),
+                }
+            }) as Fut<'_, _>
+        })
+        .collect();
+    let results = join_all(futures).await;
+    let mut sessions = Vec::new();
+    let mut answers = Vec::new();
+    let mut failures = Vec::new();
+    for (&i, result) in reachable.iter().zip(results) {
+        match result {
+            Ok((sid, answer)) => {
+                sessions.push((req.upstream_name(i).to_owned(), sid));
+                answers.push((i, answer));
+            }
+            Err(e) => {
+                req.note_failure(i, &e.message);
+                failures.push(e.message);
+            }
+        }
+    }
+    if answers.is_empty() || (req.worker.config.aggregate_fail_closed && !failures.is_empty()) {
+        let r = Refusal::new(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("initialize failed: {}", failures.join("; ")),
+        );
+        let mut reply = Reply::upstream_failed(m.id, &r, reachable[0]);
+        reply.upstream = None;
+        return reply;
+    }
+    let Some(token) = req.worker.sessions.seal_multi(req.agent_id(), &sessions) else {
+        let r = Refusal::new(
+            500,
+            jsonrpc::GATEWAY_REFUSED,
+            "the upstream session ids do not fit a session token",
+        );
+        return Reply::refusal(&r, m.id);
+    };
+    let result = merge_initialize(req, &answers);
+    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
+    if let Some(id) = m.id {
+        id.write_json(&mut body);
+    } else {
+        body.extend_from_slice(b"null");
+    }
+    body.extend_from_slice(b",\"result\":");
+    body.extend_from_slice(result.to_string().as_bytes());
+    body.push(b'}');
+    let mut reply = Reply::json(200, body);
+    reply.headers = format!("Mcp-Session-Id: {token}\r\n");
+    reply
+}
+
+/// scopegate's initialize result: its own serverInfo, the union of the upstreams' capabilities
+/// and the lowest protocol version any of them answered (revisions are dates, so they order as
+/// strings).
+fn merge_initialize(req: &Request<'_, '_>, answers: &[(usize, Value)]) -> Value {
+    let mut version: Option<String> = None;
+    let mut caps = Map::new();
+    let mut instructions = Vec::new();
+    for (i, a) in answers {
+        if let Some(v) = a.get("protocolVersion").and_then(Value::as_str)
+            && version.as_deref().is_none_or(|cur| v < cur)
+        {
+            version = Some(v.to_owned());
+        }
+        if let Some(Value::Object(c)) = a.get("capabilities") {
+            for (k, v) in c {
+                merge_capability(caps.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        if let Some(text) = a.get("instructions").and_then(Value::as_str) {
+            instructions.push(format!("[{}] {text}", req.upstream_name(*i)));
+        }
+    }
+    let mut result = json!({
+        "protocolVersion": version.unwrap_or_else(|| "2025-06-18".into()),
+        "capabilities": caps,
+        "serverInfo": {"name": "scopegate", "version": env!("CARGO_PKG_VERSION")},
+    });
+    if !instructions.is_empty() {
+        result["instructions"] = Value::String(instructions.join("\n"));
+    }
+    result
+}
+
+fn merge_capability(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge_capability(a.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (Value::Bool(a), Value::Bool(b)) => *a |= *b,
+        (slot @ Value::Null, v) => *slot = v.clone(),
+        _ => {}
+    }
+}
+
+/// The list method's item key and what the policy calls the items.
+fn list_key(method: &str) -> (&'static str, &'static str) {
+    match method {
+        "tools/list" => ("tools", "tool"),
+        "prompts/list" => ("prompts", "prompt"),
+        "resources/list" => ("resources", "resource"),
+        _ => ("resourceTemplates", "resource"),
+    }
+}
+
+/// The name an item is exposed under: `<upstream><sep><name>`, or, past the specification's
+/// 128 characters, cut to fit and ended by `~` and 8 hex digits of the name's SHA-256 (the
+/// call then finds the original by listing that upstream's items again).
+pub fn exposed_name(upstream: &str, sep: &str, name: &str) -> String {
+    let full = format!("{upstream}{sep}{name}");
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut suffix = String::from("~");
+    for b in &digest.as_ref()[..4] {
+        suffix.push_str(&format!("{b:02x}"));
+    }
+    let mut keep = MAX_NAME - suffix.len();
+    while !full.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{suffix}", &full[..keep])
+}
+
+fn scoped_uri(upstream: &str, uri: &str) -> String {
+    format!("{URI_SCHEME}{upstream}/{uri}")
+}
+
+/// `scopegate://<upstream>/<uri>` -> (upstream, uri).
+fn unscope_uri(uri: &str) -> Option<(&str, &str)> {
+    uri.strip_prefix(URI_SCHEME)?.split_once('/')
+}
+
+/// Our cursor: base64url of a JSON object `{upstream: its cursor}` for the upstreams with more.
+fn encode_cursor(cursors: &Map<String, Value>) -> String {
+    crate::token::base64url(Value::Object(cursors.clone()).to_string().as_bytes())
+}
+
+fn decode_cursor(cursor: &str) -> Option<Map<String, Value>> {
+    let raw = crate::token::base64url_decode(cursor.as_bytes())?;
+    match serde_json::from_slice(&raw).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+async fn list(
+    req: &Request<'_, '_>,
+    session: &MultiSession,
+    m: &Message<'_>,
+    method: &str,
+) -> Reply {
+    let (key, kind) = list_key(method);
+    let params: Value = serde_json::from_slice::<Value>(req.body)
+        .ok()
+        .and_then(|v| v.get("params").cloned())
+        .unwrap_or(Value::Null);
+    // Which upstreams to ask, each with its own cursor.
+    let mut targets: Vec<(usize, Option<Value>)> = Vec::new();
+    match params.get("cursor").and_then(Value::as_str) {
+        Some(c) => {
+            let Some(cursors) = decode_cursor(c) else {
+                let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "invalid cursor");
+                return Reply::json(200, body);
+            };
+            for (name, cur) in cursors {
+                match req.index_of(&name) {
+                    Some(i) if req.reachable().contains(&i) => targets.push((i, Some(cur))),
+                    _ => {}
+                }
+            }
+        }
+        None => targets.extend(req.reachable().into_iter().map(|i| (i, None))),
+    }
+    let id_json = match m.id {
+        Some(id) => {
+            let mut v = Vec::new();
+            id.write_json(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        }
+        None => "null".into(),
+    };
+    let futures: Vec<Fut<'_, Result<Value, Refusal>>> = targets
+        .iter()
+        .map(|(i, cursor)| {
+            let i = *i;
+            let body = match cursor {
+                Some(c) => format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"method\":\"{method}\",\"params\":{{\"cursor\":{c}}}}}"
+                ),
+                None => format!("{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"method\":\"{method}\"}}"),
+            };
+            Box::pin(async move {
+                let sid = session_for(req, session, i).await?;
+                let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
+                let (resp, answer) = exchange(req.worker, i, &r, req.deadline()).await?;
+                let status = resp.status();
+                resp.finish(req.worker);
+                let value: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+                match value.get("result") {
+                    Some(result) if status == 200 => Ok(result.clone()),
+                    _ => Err(Refusal::new(
+                        502,
+                        jsonrpc::UPSTREAM_UNAVAILABLE,
+                        format!(
+                            "upstream {:?} failed {method} (HTTP {status}): {}",
+                            req.upstream_name(i),
+                            String::from_utf8_lossy(&answer[..answer.len().min(200)])
+                        ),
+                    )),
+                }
+            }) as Fut<'_, _>
+        })
+        .collect();
+    let results = join_all(futures).await;
+    let mut items = Vec::new();
+    let mut next = Map::new();
+    let mut failures = Vec::new();
+    let sep = req.sep();
+    for ((i, _), result) in targets.iter().zip(results) {
+        let i = *i;
+        let up = req.upstream_name(i);
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                req.note_failure(i, &e.message);
+                failures.push(e.message);
+                continue;
+            }
+        };
+        if let Some(c) = result.get("nextCursor").filter(|c| !c.is_null()) {
+            next.insert(up.to_owned(), c.clone());
+        }
+        let Some(Value::Array(list)) = result.get(key) else {
+            continue;
+        };
+        for mut item in list.iter().cloned() {
+            let visible = match kind {
+                "tool" => item.get("name").and_then(Value::as_str).is_some_and(|n| {
+                    match (req.policy, req.agent) {
+                        (Some(p), Some(a)) => decide::tool_visible(p, a, i, n),
+                        _ => true,
+                    }
+                }),
+                _ => {
+                    let field = if kind == "prompt" {
+                        "name"
+                    } else if key == "resourceTemplates" {
+                        "uriTemplate"
+                    } else {
+                        "uri"
+                    };
+                    item.get(field).and_then(Value::as_str).is_some_and(|n| {
+                        match (req.policy, req.agent) {
+                            (Some(p), Some(a)) => decide::item_denied(p, a, i, kind, n).is_none(),
+                            _ => true,
+                        }
+                    })
+                }
+            };
+            if !visible {
+                continue;
+            }
+            match key {
+                "tools" | "prompts" => {
+                    let name = item["name"].as_str().unwrap_or_default().to_owned();
+                    item["name"] = Value::String(exposed_name(up, sep, &name));
+                }
+                "resources" => {
+                    let uri = item["uri"].as_str().unwrap_or_default().to_owned();
+                    item["uri"] = Value::String(scoped_uri(up, &uri));
+                }
+                _ => {
+                    let uri = item["uriTemplate"].as_str().unwrap_or_default().to_owned();
+                    item["uriTemplate"] = Value::String(scoped_uri(up, &uri));
+                }
+            }
+            items.push(item);
+        }
+    }
+    if req.worker.config.aggregate_fail_closed && !failures.is_empty() {
+        let r = Refusal::new(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("{method} failed: {}", failures.join("; ")),
+        );
+        return Reply::refusal(&Refusal { status: 200, ..r }, m.id);
+    }
+    let mut result = Map::new();
+    result.insert(key.to_owned(), Value::Array(items));
+    if !next.is_empty() {
+        result.insert("nextCursor".into(), Value::String(encode_cursor(&next)));
+    }
+    let body = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"result\":{}}}",
+        Value::Object(result)
+    );
+    Reply::json(200, body.into_bytes())
+}
+
+/// The upstream and original name behind an exposed tool or prompt name.
+async fn resolve_name(
+    req: &Request<'_, '_>,
+    session: &MultiSession,
+    exposed: &str,
+    method: &'static str,
+) -> Option<(usize, String)> {
+    let sep = req.sep();
+    let (up, rest) = exposed.split_once(sep)?;
+    let i = req.index_of(up)?;
+    if !req.reachable().contains(&i) {
+        return None;
+    }
+    let looks_cut = exposed.len() == MAX_NAME
+        && exposed
+            .rsplit_once('~')
+            .is_some_and(|(_, h)| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !looks_cut {
+        return Some((i, rest.to_owned()));
+    }
+    // A cut name: find the original among the upstream's items.
+    let (key, _) = list_key(method);
+    let sid = session_for(req, session, i).await.ok()?;
+    let mut cursor: Option<Value> = None;
+    for _ in 0..100 {
+        let body = match &cursor {
+            Some(c) => format!(
+                "{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\",\"params\":{{\"cursor\":{c}}}}}"
+            ),
+            None => format!("{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\"}}"),
+        };
+        let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
+        let (resp, answer) = exchange(req.worker, i, &r, req.deadline()).await.ok()?;
+        resp.finish(req.worker);
+        let value: Value = serde_json::from_slice(&answer).ok()?;
+        let result = value.get("result")?;
+        if let Some(Value::Array(items)) = result.get(key) {
+            for item in items {
+                if let Some(n) = item.get("name").and_then(Value::as_str)
+                    && exposed_name(up, sep, n) == exposed
+                {
+                    return Some((i, n.to_owned()));
+                }
+            }
+        }
+        cursor = result.get("nextCursor").filter(|c| !c.is_null()).cloned();
+        cursor.as_ref()?;
+    }
+    None
+}
+
+/// A message that belongs to one upstream: a call, a prompt, a resource, a completion.
+async fn routed(
+    req: &Request<'_, '_>,
+    client: &mut Conn,
+    session: &MultiSession,
+    m: &Message<'_>,
+    method: &str,
+) -> Result<Outcome, Outcome> {
+    let unknown = |what: &str, name: &str| {
+        Reply::denied(
+            m.id,
+            &format!("unknown {what}"),
+            &format!("unknown {what} {name:?}"),
+            None,
+        )
+    };
+    // Where the name (or URI) sits, what the upstream calls it, and which upstream has it.
+    let (path, target, original): (&[&str], usize, String) = match method {
+        "tools/call" | "prompts/get" => {
+            let what = if method == "tools/call" {
+                "tool"
+            } else {
+                "prompt"
+            };
+            let Some(name) = m.name else {
+                let body =
+                    jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "params.name is required");
+                return write(req, client, Reply::json(200, body)).await;
+            };
+            let list_method = if method == "tools/call" {
+                "tools/list"
+            } else {
+                "prompts/list"
+            };
+            match resolve_name(req, session, name, list_method).await {
+                Some((i, original)) => (&["params", "name"], i, original),
+                None => return write(req, client, unknown(what, name)).await,
+            }
+        }
+        "completion/complete" => {
+            let params: Value = serde_json::from_slice::<Value>(req.body)
+                .ok()
+                .and_then(|v| v.get("params").cloned())
+                .unwrap_or(Value::Null);
+            let r = &params["ref"];
+            if let Some(name) = r.get("name").and_then(Value::as_str) {
+                match resolve_name(req, session, name, "prompts/list").await {
+                    Some((i, original)) => (&["params", "ref", "name"], i, original),
+                    None => return write(req, client, unknown("prompt", name)).await,
+                }
+            } else if let Some(uri) = r.get("uri").and_then(Value::as_str) {
+                match unscope_uri(uri).and_then(|(up, u)| Some((req.index_of(up)?, u))) {
+                    Some((i, u)) if req.reachable().contains(&i) => {
+                        (&["params", "ref", "uri"], i, u.to_owned())
+                    }
+                    _ => return write(req, client, unknown("resource", uri)).await,
+                }
+            } else {
+                let body = jsonrpc::error_body(
+                    m.id,
+                    jsonrpc::INVALID_PARAMS,
+                    "params.ref needs a name or a uri",
+                );
+                return write(req, client, Reply::json(200, body)).await;
+            }
+        }
+        _ => {
+            let Some(uri) = m.uri else {
+                let body =
+                    jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "params.uri is required");
+                return write(req, client, Reply::json(200, body)).await;
+            };
+            match unscope_uri(uri).and_then(|(up, u)| Some((req.index_of(up)?, u))) {
+                Some((i, u)) if req.reachable().contains(&i) => {
+                    (&["params", "uri"], i, u.to_owned())
+                }
+                _ => return write(req, client, unknown("resource", uri)).await,
+            }
+        }
+    };
+    let i = target;
+
+    // Authorize what the upstream will execute: its own name for the tool.
+    if let (Some(p), Some(a)) = (req.policy, req.agent) {
+        let decision = match method {
+            "tools/call" => {
+                decide::authorize_call(p, a, i, &original, req.env.and_then(|e| e.arguments(m)))
+            }
+            "prompts/get" => match decide::item_denied(p, a, i, "prompt", &original) {
+                Some(rule) => Decision::Deny {
+                    reason: format!("prompt {original:?} is denied by rule {rule:?}"),
+                    rule: format!("deny {rule:?}"),
+                },
+                None => Decision::Allow,
+            },
+            "completion/complete" if path.last() == Some(&"name") => {
+                match decide::item_denied(p, a, i, "prompt", &original) {
+                    Some(rule) => Decision::Deny {
+                        reason: format!("prompt {original:?} is denied by rule {rule:?}"),
+                        rule: format!("deny {rule:?}"),
+                    },
+                    None => Decision::Allow,
+                }
+            }
+            _ => match decide::item_denied(p, a, i, "resource", &original) {
+                Some(rule) => Decision::Deny {
+                    reason: format!("resource {original:?} is denied by rule {rule:?}"),
+                    rule: format!("deny {rule:?}"),
+                },
+                None => Decision::Allow,
+            },
+        };
+        if let Decision::Deny { rule, reason } = decision {
+            return write(req, client, Reply::denied(m.id, &rule, &reason, Some(i))).await;
+        }
+        // Rate limits: every bucket the call falls in, with the upstream's own tool name.
+        let tool = (method == "tools/call").then_some(original.as_str());
+        if let Err(limited) = p.limits.admit(p, a, i, tool, crate::ratelimit::now_ns()) {
+            let retry_ms = limited.retry_after_ns.div_ceil(1_000_000).max(1);
+            let message = format!(
+                "rate limited by {}; retry after {retry_ms} ms",
+                limited.label
+            );
+            let mut reply = Reply::json(
+                req.worker.config.rate_limit_status,
+                jsonrpc::rate_limited_body(m.id, &message, retry_ms, &limited.label),
+            );
+            reply.headers = format!("Retry-After: {}\r\n", retry_ms.div_ceil(1000).max(1));
+            reply.decision = AuditDecision::RateLimited;
+            reply.reason = Some(limited.label);
+            reply.upstream = Some(i);
+            return write(req, client, reply).await;
+        }
+    }
+
+    // The one rewrite on the call path: the name (or URI) spliced back, the rest byte-identical.
+    let Some(range) = json::locate(req.body, path).filter(|&(a, b)| {
+        serde_json::from_slice::<String>(&req.body[a..b]).is_ok_and(|s| {
+            let name = m.name.unwrap_or_default();
+            let uri = m.uri.unwrap_or_default();
+            s == name || s == uri || method == "completion/complete"
+        })
+    }) else {
+        let body = jsonrpc::error_body(
+            m.id,
+            jsonrpc::INVALID_REQUEST,
+            "the name could not be rewritten (write it without escapes)",
+        );
+        return write(req, client, Reply::json(400, body)).await;
+    };
+    let mut with = Vec::with_capacity(original.len() + 2);
+    jsonrpc::write_json_string(&original, &mut with);
+    let body = json::splice(req.body, range, &with);
+
+    let sid = match session_for(req, session, i).await {
+        Ok(s) => s,
+        Err(e) => return write(req, client, Reply::upstream_failed(m.id, &e, i)).await,
+    };
+    let r = req.up_request(i, "POST", &body, Some(&sid));
+    let sent_at = Instant::now();
+    let resp = match send(req.worker, i, &r, req.deadline()).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            req.note_failure(i, &e.message);
+            return write(req, client, Reply::upstream_failed(m.id, &e, i)).await;
+        }
+    };
+    let upstream_us = Some(sent_at.elapsed().as_micros() as u64);
+    let rewrite = Rewrite {
+        upstream: req.upstream_name(i).to_owned(),
+        read_result: method == "resources/read",
+    };
+    relay(req, client, resp, &rewrite, m, i, upstream_us).await
+}
+
+/// How messages from an upstream are rewritten for the agent.
+struct Rewrite {
+    upstream: String,
+    /// The answer is a resources/read result: its contents' URIs are scoped.
+    read_result: bool,
+}
+
+impl Rewrite {
+    /// Server requests get collision-free ids; resource URIs get the aggregate scheme. Returns
+    /// the bytes unchanged when nothing needed rewriting.
+    fn apply(&self, data: &[u8]) -> Vec<u8> {
+        let Ok(mut v) = serde_json::from_slice::<Value>(data) else {
+            return data.to_vec();
+        };
+        let changed = match &mut v {
+            Value::Array(list) => list.iter_mut().fold(false, |c, m| self.one(m) | c),
+            m => self.one(m),
+        };
+        if changed {
+            v.to_string().into_bytes()
+        } else {
+            data.to_vec()
+        }
+    }
+
+    fn one(&self, m: &mut Value) -> bool {
+        let Value::Object(obj) = m else {
+            return false;
+        };
+        let method = obj.get("method").and_then(Value::as_str).map(str::to_owned);
+        let mut changed = false;
+        match method.as_deref() {
+            Some(method) => {
+                if let Some(id) = obj.get_mut("id") {
+                    *id = Value::String(map_id(&self.upstream, id));
+                    changed = true;
+                }
+                let params = obj.get_mut("params");
+                match (method, params) {
+                    ("notifications/cancelled", Some(Value::Object(p))) => {
+                        if let Some(id) = p.get_mut("requestId") {
+                            *id = Value::String(map_id(&self.upstream, id));
+                            changed = true;
+                        }
+                    }
+                    ("notifications/resources/updated", Some(Value::Object(p))) => {
+                        if let Some(Value::String(uri)) = p.get_mut("uri") {
+                            *uri = scoped_uri(&self.upstream, uri);
+                            changed = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            None if self.read_result => {
+                if let Some(Value::Array(contents)) =
+                    obj.get_mut("result").and_then(|r| r.get_mut("contents"))
+                {
+                    for c in contents {
+                        if let Some(Value::String(uri)) = c.get_mut("uri") {
+                            *uri = scoped_uri(&self.upstream, uri);
+                            changed = true;
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        changed
+    }
+}
+
+/// `sg:<upstream>:<id as JSON>`: the id a server request gets on the aggregate endpoint.
+pub fn map_id(upstream: &str, id: &Value) -> String {
+    format!("{ID_PREFIX}{upstream}:{id}")
+}
+
+/// The upstream and original id (as JSON text) behind a mapped id.
+pub fn unmap_id(id: &str) -> Option<(&str, &str)> {
+    id.strip_prefix(ID_PREFIX)?.split_once(':')
+}
+
+/// The agent's answer to a server request goes back to the upstream that asked, with the
+/// original id.
+async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) -> Reply {
+    let bad = |why: &str| {
+        let r = Refusal::new(400, jsonrpc::INVALID_REQUEST, why);
+        Reply::refusal(&r, None)
+    };
+    let Some(range) = json::locate(req.body, &["id"]) else {
+        return bad("a response needs an id");
+    };
+    let Ok(id) = serde_json::from_slice::<String>(&req.body[range.0..range.1]) else {
+        return bad("this response answers no request scopegate relayed");
+    };
+    let Some((up, original)) = unmap_id(&id) else {
+        return bad("this response answers no request scopegate relayed");
+    };
+    let Some(i) = req.index_of(up).filter(|i| req.reachable().contains(i)) else {
+        return bad("this response answers no request scopegate relayed");
+    };
+    if serde_json::from_str::<Value>(original).is_err() {
+        return bad("this response answers no request scopegate relayed");
+    }
+    let body = json::splice(req.body, range, original.as_bytes());
+    let sid = match session_for(req, session, i).await {
+        Ok(s) => s,
+        Err(e) => return Reply::upstream_failed(None, &e, i),
+    };
+    let r = req.up_request(i, "POST", &body, Some(&sid));
+    match exchange_or_accepted(req, i, &r).await {
+        Ok(()) => {
+            let mut reply = Reply::json(202, Vec::new());
+            reply.upstream = Some(i);
+            reply
+        }
+        Err(e) => {
+            req.note_failure(i, &e.message);
+            let mut reply = Reply::refusal(&e, None);
+            reply.upstream = Some(i);
+            reply.decision = AuditDecision::UpstreamError;
+            reply
+        }
+    }
+}
+
+/// Relays a routed call's answer: JSON read whole and rewritten, or an event stream event by
+/// event.
+async fn relay(
+    req: &Request<'_, '_>,
+    client: &mut Conn,
+    mut resp: UpResponse,
+    rewrite: &Rewrite,
+    m: &Message<'_>,
+    i: usize,
+    upstream_us: Option<u64>,
+) -> Result<Outcome, Outcome> {
+    let status = resp.status();
+    if !resp.is_event_stream() {
+        let limit = req.worker.config.max_body.max(1 << 20) * 16;
+        let body = match resp.read_all(req.deadline(), limit).await {
+            Ok(b) => b,
+            Err(why) => {
+                let r = Refusal::new(
+                    502,
+                    jsonrpc::UPSTREAM_UNAVAILABLE,
+                    format!("upstream {:?} {why}", rewrite.upstream),
+                );
+                req.note_failure(i, &r.message);
+                return write(req, client, Reply::upstream_failed(m.id, &r, i)).await;
+            }
+        };
+        resp.finish(req.worker);
+        let body = if body.is_empty() {
+            body
+        } else {
+            rewrite.apply(&body)
+        };
+        let mut reply = Reply::json(status, body);
+        reply.upstream = Some(i);
+        if status >= 500 {
+            reply.decision = AuditDecision::UpstreamError;
+        }
+        let mut out = write(req, client, reply).await;
+        match &mut out {
+            Ok(o) | Err(o) => o.upstream_us = upstream_us,
+        }
+        return out;
+    }
+    let mut outcome = Outcome {
+        status,
+        upstream: Some(i),
+        upstream_us,
+        keep_alive: !req.close,
+        ..Outcome::default()
+    };
+    let _gauge = crate::forward::StreamGauge::open(&req.worker.stats.metrics.sse_streams);
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+        response::reason(status)
+    );
+    if req.close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    if write_bytes(client, head.into_bytes()).await.is_err() {
+        outcome.keep_alive = false;
+        return Err(outcome);
+    }
+    let mut sse = json::SseSplitter::default();
+    loop {
+        let piece = match resp.next(None).await {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            Err(why) => {
+                outcome.decision = AuditDecision::UpstreamError;
+                outcome.reason = Some(format!("the response was cut off mid-body: {why}"));
+                outcome.keep_alive = false;
+                return Err(outcome);
+            }
+        };
+        sse.push(&piece);
+        let mut out = Vec::new();
+        while let Some(event) = sse.next_event() {
+            let (data, other) = json::event_parts(&event);
+            let data = data.map(|d| rewrite.apply(&d));
+            if data.is_none() && other.is_empty() {
+                continue;
+            }
+            json::write_event(&other, data.as_deref(), &mut out);
+        }
+        if !out.is_empty() && write_chunk(client, &out).await.is_err() {
+            outcome.keep_alive = false;
+            return Err(outcome);
+        }
+    }
+    resp.finish(req.worker);
+    if write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_err() {
+        outcome.keep_alive = false;
+        return Err(outcome);
+    }
+    Ok(outcome)
+}
+
+/// GET: one event stream for the agent, merged from every joined upstream's.
+async fn get_stream(
+    req: &Request<'_, '_>,
+    client: &mut Conn,
+    session: &MultiSession,
+) -> Result<Outcome, Outcome> {
+    let targets = joined(req, session);
+    let futures: Vec<Fut<'_, Option<(usize, UpResponse)>>> = targets
+        .iter()
+        .map(|(i, s)| {
+            let i = *i;
+            Box::pin(async move {
+                let r = req.up_request(i, "GET", b"", Some(s));
+                match send(req.worker, i, &r, req.deadline()).await {
+                    Ok(resp) if resp.status() == 200 && resp.is_event_stream() => Some((i, resp)),
+                    Ok(_) => None,
+                    Err(e) => {
+                        req.note_failure(i, &e.message);
+                        None
+                    }
+                }
+            }) as Fut<'_, _>
+        })
+        .collect();
+    let streams: Vec<(usize, UpResponse)> = join_all(futures).await.into_iter().flatten().collect();
+    if streams.is_empty() {
+        let mut r = Refusal::new(
+            405,
+            jsonrpc::INVALID_REQUEST,
+            "no upstream offers an event stream",
+        );
+        r.headers = "Allow: POST, DELETE\r\n".into();
+        return write(req, client, Reply::refusal(&r, None)).await;
+    }
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+    );
+    if req.close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    let mut outcome = Outcome {
+        status: 200,
+        keep_alive: false,
+        ..Outcome::default()
+    };
+    if write_bytes(client, head.into_bytes()).await.is_err() {
+        return Err(outcome);
+    }
+    let _gauge = crate::forward::StreamGauge::open(&req.worker.stats.metrics.sse_streams);
+    // Readers push rewritten events into one queue; the writer sends them on. All of them run
+    // on this task: whenever any is woken, every one is polled again.
+    let queue: Rc<RefCell<(VecDeque<Vec<u8>>, usize)>> =
+        Rc::new(RefCell::new((VecDeque::new(), streams.len())));
+    let mut readers: Vec<Option<Fut<'_, ()>>> = streams
+        .into_iter()
+        .map(|(i, mut resp)| {
+            let queue = queue.clone();
+            let rewrite = Rewrite {
+                upstream: req.upstream_name(i).to_owned(),
+                read_result: false,
+            };
+            Some(Box::pin(async move {
+                let mut sse = json::SseSplitter::default();
+                while let Ok(Some(piece)) = resp.next(None).await {
+                    sse.push(&piece);
+                    while let Some(event) = sse.next_event() {
+                        let (data, other) = json::event_parts(&event);
+                        let data = data.map(|d| rewrite.apply(&d));
+                        if data.is_none() && other.is_empty() {
+                            continue;
+                        }
+                        let mut out = Vec::new();
+                        json::write_event(&other, data.as_deref(), &mut out);
+                        queue.borrow_mut().0.push_back(out);
+                    }
+                }
+                queue.borrow_mut().1 -= 1;
+            }) as Fut<'_, ()>)
+        })
+        .collect();
+    let writer_queue = queue.clone();
+    let writer = async move {
+        loop {
+            let next = std::future::poll_fn(|_| {
+                let mut q = writer_queue.borrow_mut();
+                match q.0.pop_front() {
+                    Some(e) => Poll::Ready(Some(e)),
+                    None if q.1 == 0 => Poll::Ready(None),
+                    None => Poll::Pending,
+                }
+            })
+            .await;
+            let Some(event) = next else {
+                return write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_ok();
+            };
+            if write_chunk(client, &event).await.is_err() {
+                return false;
+            }
+        }
+    };
+    let mut writer = pin!(writer);
+    let ended_cleanly = std::future::poll_fn(|cx| {
+        for slot in readers.iter_mut() {
+            if let Some(r) = slot
+                && r.as_mut().poll(cx).is_ready()
+            {
+                *slot = None;
+            }
+        }
+        writer.as_mut().poll(cx)
+    })
+    .await;
+    if !ended_cleanly {
+        outcome.reason = Some("the agent went away".into());
+    }
+    Ok(outcome)
+}
+
+async fn write_bytes(client: &mut Conn, data: Vec<u8>) -> std::io::Result<()> {
+    let (res, _) = client.write_all(data).await;
+    res
+}
+
+async fn write_chunk(client: &mut Conn, data: &[u8]) -> std::io::Result<()> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    write_bytes(client, out).await
+}
+
+async fn write(req: &Request<'_, '_>, client: &mut Conn, reply: Reply) -> Result<Outcome, Outcome> {
+    let content_type = if reply.body.is_empty() {
+        ""
+    } else {
+        "application/json"
+    };
+    let bytes = response::build(
+        reply.status,
+        content_type,
+        &reply.headers,
+        &reply.body,
+        req.close,
+    );
+    let outcome = Outcome {
+        status: reply.status,
+        decision: reply.decision,
+        reason: reply.reason,
+        upstream: reply.upstream,
+        upstream_us: None,
+        keep_alive: !req.close,
+    };
+    match write_bytes(client, bytes).await {
+        Ok(()) => Ok(outcome),
+        Err(_) => Err(outcome),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_names_are_cut_to_128_with_a_hash() {
+        assert_eq!(exposed_name("gh", "__", "create"), "gh__create");
+        let long = "x".repeat(200);
+        let e = exposed_name("gh", "__", &long);
+        assert_eq!(e.len(), MAX_NAME);
+        assert!(e.starts_with("gh__xxx"));
+        let (_, hash) = e.rsplit_once('~').unwrap();
+        assert_eq!(hash.len(), 8);
+        assert_ne!(e, exposed_name("gh", "__", &"x".repeat(201)));
+    }
+
+    #[test]
+    fn server_request_ids_map_and_unmap() {
+        let id = map_id("jira", &json!(0));
+        assert_eq!(id, "sg:jira:0");
+        assert_eq!(unmap_id(&id), Some(("jira", "0")));
+        let id = map_id("gh", &json!("a:b"));
+        assert_eq!(unmap_id(&id), Some(("gh", "\"a:b\"")));
+        assert_eq!(unmap_id("7"), None);
+    }
+
+    #[test]
+    fn rewrite_maps_server_requests_and_resource_uris_only() {
+        let r = Rewrite {
+            upstream: "gh".into(),
+            read_result: false,
+        };
+        let progress = br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}"#;
+        assert_eq!(r.apply(progress), progress.to_vec());
+        let response = br#"{"jsonrpc":"2.0","id":5,"result":{}}"#;
+        assert_eq!(r.apply(response), response.to_vec());
+        let sampling: Value = serde_json::from_slice(
+            &r.apply(br#"{"jsonrpc":"2.0","id":0,"method":"sampling/createMessage","params":{}}"#),
+        )
+        .unwrap();
+        assert_eq!(sampling["id"], "sg:gh:0");
+        let updated: Value = serde_json::from_slice(&r.apply(
+            br#"{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///a"}}"#,
+        ))
+        .unwrap();
+        assert_eq!(updated["params"]["uri"], "scopegate://gh/file:///a");
+        assert_eq!(
+            unscope_uri("scopegate://gh/file:///a"),
+            Some(("gh", "file:///a"))
+        );
+    }
+
+    #[test]
+    fn capabilities_merge_as_a_union() {
+        let mut into = Value::Null;
+        merge_capability(&mut into, &json!({"tools": {"listChanged": false}}));
+        merge_capability(
+            &mut into,
+            &json!({"tools": {"listChanged": true}, "prompts": {}}),
+        );
+        assert_eq!(into, json!({"tools": {"listChanged": true}, "prompts": {}}));
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let mut m = Map::new();
+        m.insert("gh".into(), json!("abc"));
+        m.insert("jira".into(), json!(2));
+        assert_eq!(decode_cursor(&encode_cursor(&m)), Some(m));
+        assert_eq!(decode_cursor("!!"), None);
+    }
+}

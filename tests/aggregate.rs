@@ -1,0 +1,583 @@
+//! The aggregate endpoint through the real binary: several mock upstreams behind one `/mcp`.
+//! Initialize fan-out and the sealed multi-session, prefixed and filtered lists with a combined
+//! cursor, calls routed with only the name spliced, server requests whose ids never collide,
+//! merged GET streams, DELETE, failures, tenants.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+const BOT: &str = "bot-key-0123456789";
+const GLOBEX: &str = "globex-key-0123456789";
+
+fn policy_text(c_url: &str) -> String {
+    format!(
+        r#"
+[[tenant]]
+id = "acme"
+[[tenant]]
+id = "globex"
+
+[[upstream]]
+name = "a"
+tenant = "acme"
+[upstream.headers]
+X-Upstream-Key = "key-of-a"
+
+[[upstream]]
+name = "b"
+tenant = "acme"
+
+[[upstream]]
+name = "c"
+url = "{c_url}"
+tenant = "globex"
+[upstream.headers]
+X-Upstream-Key = "key-of-c"
+
+[[agent]]
+id = "bot"
+tenant = "acme"
+key_sha256 = "{bot}"
+allow = ["a/echo", "a/slow_events", "a/ask", "b/*"]
+deny = ["b/status"]
+
+[agent.rate]
+per_second = 1000
+burst = 1000
+
+[[agent]]
+id = "globex-bot"
+tenant = "globex"
+key_sha256 = "{globex}"
+allow = ["c/*"]
+"#,
+        bot = sha256_hex(BOT),
+        globex = sha256_hex(GLOBEX),
+    )
+}
+
+struct Setup {
+    a: MockServer,
+    b: MockServer,
+    c: MockServer,
+    gw: Running,
+}
+
+fn setup(extra: &[(&str, &str)]) -> Setup {
+    let a = MockServer::start(MockConfig {
+        page_size: 3,
+        ..MockConfig::default()
+    });
+    let b = MockServer::start(MockConfig {
+        sse: true,
+        ..MockConfig::default()
+    });
+    let c = MockServer::start(MockConfig::default());
+    let (mut g, _) = Gateway::open()
+        .upstream("a", &a)
+        .upstream("b", &b)
+        .env(
+            "SCOPEGATE_SESSION_SECRET",
+            "test-secret-test-secret-test-secret!",
+        )
+        .policy(&policy_text(&c.url()));
+    for (k, v) in extra {
+        g = g.env(k, v);
+    }
+    Setup {
+        gw: g.start(),
+        a,
+        b,
+        c,
+    }
+}
+
+fn post(c: &mut Client, key: &str, session: Option<&str>, body: &str) -> Response {
+    let mut r = c
+        .post("/mcp", body)
+        .header("Authorization", &format!("Bearer {key}"));
+    if let Some(s) = session {
+        r = r.header("Mcp-Session-Id", s);
+    }
+    r.send()
+}
+
+/// The JSON-RPC response in a body that is JSON or an event stream.
+fn message(r: &Response) -> Value {
+    let text = r.text();
+    if r.header("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream"))
+    {
+        let last = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|v| v.get("result").is_some() || v.get("error").is_some());
+        return last.unwrap_or_else(|| panic!("no response in {text:?}"));
+    }
+    r.json()
+}
+
+fn initialize(c: &mut Client, key: &str) -> String {
+    let r = post(c, key, None, INIT);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["result"]["serverInfo"]["name"], "scopegate");
+    let token = r.header("mcp-session-id").expect("session").to_owned();
+    assert!(token.starts_with("sg2."), "{token}");
+    let r = post(
+        c,
+        key,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    );
+    assert_eq!(r.status, 202);
+    token
+}
+
+fn all_tools(c: &mut Client, key: &str, token: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page in 0..10 {
+        let body = match &cursor {
+            Some(cur) => format!(
+                r#"{{"jsonrpc":"2.0","id":{page},"method":"tools/list","params":{{"cursor":"{cur}"}}}}"#
+            ),
+            None => r#"{"jsonrpc":"2.0","id":0,"method":"tools/list"}"#.to_owned(),
+        };
+        let r = post(c, key, Some(token), &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = message(&r);
+        for t in v["result"]["tools"].as_array().expect("tools") {
+            names.push(t["name"].as_str().unwrap().to_owned());
+        }
+        match v["result"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return names,
+        }
+    }
+    panic!("more pages than tools");
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn initialize_fans_out_and_lists_are_merged_filtered_prefixed_and_paged() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+
+    // Both of the agent's upstreams were initialized, each with its own credential; the other
+    // tenant's upstream was not contacted.
+    let inits = |m: &MockServer| {
+        m.recorded()
+            .into_iter()
+            .filter(|r| r.json().is_some_and(|v| v["method"] == "initialize"))
+            .collect::<Vec<_>>()
+    };
+    let a_init = inits(&s.a);
+    assert_eq!(a_init.len(), 1);
+    assert_eq!(a_init[0].header("x-upstream-key"), Some("key-of-a"));
+    assert!(a_init[0].header("authorization").is_none());
+    let b_init = inits(&s.b);
+    assert_eq!(b_init.len(), 1);
+    assert!(b_init[0].header("x-upstream-key").is_none());
+    assert!(s.c.recorded().is_empty());
+
+    // a pages by 3, b answers on an event stream: the merged list follows both.
+    let names = all_tools(&mut c, BOT, &token);
+    let expected = sorted(
+        [
+            "a__echo",
+            "a__slow_events",
+            "a__ask",
+            "b__echo",
+            "b__slow_events",
+            "b__sse_raw",
+            "b__close_delimited",
+            "b__sleep",
+            "b__big",
+            "b__ask",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    assert_eq!(sorted(names.clone()), expected);
+    assert_eq!(names.len(), expected.len(), "no duplicates across pages");
+    // a was asked for each of its pages with its own cursor, and with its own session.
+    let a_lists: Vec<Value> =
+        s.a.recorded()
+            .into_iter()
+            .filter_map(|r| r.json())
+            .filter(|v| v["method"] == "tools/list")
+            .collect();
+    let cursors: Vec<Value> = a_lists
+        .iter()
+        .map(|v| v["params"]["cursor"].clone())
+        .collect();
+    assert_eq!(cursors, vec![Value::Null, json!("3"), json!("6")]);
+    let sessions: Vec<String> =
+        s.a.recorded()
+            .into_iter()
+            .filter(|r| r.json().is_some_and(|v| v["method"] == "tools/list"))
+            .map(|r| r.header("mcp-session-id").unwrap_or("").to_owned())
+            .collect();
+    assert!(
+        sessions.iter().all(|id| id.starts_with("mock-session-")),
+        "{sessions:?}"
+    );
+
+    // A forged or another agent's cursor does not open other upstreams.
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","id":9,"method":"tools/list","params":{"cursor":"eyJjIjoiMCJ9"}}"#,
+    );
+    assert_eq!(message(&r)["result"]["tools"], json!([]));
+    assert!(s.c.recorded().is_empty());
+}
+
+#[test]
+fn calls_go_to_their_upstream_with_only_the_name_spliced() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    // Odd spacing, a decoy "name" inside the arguments, unicode: all must arrive as sent.
+    let body = r#"{ "jsonrpc" : "2.0", "id" : 7, "method":"tools/call", "params" : { "arguments" : {"name":"a__echo", "note":"h\u00e9 \"q\""} , "name" :  "a__echo" } }"#;
+    let r = post(&mut c, BOT, Some(&token), body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = message(&r);
+    assert_eq!(v["id"], 7);
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("a__echo")
+    );
+    let calls: Vec<_> =
+        s.a.recorded()
+            .into_iter()
+            .filter(|r| r.json().is_some_and(|v| v["method"] == "tools/call"))
+            .collect();
+    assert_eq!(calls.len(), 1);
+    let expected = body.replacen(r#""name" :  "a__echo""#, r#""name" :  "echo""#, 1);
+    assert_eq!(String::from_utf8_lossy(&calls[0].body), expected);
+    assert_eq!(calls[0].header("x-upstream-key"), Some("key-of-a"));
+    assert!(
+        s.b.recorded()
+            .iter()
+            .all(|r| !r.json().is_some_and(|v| v["method"] == "tools/call"))
+    );
+
+    // b answers on an event stream; progress is relayed as it comes.
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        &call(8, "b__slow_events", r#"{"count":2,"delay_ms":10}"#),
+    );
+    assert!(r.text().contains("notifications/progress"), "{}", r.text());
+    assert_eq!(message(&r)["result"]["content"][0]["text"], "2 events");
+
+    // Refusals never reach an upstream: denied, not allowed, another tenant's, unknown.
+    let before = s.a.recorded().len() + s.b.recorded().len();
+    for (name, rule) in [
+        ("b__status", "deny \"b/status\""),
+        ("a__sleep", "allow (no match)"),
+        ("c__echo", "unknown tool"),
+        ("zzz__echo", "unknown tool"),
+        ("echo", "unknown tool"),
+    ] {
+        let r = post(&mut c, BOT, Some(&token), &call(9, name, "{}"));
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        assert_eq!(v["error"]["code"], -32004, "{name}: {v}");
+        assert_eq!(v["error"]["data"]["rule"], rule, "{name}");
+    }
+    assert_eq!(s.a.recorded().len() + s.b.recorded().len(), before);
+    assert!(s.c.recorded().is_empty());
+}
+
+#[test]
+fn the_other_tenant_sees_only_its_upstream() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, GLOBEX);
+    let names = all_tools(&mut c, GLOBEX, &token);
+    assert!(!names.is_empty());
+    assert!(names.iter().all(|n| n.starts_with("c__")), "{names:?}");
+    let r = post(&mut c, GLOBEX, Some(&token), &call(3, "a__echo", "{}"));
+    assert_eq!(r.json()["error"]["data"]["rule"], "unknown tool");
+    let r = post(
+        &mut c,
+        GLOBEX,
+        Some(&token),
+        &call(4, "c__echo", r#"{"x":1}"#),
+    );
+    assert!(message(&r)["result"].is_object(), "{}", r.text());
+    let c_calls: Vec<_> = s.c.recorded();
+    assert!(
+        c_calls
+            .iter()
+            .all(|r| r.header("x-upstream-key") == Some("key-of-c"))
+    );
+    assert!(
+        s.a.recorded()
+            .iter()
+            .chain(s.b.recorded().iter())
+            .all(|r| r.header("x-upstream-key") != Some("key-of-c"))
+    );
+    assert!(s.a.recorded().is_empty() && s.b.recorded().is_empty());
+    // A session of one agent does not open for another.
+    let bot_token = initialize(&mut c, BOT);
+    let r = post(&mut c, GLOBEX, Some(&bot_token), &call(5, "c__echo", "{}"));
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn server_requests_of_two_upstreams_get_distinct_ids_and_answers_go_back() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    for (up, mock) in [("a", &s.a), ("b", &s.b)] {
+        // Both mocks ask with id 0; the agent sees ids that name the upstream.
+        let mut stream = s.gw.client();
+        stream
+            .post("/mcp", &call(20, &format!("{up}__ask"), "{}"))
+            .header("Authorization", &format!("Bearer {BOT}"))
+            .header("Mcp-Session-Id", &token)
+            .write();
+        let (status, _) = stream.read_head();
+        assert_eq!(status, 200);
+        let text = stream.read_until("sampling/createMessage");
+        let line = text
+            .lines()
+            .find(|l| l.contains("sampling/createMessage"))
+            .unwrap();
+        let v: Value = serde_json::from_str(line.trim_start_matches("data: ")).unwrap();
+        let id = v["id"].as_str().expect("string id").to_owned();
+        assert_eq!(id, format!("sg:{up}:0"));
+        let answer = format!(
+            r#"{{"jsonrpc":"2.0","id":"{id}","result":{{"role":"assistant","content":{{"type":"text","text":"from the agent to {up}"}},"model":"m"}}}}"#
+        );
+        let r = post(&mut c, BOT, Some(&token), &answer);
+        assert_eq!(r.status, 202, "{}", r.text());
+        let text = stream.read_until("\"id\":20");
+        assert!(text.contains(&format!("from the agent to {up}")), "{text}");
+        // The upstream got the original id back, on its own session.
+        let got: Vec<_> = mock
+            .recorded()
+            .into_iter()
+            .filter(|r| r.json().is_some_and(|v| v.get("result").is_some()))
+            .collect();
+        assert_eq!(got.len(), 1, "{up}");
+        let v = got[0].json().unwrap();
+        assert_eq!(v["id"], 0);
+        assert!(
+            got[0]
+                .header("mcp-session-id")
+                .is_some_and(|s| s.starts_with("mock-session-"))
+        );
+    }
+    // An answer to a request nobody made is refused.
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","id":"sg:zzz:0","result":{}}"#,
+    );
+    assert_eq!(r.status, 400);
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","id":5,"result":{}}"#,
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn get_merges_the_upstreams_event_streams_and_delete_ends_every_session() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    let mut stream = s.gw.client();
+    stream
+        .request("GET", "/mcp")
+        .header("Authorization", &format!("Bearer {BOT}"))
+        .header("Mcp-Session-Id", &token)
+        .write();
+    let (status, headers) = stream.read_head();
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("content-type")
+                && v.starts_with("text/event-stream"))
+    );
+    // Each mock's GET stream opens with a comment and a list_changed notification.
+    let text = stream.read_until_count("notifications/tools/list_changed", 2);
+    assert_eq!(text.matches(": stream open").count(), 2, "{text}");
+    for m in [&s.a, &s.b] {
+        assert!(m.recorded().iter().any(|r| {
+            r.method == "GET"
+                && r.header("mcp-session-id")
+                    .is_some_and(|s| s.starts_with("mock-session-"))
+        }));
+    }
+    drop(stream);
+
+    let r = c
+        .request("DELETE", "/mcp")
+        .header("Authorization", &format!("Bearer {BOT}"))
+        .header("Mcp-Session-Id", &token)
+        .send();
+    assert_eq!(r.status, 200);
+    for m in [&s.a, &s.b] {
+        assert!(eventually(Duration::from_secs(5), || m
+            .recorded()
+            .iter()
+            .any(|r| r.method == "DELETE")));
+    }
+}
+
+#[test]
+fn a_dead_upstream_loses_its_tools_the_other_keeps_serving_and_it_is_joined_when_back() {
+    let a = MockServer::start(MockConfig::default());
+    let port = dead_port();
+    let gw = Gateway::open()
+        .upstream("a", &a)
+        .upstream_url("b", &format!("http://127.0.0.1:{port}/mcp"))
+        .env("SCOPEGATE_UPSTREAM_TIMEOUT_MS", "2000")
+        .start();
+    let mut c = gw.client();
+    let r = c.post("/mcp", INIT).send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = r.header("mcp-session-id").unwrap().to_owned();
+    let list = |c: &mut Client| -> Vec<String> {
+        let r = c
+            .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+            .header("Mcp-Session-Id", &token)
+            .send();
+        message(&r)["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let names = list(&mut c);
+    assert!(names.iter().all(|n| n.starts_with("a__")) && !names.is_empty());
+    let r = c
+        .post("/mcp", &call(3, "b__echo", "{}"))
+        .header("Mcp-Session-Id", &token)
+        .send();
+    assert_eq!(
+        r.status, 200,
+        "one upstream's failure is a JSON-RPC error, not an HTTP one"
+    );
+    assert_eq!(r.json()["error"]["code"], -32001, "{}", r.text());
+    let r = c
+        .post("/mcp", &call(4, "a__echo", r#"{"ok":1}"#))
+        .header("Mcp-Session-Id", &token)
+        .send();
+    assert!(message(&r)["result"].is_object());
+    let metrics = c.request("GET", "/metrics").send().text();
+    let failures: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("scopegate_aggregate_upstream_failures_total{upstream=\"b\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("failure counter");
+    assert!(failures >= 2, "{metrics}");
+    assert!(gw.log().contains("upstream \"b\" left out"));
+
+    // b comes up: the same session joins it on first use.
+    let b = MockServer::start_on(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        MockConfig::default(),
+    );
+    let names = list(&mut c);
+    assert!(names.iter().any(|n| n == "b__echo"), "{names:?}");
+    let r = c
+        .post("/mcp", &call(5, "b__echo", r#"{"now":1}"#))
+        .header("Mcp-Session-Id", &token)
+        .send();
+    assert!(message(&r)["result"].is_object(), "{}", r.text());
+    let methods = b.methods();
+    assert_eq!(
+        methods.first().map(String::as_str),
+        Some("initialize"),
+        "{methods:?}"
+    );
+    assert_eq!(
+        b.methods().iter().filter(|m| *m == "initialize").count(),
+        1,
+        "joined once, then remembered"
+    );
+}
+
+#[test]
+fn fail_closed_fans_out_all_or_nothing() {
+    let a = MockServer::start(MockConfig::default());
+    let gw = Gateway::open()
+        .upstream("a", &a)
+        .upstream_url("b", &format!("http://127.0.0.1:{}/mcp", dead_port()))
+        .env("SCOPEGATE_AGGREGATE_FAIL_CLOSED", "1")
+        .start();
+    let mut c = gw.client();
+    let r = c.post("/mcp", INIT).send();
+    let v = r.json();
+    assert_eq!(v["error"]["code"], -32001, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("\"b\""));
+}
+
+#[test]
+fn bad_separators_and_ambiguous_upstream_names_refuse_to_start() {
+    let a = MockServer::start(MockConfig::default());
+    let (code, err) = Gateway::open()
+        .upstream("a", &a)
+        .upstream("b", &a)
+        .env("SCOPEGATE_NAME_SEPARATOR", "/")
+        .run_to_exit();
+    assert_eq!(code, 2);
+    assert!(err.contains("SCOPEGATE_NAME_SEPARATOR"), "{err}");
+    let (code, err) = Gateway::open()
+        .upstream("a__x", &a)
+        .upstream("b", &a)
+        .run_to_exit();
+    assert_eq!(code, 2);
+    assert!(err.contains("\"a__x\""), "{err}");
+    // Another separator makes the same names fine.
+    let gw = Gateway::open()
+        .upstream("a__x", &a)
+        .upstream("b", &a)
+        .env("SCOPEGATE_NAME_SEPARATOR", "--")
+        .start();
+    let mut c = gw.client();
+    let r = c.post("/mcp", INIT).send();
+    let token = r.header("mcp-session-id").unwrap().to_owned();
+    let r = c
+        .post("/mcp", &call(2, "a__x--echo", r#"{"k":2}"#))
+        .header("Mcp-Session-Id", &token)
+        .send();
+    assert!(message(&r)["result"].is_object(), "{}", r.text());
+}
+
+#[test]
+fn single_upstream_mcp_stays_a_pass_through() {
+    let a = MockServer::start(MockConfig::default());
+    let gw = Gateway::open().upstream("a", &a).start();
+    let mut c = gw.client();
+    let r = c.post("/mcp", INIT).send();
+    assert_eq!(r.json()["result"]["serverInfo"]["name"], "sg-mock");
+    assert_eq!(r.header("mcp-session-id"), Some("mock-session-0"));
+}
