@@ -12,6 +12,7 @@ import sys
 
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import SamplingMessage, TextContent
 
 port = int(sys.argv[1])
 log_path = sys.argv[2]
@@ -57,6 +58,18 @@ async def stepwise(steps: int, marker: str, ctx: Context) -> str:
                     break
                 await asyncio.sleep(0.05)
     return f"done {steps} steps; marker seen while running: {saw_marker}"
+
+
+@mcp.tool()
+async def ask_model(question: str, ctx: Context) -> str:
+    """Asks the client's model (sampling/createMessage, a server-to-client request) and returns
+    what it answered."""
+    record("ask_model", ctx, question=question)
+    result = await ctx.session.create_message(
+        messages=[SamplingMessage(role="user", content=TextContent(type="text", text=question))],
+        max_tokens=50,
+    )
+    return f"the model said: {result.content.text}"
 
 
 @mcp.tool()

@@ -30,7 +30,7 @@ def test_initialize_list_call_progress_and_delete(open_gateway, upstream, tmp_pa
 
                 tools = await session.list_tools()
                 names = sorted(t.name for t in tools.tools)
-                assert names == ["add", "delete_everything", "stepwise"]
+                assert names == ["add", "ask_model", "delete_everything", "stepwise"]
 
                 result = await session.call_tool("add", {"a": 2, "b": 40})
                 assert not result.isError

@@ -45,7 +45,7 @@ def test_agent_sees_and_calls_only_its_tools(policy_gateway, upstream):
                 outcome["again"] = again.content[0].text
 
     run(scenario())
-    assert outcome["tools"] == ["add", "stepwise"], "delete_everything must be hidden"
+    assert outcome["tools"] == ["add", "ask_model", "stepwise"], "delete_everything must be hidden"
     assert outcome["add"] == "5"
     assert "denied by rule" in outcome["delete"] and "files/delete_*" in outcome["delete"], outcome["delete"]
     assert '"a"' in outcome["big"] and "maximum" in outcome["big"], outcome["big"]
@@ -251,7 +251,7 @@ def test_typescript_sdk_client_through_scopegate(policy_gateway, upstream):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["server"] == "e2e-upstream"
     assert report["sessionId"].startswith("sg1.")
-    assert report["tools"] == ["add", "stepwise"]
+    assert report["tools"] == ["add", "ask_model", "stepwise"]
     assert report["add"] == "42"
     assert "denied by rule" in report["denied"], report["denied"]
     assert report["progress"] == [1, 2], "progress relayed to the TypeScript client"

@@ -1,0 +1,236 @@
+"""The aggregate endpoint with the official Python SDK on both sides: two FastMCP upstreams (and a
+third of another tenant) behind one /mcp, an SDK ClientSession in front."""
+
+import asyncio
+import os
+import tempfile
+
+import mcp.types as types
+import pytest
+from conftest import Scopegate, Upstream, sha256_hex
+from mcp import ClientSession
+from mcp.client.streamable_http import streamablehttp_client
+
+ACME_KEY = "e2e-acme-key-0123456789"
+GLOBEX_KEY = "e2e-globex-key-0123456789"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=90))
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    files = Upstream(tmp_path, "files")
+    maths = Upstream(tmp_path, "maths")
+    secret = Upstream(tmp_path, "secret")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f"""
+[[tenant]]
+id = "acme"
+[[tenant]]
+id = "globex"
+
+[[upstream]]
+name = "files"
+url = "{files.url}"
+tenant = "acme"
+[upstream.headers]
+X-Upstream-Key = "files-credential"
+
+[[upstream]]
+name = "maths"
+url = "{maths.url}"
+tenant = "acme"
+[upstream.headers]
+X-Upstream-Key = "maths-credential"
+
+[[upstream]]
+name = "secret"
+url = "{secret.url}"
+tenant = "globex"
+[upstream.headers]
+X-Upstream-Key = "globex-credential"
+
+[[agent]]
+id = "acme-bot"
+tenant = "acme"
+key_sha256 = "{sha256_hex(ACME_KEY)}"
+allow = ["files/*", "maths/add", "maths/stepwise", "maths/ask_model"]
+deny = ["files/delete_*"]
+
+[[agent]]
+id = "globex-bot"
+tenant = "globex"
+key_sha256 = "{sha256_hex(GLOBEX_KEY)}"
+allow = ["secret/*"]
+"""
+    )
+    gw = Scopegate(
+        {
+            "SCOPEGATE_POLICY": str(policy),
+            "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e",
+            "SCOPEGATE_UPSTREAM_TIMEOUT_MS": "5000",
+        }
+    )
+    yield {"files": files, "maths": maths, "secret": secret, "gw": gw}
+    gw.stop()
+    for u in (files, maths, secret):
+        u.stop()
+
+
+async def sample(context, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+    question = params.messages[0].content.text
+    return types.CreateMessageResult(
+        role="assistant",
+        content=types.TextContent(type="text", text=f"42 (you asked {question!r})"),
+        model="agent-side-model",
+    )
+
+
+def test_one_endpoint_many_servers(fleet):
+    gw = fleet["gw"]
+    out = {}
+
+    async def progress_run(session, tool):
+        marker = os.path.join(tempfile.mkdtemp(), "seen")
+        seen = []
+
+        async def on_progress(progress, total, message):
+            seen.append(progress)
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+
+        r = await session.call_tool(tool, {"steps": 2, "marker": marker}, progress_callback=on_progress)
+        return r.content[0].text, seen
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {ACME_KEY}"}
+        async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, get_sid):
+            async with ClientSession(read, write, sampling_callback=sample) as session:
+                init = await session.initialize()
+                out["server"] = init.serverInfo.name
+                out["sid"] = get_sid()
+                out["tools"] = sorted(t.name for t in (await session.list_tools()).tools)
+
+                out["files_add"] = (await session.call_tool("files__add", {"a": 2, "b": 3})).content[0].text
+                out["maths_add"] = (await session.call_tool("maths__add", {"a": 10, "b": 1})).content[0].text
+                out["files_progress"] = await progress_run(session, "files__stepwise")
+                out["maths_progress"] = await progress_run(session, "maths__stepwise")
+                out["sampled"] = (await session.call_tool("maths__ask_model", {"question": "meaning?"})).content[0].text
+
+                for name in ("files__delete_everything", "secret__add", "maths__delete_everything"):
+                    try:
+                        await session.call_tool(name, {})
+                        out[name] = "ran"
+                    except Exception as e:
+                        out[name] = str(e)
+
+                # One upstream dies mid-session: its tools go, the other keeps serving.
+                fleet["files"].stop()
+                out["tools_after"] = sorted(t.name for t in (await session.list_tools()).tools)
+                try:
+                    r = await session.call_tool("files__add", {"a": 1, "b": 1})
+                    out["dead_call"] = f"returned {r}"
+                except Exception as e:
+                    out["dead_call"] = str(e)
+                out["maths_after"] = (await session.call_tool("maths__add", {"a": 5, "b": 5})).content[0].text
+
+    run(scenario())
+    assert out["server"] == "scopegate"
+    assert out["sid"].startswith("sg2.")
+    assert out["tools"] == [
+        "files__add",
+        "files__ask_model",
+        "files__stepwise",
+        "maths__add",
+        "maths__ask_model",
+        "maths__stepwise",
+    ], out["tools"]
+    assert out["files_add"] == "5" and out["maths_add"] == "11"
+    for which in ("files_progress", "maths_progress"):
+        text, seen = out[which]
+        assert "marker seen while running: True" in text, (which, text)
+        assert seen == [1.0, 2.0], (which, seen)
+    assert out["sampled"] == "the model said: 42 (you asked 'meaning?')", out["sampled"]
+    assert "denied by rule" in out["files__delete_everything"], out["files__delete_everything"]
+    assert "unknown tool" in out["secret__add"], out["secret__add"]
+    assert "not allowed" in out["maths__delete_everything"], out["maths__delete_everything"]
+    assert out["tools_after"] == ["maths__add", "maths__ask_model", "maths__stepwise"], out["tools_after"]
+    assert "files" in out["dead_call"] and "ran" not in out["dead_call"], out["dead_call"]
+    assert out["maths_after"] == "10"
+
+    # Each upstream executed exactly its own calls, with its own credential only.
+    files_ran = [e["tool"] for e in fleet["files"].executions()]
+    maths_ran = [e["tool"] for e in fleet["maths"].executions()]
+    assert files_ran == ["add", "stepwise"], files_ran
+    assert maths_ran == ["add", "stepwise", "ask_model", "add"], maths_ran
+    for name, cred in (("files", "files-credential"), ("maths", "maths-credential")):
+        for e in fleet[name].executions():
+            assert e["headers"].get("x-upstream-key") == cred
+            assert "authorization" not in e["headers"]
+    assert fleet["secret"].executions() == []
+    assert 'upstream "files" left out' in gw.log()
+
+
+def test_another_tenant_sees_only_its_own(fleet):
+    gw = fleet["gw"]
+    out = {}
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {GLOBEX_KEY}"}
+        async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                out["tools"] = sorted(t.name for t in (await session.list_tools()).tools)
+                out["own"] = (await session.call_tool("secret__add", {"a": 1, "b": 2})).content[0].text
+                try:
+                    await session.call_tool("files__add", {"a": 1, "b": 2})
+                    out["cross"] = "ran"
+                except Exception as e:
+                    out["cross"] = str(e)
+
+    run(scenario())
+    assert all(t.startswith("secret__") for t in out["tools"]) and out["tools"], out["tools"]
+    assert out["own"] == "3"
+    assert "unknown tool" in out["cross"], out["cross"]
+    assert fleet["files"].executions() == [] and fleet["maths"].executions() == []
+    for e in fleet["secret"].executions():
+        assert e["headers"].get("x-upstream-key") == "globex-credential"
+
+
+def test_typescript_sdk_client_through_the_aggregate_endpoint(fleet):
+    """The official TypeScript SDK client (npm @modelcontextprotocol/sdk) for one round."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node_dir = Path(__file__).parent / "node"
+    assert (node_dir / "node_modules" / "@modelcontextprotocol" / "sdk").exists(), "run scripts/test.sh"
+    out = subprocess.run(
+        [shutil.which("node") or "node", str(node_dir / "agent.mjs"), f"{fleet['gw'].base}/mcp", ACME_KEY, "maths__"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=node_dir,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["server"] == "scopegate"
+    assert report["sessionId"].startswith("sg2.")
+    assert report["tools"] == [
+        "files__add",
+        "files__ask_model",
+        "files__stepwise",
+        "maths__add",
+        "maths__ask_model",
+        "maths__stepwise",
+    ]
+    assert report["add"] == "42"
+    assert "not allowed" in report["denied"], report["denied"]
+    assert report["progress"] == [1, 2], "progress relayed to the TypeScript client"
+    assert report["stepwise"].startswith("done 2 steps")
+    assert [e["tool"] for e in fleet["maths"].executions()] == ["add", "stepwise"]
+    assert fleet["files"].executions() == []
