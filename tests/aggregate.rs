@@ -387,6 +387,35 @@ fn server_requests_of_two_upstreams_get_distinct_ids_and_answers_go_back() {
                 .is_some_and(|s| s.starts_with("mock-session-"))
         );
     }
+    // A cancellation of a server request goes to the upstream that made it, with its own id.
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"sg:b:0","reason":"user"}}"#,
+    );
+    assert_eq!(r.status, 202);
+    let cancels = |m: &MockServer| -> Vec<Value> {
+        m.recorded()
+            .into_iter()
+            .filter_map(|r| r.json())
+            .filter(|v| v["method"] == "notifications/cancelled")
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(5), || cancels(&s.b).len() == 1));
+    assert_eq!(cancels(&s.b)[0]["params"]["requestId"], 0);
+    assert!(cancels(&s.a).is_empty());
+    // The agent's own cancellations go to every upstream (only the one with the request acts).
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":77}}"#,
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(cancels(&s.a).len(), 1);
+    assert_eq!(cancels(&s.b).len(), 2);
+
     // An answer to a request nobody made is refused.
     let r = post(
         &mut c,
@@ -580,4 +609,48 @@ fn single_upstream_mcp_stays_a_pass_through() {
     let r = c.post("/mcp", INIT).send();
     assert_eq!(r.json()["result"]["serverInfo"]["name"], "sg-mock");
     assert_eq!(r.header("mcp-session-id"), Some("mock-session-0"));
+}
+
+#[test]
+fn names_past_128_characters_are_cut_and_still_callable() {
+    let long = format!("tool_{}", "x".repeat(140));
+    let a = MockServer::start(MockConfig {
+        extra_tool: Some(long.clone()),
+        ..MockConfig::default()
+    });
+    let b = MockServer::start(MockConfig::default());
+    let gw = Gateway::open().upstream("a", &a).upstream("b", &b).start();
+    let mut c = gw.client();
+    let r = c.post("/mcp", INIT).send();
+    let token = r.header("mcp-session-id").unwrap().to_owned();
+    let r = c
+        .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+        .header("Mcp-Session-Id", &token)
+        .send();
+    let names: Vec<String> = message(&r)["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    let cut = names
+        .iter()
+        .find(|n| n.starts_with("a__tool_"))
+        .expect("the long tool is listed")
+        .clone();
+    assert_eq!(cut.len(), 128);
+    assert!(names.iter().all(|n| n.len() <= 128));
+    let r = c
+        .post("/mcp", &call(3, &cut, r#"{"long":true}"#))
+        .header("Mcp-Session-Id", &token)
+        .send();
+    assert!(message(&r)["result"].is_object(), "{}", r.text());
+    let called: Vec<Value> = a
+        .recorded()
+        .into_iter()
+        .filter_map(|r| r.json())
+        .filter(|v| v["method"] == "tools/call")
+        .collect();
+    assert_eq!(called.len(), 1);
+    assert_eq!(called[0]["params"]["name"], long.as_str());
 }

@@ -202,7 +202,7 @@ fn tools_list_shows_only_allowed_tools_json_and_sse() {
             .header("Authorization", &bearer(OTHER))
             .header("Mcp-Session-Id", &token)
             .send();
-        assert_eq!(tool_names(&r).len(), 7, "sse={sse}");
+        assert_eq!(tool_names(&r).len(), 8, "sse={sse}");
     }
 }
 
@@ -609,7 +609,7 @@ fn reload_switches_policy_and_keeps_the_old_one_when_invalid() {
         "{}",
         s.gw.log()
     );
-    assert_eq!(list(&mut c, &token), 6);
+    assert_eq!(list(&mut c, &token), 7);
 
     // A change of the file alone (no signal) is picked up too.
     let narrowed = policy_text(&s.other.url()).replace(

@@ -299,11 +299,12 @@ fn routes_by_upstream_name() {
             .unwrap()
             .contains("alpha, beta")
     );
+    // Several upstreams: /mcp is the aggregate endpoint (tests/aggregate.rs), serving both.
     let r = c.post("/mcp", INIT).send();
-    assert_eq!(
-        r.status, 404,
-        "several upstreams: /mcp needs a name until aggregation lands"
-    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["result"]["serverInfo"]["name"], "scopegate");
+    assert_eq!(a.recorded().len(), 2);
+    assert_eq!(b.recorded().len(), 3);
     let r = c.request("GET", "/healthz").send();
     assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
     let r = c.request("PUT", "/mcp/alpha").send();

@@ -45,6 +45,8 @@ pub struct MockConfig {
     pub threads: usize,
     /// tools/list pages of this many tools, with `nextCursor` (0: one page).
     pub page_size: usize,
+    /// One more tool under this name, answering like `echo` (e.g. a name of 128 characters).
+    pub extra_tool: Option<String>,
 }
 
 impl Default for MockConfig {
@@ -57,6 +59,7 @@ impl Default for MockConfig {
             pad: 0,
             threads: 1,
             page_size: 0,
+            extra_tool: None,
         }
     }
 }
@@ -384,6 +387,11 @@ async fn handle_post(
         "ping" => answer(stream, shared, &reply(json!({})), "").await,
         "tools/list" => {
             let mut list = tools_list();
+            if let (Some(extra), Some(Value::Array(tools))) =
+                (&shared.config.extra_tool, list.get_mut("tools"))
+            {
+                tools.push(json!({"name": extra, "description": "like echo", "inputSchema": {"type": "object"}}));
+            }
             let size = shared.config.page_size;
             if size > 0 {
                 let start: usize = msg["params"]["cursor"]
@@ -446,6 +454,11 @@ async fn call_tool(stream: &mut TcpStream, shared: &Shared, msg: &Value, id: &Va
     let name = msg["params"]["name"].as_str().unwrap_or("");
     let args = &msg["params"]["arguments"];
     let text_result = |text: String| json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":text}],"isError":false}});
+    let name = if shared.config.extra_tool.as_deref() == Some(name) {
+        "echo"
+    } else {
+        name
+    };
     match name {
         "echo" => {
             let mut text = args.to_string();

@@ -415,8 +415,8 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
     };
     match m.kind {
         Kind::Notification => {
-            broadcast(req, &session, req.body).await;
-            write(req, client, Reply::json(202, Vec::new())).await
+            let reply = notify(req, &session, m).await;
+            write(req, client, reply).await
         }
         Kind::Response => {
             let reply = answer_server_request(req, &session).await;
@@ -463,6 +463,45 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
             }
         }
     }
+}
+
+/// A notification from the agent. One that names a server request (a cancellation of it, or
+/// progress on a token a server chose) goes to that upstream with the original value spliced
+/// back; the others go to every upstream.
+async fn notify(req: &Request<'_, '_>, session: &MultiSession, m: &Message<'_>) -> Reply {
+    let path: &[&str] = match m.method {
+        Some("notifications/cancelled") => &["params", "requestId"],
+        Some("notifications/progress") => &["params", "progressToken"],
+        _ => &[],
+    };
+    let mapped = (!path.is_empty())
+        .then(|| json::locate(req.body, path))
+        .flatten()
+        .and_then(|range| {
+            let value = serde_json::from_slice::<String>(&req.body[range.0..range.1]).ok()?;
+            let (up, original) = unmap_id(&value)?;
+            serde_json::from_str::<Value>(original).ok()?;
+            let i = req.index_of(up).filter(|i| req.reachable().contains(i))?;
+            Some((i, json::splice(req.body, range, original.as_bytes())))
+        });
+    let Some((i, body)) = mapped else {
+        broadcast(req, session, req.body).await;
+        return Reply::json(202, Vec::new());
+    };
+    let mut reply = Reply::json(202, Vec::new());
+    reply.upstream = Some(i);
+    let sid = match session_for(req, session, i).await {
+        Ok(s) => s,
+        Err(e) => {
+            req.note_failure(i, &e.message);
+            return reply;
+        }
+    };
+    let r = req.up_request(i, "POST", &body, Some(&sid));
+    if let Err(e) = exchange_or_accepted(req, i, &r).await {
+        req.note_failure(i, &e.message);
+    }
+    reply
 }
 
 /// Sends a notification (or logging/setLevel) to every joined upstream and waits for them.
@@ -1107,6 +1146,14 @@ impl Rewrite {
                 if let Some(id) = obj.get_mut("id") {
                     *id = Value::String(map_id(&self.upstream, id));
                     changed = true;
+                    // A server request may ask the agent for progress on its own token.
+                    if let Some(token) = obj
+                        .get_mut("params")
+                        .and_then(|p| p.get_mut("_meta"))
+                        .and_then(|m| m.get_mut("progressToken"))
+                    {
+                        *token = Value::String(map_id(&self.upstream, token));
+                    }
                 }
                 let params = obj.get_mut("params");
                 match (method, params) {
@@ -1494,6 +1541,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(sampling["id"], "sg:gh:0");
+        let asks: Value = serde_json::from_slice(&r.apply(
+            br#"{"jsonrpc":"2.0","id":"x","method":"elicitation/create","params":{"_meta":{"progressToken":5}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(asks["id"], "sg:gh:\"x\"");
+        assert_eq!(asks["params"]["_meta"]["progressToken"], "sg:gh:5");
         let updated: Value = serde_json::from_slice(&r.apply(
             br#"{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///a"}}"#,
         ))
