@@ -221,6 +221,9 @@ pub async fn forward(
         plan,
     )
     .await?;
+    // The response head shares the upstream connection's buffer: let it go before the
+    // connection is reused, so its next read does not allocate a new buffer.
+    ex.response.raw = Bytes::new();
     if reusable {
         worker.pool.put(upstream_index, up);
     }

@@ -5,6 +5,7 @@
 //! MCP knowledge is [`mcp`].
 
 pub mod aggregate;
+pub mod alloc;
 pub mod audit;
 pub mod auth;
 pub mod cli;

@@ -13,7 +13,8 @@ use scopegate::worker::{self, SHUTTING_DOWN, Shared, WorkerStats};
 use scopegate::{error, info, warn};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: scopegate::alloc::Counting<mimalloc::MiMalloc> =
+    scopegate::alloc::Counting(mimalloc::MiMalloc);
 
 const USAGE: &str = "\
 scopegate: an MCP gateway

@@ -149,6 +149,8 @@ pub struct Scrape<'a> {
     pub workers: &'a [&'a WorkerMetrics],
     pub upstream_names: &'a [String],
     pub open_connections: u64,
+    /// Heap allocations made on worker threads since start.
+    pub heap_allocations: u64,
     pub audit: Option<AuditGauges>,
 }
 
@@ -296,6 +298,15 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
     out.push_str("# HELP scopegate_open_connections Client connections open now.\n");
     out.push_str("# TYPE scopegate_open_connections gauge\n");
     let _ = writeln!(out, "scopegate_open_connections {}", s.open_connections);
+    out.push_str(
+        "# HELP scopegate_heap_allocations_total Heap allocations made on worker threads.\n",
+    );
+    out.push_str("# TYPE scopegate_heap_allocations_total counter\n");
+    let _ = writeln!(
+        out,
+        "scopegate_heap_allocations_total {}",
+        s.heap_allocations
+    );
     out.push_str("# HELP scopegate_open_sse_streams Event streams being relayed now.\n");
     out.push_str("# TYPE scopegate_open_sse_streams gauge\n");
     let streams: u64 = s
@@ -365,6 +376,7 @@ mod tests {
             workers: &[&a, &b],
             upstream_names: &names,
             open_connections: 3,
+            heap_allocations: 12,
             audit: None,
         });
         assert!(text.contains("scopegate_requests_total{method=\"tools/call\",decision=\"allowed\",upstream=\"gh\"} 2\n"), "{text}");
@@ -380,6 +392,7 @@ mod tests {
         assert!(text.contains("scopegate_request_duration_seconds_count 2\n"));
         assert!(text.contains("scopegate_upstream_duration_seconds_count 1\n"));
         assert!(text.contains("scopegate_open_connections 3\n"));
+        assert!(text.contains("scopegate_heap_allocations_total 12\n"));
     }
 
     #[test]

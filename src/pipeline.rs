@@ -142,11 +142,16 @@ pub async fn serve_connection(
         // Bytes in: the head and the body.
         draft.bytes_in += head_len as u64;
         emit(worker, &draft, head.method(), client.written - written).await;
+        // The head shares the connection's buffer: let it go, so the next read reuses the
+        // buffer instead of allocating a new one.
+        head.raw = Bytes::new();
         match outcome {
             Ok(KeepAlive::Yes) if !shutting_down() => {}
             _ => return,
         }
-        client.release_idle_buffer();
+        if let Some(buf) = client.take_idle_buffer() {
+            worker.give_buffer(buf);
+        }
     }
 }
 
@@ -171,6 +176,8 @@ pub struct Draft {
     frags: Vec<u8>,
     messages: Vec<(usize, usize)>,
     scratch: Vec<u8>,
+    /// Where the agent's session token is opened (reused: no allocation per request).
+    opened: Vec<u8>,
     decision: AuditDecision,
     reason: Option<String>,
     status: u16,
@@ -483,7 +490,7 @@ async fn handle_request(
     // this agent and upstream.
     let upstream_session = match (&policy, agent, head.get("mcp-session-id")) {
         (Some(policy), Some(agent), Some(token)) => {
-            match open_session(worker, policy, agent, upstream, token) {
+            match open_session(worker, policy, agent, upstream, token, &mut draft.opened) {
                 Some(s) => Some(s),
                 None => {
                     let refusal = Refusal::new(
@@ -512,7 +519,7 @@ async fn handle_request(
         let upstream_def = &policy.upstreams()[upstream];
         plan.inject = &upstream_def.headers;
         plan.strip_credentials = true;
-        plan.upstream_session = upstream_session.as_deref();
+        plan.upstream_session = upstream_session;
         let agent_id = policy.agents[agent].id.as_str();
         let upstream_name = upstream_def.name.as_str();
         let sessions = &worker.sessions;
@@ -670,6 +677,11 @@ fn metrics_text(worker: &Worker) -> String {
     crate::metrics::render(&crate::metrics::Scrape {
         workers: &workers,
         upstream_names: &names,
+        heap_allocations: worker
+            .all_stats
+            .iter()
+            .map(|s| s.allocations.load(Ordering::Relaxed))
+            .sum(),
         open_connections: worker
             .all_stats
             .iter()
@@ -906,14 +918,15 @@ fn rate_limit(
 }
 
 /// Opens the agent's session token: it must be scopegate's, sealed for this agent and upstream.
-fn open_session(
+fn open_session<'b>(
     worker: &Worker,
     policy: &Policy,
     agent: usize,
     upstream: usize,
     token: &[u8],
-) -> Option<Vec<u8>> {
-    let session = worker.sessions.open(token)?;
+    buf: &'b mut Vec<u8>,
+) -> Option<&'b [u8]> {
+    let session = worker.sessions.open_in(token, buf)?;
     (session.agent == policy.agents[agent].id
         && session.upstream == policy.upstreams()[upstream].name)
         .then_some(session.upstream_session)
@@ -959,6 +972,15 @@ async fn read_head(
             None => config.idle_timeout,
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
+        if client.buf.capacity() == 0 {
+            // Idle with no buffer: wait until the agent sends something, then take a buffer
+            // from the worker's pool. An idle connection holds no buffer memory, and a busy
+            // one allocates none per request.
+            match monoio::time::timeout(limit, client.stream.readable(true)).await {
+                Ok(Ok(())) => client.buf = worker.take_buffer(),
+                Ok(Err(_)) | Err(_) => return Ok(None),
+            }
+        }
         match client.fill_within(Some(limit)).await {
             Ok(0) => {
                 return if client.buf.is_empty() {

@@ -21,8 +21,15 @@ pub fn base64url(data: &[u8]) -> String {
 
 /// Decodes unpadded base64url; `None` on any other character or an impossible length.
 pub fn base64url_decode(text: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    base64url_decode_into(text, &mut out).then_some(out)
+}
+
+/// Decodes into `out` (cleared first; its allocation reused). False on invalid input.
+pub fn base64url_decode_into(text: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
     if text.len() % 4 == 1 {
-        return None;
+        return false;
     }
     let value = |c: u8| -> Option<u32> {
         Some(match c {
@@ -34,18 +41,20 @@ pub fn base64url_decode(text: &[u8]) -> Option<Vec<u8>> {
             _ => return None,
         } as u32)
     };
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
     for chunk in text.chunks(4) {
         let mut n = 0u32;
         for (i, &c) in chunk.iter().enumerate() {
-            n |= value(c)? << (18 - 6 * i);
+            let Some(v) = value(c) else {
+                return false;
+            };
+            n |= v << (18 - 6 * i);
         }
         let bytes = chunk.len() - 1;
         for i in 0..bytes {
             out.push((n >> (16 - 8 * i)) as u8);
         }
     }
-    Some(out)
+    true
 }
 
 #[cfg(test)]

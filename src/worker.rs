@@ -32,6 +32,8 @@ pub fn shutting_down() -> bool {
 #[repr(align(64))]
 pub struct WorkerStats {
     pub open_connections: AtomicUsize,
+    /// Heap allocations made on this worker's thread.
+    pub allocations: std::sync::atomic::AtomicU64,
     pub metrics: crate::metrics::WorkerMetrics,
 }
 
@@ -39,6 +41,7 @@ impl WorkerStats {
     pub fn new(upstreams: usize) -> WorkerStats {
         WorkerStats {
             open_connections: AtomicUsize::new(0),
+            allocations: std::sync::atomic::AtomicU64::new(0),
             metrics: crate::metrics::WorkerMetrics::new(upstreams),
         }
     }
@@ -88,6 +91,9 @@ pub struct Worker {
     pub stats: Arc<WorkerStats>,
     /// Upstreams the aggregate endpoint joined after a session's initialize.
     pub lazy_joins: crate::aggregate::LazyJoins,
+    /// Client read buffers between requests: a connection takes one when its agent sends
+    /// something and gives it back when the request is done.
+    read_buffers: RefCell<Vec<bytes::BytesMut>>,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
     /// per connection (open/close); per request only the `Cell` flips.
     connections: RefCell<HashMap<u64, OpenConnection>>,
@@ -100,6 +106,10 @@ pub fn run(id: usize, shared: Shared, listener: std::net::TcpListener, stats: Ar
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = id % cores;
     let pinned = monoio::utils::bind_to_cpu_set([core]).is_ok();
+    // The stats live for the whole process (held by `Shared`); leaking one Arc makes the
+    // counter's lifetime explicit for the allocator.
+    let counter: &'static Arc<WorkerStats> = Box::leak(Box::new(stats.clone()));
+    crate::alloc::count_into(&counter.allocations);
 
     let uring_available = monoio::utils::detect_uring();
     let use_uring = match config.io_driver {
@@ -218,6 +228,7 @@ async fn worker_main(
         id,
         pool: Pool::new(config.upstreams.len()),
         lazy_joins: crate::aggregate::LazyJoins::default(),
+        read_buffers: RefCell::new(Vec::new()),
         upstream_fragments: config
             .upstreams
             .iter()
@@ -296,7 +307,29 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Buffers kept for reuse per worker; beyond this, returned buffers are freed.
+const MAX_POOLED_BUFFERS: usize = 1024;
+/// A buffer that grew past this (a large body) is freed rather than pooled.
+const MAX_POOLED_CAPACITY: usize = 4 * crate::http::conn::READ_CHUNK;
+
 impl Worker {
+    /// A read buffer for a connection whose agent has just sent something.
+    pub fn take_buffer(&self) -> bytes::BytesMut {
+        self.read_buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| bytes::BytesMut::with_capacity(crate::http::conn::READ_CHUNK))
+    }
+
+    /// Takes back a connection's empty read buffer for the next connection that needs one.
+    pub fn give_buffer(&self, mut buf: bytes::BytesMut) {
+        let mut pool = self.read_buffers.borrow_mut();
+        if pool.len() < MAX_POOLED_BUFFERS && buf.capacity() <= MAX_POOLED_CAPACITY {
+            buf.clear();
+            pool.push(buf);
+        }
+    }
+
     fn register(self: &Rc<Self>, stream: &TcpStream) -> ConnectionGuard {
         let key = self.next_connection.get();
         self.next_connection.set(key + 1);

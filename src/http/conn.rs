@@ -67,11 +67,9 @@ impl Conn {
         (res.map(|_| ()), data)
     }
 
-    /// Drops the read buffer's allocation when nothing is pending, so idle connections hold
-    /// no buffer memory.
-    pub fn release_idle_buffer(&mut self) {
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
-        }
+    /// Hands over the read buffer when nothing is pending in it (for the worker's pool), so an
+    /// idle connection holds no buffer memory.
+    pub fn take_idle_buffer(&mut self) -> Option<BytesMut> {
+        (self.buf.is_empty() && self.buf.capacity() > 0).then(|| std::mem::take(&mut self.buf))
     }
 }

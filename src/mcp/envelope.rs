@@ -36,15 +36,19 @@ impl Id<'_> {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         match self {
             Id::Str(s) => crate::mcp::jsonrpc::write_json_string(s, out),
-            Id::Int(n) => out.extend_from_slice(itoa_i64(*n).as_bytes()),
-            Id::UInt(n) => out.extend_from_slice(n.to_string().as_bytes()),
-            Id::Float(f) => out.extend_from_slice(f.to_string().as_bytes()),
+            Id::Int(n) => {
+                if *n < 0 {
+                    out.push(b'-');
+                }
+                crate::fmt::push_decimal(out, n.unsigned_abs());
+            }
+            Id::UInt(n) => crate::fmt::push_decimal(out, *n),
+            Id::Float(f) => {
+                use std::io::Write as _;
+                let _ = write!(out, "{f}");
+            }
         }
     }
-}
-
-fn itoa_i64(n: i64) -> String {
-    n.to_string()
 }
 
 /// One JSON-RPC message's routing fields.

@@ -7,7 +7,7 @@
 use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::token::{base64url, base64url_decode};
+use crate::token::{base64url, base64url_decode, base64url_decode_into};
 
 const PREFIX: &str = "sg1.";
 const AAD: &[u8] = b"scopegate-session-v1";
@@ -86,37 +86,50 @@ impl SessionKeys {
     }
 
     pub fn open(&self, token: &[u8]) -> Option<Session> {
+        let mut scratch = Vec::new();
+        let s = self.open_in(token, &mut scratch)?;
+        Some(Session {
+            agent: s.agent.to_owned(),
+            upstream: s.upstream.to_owned(),
+            upstream_session: s.upstream_session.to_vec(),
+        })
+    }
+
+    /// Opens a token in `scratch` (its allocation reused: nothing is allocated per request once
+    /// it has grown); the parts borrow from it.
+    pub fn open_in<'s>(&self, token: &[u8], scratch: &'s mut Vec<u8>) -> Option<SessionRef<'s>> {
         let body = token.strip_prefix(PREFIX.as_bytes())?;
         if body.len() > 4 * (MAX_UPSTREAM_SESSION + 600) / 3 {
             return None;
         }
-        let raw = base64url_decode(body)?;
-        if raw.len() < aead::NONCE_LEN + CHACHA20_POLY1305.tag_len() {
+        if !base64url_decode_into(body, scratch) {
             return None;
         }
-        let (nonce, sealed) = raw.split_at(aead::NONCE_LEN);
+        if scratch.len() < aead::NONCE_LEN + CHACHA20_POLY1305.tag_len() {
+            return None;
+        }
+        let (nonce, sealed) = scratch.split_at_mut(aead::NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let mut sealed = sealed.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(AAD), &mut sealed)
-            .ok()?;
+        let plain = self.key.open_in_place(nonce, Aad::from(AAD), sealed).ok()?;
         let (&alen, rest) = plain.split_first()?;
-        let agent = std::str::from_utf8(rest.get(..alen as usize)?)
-            .ok()?
-            .to_owned();
+        let agent = std::str::from_utf8(rest.get(..alen as usize)?).ok()?;
         let rest = &rest[alen as usize..];
         let (&ulen, rest) = rest.split_first()?;
-        let upstream = std::str::from_utf8(rest.get(..ulen as usize)?)
-            .ok()?
-            .to_owned();
-        let upstream_session = rest[ulen as usize..].to_vec();
-        Some(Session {
+        let upstream = std::str::from_utf8(rest.get(..ulen as usize)?).ok()?;
+        Some(SessionRef {
             agent,
             upstream,
-            upstream_session,
+            upstream_session: &rest[ulen as usize..],
         })
     }
+}
+
+/// An opened session token, borrowed from the buffer it was opened in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRef<'a> {
+    pub agent: &'a str,
+    pub upstream: &'a str,
+    pub upstream_session: &'a [u8],
 }
 
 /// An aggregate session: the agent and, per upstream joined at initialize, its session id
