@@ -308,7 +308,7 @@ impl Drop for ConnectionGuard {
 }
 
 /// Buffers kept for reuse per worker; beyond this, returned buffers are freed.
-const MAX_POOLED_BUFFERS: usize = 1024;
+const MAX_POOLED_BUFFERS: usize = 128;
 /// A buffer that grew past this (a large body) is freed rather than pooled.
 const MAX_POOLED_CAPACITY: usize = 4 * crate::http::conn::READ_CHUNK;
 
