@@ -176,8 +176,9 @@ pub struct Draft {
     frags: Vec<u8>,
     messages: Vec<(usize, usize)>,
     scratch: Vec<u8>,
-    /// Where the agent's session token is opened (reused: no allocation per request).
-    opened: Vec<u8>,
+    /// Per-connection memory of the last key and session token (an agent sends the same ones
+    /// on every request of a connection).
+    cache: ConnCache,
     decision: AuditDecision,
     reason: Option<String>,
     status: u16,
@@ -209,10 +210,39 @@ impl Draft {
     }
 
     fn set_session(&mut self, token: &[u8]) {
+        if self.cache.hashed_token == token {
+            self.session.clone_from(&self.cache.token_hash);
+            return;
+        }
         let digest = ring::digest::digest(&ring::digest::SHA256, token);
         self.session.clear();
         crate::fmt::push_hex(&digest.as_ref()[..8], &mut self.session);
+        self.cache.hashed_token.clear();
+        self.cache.hashed_token.extend_from_slice(token);
+        self.cache.token_hash.clone_from(&self.session);
     }
+}
+
+/// What a connection remembers between its requests, so the same key and session token are
+/// not hashed, decoded and decrypted again on every request. Each entry is keyed by the exact
+/// bytes the agent sent; the key's entry also by the policy it was looked up in (a reload
+/// invalidates it).
+#[derive(Default)]
+pub struct ConnCache {
+    /// The last bearer key, the policy it was looked up in, and its agent.
+    key: Vec<u8>,
+    key_policy: Option<crate::policy::live::LocalPolicy>,
+    key_agent: usize,
+    /// The last session token opened, and what it opened to.
+    token: Vec<u8>,
+    token_agent: String,
+    token_upstream: String,
+    token_session: Vec<u8>,
+    /// Where tokens are decoded and decrypted.
+    scratch: Vec<u8>,
+    /// The last session token hashed for the audit log, and its hash.
+    hashed_token: Vec<u8>,
+    token_hash: Vec<u8>,
 }
 
 /// Writes the request's entries to the audit log: one per JSON-RPC message (one for a request
@@ -300,7 +330,7 @@ async fn handle_request(
     // Stage 3: route, the DNS-rebinding checks, and who is calling.
     let admitted = route(worker, head)
         .and_then(|r| check_origin(worker, head).map(|()| r))
-        .and_then(|r| authenticate(worker, policy.as_deref().map(|p| &**p), head, r));
+        .and_then(|r| authenticate(worker, policy.as_ref(), head, r, &mut draft.cache));
 
     // Stage 4: the body, within SCOPEGATE_MAX_BODY and SCOPEGATE_BODY_TIMEOUT_MS. A refused
     // request's body is still read (within the same limits) so the connection stays usable;
@@ -490,7 +520,7 @@ async fn handle_request(
     // this agent and upstream.
     let upstream_session = match (&policy, agent, head.get("mcp-session-id")) {
         (Some(policy), Some(agent), Some(token)) => {
-            match open_session(worker, policy, agent, upstream, token, &mut draft.opened) {
+            match open_session(worker, policy, agent, upstream, token, &mut draft.cache) {
                 Some(s) => Some(s),
                 None => {
                     let refusal = Refusal::new(
@@ -592,10 +622,12 @@ struct Admitted {
 /// allowed to use the upstream (else it is told the upstream does not exist).
 fn authenticate(
     worker: &Worker,
-    policy: Option<&Policy>,
+    local: Option<&crate::policy::live::LocalPolicy>,
     head: &Head,
     routed: Routed,
+    cache: &mut ConnCache,
 ) -> Result<Admitted, Refusal> {
+    let policy = local.map(|p| &***p);
     let Routed { route, path_key } = routed;
     let (Some(policy), Route::Mcp { .. } | Route::Aggregate) = (policy, route) else {
         return Ok(Admitted { route, agent: None });
@@ -628,7 +660,17 @@ fn authenticate(
                 .agent_by_id(&id)
                 .ok_or_else(|| unauthorized(AuthError::Invalid))?
         }
-        _ => auth::agent_for_key(policy, key).map_err(unauthorized)?,
+        _ => match (local, &cache.key_policy) {
+            (Some(l), Some(c)) if std::rc::Rc::ptr_eq(l, c) && cache.key == key => cache.key_agent,
+            _ => {
+                let agent = auth::agent_for_key(policy, key).map_err(unauthorized)?;
+                cache.key.clear();
+                cache.key.extend_from_slice(key);
+                cache.key_policy = local.cloned();
+                cache.key_agent = agent;
+                agent
+            }
+        },
     };
     if let Route::Mcp { upstream } = route
         && !policy.may_use_upstream(agent, upstream)
@@ -918,18 +960,29 @@ fn rate_limit(
 }
 
 /// Opens the agent's session token: it must be scopegate's, sealed for this agent and upstream.
-fn open_session<'b>(
+fn open_session<'c>(
     worker: &Worker,
     policy: &Policy,
     agent: usize,
     upstream: usize,
     token: &[u8],
-    buf: &'b mut Vec<u8>,
-) -> Option<&'b [u8]> {
-    let session = worker.sessions.open_in(token, buf)?;
-    (session.agent == policy.agents[agent].id
-        && session.upstream == policy.upstreams()[upstream].name)
-        .then_some(session.upstream_session)
+    cache: &'c mut ConnCache,
+) -> Option<&'c [u8]> {
+    if cache.token != token {
+        cache.token.clear();
+        let s = worker.sessions.open_in(token, &mut cache.scratch)?;
+        cache.token_agent.clear();
+        cache.token_agent.push_str(s.agent);
+        cache.token_upstream.clear();
+        cache.token_upstream.push_str(s.upstream);
+        cache.token_session.clear();
+        cache.token_session.extend_from_slice(s.upstream_session);
+        cache.token.extend_from_slice(token);
+    }
+    // The binding is checked on every request, against the policy of this request.
+    (cache.token_agent == policy.agents[agent].id
+        && cache.token_upstream == policy.upstreams()[upstream].name)
+        .then_some(cache.token_session.as_slice())
 }
 
 /// Stage 1. `Ok(None)`: the client closed (or went idle past the timeout) between requests.

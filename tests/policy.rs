@@ -808,3 +808,33 @@ fn upstreams_can_come_from_the_policy_alone() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.recorded().len(), 1);
 }
+
+#[test]
+fn a_key_revoked_by_reload_is_refused_on_a_connection_that_used_it() {
+    let s = setup();
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, "/mcp/m", BOT);
+    let send = |c: &mut Client| {
+        c.post("/mcp/m", &call(2, "echo", "{}"))
+            .header("Authorization", &bearer(BOT))
+            .header("Mcp-Session-Id", &token)
+            .send()
+    };
+    assert_eq!(send(&mut c).status, 200);
+    assert_eq!(send(&mut c).status, 200);
+    // The bot's key is replaced in the policy; the same keep-alive connection presents the old
+    // key again and must not be served from anything remembered about it.
+    let revoked = policy_text(&s.other.url()).replace(
+        &sha256_hex(BOT),
+        &sha256_hex("a-new-key-for-the-bot-0123456789"),
+    );
+    std::fs::write(&s.policy, revoked).unwrap();
+    s.gw.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || s
+        .gw
+        .log()
+        .contains("policy reloaded")));
+    let r = send(&mut c);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(executed_tools(&s.up), ["echo", "echo"]);
+}

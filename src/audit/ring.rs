@@ -65,12 +65,19 @@ impl ByteRing {
     /// Consumer: calls `f` with each waiting record, in order, then frees them. Returns how
     /// many were taken. A record is lent straight from the ring unless it wraps around the end
     /// (then it is copied once into a scratch buffer).
-    pub fn drain(&self, mut f: impl FnMut(&[u8])) -> usize {
+    pub fn drain(&self, f: impl FnMut(&[u8])) -> usize {
+        self.drain_up_to(usize::MAX, f)
+    }
+
+    /// [`drain`](Self::drain), stopping once at least `max_bytes` of records were taken (so a
+    /// consumer can work in bounded slices).
+    pub fn drain_up_to(&self, max_bytes: usize, mut f: impl FnMut(&[u8])) -> usize {
         let head = self.head.load(Ordering::Acquire);
         let mut tail = self.tail.load(Ordering::Relaxed);
         let mut wrapped = Vec::new();
         let mut n = 0;
-        while tail < head {
+        let start = tail;
+        while tail < head && tail - start < max_bytes {
             let mut len = [0u8; LEN];
             self.copy_out(tail, &mut len);
             let len = u32::from_le_bytes(len) as usize;

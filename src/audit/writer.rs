@@ -251,21 +251,31 @@ pub fn spawn(
     Ok(handle)
 }
 
+/// The most a batch holds before it is written: the writer hashes and writes in slices of
+/// this size and yields its core between them, so the worker it shares the core with waits for
+/// at most one slice (a fraction of a millisecond), not for a whole flush.
+const SLICE: usize = 256 * 1024;
+
 fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
-    let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut batch: Vec<u8> = Vec::with_capacity(SLICE + 64 * 1024);
     let mut batch_lines = 0u64;
     let mut batch_last_seq = 0u64;
     let mut written = 0usize;
+    let mut wrote_since_head = false;
+    // Whether the last slice was full (more was waiting when it was taken).
+    let mut slice_full = false;
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
     loop {
         let stopping = channel.stop.load(Ordering::Acquire);
         if batch.is_empty() {
-            channel.ring.drain(|record| {
+            let before = batch.len();
+            channel.ring.drain_up_to(SLICE, |record| {
                 sink.next_seq += 1;
                 sink.prev = chain_line(&mut batch, record, sink.next_seq, &sink.prev);
                 batch_last_seq = sink.next_seq;
                 batch_lines += 1;
             });
+            slice_full = batch.len() - before >= SLICE;
             written = 0;
         }
         if !batch.is_empty() {
@@ -276,13 +286,18 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
                         info!("audit: writing to {} again", config.dir.display());
                     }
                     sink.last_seq = batch_last_seq;
-                    write_head(sink);
+                    wrote_since_head = true;
                     batch.clear();
                     batch_lines = 0;
                     if batch.capacity() > 16 * 1024 * 1024 {
-                        batch = Vec::with_capacity(64 * 1024);
+                        batch = Vec::with_capacity(SLICE + 64 * 1024);
                     }
-                    continue; // the ring may have filled meanwhile
+                    if slice_full {
+                        // More was waiting: let the worker run first, then take the next slice.
+                        // A slice that was not full emptied the ring: the flush is done.
+                        std::thread::yield_now();
+                        continue;
+                    }
                 }
                 Err(e) => {
                     channel.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -302,6 +317,11 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
                     continue;
                 }
             }
+        }
+        // The ring is empty: record where the chain ends, once per flush.
+        if wrote_since_head {
+            write_head(sink);
+            wrote_since_head = false;
         }
         if stopping && channel.ring.used() == 0 {
             return;
