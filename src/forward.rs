@@ -465,7 +465,9 @@ async fn relay(
     if let Some((kind, keep)) = plan.filter
         && ex.response.status == 200
     {
-        return relay_filtered(
+        // Boxed: list filtering is rare next to calls, and its state machine would otherwise
+        // size every connection's task.
+        return Box::pin(relay_filtered(
             worker,
             ex,
             client,
@@ -476,7 +478,7 @@ async fn relay(
             plan,
             kind,
             keep,
-        )
+        ))
         .await;
     }
     let response = &ex.response;

@@ -88,6 +88,31 @@ pub enum Route {
     Aggregate,
 }
 
+/// What serving one request needs besides the connection: the request head, the envelope
+/// parser, the upstream exchange, the audit draft and the connection caches. Kept in a
+/// per-worker pool and held only while a request is in progress, so an idle connection holds
+/// none of it.
+pub struct RequestState {
+    head: Head,
+    parser: EnvelopeParser,
+    exchange: Exchange,
+    draft: Draft,
+}
+
+impl RequestState {
+    pub fn new(audit: bool) -> RequestState {
+        RequestState {
+            head: Head::default(),
+            parser: EnvelopeParser::new(),
+            exchange: Exchange::default(),
+            draft: Draft {
+                active: audit,
+                ..Draft::default()
+            },
+        }
+    }
+}
+
 /// Serves requests on one client connection until it closes.
 pub async fn serve_connection(
     worker: &Worker,
@@ -96,63 +121,77 @@ pub async fn serve_connection(
     idle: &Cell<bool>,
 ) {
     let mut client = Conn::new(stream);
-    let mut head = Head::default();
-    let mut parser = EnvelopeParser::new();
-    let mut exchange = Exchange::default();
-    let mut draft = Draft {
-        active: worker.audit.is_some(),
-        ..Draft::default()
-    };
-
     loop {
-        // Stage 1: the request head.
         idle.set(client.buf.is_empty());
-        let head_len = match read_head(worker, &mut client, &mut head).await {
-            Ok(Some(len)) => len,
-            Ok(None) => return,
-            Err(refusal) => {
-                draft.reset(Instant::now());
-                let written = client.written;
-                if respond(&mut client, None, &refusal, true).await.is_ok() {
-                    linger_close(&mut client).await;
-                }
-                draft.status = refusal.status;
-                draft.decision = refusal.decision;
-                draft.reason = Some(refusal.message);
-                draft.bytes_in = client.buf.len() as u64;
-                emit(worker, &draft, b"", client.written - written).await;
-                return;
+        if client.buf.is_empty() && client.buf.capacity() == 0 {
+            // Idle with nothing buffered: wait for the agent holding no buffer and no request
+            // state, then take both from the worker's pools.
+            match monoio::time::timeout(worker.config.idle_timeout, client.stream.readable(true))
+                .await
+            {
+                Ok(Ok(())) => client.buf = worker.take_buffer(),
+                Ok(Err(_)) | Err(_) => return,
             }
-        };
-        idle.set(false);
-        draft.reset(Instant::now());
-        let written = client.written;
-        head.raw = client.buf.split_to(head_len).freeze();
-
-        let outcome = handle_request(
-            worker,
-            &mut client,
-            &head,
-            &mut parser,
-            &mut exchange,
-            peer,
-            &mut draft,
-        )
-        .await;
-        // Bytes in: the head and the body.
-        draft.bytes_in += head_len as u64;
-        emit(worker, &draft, head.method(), client.written - written).await;
-        // The head shares the connection's buffer: let it go, so the next read reuses the
-        // buffer instead of allocating a new one.
-        head.raw = Bytes::new();
-        match outcome {
-            Ok(KeepAlive::Yes) if !shutting_down() => {}
-            _ => return,
+        }
+        let mut state = worker.take_state();
+        // Boxed: the request's state machine (every stage's locals, the upstream exchange) is
+        // allocated while the request runs, not kept in every connection's task.
+        let keep = Box::pin(serve_one(worker, &mut client, peer, idle, &mut state)).await;
+        worker.give_state(state);
+        if !keep {
+            return;
         }
         if let Some(buf) = client.take_idle_buffer() {
             worker.give_buffer(buf);
         }
     }
+}
+
+/// Reads and answers one request; false when the connection must close.
+async fn serve_one(
+    worker: &Worker,
+    client: &mut Conn,
+    peer: SocketAddr,
+    idle: &Cell<bool>,
+    state: &mut RequestState,
+) -> bool {
+    let RequestState {
+        head,
+        parser,
+        exchange,
+        draft,
+    } = state;
+    // Stage 1: the request head.
+    let head_len = match read_head(worker, client, head).await {
+        Ok(Some(len)) => len,
+        Ok(None) => return false,
+        Err(refusal) => {
+            draft.reset(Instant::now());
+            let written = client.written;
+            if respond(client, None, &refusal, true).await.is_ok() {
+                linger_close(client).await;
+            }
+            draft.status = refusal.status;
+            draft.decision = refusal.decision;
+            draft.reason = Some(refusal.message);
+            draft.bytes_in = client.buf.len() as u64;
+            emit(worker, draft, b"", client.written - written).await;
+            return false;
+        }
+    };
+    idle.set(false);
+    draft.reset(Instant::now());
+    let written = client.written;
+    head.raw = client.buf.split_to(head_len).freeze();
+
+    let outcome = handle_request(worker, client, head, parser, exchange, peer, draft).await;
+    // Bytes in: the head and the body.
+    draft.bytes_in += head_len as u64;
+    emit(worker, draft, head.method(), client.written - written).await;
+    // The head shares the connection's buffer: let it go, so the next read reuses the buffer
+    // instead of allocating a new one.
+    head.raw = Bytes::new();
+    matches!(outcome, Ok(KeepAlive::Yes)) && !shutting_down()
 }
 
 /// What the audit log records of the request in progress; reused across a connection's
@@ -465,7 +504,7 @@ async fn handle_request(
             peer,
             close: client_wants_close || shutting_down(),
         };
-        let result = crate::aggregate::handle(&request, client).await;
+        let result = Box::pin(crate::aggregate::handle(&request, client)).await;
         let (Ok(outcome) | Err(outcome)) = &result;
         draft.status = outcome.status;
         draft.decision = outcome.decision;
@@ -1025,15 +1064,6 @@ async fn read_head(
             None => config.idle_timeout,
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
-        if client.buf.capacity() == 0 {
-            // Idle with no buffer: wait until the agent sends something, then take a buffer
-            // from the worker's pool. An idle connection holds no buffer memory, and a busy
-            // one allocates none per request.
-            match monoio::time::timeout(limit, client.stream.readable(true)).await {
-                Ok(Ok(())) => client.buf = worker.take_buffer(),
-                Ok(Err(_)) | Err(_) => return Ok(None),
-            }
-        }
         match client.fill_within(Some(limit)).await {
             Ok(0) => {
                 return if client.buf.is_empty() {

@@ -94,6 +94,8 @@ pub struct Worker {
     /// Client read buffers between requests: a connection takes one when its agent sends
     /// something and gives it back when the request is done.
     read_buffers: RefCell<Vec<bytes::BytesMut>>,
+    /// Request state between requests (see [`crate::pipeline::RequestState`]).
+    request_states: RefCell<Vec<Box<crate::pipeline::RequestState>>>,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
     /// per connection (open/close); per request only the `Cell` flips.
     connections: RefCell<HashMap<u64, OpenConnection>>,
@@ -229,6 +231,7 @@ async fn worker_main(
         pool: Pool::new(config.upstreams.len()),
         lazy_joins: crate::aggregate::LazyJoins::default(),
         read_buffers: RefCell::new(Vec::new()),
+        request_states: RefCell::new(Vec::new()),
         upstream_fragments: config
             .upstreams
             .iter()
@@ -327,6 +330,22 @@ impl Worker {
         if pool.len() < MAX_POOLED_BUFFERS && buf.capacity() <= MAX_POOLED_CAPACITY {
             buf.clear();
             pool.push(buf);
+        }
+    }
+
+    /// Request state for a connection whose agent has just sent something.
+    pub fn take_state(&self) -> Box<crate::pipeline::RequestState> {
+        self.request_states
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Box::new(crate::pipeline::RequestState::new(self.audit.is_some())))
+    }
+
+    /// Takes back request state when its request is done.
+    pub fn give_state(&self, state: Box<crate::pipeline::RequestState>) {
+        let mut pool = self.request_states.borrow_mut();
+        if pool.len() < MAX_POOLED_BUFFERS {
+            pool.push(state);
         }
     }
 

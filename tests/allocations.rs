@@ -88,7 +88,7 @@ title = {{ max_len = 200 }}
 }
 
 #[test]
-fn a_forwarded_call_allocates_nothing_in_steady_state() {
+fn a_forwarded_call_allocates_once_in_steady_state() {
     let up = MockServer::start(MockConfig::default());
     let audit = temp_dir("alloc-audit");
     let (g, _) = Gateway::open().upstream("m", &up).policy(&policy());
