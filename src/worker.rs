@@ -94,7 +94,9 @@ pub struct Worker {
     /// Client read buffers between requests: a connection takes one when its agent sends
     /// something and gives it back when the request is done.
     read_buffers: RefCell<Vec<bytes::BytesMut>>,
-    /// Request state between requests (see [`crate::pipeline::RequestState`]).
+    /// Request state between requests (see [`crate::pipeline::RequestState`]); boxed so a
+    /// connection takes and returns it as one pointer, not a copy of the whole state.
+    #[allow(clippy::vec_box)]
     request_states: RefCell<Vec<Box<crate::pipeline::RequestState>>>,
     /// Open client connections: raw fd and whether it is idle between requests. Touched once
     /// per connection (open/close); per request only the `Cell` flips.

@@ -109,11 +109,12 @@ fn a_forwarded_call_allocates_once_in_steady_state() {
     println!(
         "heap allocations per forwarded tools/call: policy+limits+audit+session {full:.2}, insecure-open {plain:.2}"
     );
-    // Less than one allocation in twenty calls: none on the call path itself (the metrics
-    // scrapes around the measurement are subtracted).
+    // One allocation per call: the request's state machine, boxed so that idle connections do
+    // not hold it (buffers, request state and session caches are reused). The metrics scrapes
+    // around the measurement are subtracted.
     assert!(
-        full < 0.05,
+        full <= 1.05,
         "{full} allocations per call with everything on"
     );
-    assert!(plain < 0.05, "{plain} allocations per call in open mode");
+    assert!(plain <= 1.05, "{plain} allocations per call in open mode");
 }
