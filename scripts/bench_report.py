@@ -230,8 +230,8 @@ if mem:
 
 # Criterion.
 crit = []
-for path in sorted(glob.glob("target/criterion/*/new/estimates.json")):
-    name = path.split("/")[2]
+for path in sorted(glob.glob("target/criterion/**/new/estimates.json", recursive=True)):
+    name = "/".join(path.split("/")[2:-2])
     try:
         est = json.load(open(path))
         ns = est["median"]["point_estimate"]

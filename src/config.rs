@@ -48,6 +48,8 @@ pub struct Config {
     /// On the aggregate endpoint, fail a fan-out (initialize, lists) when any upstream fails,
     /// instead of answering with the upstreams that did answer.
     pub aggregate_fail_closed: bool,
+    /// How long a fan-out waits for each upstream before leaving it out.
+    pub aggregate_timeout: Duration,
 }
 
 /// `SCOPEGATE_JWT_*`: accept JWTs issued by `issuer` for `audience`, verified with the JWKS
@@ -315,6 +317,11 @@ impl Config {
                 ),
             ));
         }
+        let aggregate_timeout = parse_ms(
+            "SCOPEGATE_AGGREGATE_TIMEOUT_MS",
+            get("SCOPEGATE_AGGREGATE_TIMEOUT_MS"),
+            5_000,
+        )?;
         let aggregate_fail_closed = parse_bool(
             "SCOPEGATE_AGGREGATE_FAIL_CLOSED",
             get("SCOPEGATE_AGGREGATE_FAIL_CLOSED"),
@@ -425,6 +432,7 @@ impl Config {
             audit,
             name_separator,
             aggregate_fail_closed,
+            aggregate_timeout,
         })
     }
 
@@ -471,6 +479,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_AUDIT_RING",
     "SCOPEGATE_NAME_SEPARATOR",
     "SCOPEGATE_AGGREGATE_FAIL_CLOSED",
+    "SCOPEGATE_AGGREGATE_TIMEOUT_MS",
 ];
 
 fn leak_name(name: &str) -> &'static str {

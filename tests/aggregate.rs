@@ -654,3 +654,42 @@ fn names_past_128_characters_are_cut_and_still_callable() {
     assert_eq!(called.len(), 1);
     assert_eq!(called[0]["params"]["name"], long.as_str());
 }
+
+#[test]
+fn a_slow_upstream_is_left_out_after_the_fan_out_timeout() {
+    let a = MockServer::start(MockConfig::default());
+    // Accepts connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let gw = Gateway::open()
+        .upstream("a", &a)
+        .upstream_url("slow", &format!("http://127.0.0.1:{port}/mcp"))
+        .env("SCOPEGATE_AGGREGATE_TIMEOUT_MS", "300")
+        .start();
+    let mut c = gw.client();
+    // Without the fan-out timeout these would wait for SCOPEGATE_UPSTREAM_TIMEOUT_MS (30 s),
+    // past the test client's 15 s read timeout.
+    let r = c.post("/mcp", INIT).send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = r.header("mcp-session-id").unwrap().to_owned();
+    let r = c
+        .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+        .header("Mcp-Session-Id", &token)
+        .send();
+    let names: Vec<String> = message(&r)["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.starts_with("a__")),
+        "{names:?}"
+    );
+    assert!(
+        gw.log().contains("upstream \"slow\" left out"),
+        "{}",
+        gw.log()
+    );
+    drop(silent);
+}

@@ -130,8 +130,16 @@ impl Request<'_, '_> {
             .position(|u| u.name == name)
     }
 
+    /// For a call routed to one upstream.
     fn deadline(&self) -> Instant {
         Instant::now() + self.worker.config.upstream_timeout
+    }
+
+    /// For each upstream of a fan-out (initialize, lists, notifications, joins): a slow one is
+    /// left out after `SCOPEGATE_AGGREGATE_TIMEOUT_MS` while the others answer.
+    fn fanout_deadline(&self) -> Instant {
+        let c = &self.worker.config;
+        Instant::now() + c.aggregate_timeout.min(c.upstream_timeout)
     }
 
     fn version(&self) -> Option<&[u8]> {
@@ -251,8 +259,8 @@ pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome,
                 .map(|(i, s)| {
                     Box::pin(async move {
                         let r = req.up_request(i, "DELETE", b"", Some(&s));
-                        if let Ok(mut resp) = send(req.worker, i, &r, req.deadline()).await {
-                            let _ = resp.read_all(req.deadline(), 1 << 20).await;
+                        if let Ok(mut resp) = send(req.worker, i, &r, req.fanout_deadline()).await {
+                            let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
                             resp.finish(req.worker);
                         }
                     }) as Fut<'_, ()>
@@ -359,7 +367,7 @@ async fn session_for(
     })
     .to_string();
     let r = req.up_request(i, "POST", init.as_bytes(), None);
-    let (resp, body) = exchange(req.worker, i, &r, req.deadline()).await?;
+    let (resp, body) = exchange(req.worker, i, &r, req.fanout_deadline()).await?;
     let status = resp.status();
     let sid = resp
         .header("mcp-session-id")
@@ -375,8 +383,8 @@ async fn session_for(
     }
     let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
     let r = req.up_request(i, "POST", done, Some(&sid));
-    if let Ok(mut resp) = send(req.worker, i, &r, req.deadline()).await {
-        let _ = resp.read_all(req.deadline(), 1 << 20).await;
+    if let Ok(mut resp) = send(req.worker, i, &r, req.fanout_deadline()).await {
+        let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
         resp.finish(req.worker);
     }
     info!("aggregate: joined upstream {name:?} for an existing session");
@@ -527,12 +535,12 @@ async fn exchange_or_accepted(
     i: usize,
     r: &UpRequest<'_>,
 ) -> Result<(), Refusal> {
-    let mut resp = send(req.worker, i, r, req.deadline()).await?;
+    let mut resp = send(req.worker, i, r, req.fanout_deadline()).await?;
     if resp.is_event_stream() {
         // A response on a stream: not awaited, and the connection is not reused.
         return Ok(());
     }
-    let _ = resp.read_all(req.deadline(), 1 << 20).await;
+    let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
     resp.finish(req.worker);
     Ok(())
 }
@@ -560,7 +568,7 @@ async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
                     inject: req.inject(i),
                     peer: req.peer,
                 };
-                let (resp, body) = exchange(req.worker, i, &r, req.deadline()).await?;
+                let (resp, body) = exchange(req.worker, i, &r, req.fanout_deadline()).await?;
                 let status = resp.status();
                 let sid = resp
                     .header("mcp-session-id")
@@ -779,7 +787,7 @@ async fn list(
             Box::pin(async move {
                 let sid = session_for(req, session, i).await?;
                 let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
-                let (resp, answer) = exchange(req.worker, i, &r, req.deadline()).await?;
+                let (resp, answer) = exchange(req.worker, i, &r, req.fanout_deadline()).await?;
                 let status = resp.status();
                 resp.finish(req.worker);
                 let value: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
@@ -916,7 +924,9 @@ async fn resolve_name(
             None => format!("{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\"}}"),
         };
         let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
-        let (resp, answer) = exchange(req.worker, i, &r, req.deadline()).await.ok()?;
+        let (resp, answer) = exchange(req.worker, i, &r, req.fanout_deadline())
+            .await
+            .ok()?;
         resp.finish(req.worker);
         let value: Value = serde_json::from_slice(&answer).ok()?;
         let result = value.get("result")?;
@@ -1355,7 +1365,7 @@ async fn get_stream(
             let i = *i;
             Box::pin(async move {
                 let r = req.up_request(i, "GET", b"", Some(s));
-                match send(req.worker, i, &r, req.deadline()).await {
+                match send(req.worker, i, &r, req.fanout_deadline()).await {
                     Ok(resp) if resp.status() == 200 && resp.is_event_stream() => Some((i, resp)),
                     Ok(_) => None,
                     Err(e) => {
