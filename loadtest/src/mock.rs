@@ -47,6 +47,8 @@ pub struct MockConfig {
     pub page_size: usize,
     /// One more tool under this name, answering like `echo` (e.g. a name of 128 characters).
     pub extra_tool: Option<String>,
+    /// `echo` answers after this long (a slow tool).
+    pub delay: Duration,
 }
 
 impl Default for MockConfig {
@@ -60,6 +62,7 @@ impl Default for MockConfig {
             threads: 1,
             page_size: 0,
             extra_tool: None,
+            delay: Duration::ZERO,
         }
     }
 }
@@ -461,6 +464,9 @@ async fn call_tool(stream: &mut TcpStream, shared: &Shared, msg: &Value, id: &Va
     };
     match name {
         "echo" => {
+            if !shared.config.delay.is_zero() {
+                monoio::time::sleep(shared.config.delay).await;
+            }
             let mut text = args.to_string();
             text.extend(std::iter::repeat_n('x', shared.config.pad));
             answer(stream, shared, &text_result(text), "").await

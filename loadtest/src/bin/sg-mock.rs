@@ -1,6 +1,6 @@
 //! The mock MCP upstream as a standalone process, for the demo and the load scripts.
 //!
-//! usage: sg-mock [--listen ADDR] [--sse] [--no-sessions] [--no-get] [--pad BYTES] [--threads N] [--page-size N]
+//! usage: sg-mock [--listen ADDR] [--sse] [--no-sessions] [--no-get] [--pad BYTES] [--threads N] [--page-size N] [--delay-ms N]
 
 use scopegate_loadtest::mock::{MockConfig, MockServer};
 
@@ -26,6 +26,12 @@ fn main() {
             "--pad" => config.pad = parse(&value("--pad"), "--pad"),
             "--threads" => config.threads = parse(&value("--threads"), "--threads"),
             "--page-size" => config.page_size = parse(&value("--page-size"), "--page-size"),
+            "--delay-ms" => {
+                config.delay = std::time::Duration::from_millis(parse(
+                    &value("--delay-ms"),
+                    "--delay-ms",
+                ) as u64)
+            }
             other => {
                 eprintln!("sg-mock: unknown argument {other:?}");
                 std::process::exit(2);
