@@ -121,6 +121,9 @@ pub async fn serve_connection(
     idle: &Cell<bool>,
 ) {
     let mut client = Conn::new(stream);
+    // The connection's memory of its key and session token stays with the connection (the
+    // request state it is lent to goes back to a pool shared by all connections).
+    let mut cache = ConnCache::default();
     loop {
         idle.set(client.buf.is_empty());
         if client.buf.is_empty() && client.buf.capacity() == 0 {
@@ -134,9 +137,11 @@ pub async fn serve_connection(
             }
         }
         let mut state = worker.take_state();
+        std::mem::swap(&mut state.draft.cache, &mut cache);
         // Boxed: the request's state machine (every stage's locals, the upstream exchange) is
         // allocated while the request runs, not kept in every connection's task.
         let keep = Box::pin(serve_one(worker, &mut client, peer, idle, &mut state)).await;
+        std::mem::swap(&mut state.draft.cache, &mut cache);
         worker.give_state(state);
         if !keep {
             return;
