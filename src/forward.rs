@@ -23,6 +23,8 @@ use crate::worker::Worker;
 /// Pieces at most this long are copied into one buffer with what precedes them so they go out
 /// in a single write; larger ones are handed to the kernel as they are.
 const COALESCE_LIMIT: usize = 16 * 1024;
+/// The read size on an upstream event stream.
+const STREAM_CHUNK: usize = 4 * 1024;
 
 /// Per-connection scratch reused across requests, and what the audit log learns from the
 /// exchange.
@@ -225,6 +227,7 @@ pub async fn forward(
     // connection is reused, so its next read does not allocate a new buffer.
     ex.response.raw = Bytes::new();
     if reusable {
+        up.read_chunk = crate::http::conn::READ_CHUNK;
         worker.pool.put(upstream_index, up);
     }
     Ok(relayed)
@@ -554,6 +557,17 @@ async fn relay(
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    if is_event_stream {
+        // A long-lived stream: let go of the response head's share of the upstream buffer and
+        // read the stream into a small one (events are small; an idle stream should cost
+        // little memory).
+        ex.response.raw = Bytes::new();
+        let mut small = BytesMut::with_capacity(STREAM_CHUNK.max(up.buf.len()));
+        small.extend_from_slice(&up.buf);
+        up.buf = small;
+        up.read_chunk = STREAM_CHUNK;
+    }
+    let out = &mut ex.out;
 
     let mid = |_| ForwardError::MidResponse;
     match downstream {

@@ -187,7 +187,18 @@ async fn serve_one(
     idle.set(false);
     draft.reset(Instant::now());
     let written = client.written;
-    head.raw = client.buf.split_to(head_len).freeze();
+    // The head's spans point into the connection's buffer until `raw` is set.
+    if head.method.get(&client.buf) == b"GET" {
+        // A GET is usually an event stream that stays open: copy its head out and give the
+        // read buffer back to the pool for as long as the stream lasts.
+        head.raw = Bytes::copy_from_slice(&client.buf[..head_len]);
+        let _ = client.buf.split_to(head_len);
+        if let Some(buf) = client.take_idle_buffer() {
+            worker.give_buffer(buf);
+        }
+    } else {
+        head.raw = client.buf.split_to(head_len).freeze();
+    }
 
     let outcome = handle_request(worker, client, head, parser, exchange, peer, draft).await;
     // Bytes in: the head and the body.

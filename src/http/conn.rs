@@ -18,6 +18,8 @@ pub struct Conn {
     pub buf: BytesMut,
     /// Bytes written so far (the audit log's bytes out).
     pub written: u64,
+    /// How much room a read asks for (smaller for long-lived event streams).
+    pub read_chunk: usize,
 }
 
 #[derive(Debug)]
@@ -32,13 +34,14 @@ impl Conn {
             stream,
             buf: BytesMut::new(),
             written: 0,
+            read_chunk: READ_CHUNK,
         }
     }
 
     /// Reads once, appending to `buf`. `Ok(0)` is end of stream.
     pub async fn fill(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+        if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
+            self.buf.reserve(self.read_chunk);
         }
         let len = self.buf.len();
         let buf = std::mem::take(&mut self.buf);
