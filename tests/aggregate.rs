@@ -122,6 +122,20 @@ fn message(r: &Response) -> Value {
     r.json()
 }
 
+/// The first page of tools/list in open mode (no key), by name.
+fn open_tool_names(c: &mut Client, token: &str) -> Vec<String> {
+    let r = c
+        .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+        .header("Mcp-Session-Id", token)
+        .send();
+    message(&r)["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn initialize(c: &mut Client, key: &str) -> String {
     let r = post(c, key, None, INIT);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -491,18 +505,7 @@ fn a_dead_upstream_loses_its_tools_the_other_keeps_serving_and_it_is_joined_when
     let r = c.post("/mcp", INIT).send();
     assert_eq!(r.status, 200, "{}", r.text());
     let token = r.header("mcp-session-id").unwrap().to_owned();
-    let list = |c: &mut Client| -> Vec<String> {
-        let r = c
-            .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
-            .header("Mcp-Session-Id", &token)
-            .send();
-        message(&r)["result"]["tools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["name"].as_str().unwrap().to_owned())
-            .collect()
-    };
+    let list = |c: &mut Client| open_tool_names(c, &token);
     let names = list(&mut c);
     assert!(names.iter().all(|n| n.starts_with("a__")) && !names.is_empty());
     let r = c
@@ -623,16 +626,7 @@ fn names_past_128_characters_are_cut_and_still_callable() {
     let mut c = gw.client();
     let r = c.post("/mcp", INIT).send();
     let token = r.header("mcp-session-id").unwrap().to_owned();
-    let r = c
-        .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
-        .header("Mcp-Session-Id", &token)
-        .send();
-    let names: Vec<String> = message(&r)["result"]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap().to_owned())
-        .collect();
+    let names = open_tool_names(&mut c, &token);
     let cut = names
         .iter()
         .find(|n| n.starts_with("a__tool_"))
@@ -672,16 +666,7 @@ fn a_slow_upstream_is_left_out_after_the_fan_out_timeout() {
     let r = c.post("/mcp", INIT).send();
     assert_eq!(r.status, 200, "{}", r.text());
     let token = r.header("mcp-session-id").unwrap().to_owned();
-    let r = c
-        .post("/mcp", r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
-        .header("Mcp-Session-Id", &token)
-        .send();
-    let names: Vec<String> = message(&r)["result"]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap().to_owned())
-        .collect();
+    let names = open_tool_names(&mut c, &token);
     assert!(
         !names.is_empty() && names.iter().all(|n| n.starts_with("a__")),
         "{names:?}"

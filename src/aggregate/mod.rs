@@ -374,13 +374,7 @@ async fn session_for(
         .map(<[u8]>::to_vec)
         .unwrap_or_default();
     resp.finish(req.worker);
-    if status != 200 || !body_has_result(&body) {
-        return Err(Refusal::new(
-            502,
-            jsonrpc::UPSTREAM_UNAVAILABLE,
-            format!("upstream {name:?} did not accept initialize (HTTP {status})"),
-        ));
-    }
+    rpc_result(req, i, "initialize", status, &body)?;
     let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
     let r = req.up_request(i, "POST", done, Some(&sid));
     if let Ok(mut resp) = send(req.worker, i, &r, req.fanout_deadline()).await {
@@ -396,8 +390,29 @@ async fn session_for(
     Ok(sid)
 }
 
-fn body_has_result(body: &[u8]) -> bool {
-    matches!(serde_json::from_slice::<Value>(body), Ok(Value::Object(m)) if m.contains_key("result"))
+/// The `result` of upstream `i`'s answer to `what`, or a refusal saying what came instead.
+fn rpc_result(
+    req: &Request<'_, '_>,
+    i: usize,
+    what: &str,
+    status: u16,
+    body: &[u8],
+) -> Result<Value, Refusal> {
+    let result = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut m)) if status == 200 => m.remove("result"),
+        _ => None,
+    };
+    result.ok_or_else(|| {
+        Refusal::new(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!(
+                "upstream {:?} failed {what} (HTTP {status}): {}",
+                req.upstream_name(i),
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ),
+        )
+    })
 }
 
 async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outcome> {
@@ -575,19 +590,7 @@ async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
                     .map(<[u8]>::to_vec)
                     .unwrap_or_default();
                 resp.finish(req.worker);
-                let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                match value.get("result") {
-                    Some(result) if status == 200 => Ok((sid, result.clone())),
-                    _ => Err(Refusal::new(
-                        502,
-                        jsonrpc::UPSTREAM_UNAVAILABLE,
-                        format!(
-                            "upstream {:?} refused initialize (HTTP {status}): {}",
-                            req.upstream_name(i),
-                            String::from_utf8_lossy(&body[..body.len().min(200)])
-                        ),
-                    )),
-                }
+                Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
             }) as Fut<'_, _>
         })
         .collect();
@@ -790,19 +793,7 @@ async fn list(
                 let (resp, answer) = exchange(req.worker, i, &r, req.fanout_deadline()).await?;
                 let status = resp.status();
                 resp.finish(req.worker);
-                let value: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
-                match value.get("result") {
-                    Some(result) if status == 200 => Ok(result.clone()),
-                    _ => Err(Refusal::new(
-                        502,
-                        jsonrpc::UPSTREAM_UNAVAILABLE,
-                        format!(
-                            "upstream {:?} failed {method} (HTTP {status}): {}",
-                            req.upstream_name(i),
-                            String::from_utf8_lossy(&answer[..answer.len().min(200)])
-                        ),
-                    )),
-                }
+                rpc_result(req, i, method, status, &answer)
             }) as Fut<'_, _>
         })
         .collect();
