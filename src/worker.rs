@@ -269,7 +269,21 @@ async fn worker_main(
                 let worker = worker.clone();
                 monoio::spawn(async move {
                     let guard = worker.register(&stream);
-                    crate::pipeline::serve_connection(&worker, stream, peer, &guard.idle).await;
+                    // A bug that panics while serving a connection ends that connection (its
+                    // socket is closed), not the worker and every connection it serves.
+                    let served = CatchUnwind(Box::pin(crate::pipeline::serve_connection(
+                        &worker,
+                        stream,
+                        peer,
+                        &guard.idle,
+                    )))
+                    .await;
+                    if served.is_err() {
+                        crate::error!(
+                            "worker {}: a connection's task panicked; it was closed",
+                            worker.id
+                        );
+                    }
                     drop(guard);
                 });
             }
@@ -404,4 +418,49 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
         out.push(listener);
     }
     Ok(out)
+}
+
+/// Runs a future and turns a panic inside it into `Err(())` (the panic message has been printed
+/// by the panic hook).
+pub struct CatchUnwind<F>(pub std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CatchUnwind;
+
+    #[test]
+    fn a_panicking_task_is_contained() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .build()
+            .expect("runtime");
+        let (panicked, fine) = rt.block_on(async {
+            let panicked = CatchUnwind(Box::pin(async {
+                if std::hint::black_box(true) {
+                    panic!("a bug");
+                }
+                1
+            }))
+            .await;
+            let fine = CatchUnwind(Box::pin(async { 2 })).await;
+            (panicked, fine)
+        });
+        assert_eq!(panicked, Err(()));
+        assert_eq!(fine, Ok(2));
+    }
 }
