@@ -678,3 +678,66 @@ fn a_slow_upstream_is_left_out_after_the_fan_out_timeout() {
     );
     drop(silent);
 }
+
+#[test]
+fn prompts_resources_and_completions_are_routed_with_their_names_spliced() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    let sent = [
+        (
+            &s.a,
+            r#"{"jsonrpc":"2.0","id":31,"method":"resources/read","params":{"uri":"scopegate://a/file:///srv/notes.txt"}}"#,
+            r#"{"jsonrpc":"2.0","id":31,"method":"resources/read","params":{"uri":"file:///srv/notes.txt"}}"#,
+        ),
+        (
+            &s.b,
+            r#"{"jsonrpc":"2.0","id":32,"method":"prompts/get","params":{"name":"b__greet","arguments":{"who":"b__greet"}}}"#,
+            r#"{"jsonrpc":"2.0","id":32,"method":"prompts/get","params":{"name":"greet","arguments":{"who":"b__greet"}}}"#,
+        ),
+        (
+            &s.a,
+            r#"{"jsonrpc":"2.0","id":33,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a__greet"},"argument":{"name":"who","value":"a"}}}"#,
+            r#"{"jsonrpc":"2.0","id":33,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"greet"},"argument":{"name":"who","value":"a"}}}"#,
+        ),
+        (
+            &s.b,
+            r#"{"jsonrpc":"2.0","id":34,"method":"resources/subscribe","params":{"uri":"scopegate://b/db://orders"}}"#,
+            r#"{"jsonrpc":"2.0","id":34,"method":"resources/subscribe","params":{"uri":"db://orders"}}"#,
+        ),
+    ];
+    for (mock, body, expected) in sent {
+        let r = post(&mut c, BOT, Some(&token), body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The mock has no such methods: its JSON-RPC error comes back, relayed.
+        assert!(message(&r)["error"].is_object(), "{}", r.text());
+        let got = mock
+            .recorded()
+            .into_iter()
+            .rev()
+            .find(|r| {
+                r.method == "POST"
+                    && r.json()
+                        .is_some_and(|v| v.get("id").is_some() && v["method"] != "initialize")
+            })
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&got.body), expected);
+    }
+    // A resource of another tenant's upstream, or of no upstream, is unknown.
+    for uri in ["scopegate://c/file:///x", "file:///x", "scopegate://zzz/x"] {
+        let r = post(
+            &mut c,
+            BOT,
+            Some(&token),
+            &format!(
+                r#"{{"jsonrpc":"2.0","id":35,"method":"resources/read","params":{{"uri":"{uri}"}}}}"#
+            ),
+        );
+        assert_eq!(
+            r.json()["error"]["data"]["rule"],
+            "unknown resource",
+            "{uri}"
+        );
+    }
+    assert!(s.c.recorded().is_empty());
+}
