@@ -741,3 +741,51 @@ fn prompts_resources_and_completions_are_routed_with_their_names_spliced() {
     }
     assert!(s.c.recorded().is_empty());
 }
+
+#[test]
+fn requests_answered_from_several_upstreams_count_against_the_agent_bucket() {
+    let a = MockServer::start(MockConfig::default());
+    let b = MockServer::start(MockConfig::default());
+    let policy = format!(
+        r#"
+[[upstream]]
+name = "a"
+[[upstream]]
+name = "b"
+
+[[agent]]
+id = "bot"
+key_sha256 = "{}"
+allow = ["a/*", "b/*"]
+rate = {{ per_minute = 3, burst = 3 }}
+"#,
+        sha256_hex(BOT)
+    );
+    let (g, _) = Gateway::open()
+        .upstream("a", &a)
+        .upstream("b", &b)
+        .policy(&policy);
+    let gw = g.start();
+    let mut c = gw.client();
+    let token = initialize(&mut c, BOT); // 1 (the notification is not limited)
+    let list = r#"{"jsonrpc":"2.0","id":5,"method":"tools/list"}"#;
+    for _ in 0..2 {
+        let r = post(&mut c, BOT, Some(&token), list); // 2, 3
+        assert!(message(&r)["result"]["tools"].is_array(), "{}", r.text());
+    }
+    let lists_before = a.methods().iter().filter(|m| *m == "tools/list").count();
+    let r = post(&mut c, BOT, Some(&token), list);
+    let v = r.json();
+    assert_eq!(v["error"]["code"], -32007, "{v}");
+    assert!(
+        v["error"]["data"]["limit"]
+            .as_str()
+            .unwrap()
+            .contains("bot")
+    );
+    assert_eq!(
+        a.methods().iter().filter(|m| *m == "tools/list").count(),
+        lists_before,
+        "a limited list reached an upstream"
+    );
+}

@@ -428,6 +428,25 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
         );
         return write(req, client, Reply::refusal(&r, None)).await;
     };
+    // A request scopegate answers from several upstreams (or itself) counts against the agent's
+    // own bucket, as on a single upstream; routed calls are limited with their upstream below.
+    let routed_method = matches!(
+        m.method,
+        Some(
+            "tools/call"
+                | "prompts/get"
+                | "resources/read"
+                | "resources/subscribe"
+                | "resources/unsubscribe"
+                | "completion/complete"
+        )
+    );
+    if m.kind == Kind::Request
+        && !routed_method
+        && let Some(reply) = agent_limit(req, m)
+    {
+        return write(req, client, reply).await;
+    }
     if m.method == Some("initialize") {
         let reply = initialize(req, m).await;
         return write(req, client, reply).await;
@@ -486,6 +505,39 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
             }
         }
     }
+}
+
+/// The agent's own bucket, for a request that is not routed to one upstream (in policy mode).
+fn agent_limit(req: &Request<'_, '_>, m: &Message<'_>) -> Option<Reply> {
+    let (Some(p), Some(a)) = (req.policy, req.agent) else {
+        return None;
+    };
+    // Without a tool name only the agent's bucket applies; the upstream index is not used.
+    let limited = p
+        .limits
+        .admit(p, a, 0, None, crate::ratelimit::now_ns())
+        .err()?;
+    Some(rate_limited(req, m, limited))
+}
+
+fn rate_limited(
+    req: &Request<'_, '_>,
+    m: &Message<'_>,
+    limited: crate::ratelimit::Limited,
+) -> Reply {
+    let retry_ms = limited.retry_after_ns.div_ceil(1_000_000).max(1);
+    let message = format!(
+        "rate limited by {}; retry after {retry_ms} ms",
+        limited.label
+    );
+    let mut reply = Reply::json(
+        req.worker.config.rate_limit_status,
+        jsonrpc::rate_limited_body(m.id, &message, retry_ms, &limited.label),
+    );
+    reply.headers = format!("Retry-After: {}\r\n", retry_ms.div_ceil(1000).max(1));
+    reply.decision = AuditDecision::RateLimited;
+    reply.reason = Some(limited.label);
+    reply
 }
 
 /// A notification from the agent. One that names a server request (a cancellation of it, or
@@ -1054,18 +1106,7 @@ async fn routed(
         // Rate limits: every bucket the call falls in, with the upstream's own tool name.
         let tool = (method == "tools/call").then_some(original.as_str());
         if let Err(limited) = p.limits.admit(p, a, i, tool, crate::ratelimit::now_ns()) {
-            let retry_ms = limited.retry_after_ns.div_ceil(1_000_000).max(1);
-            let message = format!(
-                "rate limited by {}; retry after {retry_ms} ms",
-                limited.label
-            );
-            let mut reply = Reply::json(
-                req.worker.config.rate_limit_status,
-                jsonrpc::rate_limited_body(m.id, &message, retry_ms, &limited.label),
-            );
-            reply.headers = format!("Retry-After: {}\r\n", retry_ms.div_ceil(1000).max(1));
-            reply.decision = AuditDecision::RateLimited;
-            reply.reason = Some(limited.label);
+            let mut reply = rate_limited(req, m, limited);
             reply.upstream = Some(i);
             return write(req, client, reply).await;
         }
