@@ -174,43 +174,29 @@ pub async fn forward(
     ex.status = 0;
     ex.is_error.reset();
     let sent_at = Instant::now();
-    // A pooled connection may have been closed by the upstream while idle; if it fails before
-    // any response byte arrives, the request is retried once on a fresh connection.
-    let mut up = None;
-    for attempt in 0..2 {
-        let (mut conn, reused) = match worker.pool.take(upstream_index) {
-            Some(c) if attempt == 0 => (c, true),
-            _ => match connect(upstream.url.addr, deadline).await {
-                Ok(c) => (c, false),
-                Err(e) => return Err(ForwardError::BeforeResponse(unavailable(&upstream.name, e))),
-            },
-        };
-        let sent = send_request(&mut conn, &mut ex.out, &body, inline_body).await;
-        let result = match sent {
-            Ok(()) => read_response_head(&mut conn, &mut ex.response, deadline).await,
-            Err(e) => Err(UpstreamError::Io(e)),
-        };
-        match result {
-            Ok(()) => {
-                ex.upstream_us = Some(sent_at.elapsed().as_micros() as u64);
-                ex.status = ex.response.status;
-                up = Some(conn);
-                break;
-            }
-            Err(UpstreamError::Io(_) | UpstreamError::Closed) if reused => continue,
-            Err(e) => {
-                return Err(ForwardError::BeforeResponse(
-                    e.refusal(&upstream.name, timeout),
-                ));
-            }
+    let mut up = match exchange_head(
+        worker,
+        upstream_index,
+        &mut ex.out,
+        &body,
+        inline_body,
+        &mut ex.response,
+        deadline,
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(HeadFailure::Connect(e)) => {
+            return Err(ForwardError::BeforeResponse(unavailable(&upstream.name, e)));
         }
-    }
-    let Some(mut up) = up else {
-        return Err(ForwardError::BeforeResponse(unavailable(
-            &upstream.name,
-            UpstreamError::Closed,
-        )));
+        Err(HeadFailure::Exchange(e)) => {
+            return Err(ForwardError::BeforeResponse(
+                e.refusal(&upstream.name, timeout),
+            ));
+        }
     };
+    ex.upstream_us = Some(sent_at.elapsed().as_micros() as u64);
+    ex.status = ex.response.status;
 
     let (relayed, reusable) = relay(
         worker,
@@ -313,6 +299,51 @@ fn build_request(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Why [`exchange_head`] got no response head.
+pub(crate) enum HeadFailure {
+    /// No connection to the upstream could be made.
+    Connect(UpstreamError),
+    /// The request was sent (or sending failed) and no valid head came back.
+    Exchange(UpstreamError),
+}
+
+/// Sends `out` (then `body`, unless it is already inline in `out`) to upstream `index` and reads
+/// the response head into `head`. The connection comes from the worker's pool when it has one;
+/// a pooled connection may have been closed by the upstream while idle, so if it fails before
+/// any response byte arrives the request is retried once on a fresh connection.
+pub(crate) async fn exchange_head(
+    worker: &Worker,
+    index: usize,
+    out: &mut Vec<u8>,
+    body: &Bytes,
+    inline_body: bool,
+    head: &mut Head,
+    deadline: Instant,
+) -> Result<Conn, HeadFailure> {
+    let addr = worker.config.upstreams[index].url.addr;
+    for attempt in 0..2 {
+        let (mut conn, reused) = match worker.pool.take(index) {
+            Some(c) if attempt == 0 => (c, true),
+            _ => (
+                connect(addr, deadline)
+                    .await
+                    .map_err(HeadFailure::Connect)?,
+                false,
+            ),
+        };
+        let result = match send_request(&mut conn, out, body, inline_body).await {
+            Ok(()) => read_response_head(&mut conn, head, deadline).await,
+            Err(e) => Err(UpstreamError::Io(e)),
+        };
+        match result {
+            Ok(()) => return Ok(conn),
+            Err(UpstreamError::Io(_) | UpstreamError::Closed) if reused => continue,
+            Err(e) => return Err(HeadFailure::Exchange(e)),
+        }
+    }
+    Err(HeadFailure::Exchange(UpstreamError::Closed))
 }
 
 #[derive(Debug)]

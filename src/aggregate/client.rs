@@ -7,9 +7,9 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
-use crate::forward::{UpstreamError, connect, read_response_head};
+use crate::forward::{HeadFailure, UpstreamError, exchange_head};
 use crate::http::conn::{Conn, ReadError};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
 use crate::http::head::{self, Head};
@@ -189,50 +189,39 @@ pub async fn send(
     out.extend_from_slice(req.body);
 
     let timeout = worker.config.upstream_timeout;
-    for attempt in 0..2 {
-        let (mut conn, reused) = match worker.pool.take(index) {
-            Some(c) if attempt == 0 => (c, true),
-            _ => match connect(upstream.url.addr, deadline).await {
-                Ok(c) => (c, false),
-                Err(e) => return Err(e.refusal(&upstream.name, timeout)),
-            },
-        };
-        let (res, back) = conn.write_all(out).await;
-        out = back;
-        let mut head = Head::default();
-        let result = match res {
-            Ok(()) => read_response_head(&mut conn, &mut head, deadline).await,
-            Err(e) => Err(UpstreamError::Io(e)),
-        };
-        match result {
-            Ok(()) => {
-                let framing =
-                    framing::response_framing(&head, req.method.as_bytes()).map_err(|e| {
-                        UpstreamError::BadHead(e.message()).refusal(&upstream.name, timeout)
-                    })?;
-                let keep = head.minor_version == 1
-                    && !head::connection_has(&head, "close")
-                    && framing != Framing::UntilClose;
-                let left = match framing {
-                    Framing::Length(n) => n,
-                    _ => 0,
-                };
-                return Ok(UpResponse {
-                    index,
-                    conn: Some(conn),
-                    head,
-                    framing,
-                    chunked: ChunkedDecoder::default(),
-                    left,
-                    done: false,
-                    keep,
-                });
-            }
-            Err(UpstreamError::Io(_) | UpstreamError::Closed) if reused => continue,
-            Err(e) => return Err(e.refusal(&upstream.name, timeout)),
-        }
-    }
-    Err(UpstreamError::Closed.refusal(&upstream.name, timeout))
+    let mut head = Head::default();
+    let conn = exchange_head(
+        worker,
+        index,
+        &mut out,
+        &Bytes::new(),
+        true,
+        &mut head,
+        deadline,
+    )
+    .await
+    .map_err(|(HeadFailure::Connect(e) | HeadFailure::Exchange(e))| {
+        e.refusal(&upstream.name, timeout)
+    })?;
+    let framing = framing::response_framing(&head, req.method.as_bytes())
+        .map_err(|e| UpstreamError::BadHead(e.message()).refusal(&upstream.name, timeout))?;
+    let keep = head.minor_version == 1
+        && !head::connection_has(&head, "close")
+        && framing != Framing::UntilClose;
+    let left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    Ok(UpResponse {
+        index,
+        conn: Some(conn),
+        head,
+        framing,
+        chunked: ChunkedDecoder::default(),
+        left,
+        done: false,
+        keep,
+    })
 }
 
 /// The JSON-RPC response to a request, read from a JSON body or from an event stream (other

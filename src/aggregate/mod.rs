@@ -367,14 +367,7 @@ async fn session_for(
     })
     .to_string();
     let r = req.up_request(i, "POST", init.as_bytes(), None);
-    let (resp, body) = exchange(req.worker, i, &r, req.fanout_deadline()).await?;
-    let status = resp.status();
-    let sid = resp
-        .header("mcp-session-id")
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default();
-    resp.finish(req.worker);
-    rpc_result(req, i, "initialize", status, &body)?;
+    let (sid, _) = initialize_upstream(req, i, &r).await?;
     let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
     let r = req.up_request(i, "POST", done, Some(&sid));
     if let Ok(mut resp) = send(req.worker, i, &r, req.fanout_deadline()).await {
@@ -388,6 +381,22 @@ async fn session_for(
     }
     map.insert((key, i), sid.clone());
     Ok(sid)
+}
+
+/// Sends an initialize request to upstream `i`: its session id (empty: none) and its result.
+async fn initialize_upstream(
+    req: &Request<'_, '_>,
+    i: usize,
+    r: &UpRequest<'_>,
+) -> Result<Joined, Refusal> {
+    let (resp, body) = exchange(req.worker, i, r, req.fanout_deadline()).await?;
+    let status = resp.status();
+    let sid = resp
+        .header("mcp-session-id")
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    resp.finish(req.worker);
+    Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
 }
 
 /// The `result` of upstream `i`'s answer to `what`, or a refusal saying what came instead.
@@ -635,14 +644,7 @@ async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
                     inject: req.inject(i),
                     peer: req.peer,
                 };
-                let (resp, body) = exchange(req.worker, i, &r, req.fanout_deadline()).await?;
-                let status = resp.status();
-                let sid = resp
-                    .header("mcp-session-id")
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default();
-                resp.finish(req.worker);
-                Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
+                initialize_upstream(req, i, &r).await
             }) as Fut<'_, _>
         })
         .collect();
@@ -1076,29 +1078,11 @@ async fn routed(
             "tools/call" => {
                 decide::authorize_call(p, a, i, &original, req.env.and_then(|e| e.arguments(m)))
             }
-            "prompts/get" => match decide::item_denied(p, a, i, "prompt", &original) {
-                Some(rule) => Decision::Deny {
-                    reason: format!("prompt {original:?} is denied by rule {rule:?}"),
-                    rule: format!("deny {rule:?}"),
-                },
-                None => Decision::Allow,
-            },
+            "prompts/get" => decide::authorize_item(p, a, i, "prompt", &original),
             "completion/complete" if path.last() == Some(&"name") => {
-                match decide::item_denied(p, a, i, "prompt", &original) {
-                    Some(rule) => Decision::Deny {
-                        reason: format!("prompt {original:?} is denied by rule {rule:?}"),
-                        rule: format!("deny {rule:?}"),
-                    },
-                    None => Decision::Allow,
-                }
+                decide::authorize_item(p, a, i, "prompt", &original)
             }
-            _ => match decide::item_denied(p, a, i, "resource", &original) {
-                Some(rule) => Decision::Deny {
-                    reason: format!("resource {original:?} is denied by rule {rule:?}"),
-                    rule: format!("deny {rule:?}"),
-                },
-                None => Decision::Allow,
-            },
+            _ => decide::authorize_item(p, a, i, "resource", &original),
         };
         if let Decision::Deny { rule, reason } = decision {
             return write(req, client, Reply::denied(m.id, &rule, &reason, Some(i))).await;

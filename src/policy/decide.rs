@@ -122,6 +122,24 @@ pub fn item_denied(
         .map(|g| g.as_str().to_owned())
 }
 
+/// Authorizes the use of a prompt or resource (`kind` is `"prompt"` or `"resource"`): allowed
+/// unless a deny rule names it (see [`item_denied`]).
+pub fn authorize_item(
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    kind: &str,
+    item: &str,
+) -> Decision {
+    match item_denied(policy, agent, upstream, kind, item) {
+        Some(rule) => Decision::Deny {
+            reason: format!("{kind} {item:?} is denied by rule {rule:?}"),
+            rule: format!("deny {rule:?}"),
+        },
+        None => Decision::Allow,
+    }
+}
+
 /// Authorizes one JSON-RPC message from `agent` to `upstream`. tools/call is decided by
 /// [`authorize_call`]; prompts/get and resources/* by [`item_denied`]; everything else (initialize,
 /// ping, lists, notifications, responses to server requests) by access to the upstream, which
@@ -145,23 +163,11 @@ pub fn authorize_message(
             },
         },
         "prompts/get" => match message.name {
-            Some(name) => match item_denied(policy, agent, upstream, "prompt", name) {
-                Some(rule) => Decision::Deny {
-                    reason: format!("prompt {name:?} is denied by rule {rule:?}"),
-                    rule: format!("deny {rule:?}"),
-                },
-                None => Decision::Allow,
-            },
+            Some(name) => authorize_item(policy, agent, upstream, "prompt", name),
             None => Decision::Allow,
         },
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => match message.uri {
-            Some(uri) => match item_denied(policy, agent, upstream, "resource", uri) {
-                Some(rule) => Decision::Deny {
-                    reason: format!("resource {uri:?} is denied by rule {rule:?}"),
-                    rule: format!("deny {rule:?}"),
-                },
-                None => Decision::Allow,
-            },
+            Some(uri) => authorize_item(policy, agent, upstream, "resource", uri),
             None => Decision::Allow,
         },
         _ => Decision::Allow,
