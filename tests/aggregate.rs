@@ -789,3 +789,32 @@ rate = {{ per_minute = 3, burst = 3 }}
         "a limited list reached an upstream"
     );
 }
+
+#[test]
+fn ping_is_answered_here_and_set_level_reaches_every_upstream() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","id":"p1","method":"ping"}"#,
+    );
+    assert_eq!(r.json(), json!({"jsonrpc":"2.0","id":"p1","result":{}}));
+    let r = post(
+        &mut c,
+        BOT,
+        Some(&token),
+        r#"{"jsonrpc":"2.0","id":7,"method":"logging/setLevel","params":{"level":"debug"}}"#,
+    );
+    assert_eq!(r.json()["result"], json!({}));
+    for m in [&s.a, &s.b] {
+        let methods = m.methods();
+        assert!(!methods.iter().any(|x| x == "ping"), "{methods:?}");
+        assert!(
+            methods.iter().any(|x| x == "logging/setLevel"),
+            "{methods:?}"
+        );
+    }
+}

@@ -682,7 +682,11 @@ async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
         );
         return Reply::refusal(&r, m.id);
     };
-    let result = merge_initialize(req, &answers);
+    let named: Vec<(&str, &Value)> = answers
+        .iter()
+        .map(|(i, a)| (req.upstream_name(*i), a))
+        .collect();
+    let result = merge_initialize(&named);
     let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
     if let Some(id) = m.id {
         id.write_json(&mut body);
@@ -700,11 +704,11 @@ async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
 /// scopegate's initialize result: its own serverInfo, the union of the upstreams' capabilities
 /// and the lowest protocol version any of them answered (revisions are dates, so they order as
 /// strings).
-fn merge_initialize(req: &Request<'_, '_>, answers: &[(usize, Value)]) -> Value {
+fn merge_initialize(answers: &[(&str, &Value)]) -> Value {
     let mut version: Option<String> = None;
     let mut caps = Map::new();
     let mut instructions = Vec::new();
-    for (i, a) in answers {
+    for (name, a) in answers {
         if let Some(v) = a.get("protocolVersion").and_then(Value::as_str)
             && version.as_deref().is_none_or(|cur| v < cur)
         {
@@ -716,7 +720,7 @@ fn merge_initialize(req: &Request<'_, '_>, answers: &[(usize, Value)]) -> Value 
             }
         }
         if let Some(text) = a.get("instructions").and_then(Value::as_str) {
-            instructions.push(format!("[{}] {text}", req.upstream_name(*i)));
+            instructions.push(format!("[{name}] {text}"));
         }
     }
     let mut result = json!({
@@ -1593,6 +1597,18 @@ mod tests {
             &json!({"tools": {"listChanged": true}, "prompts": {}}),
         );
         assert_eq!(into, json!({"tools": {"listChanged": true}, "prompts": {}}));
+    }
+
+    #[test]
+    fn initialize_answers_merge_to_the_lowest_version_and_named_instructions() {
+        let gh = json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+            "instructions": "Use issues."});
+        let jira = json!({"protocolVersion": "2025-06-18", "capabilities": {"prompts": {}}});
+        let merged = merge_initialize(&[("gh", &gh), ("jira", &jira)]);
+        assert_eq!(merged["protocolVersion"], "2025-06-18");
+        assert_eq!(merged["capabilities"], json!({"tools": {}, "prompts": {}}));
+        assert_eq!(merged["serverInfo"]["name"], "scopegate");
+        assert_eq!(merged["instructions"], "[gh] Use issues.");
     }
 
     #[test]
