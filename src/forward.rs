@@ -403,7 +403,7 @@ fn unavailable(name: &str, e: UpstreamError) -> Refusal {
     )
 }
 
-pub(crate) async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, UpstreamError> {
+async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, UpstreamError> {
     let left = deadline.saturating_duration_since(Instant::now());
     match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
         Ok(Ok(stream)) => {
@@ -432,7 +432,7 @@ async fn send_request(
     Ok(())
 }
 
-pub(crate) async fn read_response_head(
+async fn read_response_head(
     up: &mut Conn,
     response: &mut Head,
     deadline: Instant,

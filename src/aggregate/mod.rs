@@ -98,13 +98,18 @@ impl Request<'_, '_> {
         &self.worker.config.name_separator
     }
 
-    /// The upstreams this agent may use (all of them in insecure-open mode).
+    /// Whether this agent may use upstream `i` (every one in insecure-open mode).
+    fn may_use(&self, i: usize) -> bool {
+        match (self.policy, self.agent) {
+            (Some(p), Some(a)) => p.may_use_upstream(a, i),
+            _ => true,
+        }
+    }
+
+    /// The upstreams this agent may use.
     fn reachable(&self) -> Vec<usize> {
         (0..self.worker.config.upstreams.len())
-            .filter(|&i| match (self.policy, self.agent) {
-                (Some(p), Some(a)) => p.may_use_upstream(a, i),
-                _ => true,
-            })
+            .filter(|&i| self.may_use(i))
             .collect()
     }
 
@@ -565,7 +570,7 @@ async fn notify(req: &Request<'_, '_>, session: &MultiSession, m: &Message<'_>) 
             let value = serde_json::from_slice::<String>(&req.body[range.0..range.1]).ok()?;
             let (up, original) = unmap_id(&value)?;
             serde_json::from_str::<Value>(original).ok()?;
-            let i = req.index_of(up).filter(|i| req.reachable().contains(i))?;
+            let i = req.index_of(up).filter(|&i| req.may_use(i))?;
             Some((i, json::splice(req.body, range, original.as_bytes())))
         });
     let Some((i, body)) = mapped else {
@@ -820,7 +825,7 @@ async fn list(
             };
             for (name, cur) in cursors {
                 match req.index_of(&name) {
-                    Some(i) if req.reachable().contains(&i) => targets.push((i, Some(cur))),
+                    Some(i) if req.may_use(i) => targets.push((i, Some(cur))),
                     _ => {}
                 }
             }
@@ -951,7 +956,7 @@ async fn resolve_name(
     let sep = req.sep();
     let (up, rest) = exposed.split_once(sep)?;
     let i = req.index_of(up)?;
-    if !req.reachable().contains(&i) {
+    if !req.may_use(i) {
         return None;
     }
     let looks_cut = exposed.len() == MAX_NAME
@@ -1046,9 +1051,7 @@ async fn routed(
                 }
             } else if let Some(uri) = r.get("uri").and_then(Value::as_str) {
                 match unscope_uri(uri).and_then(|(up, u)| Some((req.index_of(up)?, u))) {
-                    Some((i, u)) if req.reachable().contains(&i) => {
-                        (&["params", "ref", "uri"], i, u.to_owned())
-                    }
+                    Some((i, u)) if req.may_use(i) => (&["params", "ref", "uri"], i, u.to_owned()),
                     _ => return write(req, client, unknown("resource", uri)).await,
                 }
             } else {
@@ -1067,9 +1070,7 @@ async fn routed(
                 return write(req, client, Reply::json(200, body)).await;
             };
             match unscope_uri(uri).and_then(|(up, u)| Some((req.index_of(up)?, u))) {
-                Some((i, u)) if req.reachable().contains(&i) => {
-                    (&["params", "uri"], i, u.to_owned())
-                }
+                Some((i, u)) if req.may_use(i) => (&["params", "uri"], i, u.to_owned()),
                 _ => return write(req, client, unknown("resource", uri)).await,
             }
         }
@@ -1246,7 +1247,7 @@ async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) ->
     let Some((up, original)) = unmap_id(&id) else {
         return bad("this response answers no request scopegate relayed");
     };
-    let Some(i) = req.index_of(up).filter(|i| req.reachable().contains(i)) else {
+    let Some(i) = req.index_of(up).filter(|&i| req.may_use(i)) else {
         return bad("this response answers no request scopegate relayed");
     };
     if serde_json::from_str::<Value>(original).is_err() {
