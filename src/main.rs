@@ -386,13 +386,13 @@ fn reload(
                 );
                 return;
             }
+            let counts = (p.tenants.len(), p.upstreams().len(), p.agents.len());
+            // Logged once in effect: the next request on any worker sees the new policy.
+            live.replace(p);
             info!(
                 "policy reloaded: {} tenant(s), {} upstream(s), {} agent(s)",
-                p.tenants.len(),
-                p.upstreams().len(),
-                p.agents.len()
+                counts.0, counts.1, counts.2
             );
-            live.replace(p);
         }
         Err(e) => error!("policy reload failed, the running policy stays in place: {e}"),
     }
