@@ -538,10 +538,10 @@ async fn handle_request(
     if let (Some(policy), Some(agent), Some(env)) = (&policy, agent, &envelope)
         && let Some(reply) = authorize(policy, agent, upstream, head, env)
     {
-        draft.decision = if reply.0 == 200 {
-            AuditDecision::Denied
-        } else {
+        draft.decision = if reply.0 == 400 {
             AuditDecision::Invalid
+        } else {
+            AuditDecision::Denied
         };
         draft.reason = Some(reply.2);
         let reply = response::build(
@@ -612,15 +612,7 @@ async fn handle_request(
         plan.seal_session = Some(&seal);
         if let Some(kind) = list_kind {
             let policy = policy.clone();
-            keep = move |item: &str| match kind {
-                ListKind::Tools => decide::tool_visible(&policy, agent, upstream, item),
-                ListKind::Prompts => {
-                    decide::item_denied(&policy, agent, upstream, "prompt", item).is_none()
-                }
-                ListKind::Resources | ListKind::ResourceTemplates => {
-                    decide::item_denied(&policy, agent, upstream, "resource", item).is_none()
-                }
-            };
+            keep = move |item: &str| decide::visible(&policy, agent, upstream, kind, item);
             plan.filter = Some((kind, &keep));
         }
     }
@@ -899,10 +891,17 @@ fn authorize(
     }
     let (index, rule, reason) = refusal?;
     if !env.is_batch() {
-        let id = env.messages()[0].id;
+        let m = &env.messages()[0];
+        // A refused request is answered with a JSON-RPC error (HTTP 200, the session carries
+        // on); a notification has no answer to carry it, so the HTTP status says it.
+        let status = if m.kind == crate::mcp::envelope::Kind::Notification {
+            403
+        } else {
+            200
+        };
         return Some((
-            200,
-            jsonrpc::denied_body(id, jsonrpc::POLICY_DENIED, &reason, &rule),
+            status,
+            jsonrpc::denied_body(m.id, jsonrpc::POLICY_DENIED, &reason, &rule),
             rule,
         ));
     }

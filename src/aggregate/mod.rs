@@ -34,10 +34,11 @@ use crate::http::head::Head;
 use crate::http::response;
 use crate::mcp::envelope::{Envelope, Kind, Message};
 use crate::mcp::jsonrpc;
+use crate::mcp::lists::ListKind;
 use crate::mcp::session::MultiSession;
 use crate::pipeline::Refusal;
 use crate::policy::Policy;
-use crate::policy::decide::{self, Decision};
+use crate::policy::decide::{self, Access, Decision, Target};
 use crate::worker::Worker;
 use crate::{info, warn};
 use client::{UpRequest, UpResponse, exchange, join_all, send};
@@ -442,21 +443,28 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
         );
         return write(req, client, Reply::refusal(&r, None)).await;
     };
+    // The one method table (policy::decide) says what each message needs.
+    let access = decide::access(m.method, m.kind);
+    if access == Access::Unknown {
+        let method = m.method.unwrap_or_default();
+        let reason = format!(
+            "method {method:?} is not part of any MCP revision scopegate knows; it is refused rather than forwarded unchecked"
+        );
+        let mut reply = Reply::denied(m.id, "unknown method", &reason, None);
+        if m.kind == Kind::Notification {
+            // A notification has no answer to carry the error: the HTTP status says it.
+            reply.status = 403;
+        }
+        return write(req, client, reply).await;
+    }
     // A request scopegate answers from several upstreams (or itself) counts against the agent's
     // own bucket, as on a single upstream; routed calls are limited with their upstream below.
-    let routed_method = matches!(
-        m.method,
-        Some(
-            "tools/call"
-                | "prompts/get"
-                | "resources/read"
-                | "resources/subscribe"
-                | "resources/unsubscribe"
-                | "completion/complete"
-        )
+    let routed_access = matches!(
+        access,
+        Access::Tool | Access::Prompt | Access::Resource | Access::Completion
     );
     if m.kind == Kind::Request
-        && !routed_method
+        && !routed_access
         && let Some(reply) = agent_limit(req, m)
     {
         return write(req, client, reply).await;
@@ -480,8 +488,15 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
         }
         Kind::Request => {
             let method = m.method.unwrap_or_default();
-            match method {
-                "ping" => {
+            match access {
+                Access::List(kind) => {
+                    let reply = list(req, &session, m, kind).await;
+                    write(req, client, reply).await
+                }
+                Access::Tool | Access::Prompt | Access::Resource | Access::Completion => {
+                    routed(req, client, &session, m, access).await
+                }
+                _ if method == "ping" => {
                     let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
                     if let Some(id) = m.id {
                         id.write_json(&mut body);
@@ -489,11 +504,7 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
                     body.extend_from_slice(b",\"result\":{}}");
                     write(req, client, Reply::json(200, body)).await
                 }
-                "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" => {
-                    let reply = list(req, &session, m, method).await;
-                    write(req, client, reply).await
-                }
-                "logging/setLevel" => {
+                _ if method == "logging/setLevel" => {
                     broadcast(req, &session, req.body).await;
                     let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
                     if let Some(id) = m.id {
@@ -502,17 +513,11 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
                     body.extend_from_slice(b",\"result\":{}}");
                     write(req, client, Reply::json(200, body)).await
                 }
-                "tools/call"
-                | "prompts/get"
-                | "resources/read"
-                | "resources/subscribe"
-                | "resources/unsubscribe"
-                | "completion/complete" => routed(req, client, &session, m, method).await,
-                other => {
+                _ => {
                     let body = jsonrpc::error_body(
                         m.id,
                         jsonrpc::METHOD_NOT_FOUND,
-                        &format!("method {other:?} is not available on the aggregate endpoint"),
+                        &format!("method {method:?} is not available on the aggregate endpoint"),
                     );
                     write(req, client, Reply::json(200, body)).await
                 }
@@ -752,16 +757,6 @@ fn merge_capability(into: &mut Value, from: &Value) {
     }
 }
 
-/// The list method's item key and what the policy calls the items.
-fn list_key(method: &str) -> (&'static str, &'static str) {
-    match method {
-        "tools/list" => ("tools", "tool"),
-        "prompts/list" => ("prompts", "prompt"),
-        "resources/list" => ("resources", "resource"),
-        _ => ("resourceTemplates", "resource"),
-    }
-}
-
 /// The name an item is exposed under: `<upstream><sep><name>`, or, past the specification's
 /// 128 characters, cut to fit and ended by `~` and 8 hex digits of the name's SHA-256 (the
 /// call then finds the original by listing that upstream's items again).
@@ -808,9 +803,9 @@ async fn list(
     req: &Request<'_, '_>,
     session: &MultiSession,
     m: &Message<'_>,
-    method: &str,
+    kind: ListKind,
 ) -> Reply {
-    let (key, kind) = list_key(method);
+    let (method, key, item_key) = (kind.method(), kind.field(), kind.key());
     let params: Value = serde_json::from_slice::<Value>(req.body)
         .ok()
         .and_then(|v| v.get("params").cloned())
@@ -883,46 +878,23 @@ async fn list(
             continue;
         };
         for mut item in list.iter().cloned() {
-            let visible = match kind {
-                "tool" => item.get("name").and_then(Value::as_str).is_some_and(|n| {
-                    match (req.policy, req.agent) {
-                        (Some(p), Some(a)) => decide::tool_visible(p, a, i, n),
-                        _ => true,
-                    }
-                }),
-                _ => {
-                    let field = if kind == "prompt" {
-                        "name"
-                    } else if key == "resourceTemplates" {
-                        "uriTemplate"
-                    } else {
-                        "uri"
-                    };
-                    item.get(field).and_then(Value::as_str).is_some_and(|n| {
-                        match (req.policy, req.agent) {
-                            (Some(p), Some(a)) => decide::item_denied(p, a, i, kind, n).is_none(),
-                            _ => true,
-                        }
-                    })
-                }
+            // The item the policy decides on, kept only when the agent may see it; the
+            // same decision as on /mcp/<upstream> (policy::decide::visible).
+            let Some(original) = item.get(item_key).and_then(Value::as_str) else {
+                continue;
+            };
+            let visible = match (req.policy, req.agent) {
+                (Some(p), Some(a)) => decide::visible(p, a, i, kind, original),
+                _ => true,
             };
             if !visible {
                 continue;
             }
-            match key {
-                "tools" | "prompts" => {
-                    let name = item["name"].as_str().unwrap_or_default().to_owned();
-                    item["name"] = Value::String(exposed_name(up, sep, &name));
-                }
-                "resources" => {
-                    let uri = item["uri"].as_str().unwrap_or_default().to_owned();
-                    item["uri"] = Value::String(scoped_uri(up, &uri));
-                }
-                _ => {
-                    let uri = item["uriTemplate"].as_str().unwrap_or_default().to_owned();
-                    item["uriTemplate"] = Value::String(scoped_uri(up, &uri));
-                }
-            }
+            let exposed = match kind {
+                ListKind::Tools | ListKind::Prompts => exposed_name(up, sep, original),
+                ListKind::Resources | ListKind::ResourceTemplates => scoped_uri(up, original),
+            };
+            item[item_key] = Value::String(exposed);
             items.push(item);
         }
     }
@@ -951,8 +923,9 @@ async fn resolve_name(
     req: &Request<'_, '_>,
     session: &MultiSession,
     exposed: &str,
-    method: &'static str,
+    kind: ListKind,
 ) -> Option<(usize, String)> {
+    let method = kind.method();
     let sep = req.sep();
     let (up, rest) = exposed.split_once(sep)?;
     let i = req.index_of(up)?;
@@ -967,7 +940,7 @@ async fn resolve_name(
         return Some((i, rest.to_owned()));
     }
     // A cut name: find the original among the upstream's items.
-    let (key, _) = list_key(method);
+    let key = kind.field();
     let sid = session_for(req, session, i).await.ok()?;
     let mut cursor: Option<Value> = None;
     for _ in 0..100 {
@@ -1005,7 +978,7 @@ async fn routed(
     client: &mut Conn,
     session: &MultiSession,
     m: &Message<'_>,
-    method: &str,
+    access: Access,
 ) -> Result<Outcome, Outcome> {
     let unknown = |what: &str, name: &str| {
         Reply::denied(
@@ -1015,99 +988,83 @@ async fn routed(
             None,
         )
     };
-    // Where the name (or URI) sits, what the upstream calls it, and which upstream has it.
-    let (path, target, original): (&[&str], usize, String) = match method {
-        "tools/call" | "prompts/get" => {
-            let what = if method == "tools/call" {
-                "tool"
-            } else {
-                "prompt"
-            };
-            let Some(name) = m.name else {
-                let body =
-                    jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "params.name is required");
-                return write(req, client, Reply::json(200, body)).await;
-            };
-            let list_method = if method == "tools/call" {
-                "tools/list"
-            } else {
-                "prompts/list"
-            };
-            match resolve_name(req, session, name, list_method).await {
-                Some((i, original)) => (&["params", "name"], i, original),
-                None => return write(req, client, unknown(what, name)).await,
+    let arguments = req.env.and_then(|e| e.arguments(m));
+    // What the agent named (in the aggregate's names), read off the envelope by the same
+    // table as on one upstream.
+    let asked = Target::of(m, arguments);
+    if let Target::Malformed(why) = asked {
+        let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, why);
+        return write(req, client, Reply::json(200, body)).await;
+    }
+    // Where the name (or URI) sits in the body, which upstream has it, and what that upstream
+    // calls it.
+    let (path, (i, original)): (&[&str], (usize, String)) = match asked {
+        Target::Tool { name, .. } => {
+            match resolve_name(req, session, name, ListKind::Tools).await {
+                Some(found) => (&["params", "name"], found),
+                None => return write(req, client, unknown("tool", name)).await,
             }
         }
-        "completion/complete" => {
-            let params: Value = serde_json::from_slice::<Value>(req.body)
-                .ok()
-                .and_then(|v| v.get("params").cloned())
-                .unwrap_or(Value::Null);
-            let r = &params["ref"];
-            if let Some(name) = r.get("name").and_then(Value::as_str) {
-                match resolve_name(req, session, name, "prompts/list").await {
-                    Some((i, original)) => (&["params", "ref", "name"], i, original),
-                    None => return write(req, client, unknown("prompt", name)).await,
-                }
-            } else if let Some(uri) = r.get("uri").and_then(Value::as_str) {
-                match unscope_uri(uri).and_then(|(up, u)| Some((req.index_of(up)?, u))) {
-                    Some((i, u)) if req.may_use(i) => (&["params", "ref", "uri"], i, u.to_owned()),
-                    _ => return write(req, client, unknown("resource", uri)).await,
-                }
+        Target::Prompt(name) => {
+            let path: &[&str] = if access == Access::Completion {
+                &["params", "ref", "name"]
             } else {
-                let body = jsonrpc::error_body(
-                    m.id,
-                    jsonrpc::INVALID_PARAMS,
-                    "params.ref needs a name or a uri",
-                );
-                return write(req, client, Reply::json(200, body)).await;
+                &["params", "name"]
+            };
+            match resolve_name(req, session, name, ListKind::Prompts).await {
+                Some(found) => (path, found),
+                None => return write(req, client, unknown("prompt", name)).await,
             }
         }
-        _ => {
-            let Some(uri) = m.uri else {
-                let body =
-                    jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "params.uri is required");
-                return write(req, client, Reply::json(200, body)).await;
+        Target::Resource(uri) | Target::ResourceTemplate(uri) => {
+            let path: &[&str] = if access == Access::Completion {
+                &["params", "ref", "uri"]
+            } else {
+                &["params", "uri"]
             };
             match unscope_uri(uri).and_then(|(up, u)| Some((req.index_of(up)?, u))) {
-                Some((i, u)) if req.may_use(i) => (&["params", "uri"], i, u.to_owned()),
+                Some((i, u)) if req.may_use(i) => (path, (i, u.to_owned())),
                 _ => return write(req, client, unknown("resource", uri)).await,
             }
         }
+        Target::Upstream | Target::Unknown(_) | Target::Malformed(_) => {
+            let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_REQUEST, "not a routed message");
+            return write(req, client, Reply::json(400, body)).await;
+        }
     };
-    let i = target;
+    // The same target in the upstream's own names: what the upstream will execute.
+    let target = match asked {
+        Target::Tool { arguments, .. } => Target::Tool {
+            name: &original,
+            arguments,
+        },
+        Target::Prompt(_) => Target::Prompt(&original),
+        Target::ResourceTemplate(_) => Target::ResourceTemplate(&original),
+        _ => Target::Resource(&original),
+    };
 
-    // Authorize what the upstream will execute: its own name for the tool.
     if let (Some(p), Some(a)) = (req.policy, req.agent) {
-        let decision = match method {
-            "tools/call" => {
-                decide::authorize_call(p, a, i, &original, req.env.and_then(|e| e.arguments(m)))
-            }
-            "prompts/get" => decide::authorize_item(p, a, i, "prompt", &original),
-            "completion/complete" if path.last() == Some(&"name") => {
-                decide::authorize_item(p, a, i, "prompt", &original)
-            }
-            _ => decide::authorize_item(p, a, i, "resource", &original),
-        };
-        if let Decision::Deny { rule, reason } = decision {
+        if let Decision::Deny { rule, reason } = decide::authorize(p, a, i, &target) {
             return write(req, client, Reply::denied(m.id, &rule, &reason, Some(i))).await;
         }
         // Rate limits: every bucket the call falls in, with the upstream's own tool name.
-        let tool = (method == "tools/call").then_some(original.as_str());
+        let tool = matches!(target, Target::Tool { .. }).then_some(original.as_str());
         if let Err(limited) = p.limits.admit(p, a, i, tool, crate::ratelimit::now_ns()) {
             let mut reply = rate_limited(req, m, limited);
             reply.upstream = Some(i);
             return write(req, client, reply).await;
         }
     }
+    let method = m.method.unwrap_or_default();
+    let exposed = match asked {
+        Target::Tool { name, .. } | Target::Prompt(name) => name,
+        Target::Resource(uri) | Target::ResourceTemplate(uri) => uri,
+        _ => "",
+    };
 
     // The one rewrite on the call path: the name (or URI) spliced back, the rest byte-identical.
     let Some(range) = json::locate(req.body, path).filter(|&(a, b)| {
-        serde_json::from_slice::<String>(&req.body[a..b]).is_ok_and(|s| {
-            let name = m.name.unwrap_or_default();
-            let uri = m.uri.unwrap_or_default();
-            s == name || s == uri || method == "completion/complete"
-        })
+        serde_json::from_slice::<String>(&req.body[a..b]).is_ok_and(|s| s == exposed)
     }) else {
         let body = jsonrpc::error_body(
             m.id,

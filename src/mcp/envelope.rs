@@ -65,8 +65,19 @@ pub struct Message<'a> {
     pub arguments: Option<(u32, u32)>,
     /// `params._meta.progressToken`.
     pub progress_token: Option<Id<'a>>,
+    /// `params.ref` (completion/complete): what is being completed.
+    pub reference: Option<Reference<'a>>,
     /// For responses: whether the message carries `error` (vs `result`).
     pub is_error: bool,
+}
+
+/// `params.ref` of completion/complete: `{"type": "ref/prompt", "name": ..}` or
+/// `{"type": "ref/resource", "uri": ..}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reference<'a> {
+    pub kind: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub uri: Option<&'a str>,
 }
 
 /// Why a body was refused.
@@ -247,6 +258,7 @@ fn unreachable_message() -> Message<'static> {
         uri: None,
         arguments: None,
         progress_token: None,
+        reference: None,
         is_error: false,
     }
 }
@@ -378,6 +390,7 @@ fn read_message<'a>(nodes: &[Node<'a>], at: usize) -> Result<Message<'a>, Envelo
         uri: None,
         arguments: None,
         progress_token: None,
+        reference: None,
         is_error: has_error,
     };
     if let Some(p) = params {
@@ -406,6 +419,7 @@ fn read_params<'a>(
             "uri" => (2, "params.uri"),
             "arguments" => (4, "params.arguments"),
             "_meta" => (8, "params._meta"),
+            "ref" => (16, "params.ref"),
             _ => (0, ""),
         };
         mark_seen(&mut seen, bit, name)?;
@@ -429,10 +443,46 @@ fn read_params<'a>(
                 message.arguments = Some((value_at as u32, (value_at + span(value)) as u32));
             }
             "_meta" => message.progress_token = read_progress_token(nodes, value_at)?,
+            "ref" => message.reference = Some(read_reference(nodes, value_at)?),
             _ => {}
         }
     }
     Ok(())
+}
+
+fn read_reference<'a>(nodes: &[Node<'a>], at: usize) -> Result<Reference<'a>, EnvelopeError> {
+    if !matches!(nodes.get(at), Some(Node::Object { .. })) {
+        return Err(EnvelopeError::Invalid("\"params.ref\" must be an object"));
+    }
+    let mut r = Reference {
+        kind: None,
+        name: None,
+        uri: None,
+    };
+    let mut seen = 0u8;
+    for entry in object_entries(nodes, at) {
+        let (key, value_at) = entry?;
+        let (bit, name): (u8, &'static str) = match key {
+            "type" => (1, "params.ref.type"),
+            "name" => (2, "params.ref.name"),
+            "uri" => (4, "params.ref.uri"),
+            _ => (0, ""),
+        };
+        mark_seen(&mut seen, bit, name)?;
+        let value = &nodes[value_at];
+        let text = || {
+            as_str(value).ok_or(EnvelopeError::Invalid(
+                "\"params.ref\" fields must be strings",
+            ))
+        };
+        match key {
+            "type" => r.kind = Some(text()?),
+            "name" => r.name = Some(text()?),
+            "uri" => r.uri = Some(text()?),
+            _ => {}
+        }
+    }
+    Ok(r)
 }
 
 fn read_progress_token<'a>(nodes: &[Node<'a>], at: usize) -> Result<Option<Id<'a>>, EnvelopeError> {

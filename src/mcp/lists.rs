@@ -27,7 +27,18 @@ impl ListKind {
         }
     }
 
-    fn field(self) -> &'static str {
+    /// The list method answering with this kind.
+    pub fn method(self) -> &'static str {
+        match self {
+            ListKind::Tools => "tools/list",
+            ListKind::Prompts => "prompts/list",
+            ListKind::Resources => "resources/list",
+            ListKind::ResourceTemplates => "resources/templates/list",
+        }
+    }
+
+    /// The member of a list result holding the items.
+    pub fn field(self) -> &'static str {
         match self {
             ListKind::Tools => "tools",
             ListKind::Prompts => "prompts",
@@ -37,7 +48,7 @@ impl ListKind {
     }
 
     /// The member of each item the policy decides on.
-    fn key(self) -> &'static str {
+    pub fn key(self) -> &'static str {
         match self {
             ListKind::Tools | ListKind::Prompts => "name",
             ListKind::Resources => "uri",

@@ -6,3 +6,4 @@ pub mod jsonrpc;
 pub mod lists;
 pub mod origin;
 pub mod session;
+pub mod uri;

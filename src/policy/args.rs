@@ -5,7 +5,11 @@
 //! (the tool's own schema decides whether they are required). A value of the wrong type for its
 //! constraint is refused.
 
+use std::cmp::Ordering;
+
 use simd_json::{Node, StaticNode};
+
+use crate::mcp::uri;
 
 /// A literal in `one_of`.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,14 +20,145 @@ pub enum Literal {
     Bool(bool),
 }
 
+/// A `min` or `max` as written: integers stay integers, so a bound of 10^16 is compared with
+/// 10^16 + 1 exactly (as f64 both are 10^16, and the call would pass).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bound {
+    Int(i64),
+    Float(f64),
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Int(n) => write!(f, "{n}"),
+            Bound::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+impl Bound {
+    /// How a JSON number compares with this bound, exactly. The envelope parser refuses
+    /// integers beyond 64 bits, so every number that reaches here is exact as parsed.
+    pub fn compare(self, value: &StaticNode) -> Option<Ordering> {
+        match (value, self) {
+            (StaticNode::I64(v), Bound::Int(b)) => Some(v.cmp(&b)),
+            (StaticNode::U64(v), Bound::Int(b)) => Some(i128::from(*v).cmp(&i128::from(b))),
+            (StaticNode::I64(v), Bound::Float(b)) => cmp_int_float(i128::from(*v), b),
+            (StaticNode::U64(v), Bound::Float(b)) => cmp_int_float(i128::from(*v), b),
+            (StaticNode::F64(v), Bound::Int(b)) => {
+                cmp_int_float(i128::from(b), *v).map(Ordering::reverse)
+            }
+            (StaticNode::F64(v), Bound::Float(b)) => v.partial_cmp(&b),
+            _ => None,
+        }
+    }
+}
+
+/// `i` compared with `f`, exactly (no rounding of either).
+fn cmp_int_float(i: i128, f: f64) -> Option<Ordering> {
+    if f.is_nan() {
+        return None;
+    }
+    // Beyond i128 (about 1.7e38) every 64-bit integer is on one side.
+    if f >= 1.0e38 {
+        return Some(Ordering::Less);
+    }
+    if f <= -1.0e38 {
+        return Some(Ordering::Greater);
+    }
+    let floor = f.floor();
+    // Exact: an integral f64 below 2^127 converts to i128 without loss.
+    let whole = floor as i128;
+    Some(match i.cmp(&whole) {
+        Ordering::Equal if f > floor => Ordering::Less,
+        other => other,
+    })
+}
+
+/// A `prefix` constraint. What the prefix looks like says what the argument is: a prefix that
+/// is a URI (`file:///srv/`) makes the argument a URI, compared in its canonical form; one that
+/// starts with `/`, `./` or `~/` makes it a filesystem path, compared in its canonical form
+/// ([`crate::mcp::uri::canonical_path`]: `..` refused, `//` and `/./` folded); anything else is
+/// a plain string prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix {
+    pub text: String,
+    pub kind: PrefixKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixKind {
+    Plain,
+    Path,
+    Uri,
+}
+
+impl Prefix {
+    /// Reads a prefix from the policy; `Err` says how to write it (a path or URI prefix must be
+    /// written in canonical form, since values are compared in theirs).
+    pub fn new(text: &str) -> Result<Prefix, String> {
+        let looks_like_uri = text.contains("://") || text.starts_with("file:");
+        let (kind, canonical) = if looks_like_uri {
+            let c = uri::canonical(text, uri::Mode::Uri)
+                .map_err(|e| format!("prefix {text:?} {}", e.message()))?;
+            (PrefixKind::Uri, c)
+        } else if text.starts_with('/') || text.starts_with("./") || text.starts_with("~/") {
+            let c = uri::canonical_path(text)
+                .map_err(|e| format!("prefix {text:?} {}", e.message()))?;
+            (PrefixKind::Path, c)
+        } else {
+            (PrefixKind::Plain, text.to_owned())
+        };
+        if canonical != text {
+            return Err(format!(
+                "prefix {text:?} is not in canonical form: write it as {canonical:?} (values are compared in that form)"
+            ));
+        }
+        Ok(Prefix {
+            text: canonical,
+            kind,
+        })
+    }
+
+    /// A directory prefix without its final `/` also admits its siblings
+    /// (`/srv/shared` admits `/srv/shared-other`): worth a warning at load.
+    pub fn admits_siblings(&self) -> bool {
+        self.kind != PrefixKind::Plain && !self.text.ends_with('/')
+    }
+
+    fn check(&self, s: &str) -> Result<(), String> {
+        let prefix = &self.text;
+        let canonical = match self.kind {
+            PrefixKind::Plain => None,
+            PrefixKind::Path => Some(uri::canonical_path(s).map_err(|e| {
+                format!("must be a path under {prefix:?}; this one {}", e.message())
+            })?),
+            PrefixKind::Uri => Some(uri::canonical(s, uri::Mode::Uri).map_err(|e| {
+                format!("must be a URI under {prefix:?}; this one {}", e.message())
+            })?),
+        };
+        let value = canonical.as_deref().unwrap_or(s);
+        if !value.starts_with(prefix.as_str()) {
+            return Err(match canonical {
+                Some(c) if c != s => {
+                    format!("must start with {prefix:?} (it is {c:?} in canonical form)")
+                }
+                _ => format!("must start with {prefix:?}"),
+            });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Constraint {
     pub one_of: Option<Vec<Literal>>,
-    pub prefix: Option<String>,
+    pub prefix: Option<Prefix>,
     pub pattern: Option<regex::Regex>,
     pub max_len: Option<u64>,
-    pub min: Option<f64>,
-    pub max: Option<f64>,
+    pub min: Option<Bound>,
+    pub max: Option<Bound>,
 }
 
 impl Constraint {
@@ -39,17 +174,9 @@ impl Constraint {
         }
         if let Some(prefix) = &self.prefix {
             let Node::String(s) = first else {
-                return Err(format!("must be a string starting with {prefix:?}"));
+                return Err(format!("must be a string starting with {:?}", prefix.text));
             };
-            if !s.starts_with(prefix.as_str()) {
-                return Err(format!("must start with {prefix:?}"));
-            }
-            // A path-like prefix must not be escaped with `..` segments.
-            if prefix.ends_with('/') && s.split('/').any(|seg| seg == "..") {
-                return Err(format!(
-                    "must stay under {prefix:?} (\"..\" path segments are refused)"
-                ));
-            }
+            prefix.check(s)?;
         }
         if let Some(re) = &self.pattern {
             let Node::String(s) = first else {
@@ -76,24 +203,34 @@ impl Constraint {
             }
         }
         if self.min.is_some() || self.max.is_some() {
-            let n = match first {
-                Node::Static(StaticNode::I64(n)) => *n as f64,
-                Node::Static(StaticNode::U64(n)) => *n as f64,
-                Node::Static(StaticNode::F64(f)) => *f,
-                _ => return Err("must be a number".into()),
+            let Node::Static(n @ (StaticNode::I64(_) | StaticNode::U64(_) | StaticNode::F64(_))) =
+                first
+            else {
+                return Err("must be a number".into());
             };
             if let Some(min) = self.min
-                && n < min
+                && min.compare(n) != Some(Ordering::Greater)
+                && min.compare(n) != Some(Ordering::Equal)
             {
-                return Err(format!("is {n}, below the minimum {min}"));
+                return Err(format!("is {}, below the minimum {min}", show(n)));
             }
             if let Some(max) = self.max
-                && n > max
+                && max.compare(n) != Some(Ordering::Less)
+                && max.compare(n) != Some(Ordering::Equal)
             {
-                return Err(format!("is {n}, above the maximum {max}"));
+                return Err(format!("is {}, above the maximum {max}", show(n)));
             }
         }
         Ok(())
+    }
+}
+
+fn show(n: &StaticNode) -> String {
+    match n {
+        StaticNode::I64(v) => v.to_string(),
+        StaticNode::U64(v) => v.to_string(),
+        StaticNode::F64(v) => v.to_string(),
+        _ => String::new(),
     }
 }
 
@@ -196,7 +333,7 @@ mod tests {
     #[test]
     fn prefix_and_pattern() {
         let c = Constraint {
-            prefix: Some("/srv/shared/".into()),
+            prefix: Some(Prefix::new("/srv/shared/").unwrap()),
             pattern: Some(regex::Regex::new("^[A-Za-z0-9_./-]+$").unwrap()),
             ..none()
         };
@@ -234,8 +371,8 @@ mod tests {
         assert!(check(&c, "[1,2,3,4,5,6]").unwrap_err().contains("6 items"));
         assert!(check(&c, "{}").is_err());
         let c = Constraint {
-            min: Some(0.0),
-            max: Some(3.0),
+            min: Some(Bound::Int(0)),
+            max: Some(Bound::Int(3)),
             ..none()
         };
         assert!(check(&c, "0").is_ok());
@@ -244,6 +381,78 @@ mod tests {
         assert!(check(&c, "4").unwrap_err().contains("maximum"));
         assert!(check(&c, "-1").unwrap_err().contains("minimum"));
         assert!(check(&c, r#""2""#).is_err());
+    }
+
+    #[test]
+    fn bounds_compare_exactly() {
+        let c = Constraint {
+            max: Some(Bound::Int(10_000_000_000_000_000)),
+            ..none()
+        };
+        assert!(check(&c, "10000000000000000").is_ok());
+        assert!(check(&c, "10000000000000001").is_err(), "one above 10^16");
+        assert!(
+            check(&c, "10000000000000000.5").is_ok(),
+            "as f64 this is 10^16"
+        );
+        assert!(check(&c, "1e16").is_ok());
+        assert!(check(&c, "1.0000000000000002e16").is_err());
+        let c = Constraint {
+            min: Some(Bound::Float(0.5)),
+            max: Some(Bound::Float(1e19)),
+            ..none()
+        };
+        assert!(check(&c, "0").unwrap_err().contains("minimum"));
+        assert!(check(&c, "1").is_ok());
+        assert!(check(&c, "10000000000000000000").is_ok());
+        assert!(check(&c, "10000000000000000001").is_err());
+        assert!(check(&c, "18446744073709551615").is_err());
+        let c = Constraint {
+            min: Some(Bound::Int(i64::MIN)),
+            max: Some(Bound::Int(-1)),
+            ..none()
+        };
+        assert!(check(&c, "-9223372036854775808").is_ok());
+        assert!(check(&c, "-1.5").is_ok());
+        assert!(check(&c, "-0.5").is_err());
+        assert!(check(&c, "-0.0").is_err());
+        assert!(check(&c, "9223372036854775808").is_err());
+    }
+
+    #[test]
+    fn path_and_uri_prefixes_compare_canonical_forms() {
+        let c = Constraint {
+            prefix: Some(Prefix::new("/srv/shared/").unwrap()),
+            ..none()
+        };
+        assert!(check(&c, r#""/srv/shared/a""#).is_ok());
+        assert!(check(&c, r#""/srv//shared/./a""#).is_ok());
+        assert!(check(&c, r#""/srv/shared//../etc/passwd""#).is_err());
+        assert!(check(&c, r#""//etc/passwd""#).is_err());
+        assert!(check(&c, r#""/srv/shared\\..\\x""#).is_err());
+        assert!(check(&c, r#"" /srv/shared/a""#).is_err());
+        assert!(check(&c, r#""/srv/shared/a\u0000""#).is_err());
+        assert!(
+            check(&c, r#""/srv/shared""#).is_err(),
+            "the directory itself is not under it"
+        );
+        let c = Constraint {
+            prefix: Some(Prefix::new("file:///srv/").unwrap()),
+            ..none()
+        };
+        assert!(check(&c, r#""FILE://localhost/srv/x""#).is_ok());
+        assert!(check(&c, r#""file:///srv/../etc/x""#).is_err());
+        assert!(check(&c, r#""file:///srv/%2e%2e/etc/x""#).is_err());
+        // Plain prefixes stay plain.
+        let c = Constraint {
+            prefix: Some(Prefix::new("acme-").unwrap()),
+            ..none()
+        };
+        assert!(check(&c, r#""acme-x""#).is_ok());
+        assert!(Prefix::new("/srv//x/").is_err());
+        assert!(Prefix::new("/srv/../x/").is_err());
+        assert!(Prefix::new("FILE:///srv/").is_err());
+        assert!(Prefix::new("/srv/shared").unwrap().admits_siblings());
     }
 
     #[test]

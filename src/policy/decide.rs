@@ -5,6 +5,9 @@ use simd_json::Node;
 
 use super::Policy;
 use super::args::arguments_iter;
+use crate::mcp::envelope::{Kind, Message, Reference};
+use crate::mcp::lists::ListKind;
+use crate::mcp::uri;
 
 /// The outcome of authorizing a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +23,177 @@ pub enum Decision {
 impl Decision {
     pub fn is_allowed(&self) -> bool {
         matches!(self, Decision::Allow)
+    }
+}
+
+/// What a client-to-server method asks of the policy: the one table both endpoints (one
+/// upstream at `/mcp/<name>`, several at `/mcp`) decide by, for every protocol revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Session plumbing: allowed to whoever may use the upstream (initialize, ping,
+    /// `server/discover`, the lifecycle notifications, answers to the server's requests).
+    Plumbing,
+    /// A list: allowed, and its answer filtered to what the agent may see.
+    List(ListKind),
+    /// `tools/call`: `params.name` and `params.arguments`.
+    Tool,
+    /// `prompts/get`: `params.name`.
+    Prompt,
+    /// `resources/read`, `subscribe`, `unsubscribe`: `params.uri`.
+    Resource,
+    /// `completion/complete`: the prompt or resource template in `params.ref`.
+    Completion,
+    /// Tasks (2025-11-25, and the 2026-07-28 extension): about work this session started,
+    /// which was authorized when it started.
+    Task,
+    /// Not a method of any MCP revision scopegate knows: refused, not forwarded unchecked.
+    Unknown,
+}
+
+/// The access `method` needs, for a message of `kind`.
+pub fn access(method: Option<&str>, kind: Kind) -> Access {
+    let Some(method) = method else {
+        // A response: the agent's answer to a request the server sent it.
+        return Access::Plumbing;
+    };
+    match kind {
+        Kind::Response => Access::Plumbing,
+        Kind::Notification => match method {
+            "notifications/initialized"
+            | "notifications/cancelled"
+            | "notifications/progress"
+            | "notifications/roots/list_changed"
+            | "notifications/tasks/status" => Access::Plumbing,
+            _ => Access::Unknown,
+        },
+        Kind::Request => match method {
+            "initialize"
+            | "ping"
+            | "logging/setLevel"
+            | "server/discover"
+            | "subscriptions/listen" => Access::Plumbing,
+            "tools/call" => Access::Tool,
+            "prompts/get" => Access::Prompt,
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Access::Resource,
+            "completion/complete" => Access::Completion,
+            "tasks/get" | "tasks/result" | "tasks/list" | "tasks/cancel" | "tasks/update" => {
+                Access::Task
+            }
+            other => match ListKind::for_method(other) {
+                Some(kind) => Access::List(kind),
+                None => Access::Unknown,
+            },
+        },
+    }
+}
+
+/// What one message asks to use, with the names the upstream will see.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// Nothing beyond the upstream (plumbing, lists, tasks).
+    Upstream,
+    Tool {
+        name: &'a str,
+        arguments: Option<&'a [Node<'a>]>,
+    },
+    Prompt(&'a str),
+    /// A URI (`resources/read`).
+    Resource(&'a str),
+    /// A URI template (`completion/complete` with `ref/resource`).
+    ResourceTemplate(&'a str),
+    /// A method scopegate does not know.
+    Unknown(&'a str),
+    /// A message missing what its method needs; the text says what.
+    Malformed(&'static str),
+}
+
+impl<'a> Target<'a> {
+    /// What `message` asks for, read off its envelope fields.
+    pub fn of(message: &Message<'a>, arguments: Option<&'a [Node<'a>]>) -> Target<'a> {
+        match access(message.method, message.kind) {
+            Access::Plumbing | Access::List(_) | Access::Task => Target::Upstream,
+            Access::Unknown => Target::Unknown(message.method.unwrap_or_default()),
+            Access::Tool => match message.name {
+                Some(name) => Target::Tool { name, arguments },
+                None => Target::Malformed("tools/call without params.name"),
+            },
+            Access::Prompt => match message.name {
+                Some(name) => Target::Prompt(name),
+                None => Target::Malformed("prompts/get without params.name"),
+            },
+            Access::Resource => match message.uri {
+                Some(uri) => Target::Resource(uri),
+                None => Target::Malformed("a resources request without params.uri"),
+            },
+            Access::Completion => match message.reference {
+                Some(Reference {
+                    kind: Some("ref/prompt"),
+                    name: Some(name),
+                    ..
+                }) => Target::Prompt(name),
+                Some(Reference {
+                    kind: Some("ref/resource"),
+                    uri: Some(uri),
+                    ..
+                }) => Target::ResourceTemplate(uri),
+                _ => Target::Malformed(
+                    "completion/complete needs params.ref of type ref/prompt (with name) or ref/resource (with uri)",
+                ),
+            },
+        }
+    }
+}
+
+/// Authorizes one message from `agent` to upstream `upstream`, which the caller has already
+/// found the agent may use.
+pub fn authorize(policy: &Policy, agent: usize, upstream: usize, target: &Target<'_>) -> Decision {
+    match *target {
+        Target::Upstream => Decision::Allow,
+        Target::Tool { name, arguments } => {
+            authorize_call(policy, agent, upstream, name, arguments)
+        }
+        Target::Prompt(name) => authorize_item(policy, agent, upstream, ItemKind::Prompt, name),
+        Target::Resource(uri) => authorize_item(policy, agent, upstream, ItemKind::Resource, uri),
+        Target::ResourceTemplate(uri) => {
+            authorize_item(policy, agent, upstream, ItemKind::ResourceTemplate, uri)
+        }
+        Target::Unknown(method) => Decision::Deny {
+            rule: "unknown method".into(),
+            reason: format!(
+                "method {method:?} is not part of any MCP revision scopegate knows; it is refused rather than forwarded unchecked"
+            ),
+        },
+        Target::Malformed(why) => Decision::Deny {
+            rule: "malformed".into(),
+            reason: why.into(),
+        },
+    }
+}
+
+/// Authorizes one JSON-RPC message of the single-upstream endpoint (see [`Target::of`]).
+pub fn authorize_message(
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    message: &Message<'_>,
+    arguments: Option<&[Node<'_>]>,
+) -> Decision {
+    authorize(policy, agent, upstream, &Target::of(message, arguments))
+}
+
+/// Whether `agent` may see a listed item of `upstream`: a tool it may call (before argument
+/// constraints), a prompt or resource no deny rule names. Used to filter every list answer, on
+/// every endpoint and stream.
+pub fn visible(policy: &Policy, agent: usize, upstream: usize, kind: ListKind, item: &str) -> bool {
+    match kind {
+        ListKind::Tools => tool_visible(policy, agent, upstream, item),
+        ListKind::Prompts => item_denied(policy, agent, upstream, ItemKind::Prompt, item).is_none(),
+        ListKind::Resources => {
+            item_denied(policy, agent, upstream, ItemKind::Resource, item).is_none()
+        }
+        ListKind::ResourceTemplates => {
+            item_denied(policy, agent, upstream, ItemKind::ResourceTemplate, item).is_none()
+        }
     }
 }
 
@@ -102,75 +276,79 @@ pub fn authorize_call(
     Decision::Allow
 }
 
-/// Whether a prompt or resource is hidden from `agent`: prompts and resources of an upstream the
-/// agent may use are visible unless a `deny` glob matches `"<upstream>/prompt:<name>"` or
-/// `"<upstream>/resource:<uri>"`.
+/// A prompt or a resource, as deny rules name them: `"<upstream>/prompt:<name>"`,
+/// `"<upstream>/resource:<canonical uri>"` (templates are matched as resources).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    Prompt,
+    Resource,
+    ResourceTemplate,
+}
+
+impl ItemKind {
+    fn word(self) -> &'static str {
+        match self {
+            ItemKind::Prompt => "prompt",
+            ItemKind::Resource => "resource",
+            ItemKind::ResourceTemplate => "resource template",
+        }
+    }
+}
+
+/// Whether a prompt or resource is hidden from `agent`, and the rule (or the reason) that
+/// hides it. Prompts and resources of an upstream the agent may use are visible unless a `deny`
+/// glob matches; a resource is matched in its canonical form ([`crate::mcp::uri`]), and a URI
+/// that has none is hidden.
 pub fn item_denied(
     policy: &Policy,
     agent: usize,
     upstream: usize,
-    kind: &str,
+    kind: ItemKind,
     item: &str,
 ) -> Option<String> {
     let up = policy.upstreams().get(upstream)?;
+    if !policy.may_use_upstream(agent, upstream) {
+        return Some("unknown upstream".into());
+    }
     let a = &policy.agents[agent];
-    // "<kind>:<item>" is matched as the tool part; build it once.
-    let qualified = format!("{kind}:{item}");
+    // "<kind>:<item>" is matched as the tool part; built once.
+    let qualified = match kind {
+        ItemKind::Prompt => format!("prompt:{item}"),
+        ItemKind::Resource | ItemKind::ResourceTemplate => {
+            let mode = if kind == ItemKind::Resource {
+                uri::Mode::Uri
+            } else {
+                uri::Mode::Template
+            };
+            match uri::canonical(item, mode) {
+                Ok(c) => format!("resource:{c}"),
+                Err(e) => return Some(format!("the URI {}", e.message())),
+            }
+        }
+    };
     a.deny
         .iter()
         .find(|g| g.matches_qualified(&up.name, &qualified))
-        .map(|g| g.as_str().to_owned())
+        .map(|g| format!("rule {:?}", g.as_str()))
 }
 
-/// Authorizes the use of a prompt or resource (`kind` is `"prompt"` or `"resource"`): allowed
-/// unless a deny rule names it (see [`item_denied`]).
+/// Authorizes the use of a prompt or resource: allowed unless [`item_denied`] hides it.
 pub fn authorize_item(
     policy: &Policy,
     agent: usize,
     upstream: usize,
-    kind: &str,
+    kind: ItemKind,
     item: &str,
 ) -> Decision {
     match item_denied(policy, agent, upstream, kind, item) {
-        Some(rule) => Decision::Deny {
-            reason: format!("{kind} {item:?} is denied by rule {rule:?}"),
-            rule: format!("deny {rule:?}"),
-        },
-        None => Decision::Allow,
-    }
-}
-
-/// Authorizes one JSON-RPC message from `agent` to `upstream`. tools/call is decided by
-/// [`authorize_call`]; prompts/get and resources/* by [`item_denied`]; everything else (initialize,
-/// ping, lists, notifications, responses to server requests) by access to the upstream, which
-/// the caller has already checked.
-pub fn authorize_message(
-    policy: &Policy,
-    agent: usize,
-    upstream: usize,
-    message: &crate::mcp::envelope::Message<'_>,
-    arguments: Option<&[Node<'_>]>,
-) -> Decision {
-    let Some(method) = message.method else {
-        return Decision::Allow;
-    };
-    match method {
-        "tools/call" => match message.name {
-            Some(name) => authorize_call(policy, agent, upstream, name, arguments),
-            None => Decision::Deny {
-                rule: "tools/call".into(),
-                reason: "tools/call without params.name".into(),
+        Some(why) => Decision::Deny {
+            reason: format!("{} {item:?} is denied: {why}", kind.word()),
+            rule: match why.strip_prefix("rule ") {
+                Some(rule) => format!("deny {rule}"),
+                None => format!("{} {why}", kind.word()),
             },
         },
-        "prompts/get" => match message.name {
-            Some(name) => authorize_item(policy, agent, upstream, "prompt", name),
-            None => Decision::Allow,
-        },
-        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => match message.uri {
-            Some(uri) => authorize_item(policy, agent, upstream, "resource", uri),
-            None => Decision::Allow,
-        },
-        _ => Decision::Allow,
+        None => Decision::Allow,
     }
 }
 
@@ -314,13 +492,16 @@ deny = ["files/prompt:admin_*", "files/resource:file:///etc/*"]
 "#;
         let p = Policy::parse(Path::new("p.toml"), text, &[], &env).unwrap();
         let a = p.agent_by_id("a").unwrap();
-        assert_eq!(item_denied(&p, a, 0, "prompt", "summarize"), None);
+        assert_eq!(item_denied(&p, a, 0, ItemKind::Prompt, "summarize"), None);
         assert_eq!(
-            item_denied(&p, a, 0, "prompt", "admin_reset").as_deref(),
-            Some("files/prompt:admin_*")
+            item_denied(&p, a, 0, ItemKind::Prompt, "admin_reset").as_deref(),
+            Some("rule \"files/prompt:admin_*\"")
         );
-        assert_eq!(item_denied(&p, a, 0, "resource", "file:///srv/x"), None);
-        assert!(item_denied(&p, a, 0, "resource", "file:///etc/passwd").is_some());
+        assert_eq!(
+            item_denied(&p, a, 0, ItemKind::Resource, "file:///srv/x"),
+            None
+        );
+        assert!(item_denied(&p, a, 0, ItemKind::Resource, "file:///etc/passwd").is_some());
 
         let parse = |body: &str| {
             let mut parser = crate::mcp::envelope::EnvelopeParser::new();
@@ -347,5 +528,85 @@ deny = ["files/prompt:admin_*", "files/resource:file:///etc/*"]
         assert!(
             !parse(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#).is_allowed()
         );
+        // Every spelling of a denied resource is the same resource.
+        for uri in [
+            "FILE:///etc/secret",
+            "File:///etc/./secret",
+            "file:///srv/../etc/secret",
+            "file://localhost/etc/secret",
+            "file:/etc/secret",
+            "file:////etc/secret",
+            "file:///%65tc/secret",
+        ] {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{{"uri":"{uri}"}}}}"#
+            );
+            assert!(!parse(&body).is_allowed(), "{uri}");
+        }
+        // What has no canonical form is refused, never guessed.
+        for uri in [
+            " file:///etc/secret",
+            "file:///etc\\\\secret",
+            "file:///srv/%2Fetc",
+        ] {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{{"uri":"{uri}"}}}}"#
+            );
+            assert!(!parse(&body).is_allowed(), "{uri}");
+        }
+        // completion/complete asks about a prompt or a resource template: the same rules.
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"admin_reset"},"argument":{"name":"a","value":""}}}"#).is_allowed());
+        assert!(parse(r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"summarize"},"argument":{"name":"a","value":""}}}"#).is_allowed());
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"FILE:///etc/{name}"},"argument":{"name":"name","value":""}}}"#).is_allowed());
+        assert!(parse(r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"file:///srv/{name}"},"argument":{"name":"name","value":""}}}"#).is_allowed());
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"argument":{}}}"#).is_allowed());
+        // Methods of no MCP revision are refused; known plumbing passes.
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"admin/exec"}"#).is_allowed());
+        assert!(!parse(r#"{"jsonrpc":"2.0","method":"notifications/anything"}"#).is_allowed());
+        assert!(parse(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).is_allowed());
+        assert!(
+            parse(r#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"taskId":"t"}}"#)
+                .is_allowed()
+        );
+        assert!(parse(r#"{"jsonrpc":"2.0","id":"sg:1","result":{}}"#).is_allowed());
+        // Listed templates are visible by the same canonical form.
+        assert!(!visible(
+            &p,
+            a,
+            0,
+            ListKind::ResourceTemplates,
+            "FILE:///etc/{name}"
+        ));
+        assert!(visible(
+            &p,
+            a,
+            0,
+            ListKind::ResourceTemplates,
+            "file:///srv/{name}"
+        ));
+        assert!(!visible(
+            &p,
+            a,
+            0,
+            ListKind::Resources,
+            "file:///srv/..//etc/x"
+        ));
+        assert!(!visible(&p, a, 0, ListKind::Resources, "file:///srv/a b\t"));
+    }
+
+    #[test]
+    fn resource_rules_must_be_written_canonically() {
+        let env = HashMap::new();
+        let text = |deny: &str| {
+            format!(
+                "[[upstream]]\nname = \"files\"\nurl = \"http://127.0.0.1:9/mcp\"\n[[agent]]\nid = \"a\"\nallow = [\"files/*\"]\ndeny = [\"{deny}\"]\n"
+            )
+        };
+        let load = |deny: &str| Policy::parse(Path::new("p.toml"), &text(deny), &[], &env);
+        assert!(load("files/resource:file:///etc/*").is_ok());
+        assert!(load("files/resource:*secret*").is_ok());
+        let e = load("files/resource:FILE:///etc/*").unwrap_err();
+        assert!(e.message.contains("files/resource:file:///etc/*"), "{e}");
+        assert!(load("files/resource:file:///srv/../etc/*").is_err());
     }
 }

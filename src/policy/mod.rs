@@ -193,10 +193,10 @@ enum Number {
 }
 
 impl Number {
-    fn get(self) -> f64 {
+    fn bound(self) -> args::Bound {
         match self {
-            Number::Int(n) => n as f64,
-            Number::Float(f) => f,
+            Number::Int(n) => args::Bound::Int(n),
+            Number::Float(f) => args::Bound::Float(f),
         }
     }
 }
@@ -723,6 +723,31 @@ fn compile_rule_glob(
             format!("{text:?} names unknown upstream {upstream:?}"),
         ));
     }
+    // Resources are matched in their canonical form, so a rule must be written in it too (a
+    // rule for `FILE:///etc/*` would never match anything).
+    if let Some(uri) = tool.strip_prefix("resource:")
+        && !uri.starts_with(['*', '?'])
+    {
+        match crate::mcp::uri::canonical(uri, crate::mcp::uri::Mode::Pattern) {
+            Ok(c) if c == uri => {}
+            Ok(c) => {
+                return Err(at(
+                    Some(s.span()),
+                    field,
+                    format!(
+                        "{text:?}: resource URIs are matched in canonical form; write it as \"{upstream}/resource:{c}\""
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(at(
+                    Some(s.span()),
+                    field,
+                    format!("{text:?}: the resource URI {}", e.message()),
+                ));
+            }
+        }
+    }
     Ok(glob)
 }
 
@@ -770,15 +795,36 @@ fn compile_constraint(
                 .map_err(|e| at(span.clone(), field, format!("bad pattern {p:?}: {e}")))?,
         ),
     };
-    let (min, max) = (raw.min.map(Number::get), raw.max.map(Number::get));
+    let (min, max) = (raw.min.map(Number::bound), raw.max.map(Number::bound));
     if let (Some(lo), Some(hi)) = (min, max)
-        && lo > hi
+        && let Some(std::cmp::Ordering::Greater) = match lo {
+            args::Bound::Int(n) => hi.compare(&simd_json::StaticNode::I64(n)),
+            args::Bound::Float(f) => hi.compare(&simd_json::StaticNode::F64(f)),
+        }
     {
         return Err(at(span, field, format!("min {lo} is above max {hi}")));
     }
+    let prefix = match &raw.prefix {
+        None => None,
+        Some(p) => Some(args::Prefix::new(p).map_err(|m| at(span.clone(), field, m))?),
+    };
+    if let Some(p) = &prefix
+        && p.admits_siblings()
+    {
+        let warning = at(
+            span.clone(),
+            field,
+            format!(
+                "prefix {:?} also admits {:?}; end it with '/' to confine the argument to the directory",
+                p.text,
+                format!("{}-other", p.text)
+            ),
+        );
+        crate::warn!("{warning}");
+    }
     let constraint = Constraint {
         one_of,
-        prefix: raw.prefix.clone(),
+        prefix,
         pattern,
         max_len: raw.max_len,
         min,
