@@ -21,6 +21,12 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub upstream_timeout: Duration,
     pub max_body: usize,
+    /// The most scopegate holds of one upstream message: a JSON answer it reads whole (a list
+    /// to filter, an aggregate answer to rewrite) or one event of an event stream.
+    pub max_upstream_message: usize,
+    /// The longest silence between events on the event stream answering a POST before the
+    /// request is given up (GET streams may stay quiet: they end when either side leaves).
+    pub stream_idle: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub idle_timeout: Duration,
@@ -89,6 +95,8 @@ impl std::error::Error for ConfigError {}
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+pub const DEFAULT_MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
+pub const DEFAULT_STREAM_IDLE_MS: u64 = 300_000;
 pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -176,6 +184,24 @@ impl Config {
             "SCOPEGATE_UPSTREAM_TIMEOUT_MS",
             get("SCOPEGATE_UPSTREAM_TIMEOUT_MS"),
             DEFAULT_UPSTREAM_TIMEOUT_MS,
+        )?;
+        let max_upstream_message = match get("SCOPEGATE_MAX_UPSTREAM_MESSAGE") {
+            None => DEFAULT_MAX_UPSTREAM_MESSAGE,
+            Some(v) => {
+                let n = parse_size("SCOPEGATE_MAX_UPSTREAM_MESSAGE", v)?;
+                if n < 64 * 1024 {
+                    return Err(err(
+                        "SCOPEGATE_MAX_UPSTREAM_MESSAGE",
+                        "must be at least 64K (an initialize answer or a tool list must fit)",
+                    ));
+                }
+                n
+            }
+        };
+        let stream_idle = parse_ms(
+            "SCOPEGATE_STREAM_IDLE_MS",
+            get("SCOPEGATE_STREAM_IDLE_MS"),
+            DEFAULT_STREAM_IDLE_MS,
         )?;
         let max_body = match get("SCOPEGATE_MAX_BODY") {
             None => DEFAULT_MAX_BODY,
@@ -415,6 +441,8 @@ impl Config {
             upstreams,
             upstream_timeout,
             max_body,
+            max_upstream_message,
+            stream_idle,
             header_timeout,
             body_timeout,
             idle_timeout,
@@ -452,6 +480,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_UPSTREAMS",
     "SCOPEGATE_UPSTREAM_TIMEOUT_MS",
     "SCOPEGATE_MAX_BODY",
+    "SCOPEGATE_MAX_UPSTREAM_MESSAGE",
+    "SCOPEGATE_STREAM_IDLE_MS",
     "SCOPEGATE_HEADER_TIMEOUT_MS",
     "SCOPEGATE_BODY_TIMEOUT_MS",
     "SCOPEGATE_IDLE_TIMEOUT_MS",

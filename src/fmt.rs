@@ -24,6 +24,23 @@ pub fn push_hex(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Appends `n` in lowercase hex without leading zeros (a chunk size).
+pub fn push_hex_len(out: &mut Vec<u8>, n: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = DIGITS[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +55,10 @@ mod tests {
         let mut out = Vec::new();
         push_hex(&[0x00, 0xab, 0xff], &mut out);
         assert_eq!(out, b"00abff");
+        for n in [0usize, 9, 10, 255, 4096, usize::MAX] {
+            let mut out = Vec::new();
+            push_hex_len(&mut out, n);
+            assert_eq!(out, format!("{n:x}").as_bytes());
+        }
     }
 }

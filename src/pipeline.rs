@@ -592,13 +592,8 @@ async fn handle_request(
     };
 
     // Stage 9: forward upstream and relay the answer.
-    let list_kind = envelope
-        .as_ref()
-        .and_then(|e| e.single())
-        .and_then(|m| m.method)
-        .and_then(ListKind::for_method);
     let seal;
-    let keep;
+    let visible;
     let mut plan = forward::Plan::default();
     if let (Some(policy), Some(agent)) = (&policy, agent) {
         let upstream_def = &policy.upstreams()[upstream];
@@ -610,12 +605,18 @@ async fn handle_request(
         let sessions = &worker.sessions;
         seal = move |id: &[u8]| sessions.seal(agent_id, upstream_name, id);
         plan.seal_session = Some(&seal);
-        if let Some(kind) = list_kind {
-            let policy = policy.clone();
-            keep = move |item: &str| decide::visible(&policy, agent, upstream, kind, item);
-            plan.filter = Some((kind, &keep));
-        }
+        // Every list the agent can receive is filtered: JSON answers to its list requests,
+        // and any list result on an event stream (replays included).
+        let p: &Policy = policy;
+        visible = move |kind: ListKind, item: &str| decide::visible(p, agent, upstream, kind, item);
+        plan.visible = Some(&visible);
+        plan.lists_asked = envelope.as_ref().is_some_and(|e| {
+            e.messages()
+                .iter()
+                .any(|m| matches!(decide::access(m.method, m.kind), decide::Access::List(_)))
+        });
     }
+    plan.request_id = request_id;
     plan.scan_is_error = draft.active
         && envelope
             .as_ref()
@@ -638,6 +639,10 @@ async fn handle_request(
     match relayed {
         Ok(relayed) => {
             draft.status = exchange.status;
+            if let Some(why) = relayed.failure {
+                draft.decision = AuditDecision::UpstreamError;
+                draft.reason = Some(why);
+            }
             Ok(if relayed.keep_alive {
                 KeepAlive::Yes
             } else {
@@ -649,10 +654,17 @@ async fn handle_request(
             let close = client_wants_close || refusal.close;
             finish(draft, client, request_id, &refusal, close).await
         }
-        Err(forward::ForwardError::MidResponse) => {
+        Err(forward::ForwardError::MidResponse(why)) => {
             draft.status = exchange.status;
             draft.decision = AuditDecision::UpstreamError;
-            draft.reason = Some("the response was cut off mid-body".into());
+            draft.reason = Some(format!("the response was cut off mid-body: {why}"));
+            Err(())
+        }
+        Err(forward::ForwardError::AgentGone) => {
+            // The agent's doing: the call was allowed and relayed until it left.
+            draft.status = exchange.status;
+            draft.reason =
+                Some("the agent closed the connection while the answer was relayed".into());
             Err(())
         }
     }

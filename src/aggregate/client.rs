@@ -7,12 +7,14 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::forward::{HeadFailure, UpstreamError, exchange_head};
-use crate::http::conn::{Conn, ReadError};
-use crate::http::framing::{self, ChunkedDecoder, Framing};
+use crate::http::body::{BodyError, BodyReader};
+use crate::http::conn::Conn;
+use crate::http::framing;
 use crate::http::head::{self, Head};
+use crate::http::sse::{self, SseSplitter};
 use crate::pipeline::Refusal;
 use crate::worker::Worker;
 
@@ -30,12 +32,9 @@ pub struct UpRequest<'a> {
 /// An upstream's answer: the head now, the body on demand.
 pub struct UpResponse {
     index: usize,
-    conn: Option<Conn>,
+    conn: Conn,
     pub head: Head,
-    framing: Framing,
-    chunked: ChunkedDecoder,
-    left: u64,
-    done: bool,
+    body: BodyReader,
     keep: bool,
 }
 
@@ -49,98 +48,44 @@ impl UpResponse {
     }
 
     pub fn is_event_stream(&self) -> bool {
-        self.head
-            .get("content-type")
-            .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
+        crate::forward::is_event_stream(&self.head)
     }
 
-    /// The next piece of the body (de-chunked), None at its end. `deadline` bounds the wait
-    /// (None: event streams, which may be quiet for long).
-    pub async fn next(&mut self, deadline: Option<Instant>) -> Result<Option<Vec<u8>>, String> {
-        loop {
-            if self.done {
-                return Ok(None);
-            }
-            let Some(conn) = self.conn.as_mut() else {
-                return Ok(None);
-            };
-            if !conn.buf.is_empty() {
-                match self.framing {
-                    Framing::Empty => {
-                        self.done = true;
-                        return Ok(None);
-                    }
-                    Framing::Length(_) => {
-                        let n = (conn.buf.len() as u64).min(self.left) as usize;
-                        let piece = conn.buf.split_to(n).to_vec();
-                        self.left -= n as u64;
-                        if self.left == 0 {
-                            self.done = true;
-                            self.keep &= conn.buf.is_empty();
-                        }
-                        return Ok(Some(piece));
-                    }
-                    Framing::Chunked => {
-                        let mut out = BytesMut::new();
-                        let used = self
-                            .chunked
-                            .feed(&conn.buf, Some(&mut out))
-                            .map_err(|e| format!("bad chunked body: {e:?}"))?;
-                        let _ = conn.buf.split_to(used);
-                        if self.chunked.is_done() {
-                            self.done = true;
-                            self.keep &= conn.buf.is_empty();
-                        }
-                        if !out.is_empty() {
-                            return Ok(Some(out.to_vec()));
-                        }
-                        if self.done {
-                            return Ok(None);
-                        }
-                    }
-                    Framing::UntilClose => return Ok(Some(conn.buf.split().to_vec())),
-                }
-            } else if matches!(self.framing, Framing::Empty)
-                || (matches!(self.framing, Framing::Length(_)) && self.left == 0)
-            {
-                self.done = true;
-                return Ok(None);
-            }
-            let limit = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            match conn.fill_within(limit).await {
-                Ok(0) if self.framing == Framing::UntilClose => {
-                    self.done = true;
-                    self.keep = false;
-                    return Ok(None);
-                }
-                Ok(0) => return Err("closed the connection mid-body".into()),
-                Ok(_) => {}
-                Err(ReadError::TimedOut) => return Err("timed out mid-body".into()),
-                Err(ReadError::Io(e)) => return Err(format!("failed mid-body: {e}")),
-            }
-        }
+    /// The next piece of the body (de-chunked), None at its end. `deadline` bounds the wait.
+    pub async fn next(&mut self, deadline: Option<Instant>) -> Result<Option<Bytes>, String> {
+        self.body
+            .next(&mut self.conn, deadline)
+            .await
+            .map_err(|e| e.message())
     }
 
-    /// The whole body, up to `limit` bytes.
+    /// [`next`](Self::next), watching `agent` meanwhile ([`BodyError::PeerGone`] when it
+    /// leaves).
+    pub async fn next_watching(
+        &mut self,
+        agent: &Conn,
+        watch: &mut bool,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Bytes>, BodyError> {
+        self.body
+            .next_watching(&mut self.conn, agent, watch, deadline)
+            .await
+    }
+
+    /// The whole body, refused past `limit` bytes.
     pub async fn read_all(&mut self, deadline: Instant, limit: usize) -> Result<Vec<u8>, String> {
-        let mut body = Vec::new();
-        while let Some(piece) = self.next(Some(deadline)).await? {
-            body.extend_from_slice(&piece);
-            if body.len() > limit {
-                return Err(format!("answered with more than {limit} bytes"));
-            }
-        }
-        Ok(body)
+        self.body
+            .read_all(&mut self.conn, deadline, limit)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| e.message())
     }
 
     /// Returns the connection to the pool when the body was read to its end and the upstream
     /// keeps it open.
-    pub fn finish(mut self, worker: &Worker) {
-        if self.done
-            && self.keep
-            && let Some(conn) = self.conn.take()
-        {
-            worker.pool.put(self.index, conn);
+    pub fn finish(self, worker: &Worker) {
+        if self.keep && self.body.left_clean(&self.conn) {
+            worker.pool.put(self.index, self.conn);
         }
     }
 }
@@ -205,21 +150,12 @@ pub async fn send(
     })?;
     let framing = framing::response_framing(&head, req.method.as_bytes())
         .map_err(|e| UpstreamError::BadHead(e.message()).refusal(&upstream.name, timeout))?;
-    let keep = head.minor_version == 1
-        && !head::connection_has(&head, "close")
-        && framing != Framing::UntilClose;
-    let left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
+    let keep = head.minor_version == 1 && !head::connection_has(&head, "close");
     Ok(UpResponse {
         index,
-        conn: Some(conn),
+        conn,
         head,
-        framing,
-        chunked: ChunkedDecoder::default(),
-        left,
-        done: false,
+        body: BodyReader::new(framing),
         keep,
     })
 }
@@ -242,22 +178,26 @@ pub async fn exchange(
         )
     };
     let mut resp = send(worker, index, req, deadline).await?;
-    let limit = worker.config.max_body.max(1 << 20) * 16;
+    let limit = worker.config.max_upstream_message;
     if resp.is_event_stream() {
-        let mut sse = super::json::SseSplitter::default();
+        let mut sse = SseSplitter::new(limit);
         loop {
-            let Some(piece) = resp.next(Some(deadline)).await.map_err(bad)? else {
-                return Err(bad("ended its event stream without a response".into()));
-            };
-            sse.push(&piece);
-            while let Some(event) = sse.next_event() {
-                if let (Some(data), _) = super::json::event_parts(&event)
+            while let Some(event) = sse.next_event().map_err(|_| {
+                bad(format!(
+                    "sent an event over {limit} bytes (SCOPEGATE_MAX_UPSTREAM_MESSAGE)"
+                ))
+            })? {
+                if let Some(data) = sse::event_parts(event).data
                     && is_response(&data)
                 {
                     // The rest of the stream is not read: the connection is not reused.
                     return Ok((resp, data));
                 }
             }
+            let Some(piece) = resp.next(Some(deadline)).await.map_err(bad)? else {
+                return Err(bad("ended its event stream without a response".into()));
+            };
+            sse.push(&piece);
         }
     }
     let body = resp.read_all(deadline, limit).await.map_err(bad)?;

@@ -1,6 +1,5 @@
-//! Byte-level helpers for the aggregate endpoint: find where a value sits in a JSON text (so it
-//! can be spliced with the rest of the body left byte-identical), and split SSE streams into
-//! events.
+//! Byte-level helpers for the aggregate endpoint: find where a value sits in a JSON text, so it
+//! can be spliced with the rest of the body left byte-identical.
 
 /// The byte range of the value at `path` (object keys, from the top) in `body`, a JSON text the
 /// envelope parser has already validated (so it is well formed and has no duplicate keys). Keys
@@ -104,78 +103,6 @@ pub fn splice(body: &[u8], range: (usize, usize), with: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Splits a `text/event-stream` body into events as bytes arrive.
-#[derive(Default)]
-pub struct SseSplitter {
-    buf: Vec<u8>,
-}
-
-impl SseSplitter {
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete event (its lines, without the blank line that ended it).
-    pub fn next_event(&mut self) -> Option<Vec<u8>> {
-        let lf = memchr::memmem::find(&self.buf, b"\n\n").map(|i| (i, 2));
-        let crlf = memchr::memmem::find(&self.buf, b"\r\n\r\n").map(|i| (i, 4));
-        let (at, len) = match (lf, crlf) {
-            (Some(a), Some(b)) => {
-                if a.0 <= b.0 {
-                    a
-                } else {
-                    b
-                }
-            }
-            (a, b) => a.or(b)?,
-        };
-        let event = self.buf[..at].to_vec();
-        self.buf.drain(..at + len);
-        Some(event)
-    }
-}
-
-/// An event's `data` (its data lines joined by newlines; None when it has none) and its other
-/// lines (`event:`, `retry:`, comments). `id:` lines are dropped: event ids of several upstreams
-/// would collide, so the aggregate endpoint does not offer resumption.
-pub fn event_parts(event: &[u8]) -> (Option<Vec<u8>>, Vec<&[u8]>) {
-    let mut data: Option<Vec<u8>> = None;
-    let mut other = Vec::new();
-    for line in event.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-            match &mut data {
-                Some(d) => {
-                    d.push(b'\n');
-                    d.extend_from_slice(rest);
-                }
-                None => data = Some(rest.to_vec()),
-            }
-        } else if line == b"id" || line.starts_with(b"id:") || line.is_empty() {
-        } else {
-            other.push(line);
-        }
-    }
-    (data, other)
-}
-
-/// One event, for the agent.
-pub fn write_event(other: &[&[u8]], data: Option<&[u8]>, out: &mut Vec<u8>) {
-    for line in other {
-        out.extend_from_slice(line);
-        out.push(b'\n');
-    }
-    if let Some(data) = data {
-        for line in data.split(|&b| b == b'\n') {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line);
-            out.push(b'\n');
-        }
-    }
-    out.push(b'\n');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,28 +136,5 @@ mod tests {
         let body = br#"{"params":{"a":"\\","name":"y\"z"}}"#;
         let (a, b) = locate(body, &["params", "name"]).unwrap();
         assert_eq!(&body[a..b], br#""y\"z""#);
-    }
-
-    #[test]
-    fn sse_events_split_across_pieces_and_line_endings() {
-        let mut s = SseSplitter::default();
-        s.push(b"id: 7\nevent: message\ndata: {\"a\":");
-        assert!(s.next_event().is_none());
-        s.push(b"1}\n\n: comment\r\n\r\ndata: x\ndata: y\n\n");
-        let e = s.next_event().unwrap();
-        let (data, other) = event_parts(&e);
-        assert_eq!(data.unwrap(), b"{\"a\":1}");
-        assert_eq!(other, vec![&b"event: message"[..]]);
-        let e = s.next_event().unwrap();
-        let (data, other) = event_parts(&e);
-        assert!(data.is_none());
-        assert_eq!(other, vec![&b": comment"[..]]);
-        let e = s.next_event().unwrap();
-        let (data, _) = event_parts(&e);
-        assert_eq!(data.as_deref(), Some(&b"x\ny"[..]));
-        let mut out = Vec::new();
-        write_event(&[], data.as_deref(), &mut out);
-        assert_eq!(out, b"data: x\ndata: y\n\n");
-        assert!(s.next_event().is_none());
     }
 }

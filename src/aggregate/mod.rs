@@ -29,9 +29,11 @@ use std::time::Instant;
 use serde_json::{Map, Value, json};
 
 use crate::audit::entry::Decision as AuditDecision;
+use crate::http::body::BodyError;
 use crate::http::conn::Conn;
 use crate::http::head::Head;
 use crate::http::response;
+use crate::http::sse::{self, SseSplitter};
 use crate::mcp::envelope::{Envelope, Kind, Message};
 use crate::mcp::jsonrpc;
 use crate::mcp::lists::ListKind;
@@ -1295,39 +1297,103 @@ async fn relay(
         outcome.keep_alive = false;
         return Err(outcome);
     }
-    let mut sse = json::SseSplitter::default();
-    loop {
-        let piece = match resp.next(None).await {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(why) => {
-                outcome.decision = AuditDecision::UpstreamError;
-                outcome.reason = Some(format!("the response was cut off mid-body: {why}"));
-                outcome.keep_alive = false;
-                return Err(outcome);
-            }
-        };
-        sse.push(&piece);
+    // Every read has a deadline (an event that started must end within the upstream timeout;
+    // between events the stream may pause up to SCOPEGATE_STREAM_IDLE_MS), events are bounded
+    // by SCOPEGATE_MAX_UPSTREAM_MESSAGE, and the agent is watched while the upstream is quiet.
+    let config = &req.worker.config;
+    let mut sse = SseSplitter::new(config.max_upstream_message);
+    let mut watch = true;
+    let mut answered = false;
+    let failure = loop {
         let mut out = Vec::new();
-        while let Some(event) = sse.next_event() {
-            let (data, other) = json::event_parts(&event);
-            let data = data.map(|d| rewrite.apply(&d));
-            if data.is_none() && other.is_empty() {
-                continue;
+        let mut too_large = false;
+        loop {
+            match sse.next_event() {
+                Ok(Some(event)) => {
+                    let parts = sse::event_parts(event);
+                    let data = parts.data.map(|d| rewrite.apply(&d));
+                    if data.is_none() && parts.other.is_empty() {
+                        continue;
+                    }
+                    if !answered {
+                        answered = data.as_deref().is_some_and(is_answer);
+                    }
+                    // Event ids of several upstreams would collide: not relayed.
+                    sse::write_event(&parts.other, None, data.as_deref(), &mut out);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    too_large = true;
+                    break;
+                }
             }
-            json::write_event(&other, data.as_deref(), &mut out);
         }
         if !out.is_empty() && write_chunk(client, &out).await.is_err() {
             outcome.keep_alive = false;
             return Err(outcome);
         }
+        if too_large {
+            break Some(format!(
+                "sent an event over {} bytes (SCOPEGATE_MAX_UPSTREAM_MESSAGE)",
+                config.max_upstream_message
+            ));
+        }
+        let wait = if sse.pending() > 0 {
+            config.upstream_timeout
+        } else {
+            config.stream_idle
+        };
+        match resp
+            .next_watching(client, &mut watch, Some(Instant::now() + wait))
+            .await
+        {
+            Ok(Some(piece)) => sse.push(&piece),
+            Ok(None) => break None,
+            Err(BodyError::PeerGone) => {
+                outcome.reason = Some("the agent closed the connection mid-answer".into());
+                outcome.keep_alive = false;
+                return Err(outcome);
+            }
+            Err(BodyError::TimedOut) => {
+                break Some(format!(
+                    "sent nothing for {} ms mid-answer",
+                    wait.as_millis()
+                ));
+            }
+            Err(e) => break Some(e.message()),
+        }
+    };
+    let mut tail = Vec::new();
+    if let Some(why) = failure {
+        // Tell the agent in-band and end the stream properly: its connection stays usable.
+        let why = format!("upstream {:?} {why}", rewrite.upstream);
+        req.note_failure(i, &why);
+        if !answered {
+            let error = jsonrpc::error_body(m.id, jsonrpc::UPSTREAM_UNAVAILABLE, &why);
+            sse::write_event(&[b"event: message"], None, Some(&error), &mut tail);
+        }
+        outcome.decision = AuditDecision::UpstreamError;
+        outcome.reason = Some(why);
+    } else {
+        resp.finish(req.worker);
     }
-    resp.finish(req.worker);
+    if !tail.is_empty() && write_chunk(client, &tail).await.is_err() {
+        outcome.keep_alive = false;
+        return Err(outcome);
+    }
     if write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_err() {
         outcome.keep_alive = false;
         return Err(outcome);
     }
     Ok(outcome)
+}
+
+/// Whether an event's data is a JSON-RPC response (the answer a routed request waits for).
+fn is_answer(data: &[u8]) -> bool {
+    matches!(
+        serde_json::from_slice::<Value>(data),
+        Ok(Value::Object(m)) if m.contains_key("id") && !m.contains_key("method")
+    )
 }
 
 /// GET: one event stream for the agent, merged from every joined upstream's.
@@ -1381,9 +1447,14 @@ async fn get_stream(
     }
     let _gauge = crate::forward::StreamGauge::open(&req.worker.stats.metrics.sse_streams);
     // Readers push rewritten events into one queue; the writer sends them on. All of them run
-    // on this task: whenever any is woken, every one is polled again.
-    let queue: Rc<RefCell<(VecDeque<Vec<u8>>, usize)>> =
-        Rc::new(RefCell::new((VecDeque::new(), streams.len())));
+    // on this task: whenever any is woken, every one is polled again. The queue holds at most
+    // SCOPEGATE_MAX_UPSTREAM_MESSAGE bytes: past that the readers wait for the agent.
+    let limit = req.worker.config.max_upstream_message;
+    let queue: Rc<RefCell<MergedQueue>> = Rc::new(RefCell::new(MergedQueue {
+        events: VecDeque::new(),
+        bytes: 0,
+        open: streams.len(),
+    }));
     let mut readers: Vec<Option<Fut<'_, ()>>> = streams
         .into_iter()
         .map(|(i, mut resp)| {
@@ -1393,36 +1464,84 @@ async fn get_stream(
                 read_result: false,
             };
             Some(Box::pin(async move {
-                let mut sse = json::SseSplitter::default();
-                while let Ok(Some(piece)) = resp.next(None).await {
-                    sse.push(&piece);
-                    while let Some(event) = sse.next_event() {
-                        let (data, other) = json::event_parts(&event);
-                        let data = data.map(|d| rewrite.apply(&d));
-                        if data.is_none() && other.is_empty() {
-                            continue;
+                let mut sse = SseSplitter::new(limit);
+                'read: loop {
+                    loop {
+                        match sse.next_event() {
+                            Ok(Some(event)) => {
+                                let parts = sse::event_parts(event);
+                                let data = parts.data.map(|d| rewrite.apply(&d));
+                                if data.is_none() && parts.other.is_empty() {
+                                    continue;
+                                }
+                                let mut out = Vec::new();
+                                sse::write_event(&parts.other, None, data.as_deref(), &mut out);
+                                let mut q = queue.borrow_mut();
+                                q.bytes += out.len();
+                                q.events.push_back(out);
+                            }
+                            Ok(None) => break,
+                            Err(_) => {
+                                req.note_failure(
+                                    i,
+                                    &format!(
+                                        "sent an event over {limit} bytes on its GET stream (SCOPEGATE_MAX_UPSTREAM_MESSAGE)"
+                                    ),
+                                );
+                                break 'read;
+                            }
                         }
-                        let mut out = Vec::new();
-                        json::write_event(&other, data.as_deref(), &mut out);
-                        queue.borrow_mut().0.push_back(out);
+                    }
+                    // Backpressure: wait while the agent has not taken what is queued.
+                    std::future::poll_fn(|_| {
+                        if queue.borrow().bytes < limit {
+                            Poll::Ready(())
+                        } else {
+                            Poll::Pending
+                        }
+                    })
+                    .await;
+                    match resp.next(None).await {
+                        Ok(Some(piece)) => sse.push(&piece),
+                        _ => break,
                     }
                 }
-                queue.borrow_mut().1 -= 1;
+                queue.borrow_mut().open -= 1;
             }) as Fut<'_, ()>)
         })
         .collect();
     let writer_queue = queue.clone();
     let writer = async move {
+        let mut watch = true;
         loop {
             let next = std::future::poll_fn(|_| {
                 let mut q = writer_queue.borrow_mut();
-                match q.0.pop_front() {
-                    Some(e) => Poll::Ready(Some(e)),
-                    None if q.1 == 0 => Poll::Ready(None),
+                match q.events.pop_front() {
+                    Some(e) => {
+                        q.bytes -= e.len();
+                        Poll::Ready(Some(e))
+                    }
+                    None if q.open == 0 => Poll::Ready(None),
                     None => Poll::Pending,
                 }
-            })
-            .await;
+            });
+            // While nothing is to be written, watch the agent: a closed stream releases every
+            // upstream stream at once.
+            let next = if watch {
+                monoio::select! {
+                    e = next => e,
+                    _ = client.stream.readable(true) => {
+                        match client.peer_closed() {
+                            Some(true) => return false,
+                            Some(false) => watch = false,
+                            None => {}
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                next.await
+            };
             let Some(event) = next else {
                 return write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_ok();
             };
@@ -1444,9 +1563,18 @@ async fn get_stream(
     })
     .await;
     if !ended_cleanly {
-        outcome.reason = Some("the agent went away".into());
+        outcome.reason = Some("the agent closed the stream".into());
     }
     Ok(outcome)
+}
+
+/// The merged GET stream's events waiting for the agent.
+struct MergedQueue {
+    events: VecDeque<Vec<u8>>,
+    /// Bytes in `events`.
+    bytes: usize,
+    /// Upstream streams still open.
+    open: usize,
 }
 
 async fn write_bytes(client: &mut Conn, data: Vec<u8>) -> std::io::Result<()> {

@@ -70,9 +70,78 @@ impl Conn {
         (res.map(|_| ()), data)
     }
 
+    /// Whether the peer has closed its side, looked at without consuming anything: `Some(true)`
+    /// closed (or reset), `Some(false)` it sent more (a pipelined request), `None` nothing to
+    /// read yet.
+    pub fn peer_closed(&self) -> Option<bool> {
+        use std::os::fd::AsRawFd;
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a local buffer on this connection's open socket.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => Some(true),
+            n if n > 0 => Some(false),
+            _ => match io::Error::last_os_error().kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+                _ => Some(true),
+            },
+        }
+    }
+
     /// Hands over the read buffer when nothing is pending in it (for the worker's pool), so an
     /// idle connection holds no buffer memory.
     pub fn take_idle_buffer(&mut self) -> Option<BytesMut> {
         (self.buf.is_empty() && self.buf.capacity() > 0).then(|| std::mem::take(&mut self.buf))
+    }
+}
+
+/// What ended a wait for an upstream's next bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// The upstream has something to read (or closed).
+    Readable,
+    /// The agent closed its connection meanwhile.
+    AgentGone,
+    TimedOut,
+}
+
+/// Waits until `up` can be read, watching `agent` meanwhile, so an agent that leaves a quiet
+/// stream is noticed at once and not at the next write. Only readiness is awaited (the read
+/// itself follows), so giving up the wait loses no data. `watch` goes false once the agent has
+/// sent something (a pipelined request): its socket then stays readable and cannot say more.
+pub async fn wait_readable_watching(
+    up: &Conn,
+    agent: &Conn,
+    watch: &mut bool,
+    limit: Option<Duration>,
+) -> Waited {
+    let wait = async {
+        loop {
+            if !*watch {
+                let _ = up.stream.readable(true).await;
+                return Waited::Readable;
+            }
+            monoio::select! {
+                _ = up.stream.readable(true) => return Waited::Readable,
+                _ = agent.stream.readable(true) => match agent.peer_closed() {
+                    Some(true) => return Waited::AgentGone,
+                    Some(false) => *watch = false,
+                    None => {}
+                },
+            }
+        }
+    };
+    match limit {
+        None => wait.await,
+        Some(d) => monoio::time::timeout(d, wait)
+            .await
+            .unwrap_or(Waited::TimedOut),
     }
 }

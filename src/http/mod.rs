@@ -6,7 +6,9 @@
 //! reach the agent the moment the upstream writes it. Framing is small and specified (RFC 9112),
 //! so we parse heads with `httparse` and frame bodies here.
 
+pub mod body;
 pub mod conn;
 pub mod framing;
 pub mod head;
 pub mod response;
+pub mod sse;

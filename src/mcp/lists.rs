@@ -57,87 +57,73 @@ impl ListKind {
     }
 }
 
-/// Filters a JSON-RPC response body; `None` when it is not a list result we can read (then the
-/// caller refuses to relay it rather than leak an unfiltered list).
-pub fn filter_json(body: &[u8], kind: ListKind, keep: &dyn Fn(&str) -> bool) -> Option<Vec<u8>> {
+/// Whether an item the list names may be seen (by the agent the answer goes to).
+pub type Visible<'a> = &'a dyn Fn(ListKind, &str) -> bool;
+
+/// Why a body could not be filtered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// Filters every list result in a JSON-RPC message or batch: each `result` holding `tools`,
+/// `prompts`, `resources` or `resourceTemplates` keeps only the items `visible` allows (an item
+/// without a readable name or URI is dropped). `Ok(None)`: the body holds no list and is relayed
+/// as it is; `Ok(Some(bytes))`: the body re-written (always, when it holds a list, so duplicate
+/// keys cannot smuggle a second, unfiltered copy); `Err`: not JSON, and the caller must not
+/// relay it unfiltered.
+pub fn filter_lists(body: &[u8], visible: Visible<'_>) -> Result<Option<Vec<u8>>, Unreadable> {
     let mut copy = body.to_vec();
-    let mut value: OwnedValue = simd_json::to_owned_value(&mut copy).ok()?;
-    if value.get("error").is_some() && value.get("result").is_none() {
-        // An error answer lists nothing: relay it as it was.
-        return Some(body.to_vec());
-    }
-    let items = value
-        .get_mut("result")?
-        .as_object_mut()?
-        .get_mut(kind.field())?
-        .as_array_mut()?;
-    items.retain(|item| {
-        item.get(kind.key())
-            .and_then(|v| v.as_str())
-            .is_some_and(keep)
-    });
-    Some(value.encode().into_bytes())
+    let mut value: OwnedValue = simd_json::to_owned_value(&mut copy).map_err(|_| Unreadable)?;
+    let found = match value.as_array_mut() {
+        Some(batch) => batch
+            .iter_mut()
+            .fold(false, |found, m| filter_message(m, visible) | found),
+        None => filter_message(&mut value, visible),
+    };
+    Ok(found.then(|| value.encode().into_bytes()))
 }
 
-/// Filters an SSE body: each event whose data is the list result is rewritten.
-pub fn filter_sse(body: &[u8], kind: ListKind, keep: &dyn Fn(&str) -> bool) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(body).ok()?;
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while !rest.is_empty() {
-        let (event, tail, sep) = match find_event_end(rest) {
-            Some((end, sep_len)) => (
-                &rest[..end],
-                &rest[end + sep_len..],
-                &rest[end..end + sep_len],
-            ),
-            None => (rest, "", ""),
+/// Filters the lists of one message's result; true when it had any.
+fn filter_message(message: &mut OwnedValue, visible: Visible<'_>) -> bool {
+    let Some(result) = message.get_mut("result").and_then(|r| r.as_object_mut()) else {
+        return false;
+    };
+    let mut found = false;
+    for kind in [
+        ListKind::Tools,
+        ListKind::Prompts,
+        ListKind::Resources,
+        ListKind::ResourceTemplates,
+    ] {
+        let Some(items) = result.get_mut(kind.field()) else {
+            continue;
         };
-        let data: Vec<&str> = event
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("data:")
-                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
-            })
-            .collect();
-        let joined = data.join("\n");
-        let is_result =
-            !data.is_empty() && joined.contains("\"result\"") && joined.contains(kind.field());
-        if is_result {
-            let filtered = filter_json(joined.as_bytes(), kind, keep)?;
-            let filtered = std::str::from_utf8(&filtered).ok()?;
-            let mut wrote_data = false;
-            for line in event.lines() {
-                if line.starts_with("data:") {
-                    if !wrote_data {
-                        out.push_str("data: ");
-                        out.push_str(filtered);
-                        out.push('\n');
-                        wrote_data = true;
-                    }
-                } else {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-            out.push_str(if sep.is_empty() { "" } else { "\n" });
-        } else {
-            out.push_str(event);
-            out.push_str(sep);
+        found = true;
+        match items.as_array_mut() {
+            Some(items) => items.retain(|item| {
+                item.get(kind.key())
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|name| visible(kind, name))
+            }),
+            // Not a list where a list belongs: nothing of it is relayed.
+            None => *items = OwnedValue::Array(Box::default()),
         }
-        rest = tail;
     }
-    Some(out.into_bytes())
+    found
 }
 
-/// The end of the first event (index of its blank-line separator) and the separator's length.
-fn find_event_end(s: &str) -> Option<(usize, usize)> {
-    let lf = s.find("\n\n").map(|i| (i, 2));
-    let crlf = s.find("\r\n\r\n").map(|i| (i, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
+/// Whether an event-stream event or a body may hold a list result and must be looked at: it
+/// names `"result"` and a list member, or it has an escape (`"tool\u0073"` is `"tools"` once
+/// parsed). A cheap scan; the parse happens only when it says yes.
+pub fn may_hold_list(data: &[u8]) -> bool {
+    use memchr::memmem::find;
+    if find(data, b"\\u").is_some() {
+        return true;
     }
+    find(data, b"\"result\"").is_some()
+        && (find(data, b"\"tools\"").is_some()
+            || find(data, b"\"prompts\"").is_some()
+            || find(data, b"\"resources\"").is_some()
+            || find(data, b"\"resourceTemplates\"").is_some())
 }
 
 #[cfg(test)]
@@ -146,62 +132,69 @@ mod tests {
 
     const LIST: &str = r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"search_code","inputSchema":{}},{"name":"delete_repo","inputSchema":{}},{"name":"get_issue"}],"nextCursor":"page-2"}}"#;
 
-    fn keep(name: &str) -> bool {
-        !name.starts_with("delete")
+    fn keep(_: ListKind, name: &str) -> bool {
+        !name.starts_with("delete") && !name.contains("/etc/")
     }
 
-    #[test]
-    fn filters_json_and_keeps_the_cursor() {
-        let out = filter_json(LIST.as_bytes(), ListKind::Tools, &keep).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        let names: Vec<&str> = v["result"]["tools"]
+    fn names(v: &serde_json::Value, field: &str, key: &str) -> Vec<String> {
+        v["result"][field]
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| t["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, ["search_code", "get_issue"]);
+            .map(|t| t[key].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn filters_and_keeps_the_cursor() {
+        let out = filter_lists(LIST.as_bytes(), &keep).unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(names(&v, "tools", "name"), ["search_code", "get_issue"]);
         assert_eq!(v["result"]["nextCursor"], "page-2");
         assert_eq!(v["id"], 2);
     }
 
     #[test]
-    fn filters_sse_and_passes_other_events() {
+    fn filters_every_answer_of_a_batch() {
         let body = format!(
-            "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{}}}}\n\nid: 7\nevent: message\ndata: {LIST}\n\n"
+            r#"[{LIST},{{"jsonrpc":"2.0","id":3,"result":{{"resources":[{{"uri":"file:///etc/x"}},{{"uri":"file:///srv/a"}}]}}}},{{"jsonrpc":"2.0","id":4,"result":{{"content":[]}}}}]"#
         );
-        let out = String::from_utf8(filter_sse(body.as_bytes(), ListKind::Tools, &keep).unwrap())
-            .unwrap();
-        assert!(
-            out.starts_with(
-                "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\""
-            ),
-            "{out}"
-        );
-        assert!(out.contains("id: 7\nevent: message\ndata: "), "{out}");
-        assert!(!out.contains("delete_repo"), "{out}");
-        assert!(out.contains("get_issue"));
-        assert!(out.ends_with("\n\n"));
+        let out = filter_lists(body.as_bytes(), &keep).unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(names(&v[0], "tools", "name"), ["search_code", "get_issue"]);
+        assert_eq!(names(&v[1], "resources", "uri"), ["file:///srv/a"]);
+        assert_eq!(v[2]["result"]["content"], serde_json::json!([]));
     }
 
     #[test]
-    fn errors_pass_and_garbage_is_refused() {
+    fn bodies_without_lists_pass_and_garbage_is_refused() {
         let err = r#"{"jsonrpc":"2.0","id":2,"error":{"code":-1,"message":"x"}}"#;
-        assert_eq!(
-            filter_json(err.as_bytes(), ListKind::Tools, &keep).unwrap(),
-            err.as_bytes()
-        );
-        assert!(filter_json(b"{", ListKind::Tools, &keep).is_none());
-        assert!(filter_json(br#"{"result":{"prompts":[]}}"#, ListKind::Tools, &keep).is_none());
+        assert_eq!(filter_lists(err.as_bytes(), &keep), Ok(None));
+        let call =
+            r#"{"jsonrpc":"2.0","id":2,"result":{"content":[{"type":"text","text":"\"tools\""}]}}"#;
+        assert_eq!(filter_lists(call.as_bytes(), &keep), Ok(None));
+        assert_eq!(filter_lists(b"{", &keep), Err(Unreadable));
+        // A list member that is not a list is emptied, items without a name dropped.
+        let odd = br#"{"result":{"tools":{"name":"delete_repo"},"prompts":[{"title":"x"},{"name":"p"}]}}"#;
+        let v: serde_json::Value =
+            serde_json::from_slice(&filter_lists(odd, &keep).unwrap().unwrap()).unwrap();
+        assert_eq!(v["result"]["tools"], serde_json::json!([]));
+        assert_eq!(names(&v, "prompts", "name"), ["p"]);
     }
 
     #[test]
-    fn resources_filter_on_uri() {
-        let body = r#"{"jsonrpc":"2.0","id":1,"result":{"resources":[{"uri":"file:///srv/a","name":"a"},{"uri":"file:///etc/b","name":"b"}]}}"#;
-        let out = filter_json(body.as_bytes(), ListKind::Resources, &|u| {
-            u.starts_with("file:///srv/")
-        })
-        .unwrap();
-        assert!(!String::from_utf8(out).unwrap().contains("/etc/b"));
+    fn escaped_and_duplicated_keys_cannot_smuggle_a_list() {
+        let escaped =
+            br#"{"jsonrpc":"2.0","id":1,"r\u0065sult":{"tool\u0073":[{"name":"delete_repo"}]}}"#;
+        assert!(may_hold_list(escaped));
+        let v: serde_json::Value =
+            serde_json::from_slice(&filter_lists(escaped, &keep).unwrap().unwrap()).unwrap();
+        assert_eq!(v["result"]["tools"], serde_json::json!([]));
+        let dup = br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"delete_repo"}],"tools":[{"name":"ok"}]}}"#;
+        let out = filter_lists(dup, &keep).unwrap().unwrap();
+        assert!(!String::from_utf8(out).unwrap().contains("delete_repo"));
+        assert!(!may_hold_list(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#
+        ));
     }
 }

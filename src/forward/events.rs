@@ -1,0 +1,295 @@
+//! Answers that may list what the agent must not see (policy mode): a JSON list answer read
+//! whole and filtered, and event streams relayed event by event with every list result in
+//! them filtered. The second covers what a request-by-request filter cannot: a batch holding a
+//! list, and a GET stream with `Last-Event-ID` on which the upstream replays earlier answers
+//! (an unfiltered list among them).
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::{Exchange, ForwardError, Plan, Relayed, STREAM_CHUNK, StreamGauge, flush, send};
+use crate::fmt::push_decimal;
+use crate::http::body::{BodyError, BodyReader};
+use crate::http::conn::Conn;
+use crate::http::framing;
+use crate::http::head::{self, Head};
+use crate::http::sse::{self, SseSplitter};
+use crate::mcp::{jsonrpc, lists};
+use crate::pipeline::Refusal;
+use crate::worker::Worker;
+
+fn invalid(worker: &Worker, upstream_index: usize, why: &str) -> ForwardError {
+    ForwardError::BeforeResponse(Refusal::new(
+        502,
+        jsonrpc::UPSTREAM_UNAVAILABLE,
+        format!(
+            "upstream {:?} {why}",
+            worker.config.upstreams[upstream_index].name
+        ),
+    ))
+}
+
+/// Reads a JSON answer whole (within `SCOPEGATE_MAX_UPSTREAM_MESSAGE`), filters every list in
+/// it, and sends it with a length. An answer that cannot be read is refused (502) rather than
+/// relayed unfiltered.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay_filtered_json(
+    worker: &Worker,
+    ex: &mut Exchange,
+    client: &mut Conn,
+    request: &Head,
+    up: &mut Conn,
+    upstream_index: usize,
+    close_after: bool,
+    plan: &Plan<'_>,
+) -> Result<(Relayed, bool), ForwardError> {
+    let bad = |why: &str| invalid(worker, upstream_index, why);
+    let Some(visible) = plan.visible else {
+        return Err(bad("internal: no visibility rule"));
+    };
+    let response = &ex.response;
+    let framing = framing::response_framing(response, request.method())
+        .map_err(|e| bad(&format!("sent an invalid response: {}", e.message())))?;
+    let deadline = Instant::now() + worker.config.upstream_timeout;
+    let mut reader = BodyReader::new(framing);
+    let body = reader
+        .read_all(up, deadline, worker.config.max_upstream_message)
+        .await
+        .map_err(|e| bad(&e.message()))?;
+    let reusable = reader.left_clean(up)
+        && response.minor_version == 1
+        && !head::connection_has(response, "close");
+    let filtered = if body.is_empty() {
+        None
+    } else {
+        lists::filter_lists(&body, visible).map_err(|_| {
+            bad("answered a list request with something that is not JSON; not relayed unfiltered")
+        })?
+    };
+    let body = filtered.map_or_else(|| body.freeze(), Bytes::from);
+
+    let keep_client = !close_after && !crate::worker::shutting_down();
+    super::start_response(&mut ex.out, response, plan)?;
+    let out = &mut ex.out;
+    out.extend_from_slice(b"Content-Length: ");
+    push_decimal(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    if !keep_client {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    send(client, out, body)
+        .await
+        .map_err(|_| ForwardError::AgentGone)?;
+    Ok((
+        Relayed {
+            keep_alive: keep_client,
+            failure: None,
+        },
+        reusable,
+    ))
+}
+
+/// Relays an event stream event by event. Each complete event is passed on as it was, unless
+/// it may hold a list result ([`lists::may_hold_list`]): then its data is filtered (or, when
+/// unreadable, the event is dropped). Events are bounded by `SCOPEGATE_MAX_UPSTREAM_MESSAGE`; an
+/// event that has started must end within `SCOPEGATE_UPSTREAM_TIMEOUT_MS`; the answer to a POST
+/// may pause between events for `SCOPEGATE_STREAM_IDLE_MS`. When the upstream fails after the
+/// stream began, a POST's stream ends with a JSON-RPC error for its request (the agent is told,
+/// and its connection stays usable).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay_events(
+    worker: &Worker,
+    ex: &mut Exchange,
+    client: &mut Conn,
+    request: &Head,
+    up: &mut Conn,
+    upstream_index: usize,
+    close_after: bool,
+    plan: &Plan<'_>,
+) -> Result<(Relayed, bool), ForwardError> {
+    let config = &worker.config;
+    let framing = framing::response_framing(&ex.response, request.method()).map_err(|e| {
+        invalid(
+            worker,
+            upstream_index,
+            &format!("sent an invalid response: {}", e.message()),
+        )
+    })?;
+    let chunked = request.minor_version == 1;
+    let keep_client = !close_after && !crate::worker::shutting_down() && chunked;
+    let keep_upstream =
+        ex.response.minor_version == 1 && !head::connection_has(&ex.response, "close");
+    super::start_response(&mut ex.out, &ex.response, plan)?;
+    if chunked {
+        ex.out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if !keep_client {
+        ex.out.extend_from_slice(b"Connection: close\r\n");
+    }
+    ex.out.extend_from_slice(b"\r\n");
+
+    // A long-lived stream: let go of the response head's share of the upstream buffer and read
+    // the stream in small pieces (an idle stream should cost little memory).
+    ex.response.raw = Bytes::new();
+    up.read_chunk = STREAM_CHUNK;
+    let _gauge = StreamGauge::open(&worker.stats.metrics.sse_streams);
+
+    let is_post = request.method() == b"POST";
+    let mut body = BodyReader::new(framing);
+    let mut splitter = SseSplitter::new(config.max_upstream_message);
+    let mut events: Vec<u8> = Vec::new();
+    let mut watch = true;
+    let mut event_deadline: Option<Instant> = None;
+    let mut answered = false;
+    let written_before = client.written;
+    let failure = loop {
+        let mut too_large = None;
+        loop {
+            match splitter.next_event() {
+                Ok(Some(event)) => {
+                    event_deadline = None;
+                    if is_post && !answered {
+                        answered = is_response_event(event);
+                    }
+                    pass_event(event, plan, &mut events);
+                }
+                Ok(None) => break,
+                Err(sse::TooLarge(limit)) => {
+                    too_large = Some(format!(
+                        "sent an event over {limit} bytes (SCOPEGATE_MAX_UPSTREAM_MESSAGE)"
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = too_large {
+            break Some(why);
+        }
+        // Send what is complete before waiting for more.
+        write_events(&mut ex.out, &events, chunked);
+        events.clear();
+        flush(client, &mut ex.out)
+            .await
+            .map_err(|_| ForwardError::AgentGone)?;
+        if splitter.pending() > 0 && event_deadline.is_none() {
+            event_deadline = Some(Instant::now() + config.upstream_timeout);
+        }
+        let deadline =
+            event_deadline.or_else(|| is_post.then(|| Instant::now() + config.stream_idle));
+        match body.next_watching(up, client, &mut watch, deadline).await {
+            Ok(Some(piece)) => {
+                if plan.scan_is_error {
+                    ex.is_error.feed(&piece);
+                }
+                splitter.push(&piece);
+            }
+            // The end (an unfinished last event is dropped, as an SSE reader would).
+            Ok(None) => break None,
+            Err(BodyError::PeerGone) => return Err(ForwardError::AgentGone),
+            Err(BodyError::TimedOut) if event_deadline.is_some() => {
+                break Some(format!(
+                    "did not finish an event within {} ms (SCOPEGATE_UPSTREAM_TIMEOUT_MS)",
+                    config.upstream_timeout.as_millis()
+                ));
+            }
+            Err(BodyError::TimedOut) => {
+                break Some(format!(
+                    "sent no event for {} ms (SCOPEGATE_STREAM_IDLE_MS)",
+                    config.stream_idle.as_millis()
+                ));
+            }
+            Err(e) => break Some(e.message()),
+        }
+    };
+    let Some(why) = failure else {
+        if chunked {
+            send(client, &mut ex.out, Bytes::from_static(framing::LAST_CHUNK))
+                .await
+                .map_err(|_| ForwardError::AgentGone)?;
+        }
+        return Ok((
+            Relayed {
+                keep_alive: keep_client,
+                failure: None,
+            },
+            keep_upstream && body.left_clean(up),
+        ));
+    };
+    let name = &config.upstreams[upstream_index].name;
+    if client.written == written_before {
+        // Nothing reached the agent: a plain refusal says it best.
+        return Err(ForwardError::BeforeResponse(Refusal::new(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("upstream {name:?} {why}"),
+        )));
+    }
+    let why = format!("upstream {name:?} {why}");
+    if !chunked {
+        return Err(ForwardError::MidResponse(why));
+    }
+    // Tell the agent in-band and end the stream properly: its connection stays usable.
+    events.clear();
+    if is_post
+        && !answered
+        && let Some(id) = plan.request_id
+    {
+        let error = jsonrpc::error_body(Some(id), jsonrpc::UPSTREAM_UNAVAILABLE, &why);
+        sse::write_event(&[b"event: message"], None, Some(&error), &mut events);
+    }
+    write_events(&mut ex.out, &events, chunked);
+    ex.out.extend_from_slice(framing::LAST_CHUNK);
+    flush(client, &mut ex.out)
+        .await
+        .map_err(|_| ForwardError::AgentGone)?;
+    Ok((
+        Relayed {
+            keep_alive: keep_client,
+            failure: Some(why),
+        },
+        false,
+    ))
+}
+
+/// Appends one event for the agent: as it came, or with its list results filtered.
+fn pass_event(event: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) {
+    let Some(visible) = plan.visible.filter(|_| lists::may_hold_list(event)) else {
+        out.extend_from_slice(event);
+        return;
+    };
+    let parts = sse::event_parts(event);
+    let Some(data) = parts.data.as_deref() else {
+        out.extend_from_slice(event);
+        return;
+    };
+    match lists::filter_lists(data, visible) {
+        Ok(None) => out.extend_from_slice(event),
+        Ok(Some(filtered)) => sse::write_event(&parts.other, parts.id, Some(&filtered), out),
+        // Not JSON yet it looks like a list: not relayed unfiltered.
+        Err(_) => crate::debug!("an upstream event that may hold a list is not JSON: dropped"),
+    }
+}
+
+/// Whether an event carries a JSON-RPC response (the answer a POST's stream exists for). A
+/// cheap look: it decides only whether a failing stream still owes the agent an error.
+fn is_response_event(event: &[u8]) -> bool {
+    use memchr::memmem::find;
+    find(event, b"\"result\"").is_some() || find(event, b"\"error\"").is_some()
+}
+
+/// Appends `events` to `out` as one chunk (or raw, for an HTTP/1.0 agent).
+fn write_events(out: &mut Vec<u8>, events: &[u8], chunked: bool) {
+    if events.is_empty() {
+        return;
+    }
+    if chunked {
+        crate::fmt::push_hex_len(out, events.len());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(events);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(events);
+    }
+}

@@ -1,0 +1,183 @@
+//! The round trip to an upstream: a pooled (or new) connection, the request sent, the response
+//! head read; failures become the refusals the agent sees (502, 504).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use monoio::net::TcpStream;
+
+use crate::http::conn::{Conn, ReadError};
+use crate::http::head::{self, Head, HeadError};
+use crate::mcp::jsonrpc;
+use crate::pipeline::Refusal;
+use crate::worker::Worker;
+
+/// Why [`exchange_head`] got no response head.
+pub(crate) enum HeadFailure {
+    /// No connection to the upstream could be made.
+    Connect(UpstreamError),
+    /// The request was sent (or sending failed) and no valid head came back.
+    Exchange(UpstreamError),
+}
+
+/// Sends `out` (then `body`, unless it is already inline in `out`) to upstream `index` and reads
+/// the response head into `head`. The connection comes from the worker's pool when it has one;
+/// a pooled connection may have been closed by the upstream while idle, so if it fails before
+/// any response byte arrives the request is retried once on a fresh connection.
+pub(crate) async fn exchange_head(
+    worker: &Worker,
+    index: usize,
+    out: &mut Vec<u8>,
+    body: &Bytes,
+    inline_body: bool,
+    head: &mut Head,
+    deadline: Instant,
+) -> Result<Conn, HeadFailure> {
+    let addr = worker.config.upstreams[index].url.addr;
+    for attempt in 0..2 {
+        let (mut conn, reused) = match worker.pool.take(index) {
+            Some(c) if attempt == 0 => (c, true),
+            _ => (
+                connect(addr, deadline)
+                    .await
+                    .map_err(HeadFailure::Connect)?,
+                false,
+            ),
+        };
+        let result = match send_request(&mut conn, out, body, inline_body).await {
+            Ok(()) => read_response_head(&mut conn, head, deadline).await,
+            Err(e) => Err(UpstreamError::Io(e)),
+        };
+        match result {
+            Ok(()) => return Ok(conn),
+            Err(UpstreamError::Io(_) | UpstreamError::Closed) if reused => continue,
+            Err(e) => return Err(HeadFailure::Exchange(e)),
+        }
+    }
+    Err(HeadFailure::Exchange(UpstreamError::Closed))
+}
+
+#[derive(Debug)]
+pub(crate) enum UpstreamError {
+    Io(std::io::Error),
+    /// The upstream closed before a complete response head.
+    Closed,
+    TimedOut,
+    BadHead(&'static str),
+}
+
+impl UpstreamError {
+    pub(crate) fn refusal(self, name: &str, timeout: Duration) -> Refusal {
+        match self {
+            UpstreamError::TimedOut => Refusal::new(
+                504,
+                jsonrpc::UPSTREAM_TIMEOUT,
+                format!(
+                    "upstream {name:?} did not answer within {} ms (SCOPEGATE_UPSTREAM_TIMEOUT_MS)",
+                    timeout.as_millis()
+                ),
+            ),
+            UpstreamError::BadHead(why) => Refusal::new(
+                502,
+                jsonrpc::UPSTREAM_UNAVAILABLE,
+                format!("upstream {name:?} sent an invalid response: {why}"),
+            ),
+            other => unavailable(name, other),
+        }
+    }
+}
+
+pub(crate) fn unavailable(name: &str, e: UpstreamError) -> Refusal {
+    let what = match &e {
+        UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "refused the connection".to_owned()
+        }
+        UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
+            "reset the connection".to_owned()
+        }
+        UpstreamError::Io(io) => format!("failed: {io}"),
+        UpstreamError::Closed => "closed the connection before answering".to_owned(),
+        UpstreamError::TimedOut => "timed out".to_owned(),
+        UpstreamError::BadHead(why) => format!("sent an invalid response: {why}"),
+    };
+    if matches!(e, UpstreamError::TimedOut) {
+        return Refusal::new(
+            504,
+            jsonrpc::UPSTREAM_TIMEOUT,
+            format!("upstream {name:?} {what}"),
+        );
+    }
+    Refusal::new(
+        502,
+        jsonrpc::UPSTREAM_UNAVAILABLE,
+        format!("upstream {name:?} {what}"),
+    )
+}
+
+async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, UpstreamError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(Conn::new(stream))
+        }
+        Ok(Err(e)) => Err(UpstreamError::Io(e)),
+        Err(_) => Err(UpstreamError::TimedOut),
+    }
+}
+
+async fn send_request(
+    up: &mut Conn,
+    out: &mut Vec<u8>,
+    body: &Bytes,
+    inline_body: bool,
+) -> std::io::Result<()> {
+    let buf = std::mem::take(out);
+    let (res, buf) = up.write_all(buf).await;
+    *out = buf;
+    res?;
+    if !inline_body {
+        let (res, _) = up.write_all(body.clone()).await;
+        res?;
+    }
+    Ok(())
+}
+
+async fn read_response_head(
+    up: &mut Conn,
+    response: &mut Head,
+    deadline: Instant,
+) -> Result<(), UpstreamError> {
+    up.buf.clear();
+    loop {
+        if !up.buf.is_empty() {
+            match head::parse_response(&up.buf, response) {
+                Ok(Some(len)) => {
+                    if (100..200).contains(&response.status) {
+                        if response.status == 101 {
+                            return Err(UpstreamError::BadHead("unexpected protocol switch (101)"));
+                        }
+                        // Interim response (100 Continue, 103 Early Hints): not relayed.
+                        let _ = up.buf.split_to(len);
+                        continue;
+                    }
+                    response.raw = up.buf.split_to(len).freeze();
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => {
+                    return Err(UpstreamError::BadHead("response head too large"));
+                }
+                Err(HeadError::Malformed(why)) => return Err(UpstreamError::BadHead(why)),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match up.fill_within(Some(left)).await {
+            Ok(0) => return Err(UpstreamError::Closed),
+            Ok(_) => {}
+            Err(ReadError::TimedOut) => return Err(UpstreamError::TimedOut),
+            Err(ReadError::Io(e)) => return Err(UpstreamError::Io(e)),
+        }
+    }
+}

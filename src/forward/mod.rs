@@ -1,0 +1,430 @@
+//! The upstream exchange on `/mcp/<upstream>`: send the request (the body exactly as received),
+//! read the response head, and relay the body to the agent as it arrives.
+//!
+//! - [`exchange`]: the round trip to the upstream (pooled connection, one retry on a stale one).
+//! - [`relay`]: the byte relay. Every read from the upstream is written to the agent before the
+//!   next read is issued, so a Server-Sent Event reaches the agent the moment it is sent; bodies
+//!   keep their framing where the agent can take it (chunked stays chunked, byte for byte).
+//! - [`events`]: in policy mode, answers that may list what the agent must not see: a JSON list
+//!   answer is read whole and filtered; an event stream (a POST's answer, or a GET stream that
+//!   may replay earlier answers on `Last-Event-ID`) is relayed event by event and every list
+//!   result in it is filtered.
+//!
+//! While a stream is quiet the agent's socket is watched, so an agent that leaves is noticed at
+//! once and both connections are released.
+
+mod events;
+pub(crate) mod exchange;
+mod relay;
+mod scan;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::fmt::push_decimal;
+use crate::http::conn::Conn;
+use crate::http::head::{self, Head};
+use crate::mcp::envelope::Id;
+use crate::mcp::jsonrpc;
+use crate::mcp::lists::Visible;
+use crate::pipeline::Refusal;
+use crate::worker::Worker;
+pub(crate) use exchange::{HeadFailure, UpstreamError, exchange_head};
+pub use scan::IsErrorScan;
+
+/// Pieces at most this long are copied into one buffer with what precedes them so they go out
+/// in a single write; larger ones are handed to the kernel as they are.
+const COALESCE_LIMIT: usize = 16 * 1024;
+/// The read size on an upstream event stream.
+const STREAM_CHUNK: usize = 4 * 1024;
+/// Scratch buffers larger than this are not kept for the next request.
+const RETAIN_LIMIT: usize = 64 * 1024;
+
+/// Per-connection scratch reused across requests, and what the audit log learns from the
+/// exchange.
+#[derive(Default)]
+pub struct Exchange {
+    out: Vec<u8>,
+    response: Head,
+    /// Microseconds from sending the request to the upstream's response head.
+    pub upstream_us: Option<u64>,
+    /// The upstream's status.
+    pub status: u16,
+    /// A tools/call result's `isError`, when it was seen in the relayed body.
+    pub is_error: IsErrorScan,
+}
+
+/// Maps the upstream's session id to the token the agent sees.
+pub type SealFn<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
+
+/// What the policy asks of one exchange beyond plain forwarding.
+#[derive(Default)]
+pub struct Plan<'a> {
+    /// Headers injected into the upstream request (the upstream's credential); they replace any
+    /// the agent sent under the same names.
+    pub inject: &'a [(String, String)],
+    /// The upstream's own session id, sent instead of the agent's (sealed) `Mcp-Session-Id`.
+    pub upstream_session: Option<&'a [u8]>,
+    /// Turns an `Mcp-Session-Id` from the upstream into the token the agent sees.
+    pub seal_session: Option<SealFn<'a>>,
+    /// Drop response headers that carry upstream credentials (`Set-Cookie`,
+    /// `WWW-Authenticate`, ...), and any named like an injected header.
+    pub strip_credentials: bool,
+    /// Policy mode: what the agent may see. Every list result it can receive is filtered with
+    /// it: the JSON answer to a list request, and every event of an event stream.
+    pub visible: Option<Visible<'a>>,
+    /// The request asks for a list (or a batch holds one): a JSON answer is read whole and
+    /// filtered.
+    pub lists_asked: bool,
+    /// Look for the result's `isError` (tools/call, audit on).
+    pub scan_is_error: bool,
+    /// The id of the request when the body is one request: an event stream answering it that
+    /// fails mid-way ends with a JSON-RPC error for this id.
+    pub request_id: Option<Id<'a>>,
+}
+
+pub struct Relayed {
+    /// Whether the agent's connection can carry another request.
+    pub keep_alive: bool,
+    /// The answer was cut short by the upstream, and the agent told so in-band (an error event
+    /// closing the stream): what went wrong, for the audit log.
+    pub failure: Option<String>,
+}
+
+pub enum ForwardError {
+    /// Nothing was sent to the agent yet: answer with this refusal (502/504).
+    BeforeResponse(Refusal),
+    /// The response was partly relayed when the upstream failed: the agent's connection must be
+    /// closed (an incomplete body is signalled by the close). Says what happened.
+    MidResponse(String),
+    /// The agent closed its connection while the answer was relayed: its doing, not the
+    /// upstream's.
+    AgentGone,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    worker: &Worker,
+    ex: &mut Exchange,
+    client: &mut Conn,
+    request: &Head,
+    body: Bytes,
+    upstream_index: usize,
+    peer: SocketAddr,
+    close_after: bool,
+    plan: &Plan<'_>,
+) -> Result<Relayed, ForwardError> {
+    let upstream = &worker.config.upstreams[upstream_index];
+    let timeout = worker.config.upstream_timeout;
+    let deadline = Instant::now() + timeout;
+
+    build_request(&mut ex.out, request, &body, upstream, peer, plan);
+    let inline_body = body.len() <= COALESCE_LIMIT;
+    if inline_body {
+        ex.out.extend_from_slice(&body);
+    }
+
+    ex.upstream_us = None;
+    ex.status = 0;
+    ex.is_error.reset();
+    let sent_at = Instant::now();
+    let mut up = match exchange_head(
+        worker,
+        upstream_index,
+        &mut ex.out,
+        &body,
+        inline_body,
+        &mut ex.response,
+        deadline,
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(HeadFailure::Connect(e)) => {
+            return Err(ForwardError::BeforeResponse(exchange::unavailable(
+                &upstream.name,
+                e,
+            )));
+        }
+        Err(HeadFailure::Exchange(e)) => {
+            return Err(ForwardError::BeforeResponse(
+                e.refusal(&upstream.name, timeout),
+            ));
+        }
+    };
+    ex.upstream_us = Some(sent_at.elapsed().as_micros() as u64);
+    ex.status = ex.response.status;
+
+    let written_before = client.written;
+    let filtered = plan.visible.is_some() && (200..300).contains(&ex.response.status);
+    let result = if filtered && is_event_stream(&ex.response) {
+        // Boxed, like the filtered JSON relay: rarer than plain calls, and their state machines
+        // would otherwise size every connection's task.
+        Box::pin(events::relay_events(
+            worker,
+            ex,
+            client,
+            request,
+            &mut up,
+            upstream_index,
+            close_after,
+            plan,
+        ))
+        .await
+    } else if filtered && plan.lists_asked {
+        Box::pin(events::relay_filtered_json(
+            worker,
+            ex,
+            client,
+            request,
+            &mut up,
+            upstream_index,
+            close_after,
+            plan,
+        ))
+        .await
+    } else {
+        relay::relay(
+            worker,
+            ex,
+            client,
+            request,
+            &mut up,
+            upstream_index,
+            close_after,
+            plan,
+        )
+        .await
+    };
+    if ex.out.capacity() > RETAIN_LIMIT {
+        ex.out = Vec::new();
+    }
+    let (relayed, reusable) = match result {
+        Ok(r) => r,
+        // Nothing reached the agent yet: it gets a clear answer instead of a closed connection.
+        Err(ForwardError::MidResponse(why)) if client.written == written_before => {
+            return Err(ForwardError::BeforeResponse(Refusal::new(
+                502,
+                jsonrpc::UPSTREAM_UNAVAILABLE,
+                format!("upstream {:?} {why}", upstream.name),
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    // The response head shares the upstream connection's buffer: let it go before the
+    // connection is reused, so its next read does not allocate a new buffer.
+    ex.response.raw = Bytes::new();
+    if reusable {
+        up.read_chunk = crate::http::conn::READ_CHUNK;
+        worker.pool.put(upstream_index, up);
+    }
+    Ok(relayed)
+}
+
+/// Whether a response is an event stream.
+pub fn is_event_stream(response: &Head) -> bool {
+    response
+        .get("content-type")
+        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
+}
+
+/// The request line and headers for the upstream: end-to-end headers as received, minus the
+/// agent's credentials and hop-by-hop fields, with `Host` set for the upstream and the agent's
+/// address added to `X-Forwarded-For`.
+fn build_request(
+    out: &mut Vec<u8>,
+    request: &Head,
+    body: &Bytes,
+    upstream: &crate::upstream::Upstream,
+    peer: SocketAddr,
+    plan: &Plan<'_>,
+) {
+    out.clear();
+    out.extend_from_slice(request.method());
+    out.push(b' ');
+    out.extend_from_slice(upstream.url.path.as_bytes());
+    // The agent's query string goes along only when the operator's URL has none: parameters
+    // the operator set are not the agent's to add to or override (servers read the first or
+    // the last of a repeated name, and decode names in ways we cannot know).
+    let target = request.target();
+    if !upstream.url.path.contains('?')
+        && let Some(q) = memchr::memchr(b'?', target)
+        && q + 1 < target.len()
+    {
+        out.extend_from_slice(&target[q..]);
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(upstream.url.host_header.as_bytes());
+    out.extend_from_slice(b"\r\n");
+
+    let mut forwarded_for: Option<&[u8]> = None;
+    for (name, value) in request.iter() {
+        if head::is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"host")
+            || name.eq_ignore_ascii_case(b"expect")
+            // The agent's credential is scopegate's business, never the upstream's.
+            || name.eq_ignore_ascii_case(b"authorization")
+            || head::named_by_connection(request, name)
+            || (plan.upstream_session.is_some() && name.eq_ignore_ascii_case(b"mcp-session-id"))
+            || plan.inject.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            forwarded_for = Some(value);
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in plan.inject {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(session) = plan.upstream_session {
+        out.extend_from_slice(b"Mcp-Session-Id: ");
+        out.extend_from_slice(session);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(prior) = forwarded_for {
+        out.extend_from_slice(prior);
+        out.extend_from_slice(b", ");
+    }
+    {
+        use std::io::Write as _;
+        let _ = write!(out, "{}", peer.ip());
+    }
+    out.extend_from_slice(b"\r\n");
+    if !body.is_empty() || request.method() == b"POST" {
+        out.extend_from_slice(b"Content-Length: ");
+        push_decimal(out, body.len() as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes what is pending in `out` plus `piece`: in one write when small, else two.
+async fn send(client: &mut Conn, out: &mut Vec<u8>, piece: Bytes) -> std::io::Result<()> {
+    send_scanned(client, out, piece, None).await
+}
+
+/// [`send`], feeding the body piece to the `isError` scan first.
+async fn send_scanned(
+    client: &mut Conn,
+    out: &mut Vec<u8>,
+    piece: Bytes,
+    scan: Option<&mut IsErrorScan>,
+) -> std::io::Result<()> {
+    if let Some(scan) = scan {
+        scan.feed(&piece);
+    }
+    if out.len() + piece.len() <= COALESCE_LIMIT || piece.is_empty() {
+        out.extend_from_slice(&piece);
+        return flush(client, out).await;
+    }
+    flush(client, out).await?;
+    let (res, _) = client.write_all(piece).await;
+    res
+}
+
+async fn flush(client: &mut Conn, out: &mut Vec<u8>) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let buf = std::mem::take(out);
+    let (res, mut buf) = client.write_all(buf).await;
+    buf.clear();
+    *out = buf;
+    res
+}
+
+/// The status line and end-to-end headers for the agent (see [`write_response_headers`]).
+fn start_response(out: &mut Vec<u8>, response: &Head, plan: &Plan<'_>) -> Result<(), ForwardError> {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(response.status));
+    out.push(b' ');
+    out.extend_from_slice(response.reason());
+    out.extend_from_slice(b"\r\n");
+    if !write_response_headers(out, response, plan) {
+        return Err(ForwardError::BeforeResponse(session_refusal()));
+    }
+    Ok(())
+}
+
+fn session_refusal() -> Refusal {
+    Refusal::new(
+        502,
+        jsonrpc::UPSTREAM_UNAVAILABLE,
+        "the upstream's session id cannot be carried (too long or not visible ASCII)",
+    )
+}
+
+/// Response headers for the agent: end-to-end headers, minus upstream credentials when asked,
+/// with the upstream's session id sealed. `false` when a session id could not be sealed.
+fn write_response_headers(out: &mut Vec<u8>, response: &Head, plan: &Plan<'_>) -> bool {
+    for (name, value) in response.iter() {
+        if head::is_hop_by_hop(name) || head::named_by_connection(response, name) {
+            continue;
+        }
+        if plan.strip_credentials
+            && (CREDENTIAL_HEADERS
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+                || plan
+                    .inject
+                    .iter()
+                    .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes())))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        match plan.seal_session {
+            Some(seal) if name.eq_ignore_ascii_case(b"mcp-session-id") => {
+                if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                    return false;
+                }
+                match seal(value) {
+                    Some(token) => out.extend_from_slice(token.as_bytes()),
+                    None => return false,
+                }
+            }
+            _ => out.extend_from_slice(value),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    true
+}
+
+/// Response headers that carry or request upstream credentials; never relayed to agents in
+/// policy mode (the agent authenticates to scopegate, not to the upstream).
+const CREDENTIAL_HEADERS: [&str; 4] = [
+    "set-cookie",
+    "www-authenticate",
+    "proxy-authenticate",
+    "authentication-info",
+];
+
+/// Counts an event stream as open for as long as it is relayed.
+pub(crate) struct StreamGauge<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> StreamGauge<'a> {
+    pub(crate) fn open(gauge: &'a std::sync::atomic::AtomicU64) -> StreamGauge<'a> {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StreamGauge(gauge)
+    }
+}
+
+impl Drop for StreamGauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,284 @@
+//! The byte relay: the upstream's answer reaches the agent read by read, in its own framing
+//! where the agent can take it.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    Exchange, ForwardError, Plan, Relayed, STREAM_CHUNK, StreamGauge, flush, send, send_scanned,
+};
+use crate::fmt::push_decimal;
+use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
+use crate::http::framing::{self, ChunkedDecoder, Framing};
+use crate::http::head::{self, Head};
+use crate::mcp::jsonrpc;
+use crate::pipeline::Refusal;
+use crate::worker::Worker;
+
+/// How the agent receives the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Downstream {
+    Empty,
+    Length(u64),
+    /// Upstream chunked, relayed byte for byte.
+    ChunkedRaw,
+    /// Upstream chunked, de-chunked for an HTTP/1.0 agent and ended by close.
+    ChunkedDecoded,
+    /// Upstream close-delimited, re-framed as chunks.
+    ChunkedWrapped,
+    /// Upstream close-delimited, relayed close-delimited (HTTP/1.0 agent).
+    UntilClose,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay(
+    worker: &Worker,
+    ex: &mut Exchange,
+    client: &mut Conn,
+    request: &Head,
+    up: &mut Conn,
+    upstream_index: usize,
+    close_after: bool,
+    plan: &Plan<'_>,
+) -> Result<(Relayed, bool), ForwardError> {
+    let response = &ex.response;
+    let upstream_framing = match framing::response_framing(response, request.method()) {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(ForwardError::BeforeResponse(Refusal::new(
+                502,
+                jsonrpc::UPSTREAM_UNAVAILABLE,
+                format!(
+                    "upstream {:?} sent an invalid response: {}",
+                    worker.config.upstreams[upstream_index].name,
+                    e.message()
+                ),
+            )));
+        }
+    };
+    let agent_is_http10 = request.minor_version == 0;
+    let downstream = match (upstream_framing, agent_is_http10) {
+        (Framing::Empty, _) => Downstream::Empty,
+        (Framing::Length(n), _) => Downstream::Length(n),
+        (Framing::Chunked, false) => Downstream::ChunkedRaw,
+        (Framing::Chunked, true) => Downstream::ChunkedDecoded,
+        (Framing::UntilClose, false) => Downstream::ChunkedWrapped,
+        (Framing::UntilClose, true) => Downstream::UntilClose,
+    };
+    // Decided now, not when the request arrived: a drain that began meanwhile closes it.
+    let keep_client = !close_after
+        && !crate::worker::shutting_down()
+        && !matches!(
+            downstream,
+            Downstream::ChunkedDecoded | Downstream::UntilClose
+        );
+    let mut keep_upstream = response.minor_version == 1
+        && !head::connection_has(response, "close")
+        && upstream_framing != Framing::UntilClose;
+    // Every read has a deadline: a plain body must keep flowing (SCOPEGATE_UPSTREAM_TIMEOUT_MS);
+    // the event stream answering a POST may pause between events up to
+    // SCOPEGATE_STREAM_IDLE_MS; a GET stream may stay quiet as long as both sides stay, and
+    // the agent is watched so its leaving is noticed at once.
+    let is_event_stream = super::is_event_stream(response);
+    let config = &worker.config;
+    let limit = if !is_event_stream {
+        Some(config.upstream_timeout)
+    } else if request.method() == b"POST" {
+        Some(config.stream_idle)
+    } else {
+        None
+    };
+    let _stream_gauge =
+        is_event_stream.then(|| StreamGauge::open(&worker.stats.metrics.sse_streams));
+    let mut wait = Wait {
+        limit,
+        watch: is_event_stream,
+    };
+
+    // The response head for the agent.
+    super::start_response(&mut ex.out, response, plan)?;
+    let out = &mut ex.out;
+    match downstream {
+        Downstream::Empty => {
+            if !matches!(response.status, 204 | 304) && request.method() != b"HEAD" {
+                out.extend_from_slice(b"Content-Length: 0\r\n");
+            }
+        }
+        Downstream::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Downstream::ChunkedRaw | Downstream::ChunkedWrapped => {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
+        }
+        Downstream::ChunkedDecoded | Downstream::UntilClose => {}
+    }
+    if !keep_client {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if is_event_stream {
+        // A long-lived stream: let go of the response head's share of the upstream buffer and
+        // read the stream into a small one (events are small; an idle stream should cost
+        // little memory).
+        ex.response.raw = Bytes::new();
+        let mut small = BytesMut::with_capacity(STREAM_CHUNK.max(up.buf.len()));
+        small.extend_from_slice(&up.buf);
+        up.buf = small;
+        up.read_chunk = STREAM_CHUNK;
+    }
+    let out = &mut ex.out;
+
+    let mid = |_| ForwardError::AgentGone;
+    match downstream {
+        Downstream::Empty => {
+            flush(client, out).await.map_err(mid)?;
+            if !up.buf.is_empty() {
+                keep_upstream = false;
+            }
+        }
+        Downstream::Length(n) => {
+            let mut remaining = n;
+            loop {
+                let take = (up.buf.len() as u64).min(remaining) as usize;
+                let piece = up.buf.split_to(take).freeze();
+                remaining -= take as u64;
+                send_scanned(
+                    client,
+                    out,
+                    piece,
+                    plan.scan_is_error.then_some(&mut ex.is_error),
+                )
+                .await
+                .map_err(mid)?;
+                if remaining == 0 {
+                    break;
+                }
+                wait.fill(up, client).await?;
+            }
+            if !up.buf.is_empty() {
+                keep_upstream = false;
+            }
+        }
+        Downstream::ChunkedRaw | Downstream::ChunkedDecoded => {
+            let decode = downstream == Downstream::ChunkedDecoded;
+            let mut decoder = ChunkedDecoder::default();
+            let mut decoded = BytesMut::new();
+            loop {
+                let consumed = decoder
+                    .feed(&up.buf, decode.then_some(&mut decoded))
+                    .map_err(|e| {
+                        ForwardError::MidResponse(format!("sent a bad chunked body: {e:?}"))
+                    })?;
+                let raw = up.buf.split_to(consumed).freeze();
+                let piece = if decode {
+                    decoded.split().freeze()
+                } else {
+                    raw
+                };
+                send_scanned(
+                    client,
+                    out,
+                    piece,
+                    plan.scan_is_error.then_some(&mut ex.is_error),
+                )
+                .await
+                .map_err(mid)?;
+                if decoder.is_done() {
+                    break;
+                }
+                wait.fill(up, client).await?;
+            }
+            if !up.buf.is_empty() {
+                keep_upstream = false;
+            }
+        }
+        Downstream::ChunkedWrapped | Downstream::UntilClose => {
+            let wrap = downstream == Downstream::ChunkedWrapped;
+            let mut chunk = BytesMut::new();
+            loop {
+                if !up.buf.is_empty() {
+                    let data = up.buf.split().freeze();
+                    let piece = if wrap {
+                        framing::encode_chunk(&data, &mut chunk);
+                        chunk.split().freeze()
+                    } else {
+                        data
+                    };
+                    send_scanned(
+                        client,
+                        out,
+                        piece,
+                        plan.scan_is_error.then_some(&mut ex.is_error),
+                    )
+                    .await
+                    .map_err(mid)?;
+                }
+                if wait.fill_or_end(up, client).await? == 0 {
+                    break;
+                }
+            }
+            if wrap {
+                send(client, out, Bytes::from_static(framing::LAST_CHUNK))
+                    .await
+                    .map_err(mid)?;
+            }
+        }
+    }
+
+    Ok((
+        Relayed {
+            keep_alive: keep_client,
+            failure: None,
+        },
+        keep_upstream,
+    ))
+}
+
+/// How the relay waits for the upstream's next bytes.
+struct Wait {
+    limit: Option<Duration>,
+    /// Watch the agent while waiting (event streams).
+    watch: bool,
+}
+
+impl Wait {
+    /// More of the body, which must come.
+    async fn fill(&mut self, up: &mut Conn, client: &Conn) -> Result<(), ForwardError> {
+        match self.fill_or_end(up, client).await? {
+            0 => Err(ForwardError::MidResponse(
+                "closed the connection mid-body".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// More of the body, or 0 at the upstream's close.
+    async fn fill_or_end(&mut self, up: &mut Conn, client: &Conn) -> Result<usize, ForwardError> {
+        let deadline = self.limit.map(|d| Instant::now() + d);
+        if self.watch {
+            match wait_readable_watching(up, client, &mut self.watch, self.limit).await {
+                Waited::Readable => {}
+                Waited::AgentGone => return Err(ForwardError::AgentGone),
+                Waited::TimedOut => return Err(self.timed_out()),
+            }
+        }
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        match up.fill_within(left).await {
+            Ok(n) => Ok(n),
+            Err(ReadError::TimedOut) => Err(self.timed_out()),
+            Err(ReadError::Io(e)) => {
+                Err(ForwardError::MidResponse(format!("failed mid-body: {e}")))
+            }
+        }
+    }
+
+    fn timed_out(&self) -> ForwardError {
+        ForwardError::MidResponse(format!(
+            "sent nothing for {} ms mid-body",
+            self.limit.map_or(0, |d| d.as_millis())
+        ))
+    }
+}
