@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use scopegate::audit::chain::chain_line;
 use scopegate::audit::entry::{
     Decision, Entry, encode, encode_message, identity_fragment, upstream_fragment,
 };
 use scopegate::audit::ring::ByteRing;
-use scopegate::audit::writer::chain_line;
 use scopegate::mcp::envelope::EnvelopeParser;
 
 /// A typical allowed tools/call entry.
@@ -131,9 +131,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     c.bench_function("audit/sha256_line", |b| {
-        b.iter(|| {
-            std::hint::black_box(scopegate::audit::writer::sha256(std::hint::black_box(&buf)))
-        })
+        b.iter(|| std::hint::black_box(scopegate::audit::chain::sha256(std::hint::black_box(&buf))))
     });
 }
 

@@ -173,9 +173,25 @@ fn serve() {
     let mut audit_channels = Vec::new();
     let mut audit_writers = Vec::new();
     if let Some(audit) = &config.audit {
+        // The manifest first: which chains belong in this directory (earlier runs' included).
+        let listed = match scopegate::audit::chain::update_manifest(&audit.dir, config.threads) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "scopegate: configuration error: SCOPEGATE_AUDIT_DIR: {}: {e}",
+                    audit.dir.display()
+                );
+                std::process::exit(2);
+            }
+        };
         for id in 0..config.threads {
             let channel = Arc::new(scopegate::audit::writer::Channel::new(audit.ring_bytes));
-            match scopegate::audit::writer::spawn(id, audit.clone(), channel.clone()) {
+            match scopegate::audit::writer::spawn(
+                id,
+                audit.clone(),
+                channel.clone(),
+                listed.contains(&id),
+            ) {
                 Ok(handle) => audit_writers.push(handle),
                 Err(e) => {
                     eprintln!(

@@ -80,9 +80,10 @@ pub enum Route {
     ResourceMetadata,
     /// Prometheus metrics.
     Metrics,
-    /// An MCP endpoint backed by upstream `index`.
+    /// An MCP endpoint backed by upstream `index`; `None`: a name no upstream has (answered
+    /// only after authentication, and exactly as an upstream the agent may not use).
     Mcp {
-        upstream: usize,
+        upstream: Option<usize>,
     },
     /// `/mcp` with several upstreams: all of them behind one MCP server.
     Aggregate,
@@ -381,6 +382,16 @@ async fn handle_request(
         Ok(f) => f,
         Err(refusal) => return finish(draft, client, None, &refusal, true).await,
     };
+    // A body on GET or DELETE has no meaning in MCP, and nothing would look at it before it
+    // reached the upstream: refused, and the connection closed (its end cannot be trusted).
+    if matches!(head.method(), b"GET" | b"DELETE" | b"HEAD") && body_framing != Framing::Empty {
+        let refusal = Refusal::new(
+            400,
+            jsonrpc::GATEWAY_REFUSED,
+            "GET, HEAD and DELETE requests carry no body here; this one is refused unread",
+        );
+        return finish(draft, client, None, &refusal, true).await;
+    }
 
     // Stage 3: route, the DNS-rebinding checks, and who is calling.
     let admitted = route(worker, head)
@@ -435,7 +446,22 @@ async fn handle_request(
             let reply = resource_metadata(worker, head, client_wants_close);
             return write_reply(draft, client, reply, client_wants_close).await;
         }
-        Route::Mcp { upstream } => (Some(upstream), admitted.agent),
+        Route::Mcp {
+            upstream: Some(upstream),
+        } => (Some(upstream), admitted.agent),
+        Route::Mcp { upstream: None } => {
+            // Insecure-open mode (policy mode answered this at authentication, naming
+            // nothing): with no agents to keep apart, the names help whoever set it up.
+            let mut refusal = unknown_upstream(head);
+            let names: Vec<&str> = worker
+                .config
+                .upstreams
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect();
+            refusal.message = format!("{}; configured: {}", refusal.message, names.join(", "));
+            return finish(draft, client, None, &refusal, client_wants_close).await;
+        }
         Route::Aggregate => (None, admitted.agent),
     };
     draft.upstream = upstream;
@@ -732,14 +758,9 @@ fn authenticate(
         },
     };
     if let Route::Mcp { upstream } = route
-        && !policy.may_use_upstream(agent, upstream)
+        && !upstream.is_some_and(|u| policy.may_use_upstream(agent, u))
     {
-        return Err(Refusal::new(
-            404,
-            jsonrpc::GATEWAY_REFUSED,
-            "unknown upstream".to_string(),
-        )
-        .denied());
+        return Err(unknown_upstream(head));
     }
     Ok(Admitted {
         route,
@@ -1201,23 +1222,12 @@ fn route_path(worker: &Worker, head: &Head, path: &[u8]) -> Result<Route, Refusa
                 _ => Err(method_not_allowed("GET, POST, DELETE")),
             };
         }
-        0
+        Some(0)
     } else if let Some(name) = path.strip_prefix(b"/mcp/") {
+        // Whether the name exists is not said before the agent is authenticated: the
+        // method is checked first, the same for every name.
         let name = name.strip_suffix(b"/").unwrap_or(name);
-        upstreams
-            .iter()
-            .position(|u| u.name.as_bytes() == name)
-            .ok_or_else(|| {
-                Refusal::new(
-                    404,
-                    jsonrpc::GATEWAY_REFUSED,
-                    format!(
-                        "unknown upstream {:?}; configured: {}",
-                        String::from_utf8_lossy(name),
-                        upstream_names(worker)
-                    ),
-                )
-            })?
+        upstreams.iter().position(|u| u.name.as_bytes() == name)
     } else {
         return Err(Refusal::new(
             404,
@@ -1231,6 +1241,23 @@ fn route_path(worker: &Worker, head: &Head, path: &[u8]) -> Result<Route, Refusa
     }
 }
 
+/// The answer for an upstream name the agent cannot reach, whether no upstream has it or
+/// its policy keeps the agent away from it: the two must read the same.
+fn unknown_upstream(head: &Head) -> Refusal {
+    let target = head.target();
+    let path = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
+    let name = path
+        .rsplit(|&b| b == b'/')
+        .find(|s| !s.is_empty())
+        .unwrap_or_default();
+    Refusal::new(
+        404,
+        jsonrpc::GATEWAY_REFUSED,
+        format!("unknown upstream {:?}", String::from_utf8_lossy(name)),
+    )
+    .denied()
+}
+
 fn method_not_allowed(allow: &'static str) -> Refusal {
     let mut r = Refusal::new(
         405,
@@ -1239,16 +1266,6 @@ fn method_not_allowed(allow: &'static str) -> Refusal {
     );
     r.headers = format!("Allow: {allow}\r\n");
     r
-}
-
-fn upstream_names(worker: &Worker) -> String {
-    worker
-        .config
-        .upstreams
-        .iter()
-        .map(|u| u.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Stage 3b: DNS-rebinding defence. On a loopback listener the `Host` must be a loopback

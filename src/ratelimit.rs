@@ -103,12 +103,78 @@ enum ToolLimit {
     None,
     /// A literal `match`: one bucket.
     One(Arc<Bucket>),
-    /// A glob `match`: one bucket per tool it matches, made on first use.
-    PerTool {
-        limit: Gcra,
-        label: String,
-        buckets: DashMap<String, Arc<Bucket>>,
-    },
+    /// A glob `match`: one bucket per tool it matches, made on first use, at most
+    /// [`MAX_TOOL_BUCKETS`] of them (see [`PerTool::bucket`]).
+    PerTool(PerTool),
+}
+
+/// Most buckets a glob rule keeps: names come from agents (any name a glob matches), so the map
+/// must not grow with every name an agent invents.
+pub const MAX_TOOL_BUCKETS: usize = 4096;
+
+/// The per-tool buckets of one glob rule.
+#[derive(Debug)]
+struct PerTool {
+    limit: Gcra,
+    label: String,
+    buckets: DashMap<String, Arc<Bucket>>,
+    /// Shared by every name that finds the map full: stricter, never unbounded.
+    overflow: Arc<Bucket>,
+    /// When full buckets were last swept out (ns), so a flood of new names sweeps once a
+    /// second at most.
+    last_sweep: AtomicU64,
+}
+
+impl PerTool {
+    fn new(limit: Gcra, label: String) -> PerTool {
+        PerTool {
+            overflow: Arc::new(Bucket::new(
+                limit,
+                format!("{label} (tools past {MAX_TOOL_BUCKETS} names)"),
+            )),
+            limit,
+            label,
+            buckets: DashMap::new(),
+            last_sweep: AtomicU64::new(0),
+        }
+    }
+
+    /// The bucket of tool `name`. A new name gets its own bucket while the map has room; when
+    /// it is full, buckets that are full again (their state equals a fresh bucket's) are
+    /// dropped, and if that frees nothing the name shares the overflow bucket. `now: None`
+    /// (giving a token back) never creates a bucket.
+    fn bucket(&self, up_name: &str, name: &str, now: Option<u64>) -> Arc<Bucket> {
+        if let Some(b) = self.buckets.get(name) {
+            return b.clone();
+        }
+        let Some(now) = now else {
+            return self.overflow.clone();
+        };
+        if self.buckets.len() >= MAX_TOOL_BUCKETS {
+            let last = self.last_sweep.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1_000_000_000
+                && self
+                    .last_sweep
+                    .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.buckets
+                    .retain(|_, b| b.tat.load(Ordering::Relaxed) > now);
+            }
+            if self.buckets.len() >= MAX_TOOL_BUCKETS {
+                return self.overflow.clone();
+            }
+        }
+        self.buckets
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Bucket::new(
+                    self.limit,
+                    format!("{} on {up_name}/{name}", self.label),
+                ))
+            })
+            .clone()
+    }
 }
 
 /// Every bucket of a policy.
@@ -177,11 +243,7 @@ impl RateLimits {
                                     rate_text(rate)
                                 );
                                 if t.pattern.has_wildcard() {
-                                    ToolLimit::PerTool {
-                                        limit: Gcra::new(rate),
-                                        label,
-                                        buckets: DashMap::new(),
-                                    }
+                                    ToolLimit::PerTool(PerTool::new(Gcra::new(rate), label))
                                 } else {
                                     ToolLimit::One(Arc::new(Bucket::new(Gcra::new(rate), label)))
                                 }
@@ -220,17 +282,14 @@ impl RateLimits {
                 };
                 match (&mut self.tools[i][k], prior) {
                     (ToolLimit::One(b), ToolLimit::One(p)) if b.limit == p.limit => *b = p.clone(),
-                    (
-                        ToolLimit::PerTool { limit, buckets, .. },
-                        ToolLimit::PerTool {
-                            limit: old_limit,
-                            buckets: old_buckets,
-                            ..
-                        },
-                    ) if limit == old_limit => {
-                        for entry in old_buckets.iter() {
-                            buckets.insert(entry.key().clone(), entry.value().clone());
+                    (ToolLimit::PerTool(now), ToolLimit::PerTool(before))
+                        if now.limit == before.limit =>
+                    {
+                        for entry in before.buckets.iter().take(MAX_TOOL_BUCKETS) {
+                            now.buckets
+                                .insert(entry.key().clone(), entry.value().clone());
                         }
+                        now.overflow = before.overflow.clone();
                     }
                     _ => {}
                 }
@@ -257,6 +316,7 @@ impl RateLimits {
         agent: usize,
         upstream: usize,
         tool: Option<&str>,
+        now: Option<u64>,
         mut f: impl FnMut(&Bucket) -> bool,
     ) {
         let a = &policy.agents[agent];
@@ -272,25 +332,7 @@ impl RateLimits {
                 let go_on = match limit {
                     ToolLimit::None => true,
                     ToolLimit::One(b) => f(b),
-                    ToolLimit::PerTool {
-                        limit,
-                        label,
-                        buckets,
-                    } => {
-                        let b = match buckets.get(name) {
-                            Some(b) => b.clone(),
-                            None => buckets
-                                .entry(name.to_owned())
-                                .or_insert_with(|| {
-                                    Arc::new(Bucket::new(
-                                        *limit,
-                                        format!("{label} on {up_name}/{name}"),
-                                    ))
-                                })
-                                .clone(),
-                        };
-                        f(&b)
-                    }
+                    ToolLimit::PerTool(per_tool) => f(&per_tool.bucket(up_name, name, now)),
                 };
                 if !go_on {
                     return;
@@ -327,23 +369,25 @@ impl RateLimits {
     ) -> Result<(), Limited> {
         let mut taken = 0usize;
         let mut refused: Option<Limited> = None;
-        self.each_bucket(policy, agent, upstream, tool, |b| match b.try_take(now) {
-            Ok(()) => {
-                taken += 1;
-                true
-            }
-            Err(wait) => {
-                refused = Some(Limited {
-                    label: b.label.clone(),
-                    retry_after_ns: wait,
-                });
-                false
+        self.each_bucket(policy, agent, upstream, tool, Some(now), |b| {
+            match b.try_take(now) {
+                Ok(()) => {
+                    taken += 1;
+                    true
+                }
+                Err(wait) => {
+                    refused = Some(Limited {
+                        label: b.label.clone(),
+                        retry_after_ns: wait,
+                    });
+                    false
+                }
             }
         });
         let Some(limited) = refused else {
             return Ok(());
         };
-        self.each_bucket(policy, agent, upstream, tool, |b| {
+        self.each_bucket(policy, agent, upstream, tool, Some(now), |b| {
             if taken == 0 {
                 return false;
             }
@@ -356,7 +400,7 @@ impl RateLimits {
 
     /// Gives back what [`admit`](Self::admit) took (a batch refused after some elements passed).
     pub fn release(&self, policy: &Policy, agent: usize, upstream: usize, tool: Option<&str>) {
-        self.each_bucket(policy, agent, upstream, tool, |b| {
+        self.each_bucket(policy, agent, upstream, tool, None, |b| {
             b.give_back();
             true
         });
@@ -489,5 +533,46 @@ mod tests {
             "admitted {admitted} + left {left}, ideal {ideal:.2}"
         );
         assert!(admitted > burst, "the threads did contend past the burst");
+    }
+
+    #[test]
+    fn a_glob_rule_keeps_a_bounded_number_of_buckets() {
+        let env = std::collections::HashMap::new();
+        let text = r#"
+[[upstream]]
+name = "files"
+url = "http://127.0.0.1:9/mcp"
+[[agent]]
+id = "a"
+allow = ["files/*"]
+[[agent.tool]]
+match = "files/read_*"
+rate = { per_second = 1, burst = 1 }
+"#;
+        let p = Policy::parse(std::path::Path::new("p.toml"), text, &[], &env).unwrap();
+        let t0 = 100 * SEC;
+        let per_tool = |p: &Policy| match &p.limits.tools[0][0] {
+            ToolLimit::PerTool(t) => t.buckets.len(),
+            _ => panic!("a glob rule has per-tool buckets"),
+        };
+        // Each new name gets its own bucket, up to the bound.
+        for i in 0..MAX_TOOL_BUCKETS {
+            assert!(
+                p.limits
+                    .admit(&p, 0, 0, Some(&format!("read_{i}")), t0)
+                    .is_ok()
+            );
+        }
+        assert_eq!(per_tool(&p), MAX_TOOL_BUCKETS);
+        // Past it, new names share one bucket (stricter, and no growth).
+        assert!(p.limits.admit(&p, 0, 0, Some("read_x"), t0).is_ok());
+        assert!(p.limits.admit(&p, 0, 0, Some("read_y"), t0).is_err());
+        assert_eq!(per_tool(&p), MAX_TOOL_BUCKETS);
+        // Once buckets are full again they are swept, and new names get their own again.
+        let later = t0 + 10 * SEC;
+        assert!(p.limits.admit(&p, 0, 0, Some("read_z"), later).is_ok());
+        assert_eq!(per_tool(&p), 1);
+        // Known names keep their own state throughout.
+        assert!(p.limits.admit(&p, 0, 0, Some("read_z"), later).is_err());
     }
 }

@@ -499,3 +499,156 @@ fn a_torn_last_line_is_cut_off_and_the_chain_continues() {
     let (ok, out) = verify(&dir);
     assert!(ok, "{out}");
 }
+
+/// Runs one gateway in `dir`, makes `calls` allowed calls, stops it with SIGTERM.
+fn run_once(dir: &Path, threads: &str, calls: u64, args: &str) {
+    let (_up, mut gw) = start(dir, &[("SCOPEGATE_THREADS", threads)]);
+    let mut c = gw.client();
+    for i in 0..calls {
+        assert_eq!(post(&mut c, i, "echo", args).status, 200);
+    }
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+/// A copy of `src` with `change` applied to its files.
+fn copy_with(src: &Path, change: impl FnOnce(&Path)) -> PathBuf {
+    let dir = temp_dir("audit-copy");
+    for f in std::fs::read_dir(src).unwrap().flatten() {
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    change(&dir);
+    dir
+}
+
+fn cut_last_lines(file: &Path, n: usize) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let kept = &lines[..lines.len() - n];
+    std::fs::write(file, kept.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn an_argument_named_seq_or_prev_does_not_confuse_verify() {
+    let dir = temp_dir("audit-seq-arg");
+    run_once(
+        &dir,
+        "1",
+        5,
+        r#"{"seq":999,"prev":"0000","x":{"seq":1},"s":",\"seq\":7,\"prev\":\"00\"}"}"#,
+    );
+    let (ok, out) = verify(&dir);
+    assert!(ok, "{out}");
+    let all = entries(&dir);
+    assert_eq!(all.len(), 5);
+    assert_no_gaps(&all);
+    assert_eq!(all[0]["args"]["seq"], 999);
+}
+
+#[test]
+fn a_cut_tail_a_missing_head_or_a_deleted_chain_fails_verify() {
+    let dir = temp_dir("audit-missing");
+    run_once(&dir, "2", 6, "{}");
+    let (ok, out) = verify(&dir);
+    assert!(ok, "{out}");
+    // One connection: every call went to one worker; the other's chain has no entry.
+    let busy = if entries(&dir).iter().all(|e| e["worker"] == 0) {
+        0
+    } else {
+        1
+    };
+    let idle = 1 - busy;
+    let file = |d: &Path| d.join(format!("audit-w{busy}.jsonl"));
+
+    let cut = copy_with(&dir, |d| cut_last_lines(&file(d), 2));
+    let (ok, out) = verify(&cut);
+    assert!(!ok && out.contains("removed from the end"), "{out}");
+
+    let cut_and_headless = copy_with(&dir, |d| {
+        cut_last_lines(&file(d), 2);
+        std::fs::remove_file(d.join(format!("audit-w{busy}.head"))).unwrap();
+    });
+    let (ok, out) = verify(&cut_and_headless);
+    assert!(
+        !ok && out.contains(&format!("audit-w{busy}.head is missing")),
+        "{out}"
+    );
+
+    // The idle worker's chain is part of the log all the same, and so is the busy one's.
+    for w in [idle, busy] {
+        let worker_gone = copy_with(&dir, |d| {
+            for f in std::fs::read_dir(d).unwrap().flatten() {
+                if f.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("audit-w{w}"))
+                {
+                    std::fs::remove_file(f.path()).unwrap();
+                }
+            }
+        });
+        let (ok, out) = verify(&worker_gone);
+        assert!(!ok && out.contains(&format!("worker {w}")), "{out}");
+    }
+
+    let no_manifest = copy_with(&dir, |d| {
+        std::fs::remove_file(d.join("audit.manifest")).unwrap();
+    });
+    let (ok, out) = verify(&no_manifest);
+    assert!(!ok && out.contains("audit.manifest is missing"), "{out}");
+}
+
+#[test]
+fn a_restart_after_the_log_was_cut_or_deleted_records_it_in_the_chain() {
+    // The tail cut while scopegate was stopped, then a restart: the chain says so.
+    let dir = temp_dir("audit-restart-cut");
+    run_once(&dir, "1", 5, "{}");
+    cut_last_lines(&dir.join("audit-w0.jsonl"), 2);
+    run_once(&dir, "1", 2, "{}");
+    let (ok, out) = verify(&dir);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("tampered with") && out.contains("after seq 3 were removed"),
+        "{out}"
+    );
+    // The entries after the restart number on past the lost ones.
+    let seqs: Vec<u64> = entries(&dir)
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 6, 7, 8]);
+
+    // A chain deleted whole (files and head), then a restart: the manifest knew it.
+    let dir = temp_dir("audit-restart-gone");
+    run_once(&dir, "1", 3, "{}");
+    std::fs::remove_file(dir.join("audit-w0.jsonl")).unwrap();
+    std::fs::remove_file(dir.join("audit-w0.head")).unwrap();
+    run_once(&dir, "1", 1, "{}");
+    let (ok, out) = verify(&dir);
+    assert!(
+        !ok && out.contains("every file of this chain was missing"),
+        "{out}"
+    );
+}
+
+#[test]
+fn secrets_in_json_strings_and_in_any_case_are_redacted_in_the_log() {
+    let dir = temp_dir("audit-redact-json");
+    run_once(
+        &dir,
+        "1",
+        1,
+        r#"{"settings":"{\"user\":\"u\",\"DB_Password\":\"hunter2\"}","TOKEN":"s3cret","plain":"ok"}"#,
+    );
+    let text: String = std::fs::read_to_string(dir.join("audit-w0.jsonl")).unwrap();
+    assert!(
+        !text.contains("hunter2") && !text.contains("s3cret"),
+        "{text}"
+    );
+    let all = entries(&dir);
+    assert_eq!(all[0]["args"]["TOKEN"], "[redacted]");
+    assert_eq!(all[0]["args"]["plain"], "ok");
+    let settings: serde_json::Value =
+        serde_json::from_str(all[0]["args"]["settings"].as_str().unwrap()).unwrap();
+    assert_eq!(settings["DB_Password"], "[redacted]");
+    assert_eq!(settings["user"], "u");
+}

@@ -14,6 +14,9 @@
 //! | `sleep`           | the result after `ms` milliseconds |
 //! | `big`             | a text result of `bytes` bytes |
 //!
+//! A batch's `tools/list` is answered with the list; a GET with `Last-Event-ID` first replays a
+//! `tools/list` answer, as a resuming server would.
+//!
 //! Every request it receives is recorded (method, path, headers, body) so tests can assert what
 //! reached the upstream and what did not. HTTP/1.1 is parsed here with `httparse`
 //! independently of scopegate's own framing, so the two check each other.
@@ -331,7 +334,10 @@ async fn handle_post(
         let answers: Vec<Value> = items
             .iter()
             .filter(|m| m.get("method").is_some() && m.get("id").is_some())
-            .map(|m| json!({"jsonrpc":"2.0","id":m["id"],"result":{"batched":m["method"]}}))
+            .map(|m| match m["method"].as_str() {
+                Some("tools/list") => json!({"jsonrpc":"2.0","id":m["id"],"result":tools_list()}),
+                _ => json!({"jsonrpc":"2.0","id":m["id"],"result":{"batched":m["method"]}}),
+            })
             .collect();
         if answers.is_empty() {
             return write(stream, response(202, "application/json", "", b"")).await;
@@ -587,6 +593,14 @@ async fn handle_get(stream: &mut TcpStream, shared: &Shared, headers: &[(String,
     out.extend(chunk(
         format!(": stream open, last-event-id={last}\n\n").as_bytes(),
     ));
+    if !last.is_empty() {
+        // Resumption: replay what the stream carried after that event, here the answer to an
+        // earlier tools/list (whatever a gateway filtered from it the first time).
+        let replay = json!({"jsonrpc":"2.0","id":"replayed","result":tools_list()});
+        out.extend(chunk(
+            format!("id: replay-1\nevent: message\ndata: {replay}\n\n").as_bytes(),
+        ));
+    }
     let note = json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"});
     out.extend(chunk(
         format!("id: get-1\nevent: message\ndata: {note}\n\n").as_bytes(),

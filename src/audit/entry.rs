@@ -224,6 +224,58 @@ pub fn encode_message(
     }
 }
 
+/// Whether an argument named `key` is redacted (globs match ignoring ASCII case).
+fn redacts(redact: &[Glob], key: &str) -> bool {
+    redact.iter().any(|g| g.matches_ignore_case(key))
+}
+
+/// How deep JSON held in strings (held in strings ...) is looked into.
+const MAX_EMBEDDED_DEPTH: usize = 3;
+
+/// `s` with its redacted fields replaced, when `s` is JSON text that has any; `None` when it is
+/// not JSON or holds nothing to redact (then it is written as it is).
+fn redact_embedded(s: &str, redact: &[Glob], depth: usize) -> Option<String> {
+    if redact.is_empty() || depth >= MAX_EMBEDDED_DEPTH {
+        return None;
+    }
+    let trimmed = s.trim_start();
+    if !(trimmed.starts_with('{') || trimmed.starts_with('[')) {
+        return None;
+    }
+    let mut value: serde_json::Value = serde_json::from_str(s).ok()?;
+    redact_tree(&mut value, redact, depth).then(|| value.to_string())
+}
+
+/// Redacts inside a parsed value; true when anything changed.
+fn redact_tree(value: &mut serde_json::Value, redact: &[Glob], depth: usize) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut changed = false;
+            for (k, v) in map.iter_mut() {
+                if redacts(redact, k) {
+                    *v = Value::String("[redacted]".into());
+                    changed = true;
+                } else {
+                    changed |= redact_tree(v, redact, depth);
+                }
+            }
+            changed
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |c, v| redact_tree(v, redact, depth) | c),
+        Value::String(s) => match redact_embedded(s, redact, depth + 1) {
+            Some(r) => {
+                *s = r;
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
 /// Re-serializes the value at `nodes[0]`; returns how many nodes it spans.
 fn write_value(nodes: &[Node<'_>], redact: &[Glob], out: &mut Vec<u8>) -> usize {
     match nodes.first() {
@@ -232,7 +284,12 @@ fn write_value(nodes: &[Node<'_>], redact: &[Glob], out: &mut Vec<u8>) -> usize 
             0
         }
         Some(Node::String(s)) => {
-            write_json_string(s, out);
+            // A string holding JSON (`"{\"password\": ..}"`) is parsed by many servers: a
+            // secret inside it is redacted as if it were a field of its own.
+            match redact_embedded(s, redact, 0) {
+                Some(redacted) => write_json_string(&redacted, out),
+                None => write_json_string(s, out),
+            }
             1
         }
         Some(Node::Static(v)) => {
@@ -276,7 +333,7 @@ fn write_value(nodes: &[Node<'_>], redact: &[Glob], out: &mut Vec<u8>) -> usize 
                 write_json_string(key, out);
                 out.push(b':');
                 i += 1;
-                if redact.iter().any(|g| g.matches(key)) {
+                if redacts(redact, key) {
                     out.extend_from_slice(b"\"[redacted]\"");
                     i += crate::policy::args::node_span(&nodes[i]);
                 } else {
@@ -305,6 +362,23 @@ mod tests {
         let mut out = Vec::new();
         encode_message(m, env.arguments(m), redact, max, &mut Vec::new(), &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn secrets_inside_json_strings_and_in_any_case_are_redacted() {
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"configure","arguments":{"settings":"{\"host\":\"db\",\"Password\":\"hunter2\",\"nested\":\"{\\\"token\\\":\\\"t0k\\\"}\"}","Token":"abc","note":"{not json","list":"[{\"PASSWORD\":\"x\"}]"}}}"#;
+        let out = fragment(body, &[glob("token"), glob("*password*")], 4096);
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(!out.contains("t0k"), "{out}");
+        assert!(!out.contains("abc"), "{out}");
+        assert!(!out.contains("\\\"x\\\""), "{out}");
+        let v: serde_json::Value = serde_json::from_str(&format!("{{{out}}}")).unwrap();
+        let settings: serde_json::Value =
+            serde_json::from_str(v["args"]["settings"].as_str().unwrap()).unwrap();
+        assert_eq!(settings["Password"], "[redacted]");
+        assert_eq!(settings["host"], "db");
+        assert_eq!(v["args"]["Token"], "[redacted]");
+        assert_eq!(v["args"]["note"], "{not json");
     }
 
     #[test]

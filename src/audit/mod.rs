@@ -6,6 +6,7 @@
 //! one `write`. A full ring makes the request path wait (backpressure): entries are never
 //! dropped. [`verify`] checks the chains.
 
+pub mod chain;
 pub mod entry;
 pub mod ring;
 pub mod verify;

@@ -1,9 +1,10 @@
 //! `scopegate audit verify DIR`: walks every worker's chain (rotated files in order, then the
-//! current one) and names the first line that was changed, removed or reordered.
+//! current one) and names the first line that was changed, removed or reordered; checks each
+//! chain against its head (a cut tail) and the manifest (a chain deleted whole, a head deleted).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::writer::{current_path, head_path, hex, rotated_files, sha256};
+use super::chain::{self, chain_fields, hex, sha256};
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Report {
@@ -11,107 +12,130 @@ pub struct Report {
     pub entries: u64,
 }
 
-/// `Ok(report)` when every chain holds; `Err(message)` naming the first broken line.
+/// `Ok(report)` when every chain holds; `Err(message)` naming the first problem.
 pub fn verify_dir(dir: &Path) -> Result<Report, String> {
-    let mut workers: Vec<usize> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let rest = name.strip_prefix("audit-w")?;
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            let after = &rest[digits.len()..];
-            (after.starts_with('.') && after.ends_with(".jsonl")).then(|| digits.parse().ok())?
-        })
-        .collect();
-    workers.sort_unstable();
-    workers.dedup();
-    if workers.is_empty() {
+    if !dir.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    let manifest = chain::read_manifest(dir)?;
+    let on_disk = chain::workers_on_disk(dir);
+    let Some(listed) = manifest else {
+        return Err(if on_disk.is_empty() {
+            format!("{}: no audit files (audit-w<N>.jsonl)", dir.display())
+        } else {
+            format!(
+                "{}: {} is missing: which chains belong here cannot be told (deleted?)",
+                dir.display(),
+                chain::manifest_path(dir).display()
+            )
+        });
+    };
+    if let Some(w) = on_disk.iter().find(|w| !listed.contains(w)) {
         return Err(format!(
-            "{}: no audit files (audit-w<N>.jsonl)",
-            dir.display()
+            "worker {w} has audit files but {} does not list it (the manifest was edited?)",
+            chain::manifest_path(dir).display()
         ));
     }
     let mut report = Report {
         files: 0,
         entries: 0,
     };
-    for w in workers {
-        let mut files: Vec<PathBuf> = rotated_files(dir, w).into_iter().map(|(_, p)| p).collect();
-        let current = current_path(dir, w);
-        if current.exists() {
-            files.push(current);
-        }
-        let mut prev = [0u8; 32];
-        let mut prev_seq: Option<u64> = None;
-        let mut prev_place = String::new();
-        for file in &files {
-            report.files += 1;
-            let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-            if !text.is_empty() && !text.ends_with(b"\n") {
-                return Err(format!(
-                    "{}: the last line is torn (no newline)",
-                    file.display()
-                ));
-            }
-            let mut lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
-            if lines.last().is_some_and(|l| l.is_empty()) {
-                lines.pop(); // what follows the final newline
-            }
-            for (i, line) in lines.into_iter().enumerate() {
-                let place = format!("{}:{}", file.display(), i + 1);
-                let (claimed, seq) = fields(line)
-                    .ok_or_else(|| format!("{place}: not an audit entry (no prev/seq)"))?;
-                if claimed != hex(&prev) {
-                    let what = match prev_seq {
-                        None => "the first line does not start a chain (an earlier file or line was removed, or this line was changed)".to_string(),
-                        Some(p) if seq == p + 1 => format!("line {prev_place} was changed (its hash does not match what this line recorded)"),
-                        Some(p) if seq > p + 1 => format!("{} line(s) were removed between {prev_place} and this line", seq - p - 1),
-                        Some(p) if seq <= p => "lines were reordered (this line is out of sequence)".to_string(),
-                        Some(_) => format!("line {prev_place} was changed, or lines were removed or reordered before this one"),
-                    };
-                    return Err(format!("{place}: chain broken: {what}"));
-                }
-                if let Some(p) = prev_seq
-                    && seq != p + 1
-                {
-                    return Err(format!(
-                        "{place}: seq {seq} follows {p}: the sequence has a gap or repeats"
-                    ));
-                }
-                prev = sha256(line);
-                prev_seq = Some(seq);
-                prev_place = place;
-                report.entries += 1;
-            }
-        }
-        // The head file records the newest line: truncating a file's tail is caught here.
-        if let Ok(head) = std::fs::read_to_string(head_path(dir, w))
-            && let Some(hash) = head.split("\"hash\":\"").nth(1).and_then(|s| s.get(..64))
-            && hash != hex(&prev)
-        {
-            return Err(format!(
-                "worker {w}: the newest line does not match audit-w{w}.head: lines were removed from the end{}",
-                if prev_place.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (after {prev_place})")
-                }
-            ));
-        }
+    for &w in &listed {
+        verify_chain(dir, w, &mut report)?;
     }
     Ok(report)
 }
 
-/// The `prev` hash and `seq` of a line.
-fn fields(line: &[u8]) -> Option<(String, u64)> {
-    let p = memchr::memmem::rfind(line, b"\"prev\":\"")? + 8;
-    let prev = std::str::from_utf8(line.get(p..p + 64)?).ok()?.to_owned();
-    let s = memchr::memmem::find(line, b"\"seq\":")? + 6;
-    let end = line[s..]
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .map_or(line.len(), |n| s + n);
-    let seq = std::str::from_utf8(&line[s..end]).ok()?.parse().ok()?;
-    Some((prev, seq))
+fn verify_chain(dir: &Path, w: usize, report: &mut Report) -> Result<(), String> {
+    let Some(head) = chain::read_head(dir, w)? else {
+        return Err(format!(
+            "worker {w}: {} is missing (deleted?): the end of its chain cannot be checked",
+            chain::head_path(dir, w).display()
+        ));
+    };
+    let files = chain::chain_files(dir, w);
+    if files.is_empty() && head.seq > 0 {
+        return Err(format!(
+            "worker {w}: its audit files are missing (deleted?); its head records {} entries",
+            head.seq
+        ));
+    }
+    let mut prev = [0u8; 32];
+    let mut prev_seq: Option<u64> = None;
+    let mut prev_place = String::new();
+    let mut at_head: Option<[u8; 32]> = None;
+    for file in &files {
+        report.files += 1;
+        let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        if !text.is_empty() && !text.ends_with(b"\n") {
+            return Err(format!(
+                "{}: the last line is torn (no newline)",
+                file.display()
+            ));
+        }
+        let mut lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        if lines.last().is_some_and(|l| l.is_empty()) {
+            lines.pop(); // what follows the final newline
+        }
+        for (i, line) in lines.into_iter().enumerate() {
+            let place = format!("{}:{}", file.display(), i + 1);
+            let (seq, claimed) = chain_fields(line)
+                .ok_or_else(|| format!("{place}: not an audit entry (no seq/prev at its end)"))?;
+            if claimed != hex(&prev) {
+                let what = match prev_seq {
+                    None => "the first line does not start a chain (an earlier file or line was removed, or this line was changed)".to_string(),
+                    Some(p) if seq == p + 1 => format!("line {prev_place} was changed (its hash does not match what this line recorded)"),
+                    Some(p) if seq > p + 1 => format!("{} line(s) were removed between {prev_place} and this line", seq - p - 1),
+                    Some(p) if seq <= p => "lines were reordered (this line is out of sequence)".to_string(),
+                    Some(_) => format!("line {prev_place} was changed, or lines were removed or reordered before this one"),
+                };
+                return Err(format!("{place}: chain broken: {what}"));
+            }
+            if let Some(detail) = chain::tamper_detail(line) {
+                return Err(format!(
+                    "{place}: when scopegate started it found this chain tampered with: {detail}"
+                ));
+            }
+            if let Some(p) = prev_seq
+                && seq != p + 1
+            {
+                return Err(format!(
+                    "{place}: seq {seq} follows {p}: {} line(s) are missing or the sequence repeats",
+                    seq.saturating_sub(p + 1)
+                ));
+            }
+            prev = sha256(line);
+            prev_seq = Some(seq);
+            prev_place = place;
+            if seq == head.seq {
+                at_head = Some(prev);
+            }
+            report.entries += 1;
+        }
+    }
+    // The head records the newest line written at the last flush: the chain must reach it and
+    // hold that very line (lines after it are the few a crash may leave unrecorded).
+    let last = prev_seq.unwrap_or(0);
+    if head.seq > last {
+        return Err(format!(
+            "worker {w}: lines were removed from the end: {} records seq {}, the chain ends at seq {last}{}",
+            chain::head_path(dir, w).display(),
+            head.seq,
+            if prev_place.is_empty() {
+                String::new()
+            } else {
+                format!(" ({prev_place})")
+            }
+        ));
+    }
+    if let Some(hash) = at_head
+        && hex(&hash) != head.hash
+    {
+        return Err(format!(
+            "worker {w}: the line with seq {} is not the one {} recorded (changed?)",
+            head.seq,
+            chain::head_path(dir, w).display()
+        ));
+    }
+    Ok(())
 }

@@ -11,8 +11,10 @@ use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
+use super::chain::{
+    self, chain_fields, chain_line, current_path, head_path, rotated_files, rotated_path, sha256,
+};
 use super::ring::ByteRing;
-use crate::fmt::{push_decimal, push_hex};
 use crate::{error, info, warn};
 
 #[derive(Debug, Clone)]
@@ -57,52 +59,6 @@ impl Channel {
     }
 }
 
-/// `audit-w<worker>.jsonl`, the file being written.
-pub fn current_path(dir: &Path, worker: usize) -> PathBuf {
-    dir.join(format!("audit-w{worker}.jsonl"))
-}
-
-/// `audit-w<worker>.<n>.jsonl`, a rotated file (n from 1, in order).
-pub fn rotated_path(dir: &Path, worker: usize, n: u64) -> PathBuf {
-    dir.join(format!("audit-w{worker}.{n:06}.jsonl"))
-}
-
-/// `audit-w<worker>.head`: the hash and seq of the last line written, so truncation of a
-/// file's tail is detectable too.
-pub fn head_path(dir: &Path, worker: usize) -> PathBuf {
-    dir.join(format!("audit-w{worker}.head"))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    push_hex(bytes, &mut out);
-    String::from_utf8(out).unwrap_or_default()
-}
-
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-/// The rotated files of `worker` in `dir`, by number.
-pub fn rotated_files(dir: &Path, worker: usize) -> Vec<(u64, PathBuf)> {
-    let prefix = format!("audit-w{worker}.");
-    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let n = name.strip_prefix(&prefix)?.strip_suffix(".jsonl")?;
-            Some((n.parse().ok()?, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 struct Sink {
     dir: PathBuf,
     worker: usize,
@@ -114,10 +70,14 @@ struct Sink {
     /// The seq of the last line put in a batch (ahead of `last_seq` while a batch is pending).
     next_seq: u64,
     next_rotation: u64,
+    /// What was found wrong with the chain at start, to be written into it first.
+    notice: Option<String>,
 }
 
 impl Sink {
-    fn open(dir: &Path, worker: usize) -> std::io::Result<Sink> {
+    /// Opens worker `worker`'s chain to continue it. `listed` says whether the manifest listed
+    /// this worker before this run (so a chain with nothing on disk was deleted, not new).
+    fn open(dir: &Path, worker: usize, listed: bool) -> std::io::Result<Sink> {
         std::fs::create_dir_all(dir)?;
         let rotated = rotated_files(dir, worker);
         let next_rotation = rotated.last().map_or(1, |(n, _)| n + 1);
@@ -125,6 +85,7 @@ impl Sink {
         // Continue the chain from the newest line on disk.
         let mut prev = [0u8; 32];
         let mut last_seq = 0;
+        let mut any_line = false;
         let candidates = [
             Some(current.clone()),
             rotated.last().map(|(_, p)| p.clone()),
@@ -132,9 +93,42 @@ impl Sink {
         for path in candidates.into_iter().flatten() {
             if let Some(line) = last_line(&path)? {
                 prev = sha256(&line);
-                last_seq = seq_of(&line).unwrap_or(0);
+                last_seq = chain_fields(&line).map_or(0, |(seq, _)| seq);
+                any_line = true;
                 break;
             }
+        }
+        // What the head says must still be there.
+        let head_name = head_path(dir, worker);
+        let notice = match chain::read_head(dir, worker) {
+            Ok(Some(head)) if head.seq > last_seq => {
+                let lost = format!(
+                    "lines after seq {last_seq} were removed while scopegate was stopped ({} recorded seq {})",
+                    head_name.display(),
+                    head.seq
+                );
+                // Number on past what was lost, so the gap stays visible.
+                last_seq = head.seq;
+                Some(lost)
+            }
+            Ok(Some(head))
+                if head.seq == last_seq && any_line && head.hash != chain::hex(&prev) =>
+            {
+                Some(format!(
+                    "the newest line (seq {last_seq}) was changed while scopegate was stopped"
+                ))
+            }
+            Ok(Some(_)) => None,
+            Ok(None) if any_line => Some(format!("{} was missing", head_name.display())),
+            Ok(None) if listed => Some(format!(
+                "every file of this chain was missing ({} lists worker {worker})",
+                chain::manifest_path(dir).display()
+            )),
+            Ok(None) => None,
+            Err(e) => Some(format!("the head was unreadable: {e}")),
+        };
+        if let Some(n) = &notice {
+            error!("audit: worker {worker}'s chain was tampered with: {n}; recorded in the chain");
         }
         let mut sink = Sink {
             dir: dir.to_owned(),
@@ -145,8 +139,13 @@ impl Sink {
             last_seq,
             next_seq: last_seq,
             next_rotation,
+            notice,
         };
         sink.reopen()?;
+        // A head from the start, so a chain that never gets an entry is still accounted for.
+        if sink.notice.is_none() {
+            write_head(&sink);
+        }
         Ok(sink)
     }
 
@@ -204,37 +203,14 @@ fn last_line(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(buf[start..complete].to_vec()))
 }
 
-fn seq_of(line: &[u8]) -> Option<u64> {
-    let i = memchr::memmem::find(line, b"\"seq\":")? + 6;
-    let digits: &[u8] = &line[i..line[i..]
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .map_or(line.len(), |n| i + n)];
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// Appends one finished line to `batch`: the encoded entry, its `seq`, the hash of the previous
-/// line, and a newline. Returns this line's hash (without the newline), the next line's `prev`.
-pub fn chain_line(batch: &mut Vec<u8>, record: &[u8], seq: u64, prev: &[u8; 32]) -> [u8; 32] {
-    let start = batch.len();
-    batch.extend_from_slice(record);
-    batch.extend_from_slice(b",\"seq\":");
-    push_decimal(batch, seq);
-    batch.extend_from_slice(b",\"prev\":\"");
-    push_hex(prev, batch);
-    batch.extend_from_slice(b"\"}");
-    let hash = sha256(&batch[start..]);
-    batch.push(b'\n');
-    hash
-}
-
 /// Starts worker `worker`'s writer thread.
 pub fn spawn(
     worker: usize,
     config: AuditConfig,
     channel: Arc<Channel>,
+    listed: bool,
 ) -> std::io::Result<JoinHandle<()>> {
-    let mut sink = Sink::open(&config.dir, worker)?;
+    let mut sink = Sink::open(&config.dir, worker, listed)?;
     let handle = std::thread::Builder::new()
         .name(format!("scopegate-audit{worker}"))
         .spawn({
@@ -265,6 +241,14 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
     // Whether the last slice was full (more was waiting when it was taken).
     let mut slice_full = false;
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
+    if let Some(notice) = sink.notice.take() {
+        // Evidence first: the chain itself says what was found missing when it was reopened.
+        let record = chain::tamper_record(sink.worker, &notice);
+        sink.next_seq += 1;
+        sink.prev = chain_line(&mut batch, &record, sink.next_seq, &sink.prev);
+        batch_last_seq = sink.next_seq;
+        batch_lines = 1;
+    }
     loop {
         let stopping = channel.stop.load(Ordering::Acquire);
         if batch.is_empty() {
@@ -371,14 +355,5 @@ fn write_batch(
 }
 
 fn write_head(sink: &Sink) {
-    let path = head_path(&sink.dir, sink.worker);
-    let tmp = path.with_extension("head.tmp");
-    let text = format!(
-        "{{\"seq\":{},\"hash\":\"{}\"}}\n",
-        sink.last_seq,
-        hex(&sink.prev)
-    );
-    if std::fs::write(&tmp, text).is_ok() {
-        let _ = std::fs::rename(&tmp, &path);
-    }
+    chain::write_head(&sink.dir, sink.worker, sink.last_seq, &sink.prev);
 }

@@ -6,12 +6,7 @@ pub fn is_loopback_host(host: &[u8]) -> bool {
     let Ok(host) = std::str::from_utf8(host) else {
         return false;
     };
-    let name = strip_port(host.trim());
-    if name.eq_ignore_ascii_case("localhost") || name == "[::1]" {
-        return true;
-    }
-    name.parse::<std::net::Ipv4Addr>()
-        .is_ok_and(|ip| ip.is_loopback())
+    split_authority(host.trim()).is_some_and(is_loopback_name)
 }
 
 /// Whether an `Origin` value is allowed: listed exactly in `allowed` (lower-cased
@@ -34,22 +29,41 @@ pub fn origin_allowed(origin: &[u8], allowed: &[String], loopback_default: bool)
     else {
         return false;
     };
-    if rest.contains('/') || rest.contains('@') {
-        return false;
-    }
-    let name = strip_port(rest);
-    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "[::1]"
+    split_authority(rest).is_some_and(|name| {
+        name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "[::1]"
+    })
 }
 
-fn strip_port(authority: &str) -> &str {
-    if let Some(end) = authority.find(']') {
-        // IPv6 literal: keep through the bracket.
-        return &authority[..=end];
-    }
-    match authority.rfind(':') {
-        Some(i) if authority[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &authority[..i],
-        _ => authority,
-    }
+fn is_loopback_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case("localhost")
+        || name == "[::1]"
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host of `host[:port]`, read strictly: an IPv6 literal is `[...]` followed by nothing or
+/// a port, a port is digits, and nothing else may follow (`[::1].evil.example` is no
+/// loopback name, and neither is `localhost/x` or `localhost@evil`).
+fn split_authority(authority: &str) -> Option<&str> {
+    let (name, rest) = if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        (&authority[..=end], &authority[end + 1..])
+    } else {
+        match authority.find(':') {
+            Some(i) => (&authority[..i], &authority[i..]),
+            None => (authority, ""),
+        }
+    };
+    let port_ok = match rest.strip_prefix(':') {
+        None => rest.is_empty(),
+        Some(port) => !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()),
+    };
+    let name_ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    (port_ok && name_ok).then_some(name)
 }
 
 #[cfg(test)]
@@ -76,6 +90,14 @@ mod tests {
             "10.0.0.1",
             "",
             "[::2]",
+            "[::1].evil.example",
+            "[::1]evil",
+            "[::1]:80x",
+            "localhost:",
+            "localhost:80:80",
+            "127.0.0.1.evil.example",
+            "localhost@evil.example",
+            "localhost/x",
         ] {
             assert!(!is_loopback_host(bad.as_bytes()), "{bad}");
         }
@@ -98,5 +120,7 @@ mod tests {
         assert!(!origin_allowed(b"null", &[], true));
         assert!(!origin_allowed(b"http://localhost.evil.example", &[], true));
         assert!(!origin_allowed(b"http://localhost@evil.example", &[], true));
+        assert!(!origin_allowed(b"http://[::1].evil.example", &[], true));
+        assert!(!origin_allowed(b"http://localhost:3000/x", &[], true));
     }
 }

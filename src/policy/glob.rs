@@ -39,6 +39,14 @@ impl Glob {
         glob_match(self.pattern.as_bytes(), text.as_bytes())
     }
 
+    /// Whether the whole of `text` matches, ignoring ASCII case (`redact` globs: `*password*`
+    /// must catch `Password` and `DB_PASSWORD` too).
+    pub fn matches_ignore_case(&self, text: &str) -> bool {
+        glob_match_by(self.pattern.as_bytes(), text.as_bytes(), |a, b| {
+            a.eq_ignore_ascii_case(&b)
+        })
+    }
+
     /// Matches `upstream` + "/" + `name` without building the joined string.
     pub fn matches_qualified(&self, upstream: &str, name: &str) -> bool {
         let p = self.pattern.as_bytes();
@@ -65,10 +73,14 @@ impl Glob {
 /// Iterative glob matching with single-star backtracking: O(len(p) * len(t)) worst case, no
 /// recursion, no allocation.
 fn glob_match(p: &[u8], t: &[u8]) -> bool {
+    glob_match_by(p, t, |a, b| a == b)
+}
+
+fn glob_match_by(p: &[u8], t: &[u8], same: impl Fn(u8, u8) -> bool) -> bool {
     let (mut pi, mut ti) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == b'?' || same(p[pi], t[ti])) {
             pi += 1;
             ti += 1;
         } else if pi < p.len() && p[pi] == b'*' {
@@ -111,6 +123,15 @@ mod tests {
         assert!(!g("a*b*c").matches("aXXbYY"));
         assert!(g("github/create_issue").matches("github/create_issue"));
         assert!(!g("github/create_issue").matches("github/create_issues"));
+    }
+
+    #[test]
+    fn case_insensitive_matching() {
+        let p = Glob::new("*password*", |b| b.is_ascii_graphic()).unwrap();
+        assert!(p.matches_ignore_case("DB_Password"));
+        assert!(p.matches_ignore_case("password"));
+        assert!(!p.matches("DB_Password"));
+        assert!(!p.matches_ignore_case("passwd"));
     }
 
     #[test]
