@@ -318,17 +318,23 @@ fn lists_in_batches_and_in_replayed_streams_are_filtered() {
 /// scopegate closed.
 struct RawUpstream {
     addr: SocketAddr,
+    /// Connections scopegate closed.
     closed: Arc<AtomicUsize>,
+    /// Of those, GET streams.
+    closed_get: Arc<AtomicUsize>,
 }
 
-fn raw_upstream(script: fn(&mut TcpStream, &str)) -> RawUpstream {
+fn raw_upstream(script: fn(&mut TcpStream, &str, &[u8])) -> RawUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let closed = Arc::new(AtomicUsize::new(0));
+    let closed_get = Arc::new(AtomicUsize::new(0));
     let counter = closed.clone();
+    let get_counter = closed_get.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let counter = counter.clone();
+            let get_counter = get_counter.clone();
             std::thread::spawn(move || {
                 let mut stream = stream;
                 let mut head = Vec::new();
@@ -350,16 +356,23 @@ fn raw_upstream(script: fn(&mut TcpStream, &str)) -> RawUpstream {
                     .unwrap_or(0);
                 let mut body = vec![0u8; length];
                 let _ = stream.read_exact(&mut body);
-                script(&mut stream, &head);
+                script(&mut stream, &head, &body);
                 // Wait for scopegate to close its side.
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
                 let mut sink = [0u8; 1024];
                 while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
                 counter.fetch_add(1, Ordering::SeqCst);
+                if head.starts_with("GET") {
+                    get_counter.fetch_add(1, Ordering::SeqCst);
+                }
             });
         }
     });
-    RawUpstream { addr, closed }
+    RawUpstream {
+        addr,
+        closed,
+        closed_get,
+    }
 }
 
 fn raw_gateway(up: &RawUpstream, env: &[(&str, &str)]) -> Running {
@@ -388,7 +401,7 @@ const SSE_HEAD: &[u8] =
 
 #[test]
 fn an_endless_event_is_cut_at_the_limit_and_the_agent_told() {
-    let up = raw_upstream(|s, _| {
+    let up = raw_upstream(|s, _, _| {
         let _ = s.write_all(SSE_HEAD);
         let _ = s.write_all(b"6\r\ndata: \r\n");
         let piece = vec![b'x'; 8192];
@@ -426,7 +439,7 @@ fn an_endless_event_is_cut_at_the_limit_and_the_agent_told() {
 
 #[test]
 fn an_event_stream_failing_mid_way_ends_with_an_error_for_the_request() {
-    let up = raw_upstream(|s, _| {
+    let up = raw_upstream(|s, _, _| {
         let _ = s.write_all(SSE_HEAD);
         let event = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progressToken\":1,\"progress\":1}}\n\n";
         let _ = s.write_all(format!("{:x}\r\n", event.len()).as_bytes());
@@ -453,7 +466,7 @@ fn an_event_stream_failing_mid_way_ends_with_an_error_for_the_request() {
 
 #[test]
 fn a_malformed_first_chunk_gets_a_502_not_a_closed_connection() {
-    let up = raw_upstream(|s, _| {
+    let up = raw_upstream(|s, _, _| {
         let _ = s.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz-not-a-size\r\n",
         );
@@ -479,7 +492,7 @@ fn a_malformed_first_chunk_gets_a_502_not_a_closed_connection() {
 
 #[test]
 fn agents_closing_quiet_streams_release_the_upstream_connections() {
-    let up = raw_upstream(|s, _| {
+    let up = raw_upstream(|s, _, _| {
         let _ = s.write_all(SSE_HEAD);
         let _ = s.write_all(b"a\r\n: opened\n\n\r\n");
         // Quiet from now on (no heartbeat to fail on): the harness waits for the close.
@@ -509,5 +522,141 @@ fn agents_closing_quiet_streams_release_the_upstream_connections() {
             .lines()
             .any(|l| l.starts_with("scopegate_upstream_errors_total") && !l.ends_with(" 0")),
         "{metrics}"
+    );
+}
+
+/// Answers initialize and notifications like an MCP server; `tools/call` and GET with
+/// `hostile`.
+fn mcp_or(s: &mut TcpStream, head: &str, body: &[u8], hostile: fn(&mut TcpStream)) {
+    let text = String::from_utf8_lossy(body);
+    if text.contains("\"initialize\"") {
+        let answer = r#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"raw","version":"1"}}}"#;
+        let _ = s.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: raw-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .as_bytes(),
+        );
+    } else if head.starts_with("GET") || text.contains("tools/call") {
+        hostile(s);
+    } else {
+        let _ = s.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+}
+
+/// The aggregate `/mcp` over a hand-written upstream `h` and a mock `m`, initialized.
+fn aggregate(up: &RawUpstream, env: &[(&str, &str)]) -> (MockServer, Running, String) {
+    // No GET stream from the mock: its heartbeats would reveal a departed agent by themselves.
+    let m = MockServer::start(MockConfig {
+        get_stream: false,
+        ..MockConfig::default()
+    });
+    let text = format!(
+        r#"
+[[upstream]]
+name = "h"
+url = "http://{}/mcp"
+[[upstream]]
+name = "m"
+url = "{}"
+[[agent]]
+id = "bot"
+key_sha256 = "{}"
+allow = ["h/*", "m/echo"]
+deny = ["m/prompt:admin_*", "m/resource:file:///etc/*"]
+"#,
+        up.addr,
+        m.url(),
+        sha256_hex(KEY)
+    );
+    let (mut g, _) = Gateway::open().policy(&text);
+    for (k, v) in env {
+        g = g.env(k, v);
+    }
+    let gw = g.start();
+    let r = gw
+        .client()
+        .post("/mcp", INIT)
+        .header("Authorization", &bearer())
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = r.header("mcp-session-id").unwrap().to_owned();
+    (m, gw, token)
+}
+
+#[test]
+fn the_aggregate_endpoint_holds_the_same_rules_and_limits() {
+    let up = raw_upstream(|s, head, body| {
+        mcp_or(s, head, body, |s| {
+            let _ = s.write_all(SSE_HEAD);
+            let _ = s.write_all(b"6\r\ndata: \r\n");
+            let chunk = format!("2000\r\n{}\r\n", "x".repeat(8192));
+            for _ in 0..1024 {
+                if s.write_all(chunk.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    let (m, gw, token) = aggregate(&up, &[("SCOPEGATE_MAX_UPSTREAM_MESSAGE", "64K")]);
+    let mut c = gw.client();
+    let mut send = |body: &str| {
+        c.post("/mcp", body)
+            .header("Authorization", &bearer())
+            .header("Mcp-Session-Id", &token)
+            .send()
+    };
+    // A notification of no MCP revision is not fanned out.
+    let before = m.methods().len();
+    let r = send(r#"{"jsonrpc":"2.0","method":"notifications/exfiltrate"}"#);
+    assert_eq!(r.status, 403, "{}", r.text());
+    // The same decisions as on one upstream, on the upstream's own names.
+    for body in [
+        r#"{"jsonrpc":"2.0","id":2,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"m__admin_reset"},"argument":{"name":"a","value":""}}}"#,
+        r#"{"jsonrpc":"2.0","id":3,"method":"resources/read","params":{"uri":"scopegate://m/FILE:///etc/secret"}}"#,
+        r#"{"jsonrpc":"2.0","id":4,"method":"resources/read","params":{"uri":"scopegate://m/file://localhost/srv/../etc/secret"}}"#,
+        r#"{"jsonrpc":"2.0","id":5,"method":"resources/read","params":{"uri":"scopegate://m/ file:///srv/x"}}"#,
+        r#"{"jsonrpc":"2.0","id":6,"method":"admin/exec"}"#,
+    ] {
+        let r = send(body);
+        assert_eq!(r.json()["error"]["code"], -32004, "{body}: {}", r.text());
+    }
+    assert_eq!(m.methods().len(), before, "{:?}", m.methods());
+    // An endless event from an upstream is cut at the limit; the agent is told.
+    let r = send(&call(7, "h__anything", "{}"));
+    let text = r.text();
+    assert!(
+        text.contains("\"id\":7") && text.contains("SCOPEGATE_MAX_UPSTREAM_MESSAGE"),
+        "{text}"
+    );
+    assert!(text.len() < 4096);
+}
+
+#[test]
+fn agents_closing_the_merged_stream_release_every_upstream_stream() {
+    let up = raw_upstream(|s, head, body| {
+        mcp_or(s, head, body, |s| {
+            let _ = s.write_all(SSE_HEAD);
+            let _ = s.write_all(b"a\r\n: opened\n\n\r\n");
+        })
+    });
+    let (_m, gw, token) = aggregate(&up, &[]);
+    for _ in 0..3 {
+        let mut c = gw.client();
+        c.request("GET", "/mcp")
+            .header("Authorization", &bearer())
+            .header("Mcp-Session-Id", &token)
+            .header("Accept", "text/event-stream")
+            .write();
+        let (status, _) = c.read_head();
+        assert_eq!(status, 200);
+        c.read_until("opened");
+        drop(c);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || up.closed_get.load(Ordering::SeqCst) == 3),
+        "{} of 3 upstream streams closed",
+        up.closed_get.load(Ordering::SeqCst)
     );
 }
