@@ -34,12 +34,12 @@ def wait_for_port(port: int, limit: float = 20.0) -> None:
 
 
 class Upstream:
-    def __init__(self, tmp_path: Path, name: str = "upstream"):
+    def __init__(self, tmp_path: Path, name: str = "upstream", script: str = "fastmcp_upstream.py"):
         self.port = free_port()
         self.log = tmp_path / f"{name}-executions.jsonl"
         self.log.touch()
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "fastmcp_upstream.py"), str(self.port), str(self.log)],
+            [sys.executable, str(Path(__file__).parent / script), str(self.port), str(self.log)],
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / f"{name}.stderr", "w"),
         )
