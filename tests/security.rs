@@ -541,7 +541,8 @@ fn mcp_or(s: &mut TcpStream, head: &str, body: &[u8], hostile: fn(&mut TcpStream
     } else if head.starts_with("GET") || text.contains("tools/call") {
         hostile(s);
     } else {
-        let _ = s.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ =
+            s.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     }
 }
 
@@ -655,7 +656,10 @@ fn agents_closing_the_merged_stream_release_every_upstream_stream() {
         drop(c);
     }
     assert!(
-        eventually(Duration::from_secs(5), || up.closed_get.load(Ordering::SeqCst) == 3),
+        eventually(Duration::from_secs(5), || up
+            .closed_get
+            .load(Ordering::SeqCst)
+            == 3),
         "{} of 3 upstream streams closed",
         up.closed_get.load(Ordering::SeqCst)
     );
