@@ -45,6 +45,8 @@ pub enum UriError {
     EncodedSlash,
     /// An unclosed `{` in a URI template.
     BadTemplate,
+    /// A host that is neither a name nor a bracketed IP literal (a stray `:`, `[` or `]`).
+    BadHost,
 }
 
 impl UriError {
@@ -59,6 +61,7 @@ impl UriError {
             UriError::BadPercent => "has a % that is not a percent-encoding",
             UriError::EncodedSlash => "has an encoded / (%2F) in its path",
             UriError::BadTemplate => "has an unclosed { expression",
+            UriError::BadHost => "has a malformed host",
         }
     }
 }
@@ -148,8 +151,15 @@ pub fn canonical(uri: &str, mode: Mode) -> Result<String, UriError> {
         }
     }
     if authority.is_some() || path.starts_with('/') {
-        path = collapse_slashes(&path);
-        path = remove_dot_segments(&path);
+        // A template's expressions are not path segments (`{/var}`, `{a.b}`): they stand aside
+        // as one private-use character each while slashes and dot segments are resolved.
+        let (plain, expressions) = set_aside_expressions(&path, mode)?;
+        let resolved = remove_dot_segments(&collapse_slashes(&plain));
+        path = if expressions.is_empty() {
+            resolved
+        } else {
+            restore_expressions(&resolved, &expressions)
+        };
     }
     out.push_str(&path);
     if let Some(q) = query {
@@ -167,14 +177,15 @@ fn is_http(scheme: &str) -> bool {
     matches!(scheme, "http" | "https" | "ws" | "wss")
 }
 
-/// Splits `s` at the first `sep` outside a template's `{...}`.
+/// Splits `s` at the first `sep` outside a template's `{...}` (expressions do not nest: one
+/// ends at the first `}`, as [`encode_part`] reads them).
 fn split_at_outside(s: &str, sep: char, mode: Mode) -> (&str, Option<&str>) {
-    let mut depth = 0u32;
+    let mut in_expression = false;
     for (i, c) in s.char_indices() {
         match c {
-            '{' if mode == Mode::Template => depth += 1,
-            '}' if mode == Mode::Template => depth = depth.saturating_sub(1),
-            c if c == sep && depth == 0 => return (&s[..i], Some(&s[i + 1..])),
+            '{' if mode == Mode::Template => in_expression = true,
+            '}' if mode == Mode::Template => in_expression = false,
+            c if c == sep && !in_expression => return (&s[..i], Some(&s[i + 1..])),
             _ => {}
         }
     }
@@ -196,6 +207,20 @@ fn normal_authority(a: &str, scheme: &str, mode: Mode) -> Result<String, UriErro
         }
         _ => (hostport, None),
     };
+    let literal = host.starts_with('[') && host.ends_with(']');
+    let inner = if literal {
+        &host[1..host.len() - 1]
+    } else {
+        host
+    };
+    if inner.contains([':', '[', ']']) && !literal
+        || literal
+            && !inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'))
+    {
+        return Err(UriError::BadHost);
+    }
     let mut out = String::with_capacity(a.len());
     if let Some(u) = userinfo {
         out.push_str(&encode_part(u, mode, Part::Authority)?);
@@ -316,6 +341,45 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
+/// Private-use characters stand for a template's expressions (the text has none of its own:
+/// non-ASCII is percent-encoded before this runs).
+const EXPRESSION_BASE: u32 = 0xE000;
+const MAX_EXPRESSIONS: usize = 6400;
+
+fn set_aside_expressions(path: &str, mode: Mode) -> Result<(String, Vec<String>), UriError> {
+    if mode != Mode::Template || !path.contains('{') {
+        return Ok((path.to_owned(), Vec::new()));
+    }
+    let mut plain = String::with_capacity(path.len());
+    let mut expressions = Vec::new();
+    let mut rest = path;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..].find('}').ok_or(UriError::BadTemplate)? + start;
+        plain.push_str(&rest[..start]);
+        if expressions.len() >= MAX_EXPRESSIONS {
+            return Err(UriError::BadTemplate);
+        }
+        let mark = char::from_u32(EXPRESSION_BASE + expressions.len() as u32)
+            .ok_or(UriError::BadTemplate)?;
+        plain.push(mark);
+        expressions.push(rest[start..=end].to_owned());
+        rest = &rest[end + 1..];
+    }
+    plain.push_str(rest);
+    Ok((plain, expressions))
+}
+
+fn restore_expressions(path: &str, expressions: &[String]) -> String {
+    let mut out = String::with_capacity(path.len() + 16);
+    for c in path.chars() {
+        match (c as u32).checked_sub(EXPRESSION_BASE) {
+            Some(i) if (i as usize) < expressions.len() => out.push_str(&expressions[i as usize]),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 fn collapse_slashes(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     let mut prev_slash = false;
@@ -393,6 +457,10 @@ pub fn canonical_path(path: &str) -> Result<String, PathError> {
                 }
             }
             ".." => return Err(PathError::DotDot),
+            // " ." and ". " read like dot segments to a person and to some tools.
+            s if s.starts_with(char::is_whitespace) || s.ends_with(char::is_whitespace) => {
+                return Err(PathError::SurroundingSpace);
+            }
             s => {
                 if !first && !out.ends_with('/') {
                     out.push('/');
@@ -401,6 +469,10 @@ pub fn canonical_path(path: &str) -> Result<String, PathError> {
                 first = false;
             }
         }
+    }
+    if out.is_empty() {
+        // A relative path of only `.` segments: the current directory.
+        out.push('.');
     }
     Ok(out)
 }
@@ -419,7 +491,7 @@ impl PathError {
     pub fn message(self) -> &'static str {
         match self {
             PathError::Empty => "is empty",
-            PathError::SurroundingSpace => "has spaces around it",
+            PathError::SurroundingSpace => "has spaces around it or one of its segments",
             PathError::Control => "contains a control character",
             PathError::Backslash => "contains a backslash",
             PathError::DotDot => "has a \"..\" segment",
@@ -472,6 +544,10 @@ mod tests {
         assert_eq!(c("/etc/secret"), Err(UriError::NoScheme));
         assert_eq!(c("1x:/etc"), Err(UriError::NoScheme));
         assert_eq!(c(""), Err(UriError::Empty));
+        assert_eq!(c("x://a:b:/"), Err(UriError::BadHost));
+        assert_eq!(c("x://[::1]x/"), Err(UriError::BadHost));
+        assert_eq!(c("x://[zz]/"), Err(UriError::BadHost));
+        assert_eq!(c("HTTP://[::1]:80/a").as_deref(), Ok("http://[::1]/a"));
     }
 
     #[test]
@@ -558,5 +634,9 @@ mod tests {
         assert_eq!(canonical_path("rel/./x").as_deref(), Ok("rel/x"));
         assert_eq!(canonical_path("/").as_deref(), Ok("/"));
         assert_eq!(canonical_path("/.").as_deref(), Ok("/"));
+        assert_eq!(canonical_path(".").as_deref(), Ok("."));
+        assert_eq!(canonical_path("./ ./."), Err(PathError::SurroundingSpace));
+        assert_eq!(canonical_path("/srv/a b/c").as_deref(), Ok("/srv/a b/c"));
+        assert_eq!(canonical_path("./.").as_deref(), Ok("."));
     }
 }
