@@ -15,7 +15,7 @@ import statistics
 import sys
 
 p = argparse.ArgumentParser()
-for name in ("results", "machine", "duration", "rounds", "rate", "connections", "command", "markdown", "svg"):
+for name in ("results", "machine", "duration", "rounds", "rate", "connections", "command", "markdown", "svg", "baseline"):
     p.add_argument("--" + name)
 a = p.parse_args()
 
@@ -23,12 +23,14 @@ rows = [json.loads(line) for line in open(a.results) if line.strip()]
 NAMES = {
     "direct": "direct to the upstream",
     "scopegate-full": "scopegate, everything on",
+    "scopegate-baseline": "scopegate baseline build, everything on",
     "scopegate-limits": "scopegate, policy + limits, no audit",
     "scopegate-open": "scopegate, insecure-open",
     "nginx": "nginx",
 }
-ORDER = ["direct", "scopegate-full", "scopegate-limits", "scopegate-open", "nginx"]
-COLORS = {"direct": "#555555", "scopegate-full": "#d62728", "scopegate-limits": "#ff9896",
+ORDER = ["direct", "scopegate-full", "scopegate-baseline", "scopegate-limits", "scopegate-open", "nginx"]
+COLORS = {"direct": "#555555", "scopegate-full": "#d62728", "scopegate-baseline": "#9467bd",
+          "scopegate-limits": "#ff9896",
           "scopegate-open": "#1f77b4", "nginx": "#2ca02c"}
 
 
@@ -171,6 +173,20 @@ if on and off:
     w("")
     w(f"Everything on vs the same without the audit log, paired round by round: throughput "
       f"{thr:.3f}x, requests per CPU-second {cpu:.3f}x.")
+    w("")
+
+# Before/after: this build vs a baseline build, paired round by round.
+base = maxrows.get("scopegate-baseline", [])
+if base and on:
+    pairs = list(zip(on, base))
+    thr = med(x[0] / y[0] for x, y in pairs)
+    cpu = med(x[1] / y[1] for x, y in pairs if x[1] and y[1])
+    p99_now, p99_base = fixed_q("scopegate-full", "p99"), fixed_q("scopegate-baseline", "p99")
+    w("## This build vs the baseline build")
+    w("")
+    w(f"Both with everything on, paired round by round (baseline: `{a.baseline}`): throughput "
+      f"{thr:.3f}x, CPU per request {cpu:.3f}x, p99 at the fixed rate "
+      f"{fmt(p99_now)} µs vs {fmt(p99_base)} µs.")
     w("")
 
 # Allocations.

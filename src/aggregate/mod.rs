@@ -1530,7 +1530,7 @@ async fn get_stream(
             let next = if watch {
                 monoio::select! {
                     e = next => e,
-                    _ = client.stream.readable(true) => {
+                    _ = client.stream.readable(false) => {
                         match client.peer_closed() {
                             Some(true) => return false,
                             Some(false) => watch = false,

@@ -125,12 +125,12 @@ pub async fn wait_readable_watching(
     let wait = async {
         loop {
             if !*watch {
-                let _ = up.stream.readable(true).await;
+                let _ = up.stream.readable(false).await;
                 return Waited::Readable;
             }
             monoio::select! {
-                _ = up.stream.readable(true) => return Waited::Readable,
-                _ = agent.stream.readable(true) => match agent.peer_closed() {
+                _ = up.stream.readable(false) => return Waited::Readable,
+                _ = agent.stream.readable(false) => match agent.peer_closed() {
                     Some(true) => return Waited::AgentGone,
                     Some(false) => *watch = false,
                     None => {}
