@@ -18,8 +18,9 @@
 #
 # usage: scripts/bench.sh [--duration S] [--rounds N] [--rate R] [--idle N] [--streams N]
 #                         [--quick] [--no-write] [--baseline BIN]
-# --baseline BIN adds a row for another scopegate binary (an earlier build) with everything on,
-# in the same interleaved rounds, and a before/after ratio: how a change moves the hot path.
+# --baseline BIN|REV adds a row for another scopegate binary (or the one built from git revision
+# REV, in a worktree under target/) with everything on, in the same interleaved rounds, and a
+# before/after ratio: how a change moves the hot path.
 # Needs nginx (installed from Debian's packages when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +43,7 @@ while [[ $# -gt 0 ]]; do
     --streams) STREAMS="$2"; shift 2 ;;
     --quick) DURATION=2; ROUNDS=1; IDLE=1000; STREAMS=100; shift ;;
     --no-write) WRITE=0; shift ;;
-    --baseline) BASELINE=$(realpath "$2"); shift 2 ;;
+    --baseline) BASELINE=$2; shift 2 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +57,16 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release -q -p scopegate -p scopegate-loadtest
 BIN=target/release
+if [[ -n "$BASELINE" && ! -x "$BASELINE" ]]; then
+  # A revision: build it beside this tree (its own target dir, so the two builds never mix).
+  echo "bench.sh: building the baseline from revision $BASELINE" >&2
+  git worktree remove --force target/baseline-src 2>/dev/null || rm -rf target/baseline-src
+  git worktree prune
+  git worktree add --detach -f target/baseline-src "$BASELINE" >/dev/null
+  (cd target/baseline-src && CARGO_TARGET_DIR="$PWD/../baseline-target" cargo build --release -q -p scopegate)
+  BASELINE=target/baseline-target/release/scopegate
+fi
+[[ -n "$BASELINE" ]] && BASELINE=$(realpath "$BASELINE")
 LOAD="$BIN/sg-load"
 
 WORK=$(mktemp -d)

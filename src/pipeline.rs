@@ -643,6 +643,11 @@ async fn handle_request(
         });
     }
     plan.request_id = request_id;
+    plan.long_lived = envelope.as_ref().is_some_and(|e| {
+        e.messages()
+            .iter()
+            .any(|m| decide::access(m.method, m.kind) == decide::Access::Listen)
+    });
     plan.scan_is_error = draft.active
         && envelope
             .as_ref()
@@ -915,9 +920,14 @@ fn authorize(
     }
     let mut refusal: Option<(usize, String, String)> = None;
     for (i, m) in env.messages().iter().enumerate() {
-        if let Decision::Deny { rule, reason } =
-            decide::authorize_message(policy, agent, upstream, m, env.arguments(m))
-        {
+        if let Decision::Deny { rule, reason } = decide::authorize_message(
+            policy,
+            agent,
+            upstream,
+            m,
+            env.arguments(m),
+            env.notifications(m),
+        ) {
             refusal = Some((i, rule, reason));
             break;
         }

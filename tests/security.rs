@@ -466,18 +466,32 @@ fn an_event_stream_failing_mid_way_ends_with_an_error_for_the_request() {
 
 #[test]
 fn a_malformed_first_chunk_gets_a_502_not_a_closed_connection() {
-    let up = raw_upstream(|s, _, _| {
+    let together = raw_upstream(|s, _, _| {
         let _ = s.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz-not-a-size\r\n",
         );
     });
-    for open in [true, false] {
+    // The head first, the broken chunk in a later packet.
+    let apart = raw_upstream(|s, _, _| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let _ = s.flush();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = s.write_all(b"zz-not-a-size\r\n");
+    });
+    for (up, open) in [
+        (&together, true),
+        (&together, false),
+        (&apart, true),
+        (&apart, false),
+    ] {
         let gw = if open {
             Gateway::open()
                 .upstream_url("h", &format!("http://{}/mcp", up.addr))
                 .start()
         } else {
-            raw_gateway(&up, &[])
+            raw_gateway(up, &[])
         };
         let mut c = gw.client();
         let r = c
@@ -568,7 +582,7 @@ url = "{}"
 id = "bot"
 key_sha256 = "{}"
 allow = ["h/*", "m/echo"]
-deny = ["m/prompt:admin_*", "m/resource:file:///etc/*"]
+deny = ["h/hidden_*", "m/prompt:admin_*", "m/resource:file:///etc/*"]
 "#,
         up.addr,
         m.url(),
@@ -666,4 +680,68 @@ fn agents_closing_the_merged_stream_release_every_upstream_stream() {
         "{} of 3 upstream streams closed",
         up.closed_get.load(Ordering::SeqCst)
     );
+}
+
+#[test]
+fn answers_to_filter_come_uncompressed_or_not_at_all() {
+    // The agent's Accept-Encoding does not reach the upstream in policy mode.
+    let s = setup();
+    let r = post(
+        &s,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        &[("Accept-Encoding", "gzip, br")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        s.up.recorded().last().unwrap().header("accept-encoding"),
+        None
+    );
+    // An upstream that compresses a list anyway: refused, never relayed unread.
+    let up = raw_upstream(|s, _, _| {
+        let body = b"\x1f\x8b\x08\x00garbled";
+        let _ = s.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let _ = s.write_all(body);
+    });
+    let gw = raw_gateway(&up, &[]);
+    let r = gw
+        .client()
+        .post(
+            "/mcp/h",
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#,
+        )
+        .header("Authorization", &bearer())
+        .send();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("Content-Encoding"), "{}", r.text());
+}
+
+#[test]
+fn lists_on_the_aggregate_s_streams_are_filtered_too() {
+    let up = raw_upstream(|s, head, body| {
+        mcp_or(s, head, body, |s| {
+            let _ = s.write_all(SSE_HEAD);
+            let event = br#"data: {"jsonrpc":"2.0","id":9,"result":{"tools":[{"name":"hidden_tool"},{"name":"fine_tool"}]}}"#;
+            let mut out = event.to_vec();
+            out.extend_from_slice(b"\n\n");
+            let _ = s.write_all(format!("{:x}\r\n", out.len()).as_bytes());
+            let _ = s.write_all(&out);
+            let _ = s.write_all(b"\r\n0\r\n\r\n");
+        })
+    });
+    let (_m, gw, token) = aggregate(&up, &[]);
+    let r = gw
+        .client()
+        .post("/mcp", &call(9, "h__anything", "{}"))
+        .header("Authorization", &bearer())
+        .header("Mcp-Session-Id", &token)
+        .send();
+    let text = r.text();
+    assert!(text.contains("fine_tool"), "{text}");
+    assert!(!text.contains("hidden_tool"), "{text}");
 }

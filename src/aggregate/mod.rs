@@ -36,7 +36,7 @@ use crate::http::response;
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::envelope::{Envelope, Kind, Message};
 use crate::mcp::jsonrpc;
-use crate::mcp::lists::ListKind;
+use crate::mcp::lists::{self, ListKind};
 use crate::mcp::session::MultiSession;
 use crate::pipeline::Refusal;
 use crate::policy::Policy;
@@ -168,6 +168,23 @@ impl Request<'_, '_> {
             protocol_version: self.version(),
             inject: self.inject(i),
             peer: self.peer,
+        }
+    }
+
+    /// A message from upstream `i` for the agent, with any list result in it filtered to what
+    /// the agent may see (the same decision as everywhere: policy::decide::visible); `None`
+    /// when it may hold a list and cannot be read (then it is not relayed).
+    fn filter_lists(&self, i: usize, data: Vec<u8>) -> Option<Vec<u8>> {
+        let (Some(p), Some(a)) = (self.policy, self.agent) else {
+            return Some(data);
+        };
+        if !lists::may_hold_list(&data) {
+            return Some(data);
+        }
+        match lists::filter_lists(&data, &|kind, item| decide::visible(p, a, i, kind, item)) {
+            Ok(None) => Some(data),
+            Ok(Some(filtered)) => Some(filtered),
+            Err(_) => None,
         }
     }
 
@@ -993,7 +1010,7 @@ async fn routed(
     let arguments = req.env.and_then(|e| e.arguments(m));
     // What the agent named (in the aggregate's names), read off the envelope by the same
     // table as on one upstream.
-    let asked = Target::of(m, arguments);
+    let asked = Target::of(m, arguments, req.env.and_then(|e| e.notifications(m)));
     if let Target::Malformed(why) = asked {
         let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, why);
         return write(req, client, Reply::json(200, body)).await;
@@ -1029,7 +1046,7 @@ async fn routed(
                 _ => return write(req, client, unknown("resource", uri)).await,
             }
         }
-        Target::Upstream | Target::Unknown(_) | Target::Malformed(_) => {
+        Target::Upstream | Target::Unknown(_) | Target::Malformed(_) | Target::Subscriptions(_) => {
             let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_REQUEST, "not a routed message");
             return write(req, client, Reply::json(400, body)).await;
         }
@@ -1247,7 +1264,7 @@ async fn relay(
 ) -> Result<Outcome, Outcome> {
     let status = resp.status();
     if !resp.is_event_stream() {
-        let limit = req.worker.config.max_body.max(1 << 20) * 16;
+        let limit = req.worker.config.max_upstream_message;
         let body = match resp.read_all(req.deadline(), limit).await {
             Ok(b) => b,
             Err(why) => {
@@ -1264,7 +1281,20 @@ async fn relay(
         let body = if body.is_empty() {
             body
         } else {
-            rewrite.apply(&body)
+            match req.filter_lists(i, rewrite.apply(&body)) {
+                Some(b) => b,
+                None => {
+                    let r = Refusal::new(
+                        502,
+                        jsonrpc::UPSTREAM_UNAVAILABLE,
+                        format!(
+                            "upstream {:?} answered with something that may list hidden items and is not JSON; not relayed",
+                            rewrite.upstream
+                        ),
+                    );
+                    return write(req, client, Reply::upstream_failed(m.id, &r, i)).await;
+                }
+            }
         };
         let mut reply = Reply::json(status, body);
         reply.upstream = Some(i);
@@ -1304,14 +1334,20 @@ async fn relay(
     let mut sse = SseSplitter::new(config.max_upstream_message);
     let mut watch = true;
     let mut answered = false;
+    let mut event_deadline: Option<Instant> = None;
     let failure = loop {
         let mut out = Vec::new();
         let mut too_large = false;
         loop {
             match sse.next_event() {
                 Ok(Some(event)) => {
+                    event_deadline = None;
                     let parts = sse::event_parts(event);
-                    let data = parts.data.map(|d| rewrite.apply(&d));
+                    let data = match parts.data.map(|d| req.filter_lists(i, rewrite.apply(&d))) {
+                        Some(None) => continue,
+                        Some(Some(d)) => Some(d),
+                        None => None,
+                    };
                     if data.is_none() && parts.other.is_empty() {
                         continue;
                     }
@@ -1338,15 +1374,18 @@ async fn relay(
                 config.max_upstream_message
             ));
         }
-        let wait = if sse.pending() > 0 {
+        // An event that has begun must end within the upstream timeout (one deadline for the
+        // whole event, however it trickles in); between events the stream may pause.
+        if sse.pending() > 0 && event_deadline.is_none() {
+            event_deadline = Some(Instant::now() + config.upstream_timeout);
+        }
+        let wait = if event_deadline.is_some() {
             config.upstream_timeout
         } else {
             config.stream_idle
         };
-        match resp
-            .next_watching(client, &mut watch, Some(Instant::now() + wait))
-            .await
-        {
+        let deadline = event_deadline.unwrap_or_else(|| Instant::now() + config.stream_idle);
+        match resp.next_watching(client, &mut watch, Some(deadline)).await {
             Ok(Some(piece)) => sse.push(&piece),
             Ok(None) => break None,
             Err(BodyError::PeerGone) => {
@@ -1465,12 +1504,21 @@ async fn get_stream(
             };
             Some(Box::pin(async move {
                 let mut sse = SseSplitter::new(limit);
+                let mut event_started: Option<Instant> = None;
                 'read: loop {
                     loop {
                         match sse.next_event() {
                             Ok(Some(event)) => {
+                                event_started = None;
                                 let parts = sse::event_parts(event);
-                                let data = parts.data.map(|d| rewrite.apply(&d));
+                                let data = match parts
+                                    .data
+                                    .map(|d| req.filter_lists(i, rewrite.apply(&d)))
+                                {
+                                    Some(None) => continue,
+                                    Some(Some(d)) => Some(d),
+                                    None => None,
+                                };
                                 if data.is_none() && parts.other.is_empty() {
                                     continue;
                                 }
@@ -1501,9 +1549,19 @@ async fn get_stream(
                         }
                     })
                     .await;
-                    match resp.next(None).await {
+                    // A quiet stream waits as long as the agent stays (the writer watches
+                    // it); an event that has begun must end within the upstream timeout.
+                    if sse.pending() > 0 && event_started.is_none() {
+                        event_started = Some(Instant::now());
+                    }
+                    let deadline = event_started.map(|t| t + req.worker.config.upstream_timeout);
+                    match resp.next(deadline).await {
                         Ok(Some(piece)) => sse.push(&piece),
-                        _ => break,
+                        Ok(None) => break,
+                        Err(why) => {
+                            req.note_failure(i, &format!("its GET stream {why}"));
+                            break;
+                        }
                     }
                 }
                 queue.borrow_mut().open -= 1;

@@ -176,11 +176,22 @@ pub struct HeadRecord {
     pub hash: String,
 }
 
-pub fn write_head(dir: &Path, worker: usize, seq: u64, hash: &[u8; 32]) {
+/// Records the newest line's seq and hash (atomically: a temporary file renamed over the head).
+/// With `sync` the head reaches the disk before the rename, after the lines it names were
+/// synced, so after a power loss a head never runs ahead of its chain.
+pub fn write_head(dir: &Path, worker: usize, seq: u64, hash: &[u8; 32], sync: bool) {
+    use std::io::Write as _;
     let path = head_path(dir, worker);
     let tmp = path.with_extension("head.tmp");
     let text = format!("{{\"seq\":{seq},\"hash\":\"{}\"}}\n", hex(hash));
-    if std::fs::write(&tmp, text).is_ok() {
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(text.as_bytes())?;
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
+    });
+    if written.is_ok() {
         let _ = std::fs::rename(&tmp, &path);
     }
 }

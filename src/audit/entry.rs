@@ -231,15 +231,19 @@ fn redacts(redact: &[Glob], key: &str) -> bool {
 
 /// How deep JSON held in strings (held in strings ...) is looked into.
 const MAX_EMBEDDED_DEPTH: usize = 3;
+/// Strings longer than this are not parsed for embedded JSON (the entry cuts arguments at
+/// `SCOPEGATE_AUDIT_MAX_ARGS` anyway; a huge string is not parsed to be cut).
+const MAX_EMBEDDED_BYTES: usize = 64 * 1024;
 
 /// `s` with its redacted fields replaced, when `s` is JSON text that has any; `None` when it is
 /// not JSON or holds nothing to redact (then it is written as it is).
 fn redact_embedded(s: &str, redact: &[Glob], depth: usize) -> Option<String> {
-    if redact.is_empty() || depth >= MAX_EMBEDDED_DEPTH {
+    if redact.is_empty() || depth >= MAX_EMBEDDED_DEPTH || s.len() > MAX_EMBEDDED_BYTES {
         return None;
     }
+    // An object, an array, or a JSON string that holds one (JSON encoded twice).
     let trimmed = s.trim_start();
-    if !(trimmed.starts_with('{') || trimmed.starts_with('[')) {
+    if !(trimmed.starts_with('{') || trimmed.starts_with('[') || trimmed.starts_with('"')) {
         return None;
     }
     let mut value: serde_json::Value = serde_json::from_str(s).ok()?;
@@ -379,6 +383,10 @@ mod tests {
         assert_eq!(settings["host"], "db");
         assert_eq!(v["args"]["Token"], "[redacted]");
         assert_eq!(v["args"]["note"], "{not json");
+        // JSON encoded twice: a string whose text is a JSON string holding an object.
+        let twice = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"c","arguments":{"cfg":"\"{\\\"password\\\":\\\"hunter3\\\"}\""}}}"#;
+        let out = fragment(twice, &[glob("*password*")], 4096);
+        assert!(!out.contains("hunter3"), "{out}");
     }
 
     #[test]

@@ -144,7 +144,7 @@ impl Sink {
         sink.reopen()?;
         // A head from the start, so a chain that never gets an entry is still accounted for.
         if sink.notice.is_none() {
-            write_head(&sink);
+            write_head(&sink, false);
         }
         Ok(sink)
     }
@@ -241,6 +241,7 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
     // Whether the last slice was full (more was waiting when it was taken).
     let mut slice_full = false;
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
+    let mut last_head = Instant::now();
     if let Some(notice) = sink.notice.take() {
         // Evidence first: the chain itself says what was found missing when it was reopened.
         let record = chain::tamper_record(sink.worker, &notice);
@@ -277,6 +278,13 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
                         batch = Vec::with_capacity(SLICE + 64 * 1024);
                     }
                     if slice_full {
+                        // Under sustained load the ring may never empty: the head still moves
+                        // on at least once a flush interval.
+                        if last_head.elapsed() >= config.flush {
+                            write_head(sink, config.fsync);
+                            wrote_since_head = false;
+                            last_head = Instant::now();
+                        }
                         // More was waiting: let the worker run first, then take the next slice.
                         // A slice that was not full emptied the ring: the flush is done.
                         std::thread::yield_now();
@@ -304,8 +312,9 @@ fn run(config: &AuditConfig, channel: &Channel, sink: &mut Sink) {
         }
         // The ring is empty: record where the chain ends, once per flush.
         if wrote_since_head {
-            write_head(sink);
+            write_head(sink, config.fsync);
             wrote_since_head = false;
+            last_head = Instant::now();
         }
         if stopping && channel.ring.used() == 0 {
             return;
@@ -354,6 +363,6 @@ fn write_batch(
     Ok(())
 }
 
-fn write_head(sink: &Sink) {
-    chain::write_head(&sink.dir, sink.worker, sink.last_seq, &sink.prev);
+fn write_head(sink: &Sink, sync: bool) {
+    chain::write_head(&sink.dir, sink.worker, sink.last_seq, &sink.prev, sync);
 }

@@ -137,6 +137,7 @@ pub(super) async fn relay_events(
     let _gauge = StreamGauge::open(&worker.stats.metrics.sse_streams);
 
     let is_post = request.method() == b"POST";
+    let idle_limit = is_post && !plan.long_lived;
     let mut body = BodyReader::new(framing);
     let mut splitter = SseSplitter::new(config.max_upstream_message);
     let mut events: Vec<u8> = Vec::new();
@@ -145,6 +146,7 @@ pub(super) async fn relay_events(
     let mut answered = false;
     let written_before = client.written;
     let failure = loop {
+        // Every event complete so far.
         let mut too_large = None;
         loop {
             match splitter.next_event() {
@@ -167,6 +169,20 @@ pub(super) async fn relay_events(
         if let Some(why) = too_large {
             break Some(why);
         }
+        // Bytes that are already here are read before anything is sent: a broken first chunk
+        // then still gets a plain 502.
+        match body.take(up) {
+            Ok(Some(piece)) => {
+                if plan.scan_is_error {
+                    ex.is_error.feed(&piece);
+                }
+                splitter.push(&piece);
+                continue;
+            }
+            Ok(None) if body.is_done() => break None,
+            Ok(None) => {}
+            Err(e) => break Some(e.message()),
+        }
         // Send what is complete before waiting for more.
         write_events(&mut ex.out, &events, chunked);
         events.clear();
@@ -177,7 +193,7 @@ pub(super) async fn relay_events(
             event_deadline = Some(Instant::now() + config.upstream_timeout);
         }
         let deadline =
-            event_deadline.or_else(|| is_post.then(|| Instant::now() + config.stream_idle));
+            event_deadline.or_else(|| idle_limit.then(|| Instant::now() + config.stream_idle));
         match body.next_watching(up, client, &mut watch, deadline).await {
             Ok(Some(piece)) => {
                 if plan.scan_is_error {
@@ -204,11 +220,13 @@ pub(super) async fn relay_events(
         }
     };
     let Some(why) = failure else {
+        write_events(&mut ex.out, &events, chunked);
         if chunked {
-            send(client, &mut ex.out, Bytes::from_static(framing::LAST_CHUNK))
-                .await
-                .map_err(|_| ForwardError::AgentGone)?;
+            ex.out.extend_from_slice(framing::LAST_CHUNK);
         }
+        flush(client, &mut ex.out)
+            .await
+            .map_err(|_| ForwardError::AgentGone)?;
         return Ok((
             Relayed {
                 keep_alive: keep_client,
@@ -218,7 +236,7 @@ pub(super) async fn relay_events(
         ));
     };
     let name = &config.upstreams[upstream_index].name;
-    if client.written == written_before {
+    if client.written == written_before && events.is_empty() {
         // Nothing reached the agent: a plain refusal says it best.
         return Err(ForwardError::BeforeResponse(Refusal::new(
             502,
@@ -228,10 +246,12 @@ pub(super) async fn relay_events(
     }
     let why = format!("upstream {name:?} {why}");
     if !chunked {
+        write_events(&mut ex.out, &events, chunked);
+        let _ = flush(client, &mut ex.out).await;
         return Err(ForwardError::MidResponse(why));
     }
-    // Tell the agent in-band and end the stream properly: its connection stays usable.
-    events.clear();
+    // The complete events first, then tell the agent in-band and end the stream properly: its
+    // connection stays usable.
     if is_post
         && !answered
         && let Some(id) = plan.request_id
@@ -272,11 +292,29 @@ fn pass_event(event: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) {
     }
 }
 
-/// Whether an event carries a JSON-RPC response (the answer a POST's stream exists for). A
-/// cheap look: it decides only whether a failing stream still owes the agent an error.
+/// Whether an event carries a JSON-RPC response (the answer a POST's stream exists for): a
+/// `"result"` or `"error"` key (followed by `:`, so a log message's `"level":"error"` is not
+/// one) in a message that is not a notification. A cheap look: it decides only whether a
+/// failing stream still owes the agent an error.
 fn is_response_event(event: &[u8]) -> bool {
-    use memchr::memmem::find;
-    find(event, b"\"result\"").is_some() || find(event, b"\"error\"").is_some()
+    (has_key(event, b"\"result\"") || has_key(event, b"\"error\""))
+        && !has_key(event, b"\"method\"")
+}
+
+/// Whether `key` (with its quotes) appears followed by `:` (whitespace allowed between).
+fn has_key(data: &[u8], key: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(i) = memchr::memmem::find(&data[from..], key) {
+        let mut j = from + i + key.len();
+        while matches!(data.get(j), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            j += 1;
+        }
+        if data.get(j) == Some(&b':') {
+            return true;
+        }
+        from += i + key.len();
+    }
+    false
 }
 
 /// Appends `events` to `out` as one chunk (or raw, for an HTTP/1.0 agent).

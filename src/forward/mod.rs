@@ -83,6 +83,9 @@ pub struct Plan<'a> {
     /// The id of the request when the body is one request: an event stream answering it that
     /// fails mid-way ends with a JSON-RPC error for this id.
     pub request_id: Option<Id<'a>>,
+    /// The answer is a stream meant to stay open while quiet (`subscriptions/listen`), like a
+    /// GET stream: no `SCOPEGATE_STREAM_IDLE_MS` between its events.
+    pub long_lived: bool,
 }
 
 pub struct Relayed {
@@ -159,6 +162,17 @@ pub async fn forward(
 
     let written_before = client.written;
     let filtered = plan.visible.is_some() && (200..300).contains(&ex.response.status);
+    let must_read = is_event_stream(&ex.response) || plan.lists_asked;
+    if filtered && must_read && !plain_coding(&ex.response) {
+        return Err(ForwardError::BeforeResponse(Refusal::new(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!(
+                "upstream {:?} sent a compressed answer (Content-Encoding) that scopegate must read to filter; it is not relayed",
+                upstream.name
+            ),
+        )));
+    }
     let result = if filtered && is_event_stream(&ex.response) {
         // Boxed, like the filtered JSON relay: rarer than plain calls, and their state machines
         // would otherwise size every connection's task.
@@ -223,6 +237,14 @@ pub async fn forward(
     Ok(relayed)
 }
 
+/// Whether a response's body is as written (no `Content-Encoding`, or `identity`).
+fn plain_coding(response: &Head) -> bool {
+    response
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(b"content-encoding"))
+        .all(|(_, v)| v.trim_ascii().is_empty() || v.trim_ascii().eq_ignore_ascii_case(b"identity"))
+}
+
 /// Whether a response is an event stream.
 pub fn is_event_stream(response: &Head) -> bool {
     response
@@ -268,6 +290,9 @@ fn build_request(
             || name.eq_ignore_ascii_case(b"authorization")
             || head::named_by_connection(request, name)
             || (plan.upstream_session.is_some() && name.eq_ignore_ascii_case(b"mcp-session-id"))
+            // Answers are filtered in policy mode, so they must come as plain text: an
+            // upstream that compressed a replayed list would slip it past the filter.
+            || (plan.visible.is_some() && name.eq_ignore_ascii_case(b"accept-encoding"))
             || plan.inject.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
         {
             continue;

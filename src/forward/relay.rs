@@ -84,7 +84,7 @@ pub(super) async fn relay(
     let config = &worker.config;
     let limit = if !is_event_stream {
         Some(config.upstream_timeout)
-    } else if request.method() == b"POST" {
+    } else if request.method() == b"POST" && !plan.long_lived {
         Some(config.stream_idle)
     } else {
         None
@@ -145,16 +145,23 @@ pub(super) async fn relay(
                 let take = (up.buf.len() as u64).min(remaining) as usize;
                 let piece = up.buf.split_to(take).freeze();
                 remaining -= take as u64;
-                send_scanned(
-                    client,
-                    out,
-                    piece,
-                    plan.scan_is_error.then_some(&mut ex.is_error),
-                )
-                .await
-                .map_err(mid)?;
+                // The head goes with the first bytes of the body, not before: an upstream that
+                // fails before any arrive gets the agent a plain 502.
+                if !piece.is_empty() {
+                    send_scanned(
+                        client,
+                        out,
+                        piece,
+                        plan.scan_is_error.then_some(&mut ex.is_error),
+                    )
+                    .await
+                    .map_err(mid)?;
+                }
                 if remaining == 0 {
                     break;
+                }
+                if is_event_stream {
+                    flush(client, out).await.map_err(mid)?;
                 }
                 wait.fill(up, client).await?;
             }
@@ -178,16 +185,23 @@ pub(super) async fn relay(
                 } else {
                     raw
                 };
-                send_scanned(
-                    client,
-                    out,
-                    piece,
-                    plan.scan_is_error.then_some(&mut ex.is_error),
-                )
-                .await
-                .map_err(mid)?;
+                if !piece.is_empty() {
+                    send_scanned(
+                        client,
+                        out,
+                        piece,
+                        plan.scan_is_error.then_some(&mut ex.is_error),
+                    )
+                    .await
+                    .map_err(mid)?;
+                }
                 if decoder.is_done() {
+                    flush(client, out).await.map_err(mid)?;
                     break;
+                }
+                if is_event_stream {
+                    // A stream may stay quiet: the agent sees it open before the wait.
+                    flush(client, out).await.map_err(mid)?;
                 }
                 wait.fill(up, client).await?;
             }
@@ -215,6 +229,9 @@ pub(super) async fn relay(
                     )
                     .await
                     .map_err(mid)?;
+                }
+                if is_event_stream {
+                    flush(client, out).await.map_err(mid)?;
                 }
                 if wait.fill_or_end(up, client).await? == 0 {
                     break;

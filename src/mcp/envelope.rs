@@ -67,6 +67,9 @@ pub struct Message<'a> {
     pub progress_token: Option<Id<'a>>,
     /// `params.ref` (completion/complete): what is being completed.
     pub reference: Option<Reference<'a>>,
+    /// `params.notifications` (2026-07-28 `subscriptions/listen`): the tape nodes of the
+    /// filter, `start..end` (its `resourceSubscriptions` name resources).
+    pub notifications: Option<(u32, u32)>,
     /// For responses: whether the message carries `error` (vs `result`).
     pub is_error: bool,
 }
@@ -238,6 +241,12 @@ impl<'a> Envelope<'a> {
         let (start, end) = message.arguments?;
         self.tape.0.get(start as usize..end as usize)
     }
+
+    /// The tape nodes of a message's `params.notifications` (subscriptions/listen).
+    pub fn notifications(&self, message: &Message<'a>) -> Option<&[Node<'a>]> {
+        let (start, end) = message.notifications?;
+        self.tape.0.get(start as usize..end as usize)
+    }
 }
 
 impl Drop for Envelope<'_> {
@@ -259,6 +268,7 @@ fn unreachable_message() -> Message<'static> {
         arguments: None,
         progress_token: None,
         reference: None,
+        notifications: None,
         is_error: false,
     }
 }
@@ -391,6 +401,7 @@ fn read_message<'a>(nodes: &[Node<'a>], at: usize) -> Result<Message<'a>, Envelo
         arguments: None,
         progress_token: None,
         reference: None,
+        notifications: None,
         is_error: has_error,
     };
     if let Some(p) = params {
@@ -420,6 +431,7 @@ fn read_params<'a>(
             "arguments" => (4, "params.arguments"),
             "_meta" => (8, "params._meta"),
             "ref" => (16, "params.ref"),
+            "notifications" => (32, "params.notifications"),
             _ => (0, ""),
         };
         mark_seen(&mut seen, bit, name)?;
@@ -444,6 +456,12 @@ fn read_params<'a>(
             }
             "_meta" => message.progress_token = read_progress_token(nodes, value_at)?,
             "ref" => message.reference = Some(read_reference(nodes, value_at)?),
+            "notifications" => {
+                if let Node::Object { .. } = value {
+                    check_unique_keys(nodes, value_at)?;
+                }
+                message.notifications = Some((value_at as u32, (value_at + span(value)) as u32));
+            }
             _ => {}
         }
     }

@@ -88,6 +88,7 @@ fn filter_message(message: &mut OwnedValue, visible: Visible<'_>) -> bool {
         return false;
     };
     let mut found = false;
+    let mut kinds = 0;
     for kind in [
         ListKind::Tools,
         ListKind::Prompts,
@@ -107,17 +108,29 @@ fn filter_message(message: &mut OwnedValue, visible: Visible<'_>) -> bool {
             // Not a list where a list belongs: nothing of it is relayed.
             None => *items = OwnedValue::Array(Box::default()),
         }
+        kinds += 1;
+    }
+    // A list filtered for one agent must not be cached for others (2026-07-28 caching hints).
+    if kinds > 0 && result.contains_key("cacheScope") {
+        result.insert("cacheScope".into(), OwnedValue::from("private"));
     }
     found
 }
 
 /// Whether an event-stream event or a body may hold a list result and must be looked at: it
-/// names `"result"` and a list member, or it has an escape (`"tool\u0073"` is `"tools"` once
-/// parsed). A cheap scan; the parse happens only when it says yes.
+/// names `"result"` and a list member, or it has an escaped ASCII character (`"tool\u0073"`
+/// is `"tools"` once parsed). A cheap scan; the parse happens only when it says yes.
 pub fn may_hold_list(data: &[u8]) -> bool {
     use memchr::memmem::find;
-    if find(data, b"\\u").is_some() {
-        return true;
+    // An escaped ASCII character (`\u0073`) could spell a key; escaped non-ASCII (what
+    // `json.dumps` writes for "é") cannot.
+    let mut from = 0;
+    while let Some(i) = find(&data[from..], b"\\u00") {
+        let at = from + i + 4;
+        if data.get(at).is_some_and(|b| (b'2'..=b'7').contains(b)) {
+            return true;
+        }
+        from = at;
     }
     find(data, b"\"result\"").is_some()
         && (find(data, b"\"tools\"").is_some()
@@ -196,5 +209,17 @@ mod tests {
         assert!(!may_hold_list(
             br#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#
         ));
+        assert!(!may_hold_list(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"text":"caf\u00e9"}]}}"#
+        ));
+    }
+
+    #[test]
+    fn a_filtered_list_is_never_cached_for_others() {
+        let body = br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"}],"ttlMs":60000,"cacheScope":"public"}}"#;
+        let v: serde_json::Value =
+            serde_json::from_slice(&filter_lists(body, &keep).unwrap().unwrap()).unwrap();
+        assert_eq!(v["result"]["cacheScope"], "private");
+        assert_eq!(v["result"]["ttlMs"], 60000);
     }
 }

@@ -45,8 +45,16 @@ pub enum UriError {
     EncodedSlash,
     /// An unclosed `{` in a URI template.
     BadTemplate,
-    /// A host that is neither a name nor a bracketed IP literal (a stray `:`, `[` or `]`).
+    /// A host that is neither a plain ASCII name, a dotted-quad address nor a bracketed IP
+    /// literal: a stray `:`, `[` or `]`, non-ASCII or percent-encoded characters (which host
+    /// parsers map: `ｌｏｃａｌｈｏｓｔ` is `localhost` to them), or a number in another form
+    /// (`2130706433` and `0x7f.1` are 127.0.0.1 to them).
     BadHost,
+    /// A `..` segment right after an empty one (`/etc//../x`), which URL parsers and
+    /// filesystems resolve differently.
+    AmbiguousDotSegment,
+    /// User information in a `file:` URI.
+    FileUserinfo,
 }
 
 impl UriError {
@@ -61,7 +69,9 @@ impl UriError {
             UriError::BadPercent => "has a % that is not a percent-encoding",
             UriError::EncodedSlash => "has an encoded / (%2F) in its path",
             UriError::BadTemplate => "has an unclosed { expression",
-            UriError::BadHost => "has a malformed host",
+            UriError::BadHost => "has a host that is not a plain name or address",
+            UriError::AmbiguousDotSegment => "has a \"..\" right after an empty segment",
+            UriError::FileUserinfo => "is a file: URI with user information",
         }
     }
 }
@@ -154,7 +164,7 @@ pub fn canonical(uri: &str, mode: Mode) -> Result<String, UriError> {
         // A template's expressions are not path segments (`{/var}`, `{a.b}`): they stand aside
         // as one private-use character each while slashes and dot segments are resolved.
         let (plain, expressions) = set_aside_expressions(&path, mode)?;
-        let resolved = remove_dot_segments(&collapse_slashes(&plain));
+        let resolved = collapse_slashes(&remove_dot_segments(&plain)?);
         path = if expressions.is_empty() {
             resolved
         } else {
@@ -162,13 +172,18 @@ pub fn canonical(uri: &str, mode: Mode) -> Result<String, UriError> {
         };
     }
     out.push_str(&path);
+    // A fragment never names another resource, and a file: URI's query names no other file:
+    // both are checked (they must be well formed) and left out of the canonical form, so a rule
+    // for `file:///etc/secret` also covers `file:///etc/secret?x#y`.
     if let Some(q) = query {
-        out.push('?');
-        out.push_str(&encode_part(q, mode, Part::Query)?);
+        let q = encode_part(q, mode, Part::Query)?;
+        if !is_file {
+            out.push('?');
+            out.push_str(&q);
+        }
     }
     if let Some(f) = fragment {
-        out.push('#');
-        out.push_str(&encode_part(f, mode, Part::Query)?);
+        encode_part(f, mode, Part::Query)?;
     }
     Ok(out)
 }
@@ -213,13 +228,28 @@ fn normal_authority(a: &str, scheme: &str, mode: Mode) -> Result<String, UriErro
     } else {
         host
     };
-    if inner.contains([':', '[', ']']) && !literal
-        || literal
-            && !inner
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'))
-    {
+    let name_ok = |h: &str| {
+        h.bytes().all(|b| {
+            is_unreserved(b)
+                || matches!(
+                    b,
+                    b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+                )
+                || (mode == Mode::Pattern && b == b'?')
+        })
+    };
+    let host_ok = if literal {
+        inner
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'))
+    } else {
+        name_ok(inner) && !numeric_in_another_form(inner)
+    };
+    if !host_ok {
         return Err(UriError::BadHost);
+    }
+    if scheme == "file" && userinfo.is_some() {
+        return Err(UriError::FileUserinfo);
     }
     let mut out = String::with_capacity(a.len());
     if let Some(u) = userinfo {
@@ -248,6 +278,31 @@ fn normal_authority(a: &str, scheme: &str, mode: Mode) -> Result<String, UriErro
         }
     }
     Ok(out)
+}
+
+/// Whether a host's last label is a number (WHATWG hosts then read the whole host as an IPv4
+/// address, in decimal, octal or hex, in one to four parts) and the host is not the one
+/// canonical spelling of an address, `a.b.c.d` with each part 0-255 without leading zeros.
+fn numeric_in_another_form(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let numeric = !last.is_empty()
+        && (last.bytes().all(|b| b.is_ascii_digit())
+            || (last.len() > 1
+                && (last.starts_with("0x") || last.starts_with("0X"))
+                && last[2..].bytes().all(|b| b.is_ascii_hexdigit())));
+    if !numeric {
+        return false;
+    }
+    let parts: Vec<&str> = host.split('.').collect();
+    let dotted_quad = parts.len() == 4
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p.len() == 1 || !p.starts_with('0'))
+                && p.parse::<u16>().is_ok_and(|n| n <= 255)
+        });
+    !dotted_quad || host.len() != host.strip_suffix('.').map_or(host.len(), str::len)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -395,14 +450,18 @@ fn collapse_slashes(path: &str) -> String {
 
 /// RFC 3986 §5.2.4, on a path that starts with `/`: `.` segments go, `..` removes the segment
 /// before it (never above the root).
-fn remove_dot_segments(path: &str) -> String {
+fn remove_dot_segments(path: &str) -> Result<String, UriError> {
     let mut segments: Vec<&str> = Vec::new();
     let body = path.strip_prefix('/').unwrap_or(path);
+    let count = body.split('/').count();
     let mut trailing_slash = false;
     for (i, seg) in body.split('/').enumerate() {
-        let last = i == body.split('/').count() - 1;
+        let last = i == count - 1;
         match seg {
             "." => trailing_slash = last,
+            // `/etc//../x`: the URL rules drop the empty segment (`/etc/x`), a filesystem
+            // folds the slashes first (`/x`). No safe reading: refused.
+            ".." if segments.last() == Some(&"") => return Err(UriError::AmbiguousDotSegment),
             ".." => {
                 segments.pop();
                 trailing_slash = last;
@@ -421,7 +480,7 @@ fn remove_dot_segments(path: &str) -> String {
     if trailing_slash && !out.ends_with('/') {
         out.push('/');
     }
-    out
+    Ok(out)
 }
 
 /// The canonical form of a filesystem path an argument names (a `prefix` constraint on a
@@ -524,6 +583,11 @@ mod tests {
             "file:///srv/%2E%2E/etc/secret",
             "file:///srv/x/../../etc/secret",
             "file:///../etc/secret",
+            "file:///etc/secret?x",
+            "file:///etc/secret#frag",
+            "file://127.0.0.1/etc/secret"
+                .replace("127.0.0.1", "localhost")
+                .as_str(),
         ] {
             assert_eq!(c(probe).as_deref(), Ok("file:///etc/secret"), "{probe}");
         }
@@ -545,6 +609,33 @@ mod tests {
         assert_eq!(c("1x:/etc"), Err(UriError::NoScheme));
         assert_eq!(c(""), Err(UriError::Empty));
         assert_eq!(c("x://a:b:/"), Err(UriError::BadHost));
+        assert_eq!(
+            c("file:///etc//../secret"),
+            Err(UriError::AmbiguousDotSegment)
+        );
+        assert_eq!(c("file:///srv//./../x"), Err(UriError::AmbiguousDotSegment));
+        assert_eq!(
+            c("file://ｌｏｃａｌｈｏｓｔ/etc/secret"),
+            Err(UriError::BadHost)
+        );
+        assert_eq!(
+            c("file://local%C2%ADhost/etc/secret"),
+            Err(UriError::BadHost)
+        );
+        assert_eq!(
+            c("file://local\u{ad}host/etc/secret"),
+            Err(UriError::BadHost)
+        );
+        assert_eq!(c("http://2130706433/"), Err(UriError::BadHost));
+        assert_eq!(c("http://0x7f.1/"), Err(UriError::BadHost));
+        assert_eq!(c("http://127.1/"), Err(UriError::BadHost));
+        assert_eq!(c("http://017.0.0.1/"), Err(UriError::BadHost));
+        assert_eq!(c("http://127.0.0.1/").as_deref(), Ok("http://127.0.0.1/"));
+        assert_eq!(c("http://v1.example/").as_deref(), Ok("http://v1.example/"));
+        assert_eq!(
+            c("file://user@localhost/etc/x"),
+            Err(UriError::FileUserinfo)
+        );
         assert_eq!(c("x://[::1]x/"), Err(UriError::BadHost));
         assert_eq!(c("x://[zz]/"), Err(UriError::BadHost));
         assert_eq!(c("HTTP://[::1]:80/a").as_deref(), Ok("http://[::1]/a"));
@@ -554,7 +645,7 @@ mod tests {
     fn other_schemes() {
         assert_eq!(
             c("HTTP://Example.COM:80/a/./b/../c?Q=%7e%41#F").as_deref(),
-            Ok("http://example.com/a/c?Q=~A#F")
+            Ok("http://example.com/a/c?Q=~A")
         );
         assert_eq!(
             c("https://example.com:443").as_deref(),

@@ -77,10 +77,10 @@ fn cmp_int_float(i: i128, f: f64) -> Option<Ordering> {
 }
 
 /// A `prefix` constraint. What the prefix looks like says what the argument is: a prefix that
-/// is a URI (`file:///srv/`) makes the argument a URI, compared in its canonical form; one that
-/// starts with `/`, `./` or `~/` makes it a filesystem path, compared in its canonical form
-/// ([`crate::mcp::uri::canonical_path`]: `..` refused, `//` and `/./` folded); anything else is
-/// a plain string prefix.
+/// is a URI (`file:///srv/`) makes the argument a URI, compared in its canonical form; one with
+/// a `/` in it (`/srv/`, `data/`, `~/notes/`) makes it a filesystem path, compared in its
+/// canonical form ([`crate::mcp::uri::canonical_path`]: `..` refused, `//` and `/./` folded);
+/// anything else is a plain string prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prefix {
     pub text: String,
@@ -103,7 +103,7 @@ impl Prefix {
             let c = uri::canonical(text, uri::Mode::Uri)
                 .map_err(|e| format!("prefix {text:?} {}", e.message()))?;
             (PrefixKind::Uri, c)
-        } else if text.starts_with('/') || text.starts_with("./") || text.starts_with("~/") {
+        } else if text.contains('/') {
             let c = uri::canonical_path(text)
                 .map_err(|e| format!("prefix {text:?} {}", e.message()))?;
             (PrefixKind::Path, c)
@@ -208,6 +208,17 @@ impl Constraint {
             else {
                 return Err("must be a number".into());
             };
+            // Past 2^53 a decimal written with a fraction or an exponent no longer has one
+            // reading: parsed to the nearest double here, exactly by a server with decimals
+            // (`10000000000000001.0` is 10^16 as a double). Integers are exact; such floats
+            // are refused rather than compared.
+            if let StaticNode::F64(f) = n
+                && f.abs() >= 9_007_199_254_740_992.0
+            {
+                return Err(
+                    "is a number written as a decimal beyond 2^53, which cannot be compared exactly: write it as an integer".into(),
+                );
+            }
             if let Some(min) = self.min
                 && min.compare(n) != Some(Ordering::Greater)
                 && min.compare(n) != Some(Ordering::Equal)
@@ -392,11 +403,12 @@ mod tests {
         assert!(check(&c, "10000000000000000").is_ok());
         assert!(check(&c, "10000000000000001").is_err(), "one above 10^16");
         assert!(
-            check(&c, "10000000000000000.5").is_ok(),
-            "as f64 this is 10^16"
+            check(&c, "10000000000000000.5").is_err(),
+            "a decimal past 2^53"
         );
-        assert!(check(&c, "1e16").is_ok());
-        assert!(check(&c, "1.0000000000000002e16").is_err());
+        assert!(check(&c, "10000000000000001.0").is_err());
+        assert!(check(&c, "1e16").is_err());
+        assert!(check(&c, "9007199254740991.0").is_ok());
         let c = Constraint {
             min: Some(Bound::Float(0.5)),
             max: Some(Bound::Float(1e19)),
@@ -406,6 +418,7 @@ mod tests {
         assert!(check(&c, "1").is_ok());
         assert!(check(&c, "10000000000000000000").is_ok());
         assert!(check(&c, "10000000000000000001").is_err());
+        assert!(check(&c, "1e18").is_err(), "a decimal past 2^53");
         assert!(check(&c, "18446744073709551615").is_err());
         let c = Constraint {
             min: Some(Bound::Int(i64::MIN)),
@@ -453,6 +466,15 @@ mod tests {
         assert!(Prefix::new("/srv/../x/").is_err());
         assert!(Prefix::new("FILE:///srv/").is_err());
         assert!(Prefix::new("/srv/shared").unwrap().admits_siblings());
+        // A relative directory prefix is a path prefix too (never a plain one).
+        assert!(Prefix::new("./data/").is_err());
+        let c = Constraint {
+            prefix: Some(Prefix::new("data/").unwrap()),
+            ..none()
+        };
+        assert!(check(&c, r#""data/x""#).is_ok());
+        assert!(check(&c, r#""./data/x""#).is_ok());
+        assert!(check(&c, r#""data/../../etc/passwd""#).is_err());
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum Access {
     Resource,
     /// `completion/complete`: the prompt or resource template in `params.ref`.
     Completion,
+    /// `subscriptions/listen` (2026-07-28): the resources in
+    /// `params.notifications.resourceSubscriptions`.
+    Listen,
     /// Tasks (2025-11-25, and the 2026-07-28 extension): about work this session started,
     /// which was authorized when it started.
     Task,
@@ -67,11 +70,8 @@ pub fn access(method: Option<&str>, kind: Kind) -> Access {
             _ => Access::Unknown,
         },
         Kind::Request => match method {
-            "initialize"
-            | "ping"
-            | "logging/setLevel"
-            | "server/discover"
-            | "subscriptions/listen" => Access::Plumbing,
+            "initialize" | "ping" | "logging/setLevel" | "server/discover" => Access::Plumbing,
+            "subscriptions/listen" => Access::Listen,
             "tools/call" => Access::Tool,
             "prompts/get" => Access::Prompt,
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Access::Resource,
@@ -101,6 +101,9 @@ pub enum Target<'a> {
     Resource(&'a str),
     /// A URI template (`completion/complete` with `ref/resource`).
     ResourceTemplate(&'a str),
+    /// The subscription filter of `subscriptions/listen` (its tape nodes): each URI in its
+    /// `resourceSubscriptions` is a resource the agent asks to follow.
+    Subscriptions(Option<&'a [Node<'a>]>),
     /// A method scopegate does not know.
     Unknown(&'a str),
     /// A message missing what its method needs; the text says what.
@@ -108,9 +111,15 @@ pub enum Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    /// What `message` asks for, read off its envelope fields.
-    pub fn of(message: &Message<'a>, arguments: Option<&'a [Node<'a>]>) -> Target<'a> {
+    /// What `message` asks for, read off its envelope fields (`arguments` and `notifications`:
+    /// the tape nodes of those params, from the envelope).
+    pub fn of(
+        message: &Message<'a>,
+        arguments: Option<&'a [Node<'a>]>,
+        notifications: Option<&'a [Node<'a>]>,
+    ) -> Target<'a> {
         match access(message.method, message.kind) {
+            Access::Listen => Target::Subscriptions(notifications),
             Access::Plumbing | Access::List(_) | Access::Task => Target::Upstream,
             Access::Unknown => Target::Unknown(message.method.unwrap_or_default()),
             Access::Tool => match message.name {
@@ -157,6 +166,41 @@ pub fn authorize(policy: &Policy, agent: usize, upstream: usize, target: &Target
         Target::ResourceTemplate(uri) => {
             authorize_item(policy, agent, upstream, ItemKind::ResourceTemplate, uri)
         }
+        Target::Subscriptions(filter) => {
+            let Some(nodes) = filter else {
+                return Decision::Allow;
+            };
+            let Some(uris) = arguments_iter(nodes)
+                .find_map(|(k, v)| (k == "resourceSubscriptions").then_some(v))
+            else {
+                return Decision::Allow;
+            };
+            let Some(Node::Array { len, .. }) = uris.first() else {
+                return Decision::Deny {
+                    rule: "malformed".into(),
+                    reason: "resourceSubscriptions must be a list of URIs".into(),
+                };
+            };
+            if uris.len() != len + 1 {
+                return Decision::Deny {
+                    rule: "malformed".into(),
+                    reason: "resourceSubscriptions must be a list of URIs".into(),
+                };
+            }
+            for node in &uris[1..] {
+                let Node::String(uri) = node else {
+                    return Decision::Deny {
+                        rule: "malformed".into(),
+                        reason: "resourceSubscriptions must be a list of URIs".into(),
+                    };
+                };
+                let d = authorize_item(policy, agent, upstream, ItemKind::Resource, uri);
+                if !d.is_allowed() {
+                    return d;
+                }
+            }
+            Decision::Allow
+        }
         Target::Unknown(method) => Decision::Deny {
             rule: "unknown method".into(),
             reason: format!(
@@ -177,8 +221,14 @@ pub fn authorize_message(
     upstream: usize,
     message: &Message<'_>,
     arguments: Option<&[Node<'_>]>,
+    notifications: Option<&[Node<'_>]>,
 ) -> Decision {
-    authorize(policy, agent, upstream, &Target::of(message, arguments))
+    authorize(
+        policy,
+        agent,
+        upstream,
+        &Target::of(message, arguments, notifications),
+    )
 }
 
 /// Whether `agent` may see a listed item of `upstream`: a tool it may call (before argument
@@ -507,7 +557,7 @@ deny = ["files/prompt:admin_*", "files/resource:file:///etc/*"]
             let mut parser = crate::mcp::envelope::EnvelopeParser::new();
             let env = parser.parse(body.as_bytes()).unwrap();
             let m = *env.single().unwrap();
-            authorize_message(&p, a, 0, &m, env.arguments(&m))
+            authorize_message(&p, a, 0, &m, env.arguments(&m), env.notifications(&m))
         };
         assert!(
             parse(
@@ -569,6 +619,10 @@ deny = ["files/prompt:admin_*", "files/resource:file:///etc/*"]
                 .is_allowed()
         );
         assert!(parse(r#"{"jsonrpc":"2.0","id":"sg:1","result":{}}"#).is_allowed());
+        // 2026-07-28 subscriptions name resources too.
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true,"resourceSubscriptions":["file:///srv/a","FILE:///etc/secret"]}}}"#).is_allowed());
+        assert!(parse(r#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":{"resourceSubscriptions":["file:///srv/a"]}}}"#).is_allowed());
+        assert!(!parse(r#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":{"resourceSubscriptions":"file:///etc/x"}}}"#).is_allowed());
         // Listed templates are visible by the same canonical form.
         assert!(!visible(
             &p,

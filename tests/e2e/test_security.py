@@ -23,6 +23,13 @@ SPELLINGS = [
     "file:///%65tc/secret",
     "file:///etc\\secret",
     " file:///etc/secret",
+    "file:///etc//../secret",
+    "file://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/etc/secret",
+    "file://local\u00adhost/etc/secret",
+    "file://LocalHost/etc/secret",
+    "file:///etc/./x/../secret",
+    "file:///etc/secret#x",
+    "file:///etc/secret?x",
 ]
 
 
