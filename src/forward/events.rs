@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Exchange, ForwardError, Plan, Relayed, STREAM_CHUNK, StreamGauge, flush, send};
+use super::{Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send};
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
@@ -132,8 +132,7 @@ pub(super) async fn relay_events(
 
     // A long-lived stream: let go of the response head's share of the upstream buffer and read
     // the stream in small pieces (an idle stream should cost little memory).
-    ex.response.raw = Bytes::new();
-    up.read_chunk = STREAM_CHUNK;
+    super::stream_buffers(ex, up);
     let _gauge = StreamGauge::open(&worker.stats.metrics.sse_streams);
 
     let is_post = request.method() == b"POST";

@@ -237,6 +237,18 @@ pub async fn forward(
     Ok(relayed)
 }
 
+/// A long-lived stream holds small buffers: the response head's share of the upstream buffer is
+/// let go, the stream is read in small pieces into a small buffer, and a large scratch buffer
+/// left by an earlier request is not kept for the stream's whole life.
+fn stream_buffers(ex: &mut Exchange, up: &mut Conn) {
+    ex.response.raw = Bytes::new();
+    let mut small = bytes::BytesMut::with_capacity(STREAM_CHUNK.max(up.buf.len()));
+    small.extend_from_slice(&up.buf);
+    up.buf = small;
+    up.read_chunk = STREAM_CHUNK;
+    ex.out.shrink_to(STREAM_CHUNK);
+}
+
 /// Whether a response's body is as written (no `Content-Encoding`, or `identity`).
 fn plain_coding(response: &Head) -> bool {
     response

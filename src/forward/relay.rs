@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    Exchange, ForwardError, Plan, Relayed, STREAM_CHUNK, StreamGauge, flush, send, send_scanned,
+    Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send, send_scanned,
 };
 use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
@@ -123,11 +123,7 @@ pub(super) async fn relay(
         // A long-lived stream: let go of the response head's share of the upstream buffer and
         // read the stream into a small one (events are small; an idle stream should cost
         // little memory).
-        ex.response.raw = Bytes::new();
-        let mut small = BytesMut::with_capacity(STREAM_CHUNK.max(up.buf.len()));
-        small.extend_from_slice(&up.buf);
-        up.buf = small;
-        up.read_chunk = STREAM_CHUNK;
+        super::stream_buffers(ex, up);
     }
     let out = &mut ex.out;
 

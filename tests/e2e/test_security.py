@@ -113,6 +113,11 @@ id = "agent"
 key_sha256 = "{key}"
 allow = ["files/add"{extra_allow}]
 deny = ["files/prompt:admin_*", "files/resource:file:///etc/*"]
+
+[[agent.tool]]
+match = "files/add"
+[agent.tool.args]
+a = {{ max = 10000000000000000 }}
 """
 
 
@@ -314,3 +319,25 @@ allow = ["ts/add"]
     finally:
         g.stop()
         ts.stop()
+
+
+def test_a_number_just_above_its_bound_never_executes(files, single):
+    """Python reads integers exactly, so a bound compared as a double (10^16 + 1 == 10^16)
+    would let the call run."""
+    direct = Agent(files.url)
+    direct.initialize()
+    answer = direct.rpc("tools/call", {"name": "add", "arguments": {"a": 10000000000000001, "b": 0}})
+    assert "10000000000000001" in json.dumps(answer), answer
+    executed_directly = len(ran(files, "tool"))
+    agent = Agent(f"{single.base}/mcp/files", KEY)
+    agent.initialize()
+    for a in [10000000000000001, 18446744073709551615]:
+        answer = agent.rpc("tools/call", {"name": "add", "arguments": {"a": a, "b": 0}})
+        assert answer["error"]["code"] == -32004, answer
+    # A decimal past 2^53 has no exact reading here: refused, not compared.
+    answer = agent.rpc("tools/call", {"name": "add", "arguments": {"a": 1e16, "b": 0}})
+    assert answer["error"]["code"] == -32004, answer
+    assert len(ran(files, "tool")) == executed_directly
+    answer = agent.rpc("tools/call", {"name": "add", "arguments": {"a": 10000000000000000, "b": 0}})
+    assert "10000000000000000" in json.dumps(answer), answer
+    assert ran(files, "tool")[-1] == {"kind": "tool", "name": "add", "a": 10000000000000000, "b": 0}
