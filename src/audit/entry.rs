@@ -290,7 +290,10 @@ fn write_value(nodes: &[Node<'_>], redact: &[Glob], out: &mut Vec<u8>) -> usize 
         Some(Node::String(s)) => {
             // A string holding JSON (`"{\"password\": ..}"`) is parsed by many servers: a
             // secret inside it is redacted as if it were a field of its own.
-            match redact_embedded(s, redact, 0) {
+            match (!redact.is_empty())
+                .then(|| redact_embedded(s, redact, 0))
+                .flatten()
+            {
                 Some(redacted) => write_json_string(&redacted, out),
                 None => write_json_string(s, out),
             }

@@ -162,8 +162,9 @@ pub async fn forward(
 
     let written_before = client.written;
     let filtered = plan.visible.is_some() && (200..300).contains(&ex.response.status);
-    let must_read = is_event_stream(&ex.response) || plan.lists_asked;
-    if filtered && must_read && !plain_coding(&ex.response) {
+    // Looked up once: every later stage asks.
+    let event_stream = is_event_stream(&ex.response);
+    if filtered && (event_stream || plan.lists_asked) && !plain_coding(&ex.response) {
         return Err(ForwardError::BeforeResponse(Refusal::new(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
@@ -173,7 +174,7 @@ pub async fn forward(
             ),
         )));
     }
-    let result = if filtered && is_event_stream(&ex.response) {
+    let result = if filtered && event_stream {
         // Boxed, like the filtered JSON relay: rarer than plain calls, and their state machines
         // would otherwise size every connection's task.
         Box::pin(events::relay_events(
@@ -209,6 +210,7 @@ pub async fn forward(
             upstream_index,
             close_after,
             plan,
+            event_stream,
         )
         .await
     };

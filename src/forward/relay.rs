@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{
-    Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send, send_scanned,
-};
+use super::{Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send, send_scanned};
 use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
@@ -41,6 +39,7 @@ pub(super) async fn relay(
     upstream_index: usize,
     close_after: bool,
     plan: &Plan<'_>,
+    is_event_stream: bool,
 ) -> Result<(Relayed, bool), ForwardError> {
     let response = &ex.response;
     let upstream_framing = match framing::response_framing(response, request.method()) {
@@ -80,7 +79,6 @@ pub(super) async fn relay(
     // the event stream answering a POST may pause between events up to
     // SCOPEGATE_STREAM_IDLE_MS; a GET stream may stay quiet as long as both sides stay, and
     // the agent is watched so its leaving is noticed at once.
-    let is_event_stream = super::is_event_stream(response);
     let config = &worker.config;
     let limit = if !is_event_stream {
         Some(config.upstream_timeout)

@@ -59,6 +59,10 @@ pub fn access(method: Option<&str>, kind: Kind) -> Access {
         // A response: the agent's answer to a request the server sent it.
         return Access::Plumbing;
     };
+    // The call that matters for speed, first.
+    if method == "tools/call" && kind == Kind::Request {
+        return Access::Tool;
+    }
     match kind {
         Kind::Response => Access::Plumbing,
         Kind::Notification => match method {
