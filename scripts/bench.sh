@@ -62,7 +62,7 @@ if [[ -n "$BASELINE" && ! -x "$BASELINE" ]]; then
   echo "bench.sh: building the baseline from revision $BASELINE" >&2
   git worktree remove --force target/baseline-src 2>/dev/null || rm -rf target/baseline-src
   git worktree prune
-  git worktree add --detach -f target/baseline-src "$BASELINE" >/dev/null
+  git worktree add --detach -f target/baseline-src "$BASELINE" >/dev/null 2>&1
   (cd target/baseline-src && CARGO_TARGET_DIR="$PWD/../baseline-target" cargo build --release -q -p scopegate)
   BASELINE=target/baseline-target/release/scopegate
 fi
