@@ -1,8 +1,24 @@
 //! scopegate: a thread-per-core MCP gateway.
 //!
 //! The binary (`src/main.rs`) reads the configuration, binds one listener per worker and runs
-//! [`worker::run`] on each core. The request path is [`pipeline`]; HTTP framing is [`http`];
-//! MCP knowledge is [`mcp`].
+//! [`runtime::run`] on each core; each connection is served by [`serve`], whose module shows
+//! the request path as its stages. The layers, top to bottom (a module imports only from
+//! layers below it; `tests/layers.rs` keeps it so):
+//!
+//! ```text
+//! runtime                         threads, io_uring, accept loop, drain
+//! serve                           the request path's stages (ingress, route, gate, admin, record)
+//! aggregate, forward              /mcp over several upstreams; one upstream's exchange and relay
+//! core                            what a core's tasks share (config, pool, counters, sessions)
+//! reply                           what scopegate answers itself
+//! auth, jwt, cli                  who is calling; the command-line tools
+//! policy                          the policy file and every decision (one method table)
+//! config                          SCOPEGATE_* variables
+//! ratelimit, upstream, metrics    limits; upstream definitions and connections; counters
+//! audit                           the audit log
+//! mcp, http                       MCP and HTTP knowledge, no policy
+//! fmt, glob, log, token, alloc    small helpers
+//! ```
 
 pub mod aggregate;
 pub mod alloc;
@@ -10,16 +26,19 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod core;
 pub mod fmt;
 pub mod forward;
+pub mod glob;
 pub mod http;
 pub mod jwt;
 pub mod log;
 pub mod mcp;
 pub mod metrics;
-pub mod pipeline;
 pub mod policy;
 pub mod ratelimit;
+pub mod reply;
+pub mod runtime;
+pub mod serve;
 pub mod token;
 pub mod upstream;
-pub mod worker;

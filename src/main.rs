@@ -5,11 +5,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use scopegate::config::Config;
+use scopegate::core::SHUTTING_DOWN;
 use scopegate::jwt::JwtVerifier;
 use scopegate::mcp::session::SessionKeys;
+use scopegate::metrics::WorkerStats;
 use scopegate::policy::live::LivePolicy;
 use scopegate::policy::{Policy, ProcessEnv};
-use scopegate::worker::{self, SHUTTING_DOWN, Shared, WorkerStats};
+use scopegate::runtime::{self, Shared};
 use scopegate::{error, info, warn};
 
 #[global_allocator]
@@ -132,7 +134,7 @@ fn serve() {
     // thread exists so every thread inherits the mask.
     let signals = blocked_signals();
 
-    let listeners = match worker::bind_listeners(config.listen, config.threads) {
+    let listeners = match runtime::bind_listeners(config.listen, config.threads) {
         Ok(l) => l,
         Err(e) => {
             error!("cannot listen on {}: {e}", config.listen);
@@ -244,7 +246,7 @@ fn serve() {
             .name(format!("scopegate-w{id}"))
             .spawn({
                 let stats = stats.clone();
-                move || worker::run(id, shared, listener, stats)
+                move || runtime::run(id, shared, listener, stats)
             });
         match handle {
             Ok(h) => workers.push((h, stats)),

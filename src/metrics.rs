@@ -3,7 +3,7 @@
 //! every worker's.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::audit::entry::Decision;
 
@@ -86,6 +86,26 @@ impl Histogram {
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(us, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters a worker publishes for the main thread. Each worker writes only its own (one
+/// cache line each), so there is no contention on the request path.
+#[repr(align(64))]
+pub struct WorkerStats {
+    pub open_connections: AtomicUsize,
+    /// Heap allocations made on this worker's thread.
+    pub allocations: std::sync::atomic::AtomicU64,
+    pub metrics: WorkerMetrics,
+}
+
+impl WorkerStats {
+    pub fn new(upstreams: usize) -> WorkerStats {
+        WorkerStats {
+            open_connections: AtomicUsize::new(0),
+            allocations: std::sync::atomic::AtomicU64::new(0),
+            metrics: WorkerMetrics::new(upstreams),
+        }
     }
 }
 

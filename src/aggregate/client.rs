@@ -9,14 +9,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::core::Core;
 use crate::forward::{HeadFailure, UpstreamError, exchange_head};
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
 use crate::http::framing;
 use crate::http::head::{self, Head};
 use crate::http::sse::{self, SseSplitter};
-use crate::pipeline::Refusal;
-use crate::worker::Worker;
+use crate::reply::Reply;
 
 /// One request to an upstream.
 pub struct UpRequest<'a> {
@@ -83,21 +83,21 @@ impl UpResponse {
 
     /// Returns the connection to the pool when the body was read to its end and the upstream
     /// keeps it open.
-    pub fn finish(self, worker: &Worker) {
+    pub fn finish(self, core: &Core) {
         if self.keep && self.body.left_clean(&self.conn) {
-            worker.pool.put(self.index, self.conn);
+            core.pool.put(self.index, self.conn);
         }
     }
 }
 
 /// Sends `req` to upstream `index` and reads the response head.
 pub async fn send(
-    worker: &Worker,
+    core: &Core,
     index: usize,
     req: &UpRequest<'_>,
     deadline: Instant,
-) -> Result<UpResponse, Refusal> {
-    let upstream = &worker.config.upstreams[index];
+) -> Result<UpResponse, Reply> {
+    let upstream = &core.config.upstreams[index];
     let mut out = Vec::with_capacity(512 + req.body.len());
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
@@ -133,10 +133,10 @@ pub async fn send(
     out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", req.body.len()).as_bytes());
     out.extend_from_slice(req.body);
 
-    let timeout = worker.config.upstream_timeout;
+    let timeout = core.config.upstream_timeout;
     let mut head = Head::default();
     let conn = exchange_head(
-        worker,
+        core,
         index,
         &mut out,
         &Bytes::new(),
@@ -164,21 +164,21 @@ pub async fn send(
 /// messages on the stream, such as progress, are skipped: fan-out requests have nobody to
 /// relay them to).
 pub async fn exchange(
-    worker: &Worker,
+    core: &Core,
     index: usize,
     req: &UpRequest<'_>,
     deadline: Instant,
-) -> Result<(UpResponse, Vec<u8>), Refusal> {
-    let name = &worker.config.upstreams[index].name;
+) -> Result<(UpResponse, Vec<u8>), Reply> {
+    let name = &core.config.upstreams[index].name;
     let bad = |why: String| {
-        Refusal::new(
+        Reply::error(
             502,
             crate::mcp::jsonrpc::UPSTREAM_UNAVAILABLE,
             format!("upstream {name:?} {why}"),
         )
     };
-    let mut resp = send(worker, index, req, deadline).await?;
-    let limit = worker.config.max_upstream_message;
+    let mut resp = send(core, index, req, deadline).await?;
+    let limit = core.config.max_upstream_message;
     if resp.is_event_stream() {
         let mut sse = SseSplitter::new(limit);
         loop {

@@ -19,7 +19,7 @@ pub mod client;
 pub mod json;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::rc::Rc;
@@ -29,6 +29,7 @@ use std::time::Instant;
 use serde_json::{Map, Value, json};
 
 use crate::audit::entry::Decision as AuditDecision;
+use crate::core::Core;
 use crate::http::body::BodyError;
 use crate::http::conn::Conn;
 use crate::http::head::Head;
@@ -36,12 +37,12 @@ use crate::http::response;
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::envelope::{Envelope, Kind, Message};
 use crate::mcp::jsonrpc;
+use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists::{self, ListKind};
 use crate::mcp::session::MultiSession;
-use crate::pipeline::Refusal;
 use crate::policy::Policy;
 use crate::policy::decide::{self, Access, Decision, Target};
-use crate::worker::Worker;
+use crate::reply::Reply;
 use crate::{info, warn};
 use client::{UpRequest, UpResponse, exchange, join_all, send};
 
@@ -70,19 +71,9 @@ pub struct Outcome {
     pub keep_alive: bool,
 }
 
-/// Per-worker memory of upstreams joined after initialize (an upstream that was down then),
-/// keyed by a hash of the agent's session token. A cache, not a session table: a worker that
-/// has not seen the session joins again.
-#[derive(Default)]
-pub struct LazyJoins {
-    map: RefCell<HashMap<(u64, usize), Vec<u8>>>,
-}
-
-const MAX_LAZY_JOINS: usize = 65_536;
-
 /// One aggregate request.
 pub struct Request<'a, 'b> {
-    pub worker: &'a Worker,
+    pub core: &'a Core,
     pub head: &'a Head,
     pub body: &'a [u8],
     pub env: Option<&'a Envelope<'b>>,
@@ -94,11 +85,11 @@ pub struct Request<'a, 'b> {
 
 impl Request<'_, '_> {
     fn upstream_name(&self, i: usize) -> &str {
-        &self.worker.config.upstreams[i].name
+        &self.core.config.upstreams[i].name
     }
 
     fn sep(&self) -> &str {
-        &self.worker.config.name_separator
+        &self.core.config.name_separator
     }
 
     /// Whether this agent may use upstream `i` (every one in insecure-open mode).
@@ -111,7 +102,7 @@ impl Request<'_, '_> {
 
     /// The upstreams this agent may use.
     fn reachable(&self) -> Vec<usize> {
-        (0..self.worker.config.upstreams.len())
+        (0..self.core.config.upstreams.len())
             .filter(|&i| self.may_use(i))
             .collect()
     }
@@ -119,7 +110,7 @@ impl Request<'_, '_> {
     fn inject(&self, i: usize) -> &[(String, String)] {
         match self.policy {
             Some(p) => &p.upstreams()[i].headers,
-            None => &self.worker.config.upstreams[i].headers,
+            None => &self.core.config.upstreams[i].headers,
         }
     }
 
@@ -131,7 +122,7 @@ impl Request<'_, '_> {
     }
 
     fn index_of(&self, name: &str) -> Option<usize> {
-        self.worker
+        self.core
             .config
             .upstreams
             .iter()
@@ -140,13 +131,13 @@ impl Request<'_, '_> {
 
     /// For a call routed to one upstream.
     fn deadline(&self) -> Instant {
-        Instant::now() + self.worker.config.upstream_timeout
+        Instant::now() + self.core.config.upstream_timeout
     }
 
     /// For each upstream of a fan-out (initialize, lists, notifications, joins): a slow one is
     /// left out after `SCOPEGATE_AGGREGATE_TIMEOUT_MS` while the others answer.
     fn fanout_deadline(&self) -> Instant {
-        let c = &self.worker.config;
+        let c = &self.core.config;
         Instant::now() + c.aggregate_timeout.min(c.upstream_timeout)
     }
 
@@ -189,7 +180,7 @@ impl Request<'_, '_> {
     }
 
     fn note_failure(&self, i: usize, why: &str) {
-        self.worker.stats.metrics.aggregate_failure(i);
+        self.core.stats.metrics.aggregate_failure(i);
         warn!(
             "aggregate: upstream {:?} left out: {why}",
             self.upstream_name(i)
@@ -197,71 +188,19 @@ impl Request<'_, '_> {
     }
 }
 
-/// A reply scopegate writes itself.
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-    headers: String,
-    decision: AuditDecision,
-    reason: Option<String>,
-    upstream: Option<usize>,
+/// A JSON-RPC error with HTTP 200 for an upstream's failure: one upstream's failure must not
+/// look like the whole endpoint's (an HTTP error would end some clients' sessions).
+fn upstream_failed(id: Option<Id<'_>>, r: Reply, upstream: usize) -> Reply {
+    let mut r = r.for_id(id).upstream_error(Some(upstream));
+    r.status = 200;
+    r
 }
 
-impl Reply {
-    fn json(status: u16, body: Vec<u8>) -> Reply {
-        Reply {
-            status,
-            body,
-            headers: String::new(),
-            decision: AuditDecision::Allowed,
-            reason: None,
-            upstream: None,
-        }
-    }
-
-    fn refusal(r: &Refusal, id: Option<crate::mcp::envelope::Id<'_>>) -> Reply {
-        Reply {
-            status: r.status,
-            body: jsonrpc::error_body(id, r.code, &r.message),
-            headers: r.headers.clone(),
-            decision: r.decision,
-            reason: Some(r.message.clone()),
-            upstream: None,
-        }
-    }
-
-    /// A JSON-RPC error with HTTP 200: one upstream's failure must not look like the whole
-    /// endpoint's (an HTTP error would end some clients' sessions).
-    fn upstream_failed(
-        id: Option<crate::mcp::envelope::Id<'_>>,
-        r: &Refusal,
-        upstream: usize,
-    ) -> Reply {
-        Reply {
-            status: 200,
-            body: jsonrpc::error_body(id, r.code, &r.message),
-            headers: String::new(),
-            decision: AuditDecision::UpstreamError,
-            reason: Some(r.message.clone()),
-            upstream: Some(upstream),
-        }
-    }
-
-    fn denied(
-        id: Option<crate::mcp::envelope::Id<'_>>,
-        rule: &str,
-        reason: &str,
-        upstream: Option<usize>,
-    ) -> Reply {
-        Reply {
-            status: 200,
-            body: jsonrpc::denied_body(id, jsonrpc::POLICY_DENIED, reason, rule),
-            headers: String::new(),
-            decision: AuditDecision::Denied,
-            reason: Some(rule.to_owned()),
-            upstream,
-        }
-    }
+/// A refusal by policy, for the upstream it concerned.
+fn denied(id: Option<Id<'_>>, rule: &str, reason: &str, upstream: Option<usize>) -> Reply {
+    let mut r = Reply::policy_denied(rule, reason).for_id(id);
+    r.upstream = upstream;
+    r
 }
 
 /// Handles one request on the aggregate endpoint, writing the answer to `client`. `Err`: the
@@ -284,9 +223,9 @@ pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome,
                 .map(|(i, s)| {
                     Box::pin(async move {
                         let r = req.up_request(i, "DELETE", b"", Some(&s));
-                        if let Ok(mut resp) = send(req.worker, i, &r, req.fanout_deadline()).await {
+                        if let Ok(mut resp) = send(req.core, i, &r, req.fanout_deadline()).await {
                             let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-                            resp.finish(req.worker);
+                            resp.finish(req.core);
                         }
                     }) as Fut<'_, ()>
                 })
@@ -295,9 +234,9 @@ pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome,
             write(req, client, Reply::json(200, Vec::new())).await
         }
         _ => {
-            let mut r = Refusal::new(405, jsonrpc::INVALID_REQUEST, "method not allowed");
+            let mut r = Reply::error(405, jsonrpc::INVALID_REQUEST, "method not allowed");
             r.headers = "Allow: GET, POST, DELETE\r\n".into();
-            write(req, client, Reply::refusal(&r, None)).await
+            write(req, client, r).await
         }
     }
 }
@@ -305,31 +244,21 @@ pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome,
 /// The agent's aggregate session, from its `Mcp-Session-Id`.
 fn open(req: &Request<'_, '_>) -> Result<MultiSession, Reply> {
     let not_found = || {
-        Reply::refusal(
-            &Refusal::new(
-                404,
-                jsonrpc::SESSION_NOT_FOUND,
-                "session not found: initialize a new session",
-            )
-            .denied(),
-            None,
+        Reply::error(
+            404,
+            jsonrpc::SESSION_NOT_FOUND,
+            "session not found: initialize a new session",
         )
+        .denied()
     };
     let Some(token) = req.head.get("mcp-session-id") else {
-        return Err(Reply::refusal(
-            &Refusal::new(
-                400,
-                jsonrpc::INVALID_REQUEST,
-                "Mcp-Session-Id is required after initialize",
-            ),
-            None,
+        return Err(Reply::error(
+            400,
+            jsonrpc::INVALID_REQUEST,
+            "Mcp-Session-Id is required after initialize",
         ));
     };
-    let session = req
-        .worker
-        .sessions
-        .open_multi(token)
-        .ok_or_else(not_found)?;
+    let session = req.core.sessions.open_multi(token).ok_or_else(not_found)?;
     if session.agent != req.agent_id() {
         return Err(not_found());
     }
@@ -349,7 +278,7 @@ fn token_key(req: &Request<'_, '_>) -> u64 {
 fn joined(req: &Request<'_, '_>, session: &MultiSession) -> Vec<(usize, Vec<u8>)> {
     let reachable = req.reachable();
     let key = token_key(req);
-    let lazy = req.worker.lazy_joins.map.borrow();
+    let lazy = &req.core.lazy_joins;
     reachable
         .into_iter()
         .filter_map(|i| {
@@ -359,7 +288,7 @@ fn joined(req: &Request<'_, '_>, session: &MultiSession) -> Vec<(usize, Vec<u8>)
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, s)| (i, s.clone()))
-                .or_else(|| lazy.get(&(key, i)).map(|s| (i, s.clone())))
+                .or_else(|| lazy.get(key, i).map(|s| (i, s)))
         })
         .collect()
 }
@@ -369,14 +298,14 @@ async fn session_for(
     req: &Request<'_, '_>,
     session: &MultiSession,
     i: usize,
-) -> Result<Vec<u8>, Refusal> {
+) -> Result<Vec<u8>, Reply> {
     let name = req.upstream_name(i);
     if let Some((_, s)) = session.upstreams.iter().find(|(n, _)| n == name) {
         return Ok(s.clone());
     }
     let key = token_key(req);
-    if let Some(s) = req.worker.lazy_joins.map.borrow().get(&(key, i)) {
-        return Ok(s.clone());
+    if let Some(s) = req.core.lazy_joins.get(key, i) {
+        return Ok(s);
     }
     let version = req
         .version()
@@ -395,16 +324,12 @@ async fn session_for(
     let (sid, _) = initialize_upstream(req, i, &r).await?;
     let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
     let r = req.up_request(i, "POST", done, Some(&sid));
-    if let Ok(mut resp) = send(req.worker, i, &r, req.fanout_deadline()).await {
+    if let Ok(mut resp) = send(req.core, i, &r, req.fanout_deadline()).await {
         let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-        resp.finish(req.worker);
+        resp.finish(req.core);
     }
     info!("aggregate: joined upstream {name:?} for an existing session");
-    let mut map = req.worker.lazy_joins.map.borrow_mut();
-    if map.len() >= MAX_LAZY_JOINS {
-        map.clear();
-    }
-    map.insert((key, i), sid.clone());
+    req.core.lazy_joins.insert(key, i, sid.clone());
     Ok(sid)
 }
 
@@ -413,14 +338,14 @@ async fn initialize_upstream(
     req: &Request<'_, '_>,
     i: usize,
     r: &UpRequest<'_>,
-) -> Result<Joined, Refusal> {
-    let (resp, body) = exchange(req.worker, i, r, req.fanout_deadline()).await?;
+) -> Result<Joined, Reply> {
+    let (resp, body) = exchange(req.core, i, r, req.fanout_deadline()).await?;
     let status = resp.status();
     let sid = resp
         .header("mcp-session-id")
         .map(<[u8]>::to_vec)
         .unwrap_or_default();
-    resp.finish(req.worker);
+    resp.finish(req.core);
     Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
 }
 
@@ -431,13 +356,13 @@ fn rpc_result(
     what: &str,
     status: u16,
     body: &[u8],
-) -> Result<Value, Refusal> {
+) -> Result<Value, Reply> {
     let result = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut m)) if status == 200 => m.remove("result"),
         _ => None,
     };
     result.ok_or_else(|| {
-        Refusal::new(
+        Reply::error(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
             format!(
@@ -451,16 +376,16 @@ fn rpc_result(
 
 async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outcome> {
     let Some(env) = req.env else {
-        let r = Refusal::new(400, jsonrpc::INVALID_REQUEST, "no JSON-RPC message");
-        return write(req, client, Reply::refusal(&r, None)).await;
+        let r = Reply::error(400, jsonrpc::INVALID_REQUEST, "no JSON-RPC message");
+        return write(req, client, r).await;
     };
     let Some(m) = env.single() else {
-        let r = Refusal::new(
+        let r = Reply::error(
             400,
             jsonrpc::INVALID_REQUEST,
             "JSON-RPC batches are not supported on the aggregate endpoint; send one message per POST",
         );
-        return write(req, client, Reply::refusal(&r, None)).await;
+        return write(req, client, r).await;
     };
     // The one method table (policy::decide) says what each message needs.
     let access = decide::access(m.method, m.kind);
@@ -469,7 +394,7 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
         let reason = format!(
             "method {method:?} is not part of any MCP revision scopegate knows; it is refused rather than forwarded unchecked"
         );
-        let mut reply = Reply::denied(m.id, "unknown method", &reason, None);
+        let mut reply = denied(m.id, "unknown method", &reason, None);
         if m.kind == Kind::Notification {
             // A notification has no answer to carry the error: the HTTP status says it.
             reply.status = 403;
@@ -563,19 +488,8 @@ fn rate_limited(
     m: &Message<'_>,
     limited: crate::ratelimit::Limited,
 ) -> Reply {
-    let retry_ms = limited.retry_after_ns.div_ceil(1_000_000).max(1);
-    let message = format!(
-        "rate limited by {}; retry after {retry_ms} ms",
-        limited.label
-    );
-    let mut reply = Reply::json(
-        req.worker.config.rate_limit_status,
-        jsonrpc::rate_limited_body(m.id, &message, retry_ms, &limited.label),
-    );
-    reply.headers = format!("Retry-After: {}\r\n", retry_ms.div_ceil(1000).max(1));
-    reply.decision = AuditDecision::RateLimited;
-    reply.reason = Some(limited.label);
-    reply
+    let status = req.core.config.rate_limit_status;
+    Reply::rate_limited(status, &limited.label, limited.retry_after_ns).for_id(m.id)
 }
 
 /// A notification from the agent. One that names a server request (a cancellation of it, or
@@ -606,13 +520,13 @@ async fn notify(req: &Request<'_, '_>, session: &MultiSession, m: &Message<'_>) 
     let sid = match session_for(req, session, i).await {
         Ok(s) => s,
         Err(e) => {
-            req.note_failure(i, &e.message);
+            req.note_failure(i, e.message());
             return reply;
         }
     };
     let r = req.up_request(i, "POST", &body, Some(&sid));
     if let Err(e) = exchange_or_accepted(req, i, &r).await {
-        req.note_failure(i, &e.message);
+        req.note_failure(i, e.message());
     }
     reply
 }
@@ -626,7 +540,7 @@ async fn broadcast(req: &Request<'_, '_>, session: &MultiSession, body: &[u8]) {
                 let r = req.up_request(i, "POST", body, Some(&s));
                 match exchange_or_accepted(req, i, &r).await {
                     Ok(()) => {}
-                    Err(e) => req.note_failure(i, &e.message),
+                    Err(e) => req.note_failure(i, e.message()),
                 }
             }) as Fut<'_, ()>
         })
@@ -639,29 +553,29 @@ async fn exchange_or_accepted(
     req: &Request<'_, '_>,
     i: usize,
     r: &UpRequest<'_>,
-) -> Result<(), Refusal> {
-    let mut resp = send(req.worker, i, r, req.fanout_deadline()).await?;
+) -> Result<(), Reply> {
+    let mut resp = send(req.core, i, r, req.fanout_deadline()).await?;
     if resp.is_event_stream() {
         // A response on a stream: not awaited, and the connection is not reused.
         return Ok(());
     }
     let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-    resp.finish(req.worker);
+    resp.finish(req.core);
     Ok(())
 }
 
 async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
     let reachable = req.reachable();
     if reachable.is_empty() {
-        let r = Refusal::new(
+        let r = Reply::error(
             404,
             jsonrpc::GATEWAY_REFUSED,
             "no upstream is available to this agent",
         )
         .denied();
-        return Reply::refusal(&r, m.id);
+        return r.for_id(m.id);
     }
-    let futures: Vec<Fut<'_, Result<Joined, Refusal>>> = reachable
+    let futures: Vec<Fut<'_, Result<Joined, Reply>>> = reachable
         .iter()
         .map(|&i| {
             Box::pin(async move {
@@ -688,28 +602,28 @@ async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
                 answers.push((i, answer));
             }
             Err(e) => {
-                req.note_failure(i, &e.message);
-                failures.push(e.message);
+                req.note_failure(i, e.message());
+                failures.push(e.message().to_owned());
             }
         }
     }
-    if answers.is_empty() || (req.worker.config.aggregate_fail_closed && !failures.is_empty()) {
-        let r = Refusal::new(
+    if answers.is_empty() || (req.core.config.aggregate_fail_closed && !failures.is_empty()) {
+        let r = Reply::error(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
             format!("initialize failed: {}", failures.join("; ")),
         );
-        let mut reply = Reply::upstream_failed(m.id, &r, reachable[0]);
+        let mut reply = upstream_failed(m.id, r, reachable[0]);
         reply.upstream = None;
         return reply;
     }
-    let Some(token) = req.worker.sessions.seal_multi(req.agent_id(), &sessions) else {
-        let r = Refusal::new(
+    let Some(token) = req.core.sessions.seal_multi(req.agent_id(), &sessions) else {
+        let r = Reply::error(
             500,
             jsonrpc::GATEWAY_REFUSED,
             "the upstream session ids do not fit a session token",
         );
-        return Reply::refusal(&r, m.id);
+        return r.for_id(m.id);
     };
     let named: Vec<(&str, &Value)> = answers
         .iter()
@@ -854,7 +768,7 @@ async fn list(
         }
         None => "null".into(),
     };
-    let futures: Vec<Fut<'_, Result<Value, Refusal>>> = targets
+    let futures: Vec<Fut<'_, Result<Value, Reply>>> = targets
         .iter()
         .map(|(i, cursor)| {
             let i = *i;
@@ -867,9 +781,9 @@ async fn list(
             Box::pin(async move {
                 let sid = session_for(req, session, i).await?;
                 let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
-                let (resp, answer) = exchange(req.worker, i, &r, req.fanout_deadline()).await?;
+                let (resp, answer) = exchange(req.core, i, &r, req.fanout_deadline()).await?;
                 let status = resp.status();
-                resp.finish(req.worker);
+                resp.finish(req.core);
                 rpc_result(req, i, method, status, &answer)
             }) as Fut<'_, _>
         })
@@ -885,8 +799,8 @@ async fn list(
         let result = match result {
             Ok(r) => r,
             Err(e) => {
-                req.note_failure(i, &e.message);
-                failures.push(e.message);
+                req.note_failure(i, e.message());
+                failures.push(e.message().to_owned());
                 continue;
             }
         };
@@ -917,13 +831,15 @@ async fn list(
             items.push(item);
         }
     }
-    if req.worker.config.aggregate_fail_closed && !failures.is_empty() {
-        let r = Refusal::new(
+    if req.core.config.aggregate_fail_closed && !failures.is_empty() {
+        let r = Reply::error(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
             format!("{method} failed: {}", failures.join("; ")),
         );
-        return Reply::refusal(&Refusal { status: 200, ..r }, m.id);
+        let mut r = r.for_id(m.id);
+        r.status = 200;
+        return r;
     }
     let mut result = Map::new();
     result.insert(key.to_owned(), Value::Array(items));
@@ -970,10 +886,10 @@ async fn resolve_name(
             None => format!("{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\"}}"),
         };
         let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
-        let (resp, answer) = exchange(req.worker, i, &r, req.fanout_deadline())
+        let (resp, answer) = exchange(req.core, i, &r, req.fanout_deadline())
             .await
             .ok()?;
-        resp.finish(req.worker);
+        resp.finish(req.core);
         let value: Value = serde_json::from_slice(&answer).ok()?;
         let result = value.get("result")?;
         if let Some(Value::Array(items)) = result.get(key) {
@@ -1000,7 +916,7 @@ async fn routed(
     access: Access,
 ) -> Result<Outcome, Outcome> {
     let unknown = |what: &str, name: &str| {
-        Reply::denied(
+        denied(
             m.id,
             &format!("unknown {what}"),
             &format!("unknown {what} {name:?}"),
@@ -1064,7 +980,7 @@ async fn routed(
 
     if let (Some(p), Some(a)) = (req.policy, req.agent) {
         if let Decision::Deny { rule, reason } = decide::authorize(p, a, i, &target) {
-            return write(req, client, Reply::denied(m.id, &rule, &reason, Some(i))).await;
+            return write(req, client, denied(m.id, &rule, &reason, Some(i))).await;
         }
         // Rate limits: every bucket the call falls in, with the upstream's own tool name.
         let tool = matches!(target, Target::Tool { .. }).then_some(original.as_str());
@@ -1098,15 +1014,15 @@ async fn routed(
 
     let sid = match session_for(req, session, i).await {
         Ok(s) => s,
-        Err(e) => return write(req, client, Reply::upstream_failed(m.id, &e, i)).await,
+        Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
     };
     let r = req.up_request(i, "POST", &body, Some(&sid));
     let sent_at = Instant::now();
-    let resp = match send(req.worker, i, &r, req.deadline()).await {
+    let resp = match send(req.core, i, &r, req.deadline()).await {
         Ok(resp) => resp,
         Err(e) => {
-            req.note_failure(i, &e.message);
-            return write(req, client, Reply::upstream_failed(m.id, &e, i)).await;
+            req.note_failure(i, e.message());
+            return write(req, client, upstream_failed(m.id, e, i)).await;
         }
     };
     let upstream_us = Some(sent_at.elapsed().as_micros() as u64);
@@ -1210,10 +1126,7 @@ pub fn unmap_id(id: &str) -> Option<(&str, &str)> {
 /// The agent's answer to a server request goes back to the upstream that asked, with the
 /// original id.
 async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) -> Reply {
-    let bad = |why: &str| {
-        let r = Refusal::new(400, jsonrpc::INVALID_REQUEST, why);
-        Reply::refusal(&r, None)
-    };
+    let bad = |why: &str| Reply::error(400, jsonrpc::INVALID_REQUEST, why);
     let Some(range) = json::locate(req.body, &["id"]) else {
         return bad("a response needs an id");
     };
@@ -1232,7 +1145,7 @@ async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) ->
     let body = json::splice(req.body, range, original.as_bytes());
     let sid = match session_for(req, session, i).await {
         Ok(s) => s,
-        Err(e) => return Reply::upstream_failed(None, &e, i),
+        Err(e) => return upstream_failed(None, e, i),
     };
     let r = req.up_request(i, "POST", &body, Some(&sid));
     match exchange_or_accepted(req, i, &r).await {
@@ -1242,8 +1155,8 @@ async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) ->
             reply
         }
         Err(e) => {
-            req.note_failure(i, &e.message);
-            let mut reply = Reply::refusal(&e, None);
+            req.note_failure(i, e.message());
+            let mut reply = e;
             reply.upstream = Some(i);
             reply.decision = AuditDecision::UpstreamError;
             reply
@@ -1264,27 +1177,27 @@ async fn relay(
 ) -> Result<Outcome, Outcome> {
     let status = resp.status();
     if !resp.is_event_stream() {
-        let limit = req.worker.config.max_upstream_message;
+        let limit = req.core.config.max_upstream_message;
         let body = match resp.read_all(req.deadline(), limit).await {
             Ok(b) => b,
             Err(why) => {
-                let r = Refusal::new(
+                let r = Reply::error(
                     502,
                     jsonrpc::UPSTREAM_UNAVAILABLE,
                     format!("upstream {:?} {why}", rewrite.upstream),
                 );
-                req.note_failure(i, &r.message);
-                return write(req, client, Reply::upstream_failed(m.id, &r, i)).await;
+                req.note_failure(i, r.message());
+                return write(req, client, upstream_failed(m.id, r, i)).await;
             }
         };
-        resp.finish(req.worker);
+        resp.finish(req.core);
         let body = if body.is_empty() {
             body
         } else {
             match req.filter_lists(i, rewrite.apply(&body)) {
                 Some(b) => b,
                 None => {
-                    let r = Refusal::new(
+                    let r = Reply::error(
                         502,
                         jsonrpc::UPSTREAM_UNAVAILABLE,
                         format!(
@@ -1292,7 +1205,7 @@ async fn relay(
                             rewrite.upstream
                         ),
                     );
-                    return write(req, client, Reply::upstream_failed(m.id, &r, i)).await;
+                    return write(req, client, upstream_failed(m.id, r, i)).await;
                 }
             }
         };
@@ -1314,7 +1227,7 @@ async fn relay(
         keep_alive: !req.close,
         ..Outcome::default()
     };
-    let _gauge = crate::forward::StreamGauge::open(&req.worker.stats.metrics.sse_streams);
+    let _gauge = crate::forward::StreamGauge::open(&req.core.stats.metrics.sse_streams);
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
         response::reason(status)
@@ -1330,7 +1243,7 @@ async fn relay(
     // Every read has a deadline (an event that started must end within the upstream timeout;
     // between events the stream may pause up to SCOPEGATE_STREAM_IDLE_MS), events are bounded
     // by SCOPEGATE_MAX_UPSTREAM_MESSAGE, and the agent is watched while the upstream is quiet.
-    let config = &req.worker.config;
+    let config = &req.core.config;
     let mut sse = SseSplitter::new(config.max_upstream_message);
     let mut watch = true;
     let mut answered = false;
@@ -1414,7 +1327,7 @@ async fn relay(
         outcome.decision = AuditDecision::UpstreamError;
         outcome.reason = Some(why);
     } else {
-        resp.finish(req.worker);
+        resp.finish(req.core);
     }
     if !tail.is_empty() && write_chunk(client, &tail).await.is_err() {
         outcome.keep_alive = false;
@@ -1448,11 +1361,11 @@ async fn get_stream(
             let i = *i;
             Box::pin(async move {
                 let r = req.up_request(i, "GET", b"", Some(s));
-                match send(req.worker, i, &r, req.fanout_deadline()).await {
+                match send(req.core, i, &r, req.fanout_deadline()).await {
                     Ok(resp) if resp.status() == 200 && resp.is_event_stream() => Some((i, resp)),
                     Ok(_) => None,
                     Err(e) => {
-                        req.note_failure(i, &e.message);
+                        req.note_failure(i, e.message());
                         None
                     }
                 }
@@ -1461,13 +1374,13 @@ async fn get_stream(
         .collect();
     let streams: Vec<(usize, UpResponse)> = join_all(futures).await.into_iter().flatten().collect();
     if streams.is_empty() {
-        let mut r = Refusal::new(
+        let mut r = Reply::error(
             405,
             jsonrpc::INVALID_REQUEST,
             "no upstream offers an event stream",
         );
         r.headers = "Allow: POST, DELETE\r\n".into();
-        return write(req, client, Reply::refusal(&r, None)).await;
+        return write(req, client, r).await;
     }
     let mut head = String::from(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
@@ -1484,11 +1397,11 @@ async fn get_stream(
     if write_bytes(client, head.into_bytes()).await.is_err() {
         return Err(outcome);
     }
-    let _gauge = crate::forward::StreamGauge::open(&req.worker.stats.metrics.sse_streams);
+    let _gauge = crate::forward::StreamGauge::open(&req.core.stats.metrics.sse_streams);
     // Readers push rewritten events into one queue; the writer sends them on. All of them run
     // on this task: whenever any is woken, every one is polled again. The queue holds at most
     // SCOPEGATE_MAX_UPSTREAM_MESSAGE bytes: past that the readers wait for the agent.
-    let limit = req.worker.config.max_upstream_message;
+    let limit = req.core.config.max_upstream_message;
     let queue: Rc<RefCell<MergedQueue>> = Rc::new(RefCell::new(MergedQueue {
         events: VecDeque::new(),
         bytes: 0,
@@ -1554,7 +1467,7 @@ async fn get_stream(
                     if sse.pending() > 0 && event_started.is_none() {
                         event_started = Some(Instant::now());
                     }
-                    let deadline = event_started.map(|t| t + req.worker.config.upstream_timeout);
+                    let deadline = event_started.map(|t| t + req.core.config.upstream_timeout);
                     match resp.next(deadline).await {
                         Ok(Some(piece)) => sse.push(&piece),
                         Ok(None) => break,
@@ -1648,22 +1561,11 @@ async fn write_chunk(client: &mut Conn, data: &[u8]) -> std::io::Result<()> {
 }
 
 async fn write(req: &Request<'_, '_>, client: &mut Conn, reply: Reply) -> Result<Outcome, Outcome> {
-    let content_type = if reply.body.is_empty() {
-        ""
-    } else {
-        "application/json"
-    };
-    let bytes = response::build(
-        reply.status,
-        content_type,
-        &reply.headers,
-        &reply.body,
-        req.close,
-    );
+    let bytes = reply.render(b"POST", None, req.close);
     let outcome = Outcome {
         status: reply.status,
         decision: reply.decision,
-        reason: reply.reason,
+        reason: reply.audit_reason(),
         upstream: reply.upstream,
         upstream_us: None,
         keep_alive: !req.close,

@@ -7,9 +7,9 @@ use std::time::SystemTime;
 use simd_json::{Node, StaticNode};
 
 use crate::fmt::push_decimal;
+use crate::glob::Glob;
 use crate::mcp::envelope::{Kind, Message};
 use crate::mcp::jsonrpc::write_json_string;
-use crate::policy::glob::Glob;
 
 /// What scopegate decided about a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

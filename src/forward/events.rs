@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send};
+use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
@@ -16,16 +17,15 @@ use crate::http::framing;
 use crate::http::head::{self, Head};
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::{jsonrpc, lists};
-use crate::pipeline::Refusal;
-use crate::worker::Worker;
+use crate::reply::Reply;
 
-fn invalid(worker: &Worker, upstream_index: usize, why: &str) -> ForwardError {
-    ForwardError::BeforeResponse(Refusal::new(
+fn invalid(core: &Core, upstream_index: usize, why: &str) -> ForwardError {
+    ForwardError::BeforeResponse(Reply::error(
         502,
         jsonrpc::UPSTREAM_UNAVAILABLE,
         format!(
             "upstream {:?} {why}",
-            worker.config.upstreams[upstream_index].name
+            core.config.upstreams[upstream_index].name
         ),
     ))
 }
@@ -35,7 +35,7 @@ fn invalid(worker: &Worker, upstream_index: usize, why: &str) -> ForwardError {
 /// relayed unfiltered.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn relay_filtered_json(
-    worker: &Worker,
+    core: &Core,
     ex: &mut Exchange,
     client: &mut Conn,
     request: &Head,
@@ -44,17 +44,17 @@ pub(super) async fn relay_filtered_json(
     close_after: bool,
     plan: &Plan<'_>,
 ) -> Result<(Relayed, bool), ForwardError> {
-    let bad = |why: &str| invalid(worker, upstream_index, why);
+    let bad = |why: &str| invalid(core, upstream_index, why);
     let Some(visible) = plan.visible else {
         return Err(bad("internal: no visibility rule"));
     };
     let response = &ex.response;
     let framing = framing::response_framing(response, request.method())
         .map_err(|e| bad(&format!("sent an invalid response: {}", e.message())))?;
-    let deadline = Instant::now() + worker.config.upstream_timeout;
+    let deadline = Instant::now() + core.config.upstream_timeout;
     let mut reader = BodyReader::new(framing);
     let body = reader
-        .read_all(up, deadline, worker.config.max_upstream_message)
+        .read_all(up, deadline, core.config.max_upstream_message)
         .await
         .map_err(|e| bad(&e.message()))?;
     let reusable = reader.left_clean(up)
@@ -69,7 +69,7 @@ pub(super) async fn relay_filtered_json(
     };
     let body = filtered.map_or_else(|| body.freeze(), Bytes::from);
 
-    let keep_client = !close_after && !crate::worker::shutting_down();
+    let keep_client = !close_after && !crate::core::shutting_down();
     super::start_response(&mut ex.out, response, plan)?;
     let out = &mut ex.out;
     out.extend_from_slice(b"Content-Length: ");
@@ -100,7 +100,7 @@ pub(super) async fn relay_filtered_json(
 /// and its connection stays usable).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn relay_events(
-    worker: &Worker,
+    core: &Core,
     ex: &mut Exchange,
     client: &mut Conn,
     request: &Head,
@@ -109,16 +109,16 @@ pub(super) async fn relay_events(
     close_after: bool,
     plan: &Plan<'_>,
 ) -> Result<(Relayed, bool), ForwardError> {
-    let config = &worker.config;
+    let config = &core.config;
     let framing = framing::response_framing(&ex.response, request.method()).map_err(|e| {
         invalid(
-            worker,
+            core,
             upstream_index,
             &format!("sent an invalid response: {}", e.message()),
         )
     })?;
     let chunked = request.minor_version == 1;
-    let keep_client = !close_after && !crate::worker::shutting_down() && chunked;
+    let keep_client = !close_after && !crate::core::shutting_down() && chunked;
     let keep_upstream =
         ex.response.minor_version == 1 && !head::connection_has(&ex.response, "close");
     super::start_response(&mut ex.out, &ex.response, plan)?;
@@ -133,7 +133,7 @@ pub(super) async fn relay_events(
     // A long-lived stream: let go of the response head's share of the upstream buffer and read
     // the stream in small pieces (an idle stream should cost little memory).
     super::stream_buffers(ex, up);
-    let _gauge = StreamGauge::open(&worker.stats.metrics.sse_streams);
+    let _gauge = StreamGauge::open(&core.stats.metrics.sse_streams);
 
     let is_post = request.method() == b"POST";
     let idle_limit = is_post && !plan.long_lived;
@@ -237,7 +237,7 @@ pub(super) async fn relay_events(
     let name = &config.upstreams[upstream_index].name;
     if client.written == written_before && events.is_empty() {
         // Nothing reached the agent: a plain refusal says it best.
-        return Err(ForwardError::BeforeResponse(Refusal::new(
+        return Err(ForwardError::BeforeResponse(Reply::error(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
             format!("upstream {name:?} {why}"),

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use monoio::net::TcpStream;
 
+use crate::core::Core;
 use crate::http::conn::{Conn, ReadError};
 use crate::http::head::{self, Head, HeadError};
 use crate::mcp::jsonrpc;
-use crate::pipeline::Refusal;
-use crate::worker::Worker;
+use crate::reply::Reply;
 
 /// Why [`exchange_head`] got no response head.
 pub(crate) enum HeadFailure {
@@ -26,7 +26,7 @@ pub(crate) enum HeadFailure {
 /// a pooled connection may have been closed by the upstream while idle, so if it fails before
 /// any response byte arrives the request is retried once on a fresh connection.
 pub(crate) async fn exchange_head(
-    worker: &Worker,
+    core: &Core,
     index: usize,
     out: &mut Vec<u8>,
     body: &Bytes,
@@ -34,9 +34,9 @@ pub(crate) async fn exchange_head(
     head: &mut Head,
     deadline: Instant,
 ) -> Result<Conn, HeadFailure> {
-    let addr = worker.config.upstreams[index].url.addr;
+    let addr = core.config.upstreams[index].url.addr;
     for attempt in 0..2 {
-        let (mut conn, reused) = match worker.pool.take(index) {
+        let (mut conn, reused) = match core.pool.take(index) {
             Some(c) if attempt == 0 => (c, true),
             _ => (
                 connect(addr, deadline)
@@ -68,9 +68,9 @@ pub(crate) enum UpstreamError {
 }
 
 impl UpstreamError {
-    pub(crate) fn refusal(self, name: &str, timeout: Duration) -> Refusal {
+    pub(crate) fn refusal(self, name: &str, timeout: Duration) -> Reply {
         match self {
-            UpstreamError::TimedOut => Refusal::new(
+            UpstreamError::TimedOut => Reply::error(
                 504,
                 jsonrpc::UPSTREAM_TIMEOUT,
                 format!(
@@ -78,7 +78,7 @@ impl UpstreamError {
                     timeout.as_millis()
                 ),
             ),
-            UpstreamError::BadHead(why) => Refusal::new(
+            UpstreamError::BadHead(why) => Reply::error(
                 502,
                 jsonrpc::UPSTREAM_UNAVAILABLE,
                 format!("upstream {name:?} sent an invalid response: {why}"),
@@ -88,7 +88,7 @@ impl UpstreamError {
     }
 }
 
-pub(crate) fn unavailable(name: &str, e: UpstreamError) -> Refusal {
+pub(crate) fn unavailable(name: &str, e: UpstreamError) -> Reply {
     let what = match &e {
         UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "refused the connection".to_owned()
@@ -102,13 +102,13 @@ pub(crate) fn unavailable(name: &str, e: UpstreamError) -> Refusal {
         UpstreamError::BadHead(why) => format!("sent an invalid response: {why}"),
     };
     if matches!(e, UpstreamError::TimedOut) {
-        return Refusal::new(
+        return Reply::error(
             504,
             jsonrpc::UPSTREAM_TIMEOUT,
             format!("upstream {name:?} {what}"),
         );
     }
-    Refusal::new(
+    Reply::error(
         502,
         jsonrpc::UPSTREAM_UNAVAILABLE,
         format!("upstream {name:?} {what}"),

@@ -23,14 +23,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::conn::Conn;
 use crate::http::head::{self, Head};
-use crate::mcp::envelope::Id;
 use crate::mcp::jsonrpc;
+use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists::Visible;
-use crate::pipeline::Refusal;
-use crate::worker::Worker;
+use crate::reply::Reply;
 pub(crate) use exchange::{HeadFailure, UpstreamError, exchange_head};
 pub use scan::IsErrorScan;
 
@@ -88,6 +88,22 @@ pub struct Plan<'a> {
     pub long_lived: bool,
 }
 
+impl Plan<'_> {
+    /// The plan's parts that follow from the body's messages alone.
+    pub fn for_messages(messages: &[crate::mcp::envelope::Message<'_>]) -> Self {
+        use crate::policy::decide::{Access, access};
+        Plan {
+            lists_asked: messages
+                .iter()
+                .any(|m| matches!(access(m.method, m.kind), Access::List(_))),
+            long_lived: messages
+                .iter()
+                .any(|m| access(m.method, m.kind) == Access::Listen),
+            ..Plan::default()
+        }
+    }
+}
+
 pub struct Relayed {
     /// Whether the agent's connection can carry another request.
     pub keep_alive: bool,
@@ -98,7 +114,7 @@ pub struct Relayed {
 
 pub enum ForwardError {
     /// Nothing was sent to the agent yet: answer with this refusal (502/504).
-    BeforeResponse(Refusal),
+    BeforeResponse(Reply),
     /// The response was partly relayed when the upstream failed: the agent's connection must be
     /// closed (an incomplete body is signalled by the close). Says what happened.
     MidResponse(String),
@@ -109,7 +125,7 @@ pub enum ForwardError {
 
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
-    worker: &Worker,
+    core: &Core,
     ex: &mut Exchange,
     client: &mut Conn,
     request: &Head,
@@ -119,8 +135,8 @@ pub async fn forward(
     close_after: bool,
     plan: &Plan<'_>,
 ) -> Result<Relayed, ForwardError> {
-    let upstream = &worker.config.upstreams[upstream_index];
-    let timeout = worker.config.upstream_timeout;
+    let upstream = &core.config.upstreams[upstream_index];
+    let timeout = core.config.upstream_timeout;
     let deadline = Instant::now() + timeout;
 
     build_request(&mut ex.out, request, &body, upstream, peer, plan);
@@ -134,7 +150,7 @@ pub async fn forward(
     ex.is_error.reset();
     let sent_at = Instant::now();
     let mut up = match exchange_head(
-        worker,
+        core,
         upstream_index,
         &mut ex.out,
         &body,
@@ -165,7 +181,7 @@ pub async fn forward(
     // Looked up once: every later stage asks.
     let event_stream = is_event_stream(&ex.response);
     if filtered && (event_stream || plan.lists_asked) && !plain_coding(&ex.response) {
-        return Err(ForwardError::BeforeResponse(Refusal::new(
+        return Err(ForwardError::BeforeResponse(Reply::error(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
             format!(
@@ -178,7 +194,7 @@ pub async fn forward(
         // Boxed, like the filtered JSON relay: rarer than plain calls, and their state machines
         // would otherwise size every connection's task.
         Box::pin(events::relay_events(
-            worker,
+            core,
             ex,
             client,
             request,
@@ -190,7 +206,7 @@ pub async fn forward(
         .await
     } else if filtered && plan.lists_asked {
         Box::pin(events::relay_filtered_json(
-            worker,
+            core,
             ex,
             client,
             request,
@@ -202,7 +218,7 @@ pub async fn forward(
         .await
     } else {
         relay::relay(
-            worker,
+            core,
             ex,
             client,
             request,
@@ -221,7 +237,7 @@ pub async fn forward(
         Ok(r) => r,
         // Nothing reached the agent yet: it gets a clear answer instead of a closed connection.
         Err(ForwardError::MidResponse(why)) if client.written == written_before => {
-            return Err(ForwardError::BeforeResponse(Refusal::new(
+            return Err(ForwardError::BeforeResponse(Reply::error(
                 502,
                 jsonrpc::UPSTREAM_UNAVAILABLE,
                 format!("upstream {:?} {why}", upstream.name),
@@ -234,7 +250,7 @@ pub async fn forward(
     ex.response.raw = Bytes::new();
     if reusable {
         up.read_chunk = crate::http::conn::READ_CHUNK;
-        worker.pool.put(upstream_index, up);
+        core.pool.put(upstream_index, up);
     }
     Ok(relayed)
 }
@@ -398,8 +414,8 @@ fn start_response(out: &mut Vec<u8>, response: &Head, plan: &Plan<'_>) -> Result
     Ok(())
 }
 
-fn session_refusal() -> Refusal {
-    Refusal::new(
+fn session_refusal() -> Reply {
+    Reply::error(
         502,
         jsonrpc::UPSTREAM_UNAVAILABLE,
         "the upstream's session id cannot be carried (too long or not visible ASCII)",

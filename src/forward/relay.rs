@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::{Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send, send_scanned};
+use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
 use crate::http::head::{self, Head};
 use crate::mcp::jsonrpc;
-use crate::pipeline::Refusal;
-use crate::worker::Worker;
+use crate::reply::Reply;
 
 /// How the agent receives the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +31,7 @@ enum Downstream {
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn relay(
-    worker: &Worker,
+    core: &Core,
     ex: &mut Exchange,
     client: &mut Conn,
     request: &Head,
@@ -45,12 +45,12 @@ pub(super) async fn relay(
     let upstream_framing = match framing::response_framing(response, request.method()) {
         Ok(f) => f,
         Err(e) => {
-            return Err(ForwardError::BeforeResponse(Refusal::new(
+            return Err(ForwardError::BeforeResponse(Reply::error(
                 502,
                 jsonrpc::UPSTREAM_UNAVAILABLE,
                 format!(
                     "upstream {:?} sent an invalid response: {}",
-                    worker.config.upstreams[upstream_index].name,
+                    core.config.upstreams[upstream_index].name,
                     e.message()
                 ),
             )));
@@ -67,7 +67,7 @@ pub(super) async fn relay(
     };
     // Decided now, not when the request arrived: a drain that began meanwhile closes it.
     let keep_client = !close_after
-        && !crate::worker::shutting_down()
+        && !crate::core::shutting_down()
         && !matches!(
             downstream,
             Downstream::ChunkedDecoded | Downstream::UntilClose
@@ -79,7 +79,7 @@ pub(super) async fn relay(
     // the event stream answering a POST may pause between events up to
     // SCOPEGATE_STREAM_IDLE_MS; a GET stream may stay quiet as long as both sides stay, and
     // the agent is watched so its leaving is noticed at once.
-    let config = &worker.config;
+    let config = &core.config;
     let limit = if !is_event_stream {
         Some(config.upstream_timeout)
     } else if request.method() == b"POST" && !plan.long_lived {
@@ -87,8 +87,7 @@ pub(super) async fn relay(
     } else {
         None
     };
-    let _stream_gauge =
-        is_event_stream.then(|| StreamGauge::open(&worker.stats.metrics.sse_streams));
+    let _stream_gauge = is_event_stream.then(|| StreamGauge::open(&core.stats.metrics.sse_streams));
     let mut wait = Wait {
         limit,
         watch: is_event_stream,

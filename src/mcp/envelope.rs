@@ -14,41 +14,14 @@
 use simd_json::StaticNode;
 use simd_json::{Buffers, Node, Tape};
 
+use super::jsonrpc::{self, Id};
+
 /// What kind of JSON-RPC message a body holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Request,
     Notification,
     Response,
-}
-
-/// A JSON-RPC id (or progress token) as received.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Id<'a> {
-    Str(&'a str),
-    Int(i64),
-    UInt(u64),
-    Float(f64),
-}
-
-impl Id<'_> {
-    /// Appends the id as JSON.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        match self {
-            Id::Str(s) => crate::mcp::jsonrpc::write_json_string(s, out),
-            Id::Int(n) => {
-                if *n < 0 {
-                    out.push(b'-');
-                }
-                crate::fmt::push_decimal(out, n.unsigned_abs());
-            }
-            Id::UInt(n) => crate::fmt::push_decimal(out, *n),
-            Id::Float(f) => {
-                use std::io::Write as _;
-                let _ = write!(out, "{f}");
-            }
-        }
-    }
 }
 
 /// One JSON-RPC message's routing fields.
@@ -107,8 +80,8 @@ impl EnvelopeError {
 
     pub fn code(&self) -> i32 {
         match self {
-            EnvelopeError::Parse => crate::mcp::jsonrpc::PARSE_ERROR,
-            _ => crate::mcp::jsonrpc::INVALID_REQUEST,
+            EnvelopeError::Parse => jsonrpc::PARSE_ERROR,
+            _ => jsonrpc::INVALID_REQUEST,
         }
     }
 }

@@ -1,6 +1,33 @@
-//! JSON-RPC error responses that scopegate writes itself.
+//! JSON-RPC ids and the error responses that scopegate writes itself.
 
-use super::envelope::Id;
+/// A JSON-RPC id (or progress token) as received.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Id<'a> {
+    Str(&'a str),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+}
+
+impl Id<'_> {
+    /// Appends the id as JSON.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Id::Str(s) => write_json_string(s, out),
+            Id::Int(n) => {
+                if *n < 0 {
+                    out.push(b'-');
+                }
+                crate::fmt::push_decimal(out, n.unsigned_abs());
+            }
+            Id::UInt(n) => crate::fmt::push_decimal(out, *n),
+            Id::Float(f) => {
+                use std::io::Write as _;
+                let _ = write!(out, "{f}");
+            }
+        }
+    }
+}
 
 pub const PARSE_ERROR: i32 = -32700;
 pub const INVALID_REQUEST: i32 = -32600;

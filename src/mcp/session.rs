@@ -194,6 +194,33 @@ impl SessionKeys {
     }
 }
 
+/// One worker's memory of upstreams the aggregate endpoint joined after a session's initialize
+/// (an upstream that was down then), keyed by a hash of the agent's session token and the
+/// upstream. A bounded cache, not a session table: a worker that has not seen the session
+/// joins again.
+#[derive(Default)]
+pub struct LazyJoins {
+    map: std::cell::RefCell<std::collections::HashMap<(u64, usize), Vec<u8>>>,
+}
+
+/// Most joins a worker remembers; past that the cache starts over.
+const MAX_LAZY_JOINS: usize = 65_536;
+
+impl LazyJoins {
+    /// The upstream session id joined for token hash `key` on upstream `upstream`.
+    pub fn get(&self, key: u64, upstream: usize) -> Option<Vec<u8>> {
+        self.map.borrow().get(&(key, upstream)).cloned()
+    }
+
+    pub fn insert(&self, key: u64, upstream: usize, session: Vec<u8>) {
+        let mut map = self.map.borrow_mut();
+        if map.len() >= MAX_LAZY_JOINS {
+            map.clear();
+        }
+        map.insert((key, upstream), session);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

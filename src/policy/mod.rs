@@ -7,7 +7,6 @@
 
 pub mod args;
 pub mod decide;
-pub mod glob;
 pub mod live;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,9 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::glob::Glob;
 use crate::upstream::{Upstream, UpstreamUrl};
 use args::{Constraint, Literal};
-use glob::Glob;
 
 /// A rate: `per_second`, `per_minute` or `per_hour` (exactly one), and `burst`.
 #[derive(Debug, Clone, PartialEq)]

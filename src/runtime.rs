@@ -1,6 +1,7 @@
-//! One worker per core: its own monoio runtime pinned to its core, its own SO_REUSEPORT
-//! listener, its own upstream pool. Nothing here is shared with other workers except the
-//! read-only configuration and the shutdown flag.
+//! One worker per core: its own monoio runtime (io_uring, else epoll) pinned to its core, its
+//! own SO_REUSEPORT listener, its accept loop and its registry of open connections for the
+//! drain. Each accepted connection is served by [`crate::serve::serve_connection`]. Nothing
+//! here is shared with other workers except the read-only configuration and the shutdown flag.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -8,44 +9,18 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, IoDriver};
+use crate::core::{Core, shutting_down};
 use crate::jwt::JwtVerifier;
 use crate::mcp::session::SessionKeys;
+use crate::metrics::WorkerStats;
 use crate::policy::live::{LivePolicy, PolicyView};
-use crate::upstream::Pool;
 use crate::{debug, error, info, warn};
-
-/// Set once by the main thread on SIGTERM/SIGINT; read between requests.
-pub static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
-
-pub fn shutting_down() -> bool {
-    SHUTTING_DOWN.load(Ordering::Relaxed)
-}
-
-/// Counters a worker publishes for the main thread. Each worker writes only its own (one
-/// cache line each), so there is no contention on the request path.
-#[repr(align(64))]
-pub struct WorkerStats {
-    pub open_connections: AtomicUsize,
-    /// Heap allocations made on this worker's thread.
-    pub allocations: std::sync::atomic::AtomicU64,
-    pub metrics: crate::metrics::WorkerMetrics,
-}
-
-impl WorkerStats {
-    pub fn new(upstreams: usize) -> WorkerStats {
-        WorkerStats {
-            open_connections: AtomicUsize::new(0),
-            allocations: std::sync::atomic::AtomicU64::new(0),
-            metrics: crate::metrics::WorkerMetrics::new(upstreams),
-        }
-    }
-}
 
 /// A client connection's socket and whether it is idle between requests.
 type OpenConnection = (RawFd, Rc<Cell<bool>>);
@@ -73,35 +48,12 @@ struct SharedRest {
     all_stats: Arc<Vec<Arc<WorkerStats>>>,
 }
 
-/// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`).
-pub struct Worker {
-    pub id: usize,
-    pub config: Arc<Config>,
-    /// The policy as this worker sees it (refreshed between requests after a reload).
-    pub policy: Option<PolicyView>,
-    pub sessions: Arc<SessionKeys>,
-    pub jwt: Option<Arc<JwtVerifier>>,
-    pub audit: Option<crate::audit::AuditSink>,
-    /// Each upstream's `,"upstream":<name>` for audit entries, encoded once.
-    pub upstream_fragments: Vec<Vec<u8>>,
-    /// Every worker's counters and audit channels, for `/metrics`.
-    pub all_stats: Arc<Vec<Arc<WorkerStats>>>,
-    pub all_audit: Vec<Arc<crate::audit::writer::Channel>>,
-    pub pool: Pool,
-    pub stats: Arc<WorkerStats>,
-    /// Upstreams the aggregate endpoint joined after a session's initialize.
-    pub lazy_joins: crate::aggregate::LazyJoins,
-    /// Client read buffers between requests: a connection takes one when its agent sends
-    /// something and gives it back when the request is done.
-    read_buffers: RefCell<Vec<bytes::BytesMut>>,
-    /// Request state between requests (see [`crate::pipeline::RequestState`]); boxed so a
-    /// connection takes and returns it as one pointer, not a copy of the whole state.
-    #[allow(clippy::vec_box)]
-    request_states: RefCell<Vec<Box<crate::pipeline::RequestState>>>,
-    /// Open client connections: raw fd and whether it is idle between requests. Touched once
-    /// per connection (open/close); per request only the `Cell` flips.
+/// A worker's open connections (raw fd, idle between requests), for the drain. Touched once per
+/// connection (open/close); per request only the `Cell` flips.
+#[derive(Default)]
+struct Registry {
     connections: RefCell<HashMap<u64, OpenConnection>>,
-    next_connection: Cell<u64>,
+    next: Cell<u64>,
 }
 
 /// Starts a worker on the current thread and runs it until shutdown drains it.
@@ -228,36 +180,25 @@ async fn worker_main(
             std::process::exit(1);
         }
     };
-    let worker = Rc::new(Worker {
-        id,
-        pool: Pool::new(config.upstreams.len()),
-        lazy_joins: crate::aggregate::LazyJoins::default(),
-        read_buffers: RefCell::new(Vec::new()),
-        request_states: RefCell::new(Vec::new()),
-        upstream_fragments: config
-            .upstreams
-            .iter()
-            .map(|u| crate::audit::entry::upstream_fragment(&u.name))
-            .collect(),
-        config,
-        policy: shared.policy.map(PolicyView::new),
-        sessions: shared.sessions,
-        jwt: shared.jwt,
-        all_stats: shared.all_stats.clone(),
-        all_audit: shared.audit.clone(),
-        audit: shared.audit.get(id).map(|channel| {
-            let cfg = shared.config_audit.as_ref();
-            crate::audit::AuditSink::new(
-                id,
-                channel.clone(),
-                cfg.is_some_and(|c| c.fail_closed),
-                cfg.map_or(4096, |c| c.max_args),
-            )
-        }),
-        stats,
-        connections: RefCell::new(HashMap::new()),
-        next_connection: Cell::new(0),
+    let core = Core::new(id, config.clone(), stats, shared.sessions);
+    let audit = shared.audit.get(id).map(|channel| {
+        let cfg = shared.config_audit.as_ref();
+        crate::audit::AuditSink::new(
+            id,
+            channel.clone(),
+            cfg.is_some_and(|c| c.fail_closed),
+            cfg.map_or(4096, |c| c.max_args),
+        )
     });
+    let worker = Rc::new(crate::serve::Worker::new(
+        core,
+        shared.policy.map(PolicyView::new),
+        shared.jwt,
+        audit,
+        shared.all_stats.clone(),
+        shared.audit.clone(),
+    ));
+    let registry = Rc::new(Registry::default());
 
     loop {
         match listener.accept().await {
@@ -267,11 +208,11 @@ async fn worker_main(
                 }
                 let _ = stream.set_nodelay(true);
                 let worker = worker.clone();
+                let guard = register(&registry, &worker.core.stats, &stream);
                 monoio::spawn(async move {
-                    let guard = worker.register(&stream);
                     // A bug that panics while serving a connection ends that connection (its
                     // socket is closed), not the worker and every connection it serves.
-                    let served = CatchUnwind(Box::pin(crate::pipeline::serve_connection(
+                    let served = CatchUnwind(Box::pin(crate::serve::serve_connection(
                         &worker,
                         stream,
                         peer,
@@ -281,7 +222,7 @@ async fn worker_main(
                     if served.is_err() {
                         crate::error!(
                             "worker {}: a connection's task panicked; it was closed",
-                            worker.id
+                            worker.core.id
                         );
                     }
                     drop(guard);
@@ -301,94 +242,58 @@ async fn worker_main(
 
     // Drain: idle keep-alive connections are closed now (their pending read sees end of
     // stream); busy ones finish their request and close. The main thread bounds the wait.
-    worker.close_idle_connections();
-    while !worker.connections.borrow().is_empty() {
+    close_idle_connections(&registry);
+    while !registry.connections.borrow().is_empty() {
         monoio::time::sleep(Duration::from_millis(5)).await;
-        worker.close_idle_connections();
+        close_idle_connections(&registry);
     }
     debug!("worker {id}: drained");
 }
 
 /// Removes a connection from the registry when its task ends, however it ends.
 pub struct ConnectionGuard {
-    worker: Rc<Worker>,
+    registry: Rc<Registry>,
+    stats: Arc<WorkerStats>,
     key: u64,
     pub idle: Rc<Cell<bool>>,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.worker.connections.borrow_mut().remove(&self.key);
-        self.worker
-            .stats
-            .open_connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.registry.connections.borrow_mut().remove(&self.key);
+        self.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Buffers kept for reuse per worker; beyond this, returned buffers are freed.
-const MAX_POOLED_BUFFERS: usize = 128;
-/// A buffer that grew past this (a large body) is freed rather than pooled.
-const MAX_POOLED_CAPACITY: usize = 4 * crate::http::conn::READ_CHUNK;
-
-impl Worker {
-    /// A read buffer for a connection whose agent has just sent something.
-    pub fn take_buffer(&self) -> bytes::BytesMut {
-        self.read_buffers
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| bytes::BytesMut::with_capacity(crate::http::conn::READ_CHUNK))
+fn register(
+    registry: &Rc<Registry>,
+    stats: &Arc<WorkerStats>,
+    stream: &TcpStream,
+) -> ConnectionGuard {
+    let key = registry.next.get();
+    registry.next.set(key + 1);
+    let idle = Rc::new(Cell::new(true));
+    registry
+        .connections
+        .borrow_mut()
+        .insert(key, (stream.as_raw_fd(), idle.clone()));
+    stats.open_connections.fetch_add(1, Ordering::Relaxed);
+    ConnectionGuard {
+        registry: registry.clone(),
+        stats: stats.clone(),
+        key,
+        idle,
     }
+}
 
-    /// Takes back a connection's empty read buffer for the next connection that needs one.
-    pub fn give_buffer(&self, mut buf: bytes::BytesMut) {
-        let mut pool = self.read_buffers.borrow_mut();
-        if pool.len() < MAX_POOLED_BUFFERS && buf.capacity() <= MAX_POOLED_CAPACITY {
-            buf.clear();
-            pool.push(buf);
-        }
-    }
-
-    /// Request state for a connection whose agent has just sent something.
-    pub fn take_state(&self) -> Box<crate::pipeline::RequestState> {
-        self.request_states
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Box::new(crate::pipeline::RequestState::new(self.audit.is_some())))
-    }
-
-    /// Takes back request state when its request is done.
-    pub fn give_state(&self, state: Box<crate::pipeline::RequestState>) {
-        let mut pool = self.request_states.borrow_mut();
-        if pool.len() < MAX_POOLED_BUFFERS {
-            pool.push(state);
-        }
-    }
-
-    fn register(self: &Rc<Self>, stream: &TcpStream) -> ConnectionGuard {
-        let key = self.next_connection.get();
-        self.next_connection.set(key + 1);
-        let idle = Rc::new(Cell::new(true));
-        self.connections
-            .borrow_mut()
-            .insert(key, (stream.as_raw_fd(), idle.clone()));
-        self.stats.open_connections.fetch_add(1, Ordering::Relaxed);
-        ConnectionGuard {
-            worker: self.clone(),
-            key,
-            idle,
-        }
-    }
-
-    fn close_idle_connections(&self) {
-        for (fd, idle) in self.connections.borrow().values() {
-            if idle.get() {
-                // Ends the pending read with end-of-stream; the task then closes the socket.
-                // SAFETY: the fd belongs to a live connection task of this thread (the entry is
-                // removed before the stream is dropped).
-                unsafe {
-                    libc::shutdown(*fd, libc::SHUT_RD);
-                }
+fn close_idle_connections(registry: &Registry) {
+    for (fd, idle) in registry.connections.borrow().values() {
+        if idle.get() {
+            // Ends the pending read with end-of-stream; the task then closes the socket.
+            // SAFETY: the fd belongs to a live connection task of this thread (the entry is
+            // removed before the stream is dropped).
+            unsafe {
+                libc::shutdown(*fd, libc::SHUT_RD);
             }
         }
     }

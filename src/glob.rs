@@ -1,5 +1,6 @@
-//! Globs over `"<upstream>/<tool>"` names: `*` matches any run of characters (possibly empty),
-//! `?` exactly one; everything else matches itself, case-sensitively.
+//! Globs over names (policy rules over `"<upstream>/<tool>"`, redaction rules over argument
+//! names): `*` matches any run of characters (possibly empty), `?` exactly one; everything else
+//! matches itself, case-sensitively unless asked otherwise.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob {

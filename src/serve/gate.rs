@@ -1,0 +1,504 @@
+//! Who is calling, and what they may do: the stages between reading a request and forwarding
+//! it. Each is a function over plain inputs (the head, the envelope, the policy), so each is
+//! tested alone.
+//!
+//! - [`authenticate`]: bearer key, path key or JWT -> the agent; then the upstream it named
+//!   (unknown and forbidden read the same).
+//! - [`check_envelope_headers`]: 2026-07-28 routing headers agree with the body.
+//! - [`authorize`]: every message, by the one method table (`policy::decide`).
+//! - [`rate_limit`]: every bucket that applies; a batch admitted whole or not at all.
+//! - [`open_session`]: the agent's sealed token -> the upstream's session id.
+
+use super::admin::metadata_url;
+use super::memory::ConnCache;
+use super::route::{Route, Routed, unknown_upstream};
+use crate::auth::{self, AuthError};
+use crate::config::Config;
+use crate::debug;
+use crate::http::head::Head;
+use crate::jwt::JwtVerifier;
+use crate::mcp::envelope::{Envelope, Kind, Message};
+use crate::mcp::jsonrpc;
+use crate::mcp::session::SessionKeys;
+use crate::policy::Policy;
+use crate::policy::decide::{self, Decision};
+use crate::policy::live::LocalPolicy;
+use crate::reply::Reply;
+
+/// A routed, authenticated request.
+pub struct Admitted {
+    pub route: Route,
+    /// The agent (index into the policy), in policy mode.
+    pub agent: Option<usize>,
+}
+
+/// Stage 5. In policy mode every MCP request names an agent by its key; the agent must be
+/// allowed to use the upstream (else it is told the upstream does not exist).
+pub fn authenticate(
+    config: &Config,
+    jwt: Option<&JwtVerifier>,
+    local: Option<&LocalPolicy>,
+    head: &Head,
+    routed: Routed,
+    cache: &mut ConnCache,
+) -> Result<Admitted, Reply> {
+    let policy = local.map(|p| &***p);
+    let Routed { route, path_key } = routed;
+    let (Some(policy), Route::Mcp { .. } | Route::Aggregate) = (policy, route) else {
+        return Ok(Admitted { route, agent: None });
+    };
+    let unauthorized = |e: AuthError| {
+        Reply::error(401, jsonrpc::UNAUTHENTICATED, e.message())
+            .denied()
+            .header(&format!(
+                "WWW-Authenticate: Bearer resource_metadata=\"{}\"",
+                metadata_url(config, head)
+            ))
+    };
+    let header_key = auth::bearer(head).map_err(unauthorized)?;
+    let path_key = path_key.map(|span| span.get(&head.raw));
+    let key = match (header_key, path_key) {
+        (Some(_), Some(_)) => return Err(unauthorized(AuthError::Invalid)),
+        (Some(k), None) | (None, Some(k)) => k,
+        (None, None) => return Err(unauthorized(AuthError::Missing)),
+    };
+    let agent = match jwt {
+        Some(jwt) if JwtVerifier::looks_like_jwt(key) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let id = jwt.verify(key, now).map_err(|e| {
+                debug!("JWT refused: {e:?}");
+                unauthorized(AuthError::Invalid)
+            })?;
+            policy
+                .agent_by_id(&id)
+                .ok_or_else(|| unauthorized(AuthError::Invalid))?
+        }
+        _ => match (local, &cache.key_policy) {
+            (Some(l), Some(c)) if std::rc::Rc::ptr_eq(l, c) && cache.key == key => cache.key_agent,
+            _ => {
+                let agent = auth::agent_for_key(policy, key).map_err(unauthorized)?;
+                cache.key.clear();
+                cache.key.extend_from_slice(key);
+                cache.key_policy = local.cloned();
+                cache.key_agent = agent;
+                agent
+            }
+        },
+    };
+    if let Route::Mcp { upstream } = route
+        && !upstream.is_some_and(|u| policy.may_use_upstream(agent, u))
+    {
+        return Err(unknown_upstream(head));
+    }
+    Ok(Admitted {
+        route,
+        agent: Some(agent),
+    })
+}
+
+/// 2026-07-28 routing headers must agree with the body: the body is what executes.
+pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>) -> Result<(), Reply> {
+    let mismatch = |what: &str| {
+        Reply::error(
+            400,
+            jsonrpc::INVALID_REQUEST,
+            format!("{what} header does not match the body"),
+        )
+    };
+    let method_header = head.get("mcp-method");
+    let name_header = head.get("mcp-name");
+    if method_header.is_none() && name_header.is_none() {
+        return Ok(());
+    }
+    if head.count("mcp-method") > 1 || head.count("mcp-name") > 1 {
+        return Err(mismatch("a repeated Mcp-Method or Mcp-Name"));
+    }
+    let Some(message) = env.single() else {
+        return Err(mismatch("Mcp-Method/Mcp-Name on a batch:"));
+    };
+    if let Some(h) = method_header
+        && Some(h) != message.method.map(str::as_bytes)
+    {
+        return Err(mismatch("Mcp-Method"));
+    }
+    if let Some(h) = name_header
+        && Some(h) != message.name.or(message.uri).map(str::as_bytes)
+    {
+        return Err(mismatch("Mcp-Name"));
+    }
+    Ok(())
+}
+
+/// Stage 8: authorize what the upstream will execute. `Some` answers instead: a refused call
+/// (a JSON-RPC error with HTTP 200, so the agent's session carries on; 403 for a notification,
+/// which has no answer to carry an error), or a batch where the negotiated revision has none. A
+/// batch is authorized element by element and refused whole if any element is.
+pub fn authorize(
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    head: &Head,
+    env: &Envelope<'_>,
+) -> Option<Reply> {
+    if env.is_batch() {
+        let version = head.get("mcp-protocol-version").unwrap_or(b"2025-03-26");
+        if version != b"2025-03-26" {
+            let mut r = Reply::error(
+                400,
+                jsonrpc::INVALID_REQUEST,
+                "JSON-RPC batches are not part of this MCP revision (only 2025-03-26 has them)",
+            );
+            r.reason = Some("batch outside 2025-03-26".into());
+            return Some(r);
+        }
+    }
+    let (index, rule, reason) = env.messages().iter().enumerate().find_map(|(i, m)| {
+        match decide::authorize_message(
+            policy,
+            agent,
+            upstream,
+            m,
+            env.arguments(m),
+            env.notifications(m),
+        ) {
+            Decision::Deny { rule, reason } => Some((i, rule, reason)),
+            Decision::Allow => None,
+        }
+    })?;
+    if !env.is_batch() {
+        let m = &env.messages()[0];
+        let mut reply = Reply::policy_denied(&rule, &reason).for_id(m.id);
+        if m.kind == Kind::Notification {
+            reply.status = 403;
+        }
+        return Some(reply);
+    }
+    let mut body = vec![b'['];
+    for (i, m) in env.messages().iter().enumerate() {
+        if m.kind != Kind::Request {
+            continue;
+        }
+        if body.len() > 1 {
+            body.push(b',');
+        }
+        let message = if i == index {
+            reason.clone()
+        } else {
+            format!("batch refused: element {index} was denied ({reason})")
+        };
+        body.extend(Reply::policy_denied(&rule, &message).body_bytes(m.id));
+    }
+    body.push(b']');
+    let mut reply = Reply::json(200, body).denied();
+    reply.reason = Some(rule);
+    Some(reply)
+}
+
+/// Stage 9: rate limits. JSON-RPC requests take from the buckets (tools/call: the agent's tool
+/// rules, the agent, its tenant, the upstream; any other request: the agent's own bucket).
+/// Notifications, responses, the session's GET event stream and DELETE are session plumbing and
+/// never limited, so cancellations and answers to server requests always get through (and an
+/// SDK's background GET does not eat an agent's burst). `Some` refuses, with HTTP `status`
+/// (`SCOPEGATE_RATE_LIMIT_STATUS`).
+pub fn rate_limit(
+    status: u16,
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    env: &Envelope<'_>,
+) -> Option<Reply> {
+    let limits = &policy.limits;
+    let now = crate::ratelimit::now_ns();
+    fn tool_of<'a>(m: &Message<'a>) -> Option<&'a str> {
+        if m.method == Some("tools/call") {
+            m.name
+        } else {
+            None
+        }
+    }
+    let messages = env.messages();
+    let limited = messages.iter().enumerate().find_map(|(i, m)| {
+        if m.kind != Kind::Request {
+            return None;
+        }
+        let limited = limits
+            .admit(policy, agent, upstream, tool_of(m), now)
+            .err()?;
+        // A batch is admitted whole or not at all.
+        for earlier in messages[..i].iter().filter(|m| m.kind == Kind::Request) {
+            limits.release(policy, agent, upstream, tool_of(earlier));
+        }
+        Some(limited)
+    })?;
+    let reply = Reply::rate_limited(status, &limited.label, limited.retry_after_ns);
+    if !env.is_batch() {
+        return Some(reply.for_id(env.single().and_then(|m| m.id)));
+    }
+    let mut body = vec![b'['];
+    for m in messages.iter().filter(|m| m.kind == Kind::Request) {
+        if body.len() > 1 {
+            body.push(b',');
+        }
+        body.extend(reply.body_bytes(m.id));
+    }
+    body.push(b']');
+    let mut batch = Reply::json(status, body);
+    batch.headers = reply.headers.clone();
+    batch.decision = reply.decision;
+    batch.reason = reply.reason.clone();
+    Some(batch)
+}
+
+/// Opens the agent's session token: it must be scopegate's, sealed for this agent and upstream.
+pub fn open_session<'c>(
+    sessions: &SessionKeys,
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    token: &[u8],
+    cache: &'c mut ConnCache,
+) -> Option<&'c [u8]> {
+    if cache.token != token {
+        cache.token.clear();
+        let s = sessions.open_in(token, &mut cache.scratch)?;
+        cache.token_agent.clear();
+        cache.token_agent.push_str(s.agent);
+        cache.token_upstream.clear();
+        cache.token_upstream.push_str(s.upstream);
+        cache.token_session.clear();
+        cache.token_session.extend_from_slice(s.upstream_session);
+        cache.token.extend_from_slice(token);
+    }
+    // The binding is checked on every request, against the policy of this request.
+    (cache.token_agent == policy.agents[agent].id
+        && cache.token_upstream == policy.upstreams()[upstream].name)
+        .then_some(cache.token_session.as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mcp::envelope::EnvelopeParser;
+    use bytes::Bytes;
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    const KEY: &str = "gate-test-key";
+
+    fn policy() -> LocalPolicy {
+        let text = format!(
+            r#"
+[[upstream]]
+name = "a"
+url = "http://127.0.0.1:9/mcp"
+[[upstream]]
+name = "b"
+url = "http://127.0.0.1:9/mcp"
+[[agent]]
+id = "bot"
+key_sha256 = "{}"
+upstreams = ["a"]
+allow = ["a/echo"]
+[agent.rate]
+per_second = 1
+burst = 2
+"#,
+            crate::policy::hash_key(KEY)
+        );
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            &text,
+            &[],
+            &HashMap::<String, String>::new(),
+        )
+        .unwrap();
+        Rc::new(Arc::new(p))
+    }
+
+    fn config() -> Config {
+        let vars: HashMap<String, String> = [
+            ("SCOPEGATE_POLICY", "/dev/null"),
+            (
+                "SCOPEGATE_UPSTREAMS",
+                "a=http://127.0.0.1:9/mcp,b=http://127.0.0.1:9/mcp",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        Config::from_vars(&vars).unwrap()
+    }
+
+    fn head(raw: &str) -> Head {
+        let mut h = Head::default();
+        let len = crate::http::head::parse_request(raw.as_bytes(), &mut h)
+            .unwrap()
+            .unwrap();
+        h.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
+        h
+    }
+
+    fn auth(p: &LocalPolicy, raw: &str) -> Result<Admitted, u16> {
+        let h = head(raw);
+        let routed = crate::serve::route::route(&config(), &h).map_err(|r| r.status)?;
+        authenticate(
+            &config(),
+            None,
+            Some(p),
+            &h,
+            routed,
+            &mut ConnCache::default(),
+        )
+        .map_err(|r| r.status)
+    }
+
+    #[test]
+    fn authentication_then_upstream_access() {
+        let p = policy();
+        let ok = auth(
+            &p,
+            &format!("POST /mcp/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n"),
+        );
+        assert_eq!(ok.unwrap().agent, Some(0));
+        assert_eq!(
+            auth(&p, "POST /mcp/a HTTP/1.1\r\nHost: x\r\n\r\n").err(),
+            Some(401)
+        );
+        assert_eq!(
+            auth(
+                &p,
+                "POST /mcp/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\r\n"
+            )
+            .err(),
+            Some(401)
+        );
+        // Forbidden and unknown alike, after authentication only.
+        let forbidden =
+            format!("POST /mcp/b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+        let unknown =
+            format!("POST /mcp/zz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+        assert_eq!(auth(&p, &forbidden).err(), Some(404));
+        assert_eq!(auth(&p, &unknown).err(), Some(404));
+        assert_eq!(
+            auth(&p, "POST /mcp/zz HTTP/1.1\r\nHost: x\r\n\r\n").err(),
+            Some(401)
+        );
+    }
+
+    #[test]
+    fn authorization_of_single_messages_and_batches() {
+        let p = policy();
+        let h = head("POST /mcp/a HTTP/1.1\r\nHost: x\r\nMCP-Protocol-Version: 2025-03-26\r\n\r\n");
+        let mut parser = EnvelopeParser::new();
+        let env = parser
+            .parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#)
+            .unwrap();
+        assert!(authorize(&p, 0, 0, &h, &env).is_none());
+        drop(env);
+        let env = parser
+            .parse(br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"rm"}}"#)
+            .unwrap();
+        let r = authorize(&p, 0, 0, &h, &env).unwrap();
+        assert_eq!(
+            (r.status, r.decision),
+            (200, crate::audit::entry::Decision::Denied)
+        );
+        drop(env);
+        let env = parser
+            .parse(br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"rm"}}]"#)
+            .unwrap();
+        let r = authorize(&p, 0, 0, &h, &env).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.body_bytes(None)).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 2, "the whole batch is refused");
+        assert!(
+            v[0]["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("batch refused")
+        );
+        drop(env);
+        let newer =
+            head("POST /mcp/a HTTP/1.1\r\nHost: x\r\nMCP-Protocol-Version: 2025-06-18\r\n\r\n");
+        let env = parser
+            .parse(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#)
+            .unwrap();
+        assert_eq!(authorize(&p, 0, 0, &newer, &env).unwrap().status, 400);
+    }
+
+    #[test]
+    fn rate_limits_take_whole_batches_or_nothing() {
+        let p = policy();
+        let mut parser = EnvelopeParser::new();
+        let one = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+        let three = br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"},{"jsonrpc":"2.0","id":3,"method":"ping"}]"#;
+        // A burst of 2: a batch of three is refused and takes nothing...
+        let env = parser.parse(three).unwrap();
+        let r = rate_limit(429, &p, 0, 0, &env).unwrap();
+        assert_eq!(
+            (r.status, r.decision),
+            (429, crate::audit::entry::Decision::RateLimited)
+        );
+        assert!(r.headers.starts_with("Retry-After: "));
+        drop(env);
+        // ...so two single requests still pass, and the third does not.
+        for _ in 0..2 {
+            let env = parser.parse(one).unwrap();
+            assert!(rate_limit(200, &p, 0, 0, &env).is_none());
+        }
+        let env = parser.parse(one).unwrap();
+        assert_eq!(rate_limit(200, &p, 0, 0, &env).unwrap().status, 200);
+        // Notifications are never limited.
+        drop(env);
+        let env = parser
+            .parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .unwrap();
+        assert!(rate_limit(200, &p, 0, 0, &env).is_none());
+    }
+
+    #[test]
+    fn sessions_open_only_for_their_agent_and_upstream() {
+        let p = policy();
+        let keys = SessionKeys::new(Some(b"a-session-secret-a-session-secret")).unwrap();
+        let token = keys.seal("bot", "a", b"up-1").unwrap();
+        let mut cache = ConnCache::default();
+        assert_eq!(
+            open_session(&keys, &p, 0, 0, token.as_bytes(), &mut cache),
+            Some(&b"up-1"[..])
+        );
+        assert_eq!(
+            open_session(&keys, &p, 0, 1, token.as_bytes(), &mut cache),
+            None
+        );
+        assert_eq!(
+            open_session(&keys, &p, 0, 0, b"sg1.forged", &mut cache),
+            None
+        );
+    }
+
+    #[test]
+    fn routing_headers_must_agree_with_the_body() {
+        let mut parser = EnvelopeParser::new();
+        let env = parser
+            .parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#)
+            .unwrap();
+        let check = |extra: &str| {
+            check_envelope_headers(
+                &head(&format!("POST /mcp HTTP/1.1\r\nHost: x\r\n{extra}\r\n")),
+                &env,
+            )
+            .map_err(|r| r.status)
+        };
+        assert_eq!(check(""), Ok(()));
+        assert_eq!(
+            check("Mcp-Method: tools/call\r\nMcp-Name: echo\r\n"),
+            Ok(())
+        );
+        assert_eq!(check("Mcp-Method: tools/list\r\n"), Err(400));
+        assert_eq!(check("Mcp-Name: delete\r\n"), Err(400));
+        assert_eq!(check("Mcp-Name: echo\r\nMcp-Name: echo\r\n"), Err(400));
+    }
+}

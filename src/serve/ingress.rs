@@ -1,0 +1,274 @@
+//! Reading a request off the agent's connection: the head (size limits, idle and header
+//! timeouts), how its body is framed, and the body itself (size limit, 100-continue, body
+//! timeout, de-chunked). Also the lingering close after an error, so the answer is not lost to
+//! a reset. No policy here: what is read is handed to the stages that decide.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::Config;
+use crate::http::conn::{Conn, ReadError};
+use crate::http::framing::{self, ChunkedDecoder, Framing};
+use crate::http::head::{self, Head, HeadError};
+use crate::http::response;
+use crate::mcp::jsonrpc;
+use crate::reply::Reply;
+
+/// Stage 1. `Ok(None)`: the client closed (or went idle past the timeout) between requests.
+pub async fn read_head(
+    config: &Config,
+    client: &mut Conn,
+    head: &mut Head,
+) -> Result<Option<usize>, Reply> {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if !client.buf.is_empty() {
+            match head::parse_request(&client.buf, head) {
+                Ok(Some(len)) => return Ok(Some(len)),
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => {
+                    return Err(Reply::error(
+                        431,
+                        jsonrpc::GATEWAY_REFUSED,
+                        format!(
+                            "request head over {} bytes or {} fields",
+                            head::MAX_REQUEST_HEAD,
+                            head::MAX_HEADERS
+                        ),
+                    ));
+                }
+                Err(HeadError::Malformed(why)) => {
+                    return Err(Reply::error(
+                        400,
+                        jsonrpc::GATEWAY_REFUSED,
+                        format!("malformed request head: {why}"),
+                    ));
+                }
+            }
+            deadline.get_or_insert_with(|| Instant::now() + config.header_timeout);
+        }
+        // Waiting for the first byte is idling; once a head has started it must finish within
+        // the header timeout (slow clients are cut off).
+        let limit = match deadline {
+            None => config.idle_timeout,
+            Some(d) => d.saturating_duration_since(Instant::now()),
+        };
+        match client.fill_within(Some(limit)).await {
+            Ok(0) => {
+                return if client.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Reply::error(
+                        400,
+                        jsonrpc::GATEWAY_REFUSED,
+                        "connection closed mid-head",
+                    ))
+                };
+            }
+            Ok(_) => {}
+            Err(ReadError::TimedOut) if deadline.is_some() => {
+                return Err(Reply::error(
+                    408,
+                    jsonrpc::GATEWAY_REFUSED,
+                    "request head not received within SCOPEGATE_HEADER_TIMEOUT_MS",
+                ));
+            }
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// Stage 2.
+pub fn check_framing(head: &Head) -> Result<Framing, Reply> {
+    let framing = framing::request_framing(head).map_err(|e| {
+        let status = if e == framing::FramingError::UnsupportedTransferEncoding {
+            501
+        } else {
+            400
+        };
+        Reply::error(status, jsonrpc::GATEWAY_REFUSED, e.message())
+    })?;
+    if head.minor_version == 1 && head.count("host") != 1 {
+        return Err(Reply::error(
+            400,
+            jsonrpc::GATEWAY_REFUSED,
+            "HTTP/1.1 requires exactly one Host header",
+        ));
+    }
+    Ok(framing)
+}
+
+/// Stage 2b: a body on GET, HEAD or DELETE has no meaning in MCP, and nothing would look at it
+/// before it reached the upstream: refused unread, and the connection closed (its end cannot be
+/// trusted).
+pub fn no_body_without_post(head: &Head, framing: Framing) -> Result<(), Reply> {
+    if matches!(head.method(), b"GET" | b"DELETE" | b"HEAD") && framing != Framing::Empty {
+        return Err(Reply::error(
+            400,
+            jsonrpc::GATEWAY_REFUSED,
+            "GET, HEAD and DELETE requests carry no body here; this one is refused unread",
+        )
+        .closing());
+    }
+    Ok(())
+}
+
+/// Stage 5: the whole body, de-chunked, as `Bytes` sharing the read buffer where it can.
+pub async fn read_body(
+    config: &Config,
+    client: &mut Conn,
+    head: &Head,
+    framing: Framing,
+) -> Result<Bytes, Reply> {
+    let max = config.max_body;
+    let too_large = || {
+        Reply::error(
+            413,
+            jsonrpc::GATEWAY_REFUSED,
+            format!("request body over SCOPEGATE_MAX_BODY ({max} bytes)"),
+        )
+    };
+    let expect = head.get("expect");
+    if let Some(value) = expect
+        && !value.eq_ignore_ascii_case(b"100-continue")
+    {
+        return Err(Reply::error(
+            417,
+            jsonrpc::GATEWAY_REFUSED,
+            "unsupported Expect value",
+        ));
+    }
+    match framing {
+        Framing::Empty | Framing::UntilClose => return Ok(Bytes::new()),
+        Framing::Length(n) if n > max as u64 => return Err(too_large()),
+        _ => {}
+    }
+    let deadline = Instant::now() + config.body_timeout;
+    let needs_more = match framing {
+        Framing::Length(n) => (client.buf.len() as u64) < n,
+        _ => true,
+    };
+    if expect.is_some() && head.minor_version == 1 && needs_more {
+        let (res, _) = client.write_all(response::CONTINUE).await;
+        res.map_err(|_| Reply::error(400, jsonrpc::GATEWAY_REFUSED, "client went away"))?;
+    }
+
+    match framing {
+        Framing::Length(n) => {
+            let n = n as usize;
+            while client.buf.len() < n {
+                client.buf.reserve(n - client.buf.len());
+                fill_body(client, deadline, "body shorter than Content-Length").await?;
+            }
+            Ok(client.buf.split_to(n).freeze())
+        }
+        Framing::Chunked => {
+            let mut decoder = ChunkedDecoder::default();
+            let mut body = BytesMut::new();
+            loop {
+                let consumed = decoder.feed(&client.buf, Some(&mut body)).map_err(|e| {
+                    Reply::error(
+                        400,
+                        jsonrpc::GATEWAY_REFUSED,
+                        format!("bad chunked body: {e:?}"),
+                    )
+                })?;
+                let _ = client.buf.split_to(consumed);
+                if body.len() > max {
+                    return Err(too_large());
+                }
+                if decoder.is_done() {
+                    return Ok(body.freeze());
+                }
+                fill_body(client, deadline, "chunked body cut short").await?;
+            }
+        }
+        Framing::Empty | Framing::UntilClose => Ok(Bytes::new()),
+    }
+}
+
+/// Reads more of a request body before `deadline`; `cut_short` says what an early end means.
+async fn fill_body(client: &mut Conn, deadline: Instant, cut_short: &str) -> Result<(), Reply> {
+    match client
+        .fill_within(Some(deadline.saturating_duration_since(Instant::now())))
+        .await
+    {
+        Ok(0) | Err(ReadError::Io(_)) => {
+            Err(Reply::error(400, jsonrpc::GATEWAY_REFUSED, cut_short))
+        }
+        Ok(_) => Ok(()),
+        Err(ReadError::TimedOut) => Err(Reply::error(
+            408,
+            jsonrpc::GATEWAY_REFUSED,
+            "request body not received within SCOPEGATE_BODY_TIMEOUT_MS",
+        )),
+    }
+}
+
+/// Most bytes read and discarded while closing after an error.
+const LINGER_BYTES: usize = 256 * 1024;
+/// Longest wait for the client to stop sending while closing after an error.
+const LINGER_TIME: Duration = Duration::from_millis(500);
+
+/// Closes after an error without destroying the answer: closing a socket with unread input
+/// makes the kernel send RST, which can discard the response before the client reads it
+/// (RFC 9112 §9.6). So: stop writing, then read and drop what the client still sends, briefly.
+pub async fn linger_close(client: &mut Conn) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is this connection's open socket.
+    unsafe {
+        libc::shutdown(client.stream.as_raw_fd(), libc::SHUT_WR);
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        client.buf.clear();
+        match client
+            .fill_within(Some(deadline.saturating_duration_since(Instant::now())))
+            .await
+        {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> Head {
+        let mut h = Head::default();
+        let len = head::parse_request(raw.as_bytes(), &mut h)
+            .unwrap()
+            .unwrap();
+        h.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
+        h
+    }
+
+    #[test]
+    fn framing_and_host_rules() {
+        let ok = head("POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(check_framing(&ok).unwrap(), Framing::Length(3));
+        let two_hosts = head("POST /mcp HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n");
+        assert_eq!(check_framing(&two_hosts).unwrap_err().status, 400);
+        let gzip = head("POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert_eq!(check_framing(&gzip).unwrap_err().status, 501);
+        let smuggle = head(
+            "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(check_framing(&smuggle).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn bodies_only_on_post() {
+        let get = head("GET /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        let refusal = no_body_without_post(&get, check_framing(&get).unwrap()).unwrap_err();
+        assert!(refusal.close && refusal.status == 400);
+        let plain_get = head("GET /mcp HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(no_body_without_post(&plain_get, Framing::Empty).is_ok());
+        let post = head("POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        assert!(no_body_without_post(&post, Framing::Length(3)).is_ok());
+    }
+}

@@ -1,0 +1,24 @@
+//! What a connection remembers between its requests, so the same key and session token are
+//! not hashed, decoded and decrypted again on every request.
+
+/// What a connection remembers between its requests, so the same key and session token are
+/// not hashed, decoded and decrypted again on every request. Each entry is keyed by the exact
+/// bytes the agent sent; the key's entry also by the policy it was looked up in (a reload
+/// invalidates it).
+#[derive(Default)]
+pub struct ConnCache {
+    /// The last bearer key, the policy it was looked up in, and its agent.
+    pub key: Vec<u8>,
+    pub key_policy: Option<crate::policy::live::LocalPolicy>,
+    pub key_agent: usize,
+    /// The last session token opened, and what it opened to.
+    pub token: Vec<u8>,
+    pub token_agent: String,
+    pub token_upstream: String,
+    pub token_session: Vec<u8>,
+    /// Where tokens are decoded and decrypted.
+    pub scratch: Vec<u8>,
+    /// The last session token hashed for the audit log, and its hash.
+    pub hashed_token: Vec<u8>,
+    pub token_hash: Vec<u8>,
+}

@@ -1,0 +1,201 @@
+//! What one exchange leaves behind: the audit entries (one per JSON-RPC message; one for a
+//! request refused before its body was read) and the metric counts, written after the answer,
+//! whatever the outcome. The draft is filled as the stages run and reused across a
+//! connection's requests, so steady state allocates nothing for it.
+
+use std::time::{Instant, SystemTime};
+
+use super::memory::ConnCache;
+use crate::audit::AuditSink;
+use crate::audit::entry::{Decision as AuditDecision, Entry, encode_message};
+use crate::mcp::envelope::{Envelope, Kind};
+use crate::metrics::WorkerMetrics;
+use crate::policy::Policy;
+use crate::reply::Reply;
+
+/// Where a finished exchange is recorded.
+pub struct Sinks<'a> {
+    pub worker: usize,
+    pub metrics: &'a WorkerMetrics,
+    pub audit: Option<&'a AuditSink>,
+    /// Each upstream's `,"upstream":<name>` for audit entries, encoded once.
+    pub upstream_fragments: &'a [Vec<u8>],
+}
+
+/// What the audit log records of the request in progress; reused across a connection's
+/// requests so steady state allocates nothing for it.
+#[derive(Default)]
+pub struct Draft {
+    /// The audit log is on.
+    pub active: bool,
+    /// Not an MCP request (health, metadata): not audited.
+    pub skip: bool,
+    pub started: Option<Instant>,
+    pub time: Option<SystemTime>,
+    pub policy: Option<crate::policy::live::LocalPolicy>,
+    pub agent: Option<usize>,
+    pub upstream: Option<usize>,
+    /// 16 hex characters of SHA-256 of the agent's session token (empty: none); reused.
+    pub session: Vec<u8>,
+    /// Each message's method slot (for metrics).
+    pub methods: Vec<usize>,
+    /// Pre-encoded message fragments, one range per message.
+    pub frags: Vec<u8>,
+    pub messages: Vec<(usize, usize)>,
+    pub scratch: Vec<u8>,
+    /// Per-connection memory of the last key and session token (an agent sends the same ones
+    /// on every request of a connection).
+    pub cache: ConnCache,
+    pub decision: AuditDecision,
+    pub reason: Option<String>,
+    pub status: u16,
+    pub upstream_us: Option<u64>,
+    pub is_error: Option<bool>,
+    /// Body bytes read beyond what was buffered with the head.
+    pub bytes_in: u64,
+}
+
+impl Draft {
+    /// Starts a new request; the wall clock is read only when entries will be written.
+    pub fn reset(&mut self, started: Instant) {
+        self.skip = false;
+        self.started = Some(started);
+        self.time = self.active.then(SystemTime::now);
+        self.policy = None;
+        self.agent = None;
+        self.upstream = None;
+        self.session.clear();
+        self.frags.clear();
+        self.messages.clear();
+        self.methods.clear();
+        self.decision = AuditDecision::Allowed;
+        self.reason = None;
+        self.status = 0;
+        self.upstream_us = None;
+        self.is_error = None;
+        self.bytes_in = 0;
+    }
+
+    pub fn set_session(&mut self, token: &[u8]) {
+        if self.cache.hashed_token == token {
+            self.session.clone_from(&self.cache.token_hash);
+            return;
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, token);
+        self.session.clear();
+        crate::fmt::push_hex(&digest.as_ref()[..8], &mut self.session);
+        self.cache.hashed_token.clear();
+        self.cache.hashed_token.extend_from_slice(token);
+        self.cache.token_hash.clone_from(&self.session);
+    }
+}
+
+impl Draft {
+    /// A reply scopegate wrote itself: its status, and unless an earlier stage already said
+    /// why, its decision and reason.
+    pub fn replied(&mut self, reply: &Reply) {
+        self.status = reply.status;
+        if self.decision == AuditDecision::Allowed {
+            self.decision = reply.decision;
+        }
+        if self.reason.is_none() {
+            self.reason = reply.audit_reason();
+        }
+        if reply.upstream.is_some() {
+            self.upstream = reply.upstream;
+        }
+    }
+
+    /// Each message of the body, for the metrics and (audit log on) as entry fragments with
+    /// the agent's `redact` rules applied.
+    pub fn messages_of(
+        &mut self,
+        env: &Envelope<'_>,
+        policy: Option<&Policy>,
+        agent: Option<usize>,
+        max_args: usize,
+    ) {
+        for m in env.messages() {
+            self.methods.push(crate::metrics::method_index(
+                m.method,
+                m.kind == Kind::Response,
+            ));
+        }
+        if !self.active {
+            return;
+        }
+        let redact = match (policy, agent) {
+            (Some(p), Some(a)) => p.agents[a].redact.as_slice(),
+            _ => &[],
+        };
+        for m in env.messages() {
+            let start = self.frags.len();
+            encode_message(
+                m,
+                env.arguments(m),
+                redact,
+                max_args,
+                &mut self.scratch,
+                &mut self.frags,
+            );
+            self.messages.push((start, self.frags.len()));
+        }
+    }
+}
+
+/// Writes the request's entries to the audit log: one per JSON-RPC message (one for a request
+/// that carried none).
+pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out: u64) {
+    if draft.skip {
+        return;
+    }
+    let metrics = sink.metrics;
+    let total_us = draft.started.map_or(0, |s| s.elapsed().as_micros() as u64);
+    metrics.observe(total_us, draft.upstream_us);
+    if draft.methods.is_empty() {
+        metrics.count(crate::metrics::NO_MESSAGE, draft.decision, draft.upstream);
+    }
+    for &m in &draft.methods {
+        metrics.count(m, draft.decision, draft.upstream);
+    }
+    let Some(audit) = sink.audit else {
+        return;
+    };
+    let policy = draft.policy.as_deref().map(|p| &**p);
+    let identity: &[u8] = match (policy, draft.agent) {
+        (Some(p), Some(a)) => p.agents.get(a).map_or(&[], |a| a.audit_identity.as_slice()),
+        _ => &[],
+    };
+    let upstream: &[u8] = draft
+        .upstream
+        .and_then(|u| sink.upstream_fragments.get(u))
+        .map_or(&[], Vec::as_slice);
+    let session = (!draft.session.is_empty())
+        .then(|| std::str::from_utf8(&draft.session).ok())
+        .flatten();
+    let mut entry = Entry {
+        time: draft.time.unwrap_or_else(SystemTime::now),
+        worker: sink.worker,
+        http_method,
+        identity,
+        upstream,
+        session,
+        message: b"",
+        decision: draft.decision,
+        reason: draft.reason.as_deref(),
+        status: draft.status,
+        upstream_us: draft.upstream_us,
+        total_us,
+        bytes_in: draft.bytes_in,
+        bytes_out,
+        is_error: draft.is_error,
+    };
+    if draft.messages.is_empty() {
+        audit.record(&entry).await;
+        return;
+    }
+    for &(start, end) in &draft.messages {
+        entry.message = &draft.frags[start..end];
+        audit.record(&entry).await;
+    }
+}
