@@ -10,7 +10,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::upstream::{Upstream, UpstreamUrl};
+use crate::upstream::{Transport, Upstream};
 
 /// The whole runtime configuration.
 #[derive(Debug, Clone)]
@@ -601,7 +601,7 @@ pub fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
             )
         })?;
         let name = name.trim();
-        if !valid_upstream_name(name) {
+        if !crate::upstream::valid_name(name) {
             return Err(err(
                 "SCOPEGATE_UPSTREAMS",
                 format!(
@@ -615,7 +615,7 @@ pub fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
                 format!("upstream {name:?} is named twice"),
             ));
         }
-        let url = UpstreamUrl::parse(url.trim()).map_err(|problem| {
+        let transport = Transport::parse(url.trim()).map_err(|problem| {
             err(
                 "SCOPEGATE_UPSTREAMS",
                 format!("upstream {name:?}: {problem}"),
@@ -623,7 +623,7 @@ pub fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
         })?;
         out.push(Upstream {
             name: name.to_owned(),
-            url,
+            transport,
             headers: Vec::new(),
         });
     }
@@ -631,15 +631,6 @@ pub fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
         return Err(err("SCOPEGATE_UPSTREAMS", "names no upstream"));
     }
     Ok(out)
-}
-
-/// Upstream names appear in paths (`/mcp/<name>`) and, later, in tool names: keep them plain.
-pub fn valid_upstream_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn parse_origins(v: &str) -> Result<Vec<String>, ConfigError> {
@@ -760,8 +751,8 @@ mod tests {
         )]))
         .unwrap();
         assert_eq!(c.upstreams[0].name, "github");
-        assert_eq!(c.upstreams[0].url.path, "/mcp");
-        assert_eq!(c.upstreams[1].url.path, "/");
-        assert_eq!(c.upstreams[1].url.host_header, "localhost:9002");
+        assert_eq!(c.upstreams[0].transport.path(), "/mcp");
+        assert_eq!(c.upstreams[1].transport.path(), "/");
+        assert_eq!(c.upstreams[1].transport.host_header(), "localhost:9002");
     }
 }

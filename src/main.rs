@@ -233,10 +233,7 @@ fn serve() {
         all_stats: all_stats.clone(),
     };
     for u in &config.upstreams {
-        info!(
-            "upstream {} -> http://{}{}",
-            u.name, u.url.host_header, u.url.path
-        );
+        info!("upstream {} -> {}", u.name, u.transport);
     }
     let mut workers = Vec::new();
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -396,7 +393,7 @@ fn reload(
                 && p.upstreams()
                     .iter()
                     .zip(&config.upstreams)
-                    .all(|(a, b)| a.name == b.name && a.url == b.url);
+                    .all(|(a, b)| a.name == b.name && a.transport == b.transport);
             if !same_upstreams {
                 error!(
                     "policy reload refused: the set of upstreams (names or URLs) changed; restart \

@@ -89,6 +89,22 @@ impl Histogram {
     }
 }
 
+/// Counts an event stream as open for as long as it is relayed (`scopegate_open_sse_streams`).
+pub struct StreamGauge<'a>(&'a AtomicU64);
+
+impl<'a> StreamGauge<'a> {
+    pub fn open(gauge: &'a AtomicU64) -> StreamGauge<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        StreamGauge(gauge)
+    }
+}
+
+impl Drop for StreamGauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counters a worker publishes for the main thread. Each worker writes only its own (one
 /// cache line each), so there is no contention on the request path.
 #[repr(align(64))]

@@ -15,7 +15,6 @@
 //!   JSON-RPC error, while the others keep working; `SCOPEGATE_AGGREGATE_FAIL_CLOSED=1` fails
 //!   the whole fan-out instead.
 
-pub mod client;
 pub mod json;
 
 use std::cell::RefCell;
@@ -43,8 +42,9 @@ use crate::mcp::session::MultiSession;
 use crate::policy::Policy;
 use crate::policy::decide::{self, Access, Decision, Target};
 use crate::reply::Reply;
+use crate::upstream::Upstream;
+use crate::upstream::client::{UpRequest, UpResponse, Upstreams, exchange, join_all, send};
 use crate::{info, warn};
-use client::{UpRequest, UpResponse, exchange, join_all, send};
 
 /// An upstream's answer to initialize: its session id (empty: none) and its result.
 type Joined = (Vec<u8>, Value);
@@ -78,6 +78,8 @@ pub struct Request<'a, 'b> {
     pub body: &'a [u8],
     pub env: Option<&'a Envelope<'b>>,
     pub policy: Option<&'a Policy>,
+    /// The upstreams behind the endpoint (the policy's in policy mode).
+    pub upstreams: &'a [Upstream],
     pub agent: Option<usize>,
     pub peer: SocketAddr,
     pub close: bool,
@@ -85,7 +87,18 @@ pub struct Request<'a, 'b> {
 
 impl Request<'_, '_> {
     fn upstream_name(&self, i: usize) -> &str {
-        &self.core.config.upstreams[i].name
+        &self.upstreams[i].name
+    }
+
+    /// The client's view of the upstreams.
+    fn ups(&self) -> Upstreams<'_> {
+        let c = &self.core.config;
+        Upstreams {
+            list: self.upstreams,
+            pool: &self.core.pool,
+            timeout: c.upstream_timeout,
+            max_message: c.max_upstream_message,
+        }
     }
 
     fn sep(&self) -> &str {
@@ -102,16 +115,9 @@ impl Request<'_, '_> {
 
     /// The upstreams this agent may use.
     fn reachable(&self) -> Vec<usize> {
-        (0..self.core.config.upstreams.len())
+        (0..self.upstreams.len())
             .filter(|&i| self.may_use(i))
             .collect()
-    }
-
-    fn inject(&self, i: usize) -> &[(String, String)] {
-        match self.policy {
-            Some(p) => &p.upstreams()[i].headers,
-            None => &self.core.config.upstreams[i].headers,
-        }
     }
 
     fn agent_id(&self) -> &str {
@@ -122,11 +128,7 @@ impl Request<'_, '_> {
     }
 
     fn index_of(&self, name: &str) -> Option<usize> {
-        self.core
-            .config
-            .upstreams
-            .iter()
-            .position(|u| u.name == name)
+        self.upstreams.iter().position(|u| u.name == name)
     }
 
     /// For a call routed to one upstream.
@@ -147,7 +149,6 @@ impl Request<'_, '_> {
 
     fn up_request<'s>(
         &'s self,
-        i: usize,
         method: &'static str,
         body: &'s [u8],
         session: Option<&'s [u8]>,
@@ -157,7 +158,6 @@ impl Request<'_, '_> {
             body,
             session,
             protocol_version: self.version(),
-            inject: self.inject(i),
             peer: self.peer,
         }
     }
@@ -222,10 +222,10 @@ pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome,
                 .into_iter()
                 .map(|(i, s)| {
                     Box::pin(async move {
-                        let r = req.up_request(i, "DELETE", b"", Some(&s));
-                        if let Ok(mut resp) = send(req.core, i, &r, req.fanout_deadline()).await {
+                        let r = req.up_request("DELETE", b"", Some(&s));
+                        if let Ok(mut resp) = send(req.ups(), i, &r, req.fanout_deadline()).await {
                             let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-                            resp.finish(req.core);
+                            resp.finish(&req.core.pool);
                         }
                     }) as Fut<'_, ()>
                 })
@@ -320,13 +320,13 @@ async fn session_for(
         }
     })
     .to_string();
-    let r = req.up_request(i, "POST", init.as_bytes(), None);
+    let r = req.up_request("POST", init.as_bytes(), None);
     let (sid, _) = initialize_upstream(req, i, &r).await?;
     let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-    let r = req.up_request(i, "POST", done, Some(&sid));
-    if let Ok(mut resp) = send(req.core, i, &r, req.fanout_deadline()).await {
+    let r = req.up_request("POST", done, Some(&sid));
+    if let Ok(mut resp) = send(req.ups(), i, &r, req.fanout_deadline()).await {
         let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-        resp.finish(req.core);
+        resp.finish(&req.core.pool);
     }
     info!("aggregate: joined upstream {name:?} for an existing session");
     req.core.lazy_joins.insert(key, i, sid.clone());
@@ -339,13 +339,13 @@ async fn initialize_upstream(
     i: usize,
     r: &UpRequest<'_>,
 ) -> Result<Joined, Reply> {
-    let (resp, body) = exchange(req.core, i, r, req.fanout_deadline()).await?;
+    let (resp, body) = exchange(req.ups(), i, r, req.fanout_deadline()).await?;
     let status = resp.status();
     let sid = resp
         .header("mcp-session-id")
         .map(<[u8]>::to_vec)
         .unwrap_or_default();
-    resp.finish(req.core);
+    resp.finish(&req.core.pool);
     Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
 }
 
@@ -524,7 +524,7 @@ async fn notify(req: &Request<'_, '_>, session: &MultiSession, m: &Message<'_>) 
             return reply;
         }
     };
-    let r = req.up_request(i, "POST", &body, Some(&sid));
+    let r = req.up_request("POST", &body, Some(&sid));
     if let Err(e) = exchange_or_accepted(req, i, &r).await {
         req.note_failure(i, e.message());
     }
@@ -537,7 +537,7 @@ async fn broadcast(req: &Request<'_, '_>, session: &MultiSession, body: &[u8]) {
         .into_iter()
         .map(|(i, s)| {
             Box::pin(async move {
-                let r = req.up_request(i, "POST", body, Some(&s));
+                let r = req.up_request("POST", body, Some(&s));
                 match exchange_or_accepted(req, i, &r).await {
                     Ok(()) => {}
                     Err(e) => req.note_failure(i, e.message()),
@@ -554,13 +554,13 @@ async fn exchange_or_accepted(
     i: usize,
     r: &UpRequest<'_>,
 ) -> Result<(), Reply> {
-    let mut resp = send(req.core, i, r, req.fanout_deadline()).await?;
+    let mut resp = send(req.ups(), i, r, req.fanout_deadline()).await?;
     if resp.is_event_stream() {
         // A response on a stream: not awaited, and the connection is not reused.
         return Ok(());
     }
     let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-    resp.finish(req.core);
+    resp.finish(&req.core.pool);
     Ok(())
 }
 
@@ -584,7 +584,6 @@ async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
                     body: req.body,
                     session: None,
                     protocol_version: None,
-                    inject: req.inject(i),
                     peer: req.peer,
                 };
                 initialize_upstream(req, i, &r).await
@@ -780,10 +779,10 @@ async fn list(
             };
             Box::pin(async move {
                 let sid = session_for(req, session, i).await?;
-                let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
-                let (resp, answer) = exchange(req.core, i, &r, req.fanout_deadline()).await?;
+                let r = req.up_request("POST", body.as_bytes(), Some(&sid));
+                let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
                 let status = resp.status();
-                resp.finish(req.core);
+                resp.finish(&req.core.pool);
                 rpc_result(req, i, method, status, &answer)
             }) as Fut<'_, _>
         })
@@ -885,11 +884,11 @@ async fn resolve_name(
             ),
             None => format!("{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\"}}"),
         };
-        let r = req.up_request(i, "POST", body.as_bytes(), Some(&sid));
-        let (resp, answer) = exchange(req.core, i, &r, req.fanout_deadline())
+        let r = req.up_request("POST", body.as_bytes(), Some(&sid));
+        let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline())
             .await
             .ok()?;
-        resp.finish(req.core);
+        resp.finish(&req.core.pool);
         let value: Value = serde_json::from_slice(&answer).ok()?;
         let result = value.get("result")?;
         if let Some(Value::Array(items)) = result.get(key) {
@@ -1016,9 +1015,9 @@ async fn routed(
         Ok(s) => s,
         Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
     };
-    let r = req.up_request(i, "POST", &body, Some(&sid));
+    let r = req.up_request("POST", &body, Some(&sid));
     let sent_at = Instant::now();
-    let resp = match send(req.core, i, &r, req.deadline()).await {
+    let resp = match send(req.ups(), i, &r, req.deadline()).await {
         Ok(resp) => resp,
         Err(e) => {
             req.note_failure(i, e.message());
@@ -1147,7 +1146,7 @@ async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) ->
         Ok(s) => s,
         Err(e) => return upstream_failed(None, e, i),
     };
-    let r = req.up_request(i, "POST", &body, Some(&sid));
+    let r = req.up_request("POST", &body, Some(&sid));
     match exchange_or_accepted(req, i, &r).await {
         Ok(()) => {
             let mut reply = Reply::json(202, Vec::new());
@@ -1190,7 +1189,7 @@ async fn relay(
                 return write(req, client, upstream_failed(m.id, r, i)).await;
             }
         };
-        resp.finish(req.core);
+        resp.finish(&req.core.pool);
         let body = if body.is_empty() {
             body
         } else {
@@ -1227,7 +1226,7 @@ async fn relay(
         keep_alive: !req.close,
         ..Outcome::default()
     };
-    let _gauge = crate::forward::StreamGauge::open(&req.core.stats.metrics.sse_streams);
+    let _gauge = crate::metrics::StreamGauge::open(&req.core.stats.metrics.sse_streams);
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
         response::reason(status)
@@ -1327,7 +1326,7 @@ async fn relay(
         outcome.decision = AuditDecision::UpstreamError;
         outcome.reason = Some(why);
     } else {
-        resp.finish(req.core);
+        resp.finish(&req.core.pool);
     }
     if !tail.is_empty() && write_chunk(client, &tail).await.is_err() {
         outcome.keep_alive = false;
@@ -1360,8 +1359,8 @@ async fn get_stream(
         .map(|(i, s)| {
             let i = *i;
             Box::pin(async move {
-                let r = req.up_request(i, "GET", b"", Some(s));
-                match send(req.core, i, &r, req.fanout_deadline()).await {
+                let r = req.up_request("GET", b"", Some(s));
+                match send(req.ups(), i, &r, req.fanout_deadline()).await {
                     Ok(resp) if resp.status() == 200 && resp.is_event_stream() => Some((i, resp)),
                     Ok(_) => None,
                     Err(e) => {
@@ -1397,7 +1396,7 @@ async fn get_stream(
     if write_bytes(client, head.into_bytes()).await.is_err() {
         return Err(outcome);
     }
-    let _gauge = crate::forward::StreamGauge::open(&req.core.stats.metrics.sse_streams);
+    let _gauge = crate::metrics::StreamGauge::open(&req.core.stats.metrics.sse_streams);
     // Readers push rewritten events into one queue; the writer sends them on. All of them run
     // on this task: whenever any is woken, every one is polled again. The queue holds at most
     // SCOPEGATE_MAX_UPSTREAM_MESSAGE bytes: past that the readers wait for the agent.

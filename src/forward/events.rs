@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send};
+use super::{Exchange, ForwardError, Plan, Relayed, flush, send};
 use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
@@ -17,16 +17,15 @@ use crate::http::framing;
 use crate::http::head::{self, Head};
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::{jsonrpc, lists};
+use crate::metrics::StreamGauge;
 use crate::reply::Reply;
+use crate::upstream::exchange::Target;
 
-fn invalid(core: &Core, upstream_index: usize, why: &str) -> ForwardError {
+fn invalid(target: Target<'_>, why: &str) -> ForwardError {
     ForwardError::BeforeResponse(Reply::error(
         502,
         jsonrpc::UPSTREAM_UNAVAILABLE,
-        format!(
-            "upstream {:?} {why}",
-            core.config.upstreams[upstream_index].name
-        ),
+        format!("upstream {:?} {why}", target.upstream.name),
     ))
 }
 
@@ -40,11 +39,11 @@ pub(super) async fn relay_filtered_json(
     client: &mut Conn,
     request: &Head,
     up: &mut Conn,
-    upstream_index: usize,
+    target: Target<'_>,
     close_after: bool,
     plan: &Plan<'_>,
 ) -> Result<(Relayed, bool), ForwardError> {
-    let bad = |why: &str| invalid(core, upstream_index, why);
+    let bad = |why: &str| invalid(target, why);
     let Some(visible) = plan.visible else {
         return Err(bad("internal: no visibility rule"));
     };
@@ -70,7 +69,7 @@ pub(super) async fn relay_filtered_json(
     let body = filtered.map_or_else(|| body.freeze(), Bytes::from);
 
     let keep_client = !close_after && !crate::core::shutting_down();
-    super::start_response(&mut ex.out, response, plan)?;
+    super::start_response(&mut ex.out, response, plan, target.upstream)?;
     let out = &mut ex.out;
     out.extend_from_slice(b"Content-Length: ");
     push_decimal(out, body.len() as u64);
@@ -105,15 +104,14 @@ pub(super) async fn relay_events(
     client: &mut Conn,
     request: &Head,
     up: &mut Conn,
-    upstream_index: usize,
+    target: Target<'_>,
     close_after: bool,
     plan: &Plan<'_>,
 ) -> Result<(Relayed, bool), ForwardError> {
     let config = &core.config;
     let framing = framing::response_framing(&ex.response, request.method()).map_err(|e| {
         invalid(
-            core,
-            upstream_index,
+            target,
             &format!("sent an invalid response: {}", e.message()),
         )
     })?;
@@ -121,7 +119,7 @@ pub(super) async fn relay_events(
     let keep_client = !close_after && !crate::core::shutting_down() && chunked;
     let keep_upstream =
         ex.response.minor_version == 1 && !head::connection_has(&ex.response, "close");
-    super::start_response(&mut ex.out, &ex.response, plan)?;
+    super::start_response(&mut ex.out, &ex.response, plan, target.upstream)?;
     if chunked {
         ex.out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
@@ -234,7 +232,7 @@ pub(super) async fn relay_events(
             keep_upstream && body.left_clean(up),
         ));
     };
-    let name = &config.upstreams[upstream_index].name;
+    let name = &target.upstream.name;
     if client.written == written_before && events.is_empty() {
         // Nothing reached the agent: a plain refusal says it best.
         return Err(ForwardError::BeforeResponse(Reply::error(

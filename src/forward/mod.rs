@@ -1,7 +1,6 @@
 //! The upstream exchange on `/mcp/<upstream>`: send the request (the body exactly as received),
 //! read the response head, and relay the body to the agent as it arrives.
 //!
-//! - [`exchange`]: the round trip to the upstream (pooled connection, one retry on a stale one).
 //! - [`relay`]: the byte relay. Every read from the upstream is written to the agent before the
 //!   next read is issued, so a Server-Sent Event reaches the agent the moment it is sent; bodies
 //!   keep their framing where the agent can take it (chunked stays chunked, byte for byte).
@@ -14,7 +13,6 @@
 //! once and both connections are released.
 
 mod events;
-pub(crate) mod exchange;
 mod relay;
 mod scan;
 
@@ -31,7 +29,9 @@ use crate::mcp::jsonrpc;
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists::Visible;
 use crate::reply::Reply;
-pub(crate) use exchange::{HeadFailure, UpstreamError, exchange_head};
+use crate::upstream::Upstream;
+use crate::upstream::exchange::{self, HeadFailure, Target, exchange_head};
+use crate::upstream::request::{Outgoing, write_head};
 pub use scan::IsErrorScan;
 
 /// Pieces at most this long are copied into one buffer with what precedes them so they go out
@@ -62,15 +62,13 @@ pub type SealFn<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
 /// What the policy asks of one exchange beyond plain forwarding.
 #[derive(Default)]
 pub struct Plan<'a> {
-    /// Headers injected into the upstream request (the upstream's credential); they replace any
-    /// the agent sent under the same names.
-    pub inject: &'a [(String, String)],
     /// The upstream's own session id, sent instead of the agent's (sealed) `Mcp-Session-Id`.
     pub upstream_session: Option<&'a [u8]>,
     /// Turns an `Mcp-Session-Id` from the upstream into the token the agent sees.
     pub seal_session: Option<SealFn<'a>>,
-    /// Drop response headers that carry upstream credentials (`Set-Cookie`,
-    /// `WWW-Authenticate`, ...), and any named like an injected header.
+    /// Policy mode: inject the upstream's credential (`[upstream.headers]`, replacing any the
+    /// agent sent under those names), and drop response headers that carry upstream
+    /// credentials (`Set-Cookie`, `WWW-Authenticate`, ...) and any named like an injected one.
     pub strip_credentials: bool,
     /// Policy mode: what the agent may see. Every list result it can receive is filtered with
     /// it: the JSON answer to a list request, and every event of an event stream.
@@ -130,16 +128,35 @@ pub async fn forward(
     client: &mut Conn,
     request: &Head,
     body: Bytes,
-    upstream_index: usize,
+    upstream: (usize, &Upstream),
     peer: SocketAddr,
     close_after: bool,
     plan: &Plan<'_>,
 ) -> Result<Relayed, ForwardError> {
-    let upstream = &core.config.upstreams[upstream_index];
+    let target = Target {
+        index: upstream.0,
+        upstream: upstream.1,
+        pool: &core.pool,
+    };
+    let upstream = target.upstream;
     let timeout = core.config.upstream_timeout;
     let deadline = Instant::now() + timeout;
 
-    build_request(&mut ex.out, request, &body, upstream, peer, plan);
+    write_head(
+        &mut ex.out,
+        upstream,
+        &Outgoing {
+            method: request.method(),
+            agent: Some(request),
+            set: &[],
+            session: plan.upstream_session,
+            replace_session: plan.upstream_session.is_some(),
+            plain_answer: plan.visible.is_some(),
+            inject: plan.strip_credentials,
+            peer,
+            content_length: (!body.is_empty() || request.method() == b"POST").then_some(body.len()),
+        },
+    );
     let inline_body = body.len() <= COALESCE_LIMIT;
     if inline_body {
         ex.out.extend_from_slice(&body);
@@ -150,8 +167,7 @@ pub async fn forward(
     ex.is_error.reset();
     let sent_at = Instant::now();
     let mut up = match exchange_head(
-        core,
-        upstream_index,
+        target,
         &mut ex.out,
         &body,
         inline_body,
@@ -179,7 +195,7 @@ pub async fn forward(
     let written_before = client.written;
     let filtered = plan.visible.is_some() && (200..300).contains(&ex.response.status);
     // Looked up once: every later stage asks.
-    let event_stream = is_event_stream(&ex.response);
+    let event_stream = head::is_event_stream(&ex.response);
     if filtered && (event_stream || plan.lists_asked) && !plain_coding(&ex.response) {
         return Err(ForwardError::BeforeResponse(Reply::error(
             502,
@@ -199,7 +215,7 @@ pub async fn forward(
             client,
             request,
             &mut up,
-            upstream_index,
+            target,
             close_after,
             plan,
         ))
@@ -211,7 +227,7 @@ pub async fn forward(
             client,
             request,
             &mut up,
-            upstream_index,
+            target,
             close_after,
             plan,
         ))
@@ -223,7 +239,7 @@ pub async fn forward(
             client,
             request,
             &mut up,
-            upstream_index,
+            target,
             close_after,
             plan,
             event_stream,
@@ -250,7 +266,7 @@ pub async fn forward(
     ex.response.raw = Bytes::new();
     if reusable {
         up.read_chunk = crate::http::conn::READ_CHUNK;
-        core.pool.put(upstream_index, up);
+        core.pool.put(target.index, up);
     }
     Ok(relayed)
 }
@@ -273,96 +289,6 @@ fn plain_coding(response: &Head) -> bool {
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"content-encoding"))
         .all(|(_, v)| v.trim_ascii().is_empty() || v.trim_ascii().eq_ignore_ascii_case(b"identity"))
-}
-
-/// Whether a response is an event stream.
-pub fn is_event_stream(response: &Head) -> bool {
-    response
-        .get("content-type")
-        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
-}
-
-/// The request line and headers for the upstream: end-to-end headers as received, minus the
-/// agent's credentials and hop-by-hop fields, with `Host` set for the upstream and the agent's
-/// address added to `X-Forwarded-For`.
-fn build_request(
-    out: &mut Vec<u8>,
-    request: &Head,
-    body: &Bytes,
-    upstream: &crate::upstream::Upstream,
-    peer: SocketAddr,
-    plan: &Plan<'_>,
-) {
-    out.clear();
-    out.extend_from_slice(request.method());
-    out.push(b' ');
-    out.extend_from_slice(upstream.url.path.as_bytes());
-    // The agent's query string goes along only when the operator's URL has none: parameters
-    // the operator set are not the agent's to add to or override (servers read the first or
-    // the last of a repeated name, and decode names in ways we cannot know).
-    let target = request.target();
-    if !upstream.url.path.contains('?')
-        && let Some(q) = memchr::memchr(b'?', target)
-        && q + 1 < target.len()
-    {
-        out.extend_from_slice(&target[q..]);
-    }
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(upstream.url.host_header.as_bytes());
-    out.extend_from_slice(b"\r\n");
-
-    let mut forwarded_for: Option<&[u8]> = None;
-    for (name, value) in request.iter() {
-        if head::is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case(b"host")
-            || name.eq_ignore_ascii_case(b"expect")
-            // The agent's credential is scopegate's business, never the upstream's.
-            || name.eq_ignore_ascii_case(b"authorization")
-            || head::named_by_connection(request, name)
-            || (plan.upstream_session.is_some() && name.eq_ignore_ascii_case(b"mcp-session-id"))
-            // Answers are filtered in policy mode, so they must come as plain text: an
-            // upstream that compressed a replayed list would slip it past the filter.
-            || (plan.visible.is_some() && name.eq_ignore_ascii_case(b"accept-encoding"))
-            || plan.inject.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
-        {
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            forwarded_for = Some(value);
-            continue;
-        }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    for (name, value) in plan.inject {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some(session) = plan.upstream_session {
-        out.extend_from_slice(b"Mcp-Session-Id: ");
-        out.extend_from_slice(session);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"X-Forwarded-For: ");
-    if let Some(prior) = forwarded_for {
-        out.extend_from_slice(prior);
-        out.extend_from_slice(b", ");
-    }
-    {
-        use std::io::Write as _;
-        let _ = write!(out, "{}", peer.ip());
-    }
-    out.extend_from_slice(b"\r\n");
-    if !body.is_empty() || request.method() == b"POST" {
-        out.extend_from_slice(b"Content-Length: ");
-        push_decimal(out, body.len() as u64);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes what is pending in `out` plus `piece`: in one write when small, else two.
@@ -401,14 +327,19 @@ async fn flush(client: &mut Conn, out: &mut Vec<u8>) -> std::io::Result<()> {
 }
 
 /// The status line and end-to-end headers for the agent (see [`write_response_headers`]).
-fn start_response(out: &mut Vec<u8>, response: &Head, plan: &Plan<'_>) -> Result<(), ForwardError> {
+fn start_response(
+    out: &mut Vec<u8>,
+    response: &Head,
+    plan: &Plan<'_>,
+    upstream: &Upstream,
+) -> Result<(), ForwardError> {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     push_decimal(out, u64::from(response.status));
     out.push(b' ');
     out.extend_from_slice(response.reason());
     out.extend_from_slice(b"\r\n");
-    if !write_response_headers(out, response, plan) {
+    if !write_response_headers(out, response, plan, &upstream.headers) {
         return Err(ForwardError::BeforeResponse(session_refusal()));
     }
     Ok(())
@@ -424,7 +355,12 @@ fn session_refusal() -> Reply {
 
 /// Response headers for the agent: end-to-end headers, minus upstream credentials when asked,
 /// with the upstream's session id sealed. `false` when a session id could not be sealed.
-fn write_response_headers(out: &mut Vec<u8>, response: &Head, plan: &Plan<'_>) -> bool {
+fn write_response_headers(
+    out: &mut Vec<u8>,
+    response: &Head,
+    plan: &Plan<'_>,
+    injected: &[(String, String)],
+) -> bool {
     for (name, value) in response.iter() {
         if head::is_hop_by_hop(name) || head::named_by_connection(response, name) {
             continue;
@@ -433,8 +369,7 @@ fn write_response_headers(out: &mut Vec<u8>, response: &Head, plan: &Plan<'_>) -
             && (CREDENTIAL_HEADERS
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-                || plan
-                    .inject
+                || injected
                     .iter()
                     .any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes())))
         {
@@ -467,19 +402,3 @@ const CREDENTIAL_HEADERS: [&str; 4] = [
     "proxy-authenticate",
     "authentication-info",
 ];
-
-/// Counts an event stream as open for as long as it is relayed.
-pub(crate) struct StreamGauge<'a>(&'a std::sync::atomic::AtomicU64);
-
-impl<'a> StreamGauge<'a> {
-    pub(crate) fn open(gauge: &'a std::sync::atomic::AtomicU64) -> StreamGauge<'a> {
-        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        StreamGauge(gauge)
-    }
-}
-
-impl Drop for StreamGauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}

@@ -5,14 +5,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Exchange, ForwardError, Plan, Relayed, StreamGauge, flush, send, send_scanned};
+use super::{Exchange, ForwardError, Plan, Relayed, flush, send, send_scanned};
 use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
 use crate::http::head::{self, Head};
 use crate::mcp::jsonrpc;
+use crate::metrics::StreamGauge;
 use crate::reply::Reply;
+use crate::upstream::exchange::Target;
 
 /// How the agent receives the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +38,7 @@ pub(super) async fn relay(
     client: &mut Conn,
     request: &Head,
     up: &mut Conn,
-    upstream_index: usize,
+    target: Target<'_>,
     close_after: bool,
     plan: &Plan<'_>,
     is_event_stream: bool,
@@ -50,7 +52,7 @@ pub(super) async fn relay(
                 jsonrpc::UPSTREAM_UNAVAILABLE,
                 format!(
                     "upstream {:?} sent an invalid response: {}",
-                    core.config.upstreams[upstream_index].name,
+                    target.upstream.name,
                     e.message()
                 ),
             )));
@@ -94,7 +96,7 @@ pub(super) async fn relay(
     };
 
     // The response head for the agent.
-    super::start_response(&mut ex.out, response, plan)?;
+    super::start_response(&mut ex.out, response, plan, target.upstream)?;
     let out = &mut ex.out;
     match downstream {
         Downstream::Empty => {

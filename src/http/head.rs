@@ -97,6 +97,13 @@ impl Head {
     }
 }
 
+/// Whether a response is an event stream (`Content-Type: text/event-stream`).
+pub fn is_event_stream(response: &Head) -> bool {
+    response
+        .get("content-type")
+        .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
+}
+
 /// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more.
 /// On success returns the head's length; `head.raw` is left for the caller to set from
 /// `buf[..len]` (so the caller decides whether to split or copy).

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::glob::Glob;
-use crate::upstream::{Upstream, UpstreamUrl};
+use crate::upstream::{Transport, Upstream};
 use args::{Constraint, Literal};
 
 /// A rate: `per_second`, `per_minute` or `per_hour` (exactly one), and `burst`.
@@ -303,7 +303,7 @@ impl Policy {
         let mut seen_in_policy: Vec<&str> = Vec::new();
         for u in &raw.upstream {
             let name = u.name.get_ref();
-            if !crate::config::valid_upstream_name(name) {
+            if !crate::upstream::valid_name(name) {
                 return Err(at(
                     Some(u.name.span()),
                     "upstream.name",
@@ -369,11 +369,11 @@ impl Policy {
                             ),
                         ));
                     };
-                    let parsed = UpstreamUrl::parse(url.get_ref())
+                    let transport = Transport::parse(url.get_ref())
                         .map_err(|m| at(Some(url.span()), "upstream.url", m))?;
                     upstreams.push(Upstream {
                         name: name.clone(),
-                        url: parsed,
+                        transport,
                         headers: Vec::new(),
                     });
                     rules.push(UpstreamRule {
@@ -980,7 +980,7 @@ mod tests {
     fn policy_upstream_extends_an_environment_upstream() {
         let configured = vec![Upstream {
             name: "gh".into(),
-            url: UpstreamUrl::parse("http://127.0.0.1:7777/mcp").unwrap(),
+            transport: Transport::parse("http://127.0.0.1:7777/mcp").unwrap(),
             headers: Vec::new(),
         }];
         let p = Policy::parse(
@@ -992,7 +992,9 @@ mod tests {
         .unwrap();
         assert_eq!(p.upstreams().len(), 1);
         assert_eq!(
-            p.upstreams()[0].url.addr.port(),
+            match &p.upstreams()[0].transport {
+                Transport::Http(t) => t.addr.port(),
+            },
             7777,
             "the environment's URL wins"
         );

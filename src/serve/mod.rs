@@ -361,6 +361,7 @@ async fn handle_request(
     };
     let request_id: Option<Id<'_>> = envelope.as_ref().and_then(|e| e.single()?.id);
     let p: Option<&Policy> = policy.as_deref().map(|p| &**p);
+    let upstreams = p.map_or(&config.upstreams[..], |p| p.upstreams());
     if let Some(env) = &envelope {
         let max_args = worker.audit.as_ref().map_or(4096, |a| a.max_args);
         draft.messages_of(env, p, agent, max_args);
@@ -382,6 +383,7 @@ async fn handle_request(
             body: &body,
             env: envelope.as_ref(),
             policy: p,
+            upstreams,
             agent,
             peer,
             close: close || shutting_down(),
@@ -439,14 +441,14 @@ async fn handle_request(
             .and_then(|e| e.single())
             .is_some_and(|m| m.method == Some("tools/call"));
     if let (Some(policy), Some(agent)) = (p, agent) {
-        let upstream_def = &policy.upstreams()[upstream];
-        let (agent_id, upstream_name) =
-            (policy.agents[agent].id.as_str(), upstream_def.name.as_str());
+        let (agent_id, upstream_name) = (
+            policy.agents[agent].id.as_str(),
+            upstreams[upstream].name.as_str(),
+        );
         let sessions = &worker.core.sessions;
         seal = move |id: &[u8]| sessions.seal(agent_id, upstream_name, id);
         visible =
             move |kind: ListKind, item: &str| decide::visible(policy, agent, upstream, kind, item);
-        plan.inject = &upstream_def.headers;
         plan.strip_credentials = true;
         plan.upstream_session = upstream_session;
         plan.seal_session = Some(&seal);
@@ -461,7 +463,7 @@ async fn handle_request(
         client,
         head,
         body,
-        upstream,
+        (upstream, &upstreams[upstream]),
         peer,
         close_after,
         &plan,

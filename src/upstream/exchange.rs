@@ -1,20 +1,28 @@
 //! The round trip to an upstream: a pooled (or new) connection, the request sent, the response
 //! head read; failures become the refusals the agent sees (502, 504).
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use monoio::net::TcpStream;
 
-use crate::core::Core;
+use super::{Pool, Transport, Upstream};
 use crate::http::conn::{Conn, ReadError};
 use crate::http::head::{self, Head, HeadError};
 use crate::mcp::jsonrpc;
 use crate::reply::Reply;
 
+/// An upstream to exchange with: its definition, its index (the pool's key), and this
+/// worker's pool.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub index: usize,
+    pub upstream: &'a Upstream,
+    pub pool: &'a Pool,
+}
+
 /// Why [`exchange_head`] got no response head.
-pub(crate) enum HeadFailure {
+pub enum HeadFailure {
     /// No connection to the upstream could be made.
     Connect(UpstreamError),
     /// The request was sent (or sending failed) and no valid head came back.
@@ -25,21 +33,19 @@ pub(crate) enum HeadFailure {
 /// the response head into `head`. The connection comes from the worker's pool when it has one;
 /// a pooled connection may have been closed by the upstream while idle, so if it fails before
 /// any response byte arrives the request is retried once on a fresh connection.
-pub(crate) async fn exchange_head(
-    core: &Core,
-    index: usize,
+pub async fn exchange_head(
+    target: Target<'_>,
     out: &mut Vec<u8>,
     body: &Bytes,
     inline_body: bool,
     head: &mut Head,
     deadline: Instant,
 ) -> Result<Conn, HeadFailure> {
-    let addr = core.config.upstreams[index].url.addr;
     for attempt in 0..2 {
-        let (mut conn, reused) = match core.pool.take(index) {
+        let (mut conn, reused) = match target.pool.take(target.index) {
             Some(c) if attempt == 0 => (c, true),
             _ => (
-                connect(addr, deadline)
+                connect(&target.upstream.transport, deadline)
                     .await
                     .map_err(HeadFailure::Connect)?,
                 false,
@@ -59,7 +65,7 @@ pub(crate) async fn exchange_head(
 }
 
 #[derive(Debug)]
-pub(crate) enum UpstreamError {
+pub enum UpstreamError {
     Io(std::io::Error),
     /// The upstream closed before a complete response head.
     Closed,
@@ -68,7 +74,7 @@ pub(crate) enum UpstreamError {
 }
 
 impl UpstreamError {
-    pub(crate) fn refusal(self, name: &str, timeout: Duration) -> Reply {
+    pub fn refusal(self, name: &str, timeout: Duration) -> Reply {
         match self {
             UpstreamError::TimedOut => Reply::error(
                 504,
@@ -88,7 +94,7 @@ impl UpstreamError {
     }
 }
 
-pub(crate) fn unavailable(name: &str, e: UpstreamError) -> Reply {
+pub fn unavailable(name: &str, e: UpstreamError) -> Reply {
     let what = match &e {
         UpstreamError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "refused the connection".to_owned()
@@ -115,8 +121,12 @@ pub(crate) fn unavailable(name: &str, e: UpstreamError) -> Reply {
     )
 }
 
-async fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, UpstreamError> {
+/// A new connection over the upstream's transport.
+async fn connect(transport: &Transport, deadline: Instant) -> Result<Conn, UpstreamError> {
     let left = deadline.saturating_duration_since(Instant::now());
+    let addr = match transport {
+        Transport::Http(t) => t.addr,
+    };
     match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);

@@ -1,16 +1,18 @@
-//! Requests scopegate itself makes to an upstream for the aggregate endpoint (fan-out,
-//! rewritten calls), on the worker's keep-alive pool, with the body read piece by piece.
+//! A small MCP client for the requests scopegate makes itself (the aggregate endpoint's
+//! fan-outs and rewritten calls), on the worker's keep-alive pool, with the body read piece by
+//! piece. Heads are written by the one writer ([`super::request`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::core::Core;
-use crate::forward::{HeadFailure, UpstreamError, exchange_head};
+use super::exchange::{HeadFailure, Target, UpstreamError, exchange_head};
+use super::request::{Outgoing, write_head};
+use super::{Pool, Upstream};
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
 use crate::http::framing;
@@ -24,9 +26,28 @@ pub struct UpRequest<'a> {
     pub body: &'a [u8],
     pub session: Option<&'a [u8]>,
     pub protocol_version: Option<&'a [u8]>,
-    /// The upstream's credential headers (from the policy).
-    pub inject: &'a [(String, String)],
     pub peer: SocketAddr,
+}
+
+/// The upstreams a client reaches: their definitions, this worker's pool, and the limits.
+#[derive(Clone, Copy)]
+pub struct Upstreams<'a> {
+    pub list: &'a [Upstream],
+    pub pool: &'a Pool,
+    /// `SCOPEGATE_UPSTREAM_TIMEOUT_MS`, for the messages of refusals.
+    pub timeout: Duration,
+    /// `SCOPEGATE_MAX_UPSTREAM_MESSAGE`.
+    pub max_message: usize,
+}
+
+impl<'a> Upstreams<'a> {
+    fn target(&self, index: usize) -> Target<'a> {
+        Target {
+            index,
+            upstream: &self.list[index],
+            pool: self.pool,
+        }
+    }
 }
 
 /// An upstream's answer: the head now, the body on demand.
@@ -48,7 +69,7 @@ impl UpResponse {
     }
 
     pub fn is_event_stream(&self) -> bool {
-        crate::forward::is_event_stream(&self.head)
+        head::is_event_stream(&self.head)
     }
 
     /// The next piece of the body (de-chunked), None at its end. `deadline` bounds the wait.
@@ -83,61 +104,57 @@ impl UpResponse {
 
     /// Returns the connection to the pool when the body was read to its end and the upstream
     /// keeps it open.
-    pub fn finish(self, core: &Core) {
+    pub fn finish(self, pool: &Pool) {
         if self.keep && self.body.left_clean(&self.conn) {
-            core.pool.put(self.index, self.conn);
+            pool.put(self.index, self.conn);
         }
     }
 }
 
 /// Sends `req` to upstream `index` and reads the response head.
 pub async fn send(
-    core: &Core,
+    ups: Upstreams<'_>,
     index: usize,
     req: &UpRequest<'_>,
     deadline: Instant,
 ) -> Result<UpResponse, Reply> {
-    let upstream = &core.config.upstreams[index];
-    let mut out = Vec::with_capacity(512 + req.body.len());
-    out.extend_from_slice(req.method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(upstream.url.path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(upstream.url.host_header.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    if req.method == "GET" {
-        out.extend_from_slice(b"Accept: text/event-stream\r\n");
+    let upstream = &ups.list[index];
+    let accept: &[u8] = if req.method == "GET" {
+        b"text/event-stream"
     } else {
-        out.extend_from_slice(b"Accept: application/json, text/event-stream\r\n");
-    }
+        b"application/json, text/event-stream"
+    };
+    let mut set: [(&str, &[u8]); 3] = [("Accept", accept), ("", b""), ("", b"")];
+    let mut n = 1;
     if req.method == "POST" {
-        out.extend_from_slice(b"Content-Type: application/json\r\n");
-    }
-    if let Some(s) = req.session.filter(|s| !s.is_empty()) {
-        out.extend_from_slice(b"Mcp-Session-Id: ");
-        out.extend_from_slice(s);
-        out.extend_from_slice(b"\r\n");
+        set[n] = ("Content-Type", b"application/json");
+        n += 1;
     }
     if let Some(v) = req.protocol_version {
-        out.extend_from_slice(b"MCP-Protocol-Version: ");
-        out.extend_from_slice(v);
-        out.extend_from_slice(b"\r\n");
+        set[n] = ("MCP-Protocol-Version", v);
+        n += 1;
     }
-    for (name, value) in req.inject {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(format!("X-Forwarded-For: {}\r\n", req.peer.ip()).as_bytes());
-    out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", req.body.len()).as_bytes());
+    let mut out = Vec::with_capacity(512 + req.body.len());
+    write_head(
+        &mut out,
+        upstream,
+        &Outgoing {
+            method: req.method.as_bytes(),
+            agent: None,
+            set: &set[..n],
+            session: req.session,
+            replace_session: false,
+            plain_answer: true,
+            inject: true,
+            peer: req.peer,
+            content_length: Some(req.body.len()),
+        },
+    );
     out.extend_from_slice(req.body);
 
-    let timeout = core.config.upstream_timeout;
     let mut head = Head::default();
     let conn = exchange_head(
-        core,
-        index,
+        ups.target(index),
         &mut out,
         &Bytes::new(),
         true,
@@ -146,10 +163,10 @@ pub async fn send(
     )
     .await
     .map_err(|(HeadFailure::Connect(e) | HeadFailure::Exchange(e))| {
-        e.refusal(&upstream.name, timeout)
+        e.refusal(&upstream.name, ups.timeout)
     })?;
     let framing = framing::response_framing(&head, req.method.as_bytes())
-        .map_err(|e| UpstreamError::BadHead(e.message()).refusal(&upstream.name, timeout))?;
+        .map_err(|e| UpstreamError::BadHead(e.message()).refusal(&upstream.name, ups.timeout))?;
     let keep = head.minor_version == 1 && !head::connection_has(&head, "close");
     Ok(UpResponse {
         index,
@@ -164,12 +181,12 @@ pub async fn send(
 /// messages on the stream, such as progress, are skipped: fan-out requests have nobody to
 /// relay them to).
 pub async fn exchange(
-    core: &Core,
+    ups: Upstreams<'_>,
     index: usize,
     req: &UpRequest<'_>,
     deadline: Instant,
 ) -> Result<(UpResponse, Vec<u8>), Reply> {
-    let name = &core.config.upstreams[index].name;
+    let name = &ups.list[index].name;
     let bad = |why: String| {
         Reply::error(
             502,
@@ -177,8 +194,8 @@ pub async fn exchange(
             format!("upstream {name:?} {why}"),
         )
     };
-    let mut resp = send(core, index, req, deadline).await?;
-    let limit = core.config.max_upstream_message;
+    let mut resp = send(ups, index, req, deadline).await?;
+    let limit = ups.max_message;
     if resp.is_event_stream() {
         let mut sse = SseSplitter::new(limit);
         loop {
