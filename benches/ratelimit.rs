@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use scopegate::policy::{Policy, Rate};
-use scopegate::ratelimit::{Bucket, Gcra, now_ns};
+use scopegate::policy::Policy;
+use scopegate::ratelimit::{Bucket, Gcra, Local, Rate, now_ns};
 
 fn fast_bucket() -> Bucket {
     // A rate high enough that the bench never runs the bucket dry.
@@ -87,15 +87,9 @@ rate = { per_second = 1000000000, burst = 1000000000 }
     .expect("policy");
     c.bench_function("ratelimit/admit_tools_call_4_buckets", |bench| {
         bench.iter(|| {
-            policy
-                .limits
-                .admit(
-                    &policy,
-                    0,
-                    0,
-                    Some(std::hint::black_box("create_issue")),
-                    now_ns(),
-                )
+            let tool = Some(std::hint::black_box("create_issue"));
+            Local
+                .admit(policy.limits_for(0, 0, tool), now_ns())
                 .expect("admitted")
         })
     });

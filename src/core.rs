@@ -1,5 +1,5 @@
 //! What one core's connection tasks share below the request path: the configuration, the
-//! upstreams' keep-alive pool, the counters, the session keys and the aggregate endpoint's late
+//! upstreams' keep-alive pool, the counters, the session keys, the rate limiter and the aggregate endpoint's late
 //! joins. The forwarding and aggregate code take a `&Core`, never the whole worker; the shutdown
 //! flag lives here so that every layer can ask it.
 
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::config::Config;
 use crate::mcp::session::{LazyJoins, SessionKeys};
 use crate::metrics::WorkerStats;
+use crate::ratelimit::Limiter;
 use crate::upstream::Pool;
 
 /// Set once by the main thread on SIGTERM/SIGINT; read between requests.
@@ -26,6 +27,8 @@ pub struct Core {
     /// This core's counters (written only by it).
     pub stats: Arc<WorkerStats>,
     pub sessions: Arc<SessionKeys>,
+    /// Takes rate-limit tokens.
+    pub limiter: Limiter,
     /// Upstreams the aggregate endpoint joined after a session's initialize.
     pub lazy_joins: LazyJoins,
 }
@@ -39,10 +42,11 @@ impl Core {
     ) -> Core {
         Core {
             id,
-            pool: Pool::new(config.upstreams.len()),
+            pool: Pool::new(),
             config,
             stats,
             sessions,
+            limiter: Limiter::default(),
             lazy_joins: LazyJoins::default(),
         }
     }

@@ -838,3 +838,23 @@ fn a_key_revoked_by_reload_is_refused_on_a_connection_that_used_it() {
     assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(executed_tools(&s.up), ["echo", "echo"]);
 }
+
+/// An upstream the policy defines keeps its connections alive like one from the environment
+/// (the pool keeps connections by the server they go to).
+#[test]
+fn policy_upstreams_keep_their_connections_alive() {
+    let s = setup();
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, "/mcp/other", GLOBEX);
+    let ping = |c: &mut Client| {
+        c.post("/mcp/other", r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+            .header("Authorization", &bearer(GLOBEX))
+            .header("Mcp-Session-Id", &token)
+            .send()
+    };
+    for _ in 0..10 {
+        assert_eq!(ping(&mut c).status, 200);
+    }
+    assert_eq!(s.other.methods().len(), 11, "initialize and ten pings");
+    assert_eq!(s.other.connections(), 1, "one kept-alive connection");
+}

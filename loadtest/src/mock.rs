@@ -97,6 +97,8 @@ struct Shared {
     recorded: Mutex<Vec<Recorded>>,
     sessions: AtomicU64,
     stopped: AtomicBool,
+    /// Connections accepted so far.
+    accepted: AtomicU64,
 }
 
 /// A running mock; it serves until the process ends or [`MockServer::stop`].
@@ -118,6 +120,7 @@ impl MockServer {
             recorded: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
         });
         let mut bound = addr;
         let mut listeners = Vec::new();
@@ -139,6 +142,7 @@ impl MockServer {
                         let Ok((stream, _)) = listener.accept().await else {
                             continue;
                         };
+                        shared.accepted.fetch_add(1, Ordering::Relaxed);
                         if shared.stopped.load(Ordering::Relaxed) {
                             drop(stream);
                             continue;
@@ -175,6 +179,11 @@ impl MockServer {
             .filter_map(|r| r.json())
             .filter_map(|v| v["method"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
     }
 
     /// From now on, accepted connections are closed at once (an upstream that went away).

@@ -409,7 +409,7 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
     );
     if m.kind == Kind::Request
         && !routed_access
-        && let Some(reply) = agent_limit(req, m)
+        && let Some(reply) = agent_limit(req, m).await
     {
         return write(req, client, reply).await;
     }
@@ -471,15 +471,13 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
 }
 
 /// The agent's own bucket, for a request that is not routed to one upstream (in policy mode).
-fn agent_limit(req: &Request<'_, '_>, m: &Message<'_>) -> Option<Reply> {
+async fn agent_limit(req: &Request<'_, '_>, m: &Message<'_>) -> Option<Reply> {
     let (Some(p), Some(a)) = (req.policy, req.agent) else {
         return None;
     };
     // Without a tool name only the agent's bucket applies; the upstream index is not used.
-    let limited = p
-        .limits
-        .admit(p, a, 0, None, crate::ratelimit::now_ns())
-        .err()?;
+    let uses = p.limits_for(a, 0, None);
+    let limited = req.core.limiter.admit(uses).await.err()?;
     Some(rate_limited(req, m, limited))
 }
 
@@ -983,7 +981,7 @@ async fn routed(
         }
         // Rate limits: every bucket the call falls in, with the upstream's own tool name.
         let tool = matches!(target, Target::Tool { .. }).then_some(original.as_str());
-        if let Err(limited) = p.limits.admit(p, a, i, tool, crate::ratelimit::now_ns()) {
+        if let Err(limited) = req.core.limiter.admit(p.limits_for(a, i, tool)).await {
             let mut reply = rate_limited(req, m, limited);
             reply.upstream = Some(i);
             return write(req, client, reply).await;

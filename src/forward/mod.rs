@@ -128,14 +128,13 @@ pub async fn forward(
     client: &mut Conn,
     request: &Head,
     body: Bytes,
-    upstream: (usize, &Upstream),
+    upstream: &Upstream,
     peer: SocketAddr,
     close_after: bool,
     plan: &Plan<'_>,
 ) -> Result<Relayed, ForwardError> {
     let target = Target {
-        index: upstream.0,
-        upstream: upstream.1,
+        upstream,
         pool: &core.pool,
     };
     let upstream = target.upstream;
@@ -266,7 +265,7 @@ pub async fn forward(
     ex.response.raw = Bytes::new();
     if reusable {
         up.read_chunk = crate::http::conn::READ_CHUNK;
-        core.pool.put(target.index, up);
+        core.pool.put(upstream.transport.pool_key(), up);
     }
     Ok(relayed)
 }

@@ -247,7 +247,8 @@ fn unreachable_message() -> Message<'static> {
 }
 
 /// Number of tape nodes a value occupies, header included.
-fn span(node: &Node<'_>) -> usize {
+/// Number of tape nodes a value occupies, header included.
+pub fn node_span(node: &Node<'_>) -> usize {
     match node {
         Node::Object { count, .. } | Node::Array { count, .. } => count + 1,
         _ => 1,
@@ -270,7 +271,7 @@ pub fn object_entries<'t, 'a>(
             return Err(EnvelopeError::Invalid("malformed object"));
         };
         let value_at = idx + 1;
-        idx = value_at + span(value);
+        idx = value_at + node_span(value);
         Ok((*key, value_at))
     })
 }
@@ -295,7 +296,7 @@ fn read_batch<'a>(nodes: &[Node<'a>], out: &mut Vec<Message<'a>>) -> Result<(), 
         match nodes.get(idx) {
             Some(Node::Object { .. }) => {
                 out.push(read_message(nodes, idx)?);
-                idx += span(&nodes[idx]);
+                idx += node_span(&nodes[idx]);
             }
             _ => return Err(EnvelopeError::Invalid("a batch element is not an object")),
         }
@@ -425,7 +426,7 @@ fn read_params<'a>(
                 if let Node::Object { .. } = value {
                     check_unique_keys(nodes, value_at)?;
                 }
-                message.arguments = Some((value_at as u32, (value_at + span(value)) as u32));
+                message.arguments = Some((value_at as u32, (value_at + node_span(value)) as u32));
             }
             "_meta" => message.progress_token = read_progress_token(nodes, value_at)?,
             "ref" => message.reference = Some(read_reference(nodes, value_at)?),
@@ -433,7 +434,8 @@ fn read_params<'a>(
                 if let Node::Object { .. } = value {
                     check_unique_keys(nodes, value_at)?;
                 }
-                message.notifications = Some((value_at as u32, (value_at + span(value)) as u32));
+                message.notifications =
+                    Some((value_at as u32, (value_at + node_span(value)) as u32));
             }
             _ => {}
         }

@@ -274,14 +274,6 @@ fn describe(options: &[Literal]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-/// Number of tape nodes a value occupies, header included.
-pub fn node_span(node: &Node<'_>) -> usize {
-    match node {
-        Node::Object { count, .. } | Node::Array { count, .. } => count + 1,
-        _ => 1,
-    }
-}
-
 /// Iterates `(name, value nodes)` over an arguments object's tape nodes.
 pub fn arguments_iter<'t, 'a>(
     args: &'t [Node<'a>],
@@ -289,7 +281,7 @@ pub fn arguments_iter<'t, 'a>(
     crate::mcp::envelope::object_entries(args, 0)
         .map_while(Result::ok)
         .filter_map(move |(key, at)| {
-            let end = at + node_span(args.get(at)?);
+            let end = at + crate::mcp::envelope::node_span(args.get(at)?);
             Some((key, args.get(at..end)?))
         })
 }

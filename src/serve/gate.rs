@@ -23,6 +23,7 @@ use crate::mcp::session::SessionKeys;
 use crate::policy::Policy;
 use crate::policy::decide::{self, Decision};
 use crate::policy::live::LocalPolicy;
+use crate::ratelimit::Limiter;
 use crate::reply::Reply;
 
 /// A routed, authenticated request.
@@ -202,15 +203,14 @@ pub fn authorize(
 /// never limited, so cancellations and answers to server requests always get through (and an
 /// SDK's background GET does not eat an agent's burst). `Some` refuses, with HTTP `status`
 /// (`SCOPEGATE_RATE_LIMIT_STATUS`).
-pub fn rate_limit(
+pub async fn rate_limit(
+    limiter: &Limiter,
     status: u16,
     policy: &Policy,
     agent: usize,
     upstream: usize,
     env: &Envelope<'_>,
 ) -> Option<Reply> {
-    let limits = &policy.limits;
-    let now = crate::ratelimit::now_ns();
     fn tool_of<'a>(m: &Message<'a>) -> Option<&'a str> {
         if m.method == Some("tools/call") {
             m.name
@@ -219,19 +219,23 @@ pub fn rate_limit(
         }
     }
     let messages = env.messages();
-    let limited = messages.iter().enumerate().find_map(|(i, m)| {
+    let mut limited = None;
+    for (i, m) in messages.iter().enumerate() {
         if m.kind != Kind::Request {
-            return None;
+            continue;
         }
-        let limited = limits
-            .admit(policy, agent, upstream, tool_of(m), now)
-            .err()?;
-        // A batch is admitted whole or not at all.
-        for earlier in messages[..i].iter().filter(|m| m.kind == Kind::Request) {
-            limits.release(policy, agent, upstream, tool_of(earlier));
+        let uses = policy.limits_for(agent, upstream, tool_of(m));
+        if let Err(refused) = limiter.admit(uses).await {
+            // A batch is admitted whole or not at all.
+            for earlier in messages[..i].iter().filter(|m| m.kind == Kind::Request) {
+                let uses = policy.limits_for(agent, upstream, tool_of(earlier));
+                limiter.release(uses).await;
+            }
+            limited = Some(refused);
+            break;
         }
-        Some(limited)
-    })?;
+    }
+    let limited = limited?;
     let reply = Reply::rate_limited(status, &limited.label, limited.retry_after_ns);
     if !env.is_batch() {
         return Some(reply.for_id(env.single().and_then(|m| m.id)));
@@ -285,6 +289,25 @@ mod tests {
     use std::collections::HashMap;
     use std::path::Path;
     use std::rc::Rc;
+
+    /// The stage with the local limiter, which never waits: its future is ready at once.
+    fn rate_limit(
+        status: u16,
+        policy: &Policy,
+        agent: usize,
+        upstream: usize,
+        env: &Envelope<'_>,
+    ) -> Option<Reply> {
+        let limiter = Limiter::default();
+        let future = std::pin::pin!(super::rate_limit(
+            &limiter, status, policy, agent, upstream, env
+        ));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.poll(&mut cx) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("the local limiter waited"),
+        }
+    }
     use std::sync::Arc;
 
     const KEY: &str = "gate-test-key";

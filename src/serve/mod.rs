@@ -405,11 +405,15 @@ async fn handle_request(
     // Policy mode: authorize, limit, open the session; then forward what passed.
     let mut upstream_session: Option<&[u8]> = None;
     if let (Some(policy), Some(agent)) = (p, agent) {
-        let refused = envelope.as_ref().and_then(|env| {
-            gate::authorize(policy, agent, upstream, head, env).or_else(|| {
-                gate::rate_limit(config.rate_limit_status, policy, agent, upstream, env)
-            })
-        });
+        let mut refused = envelope
+            .as_ref()
+            .and_then(|env| gate::authorize(policy, agent, upstream, head, env));
+        if refused.is_none()
+            && let Some(env) = &envelope
+        {
+            let (limiter, status) = (&worker.core.limiter, config.rate_limit_status);
+            refused = gate::rate_limit(limiter, status, policy, agent, upstream, env).await;
+        }
         if let Some(reply) = refused {
             return answer(draft, client, method, None, &reply, close).await;
         }
@@ -463,7 +467,7 @@ async fn handle_request(
         client,
         head,
         body,
-        (upstream, &upstreams[upstream]),
+        &upstreams[upstream],
         peer,
         close_after,
         &plan,

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::exchange::{HeadFailure, Target, UpstreamError, exchange_head};
 use super::request::{Outgoing, write_head};
-use super::{Pool, Upstream};
+use super::{Pool, PoolKey, Upstream};
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
 use crate::http::framing;
@@ -43,7 +43,6 @@ pub struct Upstreams<'a> {
 impl<'a> Upstreams<'a> {
     fn target(&self, index: usize) -> Target<'a> {
         Target {
-            index,
             upstream: &self.list[index],
             pool: self.pool,
         }
@@ -52,7 +51,7 @@ impl<'a> Upstreams<'a> {
 
 /// An upstream's answer: the head now, the body on demand.
 pub struct UpResponse {
-    index: usize,
+    key: PoolKey,
     conn: Conn,
     pub head: Head,
     body: BodyReader,
@@ -106,7 +105,7 @@ impl UpResponse {
     /// keeps it open.
     pub fn finish(self, pool: &Pool) {
         if self.keep && self.body.left_clean(&self.conn) {
-            pool.put(self.index, self.conn);
+            pool.put(self.key, self.conn);
         }
     }
 }
@@ -169,7 +168,7 @@ pub async fn send(
         .map_err(|e| UpstreamError::BadHead(e.message()).refusal(&upstream.name, ups.timeout))?;
     let keep = head.minor_version == 1 && !head::connection_has(&head, "close");
     Ok(UpResponse {
-        index,
+        key: upstream.transport.pool_key(),
         conn,
         head,
         body: BodyReader::new(framing),

@@ -12,11 +12,9 @@ use crate::http::head::{self, Head, HeadError};
 use crate::mcp::jsonrpc;
 use crate::reply::Reply;
 
-/// An upstream to exchange with: its definition, its index (the pool's key), and this
-/// worker's pool.
+/// An upstream to exchange with: its definition and this worker's pool.
 #[derive(Clone, Copy)]
 pub struct Target<'a> {
-    pub index: usize,
     pub upstream: &'a Upstream,
     pub pool: &'a Pool,
 }
@@ -29,7 +27,7 @@ pub enum HeadFailure {
     Exchange(UpstreamError),
 }
 
-/// Sends `out` (then `body`, unless it is already inline in `out`) to upstream `index` and reads
+/// Sends `out` (then `body`, unless it is already inline in `out`) to the upstream and reads
 /// the response head into `head`. The connection comes from the worker's pool when it has one;
 /// a pooled connection may have been closed by the upstream while idle, so if it fails before
 /// any response byte arrives the request is retried once on a fresh connection.
@@ -42,7 +40,7 @@ pub async fn exchange_head(
     deadline: Instant,
 ) -> Result<Conn, HeadFailure> {
     for attempt in 0..2 {
-        let (mut conn, reused) = match target.pool.take(target.index) {
+        let (mut conn, reused) = match target.pool.take(target.upstream.transport.pool_key()) {
             Some(c) if attempt == 0 => (c, true),
             _ => (
                 connect(&target.upstream.transport, deadline)

@@ -50,6 +50,20 @@ impl Transport {
             Transport::Http(t) => &t.host_header,
         }
     }
+
+    /// Which pooled connections requests to this upstream may reuse.
+    pub fn pool_key(&self) -> PoolKey {
+        match self {
+            Transport::Http(t) => PoolKey::Tcp(t.addr),
+        }
+    }
+}
+
+/// The peer of a pooled connection: two upstreams with the same key may share connections
+/// (HTTP/1.1 names the server in each request's `Host`), no others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKey {
+    Tcp(SocketAddr),
 }
 
 impl fmt::Display for Transport {

@@ -1,10 +1,13 @@
 //! Each worker's keep-alive pool of upstream connections. Per worker (`RefCell`, never shared
 //! across threads): a connection is taken for one exchange and given back only when the answer
-//! was read to its end and the upstream did not ask to close.
+//! was read to its end and the upstream did not ask to close. Connections are kept by the peer
+//! they are connected to ([`PoolKey`]), not by an upstream's index: indexes move when a reload
+//! changes the upstream list, and a connection must never be reused for another server.
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
+use super::PoolKey;
 use crate::http::conn::Conn;
 
 /// How long a pooled connection may sit idle before it is dropped rather than reused. Kept
@@ -20,22 +23,21 @@ struct Idle {
     since: Instant,
 }
 
-/// One worker's idle upstream connections, indexed like `Config::upstreams`.
+/// One worker's idle upstream connections, per peer (a handful: one per upstream address).
+#[derive(Default)]
 pub struct Pool {
-    idle: RefCell<Vec<Vec<Idle>>>,
+    idle: RefCell<Vec<(PoolKey, Vec<Idle>)>>,
 }
 
 impl Pool {
-    pub fn new(upstreams: usize) -> Pool {
-        Pool {
-            idle: RefCell::new((0..upstreams).map(|_| Vec::new()).collect()),
-        }
+    pub fn new() -> Pool {
+        Pool::default()
     }
 
-    /// The most recently returned live connection to upstream `index`, if any.
-    pub fn take(&self, index: usize) -> Option<Conn> {
+    /// The most recently returned live connection to `key`, if any.
+    pub fn take(&self, key: PoolKey) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(index)?;
+        let list = &mut idle.iter_mut().find(|(k, _)| *k == key)?.1;
         while let Some(conn) = list.pop() {
             if conn.since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(conn.conn);
@@ -46,11 +48,17 @@ impl Pool {
         None
     }
 
-    pub fn put(&self, index: usize, mut conn: Conn) {
+    pub fn put(&self, key: PoolKey, mut conn: Conn) {
         let mut idle = self.idle.borrow_mut();
-        if let Some(list) = idle.get_mut(index)
-            && list.len() < POOL_MAX_IDLE
-        {
+        let at = match idle.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                idle.push((key, Vec::new()));
+                idle.len() - 1
+            }
+        };
+        let list = &mut idle[at].1;
+        if list.len() < POOL_MAX_IDLE {
             conn.buf.clear();
             list.push(Idle {
                 conn,

@@ -1,0 +1,530 @@
+//! Loading the policy: the file's tables ([`super::fields`]) put together into a [`Policy`],
+//! merged with the upstreams of the environment. Every problem is reported with the file, the line and the field.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use toml::Spanned;
+
+use super::fields::{
+    RawPolicy, compile_constraint, compile_rate, compile_rule_glob, expand_env, limit, line_of,
+    parse_sha256, valid_header_name, valid_id,
+};
+use super::{Agent, Policy, PolicyError, Tenant, ToolRule, UpstreamRule};
+use crate::glob::Glob;
+use crate::ratelimit::Limit;
+use crate::upstream::{Transport, Upstream};
+
+/// Environment lookups for `${VAR}` in upstream headers (the process environment, or a map in
+/// tests).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<S: std::hash::BuildHasher> Env for HashMap<String, String, S> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl Policy {
+    /// Reads and compiles the policy at `path`, merging its `[[upstream]]` tables with the
+    /// upstreams named in `SCOPEGATE_UPSTREAMS` (`configured`).
+    pub fn load(
+        path: &Path,
+        configured: &[Upstream],
+        env: &dyn Env,
+    ) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+            file: path.to_owned(),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Policy::parse(path, &text, configured, env)
+    }
+
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        configured: &[Upstream],
+        env: &dyn Env,
+    ) -> Result<Policy, PolicyError> {
+        let at = |span: Option<std::ops::Range<usize>>, field: &str, message: String| PolicyError {
+            file: path.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            field: field.to_owned(),
+            message,
+        };
+        let raw: RawPolicy =
+            toml::from_str(text).map_err(|e| at(e.span(), "", e.message().trim().to_owned()))?;
+
+        // Tenants.
+        let mut tenants: Vec<Tenant> = Vec::new();
+        for t in &raw.tenant {
+            let id = t.id.get_ref();
+            if !valid_id(id) {
+                return Err(at(
+                    Some(t.id.span()),
+                    "tenant.id",
+                    format!("{id:?} must be 1-64 letters, digits, '_', '-', '.' or '@'"),
+                ));
+            }
+            if tenants.iter().any(|x| &x.id == id) {
+                return Err(at(
+                    Some(t.id.span()),
+                    "tenant.id",
+                    format!("tenant {id:?} is defined twice"),
+                ));
+            }
+            let rate = compile_rate(&t.rate, "tenant.rate", &at)?;
+            tenants.push(Tenant {
+                id: id.clone(),
+                limit: rate.map(|r| limit(format!("tenant/{id}"), format!("tenant {id:?}"), r)),
+            });
+        }
+        let tenant_index = |name: &Spanned<String>, field: &str| {
+            tenants
+                .iter()
+                .position(|t| &t.id == name.get_ref())
+                .ok_or_else(|| {
+                    at(
+                        Some(name.span()),
+                        field,
+                        format!("unknown tenant {:?}", name.get_ref()),
+                    )
+                })
+        };
+
+        // Upstreams: those from SCOPEGATE_UPSTREAMS first, then the policy's new ones.
+        let mut upstreams: Vec<Upstream> = configured.to_vec();
+        let mut rules: Vec<UpstreamRule> = configured
+            .iter()
+            .map(|_| UpstreamRule {
+                tenant: None,
+                limit: None,
+            })
+            .collect();
+        let mut seen_in_policy: Vec<&str> = Vec::new();
+        for u in &raw.upstream {
+            let name = u.name.get_ref();
+            if !crate::upstream::valid_name(name) {
+                return Err(at(
+                    Some(u.name.span()),
+                    "upstream.name",
+                    format!("{name:?} must be 1-64 letters, digits, '_' or '-'"),
+                ));
+            }
+            if seen_in_policy.contains(&name.as_str()) {
+                return Err(at(
+                    Some(u.name.span()),
+                    "upstream.name",
+                    format!("upstream {name:?} is defined twice"),
+                ));
+            }
+            seen_in_policy.push(name);
+            let mut headers = Vec::new();
+            for (header, value) in &u.headers {
+                if !valid_header_name(header) {
+                    return Err(at(
+                        Some(value.span()),
+                        "upstream.headers",
+                        format!("{header:?} is not a valid header name"),
+                    ));
+                }
+                let lower = header.to_ascii_lowercase();
+                if matches!(
+                    lower.as_str(),
+                    "host" | "content-length" | "transfer-encoding" | "connection"
+                ) {
+                    return Err(at(
+                        Some(value.span()),
+                        "upstream.headers",
+                        format!("{header} is set by scopegate and cannot be injected"),
+                    ));
+                }
+                let expanded = expand_env(value.get_ref(), env).map_err(|m| {
+                    at(Some(value.span()), &format!("upstream.headers.{header}"), m)
+                })?;
+                if expanded.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                    return Err(at(
+                        Some(value.span()),
+                        &format!("upstream.headers.{header}"),
+                        "value contains a line break".into(),
+                    ));
+                }
+                headers.push((header.clone(), expanded));
+            }
+            let tenant = match &u.tenant {
+                Some(t) => Some(tenant_index(t, "upstream.tenant")?),
+                None => None,
+            };
+            let rate = compile_rate(&u.rate, "upstream.rate", &at)?;
+            let index = match upstreams.iter().position(|x| &x.name == name) {
+                // Named in SCOPEGATE_UPSTREAMS too: the environment's URL wins, the policy adds
+                // headers, tenant and rate.
+                Some(i) => i,
+                None => {
+                    let Some(url) = &u.url else {
+                        return Err(at(
+                            Some(u.name.span()),
+                            "upstream.url",
+                            format!(
+                                "upstream {name:?} has no url (and is not in SCOPEGATE_UPSTREAMS)"
+                            ),
+                        ));
+                    };
+                    let transport = Transport::parse(url.get_ref())
+                        .map_err(|m| at(Some(url.span()), "upstream.url", m))?;
+                    upstreams.push(Upstream {
+                        name: name.clone(),
+                        transport,
+                        headers: Vec::new(),
+                    });
+                    rules.push(UpstreamRule {
+                        tenant: None,
+                        limit: None,
+                    });
+                    upstreams.len() - 1
+                }
+            };
+            upstreams[index].headers = headers;
+            rules[index] = UpstreamRule {
+                tenant,
+                limit: rate
+                    .map(|r| limit(format!("upstream/{name}"), format!("upstream {name:?}"), r)),
+            };
+        }
+        if upstreams.is_empty() {
+            return Err(at(
+                None,
+                "upstream",
+                "no upstream: name some in SCOPEGATE_UPSTREAMS or [[upstream]]".into(),
+            ));
+        }
+
+        // Agents.
+        let mut agents: Vec<Agent> = Vec::new();
+        let mut by_key: HashMap<[u8; 32], usize> = HashMap::new();
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        for a in &raw.agent {
+            let id = a.id.get_ref();
+            if !valid_id(id) {
+                return Err(at(
+                    Some(a.id.span()),
+                    "agent.id",
+                    format!("{id:?} must be 1-64 letters, digits, '_', '-', '.' or '@'"),
+                ));
+            }
+            if by_id.contains_key(id) {
+                return Err(at(
+                    Some(a.id.span()),
+                    "agent.id",
+                    format!("agent {id:?} is defined twice"),
+                ));
+            }
+            let tenant = match &a.tenant {
+                Some(t) => Some(tenant_index(t, "agent.tenant")?),
+                None => None,
+            };
+            if let Some(key) = &a.key_sha256 {
+                let digest = parse_sha256(key.get_ref()).ok_or_else(|| {
+                    at(
+                        Some(key.span()),
+                        "agent.key_sha256",
+                        "must be 64 hex characters (scopegate hash-key KEY prints it)".into(),
+                    )
+                })?;
+                if let Some(other) = by_key.get(&digest) {
+                    return Err(at(
+                        Some(key.span()),
+                        "agent.key_sha256",
+                        format!("the same key is already agent {:?}'s", agents[*other].id),
+                    ));
+                }
+                by_key.insert(digest, agents.len());
+            }
+            let names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            let rule_glob =
+                |s: &Spanned<String>, field: &str| compile_rule_glob(s, field, &names, &at);
+            let allow = a
+                .allow
+                .iter()
+                .map(|g| rule_glob(g, "agent.allow"))
+                .collect::<Result<Vec<_>, _>>()?;
+            let deny = a
+                .deny
+                .iter()
+                .map(|g| rule_glob(g, "agent.deny"))
+                .collect::<Result<Vec<_>, _>>()?;
+            let redact = a
+                .redact
+                .iter()
+                .map(|g| {
+                    Glob::new(g.get_ref(), |b| b.is_ascii_graphic())
+                        .map_err(|m| at(Some(g.span()), "agent.redact", m))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let agent_upstreams = match &a.upstreams {
+                None => None,
+                Some(list) => Some(
+                    list.iter()
+                        .map(|n| {
+                            let i = upstreams
+                                .iter()
+                                .position(|u| &u.name == n.get_ref())
+                                .ok_or_else(|| {
+                                    at(
+                                        Some(n.span()),
+                                        "agent.upstreams",
+                                        format!("unknown upstream {:?}", n.get_ref()),
+                                    )
+                                })?;
+                            if let (Some(ut), at_tenant) = (rules[i].tenant, tenant)
+                                && Some(ut) != at_tenant
+                            {
+                                return Err(at(
+                                    Some(n.span()),
+                                    "agent.upstreams",
+                                    format!(
+                                        "upstream {:?} belongs to tenant {:?}, not to this agent's",
+                                        n.get_ref(),
+                                        tenants[ut].id
+                                    ),
+                                ));
+                            }
+                            Ok(i)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            let mut tools = Vec::new();
+            for t in &a.tool {
+                let pattern = rule_glob(&t.pattern, "agent.tool.match")?;
+                let rate = compile_rate(&t.rate, "agent.tool.rate", &at)?;
+                let mut constraints = Vec::new();
+                for (arg, c) in &t.args {
+                    let field = format!("agent.tool.args.{arg}");
+                    constraints.push((arg.clone(), compile_constraint(c, &field, &at)?));
+                }
+                let limit = rate.map(|r| {
+                    let key = format!("tool/{id}/{}", pattern.as_str());
+                    let label = format!(
+                        "tool {} for agent {id:?} ({})",
+                        pattern.as_str(),
+                        r.describe()
+                    );
+                    if pattern.has_wildcard() {
+                        Limit::per_name(key, r, label)
+                    } else {
+                        Limit::new(key, r, label)
+                    }
+                });
+                tools.push(ToolRule {
+                    pattern,
+                    limit,
+                    args: constraints,
+                });
+            }
+            let rate = compile_rate(&a.rate, "agent.rate", &at)?;
+            by_id.insert(id.clone(), agents.len());
+            let audit_identity = crate::audit::entry::identity_fragment(
+                id,
+                tenant.map(|t| tenants[t].id.as_str()),
+                a.user.as_deref(),
+            );
+            agents.push(Agent {
+                audit_identity,
+                id: id.clone(),
+                tenant,
+                user: a.user.clone(),
+                allow,
+                deny,
+                limit: rate.map(|r| limit(format!("agent/{id}"), format!("agent {id:?}"), r)),
+                redact,
+                upstreams: agent_upstreams,
+                tools,
+            });
+        }
+
+        Ok(Policy {
+            source: path.to_owned(),
+            tenants,
+            upstream_rules: rules,
+            upstream_list: upstreams,
+            agents,
+            by_key,
+            by_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::hash_key;
+
+    const EXAMPLE: &str = include_str!("../../tests/fixtures/policy.toml");
+
+    fn env() -> HashMap<String, String> {
+        HashMap::from([("GITHUB_TOKEN".to_string(), "ghp_test".to_string())])
+    }
+
+    fn load(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(Path::new("policy.toml"), text, &[], &env())
+    }
+
+    #[test]
+    fn the_contract_example_loads_as_written() {
+        let p = load(EXAMPLE).unwrap();
+        assert_eq!(p.tenants.len(), 1);
+        assert_eq!(p.upstreams().len(), 2);
+        assert_eq!(
+            p.upstreams()[0].headers,
+            vec![("Authorization".to_string(), "Bearer ghp_test".to_string())]
+        );
+        assert_eq!(p.agents.len(), 2);
+        let triage = p
+            .agent_by_key_digest(&parse_sha256(&hash_key("password")).unwrap())
+            .unwrap();
+        assert_eq!(p.agents[triage].id, "triage-bot");
+        let nightly = p.agent_by_id("nightly-report").unwrap();
+        assert_eq!(p.agents[nightly].upstreams, Some(vec![1]));
+        assert!(p.may_use_upstream(nightly, 1));
+        assert!(!p.may_use_upstream(nightly, 0));
+        let rate = p.agents[nightly].limit.clone().unwrap().rate;
+        assert_eq!(rate.burst, 10);
+        assert!((rate.per_second - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn hash_key_matches_the_examples() {
+        assert_eq!(
+            hash_key("password"),
+            "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+        );
+        assert_eq!(
+            hash_key("hello world"),
+            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+    }
+
+    fn error_of(text: &str) -> PolicyError {
+        load(text).unwrap_err()
+    }
+
+    const BASE: &str = "[[tenant]]\nid = \"acme\"\n[[upstream]]\nname = \"gh\"\nurl = \"http://127.0.0.1:9/mcp\"\ntenant = \"acme\"\n";
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\ntenant = \"acme\"\nallow = [\"gh/x\"]\ncolour = \"red\"\n"
+        ));
+        assert_eq!(e.line, Some(11), "{e}");
+        assert!(e.message.contains("colour"), "{e}");
+        assert!(e.to_string().starts_with("policy.toml:11"), "{e}");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\ntenant = \"nobody\"\n"
+        ));
+        assert_eq!((e.line, e.field.as_str()), (Some(9), "agent.tenant"), "{e}");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\nallow = [\"gihtub/x\"]\n"
+        ));
+        assert_eq!((e.line, e.field.as_str()), (Some(9), "agent.allow"), "{e}");
+        assert!(e.message.contains("unknown upstream"), "{e}");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\nupstreams = [\"files\"]\n"
+        ));
+        assert_eq!(e.field, "agent.upstreams", "{e}");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\n[[agent]]\nid = \"a\"\n"
+        ));
+        assert_eq!((e.line, e.field.as_str()), (Some(10), "agent.id"), "{e}");
+
+        let key = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\nkey_sha256 = \"{key}\"\n[[agent]]\nid = \"b\"\nkey_sha256 = \"{key}\"\n"
+        ));
+        assert_eq!(e.field, "agent.key_sha256", "{e}");
+        assert!(e.message.contains("\"a\""), "{e}");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\nkey_sha256 = \"abc\"\n"
+        ));
+        assert_eq!(e.field, "agent.key_sha256");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\nallow = [\"gh/[x]\"]\n"
+        ));
+        assert_eq!(e.field, "agent.allow");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\n[[agent.tool]]\nmatch = \"gh/x\"\n[agent.tool.args]\np = {{ pattern = \"(\" }}\n"
+        ));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(12), "agent.tool.args.p"),
+            "{e}"
+        );
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\n[[agent.tool]]\nmatch = \"gh/x\"\n[agent.tool.args]\np = {{ maxlen = 3 }}\n"
+        ));
+        assert!(e.message.contains("maxlen"), "{e}");
+
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\nrate = {{ per_second = 1, per_minute = 2, burst = 1 }}\n"
+        ));
+        assert_eq!(e.field, "agent.rate");
+
+        let e = error_of(
+            "[[upstream]]\nname = \"gh\"\nurl = \"http://127.0.0.1:9/\"\n[upstream.headers]\nAuthorization = \"Bearer ${MISSING_TOKEN}\"\n",
+        );
+        assert!(e.message.contains("MISSING_TOKEN"), "{e}");
+        assert_eq!(e.line, Some(5));
+
+        let e = error_of("not toml [");
+        assert_eq!(e.line, Some(1));
+    }
+
+    #[test]
+    fn policy_upstream_extends_an_environment_upstream() {
+        let configured = vec![Upstream {
+            name: "gh".into(),
+            transport: Transport::parse("http://127.0.0.1:7777/mcp").unwrap(),
+            headers: Vec::new(),
+        }];
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            &format!("{BASE}[upstream.headers]\nX-Api-Key = \"k\"\n"),
+            &configured,
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(p.upstreams().len(), 1);
+        assert_eq!(
+            match &p.upstreams()[0].transport {
+                Transport::Http(t) => t.addr.port(),
+            },
+            7777,
+            "the environment's URL wins"
+        );
+        assert_eq!(
+            p.upstreams()[0].headers,
+            vec![("X-Api-Key".to_string(), "k".to_string())]
+        );
+        assert_eq!(p.upstream_rules[0].tenant, Some(0));
+    }
+}

@@ -1,0 +1,365 @@
+//! GCRA buckets, each one atomic word.
+//!
+//! A bucket stores its theoretical arrival time (TAT, nanoseconds on a process-wide monotonic
+//! clock) in an `AtomicU64` updated by compare-and-swap. With emission interval `T = 1/rate`
+//! and burst `b`, a request at `now` is admitted when `max(TAT, now) + T - now <= b·T`, and then
+//! `TAT := max(TAT, now) + T`. So `b` requests pass at once, then one per `T`; a refusal says
+//! how long until the next would pass. Per-name buckets (a glob tool rule limits each tool it
+//! matches separately) live in a sharded map (dashmap), bounded.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use super::Rate;
+
+/// Nanoseconds on a monotonic clock shared by all threads (its zero is the first call).
+pub fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    // Start at one second so a fresh bucket (TAT 0) is full from the first request.
+    base.elapsed().as_nanos() as u64 + 1_000_000_000
+}
+
+/// One limit's arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gcra {
+    /// Emission interval T, in ns.
+    pub interval: u64,
+    /// Burst tolerance b·T, in ns.
+    pub tolerance: u64,
+}
+
+impl Gcra {
+    pub fn new(rate: &Rate) -> Gcra {
+        let interval = ((1e9 / rate.per_second).round() as u64).max(1);
+        Gcra {
+            interval,
+            tolerance: interval.saturating_mul(rate.burst),
+        }
+    }
+}
+
+/// A bucket: one atomic word of state and the limit it applies.
+#[derive(Debug)]
+pub struct Bucket {
+    tat: AtomicU64,
+    pub limit: Gcra,
+    /// Says which limit this is, for the agent: `agent "triage-bot" (20/s, burst 40)`.
+    pub label: String,
+}
+
+impl Bucket {
+    pub fn new(limit: Gcra, label: String) -> Bucket {
+        Bucket {
+            tat: AtomicU64::new(0),
+            limit,
+            label,
+        }
+    }
+
+    /// Takes one token at `now`; `Err(ns)` says how long until one would be available.
+    pub fn try_take(&self, now: u64) -> Result<(), u64> {
+        let Gcra {
+            interval,
+            tolerance,
+        } = self.limit;
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now) + interval;
+            let ahead = next - now;
+            if ahead > tolerance {
+                return Err(ahead - tolerance);
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Returns a token taken by [`try_take`](Self::try_take).
+    pub fn give_back(&self) {
+        self.tat.fetch_sub(self.limit.interval, Ordering::AcqRel);
+    }
+}
+
+/// The local state of one limit.
+#[derive(Debug)]
+pub(super) enum State {
+    One(Bucket),
+    PerName(PerName),
+}
+
+impl State {
+    pub(super) fn gcra(&self) -> Gcra {
+        match self {
+            State::One(b) => b.limit,
+            State::PerName(p) => p.limit,
+        }
+    }
+
+    /// Runs `f` on the bucket for `name` (`(upstream, tool)`; `None` or a single-bucket limit:
+    /// the one bucket). `now: None` (giving a token back) never creates a bucket.
+    pub(super) fn with_bucket<R>(
+        &self,
+        name: Option<(&str, &str)>,
+        now: Option<u64>,
+        f: impl FnOnce(&Bucket) -> R,
+    ) -> R {
+        match (self, name) {
+            (State::One(b), _) => f(b),
+            (State::PerName(p), None) => f(&p.overflow),
+            (State::PerName(p), Some(name)) => f(&p.bucket(name, now)),
+        }
+    }
+}
+
+/// Most buckets a per-name limit keeps: names come from agents (any name a glob matches), so
+/// the map must not grow with every name an agent invents.
+pub const MAX_TOOL_BUCKETS: usize = 4096;
+
+/// The per-name buckets of one limit, keyed `<upstream>/<tool>`.
+#[derive(Debug)]
+pub(super) struct PerName {
+    limit: Gcra,
+    label: String,
+    buckets: DashMap<Box<str>, Arc<Bucket>>,
+    /// Shared by every name that finds the map full: stricter, never unbounded.
+    overflow: Arc<Bucket>,
+    /// When full buckets were last swept out (ns), so a flood of new names sweeps once a
+    /// second at most.
+    last_sweep: AtomicU64,
+}
+
+impl PerName {
+    pub(super) fn new(limit: Gcra, label: String) -> PerName {
+        PerName {
+            overflow: Arc::new(Bucket::new(
+                limit,
+                format!("{label} (tools past {MAX_TOOL_BUCKETS} names)"),
+            )),
+            limit,
+            label,
+            buckets: DashMap::new(),
+            last_sweep: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// The bucket of `(upstream, tool)`. A new name gets its own bucket while the map has room;
+    /// when it is full, buckets that are full again (their state equals a fresh bucket's) are
+    /// dropped, and if that frees nothing the name shares the overflow bucket.
+    fn bucket(&self, (upstream, tool): (&str, &str), now: Option<u64>) -> Arc<Bucket> {
+        // The key `<upstream>/<tool>`, on the stack for the usual lengths.
+        let mut stack = [0u8; 192];
+        let heap;
+        let len = upstream.len() + 1 + tool.len();
+        let key: &str = if len <= stack.len() {
+            stack[..upstream.len()].copy_from_slice(upstream.as_bytes());
+            stack[upstream.len()] = b'/';
+            stack[upstream.len() + 1..len].copy_from_slice(tool.as_bytes());
+            std::str::from_utf8(&stack[..len]).unwrap_or_default()
+        } else {
+            heap = format!("{upstream}/{tool}");
+            &heap
+        };
+        if let Some(b) = self.buckets.get(key) {
+            return b.clone();
+        }
+        let Some(now) = now else {
+            return self.overflow.clone();
+        };
+        if self.buckets.len() >= MAX_TOOL_BUCKETS {
+            let last = self.last_sweep.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1_000_000_000
+                && self
+                    .last_sweep
+                    .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.buckets
+                    .retain(|_, b| b.tat.load(Ordering::Relaxed) > now);
+            }
+            if self.buckets.len() >= MAX_TOOL_BUCKETS {
+                return self.overflow.clone();
+            }
+        }
+        self.buckets
+            .entry(key.into())
+            .or_insert_with(|| {
+                Arc::new(Bucket::new(self.limit, format!("{} on {key}", self.label)))
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn rate(per_second: f64, burst: u64) -> Rate {
+        Rate {
+            per_second,
+            burst,
+            text: format!("{per_second}/s"),
+        }
+    }
+
+    #[test]
+    fn burst_then_steady_rate_then_refill() {
+        let b = Bucket::new(Gcra::new(&rate(10.0, 5)), "t".into());
+        let t0 = 100 * SEC;
+        for i in 0..5 {
+            assert!(b.try_take(t0).is_ok(), "burst token {i}");
+        }
+        let wait = b.try_take(t0).unwrap_err();
+        assert_eq!(wait, SEC / 10, "one interval until the next token");
+        // Exactly one token per 100 ms afterwards.
+        assert!(b.try_take(t0 + SEC / 10 - 1).is_err());
+        assert!(b.try_take(t0 + SEC / 10).is_ok());
+        assert!(b.try_take(t0 + SEC / 10).is_err());
+        // Over 1 s at the steady rate: 10 more, nothing more.
+        let mut admitted = 0;
+        for ms in (200..=1100).step_by(1) {
+            if b.try_take(t0 + ms * 1_000_000).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10);
+        // After a long pause the full burst is back, not more.
+        let later = t0 + 60 * SEC;
+        let mut burst = 0;
+        while b.try_take(later).is_ok() {
+            burst += 1;
+        }
+        assert_eq!(burst, 5);
+    }
+
+    #[test]
+    fn per_minute_and_per_hour() {
+        let b = Bucket::new(Gcra::new(&rate(10.0 / 60.0, 3)), "t".into());
+        let t0 = 10 * SEC;
+        assert!((0..3).all(|_| b.try_take(t0).is_ok()));
+        let wait = b.try_take(t0).unwrap_err();
+        assert_eq!(wait, 6 * SEC);
+        assert!(b.try_take(t0 + 6 * SEC).is_ok());
+        let h = Bucket::new(Gcra::new(&rate(1.0 / 3600.0, 1)), "t".into());
+        assert!(h.try_take(t0).is_ok());
+        assert_eq!(h.try_take(t0).unwrap_err(), 3600 * SEC);
+    }
+
+    #[test]
+    fn give_back_restores_exactly() {
+        let b = Bucket::new(Gcra::new(&rate(1.0, 2)), "t".into());
+        let t = 5 * SEC;
+        assert!(b.try_take(t).is_ok());
+        assert!(b.try_take(t).is_ok());
+        assert!(b.try_take(t).is_err());
+        b.give_back();
+        assert!(b.try_take(t).is_ok());
+        assert!(b.try_take(t).is_err());
+    }
+
+    /// Several threads hammering one bucket for a fixed time admit within one token of the
+    /// ideal count (burst + rate x elapsed), measured on the bucket's own clock.
+    #[test]
+    fn contention_admits_within_one_token_of_ideal() {
+        let per_second = 2000.0;
+        let burst = 50;
+        let b = Arc::new(Bucket::new(Gcra::new(&rate(per_second, burst)), "t".into()));
+        // Take the burst at `start`, so tokens accrue from an empty bucket from then on (a full
+        // bucket cannot accrue past its burst while the threads start).
+        let start = now_ns();
+        let mut drained = 0u64;
+        while b.try_take(start).is_ok() {
+            drained += 1;
+        }
+        assert_eq!(drained, burst);
+        let end = start + SEC / 2;
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let mut admitted = 0u64;
+                    let mut last = 0;
+                    loop {
+                        let now = now_ns();
+                        if now >= end {
+                            break;
+                        }
+                        last = now;
+                        if b.try_take(now).is_ok() {
+                            admitted += 1;
+                        }
+                    }
+                    (admitted, last)
+                })
+            })
+            .collect();
+        let results: Vec<(u64, u64)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let admitted: u64 = drained + results.iter().map(|r| r.0).sum::<u64>();
+        let last = results.iter().map(|r| r.1).max().unwrap();
+        let ideal = burst as f64 + (last - start) as f64 / 1e9 * per_second;
+        // Never more than the ideal...
+        assert!(
+            admitted as f64 <= ideal + 1.0,
+            "admitted {admitted}, ideal {ideal:.2}"
+        );
+        // ...and nothing lost: what was admitted plus what is still available at the last
+        // instant any thread saw is the ideal, whatever the scheduler did to the threads.
+        let mut left = 0u64;
+        while b.try_take(last).is_ok() {
+            left += 1;
+        }
+        let total = (admitted + left) as f64;
+        assert!(
+            (total - ideal).abs() <= 1.0 + 1e-9,
+            "admitted {admitted} + left {left}, ideal {ideal:.2}"
+        );
+        assert!(admitted > burst, "the threads did contend past the burst");
+    }
+
+    #[test]
+    fn a_glob_rule_keeps_a_bounded_number_of_buckets() {
+        use crate::ratelimit::{Limit, Local, Use};
+        // A `[[agent.tool]]` rule `match = "files/read_*"` with `rate = { per_second = 1,
+        // burst = 1 }`, as the policy builds it.
+        let limit = Limit::per_name("tool/a/files/read_*".into(), rate(1.0, 1), "t".into());
+        let admit = |name: &str, now: u64| {
+            let one = Use {
+                limit: &limit,
+                name: Some(("files", name)),
+            };
+            Local.admit(std::iter::once(one), now)
+        };
+        let t0 = 100 * SEC;
+        let per_tool = || limit.names();
+        // Each new name gets its own bucket, up to the bound.
+        for i in 0..MAX_TOOL_BUCKETS {
+            assert!(admit(&format!("read_{i}"), t0).is_ok());
+        }
+        assert_eq!(per_tool(), MAX_TOOL_BUCKETS);
+        // Past it, new names share one bucket (stricter, and no growth).
+        assert!(admit("read_x", t0).is_ok());
+        assert!(admit("read_y", t0).is_err());
+        assert_eq!(per_tool(), MAX_TOOL_BUCKETS);
+        // Once buckets are full again they are swept, and new names get their own again.
+        let later = t0 + 10 * SEC;
+        assert!(admit("read_z", later).is_ok());
+        assert_eq!(per_tool(), 1);
+        // Known names keep their own state throughout.
+        assert!(admit("read_z", later).is_err());
+    }
+}

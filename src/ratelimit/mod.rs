@@ -1,0 +1,180 @@
+//! Rate limits: what a limit is, and the limiter that takes tokens.
+//!
+//! A [`Limit`] is one `rate` of the policy file under a key that names it by ids
+//! (`agent/<id>`, `tenant/<id>`, `upstream/<name>`, `tool/<agent>/<pattern>`), so the same
+//! limit keeps its state across a reload and means the same thing on every replica. The policy
+//! decides which limits a request falls in ([`Use`]s, in a fixed order); the [`Limiter`] takes
+//! one token from each, all or none.
+//!
+//! The local limiter keeps each limit's state in the limit itself: GCRA buckets of one atomic
+//! word ([`bucket`]), shared by every worker, no mutex. [`Limiter::admit`] is `async` so that a
+//! limiter backed by another process (limits shared across replicas) is one more variant; the
+//! local one never waits.
+
+pub mod bucket;
+
+use std::sync::Arc;
+
+pub use bucket::{Bucket, Gcra, MAX_TOOL_BUCKETS, now_ns};
+use bucket::{PerName, State};
+
+/// A rate: `per_second`, `per_minute` or `per_hour` (exactly one), and `burst`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rate {
+    /// Requests per second (the per-minute/per-hour forms are converted).
+    pub per_second: f64,
+    pub burst: u64,
+    /// As written, for messages: `20/s`, `10/min`, `120/h`.
+    pub text: String,
+}
+
+impl Rate {
+    /// For messages: `20/s, burst 40`.
+    pub fn describe(&self) -> String {
+        format!("{}, burst {}", self.text, self.burst)
+    }
+}
+
+/// One limit of the policy.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// Names the limit by ids: the same key after a reload or on another replica is the same
+    /// limit.
+    pub key: String,
+    pub rate: Rate,
+    /// Says which limit this is, for the agent: `agent "triage-bot" (20/s, burst 40)`.
+    pub label: String,
+    /// The local state; shared with the limit of the same key and rate in the policy this one
+    /// replaced.
+    state: Arc<State>,
+}
+
+impl Limit {
+    /// A limit with one bucket.
+    pub fn new(key: String, rate: Rate, label: String) -> Limit {
+        let gcra = Gcra::new(&rate);
+        Limit {
+            state: Arc::new(State::One(Bucket::new(gcra, label.clone()))),
+            key,
+            rate,
+            label,
+        }
+    }
+
+    /// A limit with one bucket per name it is used with (a tool rule whose `match` is a glob
+    /// limits each tool it matches separately), at most [`MAX_TOOL_BUCKETS`] of them.
+    pub fn per_name(key: String, rate: Rate, label: String) -> Limit {
+        let gcra = Gcra::new(&rate);
+        Limit {
+            state: Arc::new(State::PerName(PerName::new(gcra, label.clone()))),
+            key,
+            rate,
+            label,
+        }
+    }
+
+    pub fn gcra(&self) -> Gcra {
+        self.state.gcra()
+    }
+
+    /// After a reload: keep `old`'s state when it is the same limit (same key, same rate).
+    pub fn inherit(&mut self, old: &Limit) {
+        if self.key == old.key
+            && self.gcra() == old.gcra()
+            && std::mem::discriminant(&*self.state) == std::mem::discriminant(&*old.state)
+        {
+            self.state = old.state.clone();
+        }
+    }
+
+    /// How many per-name buckets it holds (0 for a single-bucket limit).
+    pub fn names(&self) -> usize {
+        match &*self.state {
+            State::One(_) => 0,
+            State::PerName(p) => p.len(),
+        }
+    }
+}
+
+/// A limit one request falls in; `name` picks the bucket of a per-name limit
+/// (`(upstream, tool)`).
+#[derive(Debug, Clone, Copy)]
+pub struct Use<'a> {
+    pub limit: &'a Limit,
+    pub name: Option<(&'a str, &'a str)>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    pub label: String,
+    pub retry_after_ns: u64,
+}
+
+/// Takes tokens from limits held in memory (this process's state).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Local;
+
+impl Local {
+    /// Takes one token from every limit in `uses` at `now`, or none: when one refuses, the
+    /// tokens already taken are given back (GCRA state is additive, so giving back restores the
+    /// bucket exactly).
+    pub fn admit<'a, I>(&self, uses: I, now: u64) -> Result<(), Limited>
+    where
+        I: Iterator<Item = Use<'a>> + Clone,
+    {
+        for (taken, u) in uses.clone().enumerate() {
+            let refused = State::with_bucket(&u.limit.state, u.name, Some(now), |b| {
+                b.try_take(now).err().map(|wait| Limited {
+                    label: b.label.clone(),
+                    retry_after_ns: wait,
+                })
+            });
+            if let Some(limited) = refused {
+                self.release(uses.take(taken));
+                return Err(limited);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back what [`admit`](Self::admit) took (a batch refused after some elements
+    /// passed).
+    pub fn release<'a>(&self, uses: impl Iterator<Item = Use<'a>>) {
+        for u in uses {
+            State::with_bucket(&u.limit.state, u.name, None, |b| b.give_back());
+        }
+    }
+}
+
+/// The limiter a worker uses. Only [`Local`] today; a limiter shared across replicas (state in
+/// Redis) is another variant, which is why taking is awaited.
+#[derive(Debug, Clone, Copy)]
+pub enum Limiter {
+    Local(Local),
+}
+
+impl Default for Limiter {
+    fn default() -> Limiter {
+        Limiter::Local(Local)
+    }
+}
+
+impl Limiter {
+    /// Takes one token from every limit in `uses`, or none.
+    pub async fn admit<'a, I>(&self, uses: I) -> Result<(), Limited>
+    where
+        I: Iterator<Item = Use<'a>> + Clone,
+    {
+        match self {
+            Limiter::Local(local) => local.admit(uses, now_ns()),
+        }
+    }
+
+    /// Gives back what [`admit`](Self::admit) took.
+    pub async fn release<'a>(&self, uses: impl Iterator<Item = Use<'a>>) {
+        match self {
+            Limiter::Local(local) => local.release(uses),
+        }
+    }
+}
