@@ -19,7 +19,7 @@ fn fast_bucket() -> Bucket {
         burst: u64::MAX / 4,
         text: "bench".into(),
     };
-    Bucket::new(Gcra::new(&rate), "bench".into())
+    Bucket::new(Gcra::new(rate.per_second, rate.burst), "bench".into())
 }
 
 fn bench(c: &mut Criterion) {

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use crate::config;
 use crate::policy::decide::{Decision, authorize_call};
-use crate::policy::{Policy, ProcessEnv, hash_key as sha256_hex};
+use crate::policy::load::ProcessEnv;
+use crate::policy::{Policy, hash_key as sha256_hex};
 
 /// `scopegate hash-key [KEY]`
 pub fn hash_key(args: &[String]) -> i32 {

@@ -2,19 +2,22 @@
 //!
 //! The binary (`src/main.rs`) reads the configuration, binds one listener per worker and runs
 //! [`runtime::run`] on each core; each connection is served by [`serve`], whose module shows
-//! the request path as its stages. The layers, top to bottom (a module imports only from
-//! layers below it; `tests/layers.rs` keeps it so):
+//! the request path as its stages.
+//!
+//! The layers, top to bottom. A module imports only from layers below its own, and no two
+//! files import each other, directly or through others; `tests/layers.rs` reads this table
+//! and every `crate::`, `super::` and child-module path under `src/` to keep it so.
 //!
 //! ```text
 //! runtime                         threads, io_uring, accept loop, drain
 //! serve                           the request path's stages (ingress, route, gate, admin, record)
 //! aggregate, forward              /mcp over several upstreams; one upstream's exchange and relay
-//! core                            what a core's tasks share (config, pool, counters, sessions)
-//! reply                           what scopegate answers itself
+//! core                            what a core's tasks share (config, pool, limiter, sessions)
 //! auth, jwt, cli                  who is calling; the command-line tools
-//! policy                          the policy file and every decision (one method table)
+//! policy                          the policy file, every decision (one method table), its limits
 //! config                          SCOPEGATE_* variables
-//! ratelimit, upstream, metrics    limits; upstream definitions and connections; counters
+//! ratelimit, upstream, metrics    the limiter; upstreams and how they are reached; counters
+//! reply                           what scopegate answers itself (one reply type)
 //! audit                           the audit log
 //! mcp, http                       MCP and HTTP knowledge, no policy
 //! fmt, glob, log, token, alloc    small helpers

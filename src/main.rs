@@ -9,8 +9,9 @@ use scopegate::core::SHUTTING_DOWN;
 use scopegate::jwt::JwtVerifier;
 use scopegate::mcp::session::SessionKeys;
 use scopegate::metrics::WorkerStats;
+use scopegate::policy::Policy;
 use scopegate::policy::live::LivePolicy;
-use scopegate::policy::{Policy, ProcessEnv};
+use scopegate::policy::load::ProcessEnv;
 use scopegate::runtime::{self, Shared};
 use scopegate::{error, info, warn};
 

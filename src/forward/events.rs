@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Exchange, ForwardError, Plan, Relayed, flush, send};
+use super::plan::{Exchange, ForwardError, Plan, Relayed};
+use super::respond::{flush, send, start_response, stream_buffers};
 use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
@@ -69,7 +70,7 @@ pub(super) async fn relay_filtered_json(
     let body = filtered.map_or_else(|| body.freeze(), Bytes::from);
 
     let keep_client = !close_after && !crate::core::shutting_down();
-    super::start_response(&mut ex.out, response, plan, target.upstream)?;
+    start_response(&mut ex.out, response, plan, target.upstream)?;
     let out = &mut ex.out;
     out.extend_from_slice(b"Content-Length: ");
     push_decimal(out, body.len() as u64);
@@ -119,7 +120,7 @@ pub(super) async fn relay_events(
     let keep_client = !close_after && !crate::core::shutting_down() && chunked;
     let keep_upstream =
         ex.response.minor_version == 1 && !head::connection_has(&ex.response, "close");
-    super::start_response(&mut ex.out, &ex.response, plan, target.upstream)?;
+    start_response(&mut ex.out, &ex.response, plan, target.upstream)?;
     if chunked {
         ex.out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
@@ -130,7 +131,7 @@ pub(super) async fn relay_events(
 
     // A long-lived stream: let go of the response head's share of the upstream buffer and read
     // the stream in small pieces (an idle stream should cost little memory).
-    super::stream_buffers(ex, up);
+    stream_buffers(ex, up);
     let _gauge = StreamGauge::open(&core.stats.metrics.sse_streams);
 
     let is_post = request.method() == b"POST";

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Exchange, ForwardError, Plan, Relayed, flush, send, send_scanned};
+use super::plan::{Exchange, ForwardError, Plan, Relayed};
+use super::respond::{flush, send, send_scanned, start_response, stream_buffers};
 use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
@@ -96,7 +97,7 @@ pub(super) async fn relay(
     };
 
     // The response head for the agent.
-    super::start_response(&mut ex.out, response, plan, target.upstream)?;
+    start_response(&mut ex.out, response, plan, target.upstream)?;
     let out = &mut ex.out;
     match downstream {
         Downstream::Empty => {
@@ -122,7 +123,7 @@ pub(super) async fn relay(
         // A long-lived stream: let go of the response head's share of the upstream buffer and
         // read the stream into a small one (events are small; an idle stream should cost
         // little memory).
-        super::stream_buffers(ex, up);
+        stream_buffers(ex, up);
     }
     let out = &mut ex.out;
 

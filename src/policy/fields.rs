@@ -2,16 +2,35 @@
 //! of single fields: rates, rule globs, argument constraints, `${VAR}` in header values. Each
 //! error names the file, the line and the field.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::PolicyError;
 use super::args::{self, Constraint, Literal};
-use super::load::Env;
 use crate::glob::Glob;
 use crate::ratelimit::{Limit, Rate};
+
+/// Environment lookups for `${VAR}` in upstream headers (the process environment, or a map in
+/// tests).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<S: std::hash::BuildHasher> Env for HashMap<String, String, S> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

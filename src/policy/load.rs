@@ -6,6 +6,7 @@ use std::path::Path;
 
 use toml::Spanned;
 
+pub use super::fields::{Env, ProcessEnv};
 use super::fields::{
     RawPolicy, compile_constraint, compile_rate, compile_rule_glob, expand_env, limit, line_of,
     parse_sha256, valid_header_name, valid_id,
@@ -14,26 +15,6 @@ use super::{Agent, Policy, PolicyError, Tenant, ToolRule, UpstreamRule};
 use crate::glob::Glob;
 use crate::ratelimit::Limit;
 use crate::upstream::{Transport, Upstream};
-
-/// Environment lookups for `${VAR}` in upstream headers (the process environment, or a map in
-/// tests).
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
-
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-}
-
-impl<S: std::hash::BuildHasher> Env for HashMap<String, String, S> {
-    fn var(&self, name: &str) -> Option<String> {
-        self.get(name).cloned()
-    }
-}
 
 impl Policy {
     /// Reads and compiles the policy at `path`, merging its `[[upstream]]` tables with the

@@ -22,7 +22,6 @@ use crate::glob::Glob;
 use crate::ratelimit::{Limit, Use};
 use crate::upstream::Upstream;
 use args::Constraint;
-pub use load::{Env, ProcessEnv};
 
 #[derive(Debug, Clone)]
 pub struct Tenant {

@@ -52,7 +52,7 @@ pub struct Limit {
 impl Limit {
     /// A limit with one bucket.
     pub fn new(key: String, rate: Rate, label: String) -> Limit {
-        let gcra = Gcra::new(&rate);
+        let gcra = Gcra::new(rate.per_second, rate.burst);
         Limit {
             state: Arc::new(State::One(Bucket::new(gcra, label.clone()))),
             key,
@@ -64,7 +64,7 @@ impl Limit {
     /// A limit with one bucket per name it is used with (a tool rule whose `match` is a glob
     /// limits each tool it matches separately), at most [`MAX_TOOL_BUCKETS`] of them.
     pub fn per_name(key: String, rate: Rate, label: String) -> Limit {
-        let gcra = Gcra::new(&rate);
+        let gcra = Gcra::new(rate.per_second, rate.burst);
         Limit {
             state: Arc::new(State::PerName(PerName::new(gcra, label.clone()))),
             key,
@@ -176,5 +176,51 @@ impl Limiter {
         match self {
             Limiter::Local(local) => local.release(uses),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_glob_rule_keeps_a_bounded_number_of_buckets() {
+        // A `[[agent.tool]]` rule `match = "files/read_*"` with `rate = { per_second = 1,
+        // burst = 1 }`, as the policy builds it.
+        let limit = Limit::per_name(
+            "tool/a/files/read_*".into(),
+            Rate {
+                per_second: 1.0,
+                burst: 1,
+                text: "1/s".into(),
+            },
+            "t".into(),
+        );
+        let admit = |name: &str, now: u64| {
+            let one = Use {
+                limit: &limit,
+                name: Some(("files", name)),
+            };
+            Local.admit(std::iter::once(one), now)
+        };
+        let t0 = 100 * SEC;
+        let per_tool = || limit.names();
+        // Each new name gets its own bucket, up to the bound.
+        for i in 0..MAX_TOOL_BUCKETS {
+            assert!(admit(&format!("read_{i}"), t0).is_ok());
+        }
+        assert_eq!(per_tool(), MAX_TOOL_BUCKETS);
+        // Past it, new names share one bucket (stricter, and no growth).
+        assert!(admit("read_x", t0).is_ok());
+        assert!(admit("read_y", t0).is_err());
+        assert_eq!(per_tool(), MAX_TOOL_BUCKETS);
+        // Once buckets are full again they are swept, and new names get their own again.
+        let later = t0 + 10 * SEC;
+        assert!(admit("read_z", later).is_ok());
+        assert_eq!(per_tool(), 1);
+        // Known names keep their own state throughout.
+        assert!(admit("read_z", later).is_err());
     }
 }

@@ -13,7 +13,7 @@ pub mod request;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 
-pub use pool::Pool;
+pub use pool::{Pool, PoolKey};
 
 /// One upstream, as configured (`SCOPEGATE_UPSTREAMS` and `[[upstream]]` merged).
 #[derive(Debug, Clone)]
@@ -57,13 +57,6 @@ impl Transport {
             Transport::Http(t) => PoolKey::Tcp(t.addr),
         }
     }
-}
-
-/// The peer of a pooled connection: two upstreams with the same key may share connections
-/// (HTTP/1.1 names the server in each request's `Host`), no others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PoolKey {
-    Tcp(SocketAddr),
 }
 
 impl fmt::Display for Transport {

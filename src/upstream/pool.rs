@@ -1,13 +1,13 @@
 //! Each worker's keep-alive pool of upstream connections. Per worker (`RefCell`, never shared
 //! across threads): a connection is taken for one exchange and given back only when the answer
 //! was read to its end and the upstream did not ask to close. Connections are kept by the peer
-//! they are connected to ([`PoolKey`]), not by an upstream's index: indexes move when a reload
-//! changes the upstream list, and a connection must never be reused for another server.
+//! they are connected to ([`PoolKey`]), not by an upstream's place in a list: a connection can
+//! only ever be reused for the server it was opened to.
 
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::PoolKey;
 use crate::http::conn::Conn;
 
 /// How long a pooled connection may sit idle before it is dropped rather than reused. Kept
@@ -17,6 +17,13 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Idle connections kept per upstream per worker; beyond that, returned connections are closed.
 pub const POOL_MAX_IDLE: usize = 256;
+
+/// The peer of a pooled connection: two upstreams with the same key may share connections
+/// (HTTP/1.1 names the server in each request's `Host`), no others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKey {
+    Tcp(SocketAddr),
+}
 
 struct Idle {
     conn: Conn,

@@ -1,0 +1,87 @@
+//! What one forwarded exchange is asked to do ([`Plan`]), the scratch it reuses
+//! ([`Exchange`]) and how it ends ([`Relayed`], [`ForwardError`]).
+
+use super::scan::IsErrorScan;
+use crate::http::head::Head;
+use crate::mcp::jsonrpc::Id;
+use crate::mcp::lists::Visible;
+use crate::reply::Reply;
+
+/// Per-connection scratch reused across requests, and what the audit log learns from the
+/// exchange.
+#[derive(Default)]
+pub struct Exchange {
+    pub(super) out: Vec<u8>,
+    pub(super) response: Head,
+    /// Microseconds from sending the request to the upstream's response head.
+    pub upstream_us: Option<u64>,
+    /// The upstream's status.
+    pub status: u16,
+    /// A tools/call result's `isError`, when it was seen in the relayed body.
+    pub is_error: IsErrorScan,
+}
+
+/// Maps the upstream's session id to the token the agent sees.
+pub type SealFn<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
+
+/// What the policy asks of one exchange beyond plain forwarding.
+#[derive(Default)]
+pub struct Plan<'a> {
+    /// The upstream's own session id, sent instead of the agent's (sealed) `Mcp-Session-Id`.
+    pub upstream_session: Option<&'a [u8]>,
+    /// Turns an `Mcp-Session-Id` from the upstream into the token the agent sees.
+    pub seal_session: Option<SealFn<'a>>,
+    /// Policy mode: inject the upstream's credential (`[upstream.headers]`, replacing any the
+    /// agent sent under those names), and drop response headers that carry upstream
+    /// credentials (`Set-Cookie`, `WWW-Authenticate`, ...) and any named like an injected one.
+    pub strip_credentials: bool,
+    /// Policy mode: what the agent may see. Every list result it can receive is filtered with
+    /// it: the JSON answer to a list request, and every event of an event stream.
+    pub visible: Option<Visible<'a>>,
+    /// The request asks for a list (or a batch holds one): a JSON answer is read whole and
+    /// filtered.
+    pub lists_asked: bool,
+    /// Look for the result's `isError` (tools/call, audit on).
+    pub scan_is_error: bool,
+    /// The id of the request when the body is one request: an event stream answering it that
+    /// fails mid-way ends with a JSON-RPC error for this id.
+    pub request_id: Option<Id<'a>>,
+    /// The answer is a stream meant to stay open while quiet (`subscriptions/listen`), like a
+    /// GET stream: no `SCOPEGATE_STREAM_IDLE_MS` between its events.
+    pub long_lived: bool,
+}
+
+impl Plan<'_> {
+    /// The plan's parts that follow from the body's messages alone.
+    pub fn for_messages(messages: &[crate::mcp::envelope::Message<'_>]) -> Self {
+        use crate::policy::decide::{Access, access};
+        Plan {
+            lists_asked: messages
+                .iter()
+                .any(|m| matches!(access(m.method, m.kind), Access::List(_))),
+            long_lived: messages
+                .iter()
+                .any(|m| access(m.method, m.kind) == Access::Listen),
+            ..Plan::default()
+        }
+    }
+}
+
+pub struct Relayed {
+    /// Whether the agent's connection can carry another request.
+    pub keep_alive: bool,
+    /// The answer was cut short by the upstream, and the agent told so in-band (an error event
+    /// closing the stream): what went wrong, for the audit log.
+    pub failure: Option<String>,
+}
+
+pub enum ForwardError {
+    /// Nothing was sent to the agent yet: answer with this refusal (502/504).
+    BeforeResponse(Reply),
+    /// The response was partly relayed when the upstream failed: the agent's connection must be
+    /// closed (an incomplete body is signalled by the close). Says what happened.
+    MidResponse(String),
+    /// The agent closed its connection while the answer was relayed: its doing, not the
+    /// upstream's.
+    AgentGone,
+}
