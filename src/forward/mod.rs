@@ -1,13 +1,13 @@
 //! The upstream exchange on `/mcp/<upstream>`: send the request (the body exactly as received),
 //! read the response head, and relay the body to the agent as it arrives.
 //!
-//! - [`plan`]: what the exchange is asked to do and how it ends; [`respond`]: the writes to
+//! - `plan`: what the exchange is asked to do and how it ends; `respond`: the writes to
 //!   the agent (response head with credentials stripped and the session sealed, coalesced body
-//!   pieces); [`scan`]: the `isError` scan for the audit log.
-//! - [`relay`]: the byte relay. Every read from the upstream is written to the agent before the
+//!   pieces); `scan`: the `isError` scan for the audit log.
+//! - `relay`: the byte relay. Every read from the upstream is written to the agent before the
 //!   next read is issued, so a Server-Sent Event reaches the agent the moment it is sent; bodies
 //!   keep their framing where the agent can take it (chunked stays chunked, byte for byte).
-//! - [`events`]: in policy mode, answers that may list what the agent must not see: a JSON list
+//! - `events`: in policy mode, answers that may list what the agent must not see: a JSON list
 //!   answer is read whole and filtered; an event stream (a POST's answer, or a GET stream that
 //!   may replay earlier answers on `Last-Event-ID`) is relayed event by event and every list
 //!   result in it is filtered.

@@ -1,4 +1,4 @@
-//! Loading the policy: the file's tables ([`super::fields`]) put together into a [`Policy`],
+//! Loading the policy: the file's tables (`fields`) put together into a [`Policy`],
 //! merged with the upstreams of the environment. Every problem is reported with the file, the line and the field.
 
 use std::collections::HashMap;

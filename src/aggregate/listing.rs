@@ -1,0 +1,191 @@
+//! Merged lists (tools, prompts, resources, templates) filtered by policy and paged with a
+//! cursor that carries each upstream's own cursor; finding which upstream an exposed name is.
+
+use serde_json::{Map, Value};
+
+use crate::mcp::envelope::Message;
+use crate::mcp::jsonrpc;
+use crate::mcp::lists::ListKind;
+use crate::mcp::session::MultiSession;
+use crate::policy::decide;
+use crate::reply::Reply;
+use crate::upstream::client::{exchange, join_all};
+
+use super::names::{MAX_NAME, decode_cursor, encode_cursor, exposed_name, scoped_uri};
+use super::request::{Fut, Request, rpc_result};
+use super::session::session_for;
+
+pub(super) async fn list(
+    req: &Request<'_, '_>,
+    session: &MultiSession,
+    m: &Message<'_>,
+    kind: ListKind,
+) -> Reply {
+    let (method, key, item_key) = (kind.method(), kind.field(), kind.key());
+    let params: Value = serde_json::from_slice::<Value>(req.body)
+        .ok()
+        .and_then(|v| v.get("params").cloned())
+        .unwrap_or(Value::Null);
+    // Which upstreams to ask, each with its own cursor.
+    let mut targets: Vec<(usize, Option<Value>)> = Vec::new();
+    match params.get("cursor").and_then(Value::as_str) {
+        Some(c) => {
+            let Some(cursors) = decode_cursor(c) else {
+                let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "invalid cursor");
+                return Reply::json(200, body);
+            };
+            for (name, cur) in cursors {
+                match req.index_of(&name) {
+                    Some(i) if req.may_use(i) => targets.push((i, Some(cur))),
+                    _ => {}
+                }
+            }
+        }
+        None => targets.extend(req.reachable().into_iter().map(|i| (i, None))),
+    }
+    let id_json = match m.id {
+        Some(id) => {
+            let mut v = Vec::new();
+            id.write_json(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        }
+        None => "null".into(),
+    };
+    let futures: Vec<Fut<'_, Result<Value, Reply>>> = targets
+        .iter()
+        .map(|(i, cursor)| {
+            let i = *i;
+            let body = match cursor {
+                Some(c) => format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"method\":\"{method}\",\"params\":{{\"cursor\":{c}}}}}"
+                ),
+                None => format!("{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"method\":\"{method}\"}}"),
+            };
+            Box::pin(async move {
+                let sid = session_for(req, session, i).await?;
+                let r = req.up_request("POST", body.as_bytes(), Some(&sid));
+                let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+                let status = resp.status();
+                resp.finish(&req.core.pool);
+                rpc_result(req, i, method, status, &answer)
+            }) as Fut<'_, _>
+        })
+        .collect();
+    let results = join_all(futures).await;
+    let mut items = Vec::new();
+    let mut next = Map::new();
+    let mut failures = Vec::new();
+    let sep = req.sep();
+    for ((i, _), result) in targets.iter().zip(results) {
+        let i = *i;
+        let up = req.upstream_name(i);
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                req.note_failure(i, e.message());
+                failures.push(e.message().to_owned());
+                continue;
+            }
+        };
+        if let Some(c) = result.get("nextCursor").filter(|c| !c.is_null()) {
+            next.insert(up.to_owned(), c.clone());
+        }
+        let Some(Value::Array(list)) = result.get(key) else {
+            continue;
+        };
+        for mut item in list.iter().cloned() {
+            // The item the policy decides on, kept only when the agent may see it; the
+            // same decision as on /mcp/<upstream> (policy::decide::visible).
+            let Some(original) = item.get(item_key).and_then(Value::as_str) else {
+                continue;
+            };
+            let visible = match (req.policy, req.agent) {
+                (Some(p), Some(a)) => decide::visible(p, a, i, kind, original),
+                _ => true,
+            };
+            if !visible {
+                continue;
+            }
+            let exposed = match kind {
+                ListKind::Tools | ListKind::Prompts => exposed_name(up, sep, original),
+                ListKind::Resources | ListKind::ResourceTemplates => scoped_uri(up, original),
+            };
+            item[item_key] = Value::String(exposed);
+            items.push(item);
+        }
+    }
+    if req.core.config.aggregate_fail_closed && !failures.is_empty() {
+        let r = Reply::error(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("{method} failed: {}", failures.join("; ")),
+        );
+        let mut r = r.for_id(m.id);
+        r.status = 200;
+        return r;
+    }
+    let mut result = Map::new();
+    result.insert(key.to_owned(), Value::Array(items));
+    if !next.is_empty() {
+        result.insert("nextCursor".into(), Value::String(encode_cursor(&next)));
+    }
+    let body = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"result\":{}}}",
+        Value::Object(result)
+    );
+    Reply::json(200, body.into_bytes())
+}
+
+/// The upstream and original name behind an exposed tool or prompt name.
+pub(super) async fn resolve_name(
+    req: &Request<'_, '_>,
+    session: &MultiSession,
+    exposed: &str,
+    kind: ListKind,
+) -> Option<(usize, String)> {
+    let method = kind.method();
+    let sep = req.sep();
+    let (up, rest) = exposed.split_once(sep)?;
+    let i = req.index_of(up)?;
+    if !req.may_use(i) {
+        return None;
+    }
+    let looks_cut = exposed.len() == MAX_NAME
+        && exposed
+            .rsplit_once('~')
+            .is_some_and(|(_, h)| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !looks_cut {
+        return Some((i, rest.to_owned()));
+    }
+    // A cut name: find the original among the upstream's items.
+    let key = kind.field();
+    let sid = session_for(req, session, i).await.ok()?;
+    let mut cursor: Option<Value> = None;
+    for _ in 0..100 {
+        let body = match &cursor {
+            Some(c) => format!(
+                "{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\",\"params\":{{\"cursor\":{c}}}}}"
+            ),
+            None => format!("{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\"}}"),
+        };
+        let r = req.up_request("POST", body.as_bytes(), Some(&sid));
+        let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline())
+            .await
+            .ok()?;
+        resp.finish(&req.core.pool);
+        let value: Value = serde_json::from_slice(&answer).ok()?;
+        let result = value.get("result")?;
+        if let Some(Value::Array(items)) = result.get(key) {
+            for item in items {
+                if let Some(n) = item.get("name").and_then(Value::as_str)
+                    && exposed_name(up, sep, n) == exposed
+                {
+                    return Some((i, n.to_owned()));
+                }
+            }
+        }
+        cursor = result.get("nextCursor").filter(|c| !c.is_null()).cloned();
+        cursor.as_ref()?;
+    }
+    None
+}

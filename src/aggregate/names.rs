@@ -1,0 +1,212 @@
+//! How upstream names, resource URIs, server request ids and list cursors appear to the
+//! agent, and the rewrite of an upstream's messages into those forms.
+
+use serde_json::{Map, Value};
+
+/// The longest tool or prompt name the specification allows.
+pub const MAX_NAME: usize = 128;
+/// The resource URI scheme of the aggregate endpoint.
+pub(super) const URI_SCHEME: &str = "scopegate://";
+/// The prefix of server request ids as the agent sees them.
+pub(super) const ID_PREFIX: &str = "sg:";
+
+/// The name an item is exposed under: `<upstream><sep><name>`, or, past the specification's
+/// 128 characters, cut to fit and ended by `~` and 8 hex digits of the name's SHA-256 (the
+/// call then finds the original by listing that upstream's items again).
+pub fn exposed_name(upstream: &str, sep: &str, name: &str) -> String {
+    let full = format!("{upstream}{sep}{name}");
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut suffix = String::from("~");
+    for b in &digest.as_ref()[..4] {
+        suffix.push_str(&format!("{b:02x}"));
+    }
+    let mut keep = MAX_NAME - suffix.len();
+    while !full.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{suffix}", &full[..keep])
+}
+
+pub(super) fn scoped_uri(upstream: &str, uri: &str) -> String {
+    format!("{URI_SCHEME}{upstream}/{uri}")
+}
+
+/// `scopegate://<upstream>/<uri>` -> (upstream, uri).
+pub(super) fn unscope_uri(uri: &str) -> Option<(&str, &str)> {
+    uri.strip_prefix(URI_SCHEME)?.split_once('/')
+}
+
+/// Our cursor: base64url of a JSON object `{upstream: its cursor}` for the upstreams with more.
+pub(super) fn encode_cursor(cursors: &Map<String, Value>) -> String {
+    crate::token::base64url(Value::Object(cursors.clone()).to_string().as_bytes())
+}
+
+pub(super) fn decode_cursor(cursor: &str) -> Option<Map<String, Value>> {
+    let raw = crate::token::base64url_decode(cursor.as_bytes())?;
+    match serde_json::from_slice(&raw).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// How messages from an upstream are rewritten for the agent.
+pub(super) struct Rewrite {
+    pub(super) upstream: String,
+    /// The answer is a resources/read result: its contents' URIs are scoped.
+    pub(super) read_result: bool,
+}
+
+impl Rewrite {
+    /// Server requests get collision-free ids; resource URIs get the aggregate scheme. Returns
+    /// the bytes unchanged when nothing needed rewriting.
+    pub(super) fn apply(&self, data: &[u8]) -> Vec<u8> {
+        let Ok(mut v) = serde_json::from_slice::<Value>(data) else {
+            return data.to_vec();
+        };
+        let changed = match &mut v {
+            Value::Array(list) => list.iter_mut().fold(false, |c, m| self.one(m) | c),
+            m => self.one(m),
+        };
+        if changed {
+            v.to_string().into_bytes()
+        } else {
+            data.to_vec()
+        }
+    }
+
+    pub(super) fn one(&self, m: &mut Value) -> bool {
+        let Value::Object(obj) = m else {
+            return false;
+        };
+        let method = obj.get("method").and_then(Value::as_str).map(str::to_owned);
+        let mut changed = false;
+        match method.as_deref() {
+            Some(method) => {
+                if let Some(id) = obj.get_mut("id") {
+                    *id = Value::String(map_id(&self.upstream, id));
+                    changed = true;
+                    // A server request may ask the agent for progress on its own token.
+                    if let Some(token) = obj
+                        .get_mut("params")
+                        .and_then(|p| p.get_mut("_meta"))
+                        .and_then(|m| m.get_mut("progressToken"))
+                    {
+                        *token = Value::String(map_id(&self.upstream, token));
+                    }
+                }
+                let params = obj.get_mut("params");
+                match (method, params) {
+                    ("notifications/cancelled", Some(Value::Object(p))) => {
+                        if let Some(id) = p.get_mut("requestId") {
+                            *id = Value::String(map_id(&self.upstream, id));
+                            changed = true;
+                        }
+                    }
+                    ("notifications/resources/updated", Some(Value::Object(p))) => {
+                        if let Some(Value::String(uri)) = p.get_mut("uri") {
+                            *uri = scoped_uri(&self.upstream, uri);
+                            changed = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            None if self.read_result => {
+                if let Some(Value::Array(contents)) =
+                    obj.get_mut("result").and_then(|r| r.get_mut("contents"))
+                {
+                    for c in contents {
+                        if let Some(Value::String(uri)) = c.get_mut("uri") {
+                            *uri = scoped_uri(&self.upstream, uri);
+                            changed = true;
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        changed
+    }
+}
+
+/// `sg:<upstream>:<id as JSON>`: the id a server request gets on the aggregate endpoint.
+pub fn map_id(upstream: &str, id: &Value) -> String {
+    format!("{ID_PREFIX}{upstream}:{id}")
+}
+
+/// The upstream and original id (as JSON text) behind a mapped id.
+pub fn unmap_id(id: &str) -> Option<(&str, &str)> {
+    id.strip_prefix(ID_PREFIX)?.split_once(':')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, json};
+
+    #[test]
+    fn long_names_are_cut_to_128_with_a_hash() {
+        assert_eq!(exposed_name("gh", "__", "create"), "gh__create");
+        let long = "x".repeat(200);
+        let e = exposed_name("gh", "__", &long);
+        assert_eq!(e.len(), MAX_NAME);
+        assert!(e.starts_with("gh__xxx"));
+        let (_, hash) = e.rsplit_once('~').unwrap();
+        assert_eq!(hash.len(), 8);
+        assert_ne!(e, exposed_name("gh", "__", &"x".repeat(201)));
+    }
+
+    #[test]
+    fn server_request_ids_map_and_unmap() {
+        let id = map_id("jira", &json!(0));
+        assert_eq!(id, "sg:jira:0");
+        assert_eq!(unmap_id(&id), Some(("jira", "0")));
+        let id = map_id("gh", &json!("a:b"));
+        assert_eq!(unmap_id(&id), Some(("gh", "\"a:b\"")));
+        assert_eq!(unmap_id("7"), None);
+    }
+
+    #[test]
+    fn rewrite_maps_server_requests_and_resource_uris_only() {
+        let r = Rewrite {
+            upstream: "gh".into(),
+            read_result: false,
+        };
+        let progress = br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}"#;
+        assert_eq!(r.apply(progress), progress.to_vec());
+        let response = br#"{"jsonrpc":"2.0","id":5,"result":{}}"#;
+        assert_eq!(r.apply(response), response.to_vec());
+        let sampling: Value = serde_json::from_slice(
+            &r.apply(br#"{"jsonrpc":"2.0","id":0,"method":"sampling/createMessage","params":{}}"#),
+        )
+        .unwrap();
+        assert_eq!(sampling["id"], "sg:gh:0");
+        let asks: Value = serde_json::from_slice(&r.apply(
+            br#"{"jsonrpc":"2.0","id":"x","method":"elicitation/create","params":{"_meta":{"progressToken":5}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(asks["id"], "sg:gh:\"x\"");
+        assert_eq!(asks["params"]["_meta"]["progressToken"], "sg:gh:5");
+        let updated: Value = serde_json::from_slice(&r.apply(
+            br#"{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///a"}}"#,
+        ))
+        .unwrap();
+        assert_eq!(updated["params"]["uri"], "scopegate://gh/file:///a");
+        assert_eq!(
+            unscope_uri("scopegate://gh/file:///a"),
+            Some(("gh", "file:///a"))
+        );
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let mut m = Map::new();
+        m.insert("gh".into(), json!("abc"));
+        m.insert("jira".into(), json!(2));
+        assert_eq!(decode_cursor(&encode_cursor(&m)), Some(m));
+        assert_eq!(decode_cursor("!!"), None);
+    }
+}

@@ -1,0 +1,261 @@
+//! One aggregate request: what it carries (the agent, its policy, the upstream list) and
+//! what every stage shares: the reply shapes, the client for the fan-outs, the writes to the
+//! agent.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::audit::entry::Decision as AuditDecision;
+use crate::core::Core;
+use crate::http::conn::Conn;
+use crate::http::head::Head;
+use crate::mcp::envelope::{Envelope, Message};
+use crate::mcp::jsonrpc;
+use crate::mcp::jsonrpc::Id;
+use crate::mcp::lists;
+use crate::policy::Policy;
+use crate::policy::decide;
+use crate::reply::Reply;
+use crate::upstream::Upstream;
+use crate::upstream::client::{UpRequest, Upstreams, send};
+use crate::warn;
+
+/// An upstream's answer to initialize: its session id (empty: none) and its result.
+pub(super) type Joined = (Vec<u8>, Value);
+
+/// A boxed future borrowing the request.
+pub(super) type Fut<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+/// What the pipeline records about an aggregate request.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub status: u16,
+    pub decision: AuditDecision,
+    pub reason: Option<String>,
+    /// The upstream a routed message went to.
+    pub upstream: Option<usize>,
+    pub upstream_us: Option<u64>,
+    pub keep_alive: bool,
+}
+
+/// One aggregate request.
+pub struct Request<'a, 'b> {
+    pub core: &'a Core,
+    pub head: &'a Head,
+    pub body: &'a [u8],
+    pub env: Option<&'a Envelope<'b>>,
+    pub policy: Option<&'a Policy>,
+    /// The upstreams behind the endpoint (the policy's in policy mode).
+    pub upstreams: &'a [Upstream],
+    pub agent: Option<usize>,
+    pub peer: SocketAddr,
+    pub close: bool,
+}
+
+impl Request<'_, '_> {
+    pub(super) fn upstream_name(&self, i: usize) -> &str {
+        &self.upstreams[i].name
+    }
+
+    /// The client's view of the upstreams.
+    pub(super) fn ups(&self) -> Upstreams<'_> {
+        let c = &self.core.config;
+        Upstreams {
+            list: self.upstreams,
+            pool: &self.core.pool,
+            timeout: c.upstream_timeout,
+            max_message: c.max_upstream_message,
+        }
+    }
+
+    pub(super) fn sep(&self) -> &str {
+        &self.core.config.name_separator
+    }
+
+    /// Whether this agent may use upstream `i` (every one in insecure-open mode).
+    pub(super) fn may_use(&self, i: usize) -> bool {
+        match (self.policy, self.agent) {
+            (Some(p), Some(a)) => p.may_use_upstream(a, i),
+            _ => true,
+        }
+    }
+
+    /// The upstreams this agent may use.
+    pub(super) fn reachable(&self) -> Vec<usize> {
+        (0..self.upstreams.len())
+            .filter(|&i| self.may_use(i))
+            .collect()
+    }
+
+    pub(super) fn agent_id(&self) -> &str {
+        match (self.policy, self.agent) {
+            (Some(p), Some(a)) => &p.agents[a].id,
+            _ => "",
+        }
+    }
+
+    pub(super) fn index_of(&self, name: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.name == name)
+    }
+
+    /// For a call routed to one upstream.
+    pub(super) fn deadline(&self) -> Instant {
+        Instant::now() + self.core.config.upstream_timeout
+    }
+
+    /// For each upstream of a fan-out (initialize, lists, notifications, joins): a slow one is
+    /// left out after `SCOPEGATE_AGGREGATE_TIMEOUT_MS` while the others answer.
+    pub(super) fn fanout_deadline(&self) -> Instant {
+        let c = &self.core.config;
+        Instant::now() + c.aggregate_timeout.min(c.upstream_timeout)
+    }
+
+    pub(super) fn version(&self) -> Option<&[u8]> {
+        self.head.get("mcp-protocol-version")
+    }
+
+    pub(super) fn up_request<'s>(
+        &'s self,
+        method: &'static str,
+        body: &'s [u8],
+        session: Option<&'s [u8]>,
+    ) -> UpRequest<'s> {
+        UpRequest {
+            method,
+            body,
+            session,
+            protocol_version: self.version(),
+            peer: self.peer,
+        }
+    }
+
+    /// A message from upstream `i` for the agent, with any list result in it filtered to what
+    /// the agent may see (the same decision as everywhere: policy::decide::visible); `None`
+    /// when it may hold a list and cannot be read (then it is not relayed).
+    pub(super) fn filter_lists(&self, i: usize, data: Vec<u8>) -> Option<Vec<u8>> {
+        let (Some(p), Some(a)) = (self.policy, self.agent) else {
+            return Some(data);
+        };
+        if !lists::may_hold_list(&data) {
+            return Some(data);
+        }
+        match lists::filter_lists(&data, &|kind, item| decide::visible(p, a, i, kind, item)) {
+            Ok(None) => Some(data),
+            Ok(Some(filtered)) => Some(filtered),
+            Err(_) => None,
+        }
+    }
+
+    pub(super) fn note_failure(&self, i: usize, why: &str) {
+        self.core.stats.metrics.aggregate_failure(i);
+        warn!(
+            "aggregate: upstream {:?} left out: {why}",
+            self.upstream_name(i)
+        );
+    }
+}
+
+/// A JSON-RPC error with HTTP 200 for an upstream's failure: one upstream's failure must not
+/// look like the whole endpoint's (an HTTP error would end some clients' sessions).
+pub(super) fn upstream_failed(id: Option<Id<'_>>, r: Reply, upstream: usize) -> Reply {
+    let mut r = r.for_id(id).upstream_error(Some(upstream));
+    r.status = 200;
+    r
+}
+
+/// A refusal by policy, for the upstream it concerned.
+pub(super) fn denied(
+    id: Option<Id<'_>>,
+    rule: &str,
+    reason: &str,
+    upstream: Option<usize>,
+) -> Reply {
+    let mut r = Reply::policy_denied(rule, reason).for_id(id);
+    r.upstream = upstream;
+    r
+}
+
+/// The `result` of upstream `i`'s answer to `what`, or a refusal saying what came instead.
+pub(super) fn rpc_result(
+    req: &Request<'_, '_>,
+    i: usize,
+    what: &str,
+    status: u16,
+    body: &[u8],
+) -> Result<Value, Reply> {
+    let result = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut m)) if status == 200 => m.remove("result"),
+        _ => None,
+    };
+    result.ok_or_else(|| {
+        Reply::error(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!(
+                "upstream {:?} failed {what} (HTTP {status}): {}",
+                req.upstream_name(i),
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ),
+        )
+    })
+}
+
+pub(super) fn rate_limited(
+    req: &Request<'_, '_>,
+    m: &Message<'_>,
+    limited: crate::ratelimit::Limited,
+) -> Reply {
+    let status = req.core.config.rate_limit_status;
+    Reply::rate_limited(status, &limited.label, limited.retry_after_ns).for_id(m.id)
+}
+
+/// Sends a message whose answer is 202 (or a JSON-RPC response that is discarded).
+pub(super) async fn exchange_or_accepted(
+    req: &Request<'_, '_>,
+    i: usize,
+    r: &UpRequest<'_>,
+) -> Result<(), Reply> {
+    let mut resp = send(req.ups(), i, r, req.fanout_deadline()).await?;
+    if resp.is_event_stream() {
+        // A response on a stream: not awaited, and the connection is not reused.
+        return Ok(());
+    }
+    let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
+    resp.finish(&req.core.pool);
+    Ok(())
+}
+
+pub(super) async fn write_bytes(client: &mut Conn, data: Vec<u8>) -> std::io::Result<()> {
+    let (res, _) = client.write_all(data).await;
+    res
+}
+
+pub(super) async fn write_chunk(client: &mut Conn, data: &[u8]) -> std::io::Result<()> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    write_bytes(client, out).await
+}
+
+pub(super) async fn write(
+    req: &Request<'_, '_>,
+    client: &mut Conn,
+    reply: Reply,
+) -> Result<Outcome, Outcome> {
+    let bytes = reply.render(b"POST", None, req.close);
+    let outcome = Outcome {
+        status: reply.status,
+        decision: reply.decision,
+        reason: reply.audit_reason(),
+        upstream: reply.upstream,
+        upstream_us: None,
+        keep_alive: !req.close,
+    };
+    match write_bytes(client, bytes).await {
+        Ok(()) => Ok(outcome),
+        Err(_) => Err(outcome),
+    }
+}

@@ -1,0 +1,275 @@
+//! The aggregate session: `initialize` fanned out to every upstream the agent may use, the
+//! sealed `sg2.` token that carries each upstream's session id, and late joins.
+
+use serde_json::{Map, Value, json};
+
+use crate::info;
+use crate::mcp::envelope::Message;
+use crate::mcp::jsonrpc;
+use crate::mcp::session::MultiSession;
+use crate::reply::Reply;
+use crate::upstream::client::{UpRequest, exchange, join_all, send};
+
+use super::request::{Fut, Joined, Request, rpc_result, upstream_failed};
+
+/// The agent's aggregate session, from its `Mcp-Session-Id`.
+pub(super) fn open(req: &Request<'_, '_>) -> Result<MultiSession, Reply> {
+    let not_found = || {
+        Reply::error(
+            404,
+            jsonrpc::SESSION_NOT_FOUND,
+            "session not found: initialize a new session",
+        )
+        .denied()
+    };
+    let Some(token) = req.head.get("mcp-session-id") else {
+        return Err(Reply::error(
+            400,
+            jsonrpc::INVALID_REQUEST,
+            "Mcp-Session-Id is required after initialize",
+        ));
+    };
+    let session = req.core.sessions.open_multi(token).ok_or_else(not_found)?;
+    if session.agent != req.agent_id() {
+        return Err(not_found());
+    }
+    Ok(session)
+}
+
+pub(super) fn token_key(req: &Request<'_, '_>) -> u64 {
+    let token = req.head.get("mcp-session-id").unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_le_bytes(k)
+}
+
+/// The upstreams of this session that the agent may still use, with their session ids:
+/// those joined at initialize and those this worker joined later.
+pub(super) fn joined(req: &Request<'_, '_>, session: &MultiSession) -> Vec<(usize, Vec<u8>)> {
+    let reachable = req.reachable();
+    let key = token_key(req);
+    let lazy = &req.core.lazy_joins;
+    reachable
+        .into_iter()
+        .filter_map(|i| {
+            let name = req.upstream_name(i);
+            session
+                .upstreams
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| (i, s.clone()))
+                .or_else(|| lazy.get(key, i).map(|s| (i, s)))
+        })
+        .collect()
+}
+
+/// The session id to use for upstream `i`, joining it now when it was not joined yet.
+pub(super) async fn session_for(
+    req: &Request<'_, '_>,
+    session: &MultiSession,
+    i: usize,
+) -> Result<Vec<u8>, Reply> {
+    let name = req.upstream_name(i);
+    if let Some((_, s)) = session.upstreams.iter().find(|(n, _)| n == name) {
+        return Ok(s.clone());
+    }
+    let key = token_key(req);
+    if let Some(s) = req.core.lazy_joins.get(key, i) {
+        return Ok(s);
+    }
+    let version = req
+        .version()
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or("2025-06-18");
+    let init = json!({
+        "jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": {"name": "scopegate", "version": env!("CARGO_PKG_VERSION")}
+        }
+    })
+    .to_string();
+    let r = req.up_request("POST", init.as_bytes(), None);
+    let (sid, _) = initialize_upstream(req, i, &r).await?;
+    let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let r = req.up_request("POST", done, Some(&sid));
+    if let Ok(mut resp) = send(req.ups(), i, &r, req.fanout_deadline()).await {
+        let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
+        resp.finish(&req.core.pool);
+    }
+    info!("aggregate: joined upstream {name:?} for an existing session");
+    req.core.lazy_joins.insert(key, i, sid.clone());
+    Ok(sid)
+}
+
+/// Sends an initialize request to upstream `i`: its session id (empty: none) and its result.
+pub(super) async fn initialize_upstream(
+    req: &Request<'_, '_>,
+    i: usize,
+    r: &UpRequest<'_>,
+) -> Result<Joined, Reply> {
+    let (resp, body) = exchange(req.ups(), i, r, req.fanout_deadline()).await?;
+    let status = resp.status();
+    let sid = resp
+        .header("mcp-session-id")
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    resp.finish(&req.core.pool);
+    Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
+}
+
+pub(super) async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
+    let reachable = req.reachable();
+    if reachable.is_empty() {
+        let r = Reply::error(
+            404,
+            jsonrpc::GATEWAY_REFUSED,
+            "no upstream is available to this agent",
+        )
+        .denied();
+        return r.for_id(m.id);
+    }
+    let futures: Vec<Fut<'_, Result<Joined, Reply>>> = reachable
+        .iter()
+        .map(|&i| {
+            Box::pin(async move {
+                let r = UpRequest {
+                    method: "POST",
+                    body: req.body,
+                    session: None,
+                    protocol_version: None,
+                    peer: req.peer,
+                };
+                initialize_upstream(req, i, &r).await
+            }) as Fut<'_, _>
+        })
+        .collect();
+    let results = join_all(futures).await;
+    let mut sessions = Vec::new();
+    let mut answers = Vec::new();
+    let mut failures = Vec::new();
+    for (&i, result) in reachable.iter().zip(results) {
+        match result {
+            Ok((sid, answer)) => {
+                sessions.push((req.upstream_name(i).to_owned(), sid));
+                answers.push((i, answer));
+            }
+            Err(e) => {
+                req.note_failure(i, e.message());
+                failures.push(e.message().to_owned());
+            }
+        }
+    }
+    if answers.is_empty() || (req.core.config.aggregate_fail_closed && !failures.is_empty()) {
+        let r = Reply::error(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("initialize failed: {}", failures.join("; ")),
+        );
+        let mut reply = upstream_failed(m.id, r, reachable[0]);
+        reply.upstream = None;
+        return reply;
+    }
+    let Some(token) = req.core.sessions.seal_multi(req.agent_id(), &sessions) else {
+        let r = Reply::error(
+            500,
+            jsonrpc::GATEWAY_REFUSED,
+            "the upstream session ids do not fit a session token",
+        );
+        return r.for_id(m.id);
+    };
+    let named: Vec<(&str, &Value)> = answers
+        .iter()
+        .map(|(i, a)| (req.upstream_name(*i), a))
+        .collect();
+    let result = merge_initialize(&named);
+    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
+    if let Some(id) = m.id {
+        id.write_json(&mut body);
+    } else {
+        body.extend_from_slice(b"null");
+    }
+    body.extend_from_slice(b",\"result\":");
+    body.extend_from_slice(result.to_string().as_bytes());
+    body.push(b'}');
+    let mut reply = Reply::json(200, body);
+    reply.headers = format!("Mcp-Session-Id: {token}\r\n");
+    reply
+}
+
+/// scopegate's initialize result: its own serverInfo, the union of the upstreams' capabilities
+/// and the lowest protocol version any of them answered (revisions are dates, so they order as
+/// strings).
+pub(super) fn merge_initialize(answers: &[(&str, &Value)]) -> Value {
+    let mut version: Option<String> = None;
+    let mut caps = Map::new();
+    let mut instructions = Vec::new();
+    for (name, a) in answers {
+        if let Some(v) = a.get("protocolVersion").and_then(Value::as_str)
+            && version.as_deref().is_none_or(|cur| v < cur)
+        {
+            version = Some(v.to_owned());
+        }
+        if let Some(Value::Object(c)) = a.get("capabilities") {
+            for (k, v) in c {
+                merge_capability(caps.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        if let Some(text) = a.get("instructions").and_then(Value::as_str) {
+            instructions.push(format!("[{name}] {text}"));
+        }
+    }
+    let mut result = json!({
+        "protocolVersion": version.unwrap_or_else(|| "2025-06-18".into()),
+        "capabilities": caps,
+        "serverInfo": {"name": "scopegate", "version": env!("CARGO_PKG_VERSION")},
+    });
+    if !instructions.is_empty() {
+        result["instructions"] = Value::String(instructions.join("\n"));
+    }
+    result
+}
+
+pub(super) fn merge_capability(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge_capability(a.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (Value::Bool(a), Value::Bool(b)) => *a |= *b,
+        (slot @ Value::Null, v) => *slot = v.clone(),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn capabilities_merge_as_a_union() {
+        let mut into = Value::Null;
+        merge_capability(&mut into, &json!({"tools": {"listChanged": false}}));
+        merge_capability(
+            &mut into,
+            &json!({"tools": {"listChanged": true}, "prompts": {}}),
+        );
+        assert_eq!(into, json!({"tools": {"listChanged": true}, "prompts": {}}));
+    }
+
+    #[test]
+    fn initialize_answers_merge_to_the_lowest_version_and_named_instructions() {
+        let gh = json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+            "instructions": "Use issues."});
+        let jira = json!({"protocolVersion": "2025-06-18", "capabilities": {"prompts": {}}});
+        let merged = merge_initialize(&[("gh", &gh), ("jira", &jira)]);
+        assert_eq!(merged["protocolVersion"], "2025-06-18");
+        assert_eq!(merged["capabilities"], json!({"tools": {}, "prompts": {}}));
+        assert_eq!(merged["serverInfo"]["name"], "scopegate");
+        assert_eq!(merged["instructions"], "[gh] Use issues.");
+    }
+}

@@ -1,0 +1,410 @@
+//! Server-to-client traffic: a routed request's event stream relayed event by event, and the
+//! GET stream merging every upstream's.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::audit::entry::Decision as AuditDecision;
+use crate::http::body::BodyError;
+use crate::http::conn::Conn;
+use crate::http::response;
+use crate::http::sse::{self, SseSplitter};
+use crate::mcp::envelope::Message;
+use crate::mcp::jsonrpc;
+use crate::mcp::session::MultiSession;
+use crate::reply::Reply;
+use crate::upstream::client::{UpResponse, join_all, send};
+
+use super::names::Rewrite;
+use super::request::{Fut, Outcome, Request, upstream_failed, write, write_bytes, write_chunk};
+use super::session::joined;
+
+/// Relays a routed call's answer: JSON read whole and rewritten, or an event stream event by
+/// event.
+pub(super) async fn relay(
+    req: &Request<'_, '_>,
+    client: &mut Conn,
+    mut resp: UpResponse,
+    rewrite: &Rewrite,
+    m: &Message<'_>,
+    i: usize,
+    upstream_us: Option<u64>,
+) -> Result<Outcome, Outcome> {
+    let status = resp.status();
+    if !resp.is_event_stream() {
+        let limit = req.core.config.max_upstream_message;
+        let body = match resp.read_all(req.deadline(), limit).await {
+            Ok(b) => b,
+            Err(why) => {
+                let r = Reply::error(
+                    502,
+                    jsonrpc::UPSTREAM_UNAVAILABLE,
+                    format!("upstream {:?} {why}", rewrite.upstream),
+                );
+                req.note_failure(i, r.message());
+                return write(req, client, upstream_failed(m.id, r, i)).await;
+            }
+        };
+        resp.finish(&req.core.pool);
+        let body = if body.is_empty() {
+            body
+        } else {
+            match req.filter_lists(i, rewrite.apply(&body)) {
+                Some(b) => b,
+                None => {
+                    let r = Reply::error(
+                        502,
+                        jsonrpc::UPSTREAM_UNAVAILABLE,
+                        format!(
+                            "upstream {:?} answered with something that may list hidden items and is not JSON; not relayed",
+                            rewrite.upstream
+                        ),
+                    );
+                    return write(req, client, upstream_failed(m.id, r, i)).await;
+                }
+            }
+        };
+        let mut reply = Reply::json(status, body);
+        reply.upstream = Some(i);
+        if status >= 500 {
+            reply.decision = AuditDecision::UpstreamError;
+        }
+        let mut out = write(req, client, reply).await;
+        match &mut out {
+            Ok(o) | Err(o) => o.upstream_us = upstream_us,
+        }
+        return out;
+    }
+    let mut outcome = Outcome {
+        status,
+        upstream: Some(i),
+        upstream_us,
+        keep_alive: !req.close,
+        ..Outcome::default()
+    };
+    let _gauge = crate::metrics::StreamGauge::open(&req.core.stats.metrics.sse_streams);
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+        response::reason(status)
+    );
+    if req.close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    if write_bytes(client, head.into_bytes()).await.is_err() {
+        outcome.keep_alive = false;
+        return Err(outcome);
+    }
+    // Every read has a deadline (an event that started must end within the upstream timeout;
+    // between events the stream may pause up to SCOPEGATE_STREAM_IDLE_MS), events are bounded
+    // by SCOPEGATE_MAX_UPSTREAM_MESSAGE, and the agent is watched while the upstream is quiet.
+    let config = &req.core.config;
+    let mut sse = SseSplitter::new(config.max_upstream_message);
+    let mut watch = true;
+    let mut answered = false;
+    let mut event_deadline: Option<Instant> = None;
+    let failure = loop {
+        let mut out = Vec::new();
+        let mut too_large = false;
+        loop {
+            match sse.next_event() {
+                Ok(Some(event)) => {
+                    event_deadline = None;
+                    let parts = sse::event_parts(event);
+                    let data = match parts.data.map(|d| req.filter_lists(i, rewrite.apply(&d))) {
+                        Some(None) => continue,
+                        Some(Some(d)) => Some(d),
+                        None => None,
+                    };
+                    if data.is_none() && parts.other.is_empty() {
+                        continue;
+                    }
+                    if !answered {
+                        answered = data.as_deref().is_some_and(is_answer);
+                    }
+                    // Event ids of several upstreams would collide: not relayed.
+                    sse::write_event(&parts.other, None, data.as_deref(), &mut out);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    too_large = true;
+                    break;
+                }
+            }
+        }
+        if !out.is_empty() && write_chunk(client, &out).await.is_err() {
+            outcome.keep_alive = false;
+            return Err(outcome);
+        }
+        if too_large {
+            break Some(format!(
+                "sent an event over {} bytes (SCOPEGATE_MAX_UPSTREAM_MESSAGE)",
+                config.max_upstream_message
+            ));
+        }
+        // An event that has begun must end within the upstream timeout (one deadline for the
+        // whole event, however it trickles in); between events the stream may pause.
+        if sse.pending() > 0 && event_deadline.is_none() {
+            event_deadline = Some(Instant::now() + config.upstream_timeout);
+        }
+        let wait = if event_deadline.is_some() {
+            config.upstream_timeout
+        } else {
+            config.stream_idle
+        };
+        let deadline = event_deadline.unwrap_or_else(|| Instant::now() + config.stream_idle);
+        match resp.next_watching(client, &mut watch, Some(deadline)).await {
+            Ok(Some(piece)) => sse.push(&piece),
+            Ok(None) => break None,
+            Err(BodyError::PeerGone) => {
+                outcome.reason = Some("the agent closed the connection mid-answer".into());
+                outcome.keep_alive = false;
+                return Err(outcome);
+            }
+            Err(BodyError::TimedOut) => {
+                break Some(format!(
+                    "sent nothing for {} ms mid-answer",
+                    wait.as_millis()
+                ));
+            }
+            Err(e) => break Some(e.message()),
+        }
+    };
+    let mut tail = Vec::new();
+    if let Some(why) = failure {
+        // Tell the agent in-band and end the stream properly: its connection stays usable.
+        let why = format!("upstream {:?} {why}", rewrite.upstream);
+        req.note_failure(i, &why);
+        if !answered {
+            let error = jsonrpc::error_body(m.id, jsonrpc::UPSTREAM_UNAVAILABLE, &why);
+            sse::write_event(&[b"event: message"], None, Some(&error), &mut tail);
+        }
+        outcome.decision = AuditDecision::UpstreamError;
+        outcome.reason = Some(why);
+    } else {
+        resp.finish(&req.core.pool);
+    }
+    if !tail.is_empty() && write_chunk(client, &tail).await.is_err() {
+        outcome.keep_alive = false;
+        return Err(outcome);
+    }
+    if write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_err() {
+        outcome.keep_alive = false;
+        return Err(outcome);
+    }
+    Ok(outcome)
+}
+
+/// Whether an event's data is a JSON-RPC response (the answer a routed request waits for).
+pub(super) fn is_answer(data: &[u8]) -> bool {
+    matches!(
+        serde_json::from_slice::<Value>(data),
+        Ok(Value::Object(m)) if m.contains_key("id") && !m.contains_key("method")
+    )
+}
+
+/// GET: one event stream for the agent, merged from every joined upstream's.
+pub(super) async fn get_stream(
+    req: &Request<'_, '_>,
+    client: &mut Conn,
+    session: &MultiSession,
+) -> Result<Outcome, Outcome> {
+    let targets = joined(req, session);
+    let futures: Vec<Fut<'_, Option<(usize, UpResponse)>>> = targets
+        .iter()
+        .map(|(i, s)| {
+            let i = *i;
+            Box::pin(async move {
+                let r = req.up_request("GET", b"", Some(s));
+                match send(req.ups(), i, &r, req.fanout_deadline()).await {
+                    Ok(resp) if resp.status() == 200 && resp.is_event_stream() => Some((i, resp)),
+                    Ok(_) => None,
+                    Err(e) => {
+                        req.note_failure(i, e.message());
+                        None
+                    }
+                }
+            }) as Fut<'_, _>
+        })
+        .collect();
+    let streams: Vec<(usize, UpResponse)> = join_all(futures).await.into_iter().flatten().collect();
+    if streams.is_empty() {
+        let mut r = Reply::error(
+            405,
+            jsonrpc::INVALID_REQUEST,
+            "no upstream offers an event stream",
+        );
+        r.headers = "Allow: POST, DELETE\r\n".into();
+        return write(req, client, r).await;
+    }
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+    );
+    if req.close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    let mut outcome = Outcome {
+        status: 200,
+        keep_alive: false,
+        ..Outcome::default()
+    };
+    if write_bytes(client, head.into_bytes()).await.is_err() {
+        return Err(outcome);
+    }
+    let _gauge = crate::metrics::StreamGauge::open(&req.core.stats.metrics.sse_streams);
+    // Readers push rewritten events into one queue; the writer sends them on. All of them run
+    // on this task: whenever any is woken, every one is polled again. The queue holds at most
+    // SCOPEGATE_MAX_UPSTREAM_MESSAGE bytes: past that the readers wait for the agent.
+    let limit = req.core.config.max_upstream_message;
+    let queue: Rc<RefCell<MergedQueue>> = Rc::new(RefCell::new(MergedQueue {
+        events: VecDeque::new(),
+        bytes: 0,
+        open: streams.len(),
+    }));
+    let mut readers: Vec<Option<Fut<'_, ()>>> = streams
+        .into_iter()
+        .map(|(i, mut resp)| {
+            let queue = queue.clone();
+            let rewrite = Rewrite {
+                upstream: req.upstream_name(i).to_owned(),
+                read_result: false,
+            };
+            Some(Box::pin(async move {
+                let mut sse = SseSplitter::new(limit);
+                let mut event_started: Option<Instant> = None;
+                'read: loop {
+                    loop {
+                        match sse.next_event() {
+                            Ok(Some(event)) => {
+                                event_started = None;
+                                let parts = sse::event_parts(event);
+                                let data = match parts
+                                    .data
+                                    .map(|d| req.filter_lists(i, rewrite.apply(&d)))
+                                {
+                                    Some(None) => continue,
+                                    Some(Some(d)) => Some(d),
+                                    None => None,
+                                };
+                                if data.is_none() && parts.other.is_empty() {
+                                    continue;
+                                }
+                                let mut out = Vec::new();
+                                sse::write_event(&parts.other, None, data.as_deref(), &mut out);
+                                let mut q = queue.borrow_mut();
+                                q.bytes += out.len();
+                                q.events.push_back(out);
+                            }
+                            Ok(None) => break,
+                            Err(_) => {
+                                req.note_failure(
+                                    i,
+                                    &format!(
+                                        "sent an event over {limit} bytes on its GET stream (SCOPEGATE_MAX_UPSTREAM_MESSAGE)"
+                                    ),
+                                );
+                                break 'read;
+                            }
+                        }
+                    }
+                    // Backpressure: wait while the agent has not taken what is queued.
+                    std::future::poll_fn(|_| {
+                        if queue.borrow().bytes < limit {
+                            Poll::Ready(())
+                        } else {
+                            Poll::Pending
+                        }
+                    })
+                    .await;
+                    // A quiet stream waits as long as the agent stays (the writer watches
+                    // it); an event that has begun must end within the upstream timeout.
+                    if sse.pending() > 0 && event_started.is_none() {
+                        event_started = Some(Instant::now());
+                    }
+                    let deadline = event_started.map(|t| t + req.core.config.upstream_timeout);
+                    match resp.next(deadline).await {
+                        Ok(Some(piece)) => sse.push(&piece),
+                        Ok(None) => break,
+                        Err(why) => {
+                            req.note_failure(i, &format!("its GET stream {why}"));
+                            break;
+                        }
+                    }
+                }
+                queue.borrow_mut().open -= 1;
+            }) as Fut<'_, ()>)
+        })
+        .collect();
+    let writer_queue = queue.clone();
+    let writer = async move {
+        let mut watch = true;
+        loop {
+            let next = std::future::poll_fn(|_| {
+                let mut q = writer_queue.borrow_mut();
+                match q.events.pop_front() {
+                    Some(e) => {
+                        q.bytes -= e.len();
+                        Poll::Ready(Some(e))
+                    }
+                    None if q.open == 0 => Poll::Ready(None),
+                    None => Poll::Pending,
+                }
+            });
+            // While nothing is to be written, watch the agent: a closed stream releases every
+            // upstream stream at once.
+            let next = if watch {
+                monoio::select! {
+                    e = next => e,
+                    _ = client.stream.readable(false) => {
+                        match client.peer_closed() {
+                            Some(true) => return false,
+                            Some(false) => watch = false,
+                            None => {}
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                next.await
+            };
+            let Some(event) = next else {
+                return write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_ok();
+            };
+            if write_chunk(client, &event).await.is_err() {
+                return false;
+            }
+        }
+    };
+    let mut writer = pin!(writer);
+    let ended_cleanly = std::future::poll_fn(|cx| {
+        for slot in readers.iter_mut() {
+            if let Some(r) = slot
+                && r.as_mut().poll(cx).is_ready()
+            {
+                *slot = None;
+            }
+        }
+        writer.as_mut().poll(cx)
+    })
+    .await;
+    if !ended_cleanly {
+        outcome.reason = Some("the agent closed the stream".into());
+    }
+    Ok(outcome)
+}
+
+/// The merged GET stream's events waiting for the agent.
+pub(super) struct MergedQueue {
+    events: VecDeque<Vec<u8>>,
+    /// Bytes in `events`.
+    bytes: usize,
+    /// Upstream streams still open.
+    open: usize,
+}
