@@ -2,16 +2,19 @@
 //! it. Each is a function over plain inputs (the head, the envelope, the policy), so each is
 //! tested alone.
 //!
-//! - [`authenticate`]: bearer key, path key or JWT -> the agent; then the upstream it named
+//! - [`admit`]: the route, the origin check, then [`authenticate`]: bearer key, path key or JWT -> the agent; then the upstream it named
 //!   (unknown and forbidden read the same).
 //! - [`check_envelope_headers`]: 2026-07-28 routing headers agree with the body.
 //! - [`authorize`]: every message, by the one method table (`policy::decide`).
 //! - [`rate_limit`]: every bucket that applies; a batch admitted whole or not at all.
 //! - [`open_session`]: the agent's sealed token -> the upstream's session id.
+//! - [`admit_call`]: the last three for a request to one upstream, in policy mode.
+//! - [`audit_available`]: 503 while the audit log fails (`SCOPEGATE_AUDIT_FAIL_CLOSED`).
 
 use super::admin::metadata_url;
 use super::memory::ConnCache;
-use super::route::{Route, Routed, unknown_upstream};
+use super::route::{self, Route, Routed, unknown_upstream};
+use crate::audit::AuditSink;
 use crate::auth::{self, AuthError};
 use crate::config::Config;
 use crate::debug;
@@ -31,6 +34,32 @@ pub struct Admitted {
     pub route: Route,
     /// The agent (index into the policy), in policy mode.
     pub agent: Option<usize>,
+}
+
+/// Stages 3-5: where the request goes ([`route::route`]), whether its origin may call
+/// ([`route::check_origin`]), and who is calling ([`authenticate`]).
+pub fn admit(
+    config: &Config,
+    jwt: Option<&JwtVerifier>,
+    local: Option<&LocalPolicy>,
+    head: &Head,
+    cache: &mut ConnCache,
+) -> Result<Admitted, Reply> {
+    let routed = route::route(config, head)?;
+    route::check_origin(config, head)?;
+    authenticate(config, jwt, local, head, routed, cache)
+}
+
+/// `SCOPEGATE_AUDIT_FAIL_CLOSED=1` with a failing audit log: new calls are refused (503).
+pub fn audit_available(audit: Option<&AuditSink>) -> Result<(), Reply> {
+    match audit {
+        Some(a) if a.refusing() => Err(Reply::error(
+            503,
+            jsonrpc::AUDIT_UNAVAILABLE,
+            "the audit log cannot be written; calls are refused until it can (SCOPEGATE_AUDIT_FAIL_CLOSED)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Stage 5. In policy mode every MCP request names an agent by its key; the agent must be
@@ -281,6 +310,43 @@ pub fn open_session<'c>(
         .then_some(cache.token_session.as_slice())
 }
 
+/// Stages 8-10 for a request to one upstream in policy mode: every message authorized, every
+/// limit taken, the agent's session token opened. `Ok` carries the upstream's session id.
+#[allow(clippy::too_many_arguments)]
+pub async fn admit_call<'c>(
+    limiter: &Limiter,
+    limited_status: u16,
+    sessions: &SessionKeys,
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    head: &Head,
+    env: Option<&Envelope<'_>>,
+    cache: &'c mut ConnCache,
+) -> Result<Option<&'c [u8]>, Reply> {
+    if let Some(env) = env {
+        if let Some(refused) = authorize(policy, agent, upstream, head, env) {
+            return Err(refused);
+        }
+        let limited = rate_limit(limiter, limited_status, policy, agent, upstream, env).await;
+        if let Some(refused) = limited {
+            return Err(refused);
+        }
+    }
+    let Some(token) = head.get("mcp-session-id") else {
+        return Ok(None);
+    };
+    match open_session(sessions, policy, agent, upstream, token, cache) {
+        Some(s) => Ok(Some(s)),
+        None => Err(Reply::error(
+            404,
+            jsonrpc::SESSION_NOT_FOUND,
+            "session not found: initialize a new session",
+        )
+        .denied()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,7 +356,16 @@ mod tests {
     use std::path::Path;
     use std::rc::Rc;
 
-    /// The stage with the local limiter, which never waits: its future is ready at once.
+    /// A stage's future with the local limiter, which never waits: ready at once.
+    fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
+        let future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.poll(&mut cx) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("the local limiter waited"),
+        }
+    }
+
     fn rate_limit(
         status: u16,
         policy: &Policy,
@@ -299,14 +374,9 @@ mod tests {
         env: &Envelope<'_>,
     ) -> Option<Reply> {
         let limiter = Limiter::default();
-        let future = std::pin::pin!(super::rate_limit(
-            &limiter, status, policy, agent, upstream, env
-        ));
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match future.poll(&mut cx) {
-            std::task::Poll::Ready(r) => r,
-            std::task::Poll::Pending => panic!("the local limiter waited"),
-        }
+        ready(super::rate_limit(
+            &limiter, status, policy, agent, upstream, env,
+        ))
     }
     use std::sync::Arc;
 
@@ -523,5 +593,63 @@ burst = 2
         assert_eq!(check("Mcp-Method: tools/list\r\n"), Err(400));
         assert_eq!(check("Mcp-Name: delete\r\n"), Err(400));
         assert_eq!(check("Mcp-Name: echo\r\nMcp-Name: echo\r\n"), Err(400));
+    }
+
+    #[test]
+    fn a_call_passes_authorization_limits_and_its_session_in_turn() {
+        let p = policy();
+        let keys = SessionKeys::new(Some(b"a-session-secret-a-session-secret")).unwrap();
+        let mut parser = EnvelopeParser::new();
+        let mut cache = ConnCache::default();
+        let plain = head("POST /mcp/a HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut call = |h: &Head, body: &[u8]| {
+            let env = parser.parse(body).unwrap();
+            let limiter = Limiter::default();
+            let r = ready(admit_call(
+                &limiter,
+                429,
+                &keys,
+                &p,
+                0,
+                0,
+                h,
+                Some(&env),
+                &mut cache,
+            ));
+            r.map(|s| s.map(<[u8]>::to_vec)).map_err(|r| r.status)
+        };
+        let echo = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#;
+        let sleep = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"sleep"}}"#;
+        // Refused by policy (a JSON-RPC error: HTTP 200), taking no token.
+        assert_eq!(call(&plain, sleep), Err(200));
+        // Allowed, no session yet.
+        assert_eq!(call(&plain, echo), Ok(None));
+        // A token for another upstream does not open here.
+        let other = keys.seal("bot", "b", b"up-b").unwrap();
+        let with = |t: &str| {
+            head(&format!(
+                "POST /mcp/a HTTP/1.1\r\nHost: x\r\nMcp-Session-Id: {t}\r\n\r\n"
+            ))
+        };
+        assert_eq!(call(&with(&other), echo), Err(404));
+        // The burst of 2 is spent by the allowed call and the one refused at its session.
+        let mine = keys.seal("bot", "a", b"up-a").unwrap();
+        assert_eq!(call(&with(&mine), echo), Err(429));
+    }
+
+    #[test]
+    fn the_audit_gate_closes_only_when_told_and_failing() {
+        use std::sync::atomic::Ordering;
+        assert!(audit_available(None).is_ok());
+        let channel = Arc::new(crate::audit::writer::Channel::new(1 << 16));
+        let open = AuditSink::new(0, channel.clone(), false, 4096);
+        let closed = AuditSink::new(0, channel.clone(), true, 4096);
+        assert!(audit_available(Some(&closed)).is_ok(), "not failing yet");
+        channel.failing.store(true, Ordering::Release);
+        assert!(
+            audit_available(Some(&open)).is_ok(),
+            "fail-open keeps serving"
+        );
+        assert_eq!(audit_available(Some(&closed)).unwrap_err().status, 503);
     }
 }

@@ -12,6 +12,7 @@ use crate::http::conn::{Conn, ReadError};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
 use crate::http::head::{self, Head, HeadError};
 use crate::http::response;
+use crate::mcp::envelope::{Envelope, EnvelopeParser};
 use crate::mcp::jsonrpc;
 use crate::reply::Reply;
 
@@ -79,7 +80,37 @@ pub async fn read_head(
     }
 }
 
-/// Stage 2.
+/// Stage 2: how the body is framed, refused when ambiguous ([`check_framing`]) or present
+/// where MCP has none ([`no_body_without_post`]).
+pub fn framing(head: &Head) -> Result<Framing, Reply> {
+    let framing = check_framing(head)?;
+    no_body_without_post(head, framing)?;
+    Ok(framing)
+}
+
+/// A request with a body that waits for `100 Continue` before sending it: a refusal is
+/// answered at once (and the connection closed) rather than reading a body that is not coming.
+pub fn awaits_continue(head: &Head, framing: Framing) -> bool {
+    framing != Framing::Empty && head.get("expect").is_some()
+}
+
+/// Stage 7: the JSON-RPC envelope of a POST's body, parsed once (the fields routing and
+/// authorization need; the body stays as received). `None` for GET and DELETE.
+pub fn envelope<'p>(
+    parser: &'p mut EnvelopeParser,
+    method: &[u8],
+    body: &[u8],
+) -> Result<Option<Envelope<'p>>, Reply> {
+    if method != b"POST" {
+        return Ok(None);
+    }
+    parser
+        .parse(body)
+        .map(Some)
+        .map_err(|e| Reply::error(400, e.code(), e.message()))
+}
+
+/// Ambiguous framing (Content-Length and chunked, two Hosts, an unknown coding).
 pub fn check_framing(head: &Head) -> Result<Framing, Reply> {
     let framing = framing::request_framing(head).map_err(|e| {
         let status = if e == framing::FramingError::UnsupportedTransferEncoding {
@@ -259,6 +290,26 @@ mod tests {
             "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
         assert_eq!(check_framing(&smuggle).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn envelopes_of_posts_only() {
+        let mut parser = EnvelopeParser::new();
+        let body = br#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#;
+        let env = envelope(&mut parser, b"POST", body).unwrap().unwrap();
+        assert_eq!(env.single().unwrap().method, Some("tools/list"));
+        drop(env);
+        assert!(envelope(&mut parser, b"GET", b"").unwrap().is_none());
+        let bad = envelope(&mut parser, b"POST", b"{not json").err().unwrap();
+        assert_eq!(bad.status, 400);
+        let expect = head(
+            "POST /mcp HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert!(awaits_continue(&expect, framing(&expect).unwrap()));
+        let plain = head("POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        assert!(!awaits_continue(&plain, framing(&plain).unwrap()));
+        let get = head("GET /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        assert!(framing(&get).unwrap_err().close);
     }
 
     #[test]

@@ -76,6 +76,25 @@ impl Draft {
         self.bytes_in = 0;
     }
 
+    /// Who is calling which upstream, once they are known: the policy is kept (audit on) to
+    /// name the agent in the entries, and the session token is hashed for them.
+    pub fn identify(
+        &mut self,
+        upstream: Option<usize>,
+        agent: Option<usize>,
+        policy: Option<&crate::policy::live::LocalPolicy>,
+        head: &crate::http::head::Head,
+    ) {
+        self.upstream = upstream;
+        self.agent = agent;
+        if self.active {
+            self.policy = policy.cloned();
+            if let Some(token) = head.get("mcp-session-id") {
+                self.set_session(token);
+            }
+        }
+    }
+
     pub fn set_session(&mut self, token: &[u8]) {
         if self.cache.hashed_token == token {
             self.session.clone_from(&self.cache.token_hash);
@@ -197,5 +216,68 @@ pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out
     for &(start, end) in &draft.messages {
         entry.message = &draft.frags[start..end];
         audit.record(&entry).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mcp::envelope::EnvelopeParser;
+
+    fn head(raw: &str) -> crate::http::head::Head {
+        let mut h = crate::http::head::Head::default();
+        let len = crate::http::head::parse_request(raw.as_bytes(), &mut h)
+            .unwrap()
+            .unwrap();
+        h.raw = bytes::Bytes::copy_from_slice(&raw.as_bytes()[..len]);
+        h
+    }
+
+    #[test]
+    fn a_reply_is_recorded_without_overwriting_an_earlier_verdict() {
+        let mut draft = Draft::default();
+        draft.reset(Instant::now());
+        draft.replied(&Reply::error(502, -32001, "upstream down").upstream_error(Some(1)));
+        assert_eq!(draft.status, 502);
+        assert_eq!(draft.decision, AuditDecision::UpstreamError);
+        assert_eq!(draft.reason.as_deref(), Some("upstream down"));
+        assert_eq!(draft.upstream, Some(1));
+        // A later reply gives its status; the first verdict and reason stand.
+        draft.replied(&Reply::error(429, -32007, "limited").denied());
+        assert_eq!(draft.status, 429);
+        assert_eq!(draft.decision, AuditDecision::UpstreamError);
+        assert_eq!(draft.reason.as_deref(), Some("upstream down"));
+        // The next request starts clean.
+        draft.reset(Instant::now());
+        assert_eq!(
+            (draft.status, draft.decision, draft.reason.is_none()),
+            (0, AuditDecision::Allowed, true)
+        );
+    }
+
+    #[test]
+    fn who_and_what_are_noted_once_known() {
+        let mut draft = Draft {
+            active: true,
+            ..Draft::default()
+        };
+        draft.reset(Instant::now());
+        let h = head("POST /mcp/a HTTP/1.1\r\nHost: x\r\nMcp-Session-Id: tok\r\n\r\n");
+        draft.identify(Some(0), None, None, &h);
+        assert_eq!(draft.upstream, Some(0));
+        assert_eq!(
+            draft.session.len(),
+            16,
+            "8 bytes of the token's SHA-256, in hex"
+        );
+        let mut parser = EnvelopeParser::new();
+        let env = parser
+            .parse(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#)
+            .unwrap();
+        draft.messages_of(&env, None, None, 4096);
+        assert_eq!(draft.messages.len(), 2, "one audit entry per message");
+        assert_eq!(draft.methods.len(), 2);
+        let first = &draft.frags[draft.messages[0].0..draft.messages[0].1];
+        assert!(String::from_utf8_lossy(first).contains("ping"));
     }
 }

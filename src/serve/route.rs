@@ -108,6 +108,26 @@ fn route_path(config: &Config, head: &Head, path: &[u8]) -> Result<Route, Reply>
     }
 }
 
+/// Stage 6: the upstream of an MCP route (`None`: the aggregate endpoint, or a route that is
+/// not MCP). A name no upstream has gets here only in insecure-open mode (policy mode refused
+/// it at authentication, naming nothing); with no agents to keep apart, the answer lists the
+/// configured names to help whoever set it up.
+pub fn upstream_of(route: Route, config: &Config, head: &Head) -> Result<Option<usize>, Reply> {
+    match route {
+        Route::Mcp { upstream: None } => {
+            let mut reply = unknown_upstream(head);
+            let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+            if let crate::reply::Body::Error(e) = &mut reply.body {
+                e.message.push_str("; configured: ");
+                e.message.push_str(&names.join(", "));
+            }
+            Err(reply)
+        }
+        Route::Mcp { upstream } => Ok(upstream),
+        _ => Ok(None),
+    }
+}
+
 /// The answer for an upstream name the agent cannot reach, whether no upstream has it or
 /// its policy keeps the agent away from it: the two must read the same.
 pub fn unknown_upstream(head: &Head) -> Reply {
@@ -263,6 +283,22 @@ mod tests {
         assert_eq!(
             check("Host: localhost\r\nOrigin: http://localhost:3000\r\n"),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn the_upstream_of_a_route() {
+        let c = config(&[]);
+        let h = head("POST /mcp/zz HTTP/1.1\r\nHost: a\r\n\r\n");
+        let mcp = |upstream| Route::Mcp { upstream };
+        assert_eq!(upstream_of(mcp(Some(1)), &c, &h).unwrap(), Some(1));
+        assert_eq!(upstream_of(Route::Aggregate, &c, &h).unwrap(), None);
+        assert_eq!(upstream_of(Route::Health, &c, &h).unwrap(), None);
+        let unknown = upstream_of(mcp(None), &c, &h).unwrap_err();
+        assert_eq!(unknown.status, 404);
+        assert_eq!(
+            unknown.message(),
+            "unknown upstream \"zz\"; configured: a, b"
         );
     }
 

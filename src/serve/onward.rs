@@ -1,0 +1,163 @@
+//! The last stage: a request that passed every gate goes on, either to the aggregate endpoint
+//! (which runs the gates per message itself) or to one upstream, and what came of it is noted
+//! in the audit draft.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use super::answer::{KeepAlive, answer};
+use super::gate;
+use super::record::Draft;
+use super::worker::Worker;
+use crate::audit::entry::Decision as AuditDecision;
+use crate::core::shutting_down;
+use crate::forward::{self, Exchange, ForwardError, Plan};
+use crate::http::conn::Conn;
+use crate::http::head::Head;
+use crate::mcp::envelope::Envelope;
+use crate::mcp::lists::ListKind;
+use crate::policy::Policy;
+use crate::policy::decide;
+use crate::upstream::Upstream;
+
+/// What both ways on need from the stages before.
+pub struct Passed<'a, 'b> {
+    pub worker: &'a Worker,
+    pub head: &'a Head,
+    pub body: Bytes,
+    pub env: Option<&'a Envelope<'b>>,
+    pub policy: Option<&'a Policy>,
+    /// The upstreams behind the gateway (the policy's in policy mode).
+    pub upstreams: &'a [Upstream],
+    pub agent: Option<usize>,
+    pub peer: SocketAddr,
+    /// The agent asked to close after this request (or spoke HTTP/1.0).
+    pub close: bool,
+}
+
+/// `/mcp` with several upstreams: authorization, limits and routing per message inside.
+pub async fn to_aggregate(
+    p: Passed<'_, '_>,
+    client: &mut Conn,
+    draft: &mut Draft,
+) -> Result<KeepAlive, ()> {
+    let request = crate::aggregate::Request {
+        core: &p.worker.core,
+        head: p.head,
+        body: &p.body,
+        env: p.env,
+        policy: p.policy,
+        upstreams: p.upstreams,
+        agent: p.agent,
+        peer: p.peer,
+        close: p.close || shutting_down(),
+    };
+    let result = Box::pin(crate::aggregate::handle(&request, client)).await;
+    let (Ok(outcome) | Err(outcome)) = &result;
+    draft.status = outcome.status;
+    draft.decision = outcome.decision;
+    draft.reason = outcome.reason.clone();
+    draft.upstream = outcome.upstream;
+    draft.upstream_us = outcome.upstream_us;
+    match result {
+        Ok(o) if o.keep_alive => Ok(KeepAlive::Yes),
+        Ok(_) => Ok(KeepAlive::No),
+        Err(_) => Err(()),
+    }
+}
+
+/// One upstream: in policy mode the call's own gates first ([`gate::admit_call`]); then the
+/// request forwarded as received (with the plan's changes) and the answer relayed as it comes.
+pub async fn to_upstream(
+    p: Passed<'_, '_>,
+    upstream: usize,
+    exchange: &mut Exchange,
+    client: &mut Conn,
+    draft: &mut Draft,
+) -> Result<KeepAlive, ()> {
+    let core = &p.worker.core;
+    let method = p.head.method();
+    let request_id = p.env.and_then(|e| e.single()?.id);
+    let mut upstream_session = None;
+    if let (Some(policy), Some(agent)) = (p.policy, p.agent) {
+        let status = core.config.rate_limit_status;
+        let (limiter, sessions, cache) = (&core.limiter, &core.sessions, &mut draft.cache);
+        let call = gate::admit_call(
+            limiter, status, sessions, policy, agent, upstream, p.head, p.env, cache,
+        );
+        match call.await {
+            Ok(session) => upstream_session = session,
+            Err(reply) => return answer(draft, client, method, request_id, &reply, p.close).await,
+        }
+    }
+    let messages = p.env.map_or(&[][..], |e| e.messages());
+    let mut plan = Plan::for_messages(messages);
+    plan.request_id = request_id;
+    plan.scan_is_error = draft.active
+        && p.env
+            .and_then(|e| e.single())
+            .is_some_and(|m| m.method == Some("tools/call"));
+    let seal;
+    let visible;
+    if let (Some(policy), Some(agent)) = (p.policy, p.agent) {
+        let agent_id = policy.agents[agent].id.as_str();
+        let upstream_name = p.upstreams[upstream].name.as_str();
+        let sessions = &core.sessions;
+        seal = move |id: &[u8]| sessions.seal(agent_id, upstream_name, id);
+        visible =
+            move |kind: ListKind, item: &str| decide::visible(policy, agent, upstream, kind, item);
+        plan.strip_credentials = true;
+        plan.upstream_session = upstream_session;
+        plan.seal_session = Some(&seal);
+        // Every list the agent can receive is filtered: JSON answers to its list requests,
+        // and any list result on an event stream (replays included).
+        plan.visible = Some(&visible);
+    }
+    let close_after = p.close || shutting_down();
+    let relayed = forward::forward(
+        core,
+        exchange,
+        client,
+        p.head,
+        p.body,
+        &p.upstreams[upstream],
+        p.peer,
+        close_after,
+        &plan,
+    )
+    .await;
+    draft.upstream_us = exchange.upstream_us;
+    draft.is_error = exchange.is_error.found;
+    match relayed {
+        Ok(relayed) => {
+            draft.status = exchange.status;
+            if let Some(why) = relayed.failure {
+                draft.decision = AuditDecision::UpstreamError;
+                draft.reason = Some(why);
+            }
+            Ok(if relayed.keep_alive {
+                KeepAlive::Yes
+            } else {
+                KeepAlive::No
+            })
+        }
+        Err(ForwardError::BeforeResponse(reply)) => {
+            let reply = reply.upstream_error(draft.upstream);
+            answer(draft, client, method, request_id, &reply, p.close).await
+        }
+        Err(ForwardError::MidResponse(why)) => {
+            draft.status = exchange.status;
+            draft.decision = AuditDecision::UpstreamError;
+            draft.reason = Some(format!("the response was cut off mid-body: {why}"));
+            Err(())
+        }
+        Err(ForwardError::AgentGone) => {
+            // The agent's doing: the call was allowed and relayed until it left.
+            draft.status = exchange.status;
+            draft.reason =
+                Some("the agent closed the connection while the answer was relayed".into());
+            Err(())
+        }
+    }
+}
