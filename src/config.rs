@@ -136,8 +136,24 @@ impl Config {
     }
 
     /// Parses a given set of variables (the environment, or a test's map).
+    /// [`from_vars`](Self::from_vars) from `(name, value)` pairs.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_vars(&vars)
+    }
+
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+        // Each variable named once: milliseconds, sizes and flags with their defaults.
+        let ms = |name: &'static str, default: u64| parse_ms(name, get(name), default);
+        let size = |name: &'static str, default: usize| match get(name) {
+            None => Ok(default),
+            Some(v) => parse_size(name, v),
+        };
+        let flag = |name: &'static str| parse_bool(name, get(name));
 
         for name in vars.keys() {
             if !KNOWN_VARIABLES.contains(&name.as_str()) {
@@ -180,11 +196,7 @@ impl Config {
             None => Vec::new(),
             Some(v) => parse_upstreams(v)?,
         };
-        let upstream_timeout = parse_ms(
-            "SCOPEGATE_UPSTREAM_TIMEOUT_MS",
-            get("SCOPEGATE_UPSTREAM_TIMEOUT_MS"),
-            DEFAULT_UPSTREAM_TIMEOUT_MS,
-        )?;
+        let upstream_timeout = ms("SCOPEGATE_UPSTREAM_TIMEOUT_MS", DEFAULT_UPSTREAM_TIMEOUT_MS)?;
         let max_upstream_message = match get("SCOPEGATE_MAX_UPSTREAM_MESSAGE") {
             None => DEFAULT_MAX_UPSTREAM_MESSAGE,
             Some(v) => {
@@ -198,41 +210,18 @@ impl Config {
                 n
             }
         };
-        let stream_idle = parse_ms(
-            "SCOPEGATE_STREAM_IDLE_MS",
-            get("SCOPEGATE_STREAM_IDLE_MS"),
-            DEFAULT_STREAM_IDLE_MS,
-        )?;
-        let max_body = match get("SCOPEGATE_MAX_BODY") {
-            None => DEFAULT_MAX_BODY,
-            Some(v) => parse_size("SCOPEGATE_MAX_BODY", v)?,
-        };
-        let header_timeout = parse_ms(
-            "SCOPEGATE_HEADER_TIMEOUT_MS",
-            get("SCOPEGATE_HEADER_TIMEOUT_MS"),
-            DEFAULT_HEADER_TIMEOUT_MS,
-        )?;
-        let body_timeout = parse_ms(
-            "SCOPEGATE_BODY_TIMEOUT_MS",
-            get("SCOPEGATE_BODY_TIMEOUT_MS"),
-            DEFAULT_BODY_TIMEOUT_MS,
-        )?;
-        let idle_timeout = parse_ms(
-            "SCOPEGATE_IDLE_TIMEOUT_MS",
-            get("SCOPEGATE_IDLE_TIMEOUT_MS"),
-            DEFAULT_IDLE_TIMEOUT_MS,
-        )?;
-        let drain = parse_ms(
-            "SCOPEGATE_DRAIN_MS",
-            get("SCOPEGATE_DRAIN_MS"),
-            DEFAULT_DRAIN_MS,
-        )?;
+        let stream_idle = ms("SCOPEGATE_STREAM_IDLE_MS", DEFAULT_STREAM_IDLE_MS)?;
+        let max_body = size("SCOPEGATE_MAX_BODY", DEFAULT_MAX_BODY)?;
+        let header_timeout = ms("SCOPEGATE_HEADER_TIMEOUT_MS", DEFAULT_HEADER_TIMEOUT_MS)?;
+        let body_timeout = ms("SCOPEGATE_BODY_TIMEOUT_MS", DEFAULT_BODY_TIMEOUT_MS)?;
+        let idle_timeout = ms("SCOPEGATE_IDLE_TIMEOUT_MS", DEFAULT_IDLE_TIMEOUT_MS)?;
+        let drain = ms("SCOPEGATE_DRAIN_MS", DEFAULT_DRAIN_MS)?;
         let allowed_origins = match get("SCOPEGATE_ALLOWED_ORIGINS") {
             None => Vec::new(),
             Some(v) => parse_origins(v)?,
         };
         let policy = get("SCOPEGATE_POLICY").map(PathBuf::from);
-        let insecure_open = parse_bool("SCOPEGATE_INSECURE_OPEN", get("SCOPEGATE_INSECURE_OPEN"))?;
+        let insecure_open = flag("SCOPEGATE_INSECURE_OPEN")?;
         let log_level = match get("SCOPEGATE_LOG") {
             None => crate::log::Level::Info,
             Some(v) => crate::log::Level::parse(v).ok_or_else(|| {
@@ -251,7 +240,7 @@ impl Config {
                  (local development only)",
             ));
         }
-        let path_keys = parse_bool("SCOPEGATE_PATH_KEYS", get("SCOPEGATE_PATH_KEYS"))?;
+        let path_keys = flag("SCOPEGATE_PATH_KEYS")?;
         let auth_servers = match get("SCOPEGATE_AUTH_SERVERS") {
             None => Vec::new(),
             Some(v) => v
@@ -343,15 +332,8 @@ impl Config {
                 ),
             ));
         }
-        let aggregate_timeout = parse_ms(
-            "SCOPEGATE_AGGREGATE_TIMEOUT_MS",
-            get("SCOPEGATE_AGGREGATE_TIMEOUT_MS"),
-            5_000,
-        )?;
-        let aggregate_fail_closed = parse_bool(
-            "SCOPEGATE_AGGREGATE_FAIL_CLOSED",
-            get("SCOPEGATE_AGGREGATE_FAIL_CLOSED"),
-        )?;
+        let aggregate_timeout = ms("SCOPEGATE_AGGREGATE_TIMEOUT_MS", 5_000)?;
+        let aggregate_fail_closed = flag("SCOPEGATE_AGGREGATE_FAIL_CLOSED")?;
         let audit = match get("SCOPEGATE_AUDIT_DIR") {
             None => {
                 for name in [
@@ -373,14 +355,8 @@ impl Config {
                 None
             }
             Some(dir) => {
-                let max_args = match get("SCOPEGATE_AUDIT_MAX_ARGS") {
-                    None => 4096,
-                    Some(v) => parse_size("SCOPEGATE_AUDIT_MAX_ARGS", v)?,
-                };
-                let ring_bytes = match get("SCOPEGATE_AUDIT_RING") {
-                    None => 4 << 20,
-                    Some(v) => parse_size("SCOPEGATE_AUDIT_RING", v)?,
-                };
+                let max_args = size("SCOPEGATE_AUDIT_MAX_ARGS", 4096)?;
+                let ring_bytes = size("SCOPEGATE_AUDIT_RING", 4 << 20)?;
                 if ring_bytes < 16 * max_args + (64 << 10) {
                     return Err(err(
                         "SCOPEGATE_AUDIT_RING",
@@ -399,17 +375,10 @@ impl Config {
                 }
                 Some(crate::audit::writer::AuditConfig {
                     dir: PathBuf::from(dir),
-                    flush: parse_ms(
-                        "SCOPEGATE_AUDIT_FLUSH_MS",
-                        get("SCOPEGATE_AUDIT_FLUSH_MS"),
-                        200,
-                    )?,
+                    flush: ms("SCOPEGATE_AUDIT_FLUSH_MS", 200)?,
                     max_file_bytes: max_file_mb << 20,
-                    fsync: parse_bool("SCOPEGATE_AUDIT_FSYNC", get("SCOPEGATE_AUDIT_FSYNC"))?,
-                    fail_closed: parse_bool(
-                        "SCOPEGATE_AUDIT_FAIL_CLOSED",
-                        get("SCOPEGATE_AUDIT_FAIL_CLOSED"),
-                    )?,
+                    fsync: flag("SCOPEGATE_AUDIT_FSYNC")?,
+                    fail_closed: flag("SCOPEGATE_AUDIT_FAIL_CLOSED")?,
                     ring_bytes,
                     max_args,
                 })

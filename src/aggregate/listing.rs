@@ -22,7 +22,7 @@ pub(super) async fn list(
     kind: ListKind,
 ) -> Reply {
     let (method, key, item_key) = (kind.method(), kind.field(), kind.key());
-    let params: Value = serde_json::from_slice::<Value>(req.body)
+    let params: Value = serde_json::from_slice::<Value>(&req.body)
         .ok()
         .and_then(|v| v.get("params").cloned())
         .unwrap_or(Value::Null);

@@ -158,7 +158,7 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
                     write(req, client, Reply::json(200, body)).await
                 }
                 _ if method == "logging/setLevel" => {
-                    broadcast(req, &session, req.body).await;
+                    broadcast(req, &session, &req.body).await;
                     let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
                     if let Some(id) = m.id {
                         id.write_json(&mut body);

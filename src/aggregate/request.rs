@@ -2,24 +2,19 @@
 //! what every stage shares: the reply shapes, the client for the fan-outs, the writes to the
 //! agent.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Instant;
 
 use serde_json::Value;
 
 use crate::audit::entry::Decision as AuditDecision;
-use crate::core::Core;
 use crate::http::conn::Conn;
-use crate::http::head::Head;
-use crate::mcp::envelope::{Envelope, Message};
+use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists;
-use crate::policy::Policy;
 use crate::policy::decide;
 use crate::reply::Reply;
-use crate::upstream::Upstream;
 use crate::upstream::client::{UpRequest, Upstreams, send};
 use crate::warn;
 
@@ -41,19 +36,9 @@ pub struct Outcome {
     pub keep_alive: bool,
 }
 
-/// One aggregate request.
-pub struct Request<'a, 'b> {
-    pub core: &'a Core,
-    pub head: &'a Head,
-    pub body: &'a [u8],
-    pub env: Option<&'a Envelope<'b>>,
-    pub policy: Option<&'a Policy>,
-    /// The upstreams behind the endpoint (the policy's in policy mode).
-    pub upstreams: &'a [Upstream],
-    pub agent: Option<usize>,
-    pub peer: SocketAddr,
-    pub close: bool,
-}
+/// One aggregate request: a request that passed the request path's gates. The methods here
+/// are the aggregate endpoint's own (its upstream client, its deadlines, its list filter).
+pub use crate::core::Passed as Request;
 
 impl Request<'_, '_> {
     pub(super) fn upstream_name(&self, i: usize) -> &str {

@@ -37,17 +37,20 @@ pub(super) async fn notify(
         _ => &[],
     };
     let mapped = (!path.is_empty())
-        .then(|| super::json::locate(req.body, path))
+        .then(|| super::json::locate(&req.body, path))
         .flatten()
         .and_then(|range| {
             let value = serde_json::from_slice::<String>(&req.body[range.0..range.1]).ok()?;
             let (up, original) = unmap_id(&value)?;
             serde_json::from_str::<Value>(original).ok()?;
             let i = req.index_of(up).filter(|&i| req.may_use(i))?;
-            Some((i, super::json::splice(req.body, range, original.as_bytes())))
+            Some((
+                i,
+                super::json::splice(&req.body, range, original.as_bytes()),
+            ))
         });
     let Some((i, body)) = mapped else {
-        broadcast(req, session, req.body).await;
+        broadcast(req, session, &req.body).await;
         return Reply::json(202, Vec::new());
     };
     let mut reply = Reply::json(202, Vec::new());
@@ -174,7 +177,7 @@ pub(super) async fn routed(
     };
 
     // The one rewrite on the call path: the name (or URI) spliced back, the rest byte-identical.
-    let Some(range) = super::json::locate(req.body, path).filter(|&(a, b)| {
+    let Some(range) = super::json::locate(&req.body, path).filter(|&(a, b)| {
         serde_json::from_slice::<String>(&req.body[a..b]).is_ok_and(|s| s == exposed)
     }) else {
         let body = jsonrpc::error_body(
@@ -186,7 +189,7 @@ pub(super) async fn routed(
     };
     let mut with = Vec::with_capacity(original.len() + 2);
     jsonrpc::write_json_string(&original, &mut with);
-    let body = super::json::splice(req.body, range, &with);
+    let body = super::json::splice(&req.body, range, &with);
 
     let sid = match session_for(req, session, i).await {
         Ok(s) => s,
@@ -213,7 +216,7 @@ pub(super) async fn routed(
 /// original id.
 pub(super) async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) -> Reply {
     let bad = |why: &str| Reply::error(400, jsonrpc::INVALID_REQUEST, why);
-    let Some(range) = super::json::locate(req.body, &["id"]) else {
+    let Some(range) = super::json::locate(&req.body, &["id"]) else {
         return bad("a response needs an id");
     };
     let Ok(id) = serde_json::from_slice::<String>(&req.body[range.0..range.1]) else {
@@ -228,7 +231,7 @@ pub(super) async fn answer_server_request(req: &Request<'_, '_>, session: &Multi
     if serde_json::from_str::<Value>(original).is_err() {
         return bad("this response answers no request scopegate relayed");
     }
-    let body = super::json::splice(req.body, range, original.as_bytes());
+    let body = super::json::splice(&req.body, range, original.as_bytes());
     let sid = match session_for(req, session, i).await {
         Ok(s) => s,
         Err(e) => return upstream_failed(None, e, i),

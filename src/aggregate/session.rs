@@ -137,7 +137,7 @@ pub(super) async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply 
             Box::pin(async move {
                 let r = UpRequest {
                     method: "POST",
-                    body: req.body,
+                    body: &req.body,
                     session: None,
                     protocol_version: None,
                     peer: req.peer,

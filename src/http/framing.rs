@@ -368,15 +368,7 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::head::{Head, parse_request};
-    use bytes::Bytes;
-
-    fn head(raw: &str) -> Head {
-        let mut h = Head::default();
-        let len = parse_request(raw.as_bytes(), &mut h).unwrap().unwrap();
-        h.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        h
-    }
+    use crate::http::head::request_head as head;
 
     #[test]
     fn request_framing_rules() {

@@ -104,6 +104,18 @@ pub fn is_event_stream(response: &Head) -> bool {
         .is_some_and(|v| v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream"))
 }
 
+/// The complete request head at the start of `text`, with `raw` set: for tests, which panic
+/// on text that holds no complete, valid head.
+#[cfg(test)]
+pub fn request_head(text: &str) -> Head {
+    let mut head = Head::default();
+    let len = parse_request(text.as_bytes(), &mut head)
+        .expect("a valid request head")
+        .expect("a complete request head");
+    head.raw = bytes::Bytes::copy_from_slice(&text.as_bytes()[..len]);
+    head
+}
+
 /// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read more.
 /// On success returns the head's length; `head.raw` is left for the caller to set from
 /// `buf[..len]` (so the caller decides whether to split or copy).

@@ -134,7 +134,26 @@ pub(super) fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-pub(super) fn valid_id(id: &str) -> bool {
+/// An `id` (`tenant.id`, `agent.id`): well formed, and not one already `defined`.
+pub(super) fn check_id(
+    id: &Spanned<String>,
+    field: &str,
+    what: &str,
+    defined: bool,
+    at: &At<'_>,
+) -> Result<(), PolicyError> {
+    let (span, text) = (Some(id.span()), id.get_ref());
+    if !valid_id(text) {
+        let message = format!("{text:?} must be 1-64 letters, digits, '_', '-', '.' or '@'");
+        return Err(at(span, field, message));
+    }
+    if defined {
+        return Err(at(span, field, format!("{what} {text:?} is defined twice")));
+    }
+    Ok(())
+}
+
+fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id

@@ -8,8 +8,8 @@ use toml::Spanned;
 
 pub use super::fields::{Env, ProcessEnv};
 use super::fields::{
-    RawPolicy, compile_constraint, compile_rate, compile_rule_glob, expand_env, limit, line_of,
-    parse_sha256, valid_header_name, valid_id,
+    RawPolicy, check_id, compile_constraint, compile_rate, compile_rule_glob, expand_env, limit,
+    line_of, parse_sha256, valid_header_name,
 };
 use super::{Agent, Policy, PolicyError, Tenant, ToolRule, UpstreamRule};
 use crate::glob::Glob;
@@ -52,20 +52,8 @@ impl Policy {
         let mut tenants: Vec<Tenant> = Vec::new();
         for t in &raw.tenant {
             let id = t.id.get_ref();
-            if !valid_id(id) {
-                return Err(at(
-                    Some(t.id.span()),
-                    "tenant.id",
-                    format!("{id:?} must be 1-64 letters, digits, '_', '-', '.' or '@'"),
-                ));
-            }
-            if tenants.iter().any(|x| &x.id == id) {
-                return Err(at(
-                    Some(t.id.span()),
-                    "tenant.id",
-                    format!("tenant {id:?} is defined twice"),
-                ));
-            }
+            let defined = tenants.iter().any(|x| &x.id == id);
+            check_id(&t.id, "tenant.id", "tenant", defined, &at)?;
             let rate = compile_rate(&t.rate, "tenant.rate", &at)?;
             tenants.push(Tenant {
                 id: id.clone(),
@@ -198,20 +186,7 @@ impl Policy {
         let mut by_id: HashMap<String, usize> = HashMap::new();
         for a in &raw.agent {
             let id = a.id.get_ref();
-            if !valid_id(id) {
-                return Err(at(
-                    Some(a.id.span()),
-                    "agent.id",
-                    format!("{id:?} must be 1-64 letters, digits, '_', '-', '.' or '@'"),
-                ));
-            }
-            if by_id.contains_key(id) {
-                return Err(at(
-                    Some(a.id.span()),
-                    "agent.id",
-                    format!("agent {id:?} is defined twice"),
-                ));
-            }
+            check_id(&a.id, "agent.id", "agent", by_id.contains_key(id), &at)?;
             let tenant = match &a.tenant {
                 Some(t) => Some(tenant_index(t, "agent.tenant")?),
                 None => None,

@@ -52,21 +52,24 @@ pub struct Limit {
 impl Limit {
     /// A limit with one bucket.
     pub fn new(key: String, rate: Rate, label: String) -> Limit {
-        let gcra = Gcra::new(rate.per_second, rate.burst);
-        Limit {
-            state: Arc::new(State::One(Bucket::new(gcra, label.clone()))),
-            key,
-            rate,
-            label,
-        }
+        Limit::with(key, rate, label, false)
     }
 
     /// A limit with one bucket per name it is used with (a tool rule whose `match` is a glob
     /// limits each tool it matches separately), at most [`MAX_TOOL_BUCKETS`] of them.
     pub fn per_name(key: String, rate: Rate, label: String) -> Limit {
+        Limit::with(key, rate, label, true)
+    }
+
+    fn with(key: String, rate: Rate, label: String, per_name: bool) -> Limit {
         let gcra = Gcra::new(rate.per_second, rate.burst);
+        let state = if per_name {
+            State::PerName(PerName::new(gcra, label.clone()))
+        } else {
+            State::One(Bucket::new(gcra, label.clone()))
+        };
         Limit {
-            state: Arc::new(State::PerName(PerName::new(gcra, label.clone()))),
+            state: Arc::new(state),
             key,
             rate,
             label,

@@ -108,24 +108,17 @@ fn resource_metadata(config: &Config, head: &Head) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use std::collections::HashMap;
 
     #[test]
     fn metadata_names_this_gateway_and_its_authorization_servers() {
-        let vars: HashMap<String, String> = [
+        let config = Config::from_pairs(&[
             ("SCOPEGATE_INSECURE_OPEN", "1"),
             ("SCOPEGATE_UPSTREAMS", "a=http://127.0.0.1:9/mcp"),
             ("SCOPEGATE_AUTH_SERVERS", "https://auth.example"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        let config = Config::from_vars(&vars).unwrap();
+        ])
+        .unwrap();
         let raw = "GET /.well-known/oauth-protected-resource HTTP/1.1\r\nHost: gw:8080\r\n\r\n";
-        let mut head = Head::default();
-        crate::http::head::parse_request(raw.as_bytes(), &mut head).unwrap();
-        head.raw = Bytes::copy_from_slice(raw.as_bytes());
+        let head = crate::http::head::request_head(raw);
         let reply = answer(Route::ResourceMetadata, &config, &head, &[], &[]).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&reply.body_bytes(None)).unwrap();
         assert_eq!(v["resource"], "http://gw:8080/mcp");

@@ -350,8 +350,9 @@ pub async fn admit_call<'c>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::head::request_head as head;
     use crate::mcp::envelope::EnvelopeParser;
-    use bytes::Bytes;
+
     use std::collections::HashMap;
     use std::path::Path;
     use std::rc::Rc;
@@ -366,17 +367,8 @@ mod tests {
         }
     }
 
-    fn rate_limit(
-        status: u16,
-        policy: &Policy,
-        agent: usize,
-        upstream: usize,
-        env: &Envelope<'_>,
-    ) -> Option<Reply> {
-        let limiter = Limiter::default();
-        ready(super::rate_limit(
-            &limiter, status, policy, agent, upstream, env,
-        ))
+    fn rate_limit(status: u16, p: &Policy, a: usize, u: usize, env: &Envelope) -> Option<Reply> {
+        ready(super::rate_limit(&Limiter::default(), status, p, a, u, env))
     }
     use std::sync::Arc;
 
@@ -413,26 +405,12 @@ burst = 2
     }
 
     fn config() -> Config {
-        let vars: HashMap<String, String> = [
+        let upstreams = "a=http://127.0.0.1:9/mcp,b=http://127.0.0.1:9/mcp";
+        let vars = [
             ("SCOPEGATE_POLICY", "/dev/null"),
-            (
-                "SCOPEGATE_UPSTREAMS",
-                "a=http://127.0.0.1:9/mcp,b=http://127.0.0.1:9/mcp",
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        Config::from_vars(&vars).unwrap()
-    }
-
-    fn head(raw: &str) -> Head {
-        let mut h = Head::default();
-        let len = crate::http::head::parse_request(raw.as_bytes(), &mut h)
-            .unwrap()
-            .unwrap();
-        h.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        h
+            ("SCOPEGATE_UPSTREAMS", upstreams),
+        ];
+        Config::from_pairs(&vars).unwrap()
     }
 
     fn auth(p: &LocalPolicy, raw: &str) -> Result<Admitted, u16> {

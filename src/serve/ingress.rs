@@ -268,15 +268,7 @@ pub async fn linger_close(client: &mut Conn) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn head(raw: &str) -> Head {
-        let mut h = Head::default();
-        let len = head::parse_request(raw.as_bytes(), &mut h)
-            .unwrap()
-            .unwrap();
-        h.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        h
-    }
+    use crate::http::head::request_head as head;
 
     #[test]
     fn framing_and_host_rules() {

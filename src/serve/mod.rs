@@ -45,7 +45,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use monoio::net::TcpStream;
 
-use crate::core::shutting_down;
+use crate::core::{Passed, shutting_down};
 use crate::forward::Exchange;
 use crate::http;
 use crate::http::conn::Conn;
@@ -57,7 +57,6 @@ use crate::policy::live::PolicyView;
 
 use answer::{KeepAlive, answer};
 use memory::ConnCache;
-use onward::Passed;
 use record::Draft;
 pub use worker::{RequestState, Worker};
 
@@ -225,8 +224,10 @@ async fn handle_request(
         pass!(gate::check_envelope_headers(head, env));
     }
     let upstreams = p.map_or(&config.upstreams[..], |p| p.upstreams());
+    let core = &worker.core;
+    let close = close || shutting_down();
     let passed = Passed {
-        worker,
+        core,
         head,
         body,
         env,

@@ -2,39 +2,15 @@
 //! (which runs the gates per message itself) or to one upstream, and what came of it is noted
 //! in the audit draft.
 
-use std::net::SocketAddr;
-
-use bytes::Bytes;
-
 use super::answer::{KeepAlive, answer};
 use super::gate;
 use super::record::Draft;
-use super::worker::Worker;
 use crate::audit::entry::Decision as AuditDecision;
-use crate::core::shutting_down;
+use crate::core::Passed;
 use crate::forward::{self, Exchange, ForwardError, Plan};
 use crate::http::conn::Conn;
-use crate::http::head::Head;
-use crate::mcp::envelope::Envelope;
 use crate::mcp::lists::ListKind;
-use crate::policy::Policy;
 use crate::policy::decide;
-use crate::upstream::Upstream;
-
-/// What both ways on need from the stages before.
-pub struct Passed<'a, 'b> {
-    pub worker: &'a Worker,
-    pub head: &'a Head,
-    pub body: Bytes,
-    pub env: Option<&'a Envelope<'b>>,
-    pub policy: Option<&'a Policy>,
-    /// The upstreams behind the gateway (the policy's in policy mode).
-    pub upstreams: &'a [Upstream],
-    pub agent: Option<usize>,
-    pub peer: SocketAddr,
-    /// The agent asked to close after this request (or spoke HTTP/1.0).
-    pub close: bool,
-}
 
 /// `/mcp` with several upstreams: authorization, limits and routing per message inside.
 pub async fn to_aggregate(
@@ -42,18 +18,7 @@ pub async fn to_aggregate(
     client: &mut Conn,
     draft: &mut Draft,
 ) -> Result<KeepAlive, ()> {
-    let request = crate::aggregate::Request {
-        core: &p.worker.core,
-        head: p.head,
-        body: &p.body,
-        env: p.env,
-        policy: p.policy,
-        upstreams: p.upstreams,
-        agent: p.agent,
-        peer: p.peer,
-        close: p.close || shutting_down(),
-    };
-    let result = Box::pin(crate::aggregate::handle(&request, client)).await;
+    let result = Box::pin(crate::aggregate::handle(&p, client)).await;
     let (Ok(outcome) | Err(outcome)) = &result;
     draft.status = outcome.status;
     draft.decision = outcome.decision;
@@ -76,7 +41,7 @@ pub async fn to_upstream(
     client: &mut Conn,
     draft: &mut Draft,
 ) -> Result<KeepAlive, ()> {
-    let core = &p.worker.core;
+    let core = p.core;
     let method = p.head.method();
     let request_id = p.env.and_then(|e| e.single()?.id);
     let mut upstream_session = None;
@@ -114,7 +79,6 @@ pub async fn to_upstream(
         // and any list result on an event stream (replays included).
         plan.visible = Some(&visible);
     }
-    let close_after = p.close || shutting_down();
     let relayed = forward::forward(
         core,
         exchange,
@@ -123,7 +87,7 @@ pub async fn to_upstream(
         p.body,
         &p.upstreams[upstream],
         p.peer,
-        close_after,
+        p.close,
         &plan,
     )
     .await;

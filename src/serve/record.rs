@@ -222,16 +222,8 @@ pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::head::request_head as head;
     use crate::mcp::envelope::EnvelopeParser;
-
-    fn head(raw: &str) -> crate::http::head::Head {
-        let mut h = crate::http::head::Head::default();
-        let len = crate::http::head::parse_request(raw.as_bytes(), &mut h)
-            .unwrap()
-            .unwrap();
-        h.raw = bytes::Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        h
-    }
 
     #[test]
     fn a_reply_is_recorded_without_overwriting_an_earlier_verdict() {

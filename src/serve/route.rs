@@ -192,33 +192,16 @@ pub fn check_origin(config: &Config, head: &Head) -> Result<(), Reply> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use std::collections::HashMap;
+    use crate::http::head::request_head as head;
 
     fn config(extra: &[(&str, &str)]) -> Config {
-        let mut vars: HashMap<String, String> = [
+        let upstreams = "a=http://127.0.0.1:9/mcp,b=http://127.0.0.1:9/mcp";
+        let mut vars = vec![
             ("SCOPEGATE_INSECURE_OPEN", "1"),
-            (
-                "SCOPEGATE_UPSTREAMS",
-                "a=http://127.0.0.1:9/mcp,b=http://127.0.0.1:9/mcp",
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        for (k, v) in extra {
-            vars.insert((*k).to_owned(), (*v).to_owned());
-        }
-        Config::from_vars(&vars).unwrap()
-    }
-
-    fn head(raw: &str) -> Head {
-        let mut h = Head::default();
-        let len = crate::http::head::parse_request(raw.as_bytes(), &mut h)
-            .unwrap()
-            .unwrap();
-        h.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        h
+            ("SCOPEGATE_UPSTREAMS", upstreams),
+        ];
+        vars.extend_from_slice(extra);
+        Config::from_pairs(&vars).unwrap()
     }
 
     fn routed(c: &Config, line: &str) -> Result<Route, u16> {

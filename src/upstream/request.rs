@@ -114,8 +114,8 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::head::request_head as agent;
     use crate::upstream::Transport;
-    use bytes::Bytes;
 
     fn upstream(url: &str) -> Upstream {
         Upstream {
@@ -123,15 +123,6 @@ mod tests {
             transport: Transport::parse(url).unwrap(),
             headers: vec![("X-Api-Key".into(), "secret".into())],
         }
-    }
-
-    fn agent(raw: &str) -> Head {
-        let mut h = Head::default();
-        let len = head::parse_request(raw.as_bytes(), &mut h)
-            .unwrap()
-            .unwrap();
-        h.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
-        h
     }
 
     fn outgoing<'a>(agent: Option<&'a Head>) -> Outgoing<'a> {
