@@ -8,14 +8,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::plan::{Exchange, ForwardError, Plan, Relayed};
+use super::plan::{ForwardError, Leg, Plan, Relayed};
 use super::respond::{flush, send, start_response, stream_buffers};
-use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
-use crate::http::conn::Conn;
 use crate::http::framing;
-use crate::http::head::{self, Head};
+use crate::http::head::{self};
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::{jsonrpc, lists};
 use crate::metrics::StreamGauge;
@@ -33,17 +31,9 @@ fn invalid(target: Target<'_>, why: &str) -> ForwardError {
 /// Reads a JSON answer whole (within `SCOPEGATE_MAX_UPSTREAM_MESSAGE`), filters every list in
 /// it, and sends it with a length. An answer that cannot be read is refused (502) rather than
 /// relayed unfiltered.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn relay_filtered_json(
-    core: &Core,
-    ex: &mut Exchange,
-    client: &mut Conn,
-    request: &Head,
-    up: &mut Conn,
-    target: Target<'_>,
-    close_after: bool,
-    plan: &Plan<'_>,
-) -> Result<(Relayed, bool), ForwardError> {
+pub(super) async fn relay_filtered_json(leg: Leg<'_, '_>) -> Result<(Relayed, bool), ForwardError> {
+    let (core, ex, client, request) = (leg.core, leg.ex, leg.client, leg.request);
+    let (up, target, close_after, plan) = (leg.up, leg.target, leg.close_after, leg.plan);
     let bad = |why: &str| invalid(target, why);
     let Some(visible) = plan.visible else {
         return Err(bad("internal: no visibility rule"));
@@ -98,17 +88,9 @@ pub(super) async fn relay_filtered_json(
 /// may pause between events for `SCOPEGATE_STREAM_IDLE_MS`. When the upstream fails after the
 /// stream began, a POST's stream ends with a JSON-RPC error for its request (the agent is told,
 /// and its connection stays usable).
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn relay_events(
-    core: &Core,
-    ex: &mut Exchange,
-    client: &mut Conn,
-    request: &Head,
-    up: &mut Conn,
-    target: Target<'_>,
-    close_after: bool,
-    plan: &Plan<'_>,
-) -> Result<(Relayed, bool), ForwardError> {
+pub(super) async fn relay_events(leg: Leg<'_, '_>) -> Result<(Relayed, bool), ForwardError> {
+    let (core, ex, client, request) = (leg.core, leg.ex, leg.client, leg.request);
+    let (up, target, close_after, plan) = (leg.up, leg.target, leg.close_after, leg.plan);
     let config = &core.config;
     let framing = framing::response_framing(&ex.response, request.method()).map_err(|e| {
         invalid(

@@ -34,6 +34,7 @@ use crate::reply::Reply;
 use crate::upstream::Upstream;
 use crate::upstream::exchange::{self, HeadFailure, Target, exchange_head};
 use crate::upstream::request::{Outgoing, write_head};
+use plan::Leg;
 pub use plan::{Exchange, ForwardError, Plan, Relayed, SealFn};
 use respond::COALESCE_LIMIT;
 pub use scan::IsErrorScan;
@@ -125,45 +126,24 @@ pub async fn forward(
             ),
         )));
     }
+    let leg = Leg {
+        core,
+        ex: &mut *ex,
+        client: &mut *client,
+        request,
+        up: &mut up,
+        target,
+        close_after,
+        plan,
+    };
+    // The filtered relays are boxed: rarer than plain calls, and their state machines would
+    // otherwise size every connection's task.
     let result = if filtered && event_stream {
-        // Boxed, like the filtered JSON relay: rarer than plain calls, and their state machines
-        // would otherwise size every connection's task.
-        Box::pin(events::relay_events(
-            core,
-            ex,
-            client,
-            request,
-            &mut up,
-            target,
-            close_after,
-            plan,
-        ))
-        .await
+        Box::pin(events::relay_events(leg)).await
     } else if filtered && plan.lists_asked {
-        Box::pin(events::relay_filtered_json(
-            core,
-            ex,
-            client,
-            request,
-            &mut up,
-            target,
-            close_after,
-            plan,
-        ))
-        .await
+        Box::pin(events::relay_filtered_json(leg)).await
     } else {
-        relay::relay(
-            core,
-            ex,
-            client,
-            request,
-            &mut up,
-            target,
-            close_after,
-            plan,
-            event_stream,
-        )
-        .await
+        relay::relay(leg, event_stream).await
     };
     if ex.out.capacity() > RETAIN_LIMIT {
         ex.out = Vec::new();

@@ -1,11 +1,15 @@
 //! What one forwarded exchange is asked to do ([`Plan`]), the scratch it reuses
-//! ([`Exchange`]) and how it ends ([`Relayed`], [`ForwardError`]).
+//! ([`Exchange`]), the exchange under way as each relay takes it ([`Leg`]) and how it ends
+//! ([`Relayed`], [`ForwardError`]).
 
 use super::scan::IsErrorScan;
+use crate::core::Core;
+use crate::http::conn::Conn;
 use crate::http::head::Head;
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists::Visible;
 use crate::reply::Reply;
+use crate::upstream::exchange::Target;
 
 /// Per-connection scratch reused across requests, and what the audit log learns from the
 /// exchange.
@@ -84,4 +88,19 @@ pub enum ForwardError {
     /// The agent closed its connection while the answer was relayed: its doing, not the
     /// upstream's.
     AgentGone,
+}
+
+/// The exchange under way, as each relay takes it: the upstream's response head is read (in
+/// `ex.response`), its body is still on `up`.
+pub struct Leg<'a, 'p> {
+    pub core: &'a Core,
+    pub ex: &'a mut Exchange,
+    pub client: &'a mut Conn,
+    /// The agent's request.
+    pub request: &'a Head,
+    pub up: &'a mut Conn,
+    pub target: Target<'a>,
+    /// The agent's connection closes after this answer.
+    pub close_after: bool,
+    pub plan: &'a Plan<'p>,
 }

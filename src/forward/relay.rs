@@ -5,17 +5,15 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::plan::{Exchange, ForwardError, Plan, Relayed};
+use super::plan::{ForwardError, Leg, Relayed};
 use super::respond::{flush, send, send_scanned, start_response, stream_buffers};
-use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
-use crate::http::head::{self, Head};
+use crate::http::head::{self};
 use crate::mcp::jsonrpc;
 use crate::metrics::StreamGauge;
 use crate::reply::Reply;
-use crate::upstream::exchange::Target;
 
 /// How the agent receives the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,18 +30,12 @@ enum Downstream {
     UntilClose,
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn relay(
-    core: &Core,
-    ex: &mut Exchange,
-    client: &mut Conn,
-    request: &Head,
-    up: &mut Conn,
-    target: Target<'_>,
-    close_after: bool,
-    plan: &Plan<'_>,
+    leg: Leg<'_, '_>,
     is_event_stream: bool,
 ) -> Result<(Relayed, bool), ForwardError> {
+    let (core, ex, client, request) = (leg.core, leg.ex, leg.client, leg.request);
+    let (up, target, close_after, plan) = (leg.up, leg.target, leg.close_after, leg.plan);
     let response = &ex.response;
     let upstream_framing = match framing::response_framing(response, request.method()) {
         Ok(f) => f,
