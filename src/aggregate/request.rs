@@ -24,7 +24,7 @@ pub(super) type Joined = (Vec<u8>, Value);
 /// A boxed future borrowing the request.
 pub(super) type Fut<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
 
-/// What the pipeline records about an aggregate request.
+/// What the request path records about an aggregate request.
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub status: u16,
