@@ -135,7 +135,6 @@ impl Config {
         Config::from_vars(&vars)
     }
 
-    /// Parses a given set of variables (the environment, or a test's map).
     /// [`from_vars`](Self::from_vars) from `(name, value)` pairs.
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let vars: HashMap<String, String> = pairs
@@ -145,6 +144,7 @@ impl Config {
         Config::from_vars(&vars)
     }
 
+    /// Parses a given set of variables (the environment, or a test's map).
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
         // Each variable named once: milliseconds, sizes and flags with their defaults.

@@ -42,16 +42,9 @@ fn code_only(text: &str) -> String {
                 blank(&mut out, i, end);
                 i = end;
             }
-            b'r' if (b.get(i + 1) == Some(&b'"') || b.get(i + 1) == Some(&b'#'))
-                && (i == 0 || !is_ident(b[i - 1])) =>
-            {
-                // A raw string: r"…", r#"…"#, r##"…"##.
-                let hashes = b[i + 1..].iter().take_while(|&&c| c == b'#').count();
-                let open = i + 1 + hashes;
-                if b.get(open) != Some(&b'"') {
-                    i += 1;
-                    continue;
-                }
+            b'r' | b'b' if raw_string_at(b, i).is_some() => {
+                // A raw string: r"…", r#"…"#, br"…", br##"…"##.
+                let (hashes, open) = raw_string_at(b, i).unwrap_or_default();
                 let close = format!("\"{}", "#".repeat(hashes));
                 let end = text[open + 1..]
                     .find(&close)
@@ -91,6 +84,21 @@ fn code_only(text: &str) -> String {
         }
     }
     String::from_utf8(out).expect("blanking keeps UTF-8")
+}
+
+/// At `i`, the start of a raw string (`r"`, `r#"`, `br"`, ...): the number of `#`s and where
+/// its opening quote is.
+fn raw_string_at(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    if i > 0 && is_ident(b[i - 1]) {
+        return None;
+    }
+    let r = if b[i] == b'b' { i + 1 } else { i };
+    if b.get(r) != Some(&b'r') {
+        return None;
+    }
+    let hashes = b[r + 1..].iter().take_while(|&&c| c == b'#').count();
+    let open = r + 1 + hashes;
+    (b.get(open) == Some(&b'"')).then_some((hashes, open))
 }
 
 fn is_ident(c: u8) -> bool {
@@ -209,12 +217,15 @@ fn split_top(s: &str) -> Vec<&str> {
 fn children(code: &str) -> Vec<String> {
     code.lines()
         .filter_map(|line| {
-            let line = line.trim();
-            let line = line
-                .strip_prefix("pub(crate) ")
-                .or_else(|| line.strip_prefix("pub(super) "))
-                .or_else(|| line.strip_prefix("pub "))
-                .unwrap_or(line);
+            let mut line = line.trim();
+            // `#[cfg(test)] mod x;`, `pub(in crate::a) mod x;`
+            while line.starts_with("#[") {
+                line = line[line.find(']')? + 1..].trim_start();
+            }
+            if let Some(rest) = line.strip_prefix("pub(") {
+                line = rest[rest.find(')')? + 1..].trim_start();
+            }
+            let line = line.strip_prefix("pub ").unwrap_or(line);
             let name = line.strip_prefix("mod ")?.strip_suffix(';')?;
             Some(name.trim().to_owned())
         })
@@ -237,14 +248,24 @@ fn resolve(path: &[String], modules: &BTreeSet<Module>) -> Option<Module> {
 
 /// Which modules each module (file) imports.
 fn imports(files: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Module>> {
+    read_imports(files).0
+}
+
+/// [`imports`], and every `crate::` path that names no module (a re-export at the crate root
+/// would hide which layer a name comes from).
+fn read_imports(
+    files: &BTreeMap<Module, String>,
+) -> (BTreeMap<Module, BTreeSet<Module>>, Vec<String>) {
     let modules: BTreeSet<Module> = files.keys().cloned().collect();
     let mut edges = BTreeMap::new();
+    let mut unresolved = Vec::new();
     for (module, text) in files {
         let code = code_only(text);
         // `super` inside the file's own `mod tests` is the file itself.
         let tests_at = code
-            .find("#[cfg(test)]")
-            .filter(|&at| {
+            .match_indices("#[cfg(test)]")
+            .map(|(at, _)| at)
+            .find(|&at| {
                 code[at..]
                     .trim_start_matches("#[cfg(test)]")
                     .trim_start()
@@ -252,12 +273,23 @@ fn imports(files: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Module
             })
             .unwrap_or(code.len());
         let kids = children(&code);
-        let mut roots = vec!["crate".to_owned(), "super".to_owned()];
+        let mut roots = vec!["crate".to_owned(), "super".to_owned(), "self".to_owned()];
         roots.extend(kids.iter().cloned());
         let mut targets = BTreeSet::new();
         for (at, root, path) in named_paths(&code, &roots) {
             let full: Vec<String> = match root.as_str() {
-                "crate" => path,
+                "crate" => {
+                    if resolve(&path, &modules).is_none() {
+                        unresolved.push(format!(
+                            "{}: crate::{}",
+                            module.join("::"),
+                            path.join("::")
+                        ));
+                    }
+                    path
+                }
+                // The file's own module (in its tests: the tests module, inside the file).
+                "self" => module.iter().cloned().chain(path).collect(),
                 "super" => {
                     let mut base = module.clone();
                     if at < tests_at {
@@ -287,7 +319,7 @@ fn imports(files: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Module
         }
         edges.insert(module.clone(), targets);
     }
-    edges
+    (edges, unresolved)
 }
 
 /// A cycle in the import graph, if there is one.
@@ -452,8 +484,9 @@ fn the_reader_finds_imports_in_every_form_and_nothing_in_comments_or_strings() {
     let files = tree(&[
         (
             "a",
-            "mod kid;\nuse crate::{b, c::{d, e as f}};\n// crate::g::x\n/// [`crate::g`]\n\
-             fn x() { let s = \"crate::g\"; let r = r#\"crate::g\"#; let c = '\"'; kid::go(); }\n",
+            "#[cfg(test)] pub(in crate::a) mod kid;\nuse crate::{b, c::{d, e as f}};\n// crate::g::x\n\
+             /// [`crate::g`]\nfn x() { let s = \"crate::g\"; let r = r#\"crate::g\"#; let c = '\"';\n\
+             let q = '\\''; let t = br#\"crate::g \\\"\"#; let u = br\"crate::g\"; kid::go(); }\n",
         ),
         (
             "a::kid",
@@ -465,9 +498,12 @@ fn the_reader_finds_imports_in_every_form_and_nothing_in_comments_or_strings() {
         ("g", ""),
         (
             "h",
-            "#[cfg(test)]\nmod tests {\n    use super::*;\n    fn t() { super::run(); }\n}\n",
+            "#[cfg(test)]\npub fn helper() {}\n#[cfg(test)]\nmod tests {\n    use super::*;\n    \
+             fn t() { super::run(); self::t(); }\n}\n",
         ),
         ("log", ""),
+        ("m", "mod n;\nuse self::n::X;\n"),
+        ("m::n", "pub struct X;\nfn y() { crate::Root::go(); }\n"),
     ]);
     let edges = imports(&files);
     assert_eq!(
@@ -476,6 +512,13 @@ fn the_reader_finds_imports_in_every_form_and_nothing_in_comments_or_strings() {
     );
     assert_eq!(edges[&m("a::kid")], BTreeSet::from([m("h"), m("log")]));
     assert!(edges[&m("h")].is_empty(), "super in h's tests is h itself");
+    assert_eq!(
+        edges[&m("m")],
+        BTreeSet::from([m("m::n")]),
+        "self:: paths count"
+    );
+    let (_, unresolved) = read_imports(&files);
+    assert_eq!(unresolved, ["m::n: crate::Root::go"]);
 }
 
 #[test]
@@ -540,6 +583,11 @@ fn imports_point_down_the_layer_table() {
             "the layer table names {name}, which is not a module"
         );
     }
-    let violations = layer_violations(&imports(&files), &table);
+    let (edges, unresolved) = read_imports(&files);
+    assert!(
+        unresolved.is_empty(),
+        "paths through the crate root hide their layer: {unresolved:?}"
+    );
+    let violations = layer_violations(&edges, &table);
     assert!(violations.is_empty(), "{}", violations.join("\n"));
 }

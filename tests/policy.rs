@@ -858,3 +858,18 @@ fn policy_upstreams_keep_their_connections_alive() {
     assert_eq!(s.other.methods().len(), 11, "initialize and ten pings");
     assert_eq!(s.other.connections(), 1, "one kept-alive connection");
 }
+
+/// Two upstreams behind one address keep their own connections: a server that routes a whole
+/// connection by its first request must never get one upstream's requests (and injected
+/// credential) on the other's connection.
+#[test]
+fn upstreams_behind_one_address_do_not_share_connections() {
+    let up = MockServer::start(MockConfig::default());
+    let gw = Gateway::open().upstream("a", &up).upstream("b", &up).start();
+    let mut c = gw.client();
+    for path in ["/mcp/a", "/mcp/b", "/mcp/a", "/mcp/b", "/mcp/a"] {
+        assert_eq!(c.post(path, INIT).send().status, 200);
+    }
+    assert_eq!(up.methods().len(), 5);
+    assert_eq!(up.connections(), 2, "one kept-alive connection per upstream");
+}

@@ -66,7 +66,7 @@ pub(super) async fn list(
                 let r = req.up_request("POST", body.as_bytes(), Some(&sid));
                 let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
                 let status = resp.status();
-                resp.finish(&req.core.pool);
+                resp.finish(req.ups());
                 rpc_result(req, i, method, status, &answer)
             }) as Fut<'_, _>
         })
@@ -172,7 +172,7 @@ pub(super) async fn resolve_name(
         let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline())
             .await
             .ok()?;
-        resp.finish(&req.core.pool);
+        resp.finish(req.ups());
         let value: Value = serde_json::from_slice(&answer).ok()?;
         let result = value.get("result")?;
         if let Some(Value::Array(items)) = result.get(key) {

@@ -67,7 +67,7 @@ pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome,
                         let r = req.up_request("DELETE", b"", Some(&s));
                         if let Ok(mut resp) = send(req.ups(), i, &r, req.fanout_deadline()).await {
                             let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-                            resp.finish(&req.core.pool);
+                            resp.finish(req.ups());
                         }
                     }) as Fut<'_, ()>
                 })

@@ -209,7 +209,7 @@ pub(super) async fn exchange_or_accepted(
         return Ok(());
     }
     let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-    resp.finish(&req.core.pool);
+    resp.finish(req.ups());
     Ok(())
 }
 

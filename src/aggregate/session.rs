@@ -97,7 +97,7 @@ pub(super) async fn session_for(
     let r = req.up_request("POST", done, Some(&sid));
     if let Ok(mut resp) = send(req.ups(), i, &r, req.fanout_deadline()).await {
         let _ = resp.read_all(req.fanout_deadline(), 1 << 20).await;
-        resp.finish(&req.core.pool);
+        resp.finish(req.ups());
     }
     info!("aggregate: joined upstream {name:?} for an existing session");
     req.core.lazy_joins.insert(key, i, sid.clone());
@@ -116,7 +116,7 @@ pub(super) async fn initialize_upstream(
         .header("mcp-session-id")
         .map(<[u8]>::to_vec)
         .unwrap_or_default();
-    resp.finish(&req.core.pool);
+    resp.finish(req.ups());
     Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
 }
 

@@ -51,7 +51,7 @@ pub(super) async fn relay(
                 return write(req, client, upstream_failed(m.id, r, i)).await;
             }
         };
-        resp.finish(&req.core.pool);
+        resp.finish(req.ups());
         let body = if body.is_empty() {
             body
         } else {
@@ -188,7 +188,7 @@ pub(super) async fn relay(
         outcome.decision = AuditDecision::UpstreamError;
         outcome.reason = Some(why);
     } else {
-        resp.finish(&req.core.pool);
+        resp.finish(req.ups());
     }
     if !tail.is_empty() && write_chunk(client, &tail).await.is_err() {
         outcome.keep_alive = false;

@@ -165,7 +165,7 @@ pub async fn forward(
     ex.response.raw = Bytes::new();
     if reusable {
         up.read_chunk = crate::http::conn::READ_CHUNK;
-        core.pool.put(upstream.transport.pool_key(), up);
+        core.pool.put(upstream.pool_id(), up);
     }
     Ok(relayed)
 }

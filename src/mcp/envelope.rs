@@ -247,7 +247,6 @@ fn unreachable_message() -> Message<'static> {
 }
 
 /// Number of tape nodes a value occupies, header included.
-/// Number of tape nodes a value occupies, header included.
 pub fn node_span(node: &Node<'_>) -> usize {
     match node {
         Node::Object { count, .. } | Node::Array { count, .. } => count + 1,

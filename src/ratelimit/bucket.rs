@@ -124,7 +124,7 @@ impl State {
 /// the map must not grow with every name an agent invents.
 pub const MAX_TOOL_BUCKETS: usize = 4096;
 
-/// The per-name buckets of one limit, keyed `<upstream>/<tool>`.
+/// The per-name buckets of one limit, keyed by tool name.
 #[derive(Debug)]
 pub(super) struct PerName {
     limit: Gcra,
@@ -155,24 +155,13 @@ impl PerName {
         self.buckets.len()
     }
 
-    /// The bucket of `(upstream, tool)`. A new name gets its own bucket while the map has room;
+    /// The bucket of `tool` (named on `upstream`, for the label). Keyed by the tool's name: a
+    /// rule whose upstream part is a glob limits a tool name across the upstreams it matches
+    /// together, never more loosely. A new name gets its own bucket while the map has room;
     /// when it is full, buckets that are full again (their state equals a fresh bucket's) are
     /// dropped, and if that frees nothing the name shares the overflow bucket.
     fn bucket(&self, (upstream, tool): (&str, &str), now: Option<u64>) -> Arc<Bucket> {
-        // The key `<upstream>/<tool>`, on the stack for the usual lengths.
-        let mut stack = [0u8; 192];
-        let heap;
-        let len = upstream.len() + 1 + tool.len();
-        let key: &str = if len <= stack.len() {
-            stack[..upstream.len()].copy_from_slice(upstream.as_bytes());
-            stack[upstream.len()] = b'/';
-            stack[upstream.len() + 1..len].copy_from_slice(tool.as_bytes());
-            std::str::from_utf8(&stack[..len]).unwrap_or_default()
-        } else {
-            heap = format!("{upstream}/{tool}");
-            &heap
-        };
-        if let Some(b) = self.buckets.get(key) {
+        if let Some(b) = self.buckets.get(tool) {
             return b.clone();
         }
         let Some(now) = now else {
@@ -194,9 +183,10 @@ impl PerName {
             }
         }
         self.buckets
-            .entry(key.into())
+            .entry(tool.into())
             .or_insert_with(|| {
-                Arc::new(Bucket::new(self.limit, format!("{} on {key}", self.label)))
+                let label = format!("{} on {upstream}/{tool}", self.label);
+                Arc::new(Bucket::new(self.limit, label))
             })
             .clone()
     }

@@ -36,7 +36,7 @@ pub struct Admitted {
     pub agent: Option<usize>,
 }
 
-/// Stages 3-5: where the request goes ([`route::route`]), whether its origin may call
+/// Where the request goes ([`route::route`]), whether its origin may call
 /// ([`route::check_origin`]), and who is calling ([`authenticate`]).
 pub fn admit(
     config: &Config,
@@ -62,7 +62,7 @@ pub fn audit_available(audit: Option<&AuditSink>) -> Result<(), Reply> {
     }
 }
 
-/// Stage 5. In policy mode every MCP request names an agent by its key; the agent must be
+/// Who is calling. In policy mode every MCP request names an agent by its key; the agent must be
 /// allowed to use the upstream (else it is told the upstream does not exist).
 pub fn authenticate(
     config: &Config,
@@ -161,7 +161,7 @@ pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>) -> Result<(), Rep
     Ok(())
 }
 
-/// Stage 8: authorize what the upstream will execute. `Some` answers instead: a refused call
+/// Authorize what the upstream will execute. `Some` answers instead: a refused call
 /// (a JSON-RPC error with HTTP 200, so the agent's session carries on; 403 for a notification,
 /// which has no answer to carry an error), or a batch where the negotiated revision has none. A
 /// batch is authorized element by element and refused whole if any element is.
@@ -226,7 +226,7 @@ pub fn authorize(
     Some(reply)
 }
 
-/// Stage 9: rate limits. JSON-RPC requests take from the buckets (tools/call: the agent's tool
+/// Rate limits. JSON-RPC requests take from the buckets (tools/call: the agent's tool
 /// rules, the agent, its tenant, the upstream; any other request: the agent's own bucket).
 /// Notifications, responses, the session's GET event stream and DELETE are session plumbing and
 /// never limited, so cancellations and answers to server requests always get through (and an
@@ -310,7 +310,7 @@ pub fn open_session<'c>(
         .then_some(cache.token_session.as_slice())
 }
 
-/// Stages 8-10 for a request to one upstream in policy mode: every message authorized, every
+/// The gates of a request to one upstream in policy mode: every message authorized, every
 /// limit taken, the agent's session token opened. `Ok` carries the upstream's session id.
 #[allow(clippy::too_many_arguments)]
 pub async fn admit_call<'c>(

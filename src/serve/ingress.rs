@@ -16,7 +16,8 @@ use crate::mcp::envelope::{Envelope, EnvelopeParser};
 use crate::mcp::jsonrpc;
 use crate::reply::Reply;
 
-/// Stage 1. `Ok(None)`: the client closed (or went idle past the timeout) between requests.
+/// The request head. `Ok(None)`: the client closed (or went idle past the timeout) between
+/// requests.
 pub async fn read_head(
     config: &Config,
     client: &mut Conn,
@@ -80,7 +81,7 @@ pub async fn read_head(
     }
 }
 
-/// Stage 2: how the body is framed, refused when ambiguous ([`check_framing`]) or present
+/// How the body is framed, refused when ambiguous ([`check_framing`]) or present
 /// where MCP has none ([`no_body_without_post`]).
 pub fn framing(head: &Head) -> Result<Framing, Reply> {
     let framing = check_framing(head)?;
@@ -94,7 +95,7 @@ pub fn awaits_continue(head: &Head, framing: Framing) -> bool {
     framing != Framing::Empty && head.get("expect").is_some()
 }
 
-/// Stage 7: the JSON-RPC envelope of a POST's body, parsed once (the fields routing and
+/// The JSON-RPC envelope of a POST's body, parsed once (the fields routing and
 /// authorization need; the body stays as received). `None` for GET and DELETE.
 pub fn envelope<'p>(
     parser: &'p mut EnvelopeParser,
@@ -130,7 +131,7 @@ pub fn check_framing(head: &Head) -> Result<Framing, Reply> {
     Ok(framing)
 }
 
-/// Stage 2b: a body on GET, HEAD or DELETE has no meaning in MCP, and nothing would look at it
+/// A body on GET, HEAD or DELETE has no meaning in MCP, and nothing would look at it
 /// before it reached the upstream: refused unread, and the connection closed (its end cannot be
 /// trusted).
 pub fn no_body_without_post(head: &Head, framing: Framing) -> Result<(), Reply> {
@@ -145,7 +146,7 @@ pub fn no_body_without_post(head: &Head, framing: Framing) -> Result<(), Reply> 
     Ok(())
 }
 
-/// Stage 5: the whole body, de-chunked, as `Bytes` sharing the read buffer where it can.
+/// The whole body, de-chunked, as `Bytes` sharing the read buffer where it can.
 pub async fn read_body(
     config: &Config,
     client: &mut Conn,

@@ -30,7 +30,7 @@ pub struct Routed {
     pub path_key: Option<Span>,
 }
 
-/// Stage 3: which endpoint. `/mcp/<name>` names an upstream; `/mcp` is the only upstream.
+/// Which endpoint. `/mcp/<name>` names an upstream; `/mcp` is the only upstream.
 pub fn route(config: &Config, head: &Head) -> Result<Routed, Reply> {
     let target = head.target();
     let mut path = match memchr::memchr(b'?', target) {
@@ -108,7 +108,7 @@ fn route_path(config: &Config, head: &Head, path: &[u8]) -> Result<Route, Reply>
     }
 }
 
-/// Stage 6: the upstream of an MCP route (`None`: the aggregate endpoint, or a route that is
+/// The upstream of an MCP route (`None`: the aggregate endpoint, or a route that is
 /// not MCP). A name no upstream has gets here only in insecure-open mode (policy mode refused
 /// it at authentication, naming nothing); with no agents to keep apart, the answer lists the
 /// configured names to help whoever set it up.
@@ -154,7 +154,7 @@ fn method_not_allowed(allow: &'static str) -> Reply {
     .header(&format!("Allow: {allow}"))
 }
 
-/// Stage 4: DNS-rebinding defence. On a loopback listener the `Host` must be a loopback
+/// The DNS-rebinding defence. On a loopback listener the `Host` must be a loopback
 /// name; an `Origin`, when present, must be allowed.
 pub fn check_origin(config: &Config, head: &Head) -> Result<(), Reply> {
     let loopback = config.listens_on_loopback();

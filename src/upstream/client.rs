@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::exchange::{HeadFailure, Target, UpstreamError, exchange_head};
 use super::request::{Outgoing, write_head};
-use super::{Pool, PoolKey, Upstream};
+use super::{Pool, Upstream};
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
 use crate::http::framing;
@@ -51,7 +51,8 @@ impl<'a> Upstreams<'a> {
 
 /// An upstream's answer: the head now, the body on demand.
 pub struct UpResponse {
-    key: PoolKey,
+    /// Which of the client's upstreams answered.
+    index: usize,
     conn: Conn,
     pub head: Head,
     body: BodyReader,
@@ -103,9 +104,9 @@ impl UpResponse {
 
     /// Returns the connection to the pool when the body was read to its end and the upstream
     /// keeps it open.
-    pub fn finish(self, pool: &Pool) {
+    pub fn finish(self, ups: Upstreams<'_>) {
         if self.keep && self.body.left_clean(&self.conn) {
-            pool.put(self.key, self.conn);
+            ups.pool.put(ups.list[self.index].pool_id(), self.conn);
         }
     }
 }
@@ -168,7 +169,7 @@ pub async fn send(
         .map_err(|e| UpstreamError::BadHead(e.message()).refusal(&upstream.name, ups.timeout))?;
     let keep = head.minor_version == 1 && !head::connection_has(&head, "close");
     Ok(UpResponse {
-        key: upstream.transport.pool_key(),
+        index,
         conn,
         head,
         body: BodyReader::new(framing),

@@ -40,7 +40,7 @@ pub async fn exchange_head(
     deadline: Instant,
 ) -> Result<Conn, HeadFailure> {
     for attempt in 0..2 {
-        let (mut conn, reused) = match target.pool.take(target.upstream.transport.pool_key()) {
+        let (mut conn, reused) = match target.pool.take(target.upstream.pool_id()) {
             Some(c) if attempt == 0 => (c, true),
             _ => (
                 connect(&target.upstream.transport, deadline)

@@ -13,7 +13,7 @@ pub mod request;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 
-pub use pool::{Pool, PoolKey};
+pub use pool::{Pool, PoolId, PoolKey};
 
 /// One upstream, as configured (`SCOPEGATE_UPSTREAMS` and `[[upstream]]` merged).
 #[derive(Debug, Clone)]
@@ -22,6 +22,16 @@ pub struct Upstream {
     pub transport: Transport,
     /// Injected on every request to this upstream (from the policy's `[upstream.headers]`).
     pub headers: Vec<(String, String)>,
+}
+
+impl Upstream {
+    /// Which pooled connections requests to this upstream may reuse: its own.
+    pub fn pool_id(&self) -> PoolId<'_> {
+        PoolId {
+            name: &self.name,
+            peer: self.transport.pool_key(),
+        }
+    }
 }
 
 /// How an upstream is reached.
@@ -51,7 +61,7 @@ impl Transport {
         }
     }
 
-    /// Which pooled connections requests to this upstream may reuse.
+    /// The peer a connection to this upstream is connected to.
     pub fn pool_key(&self) -> PoolKey {
         match self {
             Transport::Http(t) => PoolKey::Tcp(t.addr),

@@ -1,8 +1,10 @@
 //! Each worker's keep-alive pool of upstream connections. Per worker (`RefCell`, never shared
 //! across threads): a connection is taken for one exchange and given back only when the answer
-//! was read to its end and the upstream did not ask to close. Connections are kept by the peer
-//! they are connected to ([`PoolKey`]), not by an upstream's place in a list: a connection can
-//! only ever be reused for the server it was opened to.
+//! was read to its end and the upstream did not ask to close. Connections are kept per upstream,
+//! by its name and the peer it is reached at ([`PoolKey`]), never by a place in a list: a
+//! connection only ever carries requests of the upstream it was opened for (two upstreams
+//! behind one address do not share connections, so a server that routes a whole connection by
+//! its first request never sees one upstream's credential on another's).
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -18,11 +20,17 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Idle connections kept per upstream per worker; beyond that, returned connections are closed.
 pub const POOL_MAX_IDLE: usize = 256;
 
-/// The peer of a pooled connection: two upstreams with the same key may share connections
-/// (HTTP/1.1 names the server in each request's `Host`), no others.
+/// The peer a pooled connection is connected to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolKey {
     Tcp(SocketAddr),
+}
+
+/// Whose connections: an upstream's name and its peer.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolId<'a> {
+    pub name: &'a str,
+    pub peer: PoolKey,
 }
 
 struct Idle {
@@ -30,10 +38,13 @@ struct Idle {
     since: Instant,
 }
 
-/// One worker's idle upstream connections, per peer (a handful: one per upstream address).
+/// One upstream's idle connections: its name, its peer, the connections (oldest first).
+type IdleList = (Box<str>, PoolKey, Vec<Idle>);
+
+/// One worker's idle upstream connections, per upstream (a handful of lists).
 #[derive(Default)]
 pub struct Pool {
-    idle: RefCell<Vec<(PoolKey, Vec<Idle>)>>,
+    idle: RefCell<Vec<IdleList>>,
 }
 
 impl Pool {
@@ -41,10 +52,12 @@ impl Pool {
         Pool::default()
     }
 
-    /// The most recently returned live connection to `key`, if any.
-    pub fn take(&self, key: PoolKey) -> Option<Conn> {
+    /// The most recently returned live connection of `id`, if any.
+    pub fn take(&self, id: PoolId<'_>) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
-        let list = &mut idle.iter_mut().find(|(k, _)| *k == key)?.1;
+        let (_, _, list) = idle
+            .iter_mut()
+            .find(|(name, peer, _)| *peer == id.peer && **name == *id.name)?;
         while let Some(conn) = list.pop() {
             if conn.since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(conn.conn);
@@ -55,16 +68,16 @@ impl Pool {
         None
     }
 
-    pub fn put(&self, key: PoolKey, mut conn: Conn) {
+    pub fn put(&self, id: PoolId<'_>, mut conn: Conn) {
         let mut idle = self.idle.borrow_mut();
-        let at = match idle.iter().position(|(k, _)| *k == key) {
-            Some(at) => at,
-            None => {
-                idle.push((key, Vec::new()));
-                idle.len() - 1
-            }
-        };
-        let list = &mut idle[at].1;
+        let found = idle
+            .iter()
+            .position(|(name, peer, _)| *peer == id.peer && **name == *id.name);
+        let at = found.unwrap_or_else(|| {
+            idle.push((id.name.into(), id.peer, Vec::new()));
+            idle.len() - 1
+        });
+        let list = &mut idle[at].2;
         if list.len() < POOL_MAX_IDLE {
             conn.buf.clear();
             list.push(Idle {
