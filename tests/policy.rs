@@ -865,11 +865,18 @@ fn policy_upstreams_keep_their_connections_alive() {
 #[test]
 fn upstreams_behind_one_address_do_not_share_connections() {
     let up = MockServer::start(MockConfig::default());
-    let gw = Gateway::open().upstream("a", &up).upstream("b", &up).start();
+    let gw = Gateway::open()
+        .upstream("a", &up)
+        .upstream("b", &up)
+        .start();
     let mut c = gw.client();
     for path in ["/mcp/a", "/mcp/b", "/mcp/a", "/mcp/b", "/mcp/a"] {
         assert_eq!(c.post(path, INIT).send().status, 200);
     }
     assert_eq!(up.methods().len(), 5);
-    assert_eq!(up.connections(), 2, "one kept-alive connection per upstream");
+    assert_eq!(
+        up.connections(),
+        2,
+        "one kept-alive connection per upstream"
+    );
 }

@@ -60,6 +60,41 @@ pub struct Agent {
     pub audit_identity: Vec<u8>,
 }
 
+/// The limits one request falls in, in order ([`Policy::limits_for`]); cloned to go over
+/// them again (to give back what was taken).
+#[derive(Clone)]
+pub struct LimitsFor<'a> {
+    /// The agent's tool rules still to look at (none unless the request is a tools/call).
+    rules: std::slice::Iter<'a, ToolRule>,
+    up_name: &'a str,
+    tool: &'a str,
+    /// The agent's, its tenant's and the upstream's limits, then `next` into them.
+    rest: [Option<&'a Limit>; 3],
+    next: usize,
+}
+
+impl<'a> Iterator for LimitsFor<'a> {
+    type Item = Use<'a>;
+
+    fn next(&mut self) -> Option<Use<'a>> {
+        for rule in self.rules.by_ref() {
+            if let Some(limit) = &rule.limit
+                && rule.pattern.matches_qualified(self.up_name, self.tool)
+            {
+                let name = Some((self.up_name, self.tool));
+                return Some(Use { limit, name });
+            }
+        }
+        while let Some(slot) = self.rest.get(self.next) {
+            self.next += 1;
+            if let Some(limit) = slot {
+                return Some(Use { limit, name: None });
+            }
+        }
+        None
+    }
+}
+
 /// A loaded policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -105,38 +140,29 @@ impl Policy {
         agent: usize,
         upstream: usize,
         tool: Option<&'a str>,
-    ) -> impl Iterator<Item = Use<'a>> + Clone + 'a {
+    ) -> LimitsFor<'a> {
         let a = &self.agents[agent];
         let up_name = self
             .upstream_list
             .get(upstream)
             .map_or("", |u| u.name.as_str());
-        let rules = tool.into_iter().flat_map(move |name| {
-            a.tools.iter().filter_map(move |rule| {
-                let limit = rule.limit.as_ref()?;
-                rule.pattern
-                    .matches_qualified(up_name, name)
-                    .then_some(Use {
-                        limit,
-                        name: Some((up_name, name)),
-                    })
-            })
-        });
-        let tenant = tool
-            .and(a.tenant)
-            .and_then(|t| self.tenants[t].limit.as_ref());
-        let upstream = tool
-            .and(self.upstream_rules.get(upstream))
-            .and_then(|r| r.limit.as_ref());
-        let one = |limit| Use { limit, name: None };
-        rules.chain(
-            a.limit
-                .as_ref()
-                .into_iter()
-                .chain(tenant)
-                .chain(upstream)
-                .map(one),
-        )
+        let (rules, tenant, upstream) = match tool {
+            Some(_) => (
+                a.tools.iter(),
+                a.tenant.and_then(|t| self.tenants[t].limit.as_ref()),
+                self.upstream_rules
+                    .get(upstream)
+                    .and_then(|r| r.limit.as_ref()),
+            ),
+            None => ([].iter(), None, None),
+        };
+        LimitsFor {
+            rules,
+            up_name,
+            tool: tool.unwrap_or_default(),
+            rest: [a.limit.as_ref(), tenant, upstream],
+            next: 0,
+        }
     }
 
     /// Every limit in the file.
