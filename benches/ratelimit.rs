@@ -89,7 +89,7 @@ rate = { per_second = 1000000000, burst = 1000000000 }
         bench.iter(|| {
             let tool = Some(std::hint::black_box("create_issue"));
             Local
-                .admit(policy.limits_for(0, 0, tool), now_ns())
+                .admit(&policy.limits_for(0, 0, tool), now_ns())
                 .expect("admitted")
         })
     });

@@ -186,6 +186,6 @@ async fn agent_limit(req: &Request<'_, '_>, m: &Message<'_>) -> Option<Reply> {
     };
     // Without a tool name only the agent's bucket applies; the upstream index is not used.
     let uses = p.limits_for(a, 0, None);
-    let limited = req.core.limiter.admit(uses).await.err()?;
+    let limited = req.core.limiter.admit(&uses).await.err()?;
     Some(rate_limited(req, m, limited))
 }

@@ -163,7 +163,7 @@ pub(super) async fn routed(
         }
         // Rate limits: every bucket the call falls in, with the upstream's own tool name.
         let tool = matches!(target, Target::Tool { .. }).then_some(original.as_str());
-        if let Err(limited) = req.core.limiter.admit(p.limits_for(a, i, tool)).await {
+        if let Err(limited) = req.core.limiter.admit(&p.limits_for(a, i, tool)).await {
             let mut reply = rate_limited(req, m, limited);
             reply.upstream = Some(i);
             return write(req, client, reply).await;

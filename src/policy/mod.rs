@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::glob::Glob;
-use crate::ratelimit::{Limit, Use};
+use crate::ratelimit::{Limit, Use, Uses};
 use crate::upstream::Upstream;
 use args::Constraint;
 
@@ -60,38 +60,58 @@ pub struct Agent {
     pub audit_identity: Vec<u8>,
 }
 
-/// The limits one request falls in, in order ([`Policy::limits_for`]); cloned to go over
-/// them again (to give back what was taken).
-#[derive(Clone)]
+/// The limits one request falls in ([`Policy::limits_for`]), each looked up as it is visited.
+#[derive(Clone, Copy)]
 pub struct LimitsFor<'a> {
-    /// The agent's tool rules still to look at (none unless the request is a tools/call).
-    rules: std::slice::Iter<'a, ToolRule>,
-    up_name: &'a str,
-    tool: &'a str,
-    /// The agent's, its tenant's and the upstream's limits, then `next` into them.
-    rest: [Option<&'a Limit>; 3],
-    next: usize,
+    policy: &'a Policy,
+    agent: &'a Agent,
+    upstream: usize,
+    /// The tool of a tools/call.
+    tool: Option<&'a str>,
 }
 
-impl<'a> Iterator for LimitsFor<'a> {
-    type Item = Use<'a>;
-
-    fn next(&mut self) -> Option<Use<'a>> {
-        for rule in self.rules.by_ref() {
+impl<'a> Uses<'a> for LimitsFor<'a> {
+    fn visit(&self, mut f: impl FnMut(Use<'a>) -> bool) {
+        let Some(tool) = self.tool else {
+            // Anything but a tools/call: the agent's own limit only.
+            if let Some(limit) = &self.agent.limit {
+                f(Use { limit, name: None });
+            }
+            return;
+        };
+        let up_name = self
+            .policy
+            .upstream_list
+            .get(self.upstream)
+            .map_or("", |u| u.name.as_str());
+        for rule in &self.agent.tools {
             if let Some(limit) = &rule.limit
-                && rule.pattern.matches_qualified(self.up_name, self.tool)
+                && rule.pattern.matches_qualified(up_name, tool)
+                && !f(Use {
+                    limit,
+                    name: Some((up_name, tool)),
+                })
             {
-                let name = Some((self.up_name, self.tool));
-                return Some(Use { limit, name });
+                return;
             }
         }
-        while let Some(slot) = self.rest.get(self.next) {
-            self.next += 1;
-            if let Some(limit) = slot {
-                return Some(Use { limit, name: None });
+        let tenant = self.agent.tenant.map(|t| &self.policy.tenants[t].limit);
+        let upstream = self
+            .policy
+            .upstream_rules
+            .get(self.upstream)
+            .map(|r| &r.limit);
+        for limit in [
+            &self.agent.limit,
+            tenant.unwrap_or(&None),
+            upstream.unwrap_or(&None),
+        ] {
+            if let Some(limit) = limit
+                && !f(Use { limit, name: None })
+            {
+                return;
             }
         }
-        None
     }
 }
 
@@ -141,27 +161,11 @@ impl Policy {
         upstream: usize,
         tool: Option<&'a str>,
     ) -> LimitsFor<'a> {
-        let a = &self.agents[agent];
-        let up_name = self
-            .upstream_list
-            .get(upstream)
-            .map_or("", |u| u.name.as_str());
-        let (rules, tenant, upstream) = match tool {
-            Some(_) => (
-                a.tools.iter(),
-                a.tenant.and_then(|t| self.tenants[t].limit.as_ref()),
-                self.upstream_rules
-                    .get(upstream)
-                    .and_then(|r| r.limit.as_ref()),
-            ),
-            None => ([].iter(), None, None),
-        };
         LimitsFor {
-            rules,
-            up_name,
-            tool: tool.unwrap_or_default(),
-            rest: [a.limit.as_ref(), tenant, upstream],
-            next: 0,
+            policy: self,
+            agent: &self.agents[agent],
+            upstream,
+            tool,
         }
     }
 
@@ -260,9 +264,12 @@ rate = { per_second = 100, burst = 100 }
     }
 
     fn keys(p: &Policy, agent: usize, tool: Option<&str>) -> Vec<String> {
-        p.limits_for(agent, 0, tool)
-            .map(|u| u.limit.key.clone())
-            .collect()
+        let mut keys = Vec::new();
+        p.limits_for(agent, 0, tool).visit(|u| {
+            keys.push(u.limit.key.clone());
+            true
+        });
+        keys
     }
 
     #[test]
@@ -289,7 +296,7 @@ rate = {{ per_second = 1, burst = 1 }}
         // Anything but tools/call: the agent's own limit only.
         assert_eq!(keys(&p, 0, None), ["agent/a"]);
         // A glob rule limits each tool it matches separately.
-        let take = |tool| Local.admit(p.limits_for(0, 0, Some(tool)), now_ns());
+        let take = |tool| Local.admit(&p.limits_for(0, 0, Some(tool)), now_ns());
         assert!(take("create_issue").is_ok());
         assert!(take("create_pr").is_ok());
         let refused = take("create_issue").unwrap_err();
@@ -297,7 +304,7 @@ rate = {{ per_second = 1, burst = 1 }}
         // Refused whole: the agent gave two tokens of its ten, not a third.
         let now = now_ns();
         let left = (0..20)
-            .take_while(|_| Local.admit(p.limits_for(0, 0, None), now).is_ok())
+            .take_while(|_| Local.admit(&p.limits_for(0, 0, None), now).is_ok())
             .count();
         assert_eq!(left, 8);
         // A refusal by a later limit gives back what the earlier ones gave.
@@ -309,13 +316,13 @@ rate = {{ per_second = 1, burst = 1 }}
             )
         ));
         let now = now_ns();
-        assert!(Local.admit(tight.limits_for(0, 0, Some("x")), now).is_ok());
+        assert!(Local.admit(&tight.limits_for(0, 0, Some("x")), now).is_ok());
         let refused = Local
-            .admit(tight.limits_for(0, 0, Some("x")), now)
+            .admit(&tight.limits_for(0, 0, Some("x")), now)
             .unwrap_err();
         assert!(refused.label.starts_with("tenant \"t\""), "{refused:?}");
         let left = (0..20)
-            .take_while(|_| Local.admit(tight.limits_for(0, 0, None), now).is_ok())
+            .take_while(|_| Local.admit(&tight.limits_for(0, 0, None), now).is_ok())
             .count();
         assert_eq!(left, 4, "the refused call's agent token was given back");
     }
@@ -329,13 +336,13 @@ rate = {{ per_second = 1, burst = 1 }}
         };
         let old = load(&format!("{BASE}{}", agent("a", 1)));
         let now = now_ns();
-        assert!(Local.admit(old.limits_for(0, 0, Some("x")), now).is_ok());
-        assert!(Local.admit(old.limits_for(0, 0, None), now).is_err());
+        assert!(Local.admit(&old.limits_for(0, 0, Some("x")), now).is_ok());
+        assert!(Local.admit(&old.limits_for(0, 0, None), now).is_err());
         // A new agent before "a": "a" moves from index 0 to 1 and keeps its state, for its own
         // limit and for the per-tool buckets of its glob rule.
         let mut new = load(&format!("{BASE}{}{}", agent("b", 1), agent("a", 1)));
         new.inherit_rate_state(&old);
-        assert!(Local.admit(new.limits_for(1, 0, None), now).is_err());
+        assert!(Local.admit(&new.limits_for(1, 0, None), now).is_err());
         let tool_rule = new.agents[1].tools[0].limit.as_ref().unwrap();
         assert_eq!(
             tool_rule.names(),
@@ -343,12 +350,12 @@ rate = {{ per_second = 1, burst = 1 }}
             "the per-tool bucket of \"x\" came along"
         );
         assert!(
-            Local.admit(new.limits_for(0, 0, None), now).is_ok(),
+            Local.admit(&new.limits_for(0, 0, None), now).is_ok(),
             "b is fresh"
         );
         // A changed rate is a new limit.
         let mut changed = load(&format!("{BASE}{}", agent("a", 2)));
         changed.inherit_rate_state(&new);
-        assert!(Local.admit(changed.limits_for(0, 0, None), now).is_ok());
+        assert!(Local.admit(&changed.limits_for(0, 0, None), now).is_ok());
     }
 }

@@ -42,6 +42,13 @@ impl Gcra {
     }
 }
 
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    pub label: String,
+    pub retry_after_ns: u64,
+}
+
 /// A bucket: one atomic word of state and the limit it applies.
 #[derive(Debug)]
 pub struct Bucket {
@@ -83,6 +90,27 @@ impl Bucket {
         }
     }
 
+    /// [`try_take`](Self::try_take), saying why in `refused` when it refuses.
+    #[inline(always)]
+    fn take_or_say(&self, now: u64, refused: &mut Option<Limited>) -> bool {
+        match self.try_take(now) {
+            Ok(()) => true,
+            Err(wait) => {
+                *refused = Some(self.refusal(wait));
+                false
+            }
+        }
+    }
+
+    /// What a refusal by this bucket says (off the hot path: it copies the label).
+    #[cold]
+    fn refusal(&self, wait: u64) -> Limited {
+        Limited {
+            label: self.label.clone(),
+            retry_after_ns: wait,
+        }
+    }
+
     /// Returns a token taken by [`try_take`](Self::try_take).
     pub fn give_back(&self) {
         self.tat.fetch_sub(self.limit.interval, Ordering::AcqRel);
@@ -104,18 +132,29 @@ impl State {
         }
     }
 
-    /// Runs `f` on the bucket for `name` (`(upstream, tool)`; `None` or a single-bucket limit:
-    /// the one bucket). `now: None` (giving a token back) never creates a bucket.
-    pub(super) fn with_bucket<R>(
+    /// Takes a token at `now` from the bucket for `name` (`(upstream, tool)`; a single-bucket
+    /// limit has one bucket for every name). On a refusal, says which bucket and how long to
+    /// wait in `refused` and returns false (the common case stays a plain boolean).
+    #[inline(always)]
+    pub(super) fn try_take(
         &self,
         name: Option<(&str, &str)>,
-        now: Option<u64>,
-        f: impl FnOnce(&Bucket) -> R,
-    ) -> R {
+        now: u64,
+        refused: &mut Option<Limited>,
+    ) -> bool {
+        match self {
+            State::One(b) => b.take_or_say(now, refused),
+            State::PerName(p) => p.try_take(name, now, refused),
+        }
+    }
+
+    /// Gives back a token [`try_take`](Self::try_take) took (never creating a bucket).
+    #[inline]
+    pub(super) fn give_back(&self, name: Option<(&str, &str)>) {
         match (self, name) {
-            (State::One(b), _) => f(b),
-            (State::PerName(p), None) => f(&p.overflow),
-            (State::PerName(p), Some(name)) => f(&p.bucket(name, now)),
+            (State::One(b), _) => b.give_back(),
+            (State::PerName(p), None) => p.overflow.give_back(),
+            (State::PerName(p), Some(name)) => p.bucket(name, None).give_back(),
         }
     }
 }
@@ -153,6 +192,20 @@ impl PerName {
 
     pub(super) fn len(&self) -> usize {
         self.buckets.len()
+    }
+
+    /// [`State::try_take`] for a per-name limit (kept out of line: the map lookup is large).
+    #[inline(never)]
+    fn try_take(
+        &self,
+        name: Option<(&str, &str)>,
+        now: u64,
+        refused: &mut Option<Limited>,
+    ) -> bool {
+        match name {
+            None => self.overflow.take_or_say(now, refused),
+            Some(name) => self.bucket(name, Some(now)).take_or_say(now, refused),
+        }
     }
 
     /// The bucket of `tool` (named on `upstream`, for the label). Keyed by the tool's name: a

@@ -3,7 +3,7 @@
 //! A [`Limit`] is one `rate` of the policy file under a key that names it by ids
 //! (`agent/<id>`, `tenant/<id>`, `upstream/<name>`, `tool/<agent>/<pattern>`), so the same
 //! limit keeps its state across a reload and means the same thing on every replica. The policy
-//! decides which limits a request falls in ([`Use`]s, in a fixed order); the [`Limiter`] takes
+//! decides which limits a request falls in ([`Uses`], in a fixed order); the [`Limiter`] takes
 //! one token from each, all or none.
 //!
 //! The local limiter keeps each limit's state in the limit itself: GCRA buckets of one atomic
@@ -15,7 +15,7 @@ pub mod bucket;
 
 use std::sync::Arc;
 
-pub use bucket::{Bucket, Gcra, MAX_TOOL_BUCKETS, now_ns};
+pub use bucket::{Bucket, Gcra, Limited, MAX_TOOL_BUCKETS, now_ns};
 use bucket::{PerName, State};
 
 /// A rate: `per_second`, `per_minute` or `per_hour` (exactly one), and `burst`.
@@ -107,11 +107,17 @@ pub struct Use<'a> {
     pub name: Option<(&'a str, &'a str)>,
 }
 
-/// Why a request was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limited {
-    pub label: String,
-    pub retry_after_ns: u64,
+/// The limits one request falls in, in a fixed order. `visit` calls `f` with each until `f`
+/// says stop (returns false); visiting again gives the same limits in the same order.
+pub trait Uses<'a> {
+    fn visit(&self, f: impl FnMut(Use<'a>) -> bool);
+}
+
+/// One limit alone.
+impl<'a> Uses<'a> for Use<'a> {
+    fn visit(&self, mut f: impl FnMut(Use<'a>) -> bool) {
+        f(*self);
+    }
 }
 
 /// Takes tokens from limits held in memory (this process's state).
@@ -119,34 +125,38 @@ pub struct Limited {
 pub struct Local;
 
 impl Local {
-    /// Takes one token from every limit in `uses` at `now`, or none: when one refuses, the
+    /// Takes one token from every limit of `uses` at `now`, or none: when one refuses, the
     /// tokens already taken are given back (GCRA state is additive, so giving back restores the
     /// bucket exactly).
-    pub fn admit<'a, I>(&self, uses: I, now: u64) -> Result<(), Limited>
-    where
-        I: Iterator<Item = Use<'a>> + Clone,
-    {
-        for (taken, u) in uses.clone().enumerate() {
-            let refused = State::with_bucket(&u.limit.state, u.name, Some(now), |b| {
-                b.try_take(now).err().map(|wait| Limited {
-                    label: b.label.clone(),
-                    retry_after_ns: wait,
-                })
-            });
-            if let Some(limited) = refused {
-                self.release(uses.take(taken));
-                return Err(limited);
+    pub fn admit<'a>(&self, uses: &impl Uses<'a>, now: u64) -> Result<(), Limited> {
+        let mut taken = 0usize;
+        let mut refused = None;
+        uses.visit(|u| {
+            let ok = u.limit.state.try_take(u.name, now, &mut refused);
+            taken += usize::from(ok);
+            ok
+        });
+        let Some(limited) = refused else {
+            return Ok(());
+        };
+        uses.visit(|u| {
+            if taken == 0 {
+                return false;
             }
-        }
-        Ok(())
+            u.limit.state.give_back(u.name);
+            taken -= 1;
+            true
+        });
+        Err(limited)
     }
 
     /// Gives back what [`admit`](Self::admit) took (a batch refused after some elements
     /// passed).
-    pub fn release<'a>(&self, uses: impl Iterator<Item = Use<'a>>) {
-        for u in uses {
-            State::with_bucket(&u.limit.state, u.name, None, |b| b.give_back());
-        }
+    pub fn release<'a>(&self, uses: &impl Uses<'a>) {
+        uses.visit(|u| {
+            u.limit.state.give_back(u.name);
+            true
+        });
     }
 }
 
@@ -165,17 +175,14 @@ impl Default for Limiter {
 
 impl Limiter {
     /// Takes one token from every limit in `uses`, or none.
-    pub async fn admit<'a, I>(&self, uses: I) -> Result<(), Limited>
-    where
-        I: Iterator<Item = Use<'a>> + Clone,
-    {
+    pub async fn admit<'a>(&self, uses: &impl Uses<'a>) -> Result<(), Limited> {
         match self {
             Limiter::Local(local) => local.admit(uses, now_ns()),
         }
     }
 
     /// Gives back what [`admit`](Self::admit) took.
-    pub async fn release<'a>(&self, uses: impl Iterator<Item = Use<'a>>) {
+    pub async fn release<'a>(&self, uses: &impl Uses<'a>) {
         match self {
             Limiter::Local(local) => local.release(uses),
         }
@@ -206,7 +213,7 @@ mod tests {
                 limit: &limit,
                 name: Some(("files", name)),
             };
-            Local.admit(std::iter::once(one), now)
+            Local.admit(&one, now)
         };
         let t0 = 100 * SEC;
         let per_tool = || limit.names();

@@ -254,11 +254,11 @@ pub async fn rate_limit(
             continue;
         }
         let uses = policy.limits_for(agent, upstream, tool_of(m));
-        if let Err(refused) = limiter.admit(uses).await {
+        if let Err(refused) = limiter.admit(&uses).await {
             // A batch is admitted whole or not at all.
             for earlier in messages[..i].iter().filter(|m| m.kind == Kind::Request) {
                 let uses = policy.limits_for(agent, upstream, tool_of(earlier));
-                limiter.release(uses).await;
+                limiter.release(&uses).await;
             }
             limited = Some(refused);
             break;
