@@ -62,11 +62,12 @@ impl Core {
 /// A request that passed the request path's gates, as the layers below take it (the aggregate
 /// endpoint, or one upstream's exchange): the head and body as received, the envelope parsed
 /// once, who sent it under which policy, and the upstreams behind the gateway.
-pub struct Passed<'a, 'b> {
+pub struct Passed<'a> {
     pub core: &'a Core,
     pub head: &'a Head,
     pub body: Bytes,
-    pub env: Option<&'a Envelope<'b>>,
+    /// The JSON-RPC envelope of a POST, parsed once.
+    pub env: Option<Envelope<'a>>,
     pub policy: Option<&'a Policy>,
     /// The upstreams behind the gateway (the policy's in policy mode).
     pub upstreams: &'a [Upstream],

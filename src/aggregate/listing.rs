@@ -16,7 +16,7 @@ use super::request::{Fut, Request, rpc_result};
 use super::session::session_for;
 
 pub(super) async fn list(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     session: &MultiSession,
     m: &Message<'_>,
     kind: ListKind,
@@ -138,7 +138,7 @@ pub(super) async fn list(
 
 /// The upstream and original name behind an exposed tool or prompt name.
 pub(super) async fn resolve_name(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     session: &MultiSession,
     exposed: &str,
     kind: ListKind,

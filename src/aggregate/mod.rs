@@ -47,7 +47,7 @@ use stream::get_stream;
 
 /// Handles one request on the aggregate endpoint, writing the answer to `client`. `Err`: the
 /// connection must be closed (a response was cut off).
-pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outcome> {
+pub async fn handle(req: &Request<'_>, client: &mut Conn) -> Result<Outcome, Outcome> {
     let method = req.head.method();
     if method == b"POST" {
         return post(req, client).await;
@@ -83,8 +83,8 @@ pub async fn handle(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome,
     }
 }
 
-async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outcome> {
-    let Some(env) = req.env else {
+async fn post(req: &Request<'_>, client: &mut Conn) -> Result<Outcome, Outcome> {
+    let Some(env) = &req.env else {
         let r = Reply::error(400, jsonrpc::INVALID_REQUEST, "no JSON-RPC message");
         return write(req, client, r).await;
     };
@@ -180,7 +180,7 @@ async fn post(req: &Request<'_, '_>, client: &mut Conn) -> Result<Outcome, Outco
 }
 
 /// The agent's own bucket, for a request that is not routed to one upstream (in policy mode).
-async fn agent_limit(req: &Request<'_, '_>, m: &Message<'_>) -> Option<Reply> {
+async fn agent_limit(req: &Request<'_>, m: &Message<'_>) -> Option<Reply> {
     let (Some(p), Some(a)) = (req.policy, req.agent) else {
         return None;
     };

@@ -40,7 +40,7 @@ pub struct Outcome {
 /// are the aggregate endpoint's own (its upstream client, its deadlines, its list filter).
 pub use crate::core::Passed as Request;
 
-impl Request<'_, '_> {
+impl Request<'_> {
     pub(super) fn upstream_name(&self, i: usize) -> &str {
         &self.upstreams[i].name
     }
@@ -165,7 +165,7 @@ pub(super) fn denied(
 
 /// The `result` of upstream `i`'s answer to `what`, or a refusal saying what came instead.
 pub(super) fn rpc_result(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     i: usize,
     what: &str,
     status: u16,
@@ -189,7 +189,7 @@ pub(super) fn rpc_result(
 }
 
 pub(super) fn rate_limited(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     m: &Message<'_>,
     limited: crate::ratelimit::Limited,
 ) -> Reply {
@@ -199,7 +199,7 @@ pub(super) fn rate_limited(
 
 /// Sends a message whose answer is 202 (or a JSON-RPC response that is discarded).
 pub(super) async fn exchange_or_accepted(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     i: usize,
     r: &UpRequest<'_>,
 ) -> Result<(), Reply> {
@@ -226,7 +226,7 @@ pub(super) async fn write_chunk(client: &mut Conn, data: &[u8]) -> std::io::Resu
 }
 
 pub(super) async fn write(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     client: &mut Conn,
     reply: Reply,
 ) -> Result<Outcome, Outcome> {

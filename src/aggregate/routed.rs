@@ -26,11 +26,7 @@ use super::stream::relay;
 /// A notification from the agent. One that names a server request (a cancellation of it, or
 /// progress on a token a server chose) goes to that upstream with the original value spliced
 /// back; the others go to every upstream.
-pub(super) async fn notify(
-    req: &Request<'_, '_>,
-    session: &MultiSession,
-    m: &Message<'_>,
-) -> Reply {
+pub(super) async fn notify(req: &Request<'_>, session: &MultiSession, m: &Message<'_>) -> Reply {
     let path: &[&str] = match m.method {
         Some("notifications/cancelled") => &["params", "requestId"],
         Some("notifications/progress") => &["params", "progressToken"],
@@ -70,7 +66,7 @@ pub(super) async fn notify(
 }
 
 /// Sends a notification (or logging/setLevel) to every joined upstream and waits for them.
-pub(super) async fn broadcast(req: &Request<'_, '_>, session: &MultiSession, body: &[u8]) {
+pub(super) async fn broadcast(req: &Request<'_>, session: &MultiSession, body: &[u8]) {
     let futures: Vec<Fut<'_, ()>> = joined(req, session)
         .into_iter()
         .map(|(i, s)| {
@@ -88,7 +84,7 @@ pub(super) async fn broadcast(req: &Request<'_, '_>, session: &MultiSession, bod
 
 /// A message that belongs to one upstream: a call, a prompt, a resource, a completion.
 pub(super) async fn routed(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     client: &mut Conn,
     session: &MultiSession,
     m: &Message<'_>,
@@ -102,10 +98,14 @@ pub(super) async fn routed(
             None,
         )
     };
-    let arguments = req.env.and_then(|e| e.arguments(m));
+    let arguments = req.env.as_ref().and_then(|e| e.arguments(m));
     // What the agent named (in the aggregate's names), read off the envelope by the same
     // table as on one upstream.
-    let asked = Target::of(m, arguments, req.env.and_then(|e| e.notifications(m)));
+    let asked = Target::of(
+        m,
+        arguments,
+        req.env.as_ref().and_then(|e| e.notifications(m)),
+    );
     if let Target::Malformed(why) = asked {
         let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, why);
         return write(req, client, Reply::json(200, body)).await;
@@ -214,7 +214,7 @@ pub(super) async fn routed(
 
 /// The agent's answer to a server request goes back to the upstream that asked, with the
 /// original id.
-pub(super) async fn answer_server_request(req: &Request<'_, '_>, session: &MultiSession) -> Reply {
+pub(super) async fn answer_server_request(req: &Request<'_>, session: &MultiSession) -> Reply {
     let bad = |why: &str| Reply::error(400, jsonrpc::INVALID_REQUEST, why);
     let Some(range) = super::json::locate(&req.body, &["id"]) else {
         return bad("a response needs an id");

@@ -13,7 +13,7 @@ use crate::upstream::client::{UpRequest, exchange, join_all, send};
 use super::request::{Fut, Joined, Request, rpc_result, upstream_failed};
 
 /// The agent's aggregate session, from its `Mcp-Session-Id`.
-pub(super) fn open(req: &Request<'_, '_>) -> Result<MultiSession, Reply> {
+pub(super) fn open(req: &Request<'_>) -> Result<MultiSession, Reply> {
     let not_found = || {
         Reply::error(
             404,
@@ -36,7 +36,7 @@ pub(super) fn open(req: &Request<'_, '_>) -> Result<MultiSession, Reply> {
     Ok(session)
 }
 
-pub(super) fn token_key(req: &Request<'_, '_>) -> u64 {
+pub(super) fn token_key(req: &Request<'_>) -> u64 {
     let token = req.head.get("mcp-session-id").unwrap_or_default();
     let d = ring::digest::digest(&ring::digest::SHA256, token);
     let mut k = [0u8; 8];
@@ -46,7 +46,7 @@ pub(super) fn token_key(req: &Request<'_, '_>) -> u64 {
 
 /// The upstreams of this session that the agent may still use, with their session ids:
 /// those joined at initialize and those this worker joined later.
-pub(super) fn joined(req: &Request<'_, '_>, session: &MultiSession) -> Vec<(usize, Vec<u8>)> {
+pub(super) fn joined(req: &Request<'_>, session: &MultiSession) -> Vec<(usize, Vec<u8>)> {
     let reachable = req.reachable();
     let key = token_key(req);
     let lazy = &req.core.lazy_joins;
@@ -66,7 +66,7 @@ pub(super) fn joined(req: &Request<'_, '_>, session: &MultiSession) -> Vec<(usiz
 
 /// The session id to use for upstream `i`, joining it now when it was not joined yet.
 pub(super) async fn session_for(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     session: &MultiSession,
     i: usize,
 ) -> Result<Vec<u8>, Reply> {
@@ -106,7 +106,7 @@ pub(super) async fn session_for(
 
 /// Sends an initialize request to upstream `i`: its session id (empty: none) and its result.
 pub(super) async fn initialize_upstream(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     i: usize,
     r: &UpRequest<'_>,
 ) -> Result<Joined, Reply> {
@@ -120,7 +120,7 @@ pub(super) async fn initialize_upstream(
     Ok((sid, rpc_result(req, i, "initialize", status, &body)?))
 }
 
-pub(super) async fn initialize(req: &Request<'_, '_>, m: &Message<'_>) -> Reply {
+pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
     let reachable = req.reachable();
     if reachable.is_empty() {
         let r = Reply::error(

@@ -28,7 +28,7 @@ use super::session::joined;
 /// Relays a routed call's answer: JSON read whole and rewritten, or an event stream event by
 /// event.
 pub(super) async fn relay(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     client: &mut Conn,
     mut resp: UpResponse,
     rewrite: &Rewrite,
@@ -211,7 +211,7 @@ pub(super) fn is_answer(data: &[u8]) -> bool {
 
 /// GET: one event stream for the agent, merged from every joined upstream's.
 pub(super) async fn get_stream(
-    req: &Request<'_, '_>,
+    req: &Request<'_>,
     client: &mut Conn,
     session: &MultiSession,
 ) -> Result<Outcome, Outcome> {

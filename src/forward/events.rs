@@ -18,23 +18,32 @@ use crate::http::sse::{self, SseSplitter};
 use crate::mcp::{jsonrpc, lists};
 use crate::metrics::StreamGauge;
 use crate::reply::Reply;
-use crate::upstream::exchange::Target;
+use crate::upstream::Upstream;
 
-fn invalid(target: Target<'_>, why: &str) -> ForwardError {
+fn invalid(upstream: &Upstream, why: &str) -> ForwardError {
     ForwardError::BeforeResponse(Reply::error(
         502,
         jsonrpc::UPSTREAM_UNAVAILABLE,
-        format!("upstream {:?} {why}", target.upstream.name),
+        format!("upstream {:?} {why}", upstream.name),
     ))
 }
 
 /// Reads a JSON answer whole (within `SCOPEGATE_MAX_UPSTREAM_MESSAGE`), filters every list in
 /// it, and sends it with a length. An answer that cannot be read is refused (502) rather than
 /// relayed unfiltered.
-pub(super) async fn relay_filtered_json(leg: Leg<'_, '_>) -> Result<(Relayed, bool), ForwardError> {
-    let (core, ex, client, request) = (leg.core, leg.ex, leg.client, leg.request);
-    let (up, target, close_after, plan) = (leg.up, leg.target, leg.close_after, leg.plan);
-    let bad = |why: &str| invalid(target, why);
+pub(super) async fn relay_filtered_json(
+    Leg {
+        core,
+        ex,
+        client,
+        request,
+        up,
+        upstream,
+        close_after,
+        plan,
+    }: Leg<'_, '_>,
+) -> Result<(Relayed, bool), ForwardError> {
+    let bad = |why: &str| invalid(upstream, why);
     let Some(visible) = plan.visible else {
         return Err(bad("internal: no visibility rule"));
     };
@@ -60,7 +69,7 @@ pub(super) async fn relay_filtered_json(leg: Leg<'_, '_>) -> Result<(Relayed, bo
     let body = filtered.map_or_else(|| body.freeze(), Bytes::from);
 
     let keep_client = !close_after && !crate::core::shutting_down();
-    start_response(&mut ex.out, response, plan, target.upstream)?;
+    start_response(&mut ex.out, response, plan, upstream)?;
     let out = &mut ex.out;
     out.extend_from_slice(b"Content-Length: ");
     push_decimal(out, body.len() as u64);
@@ -88,13 +97,22 @@ pub(super) async fn relay_filtered_json(leg: Leg<'_, '_>) -> Result<(Relayed, bo
 /// may pause between events for `SCOPEGATE_STREAM_IDLE_MS`. When the upstream fails after the
 /// stream began, a POST's stream ends with a JSON-RPC error for its request (the agent is told,
 /// and its connection stays usable).
-pub(super) async fn relay_events(leg: Leg<'_, '_>) -> Result<(Relayed, bool), ForwardError> {
-    let (core, ex, client, request) = (leg.core, leg.ex, leg.client, leg.request);
-    let (up, target, close_after, plan) = (leg.up, leg.target, leg.close_after, leg.plan);
+pub(super) async fn relay_events(
+    Leg {
+        core,
+        ex,
+        client,
+        request,
+        up,
+        upstream,
+        close_after,
+        plan,
+    }: Leg<'_, '_>,
+) -> Result<(Relayed, bool), ForwardError> {
     let config = &core.config;
     let framing = framing::response_framing(&ex.response, request.method()).map_err(|e| {
         invalid(
-            target,
+            upstream,
             &format!("sent an invalid response: {}", e.message()),
         )
     })?;
@@ -102,7 +120,7 @@ pub(super) async fn relay_events(leg: Leg<'_, '_>) -> Result<(Relayed, bool), Fo
     let keep_client = !close_after && !crate::core::shutting_down() && chunked;
     let keep_upstream =
         ex.response.minor_version == 1 && !head::connection_has(&ex.response, "close");
-    start_response(&mut ex.out, &ex.response, plan, target.upstream)?;
+    start_response(&mut ex.out, &ex.response, plan, upstream)?;
     if chunked {
         ex.out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
@@ -215,7 +233,7 @@ pub(super) async fn relay_events(leg: Leg<'_, '_>) -> Result<(Relayed, bool), Fo
             keep_upstream && body.left_clean(up),
         ));
     };
-    let name = &target.upstream.name;
+    let name = &upstream.name;
     if client.written == written_before && events.is_empty() {
         // Nothing reached the agent: a plain refusal says it best.
         return Err(ForwardError::BeforeResponse(Reply::error(

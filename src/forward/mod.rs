@@ -132,7 +132,7 @@ pub async fn forward(
         client: &mut *client,
         request,
         up: &mut up,
-        target,
+        upstream,
         close_after,
         plan,
     };

@@ -9,7 +9,7 @@ use crate::http::head::Head;
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists::Visible;
 use crate::reply::Reply;
-use crate::upstream::exchange::Target;
+use crate::upstream::Upstream;
 
 /// Per-connection scratch reused across requests, and what the audit log learns from the
 /// exchange.
@@ -99,7 +99,7 @@ pub struct Leg<'a, 'p> {
     /// The agent's request.
     pub request: &'a Head,
     pub up: &'a mut Conn,
-    pub target: Target<'a>,
+    pub upstream: &'a Upstream,
     /// The agent's connection closes after this answer.
     pub close_after: bool,
     pub plan: &'a Plan<'p>,

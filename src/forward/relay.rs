@@ -31,11 +31,18 @@ enum Downstream {
 }
 
 pub(super) async fn relay(
-    leg: Leg<'_, '_>,
+    Leg {
+        core,
+        ex,
+        client,
+        request,
+        up,
+        upstream,
+        close_after,
+        plan,
+    }: Leg<'_, '_>,
     is_event_stream: bool,
 ) -> Result<(Relayed, bool), ForwardError> {
-    let (core, ex, client, request) = (leg.core, leg.ex, leg.client, leg.request);
-    let (up, target, close_after, plan) = (leg.up, leg.target, leg.close_after, leg.plan);
     let response = &ex.response;
     let upstream_framing = match framing::response_framing(response, request.method()) {
         Ok(f) => f,
@@ -45,7 +52,7 @@ pub(super) async fn relay(
                 jsonrpc::UPSTREAM_UNAVAILABLE,
                 format!(
                     "upstream {:?} sent an invalid response: {}",
-                    target.upstream.name,
+                    upstream.name,
                     e.message()
                 ),
             )));
@@ -89,7 +96,7 @@ pub(super) async fn relay(
     };
 
     // The response head for the agent.
-    start_response(&mut ex.out, response, plan, target.upstream)?;
+    start_response(&mut ex.out, response, plan, upstream)?;
     let out = &mut ex.out;
     match downstream {
         Downstream::Empty => {

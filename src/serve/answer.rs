@@ -7,6 +7,7 @@ use crate::mcp::jsonrpc::Id;
 use crate::reply::Reply;
 
 /// Whether the agent's connection carries another request.
+#[derive(Clone, Copy)]
 pub enum KeepAlive {
     Yes,
     No,

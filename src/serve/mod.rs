@@ -1,5 +1,7 @@
 //! The request path for one agent connection. [`serve_connection`] reads requests off the
-//! connection; `handle_request` is the sequence of stages, in order. Each stage is a function
+//! connection; `serve_one` reads a head, runs `handle_request` (the stages up to where the
+//! request goes on, in order) and then the onward stage, after the gates' state is dropped so a
+//! long answer holds only what relaying it needs. Each stage is a function
 //! over plain inputs (a head, a body, the policy) that passes the request on or refuses it with
 //! a [`Reply`](crate::reply::Reply) that never reaches an upstream, and each is unit-tested in its room:
 //!
@@ -46,14 +48,13 @@ use bytes::Bytes;
 use monoio::net::TcpStream;
 
 use crate::core::{Passed, shutting_down};
-use crate::forward::Exchange;
 use crate::http;
 use crate::http::conn::Conn;
 use crate::http::head::Head;
 use crate::mcp::envelope::EnvelopeParser;
 use crate::mcp::jsonrpc::Id;
 use crate::policy::Policy;
-use crate::policy::live::PolicyView;
+use crate::policy::live::{LocalPolicy, PolicyView};
 
 use answer::{KeepAlive, answer};
 use memory::ConnCache;
@@ -139,7 +140,19 @@ async fn serve_one(
     } else {
         head.raw = client.buf.split_to(head_len).freeze();
     }
-    let outcome = handle_request(worker, client, head, parser, exchange, peer, draft).await;
+    // One policy for the whole request, even if a reload lands meanwhile.
+    let policy = worker.policy.as_ref().map(PolicyView::current);
+    // The gates' state is gone before the upstream's answer is awaited: a long stream holds
+    // only what relaying it needs.
+    let step = handle_request(worker, client, head, parser, policy.as_ref(), peer, draft);
+    // Matched in place (not moved out): the passed request is kept once, in `step`.
+    let outcome = match &mut step.await {
+        Step::Answered(outcome) => *outcome,
+        Step::Aggregate(passed) => onward::to_aggregate(passed, client, draft).await,
+        Step::Upstream(passed, upstream) => {
+            onward::to_upstream(passed, *upstream, exchange, client, draft).await
+        }
+    };
     draft.bytes_in += head_len as u64;
     record::emit(
         &worker.sinks(),
@@ -153,27 +166,34 @@ async fn serve_one(
     matches!(outcome, Ok(KeepAlive::Yes)) && !shutting_down()
 }
 
-/// The stages of one request after its head, in order. A stage either passes the request on
-/// or refuses it with a `Reply`: `pass!` hands a refusal to `end!`, which answers it (with
-/// the request's id once it is known; closing the connection when the agent asked, or when
-/// told) and ends the request.
-async fn handle_request(
-    worker: &Worker,
+/// What the gates made of a request: answered (with whether the connection goes on), or passed
+/// on to the aggregate endpoint or to one upstream.
+enum Step<'r> {
+    Answered(Result<KeepAlive, ()>),
+    Aggregate(Passed<'r>),
+    Upstream(Passed<'r>, usize),
+}
+
+/// The stages of one request after its head, in order, up to where it goes on. A stage either
+/// passes the request on or refuses it with a `Reply`: `pass!` hands a refusal to `end!`,
+/// which answers it (with the request's id once it is known; closing the connection when the
+/// agent asked, or when told) and ends the request.
+async fn handle_request<'r>(
+    worker: &'r Worker,
     client: &mut Conn,
-    head: &Head,
-    parser: &mut EnvelopeParser,
-    exchange: &mut Exchange,
+    head: &'r Head,
+    parser: &'r mut EnvelopeParser,
+    policy: Option<&'r LocalPolicy>,
     peer: SocketAddr,
     draft: &mut Draft,
-) -> Result<KeepAlive, ()> {
+) -> Step<'r> {
     let config = &worker.core.config;
     let close = head.minor_version == 0 || http::head::connection_has(head, "close");
-    let policy = worker.policy.as_ref().map(PolicyView::current); // one for the whole request
     let method = head.method();
     let mut id: Option<Id<'_>> = None;
     macro_rules! end {
         ($reply:expr, $close:expr) => {
-            return answer(draft, client, method, id, &$reply, $close).await
+            return Step::Answered(answer(draft, client, method, id, &$reply, $close).await)
         };
     }
     macro_rules! pass {
@@ -190,37 +210,37 @@ async fn handle_request(
     // Ambiguous framing closes the connection: where would the next request start?
     let framing = pass!(ingress::framing(head), true);
     let jwt = worker.jwt.as_deref();
-    let admitted = gate::admit(config, jwt, policy.as_ref(), head, &mut draft.cache);
+    let admitted = gate::admit(config, jwt, policy, head, &mut draft.cache);
     // A refused request's body is still read, so the connection stays usable; unless the agent
     // waits for `100 Continue` before sending it.
-    if let Err(reply) = &admitted
-        && ingress::awaits_continue(head, framing)
-    {
-        end!(reply, true);
-    }
+    let admitted = match admitted {
+        Err(reply) if ingress::awaits_continue(head, framing) => end!(reply, true),
+        admitted => admitted,
+    };
     let body = pass!(
         ingress::read_body(config, client, head, framing).await,
         true
     );
     draft.bytes_in = body.len() as u64;
-    let admitted = pass!(admitted);
+    let gate::Admitted {
+        route: endpoint,
+        agent,
+    } = pass!(admitted);
     let (stats, audit) = (&worker.all_stats, &worker.all_audit);
-    if let Some(reply) = admin::answer(admitted.route, config, head, stats, audit) {
+    if let Some(reply) = admin::answer(endpoint, config, head, stats, audit) {
         draft.skip = true;
         end!(reply, close);
     }
-    let upstream = pass!(route::upstream_of(admitted.route, config, head));
-    let agent = admitted.agent;
-    draft.identify(upstream, agent, policy.as_ref(), head);
-    let envelope = pass!(ingress::envelope(parser, method, &body));
-    let env = envelope.as_ref();
-    id = env.and_then(|e| e.single()?.id);
-    let p: Option<&Policy> = policy.as_deref().map(|p| &**p);
-    if let Some(env) = env {
+    let upstream = pass!(route::upstream_of(endpoint, config, head));
+    draft.identify(upstream, agent, policy, head);
+    let env = pass!(ingress::envelope(parser, method, &body));
+    id = env.as_ref().and_then(|e| e.single()?.id);
+    let p: Option<&Policy> = policy.map(|p| &***p);
+    if let Some(env) = &env {
         draft.messages_of(env, p, agent, worker.max_args());
     }
     pass!(gate::audit_available(worker.audit.as_ref()));
-    if let Some(env) = env {
+    if let Some(env) = &env {
         pass!(gate::check_envelope_headers(head, env));
     }
     let upstreams = p.map_or(&config.upstreams[..], |p| p.upstreams());
@@ -238,7 +258,7 @@ async fn handle_request(
         close,
     };
     match upstream {
-        None => onward::to_aggregate(passed, client, draft).await,
-        Some(upstream) => onward::to_upstream(passed, upstream, exchange, client, draft).await,
+        None => Step::Aggregate(passed),
+        Some(upstream) => Step::Upstream(passed, upstream),
     }
 }

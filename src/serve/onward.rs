@@ -14,11 +14,11 @@ use crate::policy::decide;
 
 /// `/mcp` with several upstreams: authorization, limits and routing per message inside.
 pub async fn to_aggregate(
-    p: Passed<'_, '_>,
+    p: &Passed<'_>,
     client: &mut Conn,
     draft: &mut Draft,
 ) -> Result<KeepAlive, ()> {
-    let result = Box::pin(crate::aggregate::handle(&p, client)).await;
+    let result = Box::pin(crate::aggregate::handle(p, client)).await;
     let (Ok(outcome) | Err(outcome)) = &result;
     draft.status = outcome.status;
     draft.decision = outcome.decision;
@@ -35,39 +35,43 @@ pub async fn to_aggregate(
 /// One upstream: in policy mode the call's own gates first ([`gate::admit_call`]); then the
 /// request forwarded as received (with the plan's changes) and the answer relayed as it comes.
 pub async fn to_upstream(
-    p: Passed<'_, '_>,
+    p: &mut Passed<'_>,
     upstream: usize,
     exchange: &mut Exchange,
     client: &mut Conn,
     draft: &mut Draft,
 ) -> Result<KeepAlive, ()> {
-    let core = p.core;
-    let method = p.head.method();
-    let request_id = p.env.and_then(|e| e.single()?.id);
+    // Taken by reference and looked at in place: the request is not copied into this frame,
+    // which a long event stream keeps for its whole life.
+    let (core, head, policy, agent, close) = (p.core, p.head, p.policy, p.agent, p.close);
+    let body = std::mem::take(&mut p.body);
+    let (env, upstreams, peer) = (p.env.as_ref(), p.upstreams, p.peer);
+    let method = head.method();
+    let request_id = env.and_then(|e| e.single()?.id);
     let mut upstream_session = None;
-    if let (Some(policy), Some(agent)) = (p.policy, p.agent) {
+    if let (Some(policy), Some(agent)) = (policy, agent) {
         let status = core.config.rate_limit_status;
         let (limiter, sessions, cache) = (&core.limiter, &core.sessions, &mut draft.cache);
         let call = gate::admit_call(
-            limiter, status, sessions, policy, agent, upstream, p.head, p.env, cache,
+            limiter, status, sessions, policy, agent, upstream, head, env, cache,
         );
         match call.await {
             Ok(session) => upstream_session = session,
-            Err(reply) => return answer(draft, client, method, request_id, &reply, p.close).await,
+            Err(reply) => return answer(draft, client, method, request_id, &reply, close).await,
         }
     }
-    let messages = p.env.map_or(&[][..], |e| e.messages());
+    let messages = env.map_or(&[][..], |e| e.messages());
     let mut plan = Plan::for_messages(messages);
     plan.request_id = request_id;
     plan.scan_is_error = draft.active
-        && p.env
+        && env
             .and_then(|e| e.single())
             .is_some_and(|m| m.method == Some("tools/call"));
     let seal;
     let visible;
-    if let (Some(policy), Some(agent)) = (p.policy, p.agent) {
+    if let (Some(policy), Some(agent)) = (policy, agent) {
         let agent_id = policy.agents[agent].id.as_str();
-        let upstream_name = p.upstreams[upstream].name.as_str();
+        let upstream_name = upstreams[upstream].name.as_str();
         let sessions = &core.sessions;
         seal = move |id: &[u8]| sessions.seal(agent_id, upstream_name, id);
         visible =
@@ -83,11 +87,11 @@ pub async fn to_upstream(
         core,
         exchange,
         client,
-        p.head,
-        p.body,
-        &p.upstreams[upstream],
-        p.peer,
-        p.close,
+        head,
+        body,
+        &upstreams[upstream],
+        peer,
+        close,
         &plan,
     )
     .await;
@@ -108,7 +112,7 @@ pub async fn to_upstream(
         }
         Err(ForwardError::BeforeResponse(reply)) => {
             let reply = reply.upstream_error(draft.upstream);
-            answer(draft, client, method, request_id, &reply, p.close).await
+            answer(draft, client, method, request_id, &reply, close).await
         }
         Err(ForwardError::MidResponse(why)) => {
             draft.status = exchange.status;
