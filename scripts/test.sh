@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+step "Debian packages the tests use (openssl CLI and the CA store for the TLS tests)"
+missing=()
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+[[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+if ((${#missing[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 step "Python test peers (official MCP SDK) into .venv"
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv

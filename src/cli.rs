@@ -52,6 +52,19 @@ pub fn validate(args: &[String]) -> i32 {
         eprintln!("usage: scopegate validate FILE");
         return 2;
     };
+    // The listener's certificate and key too, when the environment names them.
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let (Some(cert), Some(key)) = (var("SCOPEGATE_TLS_CERT"), var("SCOPEGATE_TLS_KEY")) {
+        let files = crate::tls::server::ListenerFiles {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: var("SCOPEGATE_TLS_CLIENT_CA").map(Into::into),
+        };
+        if let Err(e) = crate::tls::server::ListenerTls::load(files) {
+            eprintln!("{e}");
+            return 1;
+        }
+    }
     match load(path) {
         Ok(p) => {
             println!(

@@ -56,6 +56,8 @@ pub struct Config {
     pub aggregate_fail_closed: bool,
     /// How long a fan-out waits for each upstream before leaving it out.
     pub aggregate_timeout: Duration,
+    /// Serve HTTPS: `SCOPEGATE_TLS_CERT`, `SCOPEGATE_TLS_KEY`, `SCOPEGATE_TLS_CLIENT_CA`.
+    pub tls: Option<crate::tls::server::ListenerFiles>,
 }
 
 /// `SCOPEGATE_JWT_*`: accept JWTs issued by `issuer` for `audience`, verified with the JWKS
@@ -271,6 +273,32 @@ impl Config {
                 ));
             }
         };
+        let tls = match (get("SCOPEGATE_TLS_CERT"), get("SCOPEGATE_TLS_KEY")) {
+            (Some(cert), Some(key)) => Some(crate::tls::server::ListenerFiles {
+                cert: cert.into(),
+                key: key.into(),
+                client_ca: get("SCOPEGATE_TLS_CLIENT_CA").map(PathBuf::from),
+            }),
+            (None, None) if get("SCOPEGATE_TLS_CLIENT_CA").is_some() => {
+                return Err(err(
+                    "SCOPEGATE_TLS_CLIENT_CA",
+                    "client certificates need HTTPS: set SCOPEGATE_TLS_CERT and SCOPEGATE_TLS_KEY",
+                ));
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(err(
+                    "SCOPEGATE_TLS_KEY",
+                    "SCOPEGATE_TLS_CERT is set: give its private key too (PEM)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "SCOPEGATE_TLS_CERT",
+                    "SCOPEGATE_TLS_KEY is set: give its certificate chain too (PEM)",
+                ));
+            }
+        };
         let session_secret = match get("SCOPEGATE_SESSION_SECRET") {
             None => None,
             Some(v) if v.len() < 32 => {
@@ -430,6 +458,7 @@ impl Config {
             name_separator,
             aggregate_fail_closed,
             aggregate_timeout,
+            tls,
         })
     }
 
@@ -462,6 +491,9 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_PATH_KEYS",
     "SCOPEGATE_AUTH_SERVERS",
     "SCOPEGATE_PUBLIC_URL",
+    "SCOPEGATE_TLS_CERT",
+    "SCOPEGATE_TLS_KEY",
+    "SCOPEGATE_TLS_CLIENT_CA",
     "SCOPEGATE_SESSION_SECRET",
     "SCOPEGATE_JWT_KEYS",
     "SCOPEGATE_JWT_ISSUER",

@@ -20,6 +20,7 @@
 //! reply                           what scopegate answers itself (one reply type)
 //! audit                           the audit log
 //! mcp, http                       MCP and HTTP knowledge, no policy
+//! tls                             rustls streams, PEM files, CA stores, handshake failures
 //! fmt, glob, log, token, alloc    small helpers
 //! ```
 
@@ -43,5 +44,6 @@ pub mod ratelimit;
 pub mod reply;
 pub mod runtime;
 pub mod serve;
+pub mod tls;
 pub mod token;
 pub mod upstream;

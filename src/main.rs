@@ -13,6 +13,7 @@ use scopegate::policy::Policy;
 use scopegate::policy::live::LivePolicy;
 use scopegate::policy::load::ProcessEnv;
 use scopegate::runtime::{self, Shared};
+use scopegate::tls::server::ListenerTls;
 use scopegate::{error, info, warn};
 
 #[global_allocator]
@@ -149,6 +150,22 @@ fn serve() {
         .collect();
 
     let config = Arc::new(config);
+    let tls = config.tls.as_ref().map(|files| {
+        let tls = ListenerTls::load(files.clone()).unwrap_or_else(|e| {
+            eprintln!("scopegate: configuration error: {e}");
+            std::process::exit(2);
+        });
+        info!(
+            "serving HTTPS with {}{}",
+            files.cert.display(),
+            if tls.requires_client_certificate() {
+                " (agents must present a client certificate)"
+            } else {
+                ""
+            }
+        );
+        Arc::new(tls)
+    });
     let jwt = config.jwt.as_ref().map(|j| {
         let jwks = std::fs::read_to_string(&j.keys).unwrap_or_else(|e| {
             eprintln!(
@@ -232,6 +249,7 @@ fn serve() {
         jwt,
         audit: audit_channels.clone(),
         all_stats: all_stats.clone(),
+        tls: tls.clone(),
     };
     for u in &config.upstreams {
         info!("upstream {} -> {}", u.name, u.transport);
@@ -271,6 +289,15 @@ fn serve() {
                 }
             }
             Some(libc::SIGHUP) => {
+                if let Some(tls) = &tls {
+                    // A renewed certificate: new handshakes use it, open connections go on.
+                    match tls.reload() {
+                        Ok(()) => info!("SIGHUP: TLS certificate and key reloaded"),
+                        Err(e) => {
+                            error!("SIGHUP: TLS reload failed, the old certificate stays: {e}")
+                        }
+                    }
+                }
                 info!("SIGHUP: reloading the policy");
                 if let Some(path) = config.policy.as_deref() {
                     watched = file_stamp(path);

@@ -268,6 +268,30 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
             escape(upstream_label(u))
         );
     }
+    let tls = crate::tls::failures();
+    out.push_str("# HELP scopegate_upstream_tls_failures_total Failed TLS handshakes with an upstream, by reason.\n");
+    out.push_str("# TYPE scopegate_upstream_tls_failures_total counter\n");
+    for (upstream, reason, n) in &tls {
+        if let Some(upstream) = upstream {
+            let _ = writeln!(
+                out,
+                "scopegate_upstream_tls_failures_total{{upstream=\"{}\",reason=\"{}\"}} {n}",
+                escape(upstream),
+                escape(reason)
+            );
+        }
+    }
+    out.push_str("# HELP scopegate_listener_tls_failures_total Failed TLS handshakes with agents, by reason.\n");
+    out.push_str("# TYPE scopegate_listener_tls_failures_total counter\n");
+    for (upstream, reason, n) in &tls {
+        if upstream.is_none() {
+            let _ = writeln!(
+                out,
+                "scopegate_listener_tls_failures_total{{reason=\"{}\"}} {n}",
+                escape(reason)
+            );
+        }
+    }
     out.push_str("# HELP scopegate_rate_limited_total Requests refused by a rate limit.\n");
     out.push_str("# TYPE scopegate_rate_limited_total counter\n");
     let _ = writeln!(

@@ -36,6 +36,8 @@ pub struct Shared {
     pub audit: Vec<Arc<crate::audit::writer::Channel>>,
     /// Every worker's counters, for `/metrics` (read only at scrape time).
     pub all_stats: Arc<Vec<Arc<WorkerStats>>>,
+    /// The HTTPS listener's configuration (reloaded in place), when serving TLS.
+    pub tls: Option<Arc<crate::tls::server::ListenerTls>>,
 }
 
 /// What is left of [`Shared`] once the config is taken.
@@ -46,6 +48,7 @@ struct SharedRest {
     jwt: Option<Arc<JwtVerifier>>,
     audit: Vec<Arc<crate::audit::writer::Channel>>,
     all_stats: Arc<Vec<Arc<WorkerStats>>>,
+    tls: Option<Arc<crate::tls::server::ListenerTls>>,
 }
 
 /// A worker's open connections (raw fd, idle between requests), for the drain. Touched once per
@@ -172,6 +175,7 @@ async fn worker_main(
         jwt: shared.jwt,
         audit: shared.audit,
         all_stats: shared.all_stats,
+        tls: shared.tls,
     };
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -197,6 +201,7 @@ async fn worker_main(
         audit,
         shared.all_stats.clone(),
         shared.audit.clone(),
+        shared.tls,
     ));
     let registry = Rc::new(Registry::default());
 

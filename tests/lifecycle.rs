@@ -25,7 +25,9 @@ fn bad_values_exit_2_naming_the_variable() {
         ("SCOPEGATE_MAX_BODY", "-1"),
         ("SCOPEGATE_LISTEN", "not an address"),
         ("SCOPEGATE_UPSTREAM_TIMEOUT_MS", "0"),
-        ("SCOPEGATE_UPSTREAMS", "x=https://127.0.0.1/mcp"),
+        ("SCOPEGATE_UPSTREAMS", "x=ftp://127.0.0.1/mcp"),
+        ("SCOPEGATE_UPSTREAMS", "x=https://no-such-host.invalid/mcp"),
+        ("SCOPEGATE_TLS_CERT", "/nonexistent/cert.pem"),
         ("SCOPEGATE_IO_DRIVER", "select"),
         ("SCOPEGATE_TYPO", "1"),
     ] {

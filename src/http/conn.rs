@@ -1,4 +1,4 @@
-//! A TCP connection with its read buffer, over monoio's owned-buffer I/O.
+//! A connection (TCP, or TLS over TCP) with its read buffer, over monoio's owned-buffer I/O.
 
 use std::io;
 use std::time::Duration;
@@ -8,12 +8,53 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::tls::stream::TlsStream;
+
 /// Bytes asked of the kernel per read. Large enough for a typical MCP message in one read,
 /// small enough that 10,000 idle connections stay cheap (buffers are released when idle).
 pub const READ_CHUNK: usize = 16 * 1024;
 
+/// The byte stream under a connection.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl From<TcpStream> for Stream {
+    fn from(tcp: TcpStream) -> Stream {
+        Stream::Tcp(tcp)
+    }
+}
+
+impl From<TlsStream> for Stream {
+    fn from(tls: TlsStream) -> Stream {
+        Stream::Tls(Box::new(tls))
+    }
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.tcp(),
+        }
+    }
+
+    /// Waits until a read has something to return (bytes, or the end).
+    pub async fn readable(&self, relaxed: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable(relaxed).await,
+            Stream::Tls(s) => s.readable(relaxed).await,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+}
+
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read and not yet consumed.
     pub buf: BytesMut,
     /// Bytes written so far (the audit log's bytes out).
@@ -29,9 +70,9 @@ pub enum ReadError {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream) -> Conn {
+    pub fn new(stream: impl Into<Stream>) -> Conn {
         Conn {
-            stream,
+            stream: stream.into(),
             buf: BytesMut::new(),
             written: 0,
             read_chunk: READ_CHUNK,
@@ -43,9 +84,13 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
             self.buf.reserve(self.read_chunk);
         }
+        let tcp = match &mut self.stream {
+            Stream::Tcp(tcp) => tcp,
+            Stream::Tls(tls) => return tls.read_into(&mut self.buf).await,
+        };
         let len = self.buf.len();
         let buf = std::mem::take(&mut self.buf);
-        let (res, slice) = self.stream.read(buf.slice_mut(len..)).await;
+        let (res, slice) = tcp.read(buf.slice_mut(len..)).await;
         self.buf = slice.into_inner();
         res
     }
@@ -63,7 +108,10 @@ impl Conn {
 
     /// Writes all of `data` (owned, handed to the kernel without copying) and returns it.
     pub async fn write_all<B: monoio::buf::IoBuf>(&mut self, data: B) -> (io::Result<()>, B) {
-        let (res, data) = self.stream.write_all(data).await;
+        let (res, data) = match &mut self.stream {
+            Stream::Tcp(tcp) => tcp.write_all(data).await,
+            Stream::Tls(tls) => tls.write_all(data).await,
+        };
         if let Ok(n) = &res {
             self.written += *n as u64;
         }
@@ -75,11 +123,16 @@ impl Conn {
     /// read yet.
     pub fn peer_closed(&self) -> Option<bool> {
         use std::os::fd::AsRawFd;
+        if let Stream::Tls(tls) = &self.stream {
+            if tls.has_pending() {
+                return Some(false);
+            }
+        }
         let mut byte = 0u8;
         // SAFETY: a one-byte peek into a local buffer on this connection's open socket.
         let n = unsafe {
             libc::recv(
-                self.stream.as_raw_fd(),
+                self.stream.tcp().as_raw_fd(),
                 (&mut byte as *mut u8).cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -98,7 +151,25 @@ impl Conn {
     /// Hands over the read buffer when nothing is pending in it (for the worker's pool), so an
     /// idle connection holds no buffer memory.
     pub fn take_idle_buffer(&mut self) -> Option<BytesMut> {
+        if let Stream::Tls(tls) = &mut self.stream {
+            tls.release_idle();
+        }
         (self.buf.is_empty() && self.buf.capacity() > 0).then(|| std::mem::take(&mut self.buf))
+    }
+}
+
+impl Conn {
+    /// Stops writing: says goodbye first on TLS (close_notify), then shuts the socket's write
+    /// side, so the peer reads everything sent before it sees the end.
+    pub async fn close_write(&mut self) {
+        use std::os::fd::AsRawFd;
+        if let Stream::Tls(tls) = &mut self.stream {
+            let _ = tls.close_notify().await;
+        }
+        // SAFETY: the fd is this connection's open socket.
+        unsafe {
+            libc::shutdown(self.stream.tcp().as_raw_fd(), libc::SHUT_WR);
+        }
     }
 }
 

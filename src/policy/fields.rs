@@ -68,6 +68,11 @@ pub(super) struct RawUpstream {
     pub(super) rate: Option<Spanned<RawRate>>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, Spanned<String>>,
+    /// TLS to an `https://` upstream: a private CA, a client certificate, the name to verify.
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) client_cert_file: Option<Spanned<String>>,
+    pub(super) client_key_file: Option<Spanned<String>>,
+    pub(super) tls_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

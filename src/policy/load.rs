@@ -8,13 +8,13 @@ use toml::Spanned;
 
 pub use super::fields::{Env, ProcessEnv};
 use super::fields::{
-    RawPolicy, check_id, compile_constraint, compile_rate, compile_rule_glob, expand_env, limit,
-    line_of, parse_sha256, valid_header_name,
+    RawPolicy, RawUpstream, check_id, compile_constraint, compile_rate, compile_rule_glob,
+    expand_env, limit, line_of, parse_sha256, valid_header_name,
 };
 use super::{Agent, Policy, PolicyError, Tenant, ToolRule, UpstreamRule};
 use crate::glob::Glob;
 use crate::ratelimit::Limit;
-use crate::upstream::{Transport, Upstream};
+use crate::upstream::{TlsOptions, Transport, Upstream};
 
 impl Policy {
     /// Reads and compiles the policy at `path`, merging its `[[upstream]]` tables with the
@@ -165,6 +165,20 @@ impl Policy {
                     upstreams.len() - 1
                 }
             };
+            let tls = tls_options(u, path);
+            if !tls.is_empty() {
+                let transport = upstreams[index].transport.clone();
+                upstreams[index].transport = transport.with_tls(tls).map_err(|e| {
+                    let span = match e.field {
+                        "upstream.ca_file" => u.ca_file.as_ref(),
+                        "upstream.client_cert_file" => u.client_cert_file.as_ref(),
+                        "upstream.client_key_file" => u.client_key_file.as_ref(),
+                        "upstream.tls_server_name" => u.tls_server_name.as_ref(),
+                        _ => u.url.as_ref(),
+                    };
+                    at(span.map(|s| s.span()), e.field, e.problem)
+                })?;
+            }
             upstreams[index].headers = headers;
             rules[index] = UpstreamRule {
                 tenant,
@@ -323,6 +337,18 @@ impl Policy {
     }
 }
 
+/// An upstream's TLS settings; relative file names are relative to the policy file.
+fn tls_options(u: &RawUpstream, policy: &Path) -> TlsOptions {
+    let dir = policy.parent().unwrap_or(Path::new("."));
+    let file = |f: &Option<Spanned<String>>| f.as_ref().map(|f| dir.join(f.get_ref()));
+    TlsOptions {
+        ca_file: file(&u.ca_file),
+        client_cert_file: file(&u.client_cert_file),
+        client_key_file: file(&u.client_key_file),
+        server_name: u.tls_server_name.as_ref().map(|n| n.get_ref().clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,9 +497,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.upstreams().len(), 1);
         assert_eq!(
-            match &p.upstreams()[0].transport {
-                Transport::Http(t) => t.addr.port(),
-            },
+            p.upstreams()[0].transport.endpoint().name.port(),
             7777,
             "the environment's URL wins"
         );

@@ -82,7 +82,12 @@ fn public_base(config: &Config, head: &Head) -> String {
         Some(url) => url.clone(),
         None => {
             let host = head.get("host").unwrap_or(b"localhost");
-            format!("http://{}", String::from_utf8_lossy(host))
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", String::from_utf8_lossy(host))
         }
     }
 }

@@ -247,11 +247,7 @@ const LINGER_TIME: Duration = Duration::from_millis(500);
 /// makes the kernel send RST, which can discard the response before the client reads it
 /// (RFC 9112 §9.6). So: stop writing, then read and drop what the client still sends, briefly.
 pub async fn linger_close(client: &mut Conn) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the fd is this connection's open socket.
-    unsafe {
-        libc::shutdown(client.stream.as_raw_fd(), libc::SHUT_WR);
-    }
+    client.close_write().await;
     let deadline = Instant::now() + LINGER_TIME;
     let mut drained = 0;
     while drained < LINGER_BYTES {

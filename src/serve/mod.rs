@@ -55,6 +55,8 @@ use crate::mcp::envelope::EnvelopeParser;
 use crate::mcp::jsonrpc::Id;
 use crate::policy::Policy;
 use crate::policy::live::{LocalPolicy, PolicyView};
+use crate::tls::server::ListenerTls;
+use crate::tls::stream::TlsStream;
 
 use answer::{KeepAlive, answer};
 use memory::ConnCache;
@@ -68,7 +70,13 @@ pub async fn serve_connection(
     peer: SocketAddr,
     idle: &Cell<bool>,
 ) {
-    let mut client = Conn::new(stream);
+    let mut client = match &worker.tls {
+        None => Conn::new(stream),
+        Some(tls) => match accept_tls(worker, tls, stream).await {
+            Some(tls) => Conn::new(tls),
+            None => return,
+        },
+    };
     // The connection's memory of its key and session token stays with the connection (the
     // request state it is lent to goes back to a pool shared by all connections).
     let mut cache = ConnCache::default();
@@ -97,6 +105,24 @@ pub async fn serve_connection(
             worker.give_buffer(buf);
         }
     }
+}
+
+/// The TLS handshake with an agent, within the header timeout. A failure is counted
+/// (`scopegate_listener_tls_failures_total`) and ends the connection.
+async fn accept_tls(worker: &Worker, tls: &ListenerTls, stream: TcpStream) -> Option<TlsStream> {
+    let handshake = TlsStream::accept(stream, tls.config());
+    let limit = worker.core.config.header_timeout;
+    let reason = match monoio::time::timeout(limit, handshake).await {
+        Ok(Ok(tls)) => return Some(tls),
+        Ok(Err(e)) => match crate::tls::tls_error(&e) {
+            Some(e) => crate::tls::failure_reason(e),
+            None => "connection lost during the handshake",
+        },
+        Err(_) => "handshake timed out",
+    };
+    crate::tls::count_failure(None, reason);
+    crate::debug!("TLS handshake with an agent failed: {reason}");
+    None
 }
 
 /// Reads and answers one request, then records it; false when the connection must close.

@@ -4,6 +4,8 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
+use crate::tls::server::ListenerTls;
+
 use bytes::BytesMut;
 
 use super::record::{Draft, Sinks};
@@ -30,6 +32,8 @@ pub struct Worker {
     /// Every worker's counters and audit channels, for `/metrics`.
     pub all_stats: Arc<Vec<Arc<WorkerStats>>>,
     pub all_audit: Vec<Arc<crate::audit::writer::Channel>>,
+    /// The HTTPS listener's configuration, when serving TLS.
+    pub tls: Option<Arc<ListenerTls>>,
     /// Client read buffers between requests: a connection takes one when its agent sends
     /// something and gives it back when the request is done.
     read_buffers: RefCell<Vec<BytesMut>>,
@@ -52,6 +56,7 @@ impl Worker {
         audit: Option<AuditSink>,
         all_stats: Arc<Vec<Arc<WorkerStats>>>,
         all_audit: Vec<Arc<crate::audit::writer::Channel>>,
+        tls: Option<Arc<ListenerTls>>,
     ) -> Worker {
         Worker {
             upstream_fragments: core
@@ -66,6 +71,7 @@ impl Worker {
             audit,
             all_stats,
             all_audit,
+            tls,
             read_buffers: RefCell::new(Vec::new()),
             request_states: RefCell::new(Vec::new()),
         }

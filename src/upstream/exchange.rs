@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use monoio::net::TcpStream;
 
+use super::resolve::Name;
 use super::{Pool, Transport, Upstream};
 use crate::http::conn::{Conn, ReadError};
 use crate::http::head::{self, Head, HeadError};
 use crate::mcp::jsonrpc;
 use crate::reply::Reply;
+use crate::tls::stream::TlsStream;
 
 /// An upstream to exchange with: its definition and this worker's pool.
 #[derive(Clone, Copy)]
@@ -43,7 +45,7 @@ pub async fn exchange_head(
         let (mut conn, reused) = match target.pool.take(target.upstream.pool_id()) {
             Some(c) if attempt == 0 => (c, true),
             _ => (
-                connect(&target.upstream.transport, deadline)
+                connect(target.upstream, deadline)
                     .await
                     .map_err(HeadFailure::Connect)?,
                 false,
@@ -56,6 +58,23 @@ pub async fn exchange_head(
         match result {
             Ok(()) => return Ok(conn),
             Err(UpstreamError::Io(_) | UpstreamError::Closed) if reused => continue,
+            // A peer may refuse our client certificate only after the handshake (TLS 1.3),
+            // with an alert, or (some servers) by closing without a word.
+            Err(UpstreamError::Io(e)) => {
+                return Err(HeadFailure::Exchange(tls_or_io(target.upstream, e)));
+            }
+            Err(UpstreamError::Closed) => {
+                if let Transport::Https(_, tls) = &target.upstream.transport {
+                    let reason = if tls.options.client_cert_file.is_some() {
+                        "closed by the peer (client certificate refused?)"
+                    } else {
+                        "closed by the peer (client certificate required?)"
+                    };
+                    crate::tls::count_failure(Some(&target.upstream.name), reason);
+                    return Err(HeadFailure::Exchange(UpstreamError::Tls(reason)));
+                }
+                return Err(HeadFailure::Exchange(UpstreamError::Closed));
+            }
             Err(e) => return Err(HeadFailure::Exchange(e)),
         }
     }
@@ -69,6 +88,8 @@ pub enum UpstreamError {
     Closed,
     TimedOut,
     BadHead(&'static str),
+    /// The TLS handshake failed, for this reason (a fixed phrase: nothing the peer sent).
+    Tls(&'static str),
 }
 
 impl UpstreamError {
@@ -104,6 +125,7 @@ pub fn unavailable(name: &str, e: UpstreamError) -> Reply {
         UpstreamError::Closed => "closed the connection before answering".to_owned(),
         UpstreamError::TimedOut => "timed out".to_owned(),
         UpstreamError::BadHead(why) => format!("sent an invalid response: {why}"),
+        UpstreamError::Tls(why) => format!("TLS handshake failed: {why}"),
     };
     if matches!(e, UpstreamError::TimedOut) {
         return Reply::error(
@@ -119,20 +141,53 @@ pub fn unavailable(name: &str, e: UpstreamError) -> Reply {
     )
 }
 
-/// A new connection over the upstream's transport.
-async fn connect(transport: &Transport, deadline: Instant) -> Result<Conn, UpstreamError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let addr = match transport {
-        Transport::Http(t) => t.addr,
+/// A new connection over the upstream's transport: its addresses tried in turn (the latest the
+/// resolver has), then the TLS handshake for an `https://` upstream.
+async fn connect(upstream: &Upstream, deadline: Instant) -> Result<Conn, UpstreamError> {
+    let endpoint = upstream.transport.endpoint();
+    let tcp = connect_tcp(&endpoint.name, deadline).await?;
+    let Transport::Https(_, tls) = &upstream.transport else {
+        return Ok(Conn::new(tcp));
     };
-    match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(Conn::new(stream))
-        }
-        Ok(Err(e)) => Err(UpstreamError::Io(e)),
+    let left = deadline.saturating_duration_since(Instant::now());
+    let handshake = TlsStream::connect(tcp, tls.config.clone(), tls.server_name.clone());
+    match monoio::time::timeout(left, handshake).await {
+        Ok(Ok(stream)) => Ok(Conn::new(stream)),
+        Ok(Err(e)) => Err(tls_or_io(upstream, e)),
         Err(_) => Err(UpstreamError::TimedOut),
     }
+}
+
+/// A TLS failure (counted by upstream and reason) or a plain I/O error.
+fn tls_or_io(upstream: &Upstream, e: std::io::Error) -> UpstreamError {
+    match crate::tls::tls_error(&e) {
+        Some(tls_error) => {
+            let reason = crate::tls::failure_reason(tls_error);
+            crate::tls::count_failure(Some(&upstream.name), reason);
+            UpstreamError::Tls(reason)
+        }
+        None => UpstreamError::Io(e),
+    }
+}
+
+/// A TCP connection to the first of `name`'s addresses that answers.
+async fn connect_tcp(name: &Name, deadline: Instant) -> Result<TcpStream, UpstreamError> {
+    let mut last = None;
+    for addr in name.addrs().iter() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, TcpStream::connect_addr(*addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => return Err(UpstreamError::TimedOut),
+        }
+    }
+    name.failed();
+    Err(UpstreamError::Io(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+    })))
 }
 
 async fn send_request(

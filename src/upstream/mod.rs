@@ -1,7 +1,7 @@
 //! Upstream MCP servers: what an upstream is (its name, how it is reached, the credential
 //! injected for it), defined once from the environment and the policy together, and everything
-//! about reaching it: the transport ([`Transport`]: plain HTTP today; TLS and stdio land here as
-//! variants), each worker's keep-alive [`pool`], the one request-head writer ([`request`]), the
+//! about reaching it: the transport ([`Transport`]: HTTP or HTTPS; stdio lands here as a variant), the
+//! names it resolves ([`resolve`]), its TLS settings ([`tls`]), each worker's keep-alive [`pool`], the one request-head writer ([`request`]), the
 //! round trip ([`exchange`]) and the small MCP client the aggregate endpoint fans out with
 //! ([`client`]). Nothing above this module knows how a byte reaches an upstream.
 
@@ -9,11 +9,15 @@ pub mod client;
 pub mod exchange;
 pub mod pool;
 pub mod request;
+pub mod resolve;
+pub mod tls;
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 pub use pool::{Pool, PoolId, PoolKey};
+use resolve::Name;
+pub use tls::{TlsClient, TlsOptions, TlsSettingError};
 
 /// One upstream, as configured (`SCOPEGATE_UPSTREAMS` and `[[upstream]]` merged).
 #[derive(Debug, Clone)]
@@ -38,42 +42,76 @@ impl Upstream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
     /// Plain HTTP/1.1 (`http://`).
-    Http(HttpTarget),
+    Http(Endpoint),
+    /// HTTP/1.1 over TLS (`https://`), verified against the machine's or the upstream's CAs.
+    Https(Endpoint, Arc<TlsClient>),
 }
 
 impl Transport {
-    /// Reads an upstream URL.
+    /// Reads an upstream URL; an `https://` one is verified against the system roots until
+    /// [`with_tls`](Self::with_tls) says otherwise.
     pub fn parse(url: &str) -> Result<Transport, String> {
-        HttpTarget::parse(url).map(Transport::Http)
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            return Err(format!("{url:?} is not an http:// or https:// URL"));
+        };
+        let endpoint = Endpoint::parse(url, rest, if tls { 443 } else { 80 })?;
+        if !tls {
+            return Ok(Transport::Http(endpoint));
+        }
+        let client = TlsClient::new(endpoint.host(), TlsOptions::default())
+            .map_err(|e| format!("{url:?}: {}", e.problem))?;
+        Ok(Transport::Https(endpoint, Arc::new(client)))
+    }
+
+    /// The transport with the policy's TLS settings for it (only an `https://` URL takes any).
+    pub fn with_tls(self, options: TlsOptions) -> Result<Transport, TlsSettingError> {
+        match self {
+            Transport::Http(_) if options.is_empty() => Ok(self),
+            Transport::Http(e) => Err(TlsSettingError {
+                field: "upstream.url",
+                problem: format!(
+                    "{:?} is http://: ca_file, client_cert_file, client_key_file and \
+                     tls_server_name are for https:// upstreams",
+                    e.url
+                ),
+            }),
+            Transport::Https(mut e, _) => {
+                let client = TlsClient::new(e.host(), options)?;
+                e.key = pool_key(&e.url, Some(&client.options));
+                Ok(Transport::Https(e, Arc::new(client)))
+            }
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        match self {
+            Transport::Http(e) | Transport::Https(e, _) => e,
+        }
     }
 
     /// Where requests go: the path (and query) on the upstream.
     pub fn path(&self) -> &str {
-        match self {
-            Transport::Http(t) => &t.path,
-        }
+        &self.endpoint().path
     }
 
     /// What the upstream gets as `Host`.
     pub fn host_header(&self) -> &str {
-        match self {
-            Transport::Http(t) => &t.host_header,
-        }
+        &self.endpoint().host_header
     }
 
-    /// The peer a connection to this upstream is connected to.
+    /// Which connections are interchangeable: same URL, same TLS settings.
     pub fn pool_key(&self) -> PoolKey {
-        match self {
-            Transport::Http(t) => PoolKey::Tcp(t.addr),
-        }
+        PoolKey(self.endpoint().key)
     }
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Transport::Http(t) => write!(f, "http://{}{}", t.host_header, t.path),
-        }
+        f.write_str(&self.endpoint().url)
     }
 }
 
@@ -87,92 +125,149 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// A parsed `http://host:port/path` URL. Only plain HTTP: upstreams are expected on the same
-/// host or a private network; TLS to upstreams is a separate piece of work.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpTarget {
+/// Where an upstream listens: a parsed `http(s)://host[:port]/path` URL and its addresses.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The URL as configured.
+    pub url: String,
     /// What the upstream gets as `Host`.
     pub host_header: String,
-    pub addr: SocketAddr,
     /// Path (and query) requests are sent to; `/` when the URL has none.
     pub path: String,
+    /// The host (without brackets) and port, and the addresses they resolve to now.
+    pub name: Arc<Name>,
+    key: u64,
 }
 
-impl HttpTarget {
-    pub fn parse(url: &str) -> Result<HttpTarget, String> {
-        let rest = if let Some(rest) = url.strip_prefix("http://") {
-            rest
-        } else if url.starts_with("https://") {
-            return Err(format!(
-                "{url:?}: https upstreams are not supported; use http:// on a trusted network"
-            ));
-        } else {
-            return Err(format!("{url:?} is not an http:// URL"));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+impl PartialEq for Endpoint {
+    fn eq(&self, other: &Endpoint) -> bool {
+        self.url == other.url
+    }
+}
+
+impl Eq for Endpoint {}
+
+impl Endpoint {
+    fn parse(url: &str, rest: &str, default_port: u16) -> Result<Endpoint, String> {
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
+            Some(i) => (&rest[..i], rest[i..].to_owned()),
+            None => (rest, "/".to_owned()),
         };
         if authority.is_empty() || authority.contains('@') {
             return Err(format!(
                 "{url:?} has no usable host (user info is not allowed)"
             ));
         }
-        let with_port = if has_port(authority) {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
+        let (host, port) = split_authority(authority)
+            .ok_or_else(|| format!("{url:?}: {authority:?} is not host[:port]"))?;
+        let port = match port {
+            None => default_port,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("{url:?}: {p:?} is not a port"))?,
         };
-        let addr = with_port
-            .to_socket_addrs()
-            .map_err(|e| format!("{url:?}: cannot resolve {authority:?}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{url:?}: {authority:?} resolves to no address"))?;
         if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(format!(
                 "{url:?}: the path has spaces or control characters"
             ));
         }
-        Ok(HttpTarget {
+        let name = Name::new(host, port).map_err(|e| format!("{url:?}: {e}"))?;
+        Ok(Endpoint {
+            url: url.to_owned(),
             host_header: authority.to_owned(),
-            addr,
-            path: path.to_owned(),
+            path,
+            name,
+            key: pool_key(url, None),
         })
+    }
+
+    /// The host, without brackets around an IPv6 address.
+    pub fn host(&self) -> &str {
+        self.name.host()
     }
 }
 
-fn has_port(authority: &str) -> bool {
-    match authority.rfind(':') {
-        // `[::1]:8080` has a port; `[::1]` does not.
-        Some(i) => !authority[i..].contains(']'),
-        None => false,
+/// `host[:port]`, `[v6][:port]`: the host (brackets removed) and the port text, if any.
+fn split_authority(authority: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        return Some((host, port));
     }
+    match authority.split_once(':') {
+        Some((host, port)) if !port.contains(':') && !host.is_empty() => Some((host, Some(port))),
+        Some(_) => None,
+        None => Some((authority, None)),
+    }
+}
+
+fn pool_key(url: &str, tls: Option<&TlsOptions>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    url.hash(&mut h);
+    tls.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn endpoint(url: &str) -> Endpoint {
+        Transport::parse(url).unwrap().endpoint().clone()
+    }
+
     #[test]
     fn parses_urls() {
-        let u = HttpTarget::parse("http://127.0.0.1:9001/mcp").unwrap();
-        assert_eq!(u.addr, "127.0.0.1:9001".parse().unwrap());
+        let u = endpoint("http://127.0.0.1:9001/mcp");
+        assert_eq!(&u.name.addrs()[..], &["127.0.0.1:9001".parse().unwrap()]);
         assert_eq!(u.host_header, "127.0.0.1:9001");
         assert_eq!(u.path, "/mcp");
-        let u = HttpTarget::parse("http://127.0.0.1").unwrap();
-        assert_eq!(u.addr.port(), 80);
+        let u = endpoint("http://127.0.0.1");
+        assert_eq!(u.name.port(), 80);
         assert_eq!(u.path, "/");
-        let u = HttpTarget::parse("http://[::1]:7/x?y=1").unwrap();
-        assert_eq!(u.addr, "[::1]:7".parse().unwrap());
+        let u = endpoint("http://[::1]:7/x?y=1");
+        assert_eq!(&u.name.addrs()[..], &["[::1]:7".parse().unwrap()]);
+        assert_eq!(u.host(), "::1");
         assert_eq!(u.path, "/x?y=1");
+        let u = endpoint("http://127.0.0.1:7?y=1");
+        assert_eq!(u.path, "/?y=1");
+        let u = endpoint("https://localhost/mcp");
+        assert_eq!(u.name.port(), 443);
+        assert_eq!(u.host_header, "localhost");
+        assert!(matches!(
+            Transport::parse("https://127.0.0.1:8443/").unwrap(),
+            Transport::Https(..)
+        ));
     }
 
     #[test]
     fn refuses_what_it_cannot_serve() {
-        assert!(HttpTarget::parse("https://127.0.0.1/").is_err());
-        assert!(HttpTarget::parse("ftp://127.0.0.1/").is_err());
-        assert!(HttpTarget::parse("http://user@127.0.0.1/").is_err());
-        assert!(HttpTarget::parse("http:///mcp").is_err());
-        assert!(HttpTarget::parse("http://127.0.0.1:99999/").is_err());
+        assert!(Transport::parse("ftp://127.0.0.1/").is_err());
+        assert!(Transport::parse("http://user@127.0.0.1/").is_err());
+        assert!(Transport::parse("http:///mcp").is_err());
+        assert!(Transport::parse("http://127.0.0.1:99999/").is_err());
+        assert!(Transport::parse("http://127.0.0.1:0/").is_err());
+        assert!(Transport::parse("http://::1/").is_err());
+        assert!(Transport::parse("http://[::1/").is_err());
+    }
+
+    #[test]
+    fn tls_settings_only_for_https() {
+        let ca = TlsOptions {
+            ca_file: Some("/nonexistent".into()),
+            ..TlsOptions::default()
+        };
+        let http = Transport::parse("http://127.0.0.1:1/").unwrap();
+        assert_eq!(http.clone().with_tls(TlsOptions::default()).unwrap(), http);
+        assert_eq!(http.with_tls(ca.clone()).unwrap_err().field, "upstream.url");
+        let https = Transport::parse("https://127.0.0.1:1/").unwrap();
+        assert_eq!(https.with_tls(ca).unwrap_err().field, "upstream.ca_file");
     }
 }

@@ -1,13 +1,12 @@
 //! Each worker's keep-alive pool of upstream connections. Per worker (`RefCell`, never shared
 //! across threads): a connection is taken for one exchange and given back only when the answer
 //! was read to its end and the upstream did not ask to close. Connections are kept per upstream,
-//! by its name and the peer it is reached at ([`PoolKey`]), never by a place in a list: a
+//! by its name and the URL it is reached at ([`PoolKey`]), never by a place in a list: a
 //! connection only ever carries requests of the upstream it was opened for (two upstreams
 //! behind one address do not share connections, so a server that routes a whole connection by
 //! its first request never sees one upstream's credential on another's).
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::http::conn::Conn;
@@ -20,11 +19,10 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Idle connections kept per upstream per worker; beyond that, returned connections are closed.
 pub const POOL_MAX_IDLE: usize = 256;
 
-/// The peer a pooled connection is connected to.
+/// What a pooled connection was opened to: a fingerprint of the upstream's URL and TLS
+/// settings (its addresses may change; a connection stays with the URL it was opened for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PoolKey {
-    Tcp(SocketAddr),
-}
+pub struct PoolKey(pub u64);
 
 /// Whose connections: an upstream's name and its peer.
 #[derive(Debug, Clone, Copy)]

@@ -34,7 +34,9 @@ def wait_for_port(port: int, limit: float = 20.0) -> None:
 
 
 class Upstream:
-    def __init__(self, tmp_path: Path, name: str = "upstream", script: str = "fastmcp_upstream.py"):
+    def __init__(self, tmp_path: Path, name: str = "upstream", script: str = "fastmcp_upstream.py",
+                 tls: dict[str, str] | None = None):
+        """`tls`: E2E_TLS_CERT, E2E_TLS_KEY (and E2E_TLS_CLIENT_CA) to serve HTTPS."""
         self.port = free_port()
         self.log = tmp_path / f"{name}-executions.jsonl"
         self.log.touch()
@@ -42,9 +44,11 @@ class Upstream:
             [sys.executable, str(Path(__file__).parent / script), str(self.port), str(self.log)],
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / f"{name}.stderr", "w"),
+            env={**os.environ, **(tls or {})},
         )
         wait_for_port(self.port)
-        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/mcp"
 
     def executions(self) -> list[dict]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
@@ -80,7 +84,8 @@ class Scopegate:
         if not found.wait(20):
             self.proc.kill()
             raise RuntimeError("scopegate did not start:\n" + "".join(self.lines))
-        self.base = f"http://{self.addr}"
+        scheme = "https" if "SCOPEGATE_TLS_CERT" in env else "http"
+        self.base = f"{scheme}://{self.addr}"
 
     def log(self) -> str:
         return "".join(self.lines)

@@ -80,4 +80,24 @@ def delete_everything(ctx: Context) -> str:
 
 
 if __name__ == "__main__":
-    mcp.run(transport="streamable-http")
+    cert = os.environ.get("E2E_TLS_CERT")
+    if cert:
+        # HTTPS (uvicorn's ssl options); with E2E_TLS_CLIENT_CA, clients must present a
+        # certificate from that CA (mutual TLS).
+        import ssl
+
+        import uvicorn
+
+        client_ca = os.environ.get("E2E_TLS_CLIENT_CA")
+        uvicorn.run(
+            mcp.streamable_http_app(),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            ssl_certfile=cert,
+            ssl_keyfile=os.environ["E2E_TLS_KEY"],
+            ssl_ca_certs=client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
+        )
+    else:
+        mcp.run(transport="streamable-http")
