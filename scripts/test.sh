@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Debian packages the tests use (openssl CLI and the CA store for the TLS tests)"
+step "Debian packages the tests use (openssl CLI, the CA store, tinyproxy for the TLS tests)"
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy-bin)
 if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

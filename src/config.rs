@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upstream::egress::Egress;
 use crate::upstream::{Transport, Upstream};
 
 /// The whole runtime configuration.
@@ -58,6 +60,9 @@ pub struct Config {
     pub aggregate_timeout: Duration,
     /// Serve HTTPS: `SCOPEGATE_TLS_CERT`, `SCOPEGATE_TLS_KEY`, `SCOPEGATE_TLS_CLIENT_CA`.
     pub tls: Option<crate::tls::server::ListenerFiles>,
+    /// `SCOPEGATE_EGRESS_PROXY` (and `SCOPEGATE_EGRESS_NO_PROXY`): upstream connections
+    /// through an HTTP CONNECT proxy.
+    pub egress: Option<Arc<Egress>>,
 }
 
 /// `SCOPEGATE_JWT_*`: accept JWTs issued by `issuer` for `audience`, verified with the JWKS
@@ -299,6 +304,19 @@ impl Config {
                 ));
             }
         };
+        let egress = match get("SCOPEGATE_EGRESS_PROXY") {
+            None if get("SCOPEGATE_EGRESS_NO_PROXY").is_some() => {
+                return Err(err(
+                    "SCOPEGATE_EGRESS_NO_PROXY",
+                    "set only with SCOPEGATE_EGRESS_PROXY",
+                ));
+            }
+            None => None,
+            Some(url) => Some(Arc::new(
+                Egress::parse(url, get("SCOPEGATE_EGRESS_NO_PROXY"))
+                    .map_err(|e| err("SCOPEGATE_EGRESS_PROXY", e))?,
+            )),
+        };
         let session_secret = match get("SCOPEGATE_SESSION_SECRET") {
             None => None,
             Some(v) if v.len() < 32 => {
@@ -459,6 +477,7 @@ impl Config {
             aggregate_fail_closed,
             aggregate_timeout,
             tls,
+            egress,
         })
     }
 
@@ -494,6 +513,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_TLS_CERT",
     "SCOPEGATE_TLS_KEY",
     "SCOPEGATE_TLS_CLIENT_CA",
+    "SCOPEGATE_EGRESS_PROXY",
+    "SCOPEGATE_EGRESS_NO_PROXY",
     "SCOPEGATE_SESSION_SECRET",
     "SCOPEGATE_JWT_KEYS",
     "SCOPEGATE_JWT_ISSUER",

@@ -49,7 +49,7 @@ impl Core {
     ) -> Core {
         Core {
             id,
-            pool: Pool::new(),
+            pool: Pool::new(config.egress.clone()),
             config,
             stats,
             sessions,

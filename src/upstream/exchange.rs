@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use monoio::net::TcpStream;
 
+use super::egress::Egress;
 use super::resolve::Name;
 use super::{Pool, Transport, Upstream};
 use crate::http::conn::{Conn, ReadError};
@@ -45,7 +46,7 @@ pub async fn exchange_head(
         let (mut conn, reused) = match target.pool.take(target.upstream.pool_id()) {
             Some(c) if attempt == 0 => (c, true),
             _ => (
-                connect(target.upstream, deadline)
+                connect(target.upstream, target.pool.egress(), deadline)
                     .await
                     .map_err(HeadFailure::Connect)?,
                 false,
@@ -90,6 +91,8 @@ pub enum UpstreamError {
     BadHead(&'static str),
     /// The TLS handshake failed, for this reason (a fixed phrase: nothing the peer sent).
     Tls(&'static str),
+    /// The egress proxy refused the tunnel with this status.
+    Egress(u16),
 }
 
 impl UpstreamError {
@@ -126,6 +129,9 @@ pub fn unavailable(name: &str, e: UpstreamError) -> Reply {
         UpstreamError::TimedOut => "timed out".to_owned(),
         UpstreamError::BadHead(why) => format!("sent an invalid response: {why}"),
         UpstreamError::Tls(why) => format!("TLS handshake failed: {why}"),
+        UpstreamError::Egress(status) => {
+            format!("is unreachable: the egress proxy refused the tunnel ({status})")
+        }
     };
     if matches!(e, UpstreamError::TimedOut) {
         return Reply::error(
@@ -143,9 +149,19 @@ pub fn unavailable(name: &str, e: UpstreamError) -> Reply {
 
 /// A new connection over the upstream's transport: its addresses tried in turn (the latest the
 /// resolver has), then the TLS handshake for an `https://` upstream.
-async fn connect(upstream: &Upstream, deadline: Instant) -> Result<Conn, UpstreamError> {
+async fn connect(
+    upstream: &Upstream,
+    egress: Option<&Egress>,
+    deadline: Instant,
+) -> Result<Conn, UpstreamError> {
     let endpoint = upstream.transport.endpoint();
-    let tcp = connect_tcp(&endpoint.name, deadline).await?;
+    let tcp = match egress.filter(|e| e.applies_to(endpoint.host())) {
+        None => connect_tcp(&endpoint.name, deadline).await?,
+        Some(egress) => {
+            let tcp = connect_tcp(&egress.proxy, deadline).await?;
+            egress.tunnel(tcp, &endpoint.name, deadline).await?
+        }
+    };
     let Transport::Https(_, tls) = &upstream.transport else {
         return Ok(Conn::new(tcp));
     };

@@ -6,6 +6,7 @@
 //! ([`client`]). Nothing above this module knows how a byte reaches an upstream.
 
 pub mod client;
+pub mod egress;
 pub mod exchange;
 pub mod pool;
 pub mod request;

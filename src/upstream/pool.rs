@@ -7,8 +7,10 @@
 //! its first request never sees one upstream's credential on another's).
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::egress::Egress;
 use crate::http::conn::Conn;
 
 /// How long a pooled connection may sit idle before it is dropped rather than reused. Kept
@@ -39,15 +41,25 @@ struct Idle {
 /// One upstream's idle connections: its name, its peer, the connections (oldest first).
 type IdleList = (Box<str>, PoolKey, Vec<Idle>);
 
-/// One worker's idle upstream connections, per upstream (a handful of lists).
+/// One worker's idle upstream connections, per upstream (a handful of lists), and how new
+/// ones are made (through the egress proxy, when there is one).
 #[derive(Default)]
 pub struct Pool {
     idle: RefCell<Vec<IdleList>>,
+    egress: Option<Arc<Egress>>,
 }
 
 impl Pool {
-    pub fn new() -> Pool {
-        Pool::default()
+    pub fn new(egress: Option<Arc<Egress>>) -> Pool {
+        Pool {
+            idle: RefCell::new(Vec::new()),
+            egress,
+        }
+    }
+
+    /// The egress proxy new connections go through, if any.
+    pub fn egress(&self) -> Option<&Egress> {
+        self.egress.as_deref()
     }
 
     /// The most recently returned live connection of `id`, if any.

@@ -308,3 +308,70 @@ def test_listener_mutual_tls_requires_a_client_certificate(tmp_path, certs, upst
         assert "scopegate_listener_tls_failures_total{reason=" in metrics
     finally:
         g.stop()
+
+
+class Tinyproxy:
+    """A real HTTP CONNECT proxy (Debian's tinyproxy) on a free port, logging every request."""
+
+    def __init__(self, tmp_path: Path, extra: str = ""):
+        from conftest import free_port, wait_for_port
+
+        self.port = free_port()
+        self.log = tmp_path / f"tinyproxy-{self.port}.log"
+        conf = tmp_path / f"tinyproxy-{self.port}.conf"
+        conf.write_text(
+            f'Port {self.port}\nListen 127.0.0.1\nTimeout 60\nLogFile "{self.log}"\n'
+            f"LogLevel Connect\nMaxClients 50\n{extra}"
+        )
+        binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+        self.proc = subprocess.Popen([binary, "-d", "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def requests(self) -> list[str]:
+        return [line.split("): ", 1)[1] for line in self.log.read_text().splitlines() if "Request (file" in line]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def test_upstreams_through_an_egress_proxy(tmp_path, certs):
+    up = tls_upstream(tmp_path, certs, "up")
+    proxy = Tinyproxy(tmp_path)
+    # Allows CONNECT to port 443 only: our upstream's port is refused.
+    strict = Tinyproxy(tmp_path, "ConnectPort 443\n")
+    try:
+        policy = policy_for(tmp_path, {
+            "far": f'url = "https://127.0.0.1:{up.port}/mcp"\nca_file = "{certs}/ca.pem"',
+        })
+        # Loopback is reached directly by default: "none" sends it through the proxy too.
+        g = gateway(tmp_path, policy, SCOPEGATE_EGRESS_PROXY=f"http://127.0.0.1:{proxy.port}",
+                    SCOPEGATE_EGRESS_NO_PROXY="none")
+        try:
+            assert run(add_through(f"{g.base}/mcp/far")) == "42"
+        finally:
+            g.stop()
+        tunnels = proxy.requests()
+        assert tunnels and all(r.startswith(f"CONNECT 127.0.0.1:{up.port} ") for r in tunnels), tunnels
+        # Without "none", loopback upstreams bypass the proxy.
+        g = gateway(tmp_path, policy, SCOPEGATE_EGRESS_PROXY=f"http://127.0.0.1:{strict.port}")
+        try:
+            assert run(add_through(f"{g.base}/mcp/far")) == "42"
+        finally:
+            g.stop()
+        assert strict.requests() == []
+        # A proxy that refuses the tunnel: a clear 502.
+        g = gateway(tmp_path, policy, SCOPEGATE_EGRESS_PROXY=f"http://127.0.0.1:{strict.port}",
+                    SCOPEGATE_EGRESS_NO_PROXY="none")
+        try:
+            r = post(f"{g.base}/mcp/far", {"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+            assert r.status_code == 502, r.text
+            assert r.json()["error"]["message"] == (
+                'upstream "far" is unreachable: the egress proxy refused the tunnel (403)'), r.text
+        finally:
+            g.stop()
+    finally:
+        strict.stop()
+        proxy.stop()
+        up.stop()

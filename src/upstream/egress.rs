@@ -1,0 +1,225 @@
+//! The egress proxy: where a network allows outbound connections only through an HTTP proxy,
+//! `SCOPEGATE_EGRESS_PROXY=http://[user:password@]host:port` sends every upstream connection
+//! through an HTTP CONNECT tunnel (TLS to an `https://` upstream then runs inside it, end to
+//! end). Hosts in `SCOPEGATE_EGRESS_NO_PROXY` are reached directly; by default the loopback
+//! names. The conventional `HTTPS_PROXY`/`NO_PROXY` are deliberately not read: a gateway's
+//! egress is configured on purpose, not inherited from a shell.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use monoio::net::TcpStream;
+
+use super::exchange::UpstreamError;
+use super::resolve::Name;
+use crate::http::conn::{Conn, ReadError, Stream};
+use crate::http::head::{self, Head};
+
+/// Hosts reached directly when `SCOPEGATE_EGRESS_NO_PROXY` is not set.
+pub const DEFAULT_NO_PROXY: &str = "localhost,127.0.0.1,::1";
+
+#[derive(Debug)]
+pub struct Egress {
+    /// The proxy's address.
+    pub proxy: Arc<Name>,
+    /// `Proxy-Authorization` value, from the URL's user information.
+    authorization: Option<String>,
+    /// Hosts (exact, lower case) and domain suffixes (`.example.com`) reached directly.
+    no_proxy: Vec<String>,
+}
+
+impl Egress {
+    /// Reads the proxy URL and the direct-host list (`None`: the default; `"none"`: nothing
+    /// bypasses the proxy).
+    pub fn parse(url: &str, no_proxy: Option<&str>) -> Result<Egress, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{url:?}: expected http://[user:password@]host:port"))?;
+        let authority = rest.trim_end_matches('/');
+        if authority.contains('/') {
+            return Err(format!("{url:?}: a proxy URL has no path"));
+        }
+        let (user, hostport) = match authority.rsplit_once('@') {
+            Some((user, hostport)) => (Some(user), hostport),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (host, port) = v6
+                .split_once("]:")
+                .ok_or_else(|| format!("{url:?}: expected [v6address]:port"))?;
+            (host, port)
+        } else {
+            hostport
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{url:?}: the port is required"))?
+        };
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{url:?}: {port:?} is not a port"))?;
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        let proxy = Name::new(host, port)?;
+        let authorization = user.map(|u| format!("Basic {}", base64(&percent_decode(u))));
+        let no_proxy = match no_proxy.unwrap_or(DEFAULT_NO_PROXY).trim() {
+            "none" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|h| h.trim().trim_matches(['[', ']']).to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        };
+        Ok(Egress {
+            proxy,
+            authorization,
+            no_proxy,
+        })
+    }
+
+    /// Whether connections to `host` go through the proxy.
+    pub fn applies_to(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        !self.no_proxy.iter().any(|entry| {
+            *entry == host
+                || (entry.starts_with('.')
+                    && (host.ends_with(entry.as_str()) || host == entry[1..]))
+        })
+    }
+
+    /// Asks the proxy, on `tcp`, for a tunnel to `name`; the stream then reaches the upstream.
+    pub async fn tunnel(
+        &self,
+        tcp: TcpStream,
+        name: &Name,
+        deadline: Instant,
+    ) -> Result<TcpStream, UpstreamError> {
+        let target = if name.host().contains(':') {
+            format!("[{}]:{}", name.host(), name.port())
+        } else {
+            format!("{}:{}", name.host(), name.port())
+        };
+        let mut out = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(auth) = &self.authorization {
+            out.push_str("Proxy-Authorization: ");
+            out.push_str(auth);
+            out.push_str("\r\n");
+        }
+        out.push_str("\r\n");
+        let mut conn = Conn::new(tcp);
+        let (res, _) = conn.write_all(out.into_bytes()).await;
+        res.map_err(UpstreamError::Io)?;
+        let mut response = Head::default();
+        loop {
+            if let Ok(Some(len)) = head::parse_response(&conn.buf, &mut response) {
+                if !(200..300).contains(&response.status) {
+                    return Err(UpstreamError::Egress(response.status));
+                }
+                if conn.buf.len() > len {
+                    // The upstream speaks first only after our request: bytes now are the
+                    // proxy's, not the upstream's.
+                    return Err(UpstreamError::BadHead(
+                        "egress proxy sent data after CONNECT",
+                    ));
+                }
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match conn.fill_within(Some(left)).await {
+                Ok(0) => return Err(UpstreamError::Closed),
+                Ok(_) => {}
+                Err(ReadError::TimedOut) => return Err(UpstreamError::TimedOut),
+                Err(ReadError::Io(e)) => return Err(UpstreamError::Io(e)),
+            }
+            if conn.buf.len() > 16 * 1024 {
+                return Err(UpstreamError::BadHead("egress proxy answer too large"));
+            }
+        }
+        match conn.stream {
+            Stream::Tcp(tcp) => Ok(tcp),
+            Stream::Tls(_) => unreachable!("the proxy connection is plain TCP"),
+        }
+    }
+}
+
+/// User information as written in a URL: `%XX` escapes decoded.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Standard base64 with padding (for `Proxy-Authorization: Basic`).
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proxy_urls() {
+        let e = Egress::parse("http://127.0.0.1:3128", None).unwrap();
+        assert_eq!(e.proxy.port(), 3128);
+        assert!(e.authorization.is_none());
+        assert!(!e.applies_to("localhost") && !e.applies_to("127.0.0.1") && !e.applies_to("::1"));
+        assert!(e.applies_to("api.example.com"));
+        let e =
+            Egress::parse("http://user:pa%20ss@[::1]:8080/", Some(".corp.example, db")).unwrap();
+        assert_eq!(e.authorization.as_deref(), Some("Basic dXNlcjpwYSBzcw=="));
+        assert!(!e.applies_to("mcp.corp.example") && !e.applies_to("corp.example"));
+        assert!(!e.applies_to("DB") && e.applies_to("localhost"));
+        let e = Egress::parse("http://127.0.0.1:3128", Some("none")).unwrap();
+        assert!(e.applies_to("127.0.0.1"));
+        for bad in [
+            "https://p:1",
+            "http://p",
+            "http://p:0",
+            "http://p:1/x",
+            "http://:1",
+        ] {
+            assert!(Egress::parse(bad, None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn base64_pads() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    }
+}
