@@ -225,6 +225,35 @@ if sc:
         w(f"| ratio | {two / one:.2f}x |")
     w("")
 
+# TLS.
+tls = {}
+for r in phase("tls"):
+    load = r["load"]
+    cpu_us = r["cpu_ticks"] / r["tick"] * 1e6 / load["requests"] if load["requests"] else None
+    tls.setdefault(r["target"], []).append((load["rate"], cpu_us))
+if tls:
+    w("## TLS")
+    w("")
+    w("Side by side in the same run, one worker each on core 0, everything on for scopegate. "
+      "**To an HTTPS upstream**: nginx on core 1 terminates TLS (ECDSA P-256, TLS 1.3) in front "
+      "of the mock; scopegate verifies it with the policy's `ca_file`, nginx with "
+      "`proxy_ssl_verify`; both keep connections alive and reuse sessions. **Terminating HTTPS**: "
+      "the agents speak TLS to the proxy, which forwards to the plain mock; sg-load opens its "
+      "connections once, so this is the steady-state cost of TLS records, not of handshakes.")
+    w("")
+    w("| target | req/s | CPU µs per request | x nginx req/s | x nginx CPU |")
+    w("|---|---|---|---|---|")
+    for sg, ng, what in (("scopegate-full-uptls", "nginx-uptls", "to an HTTPS upstream"),
+                         ("scopegate-full-tls", "nginx-tls", "terminating HTTPS")):
+        if sg not in tls or ng not in tls:
+            continue
+        n_rps, n_cpu = med(x[0] for x in tls[ng]), med(x[1] for x in tls[ng])
+        for t, label in ((sg, f"scopegate, everything on, {what}"), (ng, f"nginx, {what}")):
+            rps, cpu = med(x[0] for x in tls[t]), med(x[1] for x in tls[t])
+            w(f"| {label} | {fmt(rps)} | {fmt(cpu, 2)} | {fmt(rps / n_rps if n_rps else None, 2)} | "
+              f"{fmt(cpu / n_cpu if cpu and n_cpu else None, 2)} |")
+    w("")
+
 # Memory.
 mem = phase("memory")
 if mem:

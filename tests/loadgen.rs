@@ -50,6 +50,7 @@ fn config(gw: &Running, mix: &str) -> LoadConfig {
         args: r#"{"ms":1}"#.into(),
         sessions: true,
         timeout: Duration::from_secs(5),
+        tls: None,
     }
 }
 

@@ -350,3 +350,48 @@ fn listener_round_trips_large_bodies() {
     assert!(seen.iter().all(|r| r.body.len() == body.len()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// sg-load (the benchmarks' generator) speaks HTTPS through scopegate's own TLS stream: every
+/// virtual agent's session and calls succeed over the HTTPS listener.
+#[test]
+fn the_load_generator_drives_an_https_listener() {
+    use scopegate_loadtest::load::{self, Kind, LoadConfig, TlsTarget};
+    let dir = make_certs("load");
+    let up = support::MockServer::start(support::MockConfig::default());
+    let gw = Gateway::open()
+        .upstream("m", &up)
+        .env("SCOPEGATE_TLS_CERT", dir.join("server.pem").to_str().unwrap())
+        .env("SCOPEGATE_TLS_KEY", dir.join("server.key").to_str().unwrap())
+        .start();
+    let url = format!("https://localhost:{}/mcp/m", gw.addr.port());
+    let (_, host, path) = LoadConfig::parse_url(&url).unwrap();
+    let config = LoadConfig {
+        addr: gw.addr,
+        host,
+        path,
+        keys: Vec::new(),
+        connections: 3,
+        threads: 1,
+        duration: std::time::Duration::from_millis(500),
+        warmup: std::time::Duration::ZERO,
+        rate: None,
+        mix: LoadConfig::parse_mix("call=1").unwrap(),
+        tool: "echo".into(),
+        refused_tool: "x".into(),
+        limited_tool: "y".into(),
+        args: "{}".into(),
+        sessions: true,
+        timeout: std::time::Duration::from_secs(5),
+        tls: Some(TlsTarget::new(&dir.join("ca.pem"), "localhost").unwrap()),
+    };
+    let report = load::run(&config);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.sessions, 3);
+    let ok = report
+        .outcomes
+        .get(&(Kind::Call, "ok".to_string()))
+        .copied()
+        .unwrap_or(0);
+    assert!(ok > 0, "{}", report.to_text());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -10,13 +10,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use scopegate::http::conn::{Conn as SgConn, ReadError};
+use scopegate::tls::stream::TlsStream;
 
 /// What one virtual agent sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -79,13 +83,42 @@ pub struct LoadConfig {
     /// Initialize a session per connection first (MCP 2025-06-18 lifecycle).
     pub sessions: bool,
     pub timeout: Duration,
+    /// An `https://` target: how to verify it.
+    pub tls: Option<TlsTarget>,
+}
+
+/// TLS to an `https://` target: the trust store and the name to verify.
+#[derive(Debug, Clone)]
+pub struct TlsTarget {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
+impl TlsTarget {
+    /// Trusts the CA certificates in `ca` (PEM) for `host`.
+    pub fn new(ca: &Path, host: &str) -> Result<TlsTarget, String> {
+        let roots = scopegate::tls::read_roots(ca, "--ca")?;
+        let mut config = ClientConfig::builder_with_provider(scopegate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+        Ok(TlsTarget {
+            config: Arc::new(config),
+            name,
+        })
+    }
 }
 
 impl LoadConfig {
+    /// `http(s)://host:port/path` -> address, `Host`, path (see [`is_https`](Self::is_https)).
     pub fn parse_url(url: &str) -> Result<(SocketAddr, String, String), String> {
         let rest = url
             .strip_prefix("http://")
-            .ok_or_else(|| format!("only http:// URLs: {url:?}"))?;
+            .or_else(|| url.strip_prefix("https://"))
+            .ok_or_else(|| format!("only http:// and https:// URLs: {url:?}"))?;
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -303,56 +336,57 @@ fn schedule(mix: &[(Kind, u32)], offset: usize) -> Vec<Kind> {
     out
 }
 
+/// One connection to the target: scopegate's own connection code (plain or TLS).
 struct Conn {
-    stream: Option<TcpStream>,
+    inner: SgConn,
+    /// Bytes read and not yet consumed (the connection's buffer).
     buf: BytesMut,
 }
 
 impl Conn {
-    async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, String> {
-        match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(Conn {
-                    stream: Some(s),
-                    buf: BytesMut::with_capacity(16 * 1024),
-                })
+    async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&TlsTarget>,
+    ) -> Result<Conn, String> {
+        let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => return Err("connect".into()),
+            Err(_) => return Err("connect_timeout".into()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let inner = match tls {
+            None => SgConn::new(tcp),
+            Some(t) => {
+                let handshake = TlsStream::connect(tcp, t.config.clone(), t.name.clone());
+                match monoio::time::timeout(timeout, handshake).await {
+                    Ok(Ok(s)) => SgConn::new(s),
+                    Ok(Err(_)) => return Err("tls_handshake".into()),
+                    Err(_) => return Err("connect_timeout".into()),
+                }
             }
-            Ok(Err(_)) => Err("connect".into()),
-            Err(_) => Err("connect_timeout".into()),
-        }
+        };
+        Ok(Conn {
+            inner,
+            buf: BytesMut::with_capacity(16 * 1024),
+        })
     }
 
     async fn send(&mut self, bytes: Vec<u8>) -> Result<(), String> {
-        let stream = self.stream.as_mut().ok_or("closed")?;
-        let (res, _) = stream.write_all(bytes).await;
-        res.map(|_| ()).map_err(|_| "io".to_string())
+        let (res, _) = self.inner.write_all(bytes).await;
+        res.map_err(|_| "io".to_string())
     }
 
     async fn fill(&mut self, deadline: Instant) -> Result<(), String> {
-        let stream = self.stream.as_mut().ok_or("closed")?;
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(16 * 1024);
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let len = buf.len();
         let left = deadline.saturating_duration_since(Instant::now());
-        // On a timeout the buffer goes with the cancelled read; the connection is dropped.
-        let read = monoio::time::timeout(left, stream.read(buf.slice_mut(len..))).await;
+        std::mem::swap(&mut self.inner.buf, &mut self.buf);
+        let read = self.inner.fill_within(Some(left)).await;
+        std::mem::swap(&mut self.inner.buf, &mut self.buf);
         match read {
-            Ok((Ok(0), slice)) => {
-                self.buf = slice.into_inner();
-                Err("closed".into())
-            }
-            Ok((Ok(_), slice)) => {
-                self.buf = slice.into_inner();
-                Ok(())
-            }
-            Ok((Err(_), slice)) => {
-                self.buf = slice.into_inner();
-                Err("io".into())
-            }
-            Err(_) => Err("timeout".into()),
+            Ok(0) => Err("closed".into()),
+            Ok(_) => Ok(()),
+            Err(ReadError::Io(_)) => Err("io".into()),
+            Err(ReadError::TimedOut) => Err("timeout".into()),
         }
     }
 
@@ -553,7 +587,7 @@ async fn agent(
     };
     while Instant::now() < end {
         if conn.is_none() {
-            match Conn::connect(config.addr, config.timeout).await {
+            match Conn::connect(config.addr, config.timeout, config.tls.as_ref()).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     fail(&mut result, e);
@@ -668,7 +702,7 @@ pub fn hold_idle(addr: SocketAddr, host: &str, path: &str, n: usize, hold: Durat
     rt.block_on(async move {
         let mut conns = Vec::with_capacity(n);
         for _ in 0..n {
-            let Ok(mut c) = Conn::connect(addr, Duration::from_secs(10)).await else {
+            let Ok(mut c) = Conn::connect(addr, Duration::from_secs(10), None).await else {
                 continue;
             };
             let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
@@ -698,7 +732,7 @@ pub fn hold_streams(config: &LoadConfig, n: usize, hold: Duration) -> usize {
         let mut streams = Vec::with_capacity(n);
         for i in 0..n {
             let key = (!config.keys.is_empty()).then(|| config.keys[i % config.keys.len()].clone());
-            let Ok(mut c) = Conn::connect(config.addr, config.timeout).await else {
+            let Ok(mut c) = Conn::connect(config.addr, config.timeout, config.tls.as_ref()).await else {
                 continue;
             };
             let deadline = Instant::now() + config.timeout;

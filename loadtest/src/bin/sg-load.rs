@@ -1,7 +1,8 @@
 //! sg-load: scopegate's load generator. Virtual MCP agents, each on its own keep-alive
 //! connection with its own key and session, send a weighted mix of messages.
 //!
-//! usage: sg-load --url http://127.0.0.1:8080/mcp [options]
+//! usage: sg-load --url http(s)://127.0.0.1:8080/mcp [options]
+//!   --ca FILE           for https://: the CA bundle (PEM) to verify the target with
 //!   --connections N     virtual agents, one connection each (default 32)
 //!   --threads N         generator threads, one runtime each (default 1)
 //!   --duration S        measured seconds (default 10), after --warmup S (default 1)
@@ -38,6 +39,7 @@ fn main() {
     let mut streams: Option<usize> = None;
     let mut hold = 5.0f64;
     let mut idle_path = String::from("/healthz");
+    let mut ca: Option<String> = None;
 
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -79,6 +81,7 @@ fn main() {
             "--streams" => streams = Some(num(&value("--streams"), "--streams")),
             "--hold" => hold = num(&value("--hold"), "--hold"),
             "--path" => idle_path = value("--path"),
+            "--ca" => ca = Some(value("--ca")),
             "-h" | "--help" => {
                 println!("see the top of loadtest/src/bin/sg-load.rs, or README.md (Benchmarks)");
                 return;
@@ -118,7 +121,23 @@ fn main() {
         args,
         sessions,
         timeout: Duration::from_millis(timeout_ms),
+        tls: None,
     };
+    let mut config = config;
+    if url.starts_with("https://") {
+        let host = config
+            .host
+            .rsplit_once(':')
+            .map_or(config.host.as_str(), |(h, _)| h);
+        let ca = ca.unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".to_owned());
+        config.tls = Some(
+            load::TlsTarget::new(std::path::Path::new(&ca), host.trim_matches(['[', ']']))
+                .unwrap_or_else(|e| {
+                    eprintln!("sg-load: {e}");
+                    std::process::exit(2)
+                }),
+        );
+    }
     if let Some(n) = idle {
         let held = load::hold_idle(
             config.addr,
