@@ -360,8 +360,14 @@ fn the_load_generator_drives_an_https_listener() {
     let up = support::MockServer::start(support::MockConfig::default());
     let gw = Gateway::open()
         .upstream("m", &up)
-        .env("SCOPEGATE_TLS_CERT", dir.join("server.pem").to_str().unwrap())
-        .env("SCOPEGATE_TLS_KEY", dir.join("server.key").to_str().unwrap())
+        .env(
+            "SCOPEGATE_TLS_CERT",
+            dir.join("server.pem").to_str().unwrap(),
+        )
+        .env(
+            "SCOPEGATE_TLS_KEY",
+            dir.join("server.key").to_str().unwrap(),
+        )
         .start();
     let url = format!("https://localhost:{}/mcp/m", gw.addr.port());
     let (_, host, path) = LoadConfig::parse_url(&url).unwrap();
