@@ -67,6 +67,20 @@ pub fn validate(args: &[String]) -> i32 {
     }
     match load(path) {
         Ok(p) => {
+            let egress = var("SCOPEGATE_EGRESS_PROXY").and_then(|url| {
+                let no_proxy = var("SCOPEGATE_EGRESS_NO_PROXY");
+                let no_proxy = no_proxy.as_ref().and_then(|v| v.to_str());
+                crate::upstream::egress::Egress::parse(url.to_str()?, no_proxy).ok()
+            });
+            let names = p
+                .upstreams()
+                .iter()
+                .map(|u| (u.name.as_str(), &*u.transport.endpoint().name));
+            let direct = |host: &str| egress.as_ref().is_none_or(|e| !e.applies_to(host));
+            if let Err(e) = crate::upstream::resolve::check_resolved(names, direct) {
+                eprintln!("{path}: {e}");
+                return 1;
+            }
             println!(
                 "{path}: ok ({} tenant(s), {} upstream(s), {} agent(s))",
                 p.tenants.len(),

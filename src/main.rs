@@ -93,6 +93,10 @@ fn serve() {
         );
         std::process::exit(2);
     }
+    if let Err(e) = check_names(&config) {
+        eprintln!("scopegate: configuration error: {e}");
+        std::process::exit(2);
+    }
     if config.upstreams.len() > 1
         && let Some(u) = config
             .upstreams
@@ -402,6 +406,17 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
 fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Every upstream host scopegate connects to directly must resolve at start (a name reached
+/// through the egress proxy is the proxy's to resolve).
+fn check_names(config: &Config) -> Result<(), String> {
+    let names = config
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), &*u.transport.endpoint().name));
+    let direct = |host: &str| config.egress.as_ref().is_none_or(|e| !e.applies_to(host));
+    scopegate::upstream::resolve::check_resolved(names, direct)
 }
 
 /// Loads the policy again; an invalid file, or one that changes the set of upstreams (which

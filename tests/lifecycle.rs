@@ -26,7 +26,6 @@ fn bad_values_exit_2_naming_the_variable() {
         ("SCOPEGATE_LISTEN", "not an address"),
         ("SCOPEGATE_UPSTREAM_TIMEOUT_MS", "0"),
         ("SCOPEGATE_UPSTREAMS", "x=ftp://127.0.0.1/mcp"),
-        ("SCOPEGATE_UPSTREAMS", "x=https://no-such-host.invalid/mcp"),
         ("SCOPEGATE_TLS_CERT", "/nonexistent/cert.pem"),
         ("SCOPEGATE_IO_DRIVER", "select"),
         ("SCOPEGATE_TYPO", "1"),
@@ -38,6 +37,18 @@ fn bad_values_exit_2_naming_the_variable() {
         assert_eq!(code, 2, "{name}={value}: {err}");
         assert!(err.contains(name), "{name}={value}: {err}");
     }
+}
+
+#[test]
+fn an_upstream_name_that_does_not_resolve_stops_start() {
+    let (code, err) = Gateway::open()
+        .upstream_url("x", "https://no-such-host.invalid/mcp")
+        .run_to_exit();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(r#"upstream "x": cannot resolve "no-such-host.invalid""#),
+        "{err}"
+    );
 }
 
 #[test]

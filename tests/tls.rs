@@ -401,3 +401,61 @@ fn the_load_generator_drives_an_https_listener() {
     assert!(ok > 0, "{}", report.to_text());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An agent that sends close_notify followed by more bytes in the same packet (data after the
+/// alert must be ignored) neither hangs its worker nor disturbs other agents.
+#[test]
+fn bytes_after_close_notify_do_not_hang_the_worker() {
+    let dir = make_certs("after-close");
+    let up = support::MockServer::start(support::MockConfig::default());
+    let gw = Gateway::open()
+        .upstream("m", &up)
+        .env("SCOPEGATE_THREADS", "1")
+        .env(
+            "SCOPEGATE_TLS_CERT",
+            dir.join("server.pem").to_str().unwrap(),
+        )
+        .env(
+            "SCOPEGATE_TLS_KEY",
+            dir.join("server.key").to_str().unwrap(),
+        )
+        .start();
+    let connect = || {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(scopegate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let tcp = std::net::TcpStream::connect(gw.addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    let healthz = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = tls.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut rude = connect();
+    assert!(healthz(&mut rude).starts_with("HTTP/1.1 200"));
+    // close_notify, then 64 KiB more in the same write.
+    rude.conn.send_close_notify();
+    let mut wire = Vec::new();
+    while rude.conn.wants_write() {
+        rude.conn.write_tls(&mut wire).unwrap();
+    }
+    wire.extend(std::iter::repeat_n(0x17u8, 64 * 1024));
+    let _ = rude.sock.write_all(&wire);
+    // The one worker still serves others.
+    let mut polite = connect();
+    assert!(healthz(&mut polite).starts_with("HTTP/1.1 200"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -229,6 +229,12 @@ pub(super) async fn relay(
                     flush(client, out).await.map_err(mid)?;
                 }
                 if wait.fill_or_end(up, client).await? == 0 {
+                    if !up.ended_cleanly() {
+                        // TLS without close_notify: anyone on the path can forge that end.
+                        return Err(ForwardError::MidResponse(
+                            "closed its TLS connection without close_notify mid-body".into(),
+                        ));
+                    }
                     break;
                 }
             }
@@ -258,7 +264,7 @@ struct Wait {
 
 impl Wait {
     /// More of the body, which must come.
-    async fn fill(&mut self, up: &mut Conn, client: &Conn) -> Result<(), ForwardError> {
+    async fn fill(&mut self, up: &mut Conn, client: &mut Conn) -> Result<(), ForwardError> {
         match self.fill_or_end(up, client).await? {
             0 => Err(ForwardError::MidResponse(
                 "closed the connection mid-body".into(),
@@ -268,7 +274,11 @@ impl Wait {
     }
 
     /// More of the body, or 0 at the upstream's close.
-    async fn fill_or_end(&mut self, up: &mut Conn, client: &Conn) -> Result<usize, ForwardError> {
+    async fn fill_or_end(
+        &mut self,
+        up: &mut Conn,
+        client: &mut Conn,
+    ) -> Result<usize, ForwardError> {
         let deadline = self.limit.map(|d| Instant::now() + d);
         if self.watch {
             match wait_readable_watching(up, client, &mut self.watch, self.limit).await {

@@ -85,7 +85,7 @@ impl BodyReader {
             }
             let limit = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match conn.fill_within(limit).await {
-                Ok(0) if self.framing == Framing::UntilClose => {
+                Ok(0) if self.framing == Framing::UntilClose && conn.ended_cleanly() => {
                     self.done = true;
                     return Ok(None);
                 }
@@ -102,7 +102,7 @@ impl BodyReader {
     pub async fn next_watching(
         &mut self,
         conn: &mut Conn,
-        agent: &Conn,
+        agent: &mut Conn,
         watch: &mut bool,
         deadline: Option<Instant>,
     ) -> Result<Option<Bytes>, BodyError> {
@@ -121,7 +121,7 @@ impl BodyReader {
             }
             let limit = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match conn.fill_within(limit).await {
-                Ok(0) if self.framing == Framing::UntilClose => {
+                Ok(0) if self.framing == Framing::UntilClose && conn.ended_cleanly() => {
                     self.done = true;
                     return Ok(None);
                 }

@@ -121,12 +121,12 @@ impl Conn {
     /// Whether the peer has closed its side, looked at without consuming anything: `Some(true)`
     /// closed (or reset), `Some(false)` it sent more (a pipelined request), `None` nothing to
     /// read yet.
-    pub fn peer_closed(&self) -> Option<bool> {
+    pub fn peer_closed(&mut self) -> Option<bool> {
         use std::os::fd::AsRawFd;
-        if let Stream::Tls(tls) = &self.stream {
-            if tls.has_pending() {
-                return Some(false);
-            }
+        if let Stream::Tls(tls) = &mut self.stream {
+            // The bytes are records: read and decrypt what is there (a close_notify is data
+            // on the socket, not an end of stream).
+            return tls.poll_peer();
         }
         let mut byte = 0u8;
         // SAFETY: a one-byte peek into a local buffer on this connection's open socket.
@@ -159,6 +159,24 @@ impl Conn {
 }
 
 impl Conn {
+    /// Whether the end of stream just read was a real end: always on TCP; on TLS only after
+    /// the peer's close_notify (a bare close can be forged, truncating a body that ends at the
+    /// close).
+    pub fn ended_cleanly(&self) -> bool {
+        match &self.stream {
+            Stream::Tcp(_) => true,
+            Stream::Tls(tls) => tls.closed_cleanly(),
+        }
+    }
+
+    /// Before the connection is dropped: on TLS, the close_notify that tells the peer the
+    /// stream ended here (bounded); nothing on TCP.
+    pub async fn finish(&mut self) {
+        if let Stream::Tls(tls) = &mut self.stream {
+            let _ = tls.close_notify().await;
+        }
+    }
+
     /// Stops writing: says goodbye first on TLS (close_notify), then shuts the socket's write
     /// side, so the peer reads everything sent before it sees the end.
     pub async fn close_write(&mut self) {
@@ -189,7 +207,7 @@ pub enum Waited {
 /// sent something (a pipelined request): its socket then stays readable and cannot say more.
 pub async fn wait_readable_watching(
     up: &Conn,
-    agent: &Conn,
+    agent: &mut Conn,
     watch: &mut bool,
     limit: Option<Duration>,
 ) -> Waited {

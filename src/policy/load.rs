@@ -47,6 +47,17 @@ impl Policy {
         };
         let raw: RawPolicy =
             toml::from_str(text).map_err(|e| at(e.span(), "", e.message().trim().to_owned()))?;
+        // A TLS setting's error, at the line of the field it names.
+        let tls_error = |u: &RawUpstream, e: crate::upstream::TlsSettingError| {
+            let span = match e.field {
+                "upstream.ca_file" => u.ca_file.as_ref(),
+                "upstream.client_cert_file" => u.client_cert_file.as_ref(),
+                "upstream.client_key_file" => u.client_key_file.as_ref(),
+                "upstream.tls_server_name" => u.tls_server_name.as_ref(),
+                _ => u.url.as_ref(),
+            };
+            at(span.map(|s| s.span()), e.field, e.problem)
+        };
 
         // Tenants.
         let mut tenants: Vec<Tenant> = Vec::new();
@@ -137,9 +148,10 @@ impl Policy {
                 None => None,
             };
             let rate = compile_rate(&u.rate, "upstream.rate", &at)?;
-            let index = match upstreams.iter().position(|x| &x.name == name) {
+            let from_env = upstreams.iter().position(|x| &x.name == name);
+            let index = match from_env {
                 // Named in SCOPEGATE_UPSTREAMS too: the environment's URL wins, the policy adds
-                // headers, tenant and rate.
+                // headers, tenant, rate and TLS settings.
                 Some(i) => i,
                 None => {
                     let Some(url) = &u.url else {
@@ -151,8 +163,9 @@ impl Policy {
                             ),
                         ));
                     };
-                    let transport = Transport::parse(url.get_ref())
-                        .map_err(|m| at(Some(url.span()), "upstream.url", m))?;
+                    // With its TLS settings at once: a private CA needs no system store.
+                    let transport = Transport::parse_with(url.get_ref(), tls_options(u, path))
+                        .map_err(|e| tls_error(u, e))?;
                     upstreams.push(Upstream {
                         name: name.clone(),
                         transport,
@@ -166,18 +179,11 @@ impl Policy {
                 }
             };
             let tls = tls_options(u, path);
-            if !tls.is_empty() {
+            if !tls.is_empty() && from_env.is_some() {
+                // The environment's URL, the policy's TLS settings.
                 let transport = upstreams[index].transport.clone();
-                upstreams[index].transport = transport.with_tls(tls).map_err(|e| {
-                    let span = match e.field {
-                        "upstream.ca_file" => u.ca_file.as_ref(),
-                        "upstream.client_cert_file" => u.client_cert_file.as_ref(),
-                        "upstream.client_key_file" => u.client_key_file.as_ref(),
-                        "upstream.tls_server_name" => u.tls_server_name.as_ref(),
-                        _ => u.url.as_ref(),
-                    };
-                    at(span.map(|s| s.span()), e.field, e.problem)
-                })?;
+                upstreams[index].transport =
+                    transport.with_tls(tls).map_err(|e| tls_error(u, e))?;
             }
             upstreams[index].headers = headers;
             rules[index] = UpstreamRule {

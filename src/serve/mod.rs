@@ -99,6 +99,7 @@ pub async fn serve_connection(
         std::mem::swap(&mut state.draft.cache, &mut cache);
         worker.give_state(state);
         if !keep {
+            client.finish().await;
             return;
         }
         if let Some(buf) = client.take_idle_buffer() {

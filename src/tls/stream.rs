@@ -23,6 +23,9 @@ use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerCon
 /// Ciphertext asked of the kernel per read: one full TLS record and its overhead.
 const CIPHER_CHUNK: usize = 16 * 1024 + 512;
 
+/// The longest a close_notify may take to send.
+const CLOSE_NOTIFY_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub struct TlsStream {
     tcp: TcpStream,
     tls: Connection,
@@ -35,6 +38,8 @@ pub struct TlsStream {
     plaintext: usize,
     /// The peer sent close_notify, or closed the socket.
     closed: bool,
+    /// The peer sent close_notify.
+    clean_close: bool,
 }
 
 /// What one read of ciphertext came to.
@@ -73,6 +78,7 @@ impl TlsStream {
             tx: Vec::new(),
             plaintext: 0,
             closed: false,
+            clean_close: false,
         }
     }
 
@@ -88,13 +94,17 @@ impl TlsStream {
     async fn handshake(&mut self) -> io::Result<()> {
         while self.tls.is_handshaking() {
             self.flush().await?;
-            if self.tls.is_handshaking() && self.tls.wants_read() {
-                if let Fed::End = self.feed().await? {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection during the TLS handshake",
-                    ));
-                }
+            if !self.tls.is_handshaking() {
+                break;
+            }
+            if !self.tls.wants_read() {
+                return Err(io::Error::other("the TLS handshake stalled"));
+            }
+            if let Fed::End = self.feed().await? {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                ));
             }
         }
         self.flush().await
@@ -129,27 +139,39 @@ impl TlsStream {
                 return Ok(Fed::End);
             }
         }
-        let n = self.tls.read_tls(&mut &self.rx[self.rx_at..])?;
-        self.rx_at += n;
-        match self.tls.process_new_packets() {
-            Ok(state) => {
-                self.plaintext = state.plaintext_bytes_to_read();
-                if state.peer_has_closed() {
-                    self.closed = true;
-                }
-                Ok(Fed::Some)
+        if let Err(e) = self.decrypt() {
+            // Tell the peer why (rustls queued an alert), then fail.
+            let _ = self.flush().await;
+            return Err(e);
+        }
+        Ok(Fed::Some)
+    }
+
+    /// Hands the ciphertext in `rx` to rustls until it yields plaintext, wants more, or the
+    /// peer closes (what follows a close_notify is ignored, RFC 8446 section 6.1).
+    fn decrypt(&mut self) -> io::Result<()> {
+        while self.rx_at < self.rx.len() && self.plaintext == 0 && !self.closed {
+            let n = self.tls.read_tls(&mut &self.rx[self.rx_at..])?;
+            if n == 0 {
+                // rustls takes nothing more (it has seen the peer's close_notify).
+                self.rx_at = self.rx.len();
             }
-            Err(e) => {
-                // Tell the peer why (rustls queued an alert), then fail.
-                let _ = self.flush().await;
-                Err(invalid(e))
+            self.rx_at += n;
+            let state = self.tls.process_new_packets().map_err(invalid)?;
+            self.plaintext = state.plaintext_bytes_to_read();
+            if state.peer_has_closed() {
+                self.closed = true;
+                self.clean_close = true;
             }
         }
+        if self.closed {
+            self.rx_at = self.rx.len();
+        }
+        Ok(())
     }
 
     /// Reads decrypted bytes, appending them to `buf`; `Ok(0)` is the end of the stream (a
-    /// close_notify, or the socket closed: HTTP's own framing says whether a message was
-    /// whole).
+    /// close_notify, or the socket closed: see [`closed_cleanly`](Self::closed_cleanly)).
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
             if self.plaintext > 0 {
@@ -164,12 +186,17 @@ impl TlsStream {
                     }
                 };
                 buf.truncate(len + got);
-                self.plaintext -= got.min(self.plaintext);
+                // Nothing came although rustls said so: trust the reader, not the count.
+                self.plaintext = if got == 0 {
+                    0
+                } else {
+                    self.plaintext.saturating_sub(got)
+                };
                 if got > 0 {
                     return Ok(got);
                 }
             }
-            if self.closed && self.rx_at == self.rx.len() {
+            if self.closed {
                 return Ok(0);
             }
             // Anything rustls wants to say first (a key update, session tickets).
@@ -180,16 +207,74 @@ impl TlsStream {
         }
     }
 
+    /// Whether the stream ended with the peer's close_notify (not only a closed socket, which
+    /// anyone on the path can forge): a body that ends at the close is whole only then.
+    pub fn closed_cleanly(&self) -> bool {
+        self.clean_close
+    }
+
+    /// Without waiting: reads and decrypts what the socket has. `Some(true)` the peer closed
+    /// (close_notify, or the socket) with nothing left to read, `Some(false)` decrypted bytes
+    /// wait, `None` nothing yet.
+    pub fn poll_peer(&mut self) -> Option<bool> {
+        use std::os::fd::AsRawFd;
+        if self.plaintext == 0 && !self.closed {
+            if self.rx_at == self.rx.len() {
+                self.rx.clear();
+                self.rx_at = 0;
+            }
+            self.rx.reserve(CIPHER_CHUNK);
+            let len = self.rx.len();
+            // SAFETY: a non-blocking read into the spare capacity of `rx`, on this stream's
+            // open socket, with no other read of it in flight (the caller only awaited
+            // readiness); `set_len` covers exactly the bytes the kernel wrote.
+            let n = unsafe {
+                libc::recv(
+                    self.tcp.as_raw_fd(),
+                    self.rx.as_mut_ptr().add(len).cast(),
+                    self.rx.capacity() - len,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match n {
+                0 => self.closed = true,
+                n if n > 0 => unsafe { self.rx.set_len(len + n as usize) },
+                _ => match io::Error::last_os_error().kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
+                    _ => self.closed = true,
+                },
+            }
+            if self.decrypt().is_err() {
+                self.closed = true;
+            }
+        }
+        if self.plaintext > 0 {
+            Some(false)
+        } else if self.closed {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
     /// Encrypts and sends all of `data`.
     pub async fn write_all<B: IoBuf>(&mut self, data: B) -> (io::Result<usize>, B) {
         // SAFETY: `read_ptr` and `bytes_init` describe the initialised bytes of `data`, which
         // is owned here and not touched until the slice is no longer used.
         let bytes = unsafe { std::slice::from_raw_parts(data.read_ptr(), data.bytes_init()) };
         let mut at = 0;
+        let mut stuck = 0;
         while at < bytes.len() {
             match self.tls.writer().write(&bytes[at..]) {
-                Ok(0) => {}
-                Ok(n) => at += n,
+                Ok(0) if stuck > 0 => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "TLS send buffer stuck");
+                    return (Err(e), data);
+                }
+                Ok(0) => stuck += 1,
+                Ok(n) => {
+                    at += n;
+                    stuck = 0;
+                }
                 Err(e) => return (Err(e), data),
             }
             // Records are sent as rustls's send buffer fills, and at the end.
@@ -214,10 +299,14 @@ impl TlsStream {
         self.tcp.readable(relaxed).await
     }
 
-    /// Says goodbye (close_notify) before the socket's write side is shut.
+    /// Says goodbye (close_notify) before the socket's write side is shut; bounded, so a
+    /// peer that reads nothing cannot hold the connection.
     pub async fn close_notify(&mut self) -> io::Result<()> {
         self.tls.send_close_notify();
-        self.flush().await
+        match monoio::time::timeout(CLOSE_NOTIFY_TIME, self.flush()).await {
+            Ok(r) => r,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
     }
 
     /// Lets go of the ciphertext buffers while the connection is idle.

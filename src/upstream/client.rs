@@ -84,7 +84,7 @@ impl UpResponse {
     /// leaves).
     pub async fn next_watching(
         &mut self,
-        agent: &Conn,
+        agent: &mut Conn,
         watch: &mut bool,
         deadline: Option<Instant>,
     ) -> Result<Option<Bytes>, BodyError> {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use monoio::net::TcpStream;
 
-use super::exchange::UpstreamError;
+use super::error::UpstreamError;
 use super::resolve::Name;
 use crate::http::conn::{Conn, ReadError, Stream};
 use crate::http::head::{self, Head};
@@ -18,7 +18,6 @@ use crate::http::head::{self, Head};
 /// Hosts reached directly when `SCOPEGATE_EGRESS_NO_PROXY` is not set.
 pub const DEFAULT_NO_PROXY: &str = "localhost,127.0.0.1,::1";
 
-#[derive(Debug)]
 pub struct Egress {
     /// The proxy's address.
     pub proxy: Arc<Name>,
@@ -28,16 +27,34 @@ pub struct Egress {
     no_proxy: Vec<String>,
 }
 
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("proxy", &self.proxy)
+            .field("authorization", &self.authorization.as_ref().map(|_| "***"))
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
+}
+
 impl Egress {
     /// Reads the proxy URL and the direct-host list (`None`: the default; `"none"`: nothing
     /// bypasses the proxy).
     pub fn parse(url: &str, no_proxy: Option<&str>) -> Result<Egress, String> {
+        // Errors show the URL without its password.
+        let shown = match url
+            .split_once("://")
+            .and_then(|(s, r)| Some((s, r.split_once('@')?)))
+        {
+            Some((scheme, (_, host))) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        };
         let rest = url
             .strip_prefix("http://")
-            .ok_or_else(|| format!("{url:?}: expected http://[user:password@]host:port"))?;
+            .ok_or_else(|| format!("{shown:?}: expected http://[user:password@]host:port"))?;
         let authority = rest.trim_end_matches('/');
         if authority.contains('/') {
-            return Err(format!("{url:?}: a proxy URL has no path"));
+            return Err(format!("{shown:?}: a proxy URL has no path"));
         }
         let (user, hostport) = match authority.rsplit_once('@') {
             Some((user, hostport)) => (Some(user), hostport),
@@ -46,22 +63,25 @@ impl Egress {
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (host, port) = v6
                 .split_once("]:")
-                .ok_or_else(|| format!("{url:?}: expected [v6address]:port"))?;
+                .ok_or_else(|| format!("{shown:?}: expected [v6address]:port"))?;
             (host, port)
         } else {
             hostport
                 .rsplit_once(':')
-                .ok_or_else(|| format!("{url:?}: the port is required"))?
+                .ok_or_else(|| format!("{shown:?}: the port is required"))?
         };
         let port: u16 = port
             .parse()
             .ok()
             .filter(|&p| p != 0)
-            .ok_or_else(|| format!("{url:?}: {port:?} is not a port"))?;
+            .ok_or_else(|| format!("{shown:?}: {port:?} is not a port"))?;
         if host.is_empty() {
-            return Err(format!("{url:?}: no host"));
+            return Err(format!("{shown:?}: no host"));
         }
-        let proxy = Name::new(host, port)?;
+        let proxy = Name::new(host, port);
+        if proxy.addrs().is_empty() {
+            return Err(format!("the proxy's host: {}", proxy.unresolved_reason()));
+        }
         let authorization = user.map(|u| format!("Basic {}", base64(&percent_decode(u))));
         let no_proxy = match no_proxy.unwrap_or(DEFAULT_NO_PROXY).trim() {
             "none" => Vec::new(),
@@ -112,7 +132,10 @@ impl Egress {
         res.map_err(UpstreamError::Io)?;
         let mut response = Head::default();
         loop {
-            if let Ok(Some(len)) = head::parse_response(&conn.buf, &mut response) {
+            let parsed = head::parse_response(&conn.buf, &mut response).map_err(|_| {
+                UpstreamError::BadHead("egress proxy answered CONNECT with no HTTP")
+            })?;
+            if let Some(len) = parsed {
                 if !(200..300).contains(&response.status) {
                     return Err(UpstreamError::Egress(response.status));
                 }

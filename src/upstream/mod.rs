@@ -6,7 +6,9 @@
 //! ([`client`]). Nothing above this module knows how a byte reaches an upstream.
 
 pub mod client;
+pub mod connect;
 pub mod egress;
+pub mod error;
 pub mod exchange;
 pub mod pool;
 pub mod request;
@@ -49,43 +51,52 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// Reads an upstream URL; an `https://` one is verified against the system roots until
-    /// [`with_tls`](Self::with_tls) says otherwise.
+    /// Reads an upstream URL; an `https://` one is verified against the system roots.
     pub fn parse(url: &str) -> Result<Transport, String> {
+        Transport::parse_with(url, TlsOptions::default()).map_err(|e| e.problem)
+    }
+
+    /// Reads an upstream URL with its TLS settings (only an `https://` URL takes any).
+    pub fn parse_with(url: &str, options: TlsOptions) -> Result<Transport, TlsSettingError> {
+        let url_error = |problem: String| TlsSettingError {
+            field: "upstream.url",
+            problem,
+        };
         let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
             (false, rest)
         } else if let Some(rest) = url.strip_prefix("https://") {
             (true, rest)
         } else {
-            return Err(format!("{url:?} is not an http:// or https:// URL"));
+            return Err(url_error(format!(
+                "{url:?} is not an http:// or https:// URL"
+            )));
         };
-        let endpoint = Endpoint::parse(url, rest, if tls { 443 } else { 80 })?;
+        let mut endpoint =
+            Endpoint::parse(url, rest, if tls { 443 } else { 80 }).map_err(url_error)?;
         if !tls {
+            if !options.is_empty() {
+                return Err(url_error(format!(
+                    "{url:?} is http://: ca_file, client_cert_file, client_key_file and \
+                     tls_server_name are for https:// upstreams"
+                )));
+            }
             return Ok(Transport::Http(endpoint));
         }
-        let client = TlsClient::new(endpoint.host(), TlsOptions::default())
-            .map_err(|e| format!("{url:?}: {}", e.problem))?;
+        let client = TlsClient::new(endpoint.host(), options).map_err(|mut e| {
+            if e.field == "upstream.url" {
+                e.problem = format!("{url:?}: {}", e.problem);
+            }
+            e
+        })?;
+        endpoint.key = pool_key(url, Some(&client.options));
         Ok(Transport::Https(endpoint, Arc::new(client)))
     }
 
-    /// The transport with the policy's TLS settings for it (only an `https://` URL takes any).
+    /// The transport with the policy's TLS settings for it (the environment's URL, the
+    /// policy's TLS fields).
     pub fn with_tls(self, options: TlsOptions) -> Result<Transport, TlsSettingError> {
-        match self {
-            Transport::Http(_) if options.is_empty() => Ok(self),
-            Transport::Http(e) => Err(TlsSettingError {
-                field: "upstream.url",
-                problem: format!(
-                    "{:?} is http://: ca_file, client_cert_file, client_key_file and \
-                     tls_server_name are for https:// upstreams",
-                    e.url
-                ),
-            }),
-            Transport::Https(mut e, _) => {
-                let client = TlsClient::new(e.host(), options)?;
-                e.key = pool_key(&e.url, Some(&client.options));
-                Ok(Transport::Https(e, Arc::new(client)))
-            }
-        }
+        let url = self.endpoint().url.clone();
+        Transport::parse_with(&url, options)
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -175,7 +186,7 @@ impl Endpoint {
                 "{url:?}: the path has spaces or control characters"
             ));
         }
-        let name = Name::new(host, port).map_err(|e| format!("{url:?}: {e}"))?;
+        let name = Name::new(host, port);
         Ok(Endpoint {
             url: url.to_owned(),
             host_header: authority.to_owned(),
