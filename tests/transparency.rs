@@ -397,3 +397,34 @@ fn metrics_count_open_event_streams() {
             .contains("scopegate_open_sse_streams 0\n")
     }));
 }
+
+/// IPv6 upstreams: an address literal, and a name (`localhost`) whose addresses are tried in
+/// turn until one answers (the mock listens on one family only).
+#[test]
+fn upstreams_over_ipv6_and_by_name() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback on this machine; skipped");
+        return;
+    };
+    drop(probe);
+    let v6 = MockServer::start_on("[::1]:0".parse().unwrap(), MockConfig::default());
+    let v4 = MockServer::start(MockConfig::default());
+    let gw = Gateway::open()
+        .upstream_url("six", &format!("http://[::1]:{}/mcp", v6.addr.port()))
+        .upstream_url(
+            "byname",
+            &format!("http://localhost:{}/mcp", v4.addr.port()),
+        )
+        .start();
+    let mut c = gw.client();
+    for path in ["/mcp/six", "/mcp/byname"] {
+        let r = c.post(path, INIT).send();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert_eq!(v6.methods(), ["initialize"]);
+    assert_eq!(v4.methods(), ["initialize"]);
+    assert_eq!(
+        v6.recorded()[0].header("host"),
+        Some(format!("[::1]:{}", v6.addr.port()).as_str())
+    );
+}

@@ -86,7 +86,9 @@ impl Conn {
         }
         let tcp = match &mut self.stream {
             Stream::Tcp(tcp) => tcp,
-            Stream::Tls(tls) => return tls.read_into(&mut self.buf).await,
+            // Boxed, like the write below: TLS's state machine is several times a plain read's,
+            // and every future that reads a connection would otherwise carry it, plain or not.
+            Stream::Tls(tls) => return Box::pin(tls.read_into(&mut self.buf)).await,
         };
         let len = self.buf.len();
         let buf = std::mem::take(&mut self.buf);
@@ -110,7 +112,7 @@ impl Conn {
     pub async fn write_all<B: monoio::buf::IoBuf>(&mut self, data: B) -> (io::Result<()>, B) {
         let (res, data) = match &mut self.stream {
             Stream::Tcp(tcp) => tcp.write_all(data).await,
-            Stream::Tls(tls) => tls.write_all(data).await,
+            Stream::Tls(tls) => Box::pin(tls.write_all(data)).await,
         };
         if let Ok(n) = &res {
             self.written += *n as u64;

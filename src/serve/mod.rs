@@ -72,7 +72,9 @@ pub async fn serve_connection(
 ) {
     let mut client = match &worker.tls {
         None => Conn::new(stream),
-        Some(tls) => match accept_tls(worker, tls, stream).await {
+        // Boxed: the handshake's state is large, and a connection's task should not carry it
+        // once the handshake is done (nor plain connections at all).
+        Some(tls) => match Box::pin(accept_tls(worker, tls, stream)).await {
             Some(tls) => Conn::new(tls),
             None => return,
         },

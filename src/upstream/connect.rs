@@ -31,7 +31,13 @@ pub async fn connect(
         return Ok(Conn::new(tcp));
     };
     let left = deadline.saturating_duration_since(Instant::now());
-    let handshake = TlsStream::connect(tcp, tls.config.clone(), tls.server_name.clone());
+    // Boxed: a handshake's state is large and needed only for new connections, not in every
+    // request's state.
+    let handshake = Box::pin(TlsStream::connect(
+        tcp,
+        tls.config.clone(),
+        tls.server_name.clone(),
+    ));
     match monoio::time::timeout(left, handshake).await {
         Ok(Ok(stream)) => Ok(Conn::new(stream)),
         Ok(Err(e)) => Err(tls_or_io(upstream, e)),
