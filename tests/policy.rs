@@ -42,6 +42,7 @@ match = "m/echo"
 [agent.tool.args]
 repo = {{ one_of = ["acme/web", "acme/api"] }}
 path = {{ prefix = "/srv/shared/" }}
+paths = {{ items = {{ prefix = "/srv/shared/" }} }}
 
 [[agent]]
 id = "other-bot"
@@ -285,6 +286,17 @@ fn refused_calls_are_answered_by_scopegate_and_never_reach_the_upstream() {
         v["error"]["message"].as_str().unwrap().contains("\"path\""),
         "{v}"
     );
+    // Each item of an array of paths (server-filesystem's read_multiple_files).
+    for paths in [
+        r#"["/srv/shared/a","/etc/passwd"]"#,
+        r#"["/srv/shared/../etc/passwd"]"#,
+        r#""/srv/shared/a""#,
+    ] {
+        let args = format!(r#"{{"paths":{paths}}}"#);
+        let v = call_as_bot(&s, &call(12, "echo", &args), &[]).json();
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("\"paths\""), "{paths}: {v}");
+    }
     assert!(
         executed_tools(&s.up).is_empty(),
         "refused calls reached the upstream: {:?}",
@@ -294,7 +306,11 @@ fn refused_calls_are_answered_by_scopegate_and_never_reach_the_upstream() {
     // Allowed calls do reach it.
     let v = call_as_bot(
         &s,
-        &call(11, "echo", r#"{"repo":"acme/web","path":"/srv/shared/x"}"#),
+        &call(
+            11,
+            "echo",
+            r#"{"repo":"acme/web","path":"/srv/shared/x","paths":["/srv/shared/y","/srv/shared/z/w"]}"#,
+        ),
         &[],
     )
     .json();

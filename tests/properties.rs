@@ -593,6 +593,7 @@ fn bounds(min: Option<i64>, max: Option<i64>) -> Constraint {
         max_len: None,
         min: min.map(Bound::Int),
         max: max.map(Bound::Int),
+        items: None,
     }
 }
 
@@ -619,5 +620,21 @@ proptest! {
         // would see another number): refused, whatever the bound.
         let inside = parsed.abs() < 9_007_199_254_740_992.0 && (parsed.ceil() as i128) <= i128::from(max);
         prop_assert_eq!(check(&c, &text), inside, "{} <= {}", text, max);
+    }
+
+    /// `items` holds exactly when every item does, nested values skipped whole.
+    #[test]
+    fn items_hold_for_every_item(lo in -50i64..50, hi in -50i64..50, vs in proptest::collection::vec(-100i64..100, 0..12), nest in any::<bool>()) {
+        let each = bounds(Some(lo.min(hi)), Some(lo.max(hi)));
+        let c = Constraint { items: Some(Box::new(each)), ..bounds(None, None) };
+        let inside = vs.iter().all(|v| lo.min(hi) <= *v && *v <= lo.max(hi));
+        let items: Vec<String> = vs.iter().map(i64::to_string).collect();
+        let json = format!("[{}]", items.join(","));
+        prop_assert_eq!(check(&c, &json), inside, "{}", json);
+        if nest && !vs.is_empty() {
+            // An array in the middle is an item that is not a number: refused.
+            let json = format!("[{},[{}]]", items.join(","), items.join(","));
+            prop_assert!(!check(&c, &json), "{}", json);
+        }
     }
 }

@@ -159,6 +159,9 @@ pub struct Constraint {
     pub max_len: Option<u64>,
     pub min: Option<Bound>,
     pub max: Option<Bound>,
+    /// The value must be an array, and each of its items meets this (`paths = { items = {
+    /// prefix = "/srv/" } }`).
+    pub items: Option<Box<Constraint>>,
 }
 
 impl Constraint {
@@ -230,6 +233,21 @@ impl Constraint {
                 && max.compare(n) != Some(Ordering::Equal)
             {
                 return Err(format!("is {}, above the maximum {max}", show(n)));
+            }
+        }
+        if let Some(each) = &self.items {
+            let Node::Array { len, .. } = first else {
+                return Err("must be an array".into());
+            };
+            let mut at = 1;
+            for i in 0..*len {
+                let span = value
+                    .get(at)
+                    .map(crate::mcp::envelope::node_span)
+                    .ok_or("is a malformed array")?;
+                let item = value.get(at..at + span).ok_or("is a malformed array")?;
+                each.check(item).map_err(|why| format!("item {i} {why}"))?;
+                at += span;
             }
         }
         Ok(())
@@ -304,7 +322,40 @@ mod tests {
             max_len: None,
             min: None,
             max: None,
+            items: None,
         }
+    }
+
+    #[test]
+    fn items_each_meet_the_constraint() {
+        let c = Constraint {
+            items: Some(Box::new(Constraint {
+                prefix: Some(Prefix::new("/srv/data/").unwrap()),
+                ..none()
+            })),
+            ..none()
+        };
+        assert!(check(&c, r#"["/srv/data/a", "/srv/data/b/c"]"#).is_ok());
+        assert!(check(&c, "[]").is_ok());
+        let e = check(&c, r#"["/srv/data/a", "/etc/passwd"]"#).unwrap_err();
+        assert!(e.starts_with("item 1 "), "{e}");
+        assert!(check(&c, r#"["/srv/data/../etc/passwd"]"#).is_err());
+        assert!(check(&c, r#""/srv/data/a""#).unwrap_err().contains("array"));
+        // Items that are containers are skipped over whole, not read into.
+        let c = Constraint {
+            items: Some(Box::new(Constraint {
+                max_len: Some(2),
+                ..none()
+            })),
+            ..none()
+        };
+        assert!(check(&c, r#"[[1,2],"ab",[3]]"#).is_ok());
+        assert!(
+            check(&c, r#"[[1,2],[1,2,3]]"#)
+                .unwrap_err()
+                .starts_with("item 1 ")
+        );
+        assert!(check(&c, r#"[{"a":[1,2,3]},"abc"]"#).is_err());
     }
 
     #[test]

@@ -107,6 +107,8 @@ pub(super) struct RawToolRule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConstraint {
+    /// For an array: the constraint each item meets.
+    pub(super) items: Option<Box<Spanned<RawConstraint>>>,
     pub(super) one_of: Option<Vec<toml::Value>>,
     pub(super) prefix: Option<String>,
     pub(super) pattern: Option<String>,
@@ -392,6 +394,14 @@ pub(super) fn compile_constraint(
         );
         crate::warn!("{warning}");
     }
+    let items = match &raw.items {
+        None => None,
+        Some(each) => Some(Box::new(compile_constraint(
+            each,
+            &format!("{field}.items"),
+            at,
+        )?)),
+    };
     let constraint = Constraint {
         one_of,
         prefix,
@@ -399,6 +409,7 @@ pub(super) fn compile_constraint(
         max_len: raw.max_len,
         min,
         max,
+        items,
     };
     if constraint.one_of.is_none()
         && constraint.prefix.is_none()
@@ -406,11 +417,12 @@ pub(super) fn compile_constraint(
         && constraint.max_len.is_none()
         && min.is_none()
         && max.is_none()
+        && constraint.items.is_none()
     {
         return Err(at(
             span,
             field,
-            "constrains nothing (one_of, prefix, pattern, max_len, min, max)".into(),
+            "constrains nothing (one_of, prefix, pattern, max_len, min, max, items)".into(),
         ));
     }
     Ok(constraint)
