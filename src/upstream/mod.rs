@@ -11,6 +11,7 @@ pub mod egress;
 pub mod error;
 pub mod exchange;
 pub mod pool;
+pub mod process;
 pub mod request;
 pub mod resolve;
 pub mod tls;

@@ -1,0 +1,291 @@
+//! Child processes for stdio MCP servers: started with a scrubbed environment in their own
+//! process group, tied to scopegate's life (a parent-death signal, so not even a SIGKILL of
+//! scopegate leaves them behind), their stderr logged under the upstream's name and rate-limited
+//! (never shown to an agent), and killed with their whole group. The message bridge that speaks
+//! JSON-RPC over their stdin and stdout builds on this.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The variables a child inherits from scopegate's environment; everything else it gets is
+/// listed by its upstream (`env = { ... }`). Never scopegate's own settings, keys or other
+/// upstreams' credentials.
+pub const INHERITED: &[&str] = &["PATH", "HOME", "LANG"];
+
+/// At most this many stderr lines per second are logged per child; the rest are counted.
+pub const STDERR_LINES_PER_SECOND: u32 = 20;
+
+/// How long a child has to exit after SIGTERM before its group gets SIGKILL.
+pub const TERM_GRACE: Duration = Duration::from_millis(500);
+
+/// How to start one stdio server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Variables the child gets besides [`INHERITED`] (values already expanded).
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+}
+
+/// A running stdio server: its pipes, and its process group, killed when this is dropped.
+pub struct Process {
+    child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Option<ChildStdout>,
+}
+
+impl Process {
+    /// Starts `spec` for upstream `name`; its stderr goes to scopegate's log.
+    pub fn spawn(name: &str, spec: &Spec) -> std::io::Result<Process> {
+        let (program, args) = spec
+            .command
+            .split_first()
+            .ok_or_else(|| std::io::Error::other("empty command"))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group: killing the group takes its children (npx, sh wrappers) too.
+            .process_group(0);
+        for var in INHERITED {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        if let Some(dir) = &spec.cwd {
+            cmd.current_dir(dir);
+        }
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls between fork and exec (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                // Dies with scopegate, even when scopegate is killed with SIGKILL. (The signal
+                // follows the thread that forked; children are started by threads that live
+                // as long as the process.)
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // scopegate died between fork and prctl: the signal will never come.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        if let Some(stderr) = child.stderr.take() {
+            let name = name.to_owned();
+            let _ = std::thread::Builder::new()
+                .name(format!("stderr-{name}"))
+                .spawn(move || log_stderr(&name, stderr));
+        }
+        Ok(Process {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it has exited (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Ends the whole group: SIGTERM, then SIGKILL after [`TERM_GRACE`]; reaps the child.
+    pub fn kill(&mut self) {
+        // Closing stdin first lets a well-behaved server exit on its own.
+        self.stdin = None;
+        let group = self.child.id() as libc::pid_t;
+        // SAFETY: signals to a process group this struct created and has not reaped.
+        unsafe {
+            libc::kill(-group, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + TERM_GRACE;
+        while Instant::now() < deadline {
+            if self.exited() && !group_alive(group) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether any process of group `group` is left running. Zombies do not count: a killed
+/// grandchild waits for whoever adopted it to reap it, and signals can no longer reach it.
+fn group_alive(group: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    if unsafe { libc::kill(-group, 0) } != 0 {
+        return false;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    dir.flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // pid (comm) state ppid pgrp ...: comm may hold spaces, so read after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|g| g.parse::<libc::pid_t>().ok());
+        pgrp == Some(group) && state != Some("Z")
+    })
+}
+
+/// Copies a child's stderr into scopegate's log, `[name] line`, at most
+/// [`STDERR_LINES_PER_SECOND`] lines a second; the lines dropped are counted in the next one.
+fn log_stderr(name: &str, stderr: std::process::ChildStderr) {
+    let mut second = Instant::now();
+    let (mut logged, mut dropped) = (0u32, 0u64);
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if second.elapsed() >= Duration::from_secs(1) {
+            if dropped > 0 {
+                crate::warn!(
+                    "[{name}] ({dropped} stderr lines not logged: over {STDERR_LINES_PER_SECOND}/s)"
+                );
+            }
+            second = Instant::now();
+            (logged, dropped) = (0, 0);
+        }
+        if logged < STDERR_LINES_PER_SECOND {
+            logged += 1;
+            let line: String = line
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(2000)
+                .collect();
+            crate::warn!("[{name}] {line}");
+        } else {
+            dropped += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn sh(script: &str, env: &[(&str, &str)]) -> Spec {
+        Spec {
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cwd: None,
+        }
+    }
+
+    #[test]
+    fn the_environment_is_scrubbed() {
+        // Whatever scopegate's environment holds, the child sees only the inherited names and
+        // its own.
+        let mut p = Process::spawn("t", &sh("env", &[("TOKEN", "for-this-server")])).unwrap();
+        let mut out = String::new();
+        p.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        let names: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_")
+            .collect();
+        for n in &names {
+            assert!(INHERITED.contains(n) || *n == "TOKEN", "leaked {n}: {out}");
+        }
+        assert!(out.contains("TOKEN=for-this-server"));
+    }
+
+    #[test]
+    fn pipes_carry_lines_both_ways() {
+        let mut p = Process::spawn("t", &sh("read line; echo \"got $line\"", &[])).unwrap();
+        p.stdin.as_mut().unwrap().write_all(b"hello\n").unwrap();
+        let mut out = String::new();
+        p.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        assert_eq!(out, "got hello\n");
+    }
+
+    #[test]
+    fn kill_takes_the_whole_group() {
+        // A wrapper with children of its own (like npx), each ignoring stdin's end.
+        let mut p = Process::spawn("t", &sh("sleep 60 & sleep 60 & wait", &[])).unwrap();
+        let group = p.pid() as libc::pid_t;
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(group_alive(group));
+        p.kill();
+        assert!(!group_alive(group), "a process of the group survived");
+    }
+
+    #[test]
+    fn a_child_dies_with_the_thread_that_started_it() {
+        // PR_SET_PDEATHSIG: the child of a thread (here one that ends at once) is killed
+        // when it goes, the way scopegate's children go when scopegate is killed.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut p = Process::spawn("t", &sh("sleep 60", &[])).unwrap();
+            tx.send(p.pid()).unwrap();
+            // Forget it: no kill on drop, only the death signal is left to end it.
+            p.stdin = None;
+            std::mem::forget(p);
+        })
+        .join()
+        .unwrap();
+        let pid = rx.recv().unwrap() as libc::pid_t;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut status = 0;
+        let mut reaped = 0;
+        while Instant::now() < deadline {
+            // SAFETY: reaping our own child by pid, without blocking.
+            reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if reaped == pid {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(reaped, pid, "the child outlived the thread that started it");
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
+    }
+
+    #[test]
+    fn a_missing_program_is_an_error() {
+        let spec = Spec {
+            command: vec!["/nonexistent/mcp-server".into()],
+            env: Vec::new(),
+            cwd: None,
+        };
+        assert!(Process::spawn("t", &spec).is_err());
+        let empty = Spec {
+            command: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+        };
+        assert!(Process::spawn("t", &empty).is_err());
+    }
+}
