@@ -375,3 +375,17 @@ def test_upstreams_through_an_egress_proxy(tmp_path, certs):
         strict.stop()
         proxy.stop()
         up.stop()
+
+
+def test_listener_speaks_tls_1_2_and_1_3_with_alpn_http11(https_gateway, certs):
+    host, port = https_gateway.addr.rsplit(":", 1)
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        ctx.minimum_version = ctx.maximum_version = version
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                assert s.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+                assert s.selected_alpn_protocol() == "http/1.1"
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.1 200")
