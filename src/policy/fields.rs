@@ -394,6 +394,19 @@ pub(super) fn compile_constraint(
         );
         crate::warn!("{warning}");
     }
+    if raw.items.is_some()
+        && (raw.one_of.is_some()
+            || raw.prefix.is_some()
+            || raw.pattern.is_some()
+            || raw.min.is_some()
+            || raw.max.is_some())
+    {
+        return Err(at(
+            span,
+            field,
+            "items is for arrays, and one_of, prefix, pattern, min and max are not: put them inside items (max_len beside it limits the array's length)".into(),
+        ));
+    }
     let items = match &raw.items {
         None => None,
         Some(each) => Some(Box::new(compile_constraint(

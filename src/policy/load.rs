@@ -472,6 +472,17 @@ mod tests {
         ));
         assert!(e.message.contains("maxlen"), "{e}");
 
+        // items beside a string constraint could never be met; inside items it is an error
+        // of its own, named with the path to it.
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\n[[agent.tool]]\nmatch = \"gh/x\"\n[agent.tool.args]\np = {{ prefix = \"/x/\", items = {{ max_len = 3 }} }}\n"
+        ));
+        assert!(e.message.contains("put them inside items"), "{e}");
+        let e = error_of(&format!(
+            "{BASE}[[agent]]\nid = \"a\"\n[[agent.tool]]\nmatch = \"gh/x\"\n[agent.tool.args]\np = {{ max_len = 9, items = {{ pattern = \"(\" }} }}\n"
+        ));
+        assert_eq!(e.field, "agent.tool.args.p.items", "{e}");
+
         let e = error_of(&format!(
             "{BASE}[[agent]]\nid = \"a\"\nrate = {{ per_second = 1, per_minute = 2, burst = 1 }}\n"
         ));

@@ -1,8 +1,14 @@
 //! Child processes for stdio MCP servers: started with a scrubbed environment in their own
-//! process group, tied to scopegate's life (a parent-death signal, so not even a SIGKILL of
-//! scopegate leaves them behind), their stderr logged under the upstream's name and rate-limited
-//! (never shown to an agent), and killed with their whole group. The message bridge that speaks
-//! JSON-RPC over their stdin and stdout builds on this.
+//! process group, tied to scopegate's life, their stderr logged under the upstream's name and
+//! rate-limited (never shown to an agent), and killed with their whole group. The message bridge
+//! that speaks JSON-RPC over their stdin and stdout builds on this.
+//!
+//! Tied to scopegate's life, and its limits: the direct child gets `PR_SET_PDEATHSIG` (SIGKILL),
+//! so a SIGKILL of scopegate ends it. Its own children (a server started through `npx` or a
+//! shell) see their stdin reach end of file when scopegate dies, which ends every stdio MCP
+//! server that reads its requests; a grandchild that ignores stdin is beyond reach. The signal
+//! follows the *thread* that forked (children must be started from threads that live as long as
+//! scopegate, never from a pool's) and is cleared by exec of a setuid program.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -32,10 +38,14 @@ pub struct Spec {
 }
 
 /// A running stdio server: its pipes, and its process group, killed when this is dropped.
+/// The leader is reaped only after its group is gone, so the group id cannot be reused by an
+/// unrelated process while signals may still be sent to it.
 pub struct Process {
     child: Child,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildStdout>,
+    /// Killed and reaped: nothing more to signal.
+    done: bool,
 }
 
 impl Process {
@@ -92,6 +102,7 @@ impl Process {
             stdin: child.stdin.take(),
             stdout: child.stdout.take(),
             child,
+            done: false,
         })
     }
 
@@ -99,32 +110,65 @@ impl Process {
         self.child.id()
     }
 
-    /// Whether it has exited (reaping it if so).
-    pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+    /// Whether the leader has exited. It is not reaped here (see [`Process`]).
+    pub fn exited(&self) -> bool {
+        if self.done {
+            return true;
+        }
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child with WNOWAIT: looks without reaping.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is set by waitid when a child changed state, zero otherwise.
+        r == 0 && unsafe { info.si_pid() } != 0
     }
 
-    /// Ends the whole group: SIGTERM, then SIGKILL after [`TERM_GRACE`]; reaps the child.
+    /// Ends the whole group: SIGTERM, then SIGKILL after [`TERM_GRACE`]; reaps the leader
+    /// (and members adopted by scopegate, when it runs as PID 1) once the group is gone.
     pub fn kill(&mut self) {
+        if self.done {
+            return;
+        }
         // Closing stdin first lets a well-behaved server exit on its own.
         self.stdin = None;
         let group = self.child.id() as libc::pid_t;
-        // SAFETY: signals to a process group this struct created and has not reaped.
+        // The leader is not reaped yet, so `group` still names this group only.
+        // SAFETY: signals to the process group this struct created.
         unsafe {
             libc::kill(-group, libc::SIGTERM);
         }
-        let deadline = Instant::now() + TERM_GRACE;
-        while Instant::now() < deadline {
-            if self.exited() && !group_alive(group) {
-                return;
+        if !wait_gone(group, TERM_GRACE) {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(-group, libc::SIGKILL);
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(-group, libc::SIGKILL);
+            wait_gone(group, TERM_GRACE);
         }
         let _ = self.child.wait();
+        self.done = true;
+    }
+}
+
+/// Waits until no process of `group` is left running (reaping those that are scopegate's own
+/// children), up to `limit`.
+fn wait_gone(group: libc::pid_t, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        // SAFETY: reaps, without blocking, only members of our group that are our children.
+        while unsafe { libc::waitpid(-group, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        if !group_alive(group) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -155,17 +199,47 @@ fn group_alive(group: libc::pid_t) -> bool {
         let mut fields = rest.split_whitespace();
         let state = fields.next();
         let pgrp = fields.nth(1).and_then(|g| g.parse::<libc::pid_t>().ok());
-        pgrp == Some(group) && state != Some("Z")
+        pgrp == Some(group) && !matches!(state, Some("Z" | "X"))
     })
 }
 
+/// The longest stderr line logged; the rest of a longer line is dropped.
+const MAX_LINE: usize = 2000;
+
 /// Copies a child's stderr into scopegate's log, `[name] line`, at most
-/// [`STDERR_LINES_PER_SECOND`] lines a second; the lines dropped are counted in the next one.
+/// [`STDERR_LINES_PER_SECOND`] lines a second; the lines dropped are counted. It keeps reading
+/// whatever comes (bytes that are not UTF-8, endless lines), so the child never blocks on a
+/// full stderr pipe.
 fn log_stderr(name: &str, stderr: std::process::ChildStderr) {
+    let mut reader = BufReader::new(stderr);
     let mut second = Instant::now();
     let (mut logged, mut dropped) = (0u32, 0u64);
-    for line in BufReader::new(stderr).lines() {
-        let Ok(line) = line else { break };
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // Reads up to a newline, keeping at most MAX_LINE bytes of it.
+        let mut cut = false;
+        loop {
+            let chunk = match reader.fill_buf() {
+                Ok([]) => break,
+                Ok(chunk) => chunk,
+                Err(_) => break,
+            };
+            let (take, end) = match memchr::memchr(b'\n', chunk) {
+                Some(i) => (i, true),
+                None => (chunk.len(), false),
+            };
+            let room = MAX_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..take.min(room)]);
+            cut |= take > room;
+            reader.consume(if end { take + 1 } else { take });
+            if end {
+                break;
+            }
+        }
+        if line.is_empty() && !cut && reader.fill_buf().map_or(true, <[u8]>::is_empty) {
+            break;
+        }
         if second.elapsed() >= Duration::from_secs(1) {
             if dropped > 0 {
                 crate::warn!(
@@ -177,15 +251,19 @@ fn log_stderr(name: &str, stderr: std::process::ChildStderr) {
         }
         if logged < STDERR_LINES_PER_SECOND {
             logged += 1;
-            let line: String = line
+            let text: String = String::from_utf8_lossy(&line)
                 .chars()
                 .filter(|c| !c.is_control())
-                .take(2000)
                 .collect();
-            crate::warn!("[{name}] {line}");
+            crate::warn!("[{name}] {text}{}", if cut { " [cut]" } else { "" });
         } else {
             dropped += 1;
         }
+    }
+    if dropped > 0 {
+        crate::warn!(
+            "[{name}] ({dropped} stderr lines not logged: over {STDERR_LINES_PER_SECOND}/s)"
+        );
     }
 }
 
@@ -240,7 +318,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert!(group_alive(group));
         p.kill();
-        assert!(!group_alive(group), "a process of the group survived");
+        // kill() returns once the group is gone, or after SIGKILL and a bounded wait.
+        assert!(
+            wait_gone(group, Duration::from_secs(5)),
+            "a process of the group survived"
+        );
     }
 
     #[test]
@@ -271,6 +353,18 @@ mod tests {
         }
         assert_eq!(reaped, pid, "the child outlived the thread that started it");
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
+    }
+
+    #[test]
+    fn stderr_that_is_not_text_does_not_stop_the_logger() {
+        // Bytes that are not UTF-8, then a long line, then more than a pipe holds: the child
+        // finishes only if its stderr is drained all along.
+        let script = "printf '\\377\\376 bad\\n' >&2; head -c 200000 /dev/zero | tr '\\0' x >&2; \
+                      i=0; while [ $i -lt 2000 ]; do echo line $i >&2; i=$((i+1)); done; echo done";
+        let mut p = Process::spawn("t", &sh(script, &[])).unwrap();
+        let mut out = String::new();
+        p.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        assert_eq!(out, "done\n");
     }
 
     #[test]

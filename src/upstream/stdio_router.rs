@@ -20,6 +20,8 @@ pub enum Route {
     Answer(SessionId, Value),
     /// To this session's stream (a notification or a request for the agent, ids mapped).
     Stream(SessionId, Value),
+    /// To every session of the process (a shared server's lists changed).
+    Broadcast(Value),
     /// Nowhere: no session it can be attributed to (said why, for the log).
     Drop(&'static str),
     /// Back to the child: an error answer to its request that cannot be routed.
@@ -36,6 +38,8 @@ pub struct Router {
     tokens: HashMap<String, (SessionId, Value)>,
     /// The agent sees request id `sg-<n>`: the session asked and the child's own id.
     asked: HashMap<String, (SessionId, Value)>,
+    /// Requests the agent cancelled: an answer that still comes is dropped quietly.
+    cancelled: std::collections::HashSet<u64>,
     /// Whether several sessions share the process.
     shared: bool,
     /// The session of a process that is not shared.
@@ -86,7 +90,8 @@ impl Router {
             msg["id"] = child_id;
             return Some(msg);
         }
-        // A notification. A cancellation names the agent's request id: the child's instead.
+        // A notification. A cancellation names the agent's request id: the child's instead; the
+        // request is done (a server does not answer a cancelled request).
         if msg["method"] == "notifications/cancelled" {
             let theirs = msg.pointer("/params/requestId")?.clone();
             let n = self
@@ -95,6 +100,13 @@ impl Router {
                 .find(|(_, (s, id))| *s == session && *id == theirs)
                 .map(|(n, _)| *n)?;
             msg["params"]["requestId"] = Value::from(n);
+            self.abandon(n);
+        }
+        // Progress for a request of the child's: only from the session it asked.
+        if msg["method"] == "notifications/progress"
+            && !self.asked.values().any(|(s, _)| *s == session)
+        {
+            return None;
         }
         Some(msg)
     }
@@ -109,9 +121,12 @@ impl Router {
                     return Route::Drop("an answer with an id the router never gave");
                 };
                 let Some((session, theirs)) = self.pending.remove(&n) else {
+                    if self.cancelled.remove(&n) {
+                        return Route::Drop("an answer to a cancelled request");
+                    }
                     return Route::Drop("an answer to no pending request");
                 };
-                self.tokens.retain(|k, _| *k != format!("p{n}"));
+                self.tokens.remove(&format!("p{n}"));
                 msg["id"] = theirs;
                 Route::Answer(session, msg)
             }
@@ -134,6 +149,22 @@ impl Router {
             },
             // A notification: progress by its token, the rest to the only session, if one.
             (true, None) => {
+                // The child gives up a request it made of an agent: tell the session asked,
+                // in the ids it knows.
+                if msg["method"] == "notifications/cancelled" {
+                    let child_id = msg.pointer("/params/requestId").cloned();
+                    let key = self
+                        .asked
+                        .iter()
+                        .find(|(_, (_, id))| Some(id) == child_id.as_ref())
+                        .map(|(k, (s, _))| (k.clone(), *s));
+                    let Some((key, session)) = key else {
+                        return Route::Drop("a cancellation of no request made of an agent");
+                    };
+                    self.asked.remove(&key);
+                    msg["params"]["requestId"] = Value::from(key);
+                    return Route::Stream(session, msg);
+                }
                 if let Some(token) = msg.pointer("/params/progressToken").cloned() {
                     let Some((session, theirs)) =
                         token.as_str().and_then(|t| self.tokens.get(t)).cloned()
@@ -142,6 +173,17 @@ impl Router {
                     };
                     msg["params"]["progressToken"] = theirs;
                     return Route::Stream(session, msg);
+                }
+                if self.shared {
+                    let method = msg["method"].as_str().unwrap_or_default();
+                    // A list every agent sees changed: all of them hear it.
+                    if method.ends_with("/list_changed") {
+                        return Route::Broadcast(msg);
+                    }
+                    // A log line of a shared server is nobody's in particular.
+                    if method == "notifications/message" {
+                        return Route::Drop("a log message of a shared server names no session");
+                    }
                 }
                 match self.owner() {
                     Some(session) => Route::Stream(session, msg),
@@ -161,6 +203,15 @@ impl Router {
         let mut sessions = self.pending.values().map(|(s, _)| *s);
         let first = sessions.next()?;
         sessions.all(|s| s == first).then_some(first)
+    }
+
+    /// Request `n` (the child's id for it) will not be answered to anyone: cancelled, or given
+    /// up by the bridge. Its answer, if one still comes, is dropped.
+    pub fn abandon(&mut self, n: u64) {
+        if self.pending.remove(&n).is_some() {
+            self.tokens.remove(&format!("p{n}"));
+            self.cancelled.insert(n);
+        }
     }
 
     /// A session ended: its pending requests and tokens are forgotten (their answers, if any
@@ -261,6 +312,71 @@ mod tests {
         assert_eq!(back, json!({"jsonrpc":"2.0","id":0,"result":{"ok":true}}));
         assert_eq!(
             r.from_agent(5, json!({"jsonrpc":"2.0","id":key,"result":{}})),
+            None
+        );
+    }
+
+    #[test]
+    fn a_cancelled_request_is_done_and_its_late_answer_dropped() {
+        let mut r = Router::new(true);
+        let a = r
+            .from_agent(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progressToken":5}}}))
+            .unwrap();
+        r.from_agent(
+            1,
+            json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}),
+        )
+        .unwrap();
+        assert_eq!(r.in_flight(), 0);
+        assert!(r.tokens.is_empty());
+        // Session 1 is no longer busy: session 2 alone is, and gets the child's request.
+        r.from_agent(2, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .unwrap();
+        let ask = r.from_child(json!({"jsonrpc":"2.0","id":4,"method":"roots/list"}));
+        assert!(matches!(ask, Route::Stream(2, _)), "{ask:?}");
+        let late = r.from_child(json!({"jsonrpc":"2.0","id":a["id"],"result":{}}));
+        assert_eq!(late, Route::Drop("an answer to a cancelled request"));
+    }
+
+    #[test]
+    fn the_child_cancelling_its_own_request_reaches_the_session_asked() {
+        let mut r = Router::new(false);
+        r.from_agent(4, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .unwrap();
+        let Route::Stream(4, ask) =
+            r.from_child(json!({"jsonrpc":"2.0","id":"c1","method":"sampling/createMessage"}))
+        else {
+            panic!()
+        };
+        let cancel = r.from_child(
+            json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"c1"}}),
+        );
+        let Route::Stream(4, cancel) = cancel else {
+            panic!("{cancel:?}")
+        };
+        assert_eq!(cancel["params"]["requestId"], ask["id"]);
+        // Its answer no longer goes back.
+        assert_eq!(
+            r.from_agent(4, json!({"jsonrpc":"2.0","id":ask["id"],"result":{}})),
+            None
+        );
+    }
+
+    #[test]
+    fn a_shared_server_broadcasts_list_changes_and_keeps_its_logs() {
+        let mut r = Router::new(true);
+        r.from_agent(1, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .unwrap();
+        let changed =
+            r.from_child(json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"}));
+        assert!(matches!(changed, Route::Broadcast(_)));
+        let log = r.from_child(
+            json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info"}}),
+        );
+        assert!(matches!(log, Route::Drop(_)));
+        // Progress for a request of the child's is accepted only from the session asked.
+        assert_eq!(
+            r.from_agent(2, json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"x","progress":1}})),
             None
         );
     }
