@@ -14,6 +14,7 @@ pub mod pool;
 pub mod process;
 pub mod request;
 pub mod resolve;
+pub mod stdio_hub;
 pub mod stdio_router;
 pub mod tls;
 

@@ -222,6 +222,17 @@ impl Router {
         self.asked.retain(|_, (s, _)| *s != session);
     }
 
+    /// Every request still waiting for the child, forgotten: (the child's id, the session,
+    /// the agent's id), for the error answers of a process that ended.
+    pub fn drain(&mut self) -> Vec<(u64, SessionId, Value)> {
+        self.tokens.clear();
+        self.asked.clear();
+        self.pending
+            .drain()
+            .map(|(n, (session, id))| (n, session, id))
+            .collect()
+    }
+
     /// Requests the child has not answered yet.
     pub fn in_flight(&self) -> usize {
         self.pending.len()

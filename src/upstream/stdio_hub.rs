@@ -1,0 +1,554 @@
+//! The stdio hub of one upstream: its processes (one per agent session, or one shared), what
+//! goes into their stdin and where each line of their stdout goes ([`Router`]). Workers on any
+//! core reach a session's process through the hub; an agent's request gets back a local socket
+//! on which the hub writes, one JSON line each, the messages for that request (progress, the
+//! child's own requests, then the answer) and closes it after the answer. A thread per process
+//! reads its stdout and one writes its stdin, so a slow or stuck child never blocks a worker.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::process::{Process, Spec};
+use super::stdio_router::{Route, Router, SessionId};
+
+/// How long the hub waits on a requester that does not read before it drops that stream.
+const SINK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the hub could not take a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HubError {
+    /// `max_processes` are running.
+    Full(usize),
+    /// The session is unknown or its process has ended (the agent initializes again).
+    NoSession,
+    /// The process could not be started.
+    Spawn(String),
+    /// Not a message the process can take (an answer to nothing, a foreign cancellation).
+    Unroutable,
+}
+
+/// One stdio upstream's processes.
+pub struct Hub {
+    name: String,
+    spec: Spec,
+    shared: bool,
+    max_processes: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_session: SessionId,
+    sessions: HashMap<SessionId, Arc<Proc>>,
+    procs: Vec<Arc<Proc>>,
+}
+
+/// One running process and its routing.
+struct Proc {
+    router: Mutex<Router>,
+    sinks: Mutex<Sinks>,
+    to_child: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    process: Mutex<Option<Process>>,
+}
+
+#[derive(Default)]
+struct Sinks {
+    /// The child's id for a request -> the requesting session and its stream.
+    requests: HashMap<u64, (SessionId, UnixStream)>,
+    /// A session's GET stream (messages that belong to no request).
+    streams: HashMap<SessionId, UnixStream>,
+    /// The process ended: why.
+    ended: Option<String>,
+}
+
+impl Hub {
+    pub fn new(name: &str, spec: Spec, shared: bool, max_processes: usize) -> Hub {
+        Hub {
+            name: name.to_owned(),
+            spec,
+            shared,
+            max_processes: max_processes.max(1),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A new session: its own process, or (shared) the process every session uses.
+    pub fn open(&self) -> Result<SessionId, HubError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.procs.retain(|p| p.alive());
+        let proc = match state.procs.first() {
+            Some(p) if self.shared => p.clone(),
+            _ if state.procs.len() >= self.max_processes => {
+                return Err(HubError::Full(self.max_processes));
+            }
+            _ => {
+                let p = self.spawn()?;
+                state.procs.push(p.clone());
+                p
+            }
+        };
+        state.next_session += 1;
+        let session = state.next_session;
+        state.sessions.insert(session, proc);
+        Ok(session)
+    }
+
+    fn spawn(&self) -> Result<Arc<Proc>, HubError> {
+        let mut process =
+            Process::spawn(&self.name, &self.spec).map_err(|e| HubError::Spawn(e.to_string()))?;
+        let stdout = process.stdout.take().expect("piped stdout");
+        let mut stdin = process.stdin.take().expect("piped stdin");
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let proc = Arc::new(Proc {
+            router: Mutex::new(Router::new(self.shared)),
+            sinks: Mutex::new(Sinks::default()),
+            to_child: Mutex::new(Some(tx)),
+            process: Mutex::new(Some(process)),
+        });
+        let name = self.name.clone();
+        std::thread::Builder::new()
+            .name(format!("stdin-{name}"))
+            .spawn(move || {
+                for line in rx {
+                    if stdin.write_all(&line).is_err() || stdin.flush().is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| HubError::Spawn(e.to_string()))?;
+        let reader = proc.clone();
+        std::thread::Builder::new()
+            .name(format!("stdout-{name}"))
+            .spawn(move || reader.read_stdout(stdout, &name))
+            .map_err(|e| HubError::Spawn(e.to_string()))?;
+        Ok(proc)
+    }
+
+    fn proc_of(&self, session: SessionId) -> Result<Arc<Proc>, HubError> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let proc = state.sessions.get(&session).ok_or(HubError::NoSession)?;
+        if !proc.alive() {
+            return Err(HubError::NoSession);
+        }
+        Ok(proc.clone())
+    }
+
+    /// An agent's request: the returned socket carries its messages, one JSON line each, and
+    /// closes after the answer.
+    pub fn request(&self, session: SessionId, msg: Value) -> Result<UnixStream, HubError> {
+        let proc = self.proc_of(session)?;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| HubError::Spawn(e.to_string()))?;
+        let _ = ours.set_write_timeout(Some(SINK_WRITE_TIMEOUT));
+        let out = proc
+            .router
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .from_agent(session, msg)
+            .ok_or(HubError::Unroutable)?;
+        let n = out["id"].as_u64().ok_or(HubError::Unroutable)?;
+        {
+            let mut sinks = proc.sinks.lock().unwrap_or_else(|p| p.into_inner());
+            // The process ended since: its requests were failed, this one would wait forever.
+            if sinks.ended.is_some() {
+                return Err(HubError::NoSession);
+            }
+            sinks.requests.insert(n, (session, ours));
+        }
+        if let Err(e) = proc.write(&out) {
+            proc.sinks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .requests
+                .remove(&n);
+            return Err(e);
+        }
+        Ok(theirs)
+    }
+
+    /// An agent's notification, or its answer to a request of the child's.
+    pub fn send(&self, session: SessionId, msg: Value) -> Result<(), HubError> {
+        let proc = self.proc_of(session)?;
+        let out = proc
+            .router
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .from_agent(session, msg)
+            .ok_or(HubError::Unroutable)?;
+        proc.write(&out)
+    }
+
+    /// The session's stream for messages that belong to no request (its GET stream).
+    pub fn listen(&self, session: SessionId) -> Result<UnixStream, HubError> {
+        let proc = self.proc_of(session)?;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| HubError::Spawn(e.to_string()))?;
+        let _ = ours.set_write_timeout(Some(SINK_WRITE_TIMEOUT));
+        proc.sinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .streams
+            .insert(session, ours);
+        Ok(theirs)
+    }
+
+    /// The session ends (DELETE, idle, its agent removed): its process is killed unless shared
+    /// with sessions still open.
+    pub fn close(&self, session: SessionId) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(proc) = state.sessions.remove(&session) else {
+            return;
+        };
+        proc.router
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(session);
+        {
+            let mut sinks = proc.sinks.lock().unwrap_or_else(|p| p.into_inner());
+            sinks.requests.retain(|_, (s, _)| *s != session);
+            sinks.streams.remove(&session);
+        }
+        let still_used = state.sessions.values().any(|p| Arc::ptr_eq(p, &proc));
+        if !still_used {
+            state.procs.retain(|p| !Arc::ptr_eq(p, &proc));
+            drop(state);
+            proc.end();
+        }
+    }
+
+    /// Processes running now.
+    pub fn processes(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.procs.iter().filter(|p| p.alive()).count()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        for proc in state.procs.drain(..) {
+            proc.end();
+        }
+    }
+}
+
+impl Proc {
+    fn alive(&self) -> bool {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ended
+            .is_none()
+    }
+
+    fn write(&self, msg: &Value) -> Result<(), HubError> {
+        let mut line = serde_json::to_vec(msg).map_err(|_| HubError::Unroutable)?;
+        line.push(b'\n');
+        let to_child = self.to_child.lock().unwrap_or_else(|p| p.into_inner());
+        match to_child.as_ref().map(|tx| tx.send(line)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(HubError::NoSession),
+        }
+    }
+
+    /// Kills the process; requests still open get an error answer.
+    fn end(&self) {
+        self.fail("the session ended");
+        *self.to_child.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(mut process) = self
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            process.kill();
+        }
+    }
+
+    /// The process is done for: every open request gets a JSON-RPC error saying why.
+    fn fail(&self, why: &str) {
+        let pending = self
+            .router
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain();
+        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        if sinks.ended.is_none() {
+            sinks.ended = Some(why.to_owned());
+        }
+        for (n, _, agent_id) in pending {
+            if let Some((_, mut sink)) = sinks.requests.remove(&n) {
+                let err = serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "id": agent_id,
+                    "error": {"code": -32001, "message": format!("upstream stdio server: {why}")}
+                });
+                let _ = writeln!(sink, "{err}");
+            }
+        }
+        sinks.requests.clear();
+        sinks.streams.clear();
+    }
+
+    fn read_stdout(&self, stdout: std::process::ChildStdout, name: &str) {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => {
+                    self.fail("the process exited");
+                    return;
+                }
+                Ok(_) => {}
+            }
+            let text = line.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            let Ok(msg) = serde_json::from_slice::<Value>(text) else {
+                // A server that writes anything but JSON-RPC to stdout has broken the
+                // protocol: its session ends, its requests are told.
+                crate::warn!("[{name}] wrote a line that is not JSON to stdout; ending it");
+                self.end_after_garbage();
+                return;
+            };
+            self.deliver(msg);
+        }
+    }
+
+    fn end_after_garbage(&self) {
+        self.fail("the process wrote something that is not JSON-RPC");
+        *self.to_child.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(mut process) = self
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            process.kill();
+        }
+    }
+
+    /// Sends one message of the child's where the router says.
+    fn deliver(&self, msg: Value) {
+        // Which request a message is for, in the child's ids, before the router maps them.
+        let answer_to = msg
+            .get("method")
+            .is_none()
+            .then(|| msg["id"].as_u64())
+            .flatten();
+        let progress_of = msg
+            .pointer("/params/progressToken")
+            .and_then(Value::as_str)
+            .and_then(|t| t.strip_prefix('p'))
+            .and_then(|n| n.parse::<u64>().ok());
+        let route = self
+            .router
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .from_child(msg);
+        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        let line = |m: &Value| format!("{m}\n");
+        match route {
+            Route::Answer(_, m) => {
+                if let Some((_, mut sink)) = answer_to.and_then(|n| sinks.requests.remove(&n)) {
+                    let _ = sink.write_all(line(&m).as_bytes());
+                }
+            }
+            Route::Stream(session, m) => {
+                // The request's own stream, else the session's latest request, else its GET
+                // stream.
+                let n = progress_of
+                    .filter(|n| sinks.requests.contains_key(n))
+                    .or_else(|| {
+                        sinks
+                            .requests
+                            .iter()
+                            .filter(|(_, (s, _))| *s == session)
+                            .map(|(n, _)| *n)
+                            .max()
+                    });
+                let sink = match n {
+                    Some(n) => sinks.requests.get_mut(&n).map(|(_, s)| s),
+                    None => sinks.streams.get_mut(&session),
+                };
+                if let Some(sink) = sink
+                    && sink.write_all(line(&m).as_bytes()).is_err()
+                {
+                    // A requester that stopped reading: its stream goes.
+                    if let Some(n) = n {
+                        sinks.requests.remove(&n);
+                    } else {
+                        sinks.streams.remove(&session);
+                    }
+                }
+            }
+            Route::Broadcast(m) => {
+                let text = line(&m);
+                sinks
+                    .streams
+                    .retain(|_, s| s.write_all(text.as_bytes()).is_ok());
+            }
+            Route::Refuse(err) => {
+                drop(sinks);
+                let _ = self.write(&err);
+            }
+            Route::Drop(why) => crate::debug!("stdio: a message dropped: {why}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::io::BufRead;
+
+    /// A small stdio MCP server in Python: answers tools/call after a progress notification
+    /// (when asked for progress), asks the client for sampling on tool "ask" and answers with
+    /// the client's answer, exits on tool "die", writes garbage on tool "garbage".
+    const SERVER: &str = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if "method" not in m:
+        continue
+    if m.get("id") is None:
+        continue
+    name = m.get("params", {}).get("name")
+    token = m.get("params", {}).get("_meta", {}).get("progressToken")
+    if token is not None:
+        print(json.dumps({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":token,"progress":1}}), flush=True)
+    if name == "die":
+        sys.exit(3)
+    if name == "garbage":
+        print("this is not json", flush=True)
+        continue
+    if name == "ask":
+        print(json.dumps({"jsonrpc":"2.0","id":"s1","method":"sampling/createMessage","params":{}}), flush=True)
+        reply = json.loads(sys.stdin.readline())
+        print(json.dumps({"jsonrpc":"2.0","id":m["id"],"result":{"client_said":reply.get("result")}}), flush=True)
+        continue
+    print(json.dumps({"jsonrpc":"2.0","id":m["id"],"result":{"echo":m.get("params")}}), flush=True)
+"#;
+
+    fn hub(shared: bool, max: usize) -> Hub {
+        let spec = Spec {
+            command: vec!["python3".into(), "-c".into(), SERVER.into()],
+            env: Vec::new(),
+            cwd: None,
+        };
+        Hub::new("test", spec, shared, max)
+    }
+
+    fn lines(stream: UnixStream) -> Vec<Value> {
+        BufReader::new(stream)
+            .lines()
+            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+            .collect()
+    }
+
+    fn call(id: Value, name: &str, token: Option<&str>) -> Value {
+        let mut m = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":name}});
+        if let Some(t) = token {
+            m["params"]["_meta"] = json!({"progressToken": t});
+        }
+        m
+    }
+
+    #[test]
+    fn answers_and_progress_come_back_on_the_request_with_the_agents_ids() {
+        let h = hub(false, 4);
+        let s = h.open().unwrap();
+        let got = lines(
+            h.request(s, call(json!("a-1"), "echo", Some("tok")))
+                .unwrap(),
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0]["method"], "notifications/progress");
+        assert_eq!(got[0]["params"]["progressToken"], "tok");
+        assert_eq!(got[1]["id"], "a-1");
+        assert_eq!(got[1]["result"]["echo"]["name"], "echo");
+        h.close(s);
+        assert_eq!(h.processes(), 0);
+    }
+
+    #[test]
+    fn shared_sessions_with_the_same_id_get_their_own_answers() {
+        let h = hub(true, 1);
+        let (a, b) = (h.open().unwrap(), h.open().unwrap());
+        assert_eq!(h.processes(), 1);
+        let ra = h.request(a, call(json!(1), "first", None)).unwrap();
+        let rb = h.request(b, call(json!(1), "second", None)).unwrap();
+        let (ga, gb) = (lines(ra), lines(rb));
+        assert_eq!(ga[0]["result"]["echo"]["name"], "first");
+        assert_eq!(gb[0]["result"]["echo"]["name"], "second");
+        assert_eq!(
+            (ga[0]["id"].clone(), gb[0]["id"].clone()),
+            (json!(1), json!(1))
+        );
+        h.close(a);
+        assert_eq!(h.processes(), 1, "still used by the other session");
+        h.close(b);
+        assert_eq!(h.processes(), 0);
+    }
+
+    #[test]
+    fn the_childs_request_reaches_the_agent_and_its_answer_the_child() {
+        let h = hub(false, 4);
+        let s = h.open().unwrap();
+        let stream = h.request(s, call(json!(9), "ask", None)).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        let ask: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(ask["method"], "sampling/createMessage");
+        h.send(
+            s,
+            json!({"jsonrpc":"2.0","id":ask["id"],"result":{"text":"hi"}}),
+        )
+        .unwrap();
+        let mut last = String::new();
+        reader.read_line(&mut last).unwrap();
+        let answer: Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(answer["id"], 9);
+        assert_eq!(answer["result"]["client_said"]["text"], "hi");
+    }
+
+    #[test]
+    fn a_process_that_dies_or_breaks_the_protocol_fails_its_requests_and_its_session() {
+        let h = hub(false, 4);
+        for tool in ["die", "garbage"] {
+            let s = h.open().unwrap();
+            let got = lines(h.request(s, call(json!(5), tool, None)).unwrap());
+            let last = got.last().unwrap();
+            assert_eq!(last["id"], 5, "{tool}: {got:?}");
+            assert!(
+                last["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("stdio server")
+            );
+            assert_eq!(
+                h.request(s, call(json!(6), "echo", None)).unwrap_err(),
+                HubError::NoSession,
+                "{tool}: the session ends with its process"
+            );
+            h.close(s);
+        }
+    }
+
+    #[test]
+    fn max_processes_is_a_clear_refusal() {
+        let h = hub(false, 1);
+        let s = h.open().unwrap();
+        assert_eq!(h.open().unwrap_err(), HubError::Full(1));
+        h.close(s);
+        assert!(h.open().is_ok());
+    }
+}
