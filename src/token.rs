@@ -1,8 +1,19 @@
-//! Base64url (RFC 4648 §5, no padding) for session tokens, generated keys and JWTs.
+//! Base64url (RFC 4648 §5, no padding) for session tokens, generated keys and JWTs; standard
+//! padded base64 (§4) for HTTP Basic credentials.
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 pub fn base64url(data: &[u8]) -> String {
+    encode(data, ALPHABET, false)
+}
+
+/// Standard base64 with `=` padding.
+pub fn base64(data: &[u8]) -> String {
+    encode(data, STANDARD, true)
+}
+
+fn encode(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
@@ -13,7 +24,12 @@ pub fn base64url(data: &[u8]) -> String {
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         let chars = chunk.len() + 1;
         for i in 0..chars {
-            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+        if pad {
+            for _ in chars..4 {
+                out.push('=');
+            }
         }
     }
     out
@@ -74,6 +90,10 @@ mod tests {
             assert_eq!(base64url_decode(base64url(&data).as_bytes()).unwrap(), data);
         }
         assert!(base64url_decode(b"Zm9v+").is_none());
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
         assert!(base64url_decode(b"Z").is_none());
     }
 }

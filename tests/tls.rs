@@ -113,6 +113,27 @@ fn server_config(dir: &Path) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
+/// An agent's TLS connection to scopegate (rustls's blocking client), trusting the test CA.
+type TlsAgent = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+fn agent_over_tls(dir: &Path, addr: std::net::SocketAddr) -> TlsAgent {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(scopegate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 /// What the HTTPS upstream saw: one entry per TLS connection (resumed or not, ALPN, SNI).
 #[derive(Debug, Clone)]
 struct Handshake {
@@ -302,19 +323,7 @@ fn listener_round_trips_large_bodies() {
             dir.join("server.key").to_str().unwrap(),
         )
         .start();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(scopegate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let tcp = std::net::TcpStream::connect(gw.addr).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = agent_over_tls(&dir, gw.addr);
     let big = "x".repeat(200_000);
     let body = format!(
         r#"{{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{big}"}}}}}}"#
@@ -420,24 +429,8 @@ fn bytes_after_close_notify_do_not_hang_the_worker() {
             dir.join("server.key").to_str().unwrap(),
         )
         .start();
-    let connect = || {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(scopegate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        let tcp = std::net::TcpStream::connect(gw.addr).unwrap();
-        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        rustls::StreamOwned::new(conn, tcp)
-    };
-    let healthz = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
+    let connect = || agent_over_tls(&dir, gw.addr);
+    let healthz = |tls: &mut TlsAgent| {
         tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let mut buf = [0u8; 512];

@@ -82,7 +82,8 @@ impl Egress {
         if proxy.addrs().is_empty() {
             return Err(format!("the proxy's host: {}", proxy.unresolved_reason()));
         }
-        let authorization = user.map(|u| format!("Basic {}", base64(&percent_decode(u))));
+        let authorization =
+            user.map(|u| format!("Basic {}", crate::token::base64(&percent_decode(u))));
         let no_proxy = match no_proxy.unwrap_or(DEFAULT_NO_PROXY).trim() {
             "none" => Vec::new(),
             list => list
@@ -186,28 +187,6 @@ fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
-/// Standard base64 with padding (for `Proxy-Authorization: Basic`).
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,11 +217,20 @@ mod tests {
     }
 
     #[test]
-    fn base64_pads() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    fn the_password_never_shows() {
+        let e = Egress::parse("http://me:s3cret@127.0.0.1:0", None).unwrap_err();
+        assert!(
+            !e.contains("s3cret") && e.contains("***@127.0.0.1:0"),
+            "{e}"
+        );
+        let e = Egress::parse("http://me:s3cret@proxy.invalid:3128", None).unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+        let ok = Egress::parse("http://me:s3cret@127.0.0.1:3128", None).unwrap();
+        let shown = format!("{ok:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("bWU6czNjcmV0"),
+            "{shown}"
+        );
+        assert_eq!(ok.authorization.as_deref(), Some("Basic bWU6czNjcmV0"));
     }
 }

@@ -216,7 +216,7 @@ impl Hub {
         if !still_used {
             state.procs.retain(|p| !Arc::ptr_eq(p, &proc));
             drop(state);
-            proc.end();
+            proc.end("the session ended");
         }
     }
 
@@ -231,7 +231,7 @@ impl Drop for Hub {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         for proc in state.procs.drain(..) {
-            proc.end();
+            proc.end("scopegate is stopping");
         }
     }
 }
@@ -255,9 +255,9 @@ impl Proc {
         }
     }
 
-    /// Kills the process; requests still open get an error answer.
-    fn end(&self) {
-        self.fail("the session ended");
+    /// Kills the process; requests still open get an error answer saying `why`.
+    fn end(&self, why: &str) {
+        self.fail(why);
         *self.to_child.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Some(mut process) = self
             .process
@@ -314,23 +314,10 @@ impl Proc {
                 // A server that writes anything but JSON-RPC to stdout has broken the
                 // protocol: its session ends, its requests are told.
                 crate::warn!("[{name}] wrote a line that is not JSON to stdout; ending it");
-                self.end_after_garbage();
+                self.end("the process wrote something that is not JSON-RPC");
                 return;
             };
             self.deliver(msg);
-        }
-    }
-
-    fn end_after_garbage(&self) {
-        self.fail("the process wrote something that is not JSON-RPC");
-        *self.to_child.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if let Some(mut process) = self
-            .process
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            process.kill();
         }
     }
 
