@@ -530,6 +530,56 @@ for line in sys.stdin:
         }
     }
 
+    /// The way a worker will read it: the socket end handed to monoio (io_uring), read in
+    /// owned buffers while other requests run on the same runtime.
+    #[test]
+    fn a_worker_reads_the_request_stream_on_its_own_runtime() {
+        use monoio::io::AsyncReadRent;
+        let h = hub(true, 1);
+        let s = h.open().unwrap();
+        let streams: Vec<UnixStream> = (0..3)
+            .map(|i| h.request(s, call(json!(i), "echo", Some("t"))).unwrap())
+            .collect();
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let answers = rt.block_on(async move {
+            let tasks: Vec<_> = streams
+                .into_iter()
+                .map(|std| {
+                    monoio::spawn(async move {
+                        let mut stream = monoio::net::UnixStream::from_std(std).unwrap();
+                        let mut all = Vec::new();
+                        loop {
+                            let (n, buf) = stream.read(Vec::with_capacity(4096)).await;
+                            if n.unwrap() == 0 {
+                                break;
+                            }
+                            all.extend_from_slice(&buf);
+                        }
+                        all
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await);
+            }
+            out
+        });
+        for (i, bytes) in answers.iter().enumerate() {
+            let msgs: Vec<Value> = bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap())
+                .collect();
+            assert_eq!(msgs.len(), 2, "{msgs:?}");
+            assert_eq!(msgs[0]["params"]["progressToken"], "t");
+            assert_eq!(msgs[1]["id"], i);
+        }
+    }
+
     #[test]
     fn max_processes_is_a_clear_refusal() {
         let h = hub(false, 1);
