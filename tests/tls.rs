@@ -113,6 +113,24 @@ fn server_config(dir: &Path) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
+/// Serving HTTPS with the test certificate.
+trait Https {
+    fn https(self, dir: &Path) -> Self;
+}
+
+impl Https for Gateway {
+    fn https(self, dir: &Path) -> Gateway {
+        self.env(
+            "SCOPEGATE_TLS_CERT",
+            dir.join("server.pem").to_str().unwrap(),
+        )
+        .env(
+            "SCOPEGATE_TLS_KEY",
+            dir.join("server.key").to_str().unwrap(),
+        )
+    }
+}
+
 /// An agent's TLS connection to scopegate (rustls's blocking client), trusting the test CA.
 type TlsAgent = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
 
@@ -312,17 +330,7 @@ fn listener_round_trips_large_bodies() {
         sessions: false,
         ..support::MockConfig::default()
     });
-    let gw = Gateway::open()
-        .upstream("m", &up)
-        .env(
-            "SCOPEGATE_TLS_CERT",
-            dir.join("server.pem").to_str().unwrap(),
-        )
-        .env(
-            "SCOPEGATE_TLS_KEY",
-            dir.join("server.key").to_str().unwrap(),
-        )
-        .start();
+    let gw = Gateway::open().upstream("m", &up).https(&dir).start();
     let mut tls = agent_over_tls(&dir, gw.addr);
     let big = "x".repeat(200_000);
     let body = format!(
@@ -367,17 +375,7 @@ fn the_load_generator_drives_an_https_listener() {
     use scopegate_loadtest::load::{self, Kind, LoadConfig, TlsTarget};
     let dir = make_certs("load");
     let up = support::MockServer::start(support::MockConfig::default());
-    let gw = Gateway::open()
-        .upstream("m", &up)
-        .env(
-            "SCOPEGATE_TLS_CERT",
-            dir.join("server.pem").to_str().unwrap(),
-        )
-        .env(
-            "SCOPEGATE_TLS_KEY",
-            dir.join("server.key").to_str().unwrap(),
-        )
-        .start();
+    let gw = Gateway::open().upstream("m", &up).https(&dir).start();
     let url = format!("https://localhost:{}/mcp/m", gw.addr.port());
     let (_, host, path) = LoadConfig::parse_url(&url).unwrap();
     let config = LoadConfig {
@@ -420,14 +418,7 @@ fn bytes_after_close_notify_do_not_hang_the_worker() {
     let gw = Gateway::open()
         .upstream("m", &up)
         .env("SCOPEGATE_THREADS", "1")
-        .env(
-            "SCOPEGATE_TLS_CERT",
-            dir.join("server.pem").to_str().unwrap(),
-        )
-        .env(
-            "SCOPEGATE_TLS_KEY",
-            dir.join("server.key").to_str().unwrap(),
-        )
+        .https(&dir)
         .start();
     let connect = || agent_over_tls(&dir, gw.addr);
     let healthz = |tls: &mut TlsAgent| {

@@ -122,13 +122,9 @@ impl MockServer {
             stopped: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
         });
-        let mut bound = addr;
-        let mut listeners = Vec::new();
-        for _ in 0..threads {
-            let l = reuseport_listener(bound).expect("mock: bind");
-            bound = l.local_addr().expect("mock: local_addr");
-            listeners.push(l);
-        }
+        // SO_REUSEPORT listeners, one per thread, the way scopegate binds its own.
+        let listeners = scopegate::runtime::bind_listeners(addr, threads).expect("mock: bind");
+        let bound = listeners[0].local_addr().expect("mock: local_addr");
         for l in listeners {
             let shared = shared.clone();
             std::thread::spawn(move || {
@@ -190,20 +186,6 @@ impl MockServer {
     pub fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Relaxed);
     }
-}
-
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
 }
 
 const MAX_HEAD: usize = 64 * 1024;

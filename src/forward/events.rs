@@ -110,12 +110,8 @@ pub(super) async fn relay_events(
     }: Leg<'_, '_>,
 ) -> Result<(Relayed, bool), ForwardError> {
     let config = &core.config;
-    let framing = framing::response_framing(&ex.response, request.method()).map_err(|e| {
-        invalid(
-            upstream,
-            &format!("sent an invalid response: {}", e.message()),
-        )
-    })?;
+    let framing = framing::response_framing(&ex.response, request.method())
+        .map_err(|e| super::relay::bad_framing(upstream, e))?;
     let chunked = request.minor_version == 1;
     let keep_client = !close_after && !crate::core::shutting_down() && chunked;
     let keep_upstream =

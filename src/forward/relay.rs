@@ -11,9 +11,10 @@ use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
 use crate::http::head::{self};
-use crate::mcp::jsonrpc;
+
 use crate::metrics::StreamGauge;
-use crate::reply::Reply;
+use crate::upstream::Upstream;
+use crate::upstream::exchange::{UpstreamError, unavailable};
 
 /// How the agent receives the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,15 @@ enum Downstream {
     UntilClose,
 }
 
+/// An upstream response whose framing cannot be read: refused (502) as every invalid
+/// response is, by the one writer of that refusal.
+pub(super) fn bad_framing(upstream: &Upstream, e: framing::FramingError) -> ForwardError {
+    ForwardError::BeforeResponse(unavailable(
+        &upstream.name,
+        UpstreamError::BadHead(e.message()),
+    ))
+}
+
 pub(super) async fn relay(
     Leg {
         core,
@@ -44,20 +54,8 @@ pub(super) async fn relay(
     is_event_stream: bool,
 ) -> Result<(Relayed, bool), ForwardError> {
     let response = &ex.response;
-    let upstream_framing = match framing::response_framing(response, request.method()) {
-        Ok(f) => f,
-        Err(e) => {
-            return Err(ForwardError::BeforeResponse(Reply::error(
-                502,
-                jsonrpc::UPSTREAM_UNAVAILABLE,
-                format!(
-                    "upstream {:?} sent an invalid response: {}",
-                    upstream.name,
-                    e.message()
-                ),
-            )));
-        }
-    };
+    let upstream_framing = framing::response_framing(response, request.method())
+        .map_err(|e| bad_framing(upstream, e))?;
     let agent_is_http10 = request.minor_version == 0;
     let downstream = match (upstream_framing, agent_is_http10) {
         (Framing::Empty, _) => Downstream::Empty,

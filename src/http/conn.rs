@@ -47,10 +47,6 @@ impl Stream {
             Stream::Tls(s) => s.readable(relaxed).await,
         }
     }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
-    }
 }
 
 pub struct Conn {

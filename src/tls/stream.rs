@@ -86,11 +86,6 @@ impl TlsStream {
         &self.tcp
     }
 
-    /// The certificate chain the peer presented (an agent's, under mutual TLS).
-    pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
-        self.tls.peer_certificates()
-    }
-
     async fn handshake(&mut self) -> io::Result<()> {
         while self.tls.is_handshaking() {
             self.flush().await?;

@@ -10,7 +10,8 @@ use super::egress::Egress;
 use super::error::UpstreamError;
 use super::resolve::Name;
 use super::{Transport, Upstream};
-use crate::http::conn::Conn;
+use crate::http::conn::{Conn, ReadError, Stream};
+use crate::http::head::{self, Head, HeadError};
 use crate::tls::stream::TlsStream;
 
 /// A new connection to `upstream`, ready for a request.
@@ -24,7 +25,7 @@ pub async fn connect(
         None => connect_tcp(&endpoint.name, deadline).await?,
         Some(egress) => {
             let tcp = connect_tcp(&egress.proxy, deadline).await?;
-            egress.tunnel(tcp, &endpoint.name, deadline).await?
+            tunnel(egress, tcp, &endpoint.name, deadline).await?
         }
     };
     let Transport::Https(_, tls) = &upstream.transport else {
@@ -42,6 +43,46 @@ pub async fn connect(
         Ok(Ok(stream)) => Ok(Conn::new(stream)),
         Ok(Err(e)) => Err(tls_or_io(upstream, e)),
         Err(_) => Err(UpstreamError::TimedOut),
+    }
+}
+
+/// Asks the egress proxy, on `tcp`, for a tunnel to `name`; the stream then reaches the
+/// upstream.
+async fn tunnel(
+    egress: &Egress,
+    tcp: TcpStream,
+    name: &Name,
+    deadline: Instant,
+) -> Result<TcpStream, UpstreamError> {
+    let target = if name.host().contains(':') {
+        format!("[{}]:{}", name.host(), name.port())
+    } else {
+        format!("{}:{}", name.host(), name.port())
+    };
+    let mut out = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(auth) = &egress.authorization {
+        out.push_str("Proxy-Authorization: ");
+        out.push_str(auth);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    let mut conn = Conn::new(tcp);
+    let (res, _) = conn.write_all(out.into_bytes()).await;
+    res.map_err(UpstreamError::Io)?;
+    let mut response = Head::default();
+    read_response_head(&mut conn, &mut response, deadline).await?;
+    if !(200..300).contains(&response.status) {
+        return Err(UpstreamError::Egress(response.status));
+    }
+    if !conn.buf.is_empty() {
+        // The upstream speaks only after our request: bytes now are the proxy's.
+        return Err(UpstreamError::BadHead(
+            "egress proxy sent data after CONNECT",
+        ));
+    }
+    match conn.stream {
+        Stream::Tcp(tcp) => Ok(tcp),
+        Stream::Tls(_) => unreachable!("the proxy connection is plain TCP"),
     }
 }
 
@@ -81,4 +122,44 @@ async fn connect_tcp(name: &Name, deadline: Instant) -> Result<TcpStream, Upstre
     }
     name.failed();
     Err(last.unwrap_or(UpstreamError::TimedOut))
+}
+
+/// Reads a response head into `response` (interim 1xx answers skipped), leaving what follows
+/// it in `up.buf`.
+pub(super) async fn read_response_head(
+    up: &mut Conn,
+    response: &mut Head,
+    deadline: Instant,
+) -> Result<(), UpstreamError> {
+    up.buf.clear();
+    loop {
+        if !up.buf.is_empty() {
+            match head::parse_response(&up.buf, response) {
+                Ok(Some(len)) => {
+                    if (100..200).contains(&response.status) {
+                        if response.status == 101 {
+                            return Err(UpstreamError::BadHead("unexpected protocol switch (101)"));
+                        }
+                        // Interim response (100 Continue, 103 Early Hints): not relayed.
+                        let _ = up.buf.split_to(len);
+                        continue;
+                    }
+                    response.raw = up.buf.split_to(len).freeze();
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => {
+                    return Err(UpstreamError::BadHead("response head too large"));
+                }
+                Err(HeadError::Malformed(why)) => return Err(UpstreamError::BadHead(why)),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match up.fill_within(Some(left)).await {
+            Ok(0) => return Err(UpstreamError::Closed),
+            Ok(_) => {}
+            Err(ReadError::TimedOut) => return Err(UpstreamError::TimedOut),
+            Err(ReadError::Io(e)) => return Err(UpstreamError::Io(e)),
+        }
+    }
 }

@@ -1,19 +1,13 @@
 //! The egress proxy: where a network allows outbound connections only through an HTTP proxy,
 //! `SCOPEGATE_EGRESS_PROXY=http://[user:password@]host:port` sends every upstream connection
-//! through an HTTP CONNECT tunnel (TLS to an `https://` upstream then runs inside it, end to
-//! end). Hosts in `SCOPEGATE_EGRESS_NO_PROXY` are reached directly; by default the loopback
-//! names. The conventional `HTTPS_PROXY`/`NO_PROXY` are deliberately not read: a gateway's
+//! through an HTTP CONNECT tunnel (opened in `connect.rs`; TLS to an `https://` upstream then
+//! runs inside it, end to end). Hosts in `SCOPEGATE_EGRESS_NO_PROXY` are reached directly; by
+//! default the loopback names. The conventional `HTTPS_PROXY`/`NO_PROXY` are deliberately not read: a gateway's
 //! egress is configured on purpose, not inherited from a shell.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use monoio::net::TcpStream;
-
-use super::error::UpstreamError;
 use super::resolve::Name;
-use crate::http::conn::{Conn, ReadError, Stream};
-use crate::http::head::{self, Head};
 
 /// Hosts reached directly when `SCOPEGATE_EGRESS_NO_PROXY` is not set.
 pub const DEFAULT_NO_PROXY: &str = "localhost,127.0.0.1,::1";
@@ -22,7 +16,7 @@ pub struct Egress {
     /// The proxy's address.
     pub proxy: Arc<Name>,
     /// `Proxy-Authorization` value, from the URL's user information.
-    authorization: Option<String>,
+    pub(super) authorization: Option<String>,
     /// Hosts (exact, lower case) and domain suffixes (`.example.com`) reached directly.
     no_proxy: Vec<String>,
 }
@@ -107,63 +101,6 @@ impl Egress {
                 || (entry.starts_with('.')
                     && (host.ends_with(entry.as_str()) || host == entry[1..]))
         })
-    }
-
-    /// Asks the proxy, on `tcp`, for a tunnel to `name`; the stream then reaches the upstream.
-    pub async fn tunnel(
-        &self,
-        tcp: TcpStream,
-        name: &Name,
-        deadline: Instant,
-    ) -> Result<TcpStream, UpstreamError> {
-        let target = if name.host().contains(':') {
-            format!("[{}]:{}", name.host(), name.port())
-        } else {
-            format!("{}:{}", name.host(), name.port())
-        };
-        let mut out = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-        if let Some(auth) = &self.authorization {
-            out.push_str("Proxy-Authorization: ");
-            out.push_str(auth);
-            out.push_str("\r\n");
-        }
-        out.push_str("\r\n");
-        let mut conn = Conn::new(tcp);
-        let (res, _) = conn.write_all(out.into_bytes()).await;
-        res.map_err(UpstreamError::Io)?;
-        let mut response = Head::default();
-        loop {
-            let parsed = head::parse_response(&conn.buf, &mut response).map_err(|_| {
-                UpstreamError::BadHead("egress proxy answered CONNECT with no HTTP")
-            })?;
-            if let Some(len) = parsed {
-                if !(200..300).contains(&response.status) {
-                    return Err(UpstreamError::Egress(response.status));
-                }
-                if conn.buf.len() > len {
-                    // The upstream speaks first only after our request: bytes now are the
-                    // proxy's, not the upstream's.
-                    return Err(UpstreamError::BadHead(
-                        "egress proxy sent data after CONNECT",
-                    ));
-                }
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match conn.fill_within(Some(left)).await {
-                Ok(0) => return Err(UpstreamError::Closed),
-                Ok(_) => {}
-                Err(ReadError::TimedOut) => return Err(UpstreamError::TimedOut),
-                Err(ReadError::Io(e)) => return Err(UpstreamError::Io(e)),
-            }
-            if conn.buf.len() > 16 * 1024 {
-                return Err(UpstreamError::BadHead("egress proxy answer too large"));
-            }
-        }
-        match conn.stream {
-            Stream::Tcp(tcp) => Ok(tcp),
-            Stream::Tls(_) => unreachable!("the proxy connection is plain TCP"),
-        }
     }
 }
 

@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::connect::{connect, tls_or_io};
+use super::connect::{connect, read_response_head, tls_or_io};
 pub use super::error::{UpstreamError, unavailable};
 use super::{Pool, Transport, Upstream};
-use crate::http::conn::{Conn, ReadError};
-use crate::http::head::{self, Head, HeadError};
+use crate::http::conn::Conn;
+use crate::http::head::Head;
 
 /// An upstream to exchange with: its definition and this worker's pool.
 #[derive(Clone, Copy)]
@@ -94,42 +94,4 @@ async fn send_request(
         res?;
     }
     Ok(())
-}
-
-async fn read_response_head(
-    up: &mut Conn,
-    response: &mut Head,
-    deadline: Instant,
-) -> Result<(), UpstreamError> {
-    up.buf.clear();
-    loop {
-        if !up.buf.is_empty() {
-            match head::parse_response(&up.buf, response) {
-                Ok(Some(len)) => {
-                    if (100..200).contains(&response.status) {
-                        if response.status == 101 {
-                            return Err(UpstreamError::BadHead("unexpected protocol switch (101)"));
-                        }
-                        // Interim response (100 Continue, 103 Early Hints): not relayed.
-                        let _ = up.buf.split_to(len);
-                        continue;
-                    }
-                    response.raw = up.buf.split_to(len).freeze();
-                    return Ok(());
-                }
-                Ok(None) => {}
-                Err(HeadError::TooLarge) => {
-                    return Err(UpstreamError::BadHead("response head too large"));
-                }
-                Err(HeadError::Malformed(why)) => return Err(UpstreamError::BadHead(why)),
-            }
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match up.fill_within(Some(left)).await {
-            Ok(0) => return Err(UpstreamError::Closed),
-            Ok(_) => {}
-            Err(ReadError::TimedOut) => return Err(UpstreamError::TimedOut),
-            Err(ReadError::Io(e)) => return Err(UpstreamError::Io(e)),
-        }
-    }
 }

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from certs import make_all
 from conftest import AGENT_KEY, Scopegate, free_port, sha256_hex, wait_for_port
 

@@ -11,7 +11,6 @@ import socket
 import ssl
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -247,7 +246,7 @@ def test_python_and_typescript_sdks_through_the_https_listener(https_gateway, ce
     assert report["add"] == "42" and report["progress"] == [1, 2]
 
 
-def peer_cert(addr: str, ca: Path, sock=None) -> bytes:
+def peer_cert(addr: str, ca: Path) -> bytes:
     host, port = addr.rsplit(":", 1)
     ctx = ssl.create_default_context(cafile=str(ca))
     raw = socket.create_connection((host, int(port)), timeout=10)
@@ -280,6 +279,15 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(https_gatew
     assert kept.getresponse().status == 200
     kept.close()
     assert "TLS certificate and key reloaded" in https_gateway.log()
+    # A reload that cannot read the files keeps the certificate in use, and says why.
+    (tmp_path / "live.pem").write_text("not a certificate\n")
+    https_gateway.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 10
+    while "TLS reload failed" not in https_gateway.log() and time.time() < deadline:
+        time.sleep(0.1)
+    assert "TLS reload failed, the old certificate stays" in https_gateway.log()
+    assert "live.pem" in https_gateway.log()
+    assert peer_cert(https_gateway.addr, certs / "ca.pem") == now
 
 
 def test_listener_mutual_tls_requires_a_client_certificate(tmp_path, certs, upstream):
