@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Debian packages the tests use (openssl CLI, the CA store, tinyproxy for the TLS tests)"
+step "Debian packages the tests use (openssl CLI, the CA store, tinyproxy for the TLS tests, git for mcp-server-git)"
 missing=()
+command -v git >/dev/null 2>&1 || missing+=(git)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy-bin)
@@ -21,6 +22,10 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+if [[ ! -x .venv-git/bin/python ]]; then
+  python3 -m venv .venv-git
+fi
+.venv-git/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements-git.txt
 
 step "npm test peers (official TypeScript MCP SDK) into tests/e2e/node/node_modules"
 (cd tests/e2e/node && npm ci --no-audit --no-fund --silent)

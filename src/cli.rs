@@ -75,7 +75,7 @@ pub fn validate(args: &[String]) -> i32 {
             let names = p
                 .upstreams()
                 .iter()
-                .map(|u| (u.name.as_str(), &*u.transport.endpoint().name));
+                .filter_map(|u| Some((u.name.as_str(), &*u.transport.endpoint()?.name)));
             let direct = |host: &str| egress.as_ref().is_none_or(|e| !e.applies_to(host));
             if let Err(e) = crate::upstream::resolve::check_resolved(names, direct) {
                 eprintln!("{path}: {e}");

@@ -346,6 +346,8 @@ fn serve() {
     } else {
         info!("drained");
     }
+    // Every stdio server's process group ends (stdin closed, SIGTERM, then SIGKILL).
+    scopegate::upstream::stdio::shutdown();
     // Flush the audit log: every entry recorded so far is written before exit. A sink that
     // keeps failing is given a bounded time, then what could not be written is reported.
     if !audit_channels.is_empty() {
@@ -414,7 +416,7 @@ fn check_names(config: &Config) -> Result<(), String> {
     let names = config
         .upstreams
         .iter()
-        .map(|u| (u.name.as_str(), &*u.transport.endpoint().name));
+        .filter_map(|u| Some((u.name.as_str(), &*u.transport.endpoint()?.name)));
     let direct = |host: &str| config.egress.as_ref().is_none_or(|e| !e.applies_to(host));
     scopegate::upstream::resolve::check_resolved(names, direct)
 }
@@ -445,6 +447,22 @@ fn reload(
                 return;
             }
             let counts = (p.tenants.len(), p.upstreams().len(), p.agents.len());
+            // Which agent may still use which upstream: a stdio session of any other ends.
+            let allowed: std::collections::HashSet<(&str, &str)> = (0..p.agents.len())
+                .flat_map(|a| {
+                    let p = &p;
+                    p.upstreams()
+                        .iter()
+                        .enumerate()
+                        .filter(move |&(i, _)| p.may_use_upstream(a, i))
+                        .map(move |(_, u)| (p.agents[a].id.as_str(), u.name.as_str()))
+                })
+                .collect();
+            let ended = scopegate::upstream::stdio::retain_agents(|a, u| allowed.contains(&(a, u)));
+            drop(allowed);
+            if ended > 0 {
+                info!("policy reload: {ended} stdio session(s) of agents no longer allowed ended");
+            }
             // Logged once in effect: the next request on any worker sees the new policy.
             live.replace(p);
             info!(

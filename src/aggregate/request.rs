@@ -114,6 +114,10 @@ impl Request<'_> {
             session,
             protocol_version: self.version(),
             peer: self.peer,
+            agent_id: self
+                .policy
+                .zip(self.agent)
+                .map(|(p, a)| p.agents[a].id.as_str()),
         }
     }
 

@@ -140,7 +140,7 @@ pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
                     body: &req.body,
                     session: None,
                     protocol_version: None,
-                    peer: req.peer,
+                    ..req.up_request("POST", &req.body, None)
                 };
                 initialize_upstream(req, i, &r).await
             }) as Fut<'_, _>

@@ -34,6 +34,7 @@ use crate::reply::Reply;
 use crate::upstream::Upstream;
 use crate::upstream::exchange::{self, HeadFailure, Target, exchange_head};
 use crate::upstream::request::{Outgoing, write_head};
+use crate::upstream::stdio_bridge::FAILURE_HEADER as STDIO_FAILURE;
 use plan::Leg;
 pub use plan::{Exchange, ForwardError, Plan, Relayed, SealFn};
 use respond::COALESCE_LIMIT;
@@ -75,6 +76,7 @@ pub async fn forward(
             inject: plan.strip_credentials,
             peer,
             content_length: (!body.is_empty() || request.method() == b"POST").then_some(body.len()),
+            agent_id: plan.agent_id,
         },
     );
     let inline_body = body.len() <= COALESCE_LIMIT;
@@ -84,6 +86,7 @@ pub async fn forward(
 
     ex.upstream_us = None;
     ex.status = 0;
+    ex.stdio_failure = None;
     ex.is_error.reset();
     let sent_at = Instant::now();
     let mut up = match exchange_head(
@@ -111,6 +114,12 @@ pub async fn forward(
     };
     ex.upstream_us = Some(sent_at.elapsed().as_micros() as u64);
     ex.status = ex.response.status;
+    ex.stdio_failure = None;
+    if let crate::upstream::Transport::Stdio(_) = upstream.transport
+        && let Some(why) = ex.response.get(STDIO_FAILURE)
+    {
+        ex.stdio_failure = Some(String::from_utf8_lossy(why).into_owned());
+    }
 
     let written_before = client.written;
     let filtered = plan.visible.is_some() && (200..300).contains(&ex.response.status);

@@ -23,6 +23,8 @@ pub struct Exchange {
     pub status: u16,
     /// A tools/call result's `isError`, when it was seen in the relayed body.
     pub is_error: IsErrorScan,
+    /// A stdio upstream's bridge said its process failed on this request: why.
+    pub stdio_failure: Option<String>,
 }
 
 /// Maps the upstream's session id to the token the agent sees.
@@ -53,6 +55,8 @@ pub struct Plan<'a> {
     /// The answer is a stream meant to stay open while quiet (`subscriptions/listen`), like a
     /// GET stream: no `SCOPEGATE_STREAM_IDLE_MS` between its events.
     pub long_lived: bool,
+    /// The agent's id (policy mode), for a stdio upstream's bridge.
+    pub agent_id: Option<&'a str>,
 }
 
 impl Plan<'_> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
+use monoio::net::{TcpStream, UnixStream};
 
 use crate::tls::stream::TlsStream;
 
@@ -18,6 +18,14 @@ pub const READ_CHUNK: usize = 16 * 1024;
 pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream>),
+    /// A stdio upstream's bridge (one end of a socket pair).
+    Unix(UnixStream),
+}
+
+impl From<UnixStream> for Stream {
+    fn from(unix: UnixStream) -> Stream {
+        Stream::Unix(unix)
+    }
 }
 
 impl From<TcpStream> for Stream {
@@ -33,10 +41,13 @@ impl From<TlsStream> for Stream {
 }
 
 impl Stream {
-    pub fn tcp(&self) -> &TcpStream {
+    /// The socket under the stream.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
         match self {
-            Stream::Tcp(s) => s,
-            Stream::Tls(s) => s.tcp(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.tcp().as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
         }
     }
 
@@ -45,6 +56,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.readable(relaxed).await,
             Stream::Tls(s) => s.readable(relaxed).await,
+            Stream::Unix(s) => s.readable(relaxed).await,
         }
     }
 }
@@ -80,15 +92,20 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
             self.buf.reserve(self.read_chunk);
         }
-        let tcp = match &mut self.stream {
-            Stream::Tcp(tcp) => tcp,
+        let len = self.buf.len();
+        let (res, slice) = match &mut self.stream {
+            Stream::Tcp(tcp) => {
+                tcp.read(std::mem::take(&mut self.buf).slice_mut(len..))
+                    .await
+            }
             // Boxed, like the write below: TLS's state machine is several times a plain read's,
             // and every future that reads a connection would otherwise carry it, plain or not.
             Stream::Tls(tls) => return Box::pin(tls.read_into(&mut self.buf)).await,
+            Stream::Unix(unix) => {
+                unix.read(std::mem::take(&mut self.buf).slice_mut(len..))
+                    .await
+            }
         };
-        let len = self.buf.len();
-        let buf = std::mem::take(&mut self.buf);
-        let (res, slice) = tcp.read(buf.slice_mut(len..)).await;
         self.buf = slice.into_inner();
         res
     }
@@ -109,6 +126,7 @@ impl Conn {
         let (res, data) = match &mut self.stream {
             Stream::Tcp(tcp) => tcp.write_all(data).await,
             Stream::Tls(tls) => Box::pin(tls.write_all(data)).await,
+            Stream::Unix(unix) => unix.write_all(data).await,
         };
         if let Ok(n) = &res {
             self.written += *n as u64;
@@ -120,7 +138,6 @@ impl Conn {
     /// closed (or reset), `Some(false)` it sent more (a pipelined request), `None` nothing to
     /// read yet.
     pub fn peer_closed(&mut self) -> Option<bool> {
-        use std::os::fd::AsRawFd;
         if let Stream::Tls(tls) = &mut self.stream {
             // The bytes are records: read and decrypt what is there (a close_notify is data
             // on the socket, not an end of stream).
@@ -130,7 +147,7 @@ impl Conn {
         // SAFETY: a one-byte peek into a local buffer on this connection's open socket.
         let n = unsafe {
             libc::recv(
-                self.stream.tcp().as_raw_fd(),
+                self.stream.fd(),
                 (&mut byte as *mut u8).cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -162,7 +179,7 @@ impl Conn {
     /// close).
     pub fn ended_cleanly(&self) -> bool {
         match &self.stream {
-            Stream::Tcp(_) => true,
+            Stream::Tcp(_) | Stream::Unix(_) => true,
             Stream::Tls(tls) => tls.closed_cleanly(),
         }
     }
@@ -178,13 +195,12 @@ impl Conn {
     /// Stops writing: says goodbye first on TLS (close_notify), then shuts the socket's write
     /// side, so the peer reads everything sent before it sees the end.
     pub async fn close_write(&mut self) {
-        use std::os::fd::AsRawFd;
         if let Stream::Tls(tls) = &mut self.stream {
             let _ = tls.close_notify().await;
         }
         // SAFETY: the fd is this connection's open socket.
         unsafe {
-            libc::shutdown(self.stream.tcp().as_raw_fd(), libc::SHUT_WR);
+            libc::shutdown(self.stream.fd(), libc::SHUT_WR);
         }
     }
 }

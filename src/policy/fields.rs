@@ -73,6 +73,15 @@ pub(super) struct RawUpstream {
     pub(super) client_cert_file: Option<Spanned<String>>,
     pub(super) client_key_file: Option<Spanned<String>>,
     pub(super) tls_server_name: Option<Spanned<String>>,
+    /// A stdio server: the program and its arguments, and how its processes run.
+    pub(super) command: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    pub(super) env: BTreeMap<String, Spanned<String>>,
+    pub(super) cwd: Option<Spanned<String>>,
+    pub(super) max_processes: Option<Spanned<i64>>,
+    pub(super) idle_timeout_s: Option<Spanned<i64>>,
+    pub(super) startup_timeout_s: Option<Spanned<i64>>,
+    pub(super) share: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -149,17 +149,41 @@ impl Policy {
             };
             let rate = compile_rate(&u.rate, "upstream.rate", &at)?;
             let from_env = upstreams.iter().position(|x| &x.name == name);
+            let stdio = super::stdio::transport(u, path, env, &at)?;
+            if let (Some(_), Some(command)) = (from_env, &u.command) {
+                return Err(at(
+                    Some(command.span()),
+                    "upstream.command",
+                    format!(
+                        "upstream {name:?} is in SCOPEGATE_UPSTREAMS with a URL: it cannot also \
+                         be a stdio server"
+                    ),
+                ));
+            }
             let index = match from_env {
                 // Named in SCOPEGATE_UPSTREAMS too: the environment's URL wins, the policy adds
                 // headers, tenant, rate and TLS settings.
                 Some(i) => i,
+                None if stdio.is_some() => {
+                    upstreams.push(Upstream {
+                        name: name.clone(),
+                        transport: stdio.expect("checked"),
+                        headers: Vec::new(),
+                    });
+                    rules.push(UpstreamRule {
+                        tenant: None,
+                        limit: None,
+                    });
+                    upstreams.len() - 1
+                }
                 None => {
                     let Some(url) = &u.url else {
                         return Err(at(
                             Some(u.name.span()),
                             "upstream.url",
                             format!(
-                                "upstream {name:?} has no url (and is not in SCOPEGATE_UPSTREAMS)"
+                                "upstream {name:?} has no url or command (and is not in \
+                                 SCOPEGATE_UPSTREAMS)"
                             ),
                         ));
                     };
@@ -514,7 +538,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.upstreams().len(), 1);
         assert_eq!(
-            p.upstreams()[0].transport.endpoint().name.port(),
+            p.upstreams()[0].transport.endpoint().unwrap().name.port(),
             7777,
             "the environment's URL wins"
         );

@@ -13,6 +13,7 @@ pub mod decide;
 mod fields;
 pub mod live;
 pub mod load;
+mod stdio;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -11,6 +11,29 @@ use crate::forward::{self, Exchange, ForwardError, Plan};
 use crate::http::conn::Conn;
 use crate::mcp::lists::ListKind;
 use crate::policy::decide;
+use crate::upstream::Transport;
+use crate::upstream::stdio::Stdio;
+
+/// A stdio server that failed during the exchange (it exited, broke the protocol, could not
+/// start): the audit says `upstream_error` and why. The bridge says so in a header of its
+/// answer, or by cutting an answer short after the process ended.
+fn stdio_failure(
+    stdio: &Stdio,
+    session: Option<&[u8]>,
+    exchange: &Exchange,
+    relayed: &Result<forward::Relayed, ForwardError>,
+) -> Option<String> {
+    let cut = match relayed {
+        Ok(r) => r.failure.is_some(),
+        Err(ForwardError::MidResponse(_)) => true,
+        Err(_) => false,
+    };
+    if cut {
+        session.and_then(|s| stdio.ended(s))
+    } else {
+        exchange.stdio_failure.clone()
+    }
+}
 
 /// `/mcp` with several upstreams: authorization, limits and routing per message inside.
 pub async fn to_aggregate(
@@ -77,6 +100,7 @@ pub async fn to_upstream(
         visible =
             move |kind: ListKind, item: &str| decide::visible(policy, agent, upstream, kind, item);
         plan.strip_credentials = true;
+        plan.agent_id = Some(agent_id);
         plan.upstream_session = upstream_session;
         plan.seal_session = Some(&seal);
         // Every list the agent can receive is filtered: JSON answers to its list requests,
@@ -97,7 +121,11 @@ pub async fn to_upstream(
     .await;
     draft.upstream_us = exchange.upstream_us;
     draft.is_error = exchange.is_error.found;
-    match relayed {
+    let stdio_failed = match &upstreams[upstream].transport {
+        Transport::Stdio(stdio) => stdio_failure(stdio, upstream_session, exchange, &relayed),
+        _ => None,
+    };
+    let result = match relayed {
         Ok(relayed) => {
             draft.status = exchange.status;
             if let Some(why) = relayed.failure {
@@ -127,5 +155,10 @@ pub async fn to_upstream(
                 Some("the agent closed the connection while the answer was relayed".into());
             Err(())
         }
+    };
+    if let Some(why) = stdio_failed {
+        draft.decision = AuditDecision::UpstreamError;
+        draft.reason = Some(why);
     }
+    result
 }

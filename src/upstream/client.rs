@@ -27,6 +27,8 @@ pub struct UpRequest<'a> {
     pub session: Option<&'a [u8]>,
     pub protocol_version: Option<&'a [u8]>,
     pub peer: SocketAddr,
+    /// The agent's id (policy mode), for a stdio upstream's bridge.
+    pub agent_id: Option<&'a str>,
 }
 
 /// The upstreams a client reaches: their definitions, this worker's pool, and the limits.
@@ -148,6 +150,7 @@ pub async fn send(
             inject: true,
             peer: req.peer,
             content_length: Some(req.body.len()),
+            agent_id: req.agent_id,
         },
     );
     out.extend_from_slice(req.body);

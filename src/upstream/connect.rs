@@ -20,7 +20,14 @@ pub async fn connect(
     egress: Option<&Egress>,
     deadline: Instant,
 ) -> Result<Conn, UpstreamError> {
-    let endpoint = upstream.transport.endpoint();
+    let endpoint = match &upstream.transport {
+        Transport::Stdio(stdio) => {
+            let unix = stdio.connect().map_err(UpstreamError::Io)?;
+            let unix = monoio::net::UnixStream::from_std(unix).map_err(UpstreamError::Io)?;
+            return Ok(Conn::new(unix));
+        }
+        Transport::Http(e) | Transport::Https(e, _) => e,
+    };
     let tcp = match egress.filter(|e| e.applies_to(endpoint.host())) {
         None => connect_tcp(&endpoint.name, deadline).await?,
         Some(egress) => {
@@ -82,7 +89,7 @@ async fn tunnel(
     }
     match conn.stream {
         Stream::Tcp(tcp) => Ok(tcp),
-        Stream::Tls(_) => unreachable!("the proxy connection is plain TCP"),
+        Stream::Tls(_) | Stream::Unix(_) => unreachable!("the proxy connection is plain TCP"),
     }
 }
 

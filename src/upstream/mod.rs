@@ -14,6 +14,8 @@ pub mod pool;
 pub mod process;
 pub mod request;
 pub mod resolve;
+pub mod stdio;
+pub mod stdio_bridge;
 pub mod stdio_hub;
 pub mod stdio_router;
 pub mod tls;
@@ -51,6 +53,8 @@ pub enum Transport {
     Http(Endpoint),
     /// HTTP/1.1 over TLS (`https://`), verified against the machine's or the upstream's CAs.
     Https(Endpoint, Arc<TlsClient>),
+    /// A stdio server started by scopegate (`command = [...]`), reached through its bridge.
+    Stdio(Arc<stdio::Stdio>),
 }
 
 impl Transport {
@@ -98,35 +102,50 @@ impl Transport {
     /// The transport with the policy's TLS settings for it (the environment's URL, the
     /// policy's TLS fields).
     pub fn with_tls(self, options: TlsOptions) -> Result<Transport, TlsSettingError> {
-        let url = self.endpoint().url.clone();
+        let Some(endpoint) = self.endpoint() else {
+            return Err(TlsSettingError {
+                field: "upstream.command",
+                problem: "TLS settings are for https:// upstreams, not stdio servers".into(),
+            });
+        };
+        let url = endpoint.url.clone();
         Transport::parse_with(&url, options)
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
+    /// Where a network upstream listens (`None` for a stdio server).
+    pub fn endpoint(&self) -> Option<&Endpoint> {
         match self {
-            Transport::Http(e) | Transport::Https(e, _) => e,
+            Transport::Http(e) | Transport::Https(e, _) => Some(e),
+            Transport::Stdio(_) => None,
         }
     }
 
     /// Where requests go: the path (and query) on the upstream.
     pub fn path(&self) -> &str {
-        &self.endpoint().path
+        self.endpoint().map_or("/", |e| &e.path)
     }
 
     /// What the upstream gets as `Host`.
     pub fn host_header(&self) -> &str {
-        &self.endpoint().host_header
+        self.endpoint().map_or("stdio", |e| &e.host_header)
     }
 
-    /// Which connections are interchangeable: same URL, same TLS settings.
+    /// Which connections are interchangeable: same URL, same TLS settings (same stdio
+    /// upstream).
     pub fn pool_key(&self) -> PoolKey {
-        PoolKey(self.endpoint().key)
+        match self {
+            Transport::Http(e) | Transport::Https(e, _) => PoolKey(e.key),
+            Transport::Stdio(s) => PoolKey(s.pool_key()),
+        }
     }
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.endpoint().url)
+        match self {
+            Transport::Stdio(s) => f.write_str(&s.describe()),
+            _ => f.write_str(self.endpoint().map_or("", |e| &e.url)),
+        }
     }
 }
 
@@ -235,7 +254,7 @@ mod tests {
     use super::*;
 
     fn endpoint(url: &str) -> Endpoint {
-        Transport::parse(url).unwrap().endpoint().clone()
+        Transport::parse(url).unwrap().endpoint().unwrap().clone()
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The variables a child inherits from scopegate's environment; everything else it gets is
@@ -106,6 +108,36 @@ impl Process {
         })
     }
 
+    /// [`spawn`](Self::spawn), forked by a thread that lives as long as scopegate (the one
+    /// spawner thread), whichever thread asks: the parent-death signal follows the forking
+    /// thread, and the bridge threads that ask come and go with their connections.
+    pub fn spawn_lasting(name: &str, spec: &Spec) -> std::io::Result<Process> {
+        type Ask = (String, Spec, mpsc::Sender<std::io::Result<Process>>);
+        static SPAWNER: OnceLock<Mutex<mpsc::Sender<Ask>>> = OnceLock::new();
+        let spawner = SPAWNER.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Ask>();
+            let started = std::thread::Builder::new()
+                .name("stdio-spawner".into())
+                .spawn(move || {
+                    for (name, spec, answer) in rx {
+                        let _ = answer.send(Process::spawn(&name, &spec));
+                    }
+                });
+            if let Err(e) = started {
+                crate::error!("cannot start the stdio spawner thread: {e}");
+            }
+            Mutex::new(tx)
+        });
+        let (tx, rx) = mpsc::channel();
+        spawner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((name.to_owned(), spec.clone(), tx))
+            .map_err(|_| std::io::Error::other("the stdio spawner thread is gone"))?;
+        rx.recv()
+            .map_err(|_| std::io::Error::other("the stdio spawner thread is gone"))?
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -127,6 +159,32 @@ impl Process {
         };
         // SAFETY: si_pid is set by waitid when a child changed state, zero otherwise.
         r == 0 && unsafe { info.si_pid() } != 0
+    }
+
+    /// How the leader ended, once it has (not reaped: see [`Process`]): `exit code N` or
+    /// `killed by signal N`.
+    pub fn exit_code(&self) -> Option<String> {
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child with WNOWAIT: looks without reaping.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: the fields are set by waitid when a child changed state (si_pid zero
+        // otherwise).
+        if r != 0 || unsafe { info.si_pid() } == 0 {
+            return None;
+        }
+        let status = unsafe { info.si_status() };
+        Some(if info.si_code == libc::CLD_EXITED {
+            format!("exit code {status}")
+        } else {
+            format!("killed by signal {status}")
+        })
     }
 
     /// Ends the whole group: SIGTERM, then SIGKILL after [`TERM_GRACE`]; reaps the leader

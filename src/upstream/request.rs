@@ -5,7 +5,8 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 
-use super::Upstream;
+use super::stdio_bridge::AGENT_HEADER;
+use super::{Transport, Upstream};
 use crate::fmt::push_decimal;
 use crate::http::head::{self, Head};
 
@@ -32,6 +33,9 @@ pub struct Outgoing<'a> {
     /// The agent's address, appended to `X-Forwarded-For`.
     pub peer: SocketAddr,
     pub content_length: Option<usize>,
+    /// The agent's id, told to a stdio upstream's bridge (its sessionless requests share a
+    /// process per agent); never sent to a network upstream.
+    pub agent_id: Option<&'a str>,
 }
 
 /// Writes the request line and headers for `upstream` into `out` (cleared first).
@@ -69,6 +73,8 @@ pub fn write_head(out: &mut Vec<u8>, upstream: &Upstream, req: &Outgoing<'_>) {
                 || head::named_by_connection(agent, name)
                 || (req.replace_session && name.eq_ignore_ascii_case(b"mcp-session-id"))
                 || (req.plain_answer && name.eq_ignore_ascii_case(b"accept-encoding"))
+                // Only scopegate says which agent a request is from.
+                || name.eq_ignore_ascii_case(AGENT_HEADER.as_bytes())
                 || inject.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
             {
                 continue;
@@ -88,6 +94,9 @@ pub fn write_head(out: &mut Vec<u8>, upstream: &Upstream, req: &Outgoing<'_>) {
     }
     if let Some(session) = req.session.filter(|s| !s.is_empty()) {
         header(out, b"Mcp-Session-Id", session);
+    }
+    if let (Transport::Stdio(_), Some(agent)) = (&upstream.transport, req.agent_id) {
+        header(out, AGENT_HEADER.as_bytes(), agent.as_bytes());
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
     if let Some(prior) = forwarded_for {
@@ -115,7 +124,6 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 mod tests {
     use super::*;
     use crate::http::head::request_head as agent;
-    use crate::upstream::Transport;
 
     fn upstream(url: &str) -> Upstream {
         Upstream {
@@ -136,6 +144,7 @@ mod tests {
             inject: true,
             peer: "10.0.0.9:5000".parse().unwrap(),
             content_length: Some(2),
+            agent_id: Some("agent-1"),
         }
     }
 
@@ -148,7 +157,7 @@ mod tests {
     #[test]
     fn forwarded_heads_keep_what_is_end_to_end_and_nothing_of_the_agent_s_credential() {
         let a = agent(
-            "POST /mcp/u?x=1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer k\r\nX-Api-Key: agent's\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nMcp-Session-Id: sg1.token\r\nAccept-Encoding: gzip\r\nX-Forwarded-For: 1.2.3.4\r\nX-Trace: t\r\n\r\n",
+            "POST /mcp/u?x=1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer k\r\nX-Api-Key: agent's\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nMcp-Session-Id: sg1.token\r\nAccept-Encoding: gzip\r\nX-Forwarded-For: 1.2.3.4\r\nX-Trace: t\r\nScopegate-Agent: forged\r\n\r\n",
         );
         let mut req = outgoing(Some(&a));
         req.session = Some(b"upstream-session");
@@ -166,6 +175,8 @@ mod tests {
             "sg1.token",
             "gzip",
             "Connection",
+            // Never told to a network upstream, and never the agent's to say.
+            "Scopegate-Agent",
         ] {
             assert!(!text.contains(gone), "{gone} in {text}");
         }
@@ -184,6 +195,25 @@ mod tests {
             text.starts_with("POST /mcp?scope=acme HTTP/1.1\r\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_stdio_bridge_is_told_the_agent_and_only_by_scopegate() {
+        let a = agent("POST /mcp/u HTTP/1.1\r\nHost: gw\r\nScopegate-Agent: forged\r\n\r\n");
+        let spec = crate::upstream::process::Spec {
+            command: vec!["true".into()],
+            env: Vec::new(),
+            cwd: None,
+        };
+        let stdio = crate::upstream::stdio::Stdio::new("u", spec, Default::default());
+        let u = Upstream {
+            name: "u".into(),
+            transport: Transport::Stdio(std::sync::Arc::new(stdio)),
+            headers: Vec::new(),
+        };
+        let text = written(&u, &outgoing(Some(&a)));
+        assert!(text.contains("Scopegate-Agent: agent-1\r\n"), "{text}");
+        assert!(!text.contains("forged"), "{text}");
     }
 
     #[test]

@@ -1,24 +1,54 @@
 //! The stdio hub of one upstream: its processes (one per agent session, or one shared), what
 //! goes into their stdin and where each line of their stdout goes ([`Router`]). Workers on any
-//! core reach a session's process through the hub; an agent's request gets back a local socket
-//! on which the hub writes, one JSON line each, the messages for that request (progress, the
-//! child's own requests, then the answer) and closes it after the answer. A thread per process
-//! reads its stdout and one writes its stdin, so a slow or stuck child never blocks a worker.
+//! core reach a session's process through the hub (by way of the bridge,
+//! [`super::stdio_bridge`]); an agent's request gets back a local socket on which the hub
+//! writes, one JSON line each, the messages for that request (progress, the child's own
+//! requests, then the answer) and closes it after the answer. A thread per process reads its
+//! stdout and one writes its stdin, so a slow or stuck child never blocks a worker.
+//!
+//! Sessions end on `close` (DELETE), when idle longer than the upstream's `idle_timeout_s`
+//! ([`Hub::sweep`]), when their agent is removed ([`Hub::close_agents`]), when their process
+//! dies, and at shutdown ([`Hub::close_all`]); a process ends with its last session.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::process::{Process, Spec};
 use super::stdio_router::{Route, Router, SessionId};
 
 /// How long the hub waits on a requester that does not read before it drops that stream.
 const SINK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A line the hub writes on a request's stream when the process failed (followed by the
+/// JSON-RPC error for the agent): never the first byte of a JSON message.
+pub const FAILED: u8 = b'!';
+
+/// An upstream's process settings (the policy's `[[upstream]]` fields).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Options {
+    /// One process serves every session (`share = true`).
+    pub share: bool,
+    pub max_processes: usize,
+    pub idle_timeout: Duration,
+    pub startup_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            share: false,
+            max_processes: 64,
+            idle_timeout: Duration::from_secs(600),
+            startup_timeout: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Why the hub could not take a message.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,18 +65,27 @@ pub enum HubError {
 
 /// One stdio upstream's processes.
 pub struct Hub {
-    name: String,
-    spec: Spec,
-    shared: bool,
-    max_processes: usize,
+    pub name: String,
+    pub spec: Spec,
+    pub options: Options,
+    /// Random per hub: a session number from another run (or another hub) means nothing here.
+    pub instance: u64,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
     next_session: SessionId,
-    sessions: HashMap<SessionId, Arc<Proc>>,
+    sessions: HashMap<SessionId, Session>,
     procs: Vec<Arc<Proc>>,
+    /// Sessionless requests (2026-07-28): one session per agent.
+    by_agent: HashMap<String, SessionId>,
+}
+
+struct Session {
+    proc: Arc<Proc>,
+    agent: String,
+    last_used: Instant,
 }
 
 /// One running process and its routing.
@@ -55,6 +94,16 @@ struct Proc {
     sinks: Mutex<Sinks>,
     to_child: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     process: Mutex<Option<Process>>,
+    /// A shared process is initialized once; later sessions get its answer.
+    init: Mutex<Init>,
+}
+
+#[derive(Default)]
+struct Init {
+    /// The child's id of the initialize request in flight.
+    asked: Option<u64>,
+    result: Option<Value>,
+    initialized: bool,
 }
 
 #[derive(Default)]
@@ -67,25 +116,34 @@ struct Sinks {
     ended: Option<String>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Hub {
-    pub fn new(name: &str, spec: Spec, shared: bool, max_processes: usize) -> Hub {
+    pub fn new(name: &str, spec: Spec, options: Options) -> Hub {
+        let mut random = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
         Hub {
             name: name.to_owned(),
             spec,
-            shared,
-            max_processes: max_processes.max(1),
+            options: Options {
+                max_processes: options.max_processes.max(1),
+                ..options
+            },
+            instance: u64::from_le_bytes(random),
             state: Mutex::new(State::default()),
         }
     }
 
-    /// A new session: its own process, or (shared) the process every session uses.
-    pub fn open(&self) -> Result<SessionId, HubError> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// A new session for `agent`: its own process, or (shared) the process every session uses.
+    pub fn open(&self, agent: &str) -> Result<SessionId, HubError> {
+        let mut state = lock(&self.state);
         state.procs.retain(|p| p.alive());
         let proc = match state.procs.first() {
-            Some(p) if self.shared => p.clone(),
-            _ if state.procs.len() >= self.max_processes => {
-                return Err(HubError::Full(self.max_processes));
+            Some(p) if self.options.share => p.clone(),
+            _ if state.procs.len() >= self.options.max_processes => {
+                return Err(HubError::Full(self.options.max_processes));
             }
             _ => {
                 let p = self.spawn()?;
@@ -95,21 +153,47 @@ impl Hub {
         };
         state.next_session += 1;
         let session = state.next_session;
-        state.sessions.insert(session, proc);
+        state.sessions.insert(
+            session,
+            Session {
+                proc,
+                agent: agent.to_owned(),
+                last_used: Instant::now(),
+            },
+        );
+        Ok(session)
+    }
+
+    /// The session an agent's sessionless requests use (opened on the first).
+    pub fn agent_session(&self, agent: &str) -> Result<SessionId, HubError> {
+        {
+            let state = lock(&self.state);
+            if let Some(&s) = state.by_agent.get(agent)
+                && state.sessions.get(&s).is_some_and(|s| s.proc.alive())
+            {
+                return Ok(s);
+            }
+        }
+        let session = self.open(agent)?;
+        let old = lock(&self.state).by_agent.insert(agent.to_owned(), session);
+        if let Some(old) = old {
+            self.close(old);
+        }
         Ok(session)
     }
 
     fn spawn(&self) -> Result<Arc<Proc>, HubError> {
-        let mut process =
-            Process::spawn(&self.name, &self.spec).map_err(|e| HubError::Spawn(e.to_string()))?;
+        let mut process = Process::spawn_lasting(&self.name, &self.spec)
+            .map_err(|e| HubError::Spawn(e.to_string()))?;
         let stdout = process.stdout.take().expect("piped stdout");
         let mut stdin = process.stdin.take().expect("piped stdin");
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let proc = Arc::new(Proc {
-            router: Mutex::new(Router::new(self.shared)),
+            router: Mutex::new(Router::new(self.options.share)),
             sinks: Mutex::new(Sinks::default()),
             to_child: Mutex::new(Some(tx)),
             process: Mutex::new(Some(process)),
+            init: Mutex::new(Init::default()),
         });
         let name = self.name.clone();
         std::thread::Builder::new()
@@ -130,13 +214,18 @@ impl Hub {
         Ok(proc)
     }
 
+    /// The session's process, its use noted.
     fn proc_of(&self, session: SessionId) -> Result<Arc<Proc>, HubError> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let proc = state.sessions.get(&session).ok_or(HubError::NoSession)?;
-        if !proc.alive() {
+        let mut state = lock(&self.state);
+        let s = state
+            .sessions
+            .get_mut(&session)
+            .ok_or(HubError::NoSession)?;
+        if !s.proc.alive() {
             return Err(HubError::NoSession);
         }
-        Ok(proc.clone())
+        s.last_used = Instant::now();
+        Ok(s.proc.clone())
     }
 
     /// An agent's request: the returned socket carries its messages, one JSON line each, and
@@ -145,15 +234,22 @@ impl Hub {
         let proc = self.proc_of(session)?;
         let (ours, theirs) = UnixStream::pair().map_err(|e| HubError::Spawn(e.to_string()))?;
         let _ = ours.set_write_timeout(Some(SINK_WRITE_TIMEOUT));
-        let out = proc
-            .router
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let initialize = self.options.share && msg["method"] == "initialize";
+        if initialize && let Some(result) = lock(&proc.init).result.clone() {
+            // A shared process was initialized by an earlier session: its answer again.
+            let answer = json!({"jsonrpc": "2.0", "id": msg["id"].clone(), "result": result});
+            let _ = writeln!(&ours, "{answer}");
+            return Ok(theirs);
+        }
+        let out = lock(&proc.router)
             .from_agent(session, msg)
             .ok_or(HubError::Unroutable)?;
         let n = out["id"].as_u64().ok_or(HubError::Unroutable)?;
+        if initialize {
+            lock(&proc.init).asked.get_or_insert(n);
+        }
         {
-            let mut sinks = proc.sinks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut sinks = lock(&proc.sinks);
             // The process ended since: its requests were failed, this one would wait forever.
             if sinks.ended.is_some() {
                 return Err(HubError::NoSession);
@@ -161,11 +257,7 @@ impl Hub {
             sinks.requests.insert(n, (session, ours));
         }
         if let Err(e) = proc.write(&out) {
-            proc.sinks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .requests
-                .remove(&n);
+            lock(&proc.sinks).requests.remove(&n);
             return Err(e);
         }
         Ok(theirs)
@@ -174,10 +266,15 @@ impl Hub {
     /// An agent's notification, or its answer to a request of the child's.
     pub fn send(&self, session: SessionId, msg: Value) -> Result<(), HubError> {
         let proc = self.proc_of(session)?;
-        let out = proc
-            .router
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        if self.options.share && msg["method"] == "notifications/initialized" {
+            let mut init = lock(&proc.init);
+            if init.initialized {
+                // A shared process hears it once.
+                return Ok(());
+            }
+            init.initialized = true;
+        }
+        let out = lock(&proc.router)
             .from_agent(session, msg)
             .ok_or(HubError::Unroutable)?;
         proc.write(&out)
@@ -188,31 +285,40 @@ impl Hub {
         let proc = self.proc_of(session)?;
         let (ours, theirs) = UnixStream::pair().map_err(|e| HubError::Spawn(e.to_string()))?;
         let _ = ours.set_write_timeout(Some(SINK_WRITE_TIMEOUT));
-        proc.sinks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .streams
-            .insert(session, ours);
+        lock(&proc.sinks).streams.insert(session, ours);
         Ok(theirs)
+    }
+
+    /// Whether the session is open (its process may have ended).
+    pub fn knows(&self, session: SessionId) -> bool {
+        lock(&self.state).sessions.contains_key(&session)
+    }
+
+    /// Why the session's process ended, if it did.
+    pub fn ended(&self, session: SessionId) -> Option<String> {
+        let state = lock(&self.state);
+        let s = state.sessions.get(&session)?;
+        lock(&s.proc.sinks).ended.clone()
     }
 
     /// The session ends (DELETE, idle, its agent removed): its process is killed unless shared
     /// with sessions still open.
     pub fn close(&self, session: SessionId) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(proc) = state.sessions.remove(&session) else {
+        let mut state = lock(&self.state);
+        let Some(s) = state.sessions.remove(&session) else {
             return;
         };
-        proc.router
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .forget(session);
+        if state.by_agent.get(&s.agent) == Some(&session) {
+            state.by_agent.remove(&s.agent);
+        }
+        let proc = s.proc;
+        lock(&proc.router).forget(session);
         {
-            let mut sinks = proc.sinks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut sinks = lock(&proc.sinks);
             sinks.requests.retain(|_, (s, _)| *s != session);
             sinks.streams.remove(&session);
         }
-        let still_used = state.sessions.values().any(|p| Arc::ptr_eq(p, &proc));
+        let still_used = state.sessions.values().any(|s| Arc::ptr_eq(&s.proc, &proc));
         if !still_used {
             state.procs.retain(|p| !Arc::ptr_eq(p, &proc));
             drop(state);
@@ -220,10 +326,62 @@ impl Hub {
         }
     }
 
+    /// Ends every session whose agent `gone` says is gone (a policy reload removed it or its
+    /// access); how many.
+    pub fn close_agents(&self, gone: impl Fn(&str) -> bool) -> usize {
+        let doomed: Vec<SessionId> = lock(&self.state)
+            .sessions
+            .iter()
+            .filter(|(_, s)| gone(&s.agent))
+            .map(|(&id, _)| id)
+            .collect();
+        for &s in &doomed {
+            self.close(s);
+        }
+        doomed.len()
+    }
+
+    /// Ends sessions idle longer than `idle_timeout` (no request in flight, none made since)
+    /// and those whose process died; how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let idle = self.options.idle_timeout;
+        let doomed: Vec<SessionId> = lock(&self.state)
+            .sessions
+            .iter()
+            .filter(|&(&id, s)| {
+                let sinks = lock(&s.proc.sinks);
+                sinks.ended.is_some()
+                    || (now.saturating_duration_since(s.last_used) >= idle
+                        && !sinks.requests.values().any(|(owner, _)| *owner == id))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for &s in &doomed {
+            self.close(s);
+        }
+        doomed.len()
+    }
+
+    /// Ends every session and process (scopegate is stopping).
+    pub fn close_all(&self) {
+        let all: Vec<SessionId> = lock(&self.state).sessions.keys().copied().collect();
+        for s in all {
+            self.close(s);
+        }
+        let procs = std::mem::take(&mut lock(&self.state).procs);
+        for p in procs {
+            p.end("scopegate is stopping");
+        }
+    }
+
     /// Processes running now.
     pub fn processes(&self) -> usize {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.procs.iter().filter(|p| p.alive()).count()
+        lock(&self.state).procs.iter().filter(|p| p.alive()).count()
+    }
+
+    /// Sessions open now.
+    pub fn sessions(&self) -> usize {
+        lock(&self.state).sessions.len()
     }
 }
 
@@ -238,17 +396,13 @@ impl Drop for Hub {
 
 impl Proc {
     fn alive(&self) -> bool {
-        self.sinks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ended
-            .is_none()
+        lock(&self.sinks).ended.is_none()
     }
 
     fn write(&self, msg: &Value) -> Result<(), HubError> {
         let mut line = serde_json::to_vec(msg).map_err(|_| HubError::Unroutable)?;
         line.push(b'\n');
-        let to_child = self.to_child.lock().unwrap_or_else(|p| p.into_inner());
+        let to_child = lock(&self.to_child);
         match to_child.as_ref().map(|tx| tx.send(line)) {
             Some(Ok(())) => Ok(()),
             _ => Err(HubError::NoSession),
@@ -258,36 +412,30 @@ impl Proc {
     /// Kills the process; requests still open get an error answer saying `why`.
     fn end(&self, why: &str) {
         self.fail(why);
-        *self.to_child.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if let Some(mut process) = self
-            .process
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        *lock(&self.to_child) = None;
+        if let Some(mut process) = lock(&self.process).take() {
             process.kill();
         }
     }
 
-    /// The process is done for: every open request gets a JSON-RPC error saying why.
+    /// The process is done for: every open request gets a JSON-RPC error saying why, marked
+    /// as the hub's ([`FAILED`]).
     fn fail(&self, why: &str) {
-        let pending = self
-            .router
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain();
-        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = lock(&self.router).drain();
+        let mut sinks = lock(&self.sinks);
         if sinks.ended.is_none() {
             sinks.ended = Some(why.to_owned());
         }
+        let why = sinks.ended.clone().unwrap_or_default();
         for (n, _, agent_id) in pending {
             if let Some((_, mut sink)) = sinks.requests.remove(&n) {
-                let err = serde_json::json!({
+                let err = json!({
                     "jsonrpc": "2.0",
                     "id": agent_id,
-                    "error": {"code": -32001, "message": format!("upstream stdio server: {why}")}
+                    "error": {"code": crate::mcp::jsonrpc::UPSTREAM_UNAVAILABLE,
+                              "message": format!("upstream stdio server: {why}")}
                 });
-                let _ = writeln!(sink, "{err}");
+                let _ = writeln!(sink, "{}{err}", FAILED as char);
             }
         }
         sinks.requests.clear();
@@ -301,7 +449,8 @@ impl Proc {
             line.clear();
             match reader.read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => {
-                    self.fail("the process exited");
+                    let why = self.exit_status();
+                    self.fail(&why);
                     return;
                 }
                 Ok(_) => {}
@@ -314,10 +463,27 @@ impl Proc {
                 // A server that writes anything but JSON-RPC to stdout has broken the
                 // protocol: its session ends, its requests are told.
                 crate::warn!("[{name}] wrote a line that is not JSON to stdout; ending it");
-                self.end("the process wrote something that is not JSON-RPC");
+                self.end("the process wrote something that is not JSON-RPC to stdout");
                 return;
             };
             self.deliver(msg);
+        }
+    }
+
+    /// Why the process's stdout ended: its exit status when it has exited.
+    fn exit_status(&self) -> String {
+        // The pipe closes a moment before the exit is seen.
+        let mut exited = None;
+        for _ in 0..20 {
+            exited = lock(&self.process).as_ref().and_then(Process::exit_code);
+            if exited.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match exited {
+            Some(code) => format!("the process exited ({code})"),
+            None => "the process closed its stdout".into(),
         }
     }
 
@@ -334,12 +500,16 @@ impl Proc {
             .and_then(Value::as_str)
             .and_then(|t| t.strip_prefix('p'))
             .and_then(|n| n.parse::<u64>().ok());
-        let route = self
-            .router
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .from_child(msg);
-        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = answer_to
+            && let Some(result) = msg.get("result")
+        {
+            let mut init = lock(&self.init);
+            if init.asked == Some(n) {
+                init.result = Some(result.clone());
+            }
+        }
+        let route = lock(&self.router).from_child(msg);
+        let mut sinks = lock(&self.sinks);
         let line = |m: &Value| format!("{m}\n");
         match route {
             Route::Answer(_, m) => {
@@ -430,13 +600,21 @@ for line in sys.stdin:
             env: Vec::new(),
             cwd: None,
         };
-        Hub::new("test", spec, shared, max)
+        let options = Options {
+            share: shared,
+            max_processes: max,
+            ..Options::default()
+        };
+        Hub::new("test", spec, options)
     }
 
     fn lines(stream: UnixStream) -> Vec<Value> {
         BufReader::new(stream)
             .lines()
-            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+            .map(|l| {
+                let l = l.unwrap();
+                serde_json::from_str(l.strip_prefix(FAILED as char).unwrap_or(&l)).unwrap()
+            })
             .collect()
     }
 
@@ -451,7 +629,7 @@ for line in sys.stdin:
     #[test]
     fn answers_and_progress_come_back_on_the_request_with_the_agents_ids() {
         let h = hub(false, 4);
-        let s = h.open().unwrap();
+        let s = h.open("a").unwrap();
         let got = lines(
             h.request(s, call(json!("a-1"), "echo", Some("tok")))
                 .unwrap(),
@@ -468,7 +646,7 @@ for line in sys.stdin:
     #[test]
     fn shared_sessions_with_the_same_id_get_their_own_answers() {
         let h = hub(true, 1);
-        let (a, b) = (h.open().unwrap(), h.open().unwrap());
+        let (a, b) = (h.open("a").unwrap(), h.open("a").unwrap());
         assert_eq!(h.processes(), 1);
         let ra = h.request(a, call(json!(1), "first", None)).unwrap();
         let rb = h.request(b, call(json!(1), "second", None)).unwrap();
@@ -488,7 +666,7 @@ for line in sys.stdin:
     #[test]
     fn the_childs_request_reaches_the_agent_and_its_answer_the_child() {
         let h = hub(false, 4);
-        let s = h.open().unwrap();
+        let s = h.open("a").unwrap();
         let stream = h.request(s, call(json!(9), "ask", None)).unwrap();
         let mut reader = BufReader::new(stream);
         let mut first = String::new();
@@ -511,7 +689,7 @@ for line in sys.stdin:
     fn a_process_that_dies_or_breaks_the_protocol_fails_its_requests_and_its_session() {
         let h = hub(false, 4);
         for tool in ["die", "garbage"] {
-            let s = h.open().unwrap();
+            let s = h.open("a").unwrap();
             let got = lines(h.request(s, call(json!(5), tool, None)).unwrap());
             let last = got.last().unwrap();
             assert_eq!(last["id"], 5, "{tool}: {got:?}");
@@ -536,7 +714,7 @@ for line in sys.stdin:
     fn a_worker_reads_the_request_stream_on_its_own_runtime() {
         use monoio::io::AsyncReadRent;
         let h = hub(true, 1);
-        let s = h.open().unwrap();
+        let s = h.open("a").unwrap();
         let streams: Vec<UnixStream> = (0..3)
             .map(|i| h.request(s, call(json!(i), "echo", Some("t"))).unwrap())
             .collect();
@@ -583,9 +761,9 @@ for line in sys.stdin:
     #[test]
     fn max_processes_is_a_clear_refusal() {
         let h = hub(false, 1);
-        let s = h.open().unwrap();
-        assert_eq!(h.open().unwrap_err(), HubError::Full(1));
+        let s = h.open("a").unwrap();
+        assert_eq!(h.open("a").unwrap_err(), HubError::Full(1));
         h.close(s);
-        assert!(h.open().is_ok());
+        assert!(h.open("a").is_ok());
     }
 }

@@ -1,0 +1,364 @@
+//! The Streamable HTTP face of a stdio upstream. A worker's connection to a stdio upstream is
+//! one end of a socket pair; a bridge thread serves the other end as an MCP server would, and
+//! turns each request into hub calls ([`Hub`]): `initialize` opens a session (its process),
+//! a request's messages come back as its answer (one JSON body when the first message is the
+//! answer, else an event stream), notifications and answers are accepted with 202, GET is the
+//! session's stream, DELETE ends the session. So everything above the connection (the byte
+//! relay, filtered lists, sealed session tokens, the aggregate endpoint's client) works on a
+//! stdio upstream unchanged. The socket pair is private to the process: nothing else can reach
+//! a bridge. The one header only scopegate sets, `Scopegate-Agent`, names the agent whose
+//! sessionless requests share a process (the request writer drops any the agent sends).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::stdio_hub::{FAILED, Hub, HubError};
+use super::stdio_router::SessionId;
+use crate::mcp::jsonrpc;
+
+/// The header naming the agent, set by scopegate on requests to stdio upstreams.
+pub const AGENT_HEADER: &str = "Scopegate-Agent";
+/// The header of a bridge's failure answer saying what went wrong, for the audit log.
+pub const FAILURE_HEADER: &str = "Scopegate-Stdio-Failure";
+/// The longest request head the bridge reads (scopegate writes them, well under this).
+const MAX_HEAD: usize = 64 * 1024;
+/// The longest request body (scopegate has already applied `SCOPEGATE_MAX_BODY`).
+const MAX_BODY: usize = 256 * 1024 * 1024;
+
+/// Serves one connection from a worker until it closes.
+pub fn serve(hub: Arc<Hub>, conn: UnixStream) {
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut out = conn;
+    while let Some(req) = read_request(&mut reader) {
+        if handle(&hub, &req, &mut out).is_err() {
+            return;
+        }
+    }
+}
+
+/// A request as the bridge needs it.
+struct Request {
+    method: String,
+    session: Option<String>,
+    agent: String,
+    accepts_json: bool,
+    body: Vec<u8>,
+}
+
+fn read_request(reader: &mut BufReader<UnixStream>) -> Option<Request> {
+    let mut head = Vec::new();
+    loop {
+        let before = head.len();
+        if reader.read_until(b'\n', &mut head).ok()? == 0 || head.len() > MAX_HEAD {
+            return None;
+        }
+        if head[before..] == *b"\r\n" {
+            break;
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(&head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let text = |name: &str| {
+        parsed
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let length: usize = text("content-length").map_or(Some(0), |v| v.parse().ok())?;
+    if length > MAX_BODY || text("transfer-encoding").is_some() {
+        return None;
+    }
+    let accepts_json = text("accept").is_none_or(|a| {
+        a.contains("application/json") || a.contains("*/*") || !a.contains("text/event-stream")
+    });
+    let req = Request {
+        method: parsed.method?.to_owned(),
+        session: text("mcp-session-id").map(str::to_owned),
+        agent: text(AGENT_HEADER).unwrap_or("").to_owned(),
+        accepts_json,
+        body: Vec::new(),
+    };
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(Request { body, ..req })
+}
+
+/// What the agent sees as its session id: the hub's instance and the session's number.
+pub fn session_token(hub: &Hub, session: SessionId) -> String {
+    format!("{:016x}-{session}", hub.instance)
+}
+
+/// The session a token names on this hub, if it is this hub's.
+pub fn session_of(hub: &Hub, token: &[u8]) -> Option<SessionId> {
+    let text = std::str::from_utf8(token).ok()?;
+    let (instance, n) = text.split_once('-')?;
+    (u64::from_str_radix(instance, 16).ok()? == hub.instance).then_some(())?;
+    n.parse().ok()
+}
+
+type Written = std::io::Result<()>;
+
+fn handle(hub: &Hub, req: &Request, out: &mut UnixStream) -> Written {
+    let session = match &req.session {
+        Some(token) => match session_of(hub, token.as_bytes()) {
+            Some(s) => Some(s),
+            None => return not_found(out),
+        },
+        None => None,
+    };
+    match req.method.as_str() {
+        "POST" => post(hub, req, session, out),
+        "GET" => match session.map(|s| hub.listen(s)) {
+            None => error(out, 400, None, "a GET stream needs an Mcp-Session-Id"),
+            Some(Err(_)) => not_found(out),
+            Some(Ok(stream)) => relay(out, stream, None, false, None),
+        },
+        "DELETE" => match session {
+            Some(s) if hub.knows(s) => {
+                hub.close(s);
+                respond(out, 200, "application/json", None, b"", false)
+            }
+            Some(_) => not_found(out),
+            None => error(out, 400, None, "DELETE needs an Mcp-Session-Id"),
+        },
+        _ => error(out, 405, None, "method not allowed"),
+    }
+}
+
+fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStream) -> Written {
+    let Ok(msg) = serde_json::from_slice::<Value>(&req.body) else {
+        return error(out, 400, None, "the body is not JSON");
+    };
+    if msg.is_array() {
+        return error(
+            out,
+            400,
+            None,
+            "JSON-RPC batches are not supported by stdio upstreams; send one message per POST",
+        );
+    }
+    let is_request = msg.get("method").is_some() && msg.get("id").is_some();
+    let id = msg.get("id").cloned();
+    let initialize = is_request && msg["method"] == "initialize";
+    // The session: a new one for initialize, the agent's own for a sessionless request.
+    let (session, opened) = match session {
+        Some(s) => (s, false),
+        None if initialize => match hub.open(&req.agent) {
+            Ok(s) => (s, true),
+            Err(e) => return refuse(hub, out, id, e),
+        },
+        None if is_request => match hub.agent_session(&req.agent) {
+            Ok(s) => (s, false),
+            Err(e) => return refuse(hub, out, id, e),
+        },
+        None => return error(out, 400, id, "no Mcp-Session-Id: initialize first"),
+    };
+    if !is_request {
+        return match hub.send(session, msg) {
+            Ok(()) | Err(HubError::Unroutable) => {
+                respond(out, 202, "application/json", None, b"", false)
+            }
+            Err(_) => not_found(out),
+        };
+    }
+    let stream = match hub.request(session, msg) {
+        Ok(stream) => stream,
+        Err(HubError::NoSession) => return not_found(out),
+        Err(e) => return refuse(hub, out, id, e),
+    };
+    let token = opened.then(|| session_token(hub, session));
+    let startup = initialize.then_some(hub.options.startup_timeout);
+    match relay(out, stream, token.as_deref(), req.accepts_json, startup) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            hub.close(session);
+            let why = format!(
+                "upstream {:?} did not answer initialize within {} s (startup_timeout_s)",
+                hub.name,
+                hub.options.startup_timeout.as_secs()
+            );
+            crate::warn!("stdio: {why}");
+            error(out, 504, id, &why)
+        }
+        result => {
+            // A session whose initialize failed is not the agent's to keep.
+            if opened && (result.is_err() || hub.ended(session).is_some()) {
+                hub.close(session);
+            }
+            result
+        }
+    }
+}
+
+/// Relays the hub's lines for one request (or a GET stream) to the worker: one JSON body when
+/// the first line is the answer and the agent takes JSON, else an event stream. A failure line
+/// before anything was sent is the answer (with [`FAILURE_HEADER`]); after, its error event is the last, and the connection
+/// is dropped unfinished so the worker records the failure. `first_within` bounds the wait
+/// for the first line (startup); its expiry is an error of kind `TimedOut` with nothing sent.
+fn relay(
+    out: &mut UnixStream,
+    stream: UnixStream,
+    token: Option<&str>,
+    accepts_json: bool,
+    first_within: Option<std::time::Duration>,
+) -> Written {
+    let _ = stream.set_read_timeout(first_within);
+    let mut lines = BufReader::new(stream);
+    let mut line = Vec::new();
+    let mut head_sent = false;
+    loop {
+        line.clear();
+        let n = match lines.read_until(b'\n', &mut line) {
+            Ok(n) => n,
+            Err(e) if !head_sent && is_timeout(&e) => {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            Err(_) => 0,
+        };
+        if !head_sent && first_within.is_some() {
+            let _ = lines.get_ref().set_read_timeout(None);
+        }
+        if n == 0 {
+            if !head_sent {
+                // Closed without a word (the session was ended meanwhile).
+                return error(out, 502, None, "upstream stdio server: the session ended");
+            }
+            return out.write_all(b"0\r\n\r\n");
+        }
+        let text = line.trim_ascii_end();
+        let (failed, json) = match text.split_first() {
+            Some((&FAILED, rest)) => (true, rest),
+            _ => (false, text),
+        };
+        if !head_sent {
+            let is_answer = !failed && is_answer(json);
+            if failed || (is_answer && accepts_json) {
+                // A failed request is answered in-band (a JSON-RPC error, HTTP 200), as the
+                // process itself would have: the agent's SDK reads it as the call's error.
+                let token = if failed { None } else { token };
+                return respond(out, 200, "application/json", token, json, failed);
+            }
+            let mut head = String::from(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+                 Transfer-Encoding: chunked\r\n",
+            );
+            if let Some(t) = token {
+                head.push_str(&format!("Mcp-Session-Id: {t}\r\n"));
+            }
+            head.push_str("\r\n");
+            out.write_all(head.as_bytes())?;
+            head_sent = true;
+        }
+        let event = [b"event: message\ndata: ", json, b"\n\n"].concat();
+        let mut chunk = format!("{:x}\r\n", event.len()).into_bytes();
+        chunk.extend_from_slice(&event);
+        chunk.extend_from_slice(b"\r\n");
+        out.write_all(&chunk)?;
+        if failed {
+            // Unfinished on purpose: the worker sees the stream cut and records the failure.
+            return Err(std::io::Error::other("the process failed mid-answer"));
+        }
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+fn is_answer(json: &[u8]) -> bool {
+    matches!(
+        serde_json::from_slice::<Value>(json),
+        Ok(Value::Object(m)) if m.contains_key("id") && !m.contains_key("method")
+    )
+}
+
+fn refuse(hub: &Hub, out: &mut UnixStream, id: Option<Value>, e: HubError) -> Written {
+    let name = &hub.name;
+    match e {
+        HubError::Full(max) => {
+            let why = format!(
+                "upstream {name:?} runs its maximum of {max} processes (max_processes); try again \
+                 when a session ends"
+            );
+            crate::warn!("stdio: {why}");
+            error(out, 503, id, &why)
+        }
+        HubError::Spawn(e) => {
+            let why = format!("upstream {name:?} could not be started: {e}");
+            crate::error!("stdio: {why}");
+            error(out, 502, id, &why)
+        }
+        HubError::NoSession => not_found(out),
+        HubError::Unroutable => error(out, 400, id, "a message the stdio server cannot take"),
+    }
+}
+
+fn not_found(out: &mut UnixStream) -> Written {
+    error(
+        out,
+        404,
+        None,
+        "session not found: initialize a new session",
+    )
+}
+
+fn error(out: &mut UnixStream, status: u16, id: Option<Value>, why: &str) -> Written {
+    let code = match status {
+        400 | 404 | 405 => jsonrpc::INVALID_REQUEST,
+        _ => jsonrpc::UPSTREAM_UNAVAILABLE,
+    };
+    let body = json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": why}});
+    let failed = status >= 500;
+    respond(
+        out,
+        status,
+        "application/json",
+        None,
+        body.to_string().as_bytes(),
+        failed,
+    )
+}
+
+fn respond(
+    out: &mut UnixStream,
+    status: u16,
+    content_type: &str,
+    token: Option<&str>,
+    body: &[u8],
+    failed: bool,
+) -> Written {
+    let reason = crate::http::response::reason(status);
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
+    if !body.is_empty() {
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    if let Some(t) = token {
+        head.push_str(&format!("Mcp-Session-Id: {t}\r\n"));
+    }
+    if failed {
+        // What failed, for the audit log: the error's message.
+        let why = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "the stdio server failed".into());
+        let why: String = why.chars().filter(|c| !c.is_control()).collect();
+        head.push_str(&format!("{FAILURE_HEADER}: {why}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut all = head.into_bytes();
+    all.extend_from_slice(body);
+    out.write_all(&all)
+}

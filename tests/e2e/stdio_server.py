@@ -1,0 +1,38 @@
+"""A stdio MCP server on the official Python SDK (FastMCP) for the failure cases of
+tests/e2e/test_stdio.py: it can crash, break the protocol, and report its environment and pid."""
+
+import os
+
+from mcp.server.fastmcp import FastMCP
+
+mcp = FastMCP("stdio-test-server")
+
+
+@mcp.tool()
+def echo(text: str) -> str:
+    return text
+
+
+@mcp.tool()
+def pid() -> int:
+    return os.getpid()
+
+
+@mcp.tool()
+def env_names() -> list[str]:
+    return sorted(os.environ)
+
+
+@mcp.tool()
+def crash() -> str:
+    os._exit(3)
+
+
+@mcp.tool()
+def garbage() -> str:
+    os.write(1, b"this is not JSON-RPC\n")
+    return "unreachable"
+
+
+if __name__ == "__main__":
+    mcp.run("stdio")
