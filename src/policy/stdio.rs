@@ -232,7 +232,9 @@ mod tests {
     }
 
     fn error(upstream: &str) -> String {
-        let e = load(upstream).err().expect("must be refused");
+        let Err(e) = load(upstream) else {
+            panic!("{upstream:?} must be refused");
+        };
         format!("{} {}", e.field, e.message)
     }
 

@@ -122,7 +122,7 @@ fn handle(hub: &Hub, req: &Request, out: &mut UnixStream) -> Written {
         "GET" => match session.map(|s| hub.listen(s)) {
             None => error(out, 400, None, "a GET stream needs an Mcp-Session-Id"),
             Some(Err(_)) => not_found(out),
-            Some(Ok(stream)) => relay(out, stream, None, false, None),
+            Some(Ok(stream)) => relay(out, stream, None, false, None).map(|_| ()),
         },
         "DELETE" => match session {
             Some(s) if hub.knows(s) => {
@@ -152,14 +152,14 @@ fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStre
     let id = msg.get("id").cloned();
     let initialize = is_request && msg["method"] == "initialize";
     // The session: a new one for initialize, the agent's own for a sessionless request.
-    let (session, opened) = match session {
-        Some(s) => (s, false),
+    let (session, opened, probe) = match session {
+        Some(s) => (s, false, false),
         None if initialize => match hub.open(&req.agent) {
-            Ok(s) => (s, true),
+            Ok(s) => (s, true, false),
             Err(e) => return refuse(hub, out, id, e),
         },
         None if is_request => match hub.agent_session(&req.agent) {
-            Ok(s) => (s, false),
+            Ok((s, fresh)) => (s, false, fresh),
             Err(e) => return refuse(hub, out, id, e),
         },
         None => return error(out, 400, id, "no Mcp-Session-Id: initialize first"),
@@ -191,11 +191,14 @@ fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStre
             error(out, 504, id, &why)
         }
         result => {
-            // A session whose initialize failed is not the agent's to keep.
-            if opened && (result.is_err() || hub.ended(session).is_some()) {
+            let refused = result.as_ref().is_ok_and(|&error| error);
+            // A session whose initialize failed is not the agent's to keep; nor a process
+            // started for a sessionless request it refused (a server of an earlier revision
+            // answering a client's `server/discover` probe: the client initializes next).
+            if (opened && (result.is_err() || hub.ended(session).is_some())) || (probe && refused) {
                 hub.close(session);
             }
-            result
+            result.map(|_| ())
         }
     }
 }
@@ -205,17 +208,19 @@ fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStre
 /// before anything was sent is the answer (with [`FAILURE_HEADER`]); after, its error event is the last, and the connection
 /// is dropped unfinished so the worker records the failure. `first_within` bounds the wait
 /// for the first line (startup); its expiry is an error of kind `TimedOut` with nothing sent.
+/// `Ok(true)`: the answer was a JSON-RPC error.
 fn relay(
     out: &mut UnixStream,
     stream: UnixStream,
     token: Option<&str>,
     accepts_json: bool,
     first_within: Option<std::time::Duration>,
-) -> Written {
+) -> std::io::Result<bool> {
     let _ = stream.set_read_timeout(first_within);
     let mut lines = BufReader::new(stream);
     let mut line = Vec::new();
     let mut head_sent = false;
+    let mut answer_error = false;
     loop {
         line.clear();
         let n = match lines.read_until(b'\n', &mut line) {
@@ -231,22 +236,25 @@ fn relay(
         if n == 0 {
             if !head_sent {
                 // Closed without a word (the session was ended meanwhile).
-                return error(out, 502, None, "upstream stdio server: the session ended");
+                return error(out, 502, None, "upstream stdio server: the session ended")
+                    .map(|()| true);
             }
-            return out.write_all(b"0\r\n\r\n");
+            return out.write_all(b"0\r\n\r\n").map(|()| answer_error);
         }
         let text = line.trim_ascii_end();
         let (failed, json) = match text.split_first() {
             Some((&FAILED, rest)) => (true, rest),
             _ => (false, text),
         };
+        let answer = if failed { None } else { answer_of(json) };
+        answer_error = failed || answer == Some(true);
         if !head_sent {
-            let is_answer = !failed && is_answer(json);
-            if failed || (is_answer && accepts_json) {
+            if failed || (answer.is_some() && accepts_json) {
                 // A failed request is answered in-band (a JSON-RPC error, HTTP 200), as the
                 // process itself would have: the agent's SDK reads it as the call's error.
                 let token = if failed { None } else { token };
-                return respond(out, 200, "application/json", token, json, failed);
+                return respond(out, 200, "application/json", token, json, failed)
+                    .map(|()| answer_error);
             }
             let mut head = String::from(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
@@ -278,11 +286,14 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
-fn is_answer(json: &[u8]) -> bool {
-    matches!(
-        serde_json::from_slice::<Value>(json),
-        Ok(Value::Object(m)) if m.contains_key("id") && !m.contains_key("method")
-    )
+/// `Some(is_error)` when the line is an answer (not a notification or a request).
+fn answer_of(json: &[u8]) -> Option<bool> {
+    match serde_json::from_slice::<Value>(json) {
+        Ok(Value::Object(m)) if m.contains_key("id") && !m.contains_key("method") => {
+            Some(m.contains_key("error"))
+        }
+        _ => None,
+    }
 }
 
 fn refuse(hub: &Hub, out: &mut UnixStream, id: Option<Value>, e: HubError) -> Written {

@@ -164,14 +164,14 @@ impl Hub {
         Ok(session)
     }
 
-    /// The session an agent's sessionless requests use (opened on the first).
-    pub fn agent_session(&self, agent: &str) -> Result<SessionId, HubError> {
+    /// The session an agent's sessionless requests use (opened on the first: then `true`).
+    pub fn agent_session(&self, agent: &str) -> Result<(SessionId, bool), HubError> {
         {
             let state = lock(&self.state);
             if let Some(&s) = state.by_agent.get(agent)
                 && state.sessions.get(&s).is_some_and(|s| s.proc.alive())
             {
-                return Ok(s);
+                return Ok((s, false));
             }
         }
         let session = self.open(agent)?;
@@ -179,7 +179,7 @@ impl Hub {
         if let Some(old) = old {
             self.close(old);
         }
-        Ok(session)
+        Ok((session, true))
     }
 
     fn spawn(&self) -> Result<Arc<Proc>, HubError> {
@@ -363,14 +363,20 @@ impl Hub {
     }
 
     /// Ends every session and process (scopegate is stopping).
+    /// Returns when every process group is gone (they are ended side by side).
     pub fn close_all(&self) {
-        let all: Vec<SessionId> = lock(&self.state).sessions.keys().copied().collect();
-        for s in all {
-            self.close(s);
-        }
-        let procs = std::mem::take(&mut lock(&self.state).procs);
-        for p in procs {
-            p.end("scopegate is stopping");
+        let procs = {
+            let mut state = lock(&self.state);
+            state.sessions.clear();
+            state.by_agent.clear();
+            std::mem::take(&mut state.procs)
+        };
+        let enders: Vec<_> = procs
+            .into_iter()
+            .map(|p| std::thread::spawn(move || p.end_now("scopegate is stopping")))
+            .collect();
+        for e in enders {
+            let _ = e.join();
         }
     }
 
@@ -389,7 +395,7 @@ impl Drop for Hub {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         for proc in state.procs.drain(..) {
-            proc.end("scopegate is stopping");
+            proc.end_now("scopegate is stopping");
         }
     }
 }
@@ -409,8 +415,24 @@ impl Proc {
         }
     }
 
-    /// Kills the process; requests still open get an error answer saying `why`.
+    /// Kills the process; requests still open get an error answer saying `why`. The kill
+    /// (which may wait out the SIGTERM grace) runs on its own thread: a DELETE is not kept
+    /// waiting for a slow exit.
     fn end(&self, why: &str) {
+        self.fail(why);
+        *lock(&self.to_child) = None;
+        if let Some(mut process) = lock(&self.process).take() {
+            let killer = std::thread::Builder::new()
+                .name("stdio-kill".into())
+                .spawn(move || process.kill());
+            if let Err(e) = killer {
+                crate::warn!("stdio: no thread to end a process ({e}); ending it here");
+            }
+        }
+    }
+
+    /// [`end`](Self::end), returning only when the process group is gone (shutdown).
+    fn end_now(&self, why: &str) {
         self.fail(why);
         *lock(&self.to_child) = None;
         if let Some(mut process) = lock(&self.process).take() {

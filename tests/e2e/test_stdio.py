@@ -201,6 +201,11 @@ env = {{ E2E_LISTED = "${{E2E_LISTED_SOURCE}}" }}
     async def progress(value, total, message):
         out["progress"].append(value)
 
+    out["logs"] = []
+
+    async def logged(params):
+        out["logs"].append(params.data)
+
     async def scenario(s: ClientSession, sid):
         tools = {t.name for t in (await s.list_tools()).tools}
         out["tools"] = tools
@@ -214,10 +219,17 @@ env = {{ E2E_LISTED = "${{E2E_LISTED_SOURCE}}" }}
         out["elicited"] = json.dumps([c.model_dump() for c in r.content])
         r = await s.call_tool("get-env", {})
         out["env"] = json.loads(r.content[0].text)
+        # Log messages that belong to no request come on the session's GET stream.
+        await s.call_tool("toggle-simulated-logging", {})
+        for _ in range(100):
+            if out["logs"]:
+                break
+            await asyncio.sleep(0.1)
 
     try:
         run(in_session(f"{g.base}/mcp/everything", AGENT_KEY, scenario,
-                       sampling_callback=sampling, elicitation_callback=elicitation))
+                       sampling_callback=sampling, elicitation_callback=elicitation,
+                       logging_callback=logged))
         assert {"trigger-sampling-request", "trigger-elicitation-request"} <= out["tools"]
         assert out["progress"] == [1, 2, 3], out["progress"]
         assert "completed" in out["long"].lower(), out["long"]
@@ -231,6 +243,7 @@ env = {{ E2E_LISTED = "${{E2E_LISTED_SOURCE}}" }}
         assert not any(n.startswith("SCOPEGATE_") for n in names), names
         assert "E2E_NOT_LISTED" not in names and "E2E_LISTED_SOURCE" not in names, names
         assert names <= {"PATH", "HOME", "LANG", "E2E_LISTED"}, names
+        assert out["logs"], "no log message reached the agent's GET stream"
     finally:
         g.stop()
 
@@ -258,6 +271,33 @@ command = {toml_list(EVERYTHING + [tmp_path])}
         assert report["progress"] == [1, 2], report
         assert "not allowed" in report["env"], report["env"]
         assert wait_until(lambda: not pids_with(str(tmp_path))), "the process outlived its session"
+    finally:
+        g.stop()
+
+
+def test_python_sdk_2_agent_probes_then_initializes_and_leaves_no_probe_process(tmp_path):
+    upstreams = f"""
+[[upstream]]
+name = "py"
+command = {toml_list(python_server(tmp_path))}
+"""
+    g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/echo"]))
+    try:
+        done = subprocess.run(
+            [str(ROOT / ".venv-git" / "bin" / "python"), str(HERE / "sdk2_agent.py"),
+             f"{g.base}/mcp/py", AGENT_KEY, "echo", json.dumps({"text": "from sdk 2"})],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+        # The server speaks an earlier revision: the client's server/discover probe is refused
+        # by it, and the client falls back to initialize.
+        assert report["version"] != "2026-07-28", report
+        assert report["tools"] == ["echo"]
+        assert report["result"] == "from sdk 2"
+        # The process started for the sessionless probe ended when the server refused it, and
+        # the session's ended with the client's DELETE.
+        assert wait_until(lambda: not pids_with(str(tmp_path))), pids_with(str(tmp_path))
     finally:
         g.stop()
 
