@@ -74,6 +74,34 @@ def summary(lat: list[float], seconds: float) -> dict:
     }
 
 
+def raw_direct(n: int, warmup: int) -> dict:
+    """The server's own sequential rate over its pipes: a minimal client (one JSON line out,
+    one line back), no SDK; the floor any stdio client, or bridge, works against."""
+    proc = subprocess.Popen(["node", str(SERVER), "stdio"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    out = proc.stdout
+
+    def ask(i: int, method: str, params: dict) -> dict:
+        proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params}) + "\n").encode())
+        while True:
+            msg = json.loads(out.readline())
+            if msg.get("id") == i:
+                return msg
+
+    ask(0, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                          "clientInfo": {"name": "raw", "version": "1"}})
+    proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+    lat = []
+    for i in range(1, warmup + n + 1):
+        start = time.perf_counter()
+        ask(i, "tools/call", {"name": "echo", "arguments": {"message": f"m{i}"}})
+        if i > warmup:
+            lat.append((time.perf_counter() - start) * 1e6)
+    proc.stdin.close()
+    proc.wait(timeout=10)
+    return summary(lat, sum(lat) / 1e6)
+
+
 async def start_direct() -> float:
     """Milliseconds from spawning the server to its initialize answer (the SDK's stdio client)."""
     params = StdioServerParameters(command="node", args=[str(SERVER), "stdio"])
@@ -242,11 +270,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sg-bench-stdio-"))
     warmup = max(50, args.calls // 10)
 
-    rounds = {"direct": [], "through": [], "load1": [], "load8_shared": [], "load8_session": []}
+    rounds = {"direct": [], "raw": [], "through": [], "load1": [], "load8_shared": [], "load8_session": []}
     starts = {"direct": [], "through": []}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
         rounds["direct"].append(asyncio.run(direct(args.calls, warmup)))
+        rounds["raw"].append(raw_direct(args.calls * 5, warmup * 5))
         g = Gateway(args.bin, tmp, share=False)
         try:
             rounds["through"].append(asyncio.run(through(g.base, args.calls, warmup)))
@@ -301,13 +330,14 @@ def main() -> None:
         "POST per call) where the direct client writes a line to a pipe, so part of the difference is",
         "the client's own HTTP cost, not scopegate's.",
         "",
-        "## sg-load through scopegate (5 s per round)",
+        "## A lean client: the server's own rate, and sg-load through scopegate (5 s per round)",
         "",
-        "| agents (sessions) | processes | calls/s | p50 µs | p99 µs |",
-        "|---|---|---|---|---|",
-        f"| 1 | 1 | {load_med('load1', 'rps'):,.0f} | {load_med('load1', 'p50'):,.0f} | {load_med('load1', 'p99'):,.0f} |",
-        f"| 8 | 8 (one per session) | {load_med('load8_session', 'rps'):,.0f} | {load_med('load8_session', 'p50'):,.0f} | {load_med('load8_session', 'p99'):,.0f} |",
-        f"| 8 | 1 (`share = true`) | {load_med('load8_shared', 'rps'):,.0f} | {load_med('load8_shared', 'p50'):,.0f} | {load_med('load8_shared', 'p99'):,.0f} |",
+        "| path | agents (sessions) | processes | calls/s | p50 µs | p99 µs | x direct calls/s |",
+        "|---|---|---|---|---|---|---|",
+        f"| minimal client -> server over stdio (direct, sequential) | 1 | 1 | {med('raw', 'calls_per_s'):,.0f} | {med('raw', 'p50'):,.0f} | {med('raw', 'p99'):,.0f} | 1.00 |",
+        f"| sg-load -> scopegate -> server over stdio | 1 | 1 | {load_med('load1', 'rps'):,.0f} | {load_med('load1', 'p50'):,.0f} | {load_med('load1', 'p99'):,.0f} | {load_med('load1', 'rps') / med('raw', 'calls_per_s'):.2f} |",
+        f"| sg-load -> scopegate -> servers over stdio | 8 | 8 (one per session) | {load_med('load8_session', 'rps'):,.0f} | {load_med('load8_session', 'p50'):,.0f} | {load_med('load8_session', 'p99'):,.0f} | - |",
+        f"| sg-load -> scopegate -> one shared server | 8 | 1 (`share = true`) | {load_med('load8_shared', 'rps'):,.0f} | {load_med('load8_shared', 'p50'):,.0f} | {load_med('load8_shared', 'p99'):,.0f} | - |",
         "",
         "## Process start (spawn to the initialize answer)",
         "",

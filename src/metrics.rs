@@ -188,6 +188,8 @@ pub struct Scrape<'a> {
     /// Heap allocations made on worker threads since start.
     pub heap_allocations: u64,
     pub audit: Option<AuditGauges>,
+    /// Per stdio upstream: its name, processes running and sessions open.
+    pub stdio: Vec<(String, usize, usize)>,
 }
 
 pub struct AuditGauges {
@@ -355,6 +357,26 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
         let _ = writeln!(out, "{name}_count {count}");
     }
 
+    if !s.stdio.is_empty() {
+        out.push_str("# HELP scopegate_stdio_processes stdio server processes running now.\n");
+        out.push_str("# TYPE scopegate_stdio_processes gauge\n");
+        for (name, processes, _) in &s.stdio {
+            let _ = writeln!(
+                out,
+                "scopegate_stdio_processes{{upstream=\"{}\"}} {processes}",
+                escape(name)
+            );
+        }
+        out.push_str("# HELP scopegate_stdio_sessions Agent sessions open on stdio servers now.\n");
+        out.push_str("# TYPE scopegate_stdio_sessions gauge\n");
+        for (name, _, sessions) in &s.stdio {
+            let _ = writeln!(
+                out,
+                "scopegate_stdio_sessions{{upstream=\"{}\"}} {sessions}",
+                escape(name)
+            );
+        }
+    }
     out.push_str("# HELP scopegate_open_connections Client connections open now.\n");
     out.push_str("# TYPE scopegate_open_connections gauge\n");
     let _ = writeln!(out, "scopegate_open_connections {}", s.open_connections);
@@ -436,6 +458,7 @@ mod tests {
             workers: &[&a, &b],
             upstream_names: &names,
             open_connections: 3,
+            stdio: vec![("fs".into(), 2, 5)],
             heap_allocations: 12,
             audit: None,
         });
@@ -452,6 +475,8 @@ mod tests {
         assert!(text.contains("scopegate_request_duration_seconds_count 2\n"));
         assert!(text.contains("scopegate_upstream_duration_seconds_count 1\n"));
         assert!(text.contains("scopegate_open_connections 3\n"));
+        assert!(text.contains("scopegate_stdio_processes{upstream=\"fs\"} 2\n"));
+        assert!(text.contains("scopegate_stdio_sessions{upstream=\"fs\"} 5\n"));
         assert!(text.contains("scopegate_heap_allocations_total 12\n"));
     }
 

@@ -66,6 +66,16 @@ pub fn metrics_text(
             .map(|s| s.open_connections.load(Ordering::Relaxed) as u64)
             .sum(),
         audit,
+        stdio: config
+            .upstreams
+            .iter()
+            .filter_map(|u| match &u.transport {
+                crate::upstream::Transport::Stdio(s) => {
+                    Some((u.name.clone(), s.hub.processes(), s.hub.sessions()))
+                }
+                _ => None,
+            })
+            .collect(),
     })
 }
 

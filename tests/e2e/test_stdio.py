@@ -302,6 +302,46 @@ command = {toml_list(python_server(tmp_path))}
         g.stop()
 
 
+def test_sessionless_2026_07_28_requests_get_one_process_per_agent(tmp_path):
+    # mcp-server-git is built on the Python SDK 2.x: it speaks 2026-07-28, so the SDK 2.x
+    # client's server/discover probe succeeds and every request after it carries no session.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=e2e", "-c", "user.email=e@x",
+                    "commit", "-q", "--allow-empty", "-m", "sessionless"], check=True)
+    upstreams = f"""
+[[upstream]]
+name = "git"
+command = {toml_list(GIT + ["--repository", repo])}
+"""
+    g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["git/git_log"]) + agent("other", OTHER_KEY, ["git/git_log"]))
+
+    def run_agent(key):
+        done = subprocess.run(
+            [str(ROOT / ".venv-git" / "bin" / "python"), str(HERE / "sdk2_agent.py"),
+             f"{g.base}/mcp/git", key, "git_log", json.dumps({"repo_path": str(repo)})],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    try:
+        first = run_agent(AGENT_KEY)
+        assert first["version"] == "2026-07-28", first
+        assert first["tools"] == ["git_log"]
+        assert "sessionless" in first["result"]
+        assert len(pids_with(str(repo))) == 1
+        # The same agent again: the same process; another agent: its own.
+        run_agent(AGENT_KEY)
+        assert len(pids_with(str(repo))) == 1
+        run_agent(OTHER_KEY)
+        assert len(pids_with(str(repo))) == 2
+    finally:
+        g.stop()
+    assert wait_until(lambda: not pids_with(str(repo)))
+
+
 def test_git_server_in_python_on_a_repository_made_here(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -413,6 +453,9 @@ idle_timeout_s = 2
         first = initialize(g.base, AGENT_KEY)
         assert "result" in first.json(), first.text
         assert len(pids_with(str(tmp_path))) == 1
+        metrics = httpx.get(f"{g.base}/metrics").text
+        assert 'scopegate_stdio_processes{upstream="py"} 1\n' in metrics, metrics
+        assert 'scopegate_stdio_sessions{upstream="py"} 1\n' in metrics
         second = initialize(g.base, AGENT_KEY)
         assert second.status_code == 503, second.text
         assert "max_processes" in second.json()["error"]["message"]
