@@ -60,7 +60,15 @@ pub async fn forward(
         pool: &core.pool,
     };
     let upstream = target.upstream;
-    let timeout = core.config.upstream_timeout;
+    let mut timeout = core.config.upstream_timeout;
+    if let crate::upstream::Transport::Stdio(stdio) = &upstream.transport
+        && plan.upstream_session.is_none()
+    {
+        // A request without a session may start a process: it has the upstream's startup
+        // time, and the bridge's own startup timeout (a clear 504) comes first.
+        let startup = stdio.hub.options.startup_timeout + std::time::Duration::from_secs(1);
+        timeout = timeout.max(startup);
+    }
     let deadline = Instant::now() + timeout;
 
     write_head(

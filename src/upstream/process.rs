@@ -90,6 +90,11 @@ impl Process {
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }
+                // Nothing of scopegate's but the three pipes crosses exec: agents' sockets
+                // (io_uring accepts them without close-on-exec), listeners, the audit log.
+                // Marked close-on-exec rather than closed, so the spawn's own error pipe
+                // still reports a failed exec.
+                close_on_exec_from(3);
                 Ok(())
             });
         }
@@ -259,6 +264,35 @@ fn group_alive(group: libc::pid_t) -> bool {
         let pgrp = fields.nth(1).and_then(|g| g.parse::<libc::pid_t>().ok());
         pgrp == Some(group) && !matches!(state, Some("Z" | "X"))
     })
+}
+
+/// Marks every descriptor from `first` on close-on-exec. Runs between fork and exec: only
+/// async-signal-safe calls (close_range, or getrlimit and fcntl on older kernels).
+fn close_on_exec_from(first: libc::c_int) {
+    // SAFETY: plain syscalls on this (forked) process's own descriptor table.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            4096
+        };
+        for fd in first..max {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
 }
 
 /// The longest stderr line logged; the rest of a longer line is dropped.

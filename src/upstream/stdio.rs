@@ -77,19 +77,8 @@ impl Stdio {
             }
         };
         start_janitor();
-        let key = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (
-                "stdio",
-                name,
-                &hub.spec.command,
-                &hub.spec.env,
-                &hub.options,
-            )
-                .hash(&mut h);
-            h.finish()
-        };
+        // Pooled connections are bridges to this hub and no other.
+        let key = hub.instance;
         Stdio { hub, key }
     }
 

@@ -12,10 +12,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::stdio_hub::{FAILED, Hub, HubError};
+use super::stdio_hub::{Hub, HubError, Line, Lines, Quiet};
 use super::stdio_router::SessionId;
 use crate::mcp::jsonrpc;
 
@@ -111,9 +112,11 @@ type Written = std::io::Result<()>;
 
 fn handle(hub: &Hub, req: &Request, out: &mut UnixStream) -> Written {
     let session = match &req.session {
+        // Only the agent that opened a session may use it (scopegate's sealed tokens already
+        // ensure it; this is the second lock on the door).
         Some(token) => match session_of(hub, token.as_bytes()) {
-            Some(s) => Some(s),
-            None => return not_found(out),
+            Some(s) if hub.owned_by(s, &req.agent) => Some(s),
+            _ => return not_found(out),
         },
         None => None,
     };
@@ -122,7 +125,16 @@ fn handle(hub: &Hub, req: &Request, out: &mut UnixStream) -> Written {
         "GET" => match session.map(|s| hub.listen(s)) {
             None => error(out, 400, None, "a GET stream needs an Mcp-Session-Id"),
             Some(Err(_)) => not_found(out),
-            Some(Ok(stream)) => relay(out, stream, None, false, None).map(|_| ()),
+            Some(Ok(lines)) => {
+                let r = Relay {
+                    request: None,
+                    token: None,
+                    accepts_json: false,
+                    first_within: None,
+                    stream_now: true,
+                };
+                relay(hub, out, lines, r).map(|_| ())
+            }
         },
         "DELETE" => match session {
             Some(s) if hub.knows(s) => {
@@ -172,14 +184,21 @@ fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStre
             Err(_) => not_found(out),
         };
     }
-    let stream = match hub.request(session, msg) {
+    let (n, lines) = match hub.request(session, msg) {
         Ok(stream) => stream,
         Err(HubError::NoSession) => return not_found(out),
         Err(e) => return refuse(hub, out, id, e),
     };
     let token = opened.then(|| session_token(hub, session));
     let startup = initialize.then_some(hub.options.startup_timeout);
-    match relay(out, stream, token.as_deref(), req.accepts_json, startup) {
+    let r = Relay {
+        request: Some((session, n)),
+        token: token.as_deref(),
+        accepts_json: req.accepts_json,
+        first_within: startup,
+        stream_now: false,
+    };
+    match relay(hub, out, lines, r) {
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             hub.close(session);
             let why = format!(
@@ -203,68 +222,78 @@ fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStre
     }
 }
 
-/// Relays the hub's lines for one request (or a GET stream) to the worker: one JSON body when
-/// the first line is the answer and the agent takes JSON, else an event stream. A failure line
-/// before anything was sent is the answer (with [`FAILURE_HEADER`]); after, its error event is the last, and the connection
-/// is dropped unfinished so the worker records the failure. `first_within` bounds the wait
-/// for the first line (startup); its expiry is an error of kind `TimedOut` with nothing sent.
-/// `Ok(true)`: the answer was a JSON-RPC error.
-fn relay(
-    out: &mut UnixStream,
-    stream: UnixStream,
-    token: Option<&str>,
+/// How often a bridge waiting on a quiet child looks whether its worker is still there.
+const WATCH: Duration = Duration::from_secs(1);
+
+/// What a request's stream is: whose, and how it is answered.
+struct Relay<'a> {
+    /// The hub's request number and session, so a stream the worker gave up on is abandoned.
+    request: Option<(SessionId, u64)>,
+    /// A new session's token, sent with the answer.
+    token: Option<&'a str>,
     accepts_json: bool,
-    first_within: Option<std::time::Duration>,
-) -> std::io::Result<bool> {
-    let _ = stream.set_read_timeout(first_within);
-    let mut lines = BufReader::new(stream);
-    let mut line = Vec::new();
+    /// The first message must come within this (startup), else `TimedOut` with nothing sent.
+    first_within: Option<Duration>,
+    /// A GET stream: its head goes at once (a quiet server may say nothing for hours).
+    stream_now: bool,
+}
+
+/// Relays the hub's lines for one request (or a GET stream) to the worker: one JSON body when
+/// the first line is the answer and the agent takes JSON, else an event stream. A failure
+/// before anything was sent is the answer (with [`FAILURE_HEADER`]); after, its error event is
+/// the last, and the connection is dropped unfinished so the worker records the failure. A
+/// worker that hangs up (its agent left, or it timed out) ends the relay, and the request is
+/// abandoned. `Ok(true)`: the answer was a JSON-RPC error.
+fn relay(hub: &Hub, out: &mut UnixStream, lines: Lines, r: Relay<'_>) -> std::io::Result<bool> {
     let mut head_sent = false;
+    if r.stream_now {
+        send_stream_head(out, r.token)?;
+        head_sent = true;
+    }
+    let started = Instant::now();
     let mut answer_error = false;
     loop {
-        line.clear();
-        let n = match lines.read_until(b'\n', &mut line) {
-            Ok(n) => n,
-            Err(e) if !head_sent && is_timeout(&e) => {
-                return Err(std::io::ErrorKind::TimedOut.into());
+        let line = match lines.next(Some(WATCH)) {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                if !head_sent {
+                    // Ended without a word (the session ended, or the request was cancelled).
+                    return error(out, 502, None, "upstream stdio server: the session ended")
+                        .map(|()| true);
+                }
+                return out.write_all(b"0\r\n\r\n").map(|()| answer_error);
             }
-            Err(_) => 0,
+            Err(Quiet) => {
+                if !head_sent
+                    && let Some(limit) = r.first_within
+                    && started.elapsed() >= limit
+                {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                if worker_gone(out) {
+                    if let Some((session, n)) = r.request {
+                        hub.abandon(session, n);
+                    }
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+                continue;
+            }
         };
-        if !head_sent && first_within.is_some() {
-            let _ = lines.get_ref().set_read_timeout(None);
-        }
-        if n == 0 {
-            if !head_sent {
-                // Closed without a word (the session was ended meanwhile).
-                return error(out, 502, None, "upstream stdio server: the session ended")
-                    .map(|()| true);
-            }
-            return out.write_all(b"0\r\n\r\n").map(|()| answer_error);
-        }
-        let text = line.trim_ascii_end();
-        let (failed, json) = match text.split_first() {
-            Some((&FAILED, rest)) => (true, rest),
-            _ => (false, text),
+        let (failed, json) = match &line {
+            Line::Failed(l) => (true, l.as_bytes()),
+            Line::Message(l) => (false, l.as_bytes()),
         };
         let answer = if failed { None } else { answer_of(json) };
         answer_error = failed || answer == Some(true);
         if !head_sent {
-            if failed || (answer.is_some() && accepts_json) {
+            if failed || (answer.is_some() && r.accepts_json) {
                 // A failed request is answered in-band (a JSON-RPC error, HTTP 200), as the
                 // process itself would have: the agent's SDK reads it as the call's error.
-                let token = if failed { None } else { token };
+                let token = if failed { None } else { r.token };
                 return respond(out, 200, "application/json", token, json, failed)
                     .map(|()| answer_error);
             }
-            let mut head = String::from(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-                 Transfer-Encoding: chunked\r\n",
-            );
-            if let Some(t) = token {
-                head.push_str(&format!("Mcp-Session-Id: {t}\r\n"));
-            }
-            head.push_str("\r\n");
-            out.write_all(head.as_bytes())?;
+            send_stream_head(out, r.token)?;
             head_sent = true;
         }
         let event = [b"event: message\ndata: ", json, b"\n\n"].concat();
@@ -279,11 +308,37 @@ fn relay(
     }
 }
 
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
+fn send_stream_head(out: &mut UnixStream, token: Option<&str>) -> Written {
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+         Transfer-Encoding: chunked\r\n",
+    );
+    if let Some(t) = token {
+        head.push_str(&format!("Mcp-Session-Id: {t}\r\n"));
+    }
+    head.push_str("\r\n");
+    out.write_all(head.as_bytes())
+}
+
+/// Whether the worker closed its end (looked at without reading anything).
+fn worker_gone(out: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local buffer on a socket this thread owns.
+    let n = unsafe {
+        libc::recv(
+            out.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0
+            && !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ))
 }
 
 /// `Some(is_error)` when the line is an answer (not a notification or a request).

@@ -1,20 +1,22 @@
 //! The stdio hub of one upstream: its processes (one per agent session, or one shared), what
 //! goes into their stdin and where each line of their stdout goes ([`Router`]). Workers on any
 //! core reach a session's process through the hub (by way of the bridge,
-//! [`super::stdio_bridge`]); an agent's request gets back a local socket on which the hub
-//! writes, one JSON line each, the messages for that request (progress, the child's own
-//! requests, then the answer) and closes it after the answer. A thread per process reads its
-//! stdout and one writes its stdin, so a slow or stuck child never blocks a worker.
+//! [`super::stdio_bridge`]); an agent's request gets back a [`Lines`] receiver on which the hub
+//! puts, one JSON line each, the messages for that request (progress, the child's own
+//! requests, then the answer) and which ends after the answer. A thread per process reads its
+//! stdout and one writes its stdin, so a slow or stuck child never blocks a worker; the hub
+//! never waits on a reader (a queue past [`SINK_LIMIT`] bytes is dropped), so a slow agent
+//! never holds up another.
 //!
 //! Sessions end on `close` (DELETE), when idle longer than the upstream's `idle_timeout_s`
 //! ([`Hub::sweep`]), when their agent is removed ([`Hub::close_agents`]), when their process
 //! dies, and at shutdown ([`Hub::close_all`]); a process ends with its last session.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -22,12 +24,88 @@ use serde_json::{Value, json};
 use super::process::{Process, Spec};
 use super::stdio_router::{Route, Router, SessionId};
 
-/// How long the hub waits on a requester that does not read before it drops that stream.
-const SINK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a request's (or a GET stream's) queue may hold unread; past it the queue is dropped
+/// and its reader sees the stream end.
+pub const SINK_LIMIT: usize = 64 * 1024 * 1024;
+/// The longest line a child may write to stdout (a longer one breaks the protocol).
+pub const MAX_LINE: usize = 64 * 1024 * 1024;
+/// Lines waiting for a child's stdin; past this, senders wait (they are bridge threads).
+const STDIN_QUEUE: usize = 256;
 
-/// A line the hub writes on a request's stream when the process failed (followed by the
-/// JSON-RPC error for the agent): never the first byte of a JSON message.
-pub const FAILED: u8 = b'!';
+/// One message for a request's (or a session's) reader.
+#[derive(Debug, PartialEq)]
+pub enum Line {
+    /// A message of the child's, ids mapped back.
+    Message(String),
+    /// The process failed: the JSON-RPC error for the request.
+    Failed(String),
+}
+
+impl Line {
+    fn len(&self) -> usize {
+        match self {
+            Line::Message(l) | Line::Failed(l) => l.len(),
+        }
+    }
+}
+
+/// Nothing came within the time asked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Quiet;
+
+/// The reading end of a request's messages.
+pub struct Lines {
+    rx: mpsc::Receiver<Line>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Lines {
+    /// The next message, `Ok(None)` when the stream ended (after the answer, or dropped);
+    /// `Err` when `within` passed first.
+    pub fn next(&self, within: Option<Duration>) -> Result<Option<Line>, Quiet> {
+        let line = match within {
+            None => self.rx.recv().ok(),
+            Some(d) => match self.rx.recv_timeout(d) {
+                Ok(l) => Some(l),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(Quiet),
+                Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            },
+        };
+        if let Some(l) = &line {
+            self.queued.fetch_sub(l.len(), Ordering::Relaxed);
+        }
+        Ok(line)
+    }
+}
+
+/// The hub's end of a [`Lines`]: never blocks.
+struct Sink {
+    tx: mpsc::Sender<Line>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Sink {
+    fn pair() -> (Sink, Lines) {
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (
+            Sink {
+                tx,
+                queued: queued.clone(),
+            },
+            Lines { rx, queued },
+        )
+    }
+
+    /// False when the reader is gone or too far behind: the sink should go.
+    fn send(&self, line: Line) -> bool {
+        let n = line.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > SINK_LIMIT {
+            return false;
+        }
+        self.tx.send(line).is_ok()
+    }
+}
 
 /// An upstream's process settings (the policy's `[[upstream]]` fields).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -92,7 +170,9 @@ struct Session {
 struct Proc {
     router: Mutex<Router>,
     sinks: Mutex<Sinks>,
-    to_child: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    /// Set once the process is done for (why is in `sinks.ended`); read without a lock.
+    dead: AtomicBool,
+    to_child: Mutex<Option<mpsc::SyncSender<Vec<u8>>>>,
     process: Mutex<Option<Process>>,
     /// A shared process is initialized once; later sessions get its answer.
     init: Mutex<Init>,
@@ -109,9 +189,9 @@ struct Init {
 #[derive(Default)]
 struct Sinks {
     /// The child's id for a request -> the requesting session and its stream.
-    requests: HashMap<u64, (SessionId, UnixStream)>,
+    requests: HashMap<u64, (SessionId, Sink)>,
     /// A session's GET stream (messages that belong to no request).
-    streams: HashMap<SessionId, UnixStream>,
+    streams: HashMap<SessionId, Sink>,
     /// The process ended: why.
     ended: Option<String>,
 }
@@ -138,7 +218,10 @@ impl Hub {
 
     /// A new session for `agent`: its own process, or (shared) the process every session uses.
     pub fn open(&self, agent: &str) -> Result<SessionId, HubError> {
-        let mut state = lock(&self.state);
+        self.open_locked(&mut lock(&self.state), agent)
+    }
+
+    fn open_locked(&self, state: &mut State, agent: &str) -> Result<SessionId, HubError> {
         state.procs.retain(|p| p.alive());
         let proc = match state.procs.first() {
             Some(p) if self.options.share => p.clone(),
@@ -166,20 +249,30 @@ impl Hub {
 
     /// The session an agent's sessionless requests use (opened on the first: then `true`).
     pub fn agent_session(&self, agent: &str) -> Result<(SessionId, bool), HubError> {
+        // Looked up and opened under one lock: two requests at once share one process.
+        let mut state = lock(&self.state);
+        let old = state.by_agent.get(agent).copied();
+        if let Some(s) = old
+            && state.sessions.get(&s).is_some_and(|s| s.proc.alive())
         {
-            let state = lock(&self.state);
-            if let Some(&s) = state.by_agent.get(agent)
-                && state.sessions.get(&s).is_some_and(|s| s.proc.alive())
-            {
-                return Ok((s, false));
-            }
+            return Ok((s, false));
         }
-        let session = self.open(agent)?;
-        let old = lock(&self.state).by_agent.insert(agent.to_owned(), session);
+        let session = self.open_locked(&mut state, agent)?;
+        state.by_agent.insert(agent.to_owned(), session);
+        drop(state);
         if let Some(old) = old {
+            // Its process died: the session goes too.
             self.close(old);
         }
         Ok((session, true))
+    }
+
+    /// Whether `session` is `agent`'s (the bridge checks every request against it).
+    pub fn owned_by(&self, session: SessionId, agent: &str) -> bool {
+        lock(&self.state)
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.agent == agent)
     }
 
     fn spawn(&self) -> Result<Arc<Proc>, HubError> {
@@ -187,20 +280,26 @@ impl Hub {
             .map_err(|e| HubError::Spawn(e.to_string()))?;
         let stdout = process.stdout.take().expect("piped stdout");
         let mut stdin = process.stdin.take().expect("piped stdin");
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(STDIN_QUEUE);
         let proc = Arc::new(Proc {
             router: Mutex::new(Router::new(self.options.share)),
             sinks: Mutex::new(Sinks::default()),
+            dead: AtomicBool::new(false),
             to_child: Mutex::new(Some(tx)),
             process: Mutex::new(Some(process)),
             init: Mutex::new(Init::default()),
         });
         let name = self.name.clone();
+        let writer: Weak<Proc> = Arc::downgrade(&proc);
         std::thread::Builder::new()
             .name(format!("stdin-{name}"))
             .spawn(move || {
                 for line in rx {
                     if stdin.write_all(&line).is_err() || stdin.flush().is_err() {
+                        // A child that closed its stdin takes no more requests: done for.
+                        if let Some(proc) = writer.upgrade() {
+                            proc.end("the process closed its stdin");
+                        }
                         break;
                     }
                 }
@@ -230,16 +329,15 @@ impl Hub {
 
     /// An agent's request: the returned socket carries its messages, one JSON line each, and
     /// closes after the answer.
-    pub fn request(&self, session: SessionId, msg: Value) -> Result<UnixStream, HubError> {
+    pub fn request(&self, session: SessionId, msg: Value) -> Result<(u64, Lines), HubError> {
         let proc = self.proc_of(session)?;
-        let (ours, theirs) = UnixStream::pair().map_err(|e| HubError::Spawn(e.to_string()))?;
-        let _ = ours.set_write_timeout(Some(SINK_WRITE_TIMEOUT));
+        let (ours, theirs) = Sink::pair();
         let initialize = self.options.share && msg["method"] == "initialize";
         if initialize && let Some(result) = lock(&proc.init).result.clone() {
             // A shared process was initialized by an earlier session: its answer again.
             let answer = json!({"jsonrpc": "2.0", "id": msg["id"].clone(), "result": result});
-            let _ = writeln!(&ours, "{answer}");
-            return Ok(theirs);
+            ours.send(Line::Message(answer.to_string()));
+            return Ok((0, theirs));
         }
         let out = lock(&proc.router)
             .from_agent(session, msg)
@@ -258,9 +356,20 @@ impl Hub {
         }
         if let Err(e) = proc.write(&out) {
             lock(&proc.sinks).requests.remove(&n);
+            lock(&proc.router).abandon(n);
             return Err(e);
         }
-        Ok(theirs)
+        Ok((n, theirs))
+    }
+
+    /// The requester gave up on request `n` (its agent left, or the worker timed out): its
+    /// answer, if one still comes, goes nowhere.
+    pub fn abandon(&self, session: SessionId, n: u64) {
+        let Ok(proc) = self.proc_of(session) else {
+            return;
+        };
+        lock(&proc.router).abandon(n);
+        lock(&proc.sinks).requests.remove(&n);
     }
 
     /// An agent's notification, or its answer to a request of the child's.
@@ -274,17 +383,21 @@ impl Hub {
             }
             init.initialized = true;
         }
+        let cancelled = msg["method"] == "notifications/cancelled";
         let out = lock(&proc.router)
             .from_agent(session, msg)
             .ok_or(HubError::Unroutable)?;
+        if cancelled && let Some(n) = out.pointer("/params/requestId").and_then(Value::as_u64) {
+            // The request will not be answered: its stream ends now.
+            lock(&proc.sinks).requests.remove(&n);
+        }
         proc.write(&out)
     }
 
     /// The session's stream for messages that belong to no request (its GET stream).
-    pub fn listen(&self, session: SessionId) -> Result<UnixStream, HubError> {
+    pub fn listen(&self, session: SessionId) -> Result<Lines, HubError> {
         let proc = self.proc_of(session)?;
-        let (ours, theirs) = UnixStream::pair().map_err(|e| HubError::Spawn(e.to_string()))?;
-        let _ = ours.set_write_timeout(Some(SINK_WRITE_TIMEOUT));
+        let (ours, theirs) = Sink::pair();
         lock(&proc.sinks).streams.insert(session, ours);
         Ok(theirs)
     }
@@ -392,17 +505,19 @@ impl Hub {
 }
 
 impl Drop for Hub {
+    /// The last policy naming this upstream is gone: its processes end (on their own threads:
+    /// this may run on a worker).
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         for proc in state.procs.drain(..) {
-            proc.end_now("scopegate is stopping");
+            proc.end("the upstream is no longer configured");
         }
     }
 }
 
 impl Proc {
     fn alive(&self) -> bool {
-        lock(&self.sinks).ended.is_none()
+        !self.dead.load(Ordering::Acquire)
     }
 
     fn write(&self, msg: &Value) -> Result<(), HubError> {
@@ -448,16 +563,17 @@ impl Proc {
         if sinks.ended.is_none() {
             sinks.ended = Some(why.to_owned());
         }
+        self.dead.store(true, Ordering::Release);
         let why = sinks.ended.clone().unwrap_or_default();
         for (n, _, agent_id) in pending {
-            if let Some((_, mut sink)) = sinks.requests.remove(&n) {
+            if let Some((_, sink)) = sinks.requests.remove(&n) {
                 let err = json!({
                     "jsonrpc": "2.0",
                     "id": agent_id,
                     "error": {"code": crate::mcp::jsonrpc::UPSTREAM_UNAVAILABLE,
                               "message": format!("upstream stdio server: {why}")}
                 });
-                let _ = writeln!(sink, "{}{err}", FAILED as char);
+                sink.send(Line::Failed(err.to_string()));
             }
         }
         sinks.requests.clear();
@@ -465,14 +581,22 @@ impl Proc {
     }
 
     fn read_stdout(&self, stdout: std::process::ChildStdout, name: &str) {
-        let mut reader = BufReader::new(stdout);
+        let mut reader = BufReader::new(stdout).take(MAX_LINE as u64 + 1);
         let mut line = Vec::new();
         loop {
             line.clear();
+            reader.set_limit(MAX_LINE as u64 + 1);
             match reader.read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => {
                     let why = self.exit_status();
                     self.fail(&why);
+                    return;
+                }
+                Ok(_) if line.len() > MAX_LINE => {
+                    crate::warn!(
+                        "[{name}] wrote a line over {MAX_LINE} bytes to stdout; ending it"
+                    );
+                    self.end("the process wrote a line over the size limit to stdout");
                     return;
                 }
                 Ok(_) => {}
@@ -522,21 +646,21 @@ impl Proc {
             .and_then(Value::as_str)
             .and_then(|t| t.strip_prefix('p'))
             .and_then(|n| n.parse::<u64>().ok());
-        if let Some(n) = answer_to
-            && let Some(result) = msg.get("result")
-        {
+        if let Some(n) = answer_to {
             let mut init = lock(&self.init);
             if init.asked == Some(n) {
-                init.result = Some(result.clone());
+                // Cached when it succeeded; a refusal lets the next initialize ask again.
+                init.result = msg.get("result").cloned();
+                init.asked = None;
             }
         }
         let route = lock(&self.router).from_child(msg);
         let mut sinks = lock(&self.sinks);
-        let line = |m: &Value| format!("{m}\n");
+        let line = |m: &Value| Line::Message(m.to_string());
         match route {
             Route::Answer(_, m) => {
-                if let Some((_, mut sink)) = answer_to.and_then(|n| sinks.requests.remove(&n)) {
-                    let _ = sink.write_all(line(&m).as_bytes());
+                if let Some((_, sink)) = answer_to.and_then(|n| sinks.requests.remove(&n)) {
+                    sink.send(line(&m));
                 }
             }
             Route::Stream(session, m) => {
@@ -553,11 +677,11 @@ impl Proc {
                             .max()
                     });
                 let sink = match n {
-                    Some(n) => sinks.requests.get_mut(&n).map(|(_, s)| s),
-                    None => sinks.streams.get_mut(&session),
+                    Some(n) => sinks.requests.get(&n).map(|(_, s)| s),
+                    None => sinks.streams.get(&session),
                 };
                 if let Some(sink) = sink
-                    && sink.write_all(line(&m).as_bytes()).is_err()
+                    && !sink.send(line(&m))
                 {
                     // A requester that stopped reading: its stream goes.
                     if let Some(n) = n {
@@ -568,10 +692,10 @@ impl Proc {
                 }
             }
             Route::Broadcast(m) => {
-                let text = line(&m);
+                let text = m.to_string();
                 sinks
                     .streams
-                    .retain(|_, s| s.write_all(text.as_bytes()).is_ok());
+                    .retain(|_, s| s.send(Line::Message(text.clone())));
             }
             Route::Refuse(err) => {
                 drop(sinks);
@@ -586,7 +710,6 @@ impl Proc {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::io::BufRead;
 
     /// A small stdio MCP server in Python: answers tools/call after a progress notification
     /// (when asked for progress), asks the client for sampling on tool "ask" and answers with
@@ -630,14 +753,18 @@ for line in sys.stdin:
         Hub::new("test", spec, options)
     }
 
-    fn lines(stream: UnixStream) -> Vec<Value> {
-        BufReader::new(stream)
-            .lines()
-            .map(|l| {
-                let l = l.unwrap();
-                serde_json::from_str(l.strip_prefix(FAILED as char).unwrap_or(&l)).unwrap()
-            })
-            .collect()
+    fn lines((_, l): (u64, Lines)) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Ok(Some(line)) = l.next(None) {
+            let (Line::Message(text) | Line::Failed(text)) = line;
+            out.push(serde_json::from_str(&text).unwrap());
+        }
+        out
+    }
+
+    fn next(l: &Lines) -> Value {
+        let (Line::Message(text) | Line::Failed(text)) = l.next(None).unwrap().unwrap();
+        serde_json::from_str(&text).unwrap()
     }
 
     fn call(id: Value, name: &str, token: Option<&str>) -> Value {
@@ -689,22 +816,46 @@ for line in sys.stdin:
     fn the_childs_request_reaches_the_agent_and_its_answer_the_child() {
         let h = hub(false, 4);
         let s = h.open("a").unwrap();
-        let stream = h.request(s, call(json!(9), "ask", None)).unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut first = String::new();
-        reader.read_line(&mut first).unwrap();
-        let ask: Value = serde_json::from_str(&first).unwrap();
+        let (_, stream) = h.request(s, call(json!(9), "ask", None)).unwrap();
+        let ask = next(&stream);
         assert_eq!(ask["method"], "sampling/createMessage");
         h.send(
             s,
             json!({"jsonrpc":"2.0","id":ask["id"],"result":{"text":"hi"}}),
         )
         .unwrap();
-        let mut last = String::new();
-        reader.read_line(&mut last).unwrap();
-        let answer: Value = serde_json::from_str(&last).unwrap();
+        let answer = next(&stream);
         assert_eq!(answer["id"], 9);
         assert_eq!(answer["result"]["client_said"]["text"], "hi");
+    }
+
+    #[test]
+    fn a_cancelled_request_s_stream_ends_and_the_session_goes_on() {
+        let h = hub(false, 4);
+        let s = h.open("a").unwrap();
+        // "ask" waits for a line on stdin: the cancellation is what it reads.
+        let (_, stream) = h.request(s, call(json!("c-1"), "ask", None)).unwrap();
+        assert_eq!(next(&stream)["method"], "sampling/createMessage");
+        let cancel = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
+                            "params":{"requestId":"c-1"}});
+        h.send(s, cancel).unwrap();
+        assert_eq!(stream.next(None), Ok(None), "the stream ends");
+        let got = lines(h.request(s, call(json!(2), "echo", None)).unwrap());
+        assert_eq!(got.last().unwrap()["id"], 2, "{got:?}");
+    }
+
+    #[test]
+    fn sessions_are_their_agents_and_sessionless_requests_share_one_per_agent() {
+        let h = hub(false, 4);
+        let s = h.open("a").unwrap();
+        assert!(h.owned_by(s, "a") && !h.owned_by(s, "b"));
+        let (first, opened) = h.agent_session("b").unwrap();
+        assert!(opened);
+        assert_eq!(h.agent_session("b").unwrap(), (first, false));
+        assert_ne!(h.agent_session("c").unwrap().0, first);
+        assert_eq!(h.processes(), 3);
+        assert_eq!(h.close_agents(|agent| agent != "a"), 2);
+        assert_eq!(h.processes(), 1);
     }
 
     #[test]
@@ -722,61 +873,11 @@ for line in sys.stdin:
                     .contains("stdio server")
             );
             assert_eq!(
-                h.request(s, call(json!(6), "echo", None)).unwrap_err(),
-                HubError::NoSession,
+                h.request(s, call(json!(6), "echo", None)).err(),
+                Some(HubError::NoSession),
                 "{tool}: the session ends with its process"
             );
             h.close(s);
-        }
-    }
-
-    /// The way a worker will read it: the socket end handed to monoio (io_uring), read in
-    /// owned buffers while other requests run on the same runtime.
-    #[test]
-    fn a_worker_reads_the_request_stream_on_its_own_runtime() {
-        use monoio::io::AsyncReadRent;
-        let h = hub(true, 1);
-        let s = h.open("a").unwrap();
-        let streams: Vec<UnixStream> = (0..3)
-            .map(|i| h.request(s, call(json!(i), "echo", Some("t"))).unwrap())
-            .collect();
-        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        let answers = rt.block_on(async move {
-            let tasks: Vec<_> = streams
-                .into_iter()
-                .map(|std| {
-                    monoio::spawn(async move {
-                        let mut stream = monoio::net::UnixStream::from_std(std).unwrap();
-                        let mut all = Vec::new();
-                        loop {
-                            let (n, buf) = stream.read(Vec::with_capacity(4096)).await;
-                            if n.unwrap() == 0 {
-                                break;
-                            }
-                            all.extend_from_slice(&buf);
-                        }
-                        all
-                    })
-                })
-                .collect();
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await);
-            }
-            out
-        });
-        for (i, bytes) in answers.iter().enumerate() {
-            let msgs: Vec<Value> = bytes
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(|l| serde_json::from_slice(l).unwrap())
-                .collect();
-            assert_eq!(msgs.len(), 2, "{msgs:?}");
-            assert_eq!(msgs[0]["params"]["progressToken"], "t");
-            assert_eq!(msgs[1]["id"], i);
         }
     }
 

@@ -24,6 +24,28 @@ def env_names() -> list[str]:
 
 
 @mcp.tool()
+def tcp_sockets() -> list[str]:
+    """The descriptors this process holds that are TCP sockets (inherited ones would be
+    scopegate's: agents' connections, listeners)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            for line in open(table).read().splitlines()[1:]:
+                inodes.add(line.split()[9])
+        except OSError:
+            pass
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            found.append(f"{fd} -> {target}")
+    return found
+
+
+@mcp.tool()
 def crash() -> str:
     os._exit(3)
 

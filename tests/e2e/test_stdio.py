@@ -403,6 +403,8 @@ command = {toml_list(python_server(tmp_path))}
 
     async def crash(s: ClientSession, sid):
         out["pid"] = (await s.call_tool("pid", {})).content[0].text
+        # None of scopegate's descriptors (agents' connections, the listener) reached the child.
+        out["sockets"] = (await s.call_tool("tcp_sockets", {})).structuredContent
         out["crash"] = await refused(s.call_tool("crash", {}))
         out["after"] = await refused(s.call_tool("echo", {"text": "x"}))
 
@@ -412,6 +414,7 @@ command = {toml_list(python_server(tmp_path))}
 
     try:
         run(in_session(f"{g.base}/mcp/py", AGENT_KEY, crash, terminate=False))
+        assert out["sockets"] == {"result": []}, out["sockets"]
         assert "exit code 3" in out["crash"], out["crash"]
         # The session ended with its process: the SDK is told (404) and must initialize again.
         assert "ran" != out["after"]
@@ -466,6 +469,31 @@ idle_timeout_s = 2
     finally:
         g.stop()
     assert wait_until(lambda: not pids_with(str(tmp_path))), "scopegate's SIGTERM left a child"
+
+
+def test_a_get_stream_opens_at_once_on_a_quiet_server(tmp_path):
+    upstreams = f"""
+[[upstream]]
+name = "py"
+command = {toml_list(python_server(tmp_path))}
+"""
+    g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/*"]),
+                {"SCOPEGATE_UPSTREAM_TIMEOUT_MS": "2000"})
+    try:
+        sid = initialize(g.base, AGENT_KEY).headers["mcp-session-id"]
+        headers = {"Authorization": f"Bearer {AGENT_KEY}", "Mcp-Session-Id": sid,
+                   "Accept": "text/event-stream"}
+        # The server says nothing; the stream still opens (and outlives the upstream timeout).
+        with httpx.stream("GET", f"{g.base}/mcp/py", headers=headers, timeout=10) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            time.sleep(3)
+        r = httpx.post(f"{g.base}/mcp/py", headers={**headers, "Accept": "application/json, text/event-stream"},
+                       json={"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                             "params": {"name": "echo", "arguments": {"text": "after"}}}, timeout=10)
+        assert r.json()["result"]["content"][0]["text"] == "after", r.text
+    finally:
+        g.stop()
 
 
 def test_shared_process_serves_many_sessions_with_their_own_answers(tmp_path):
