@@ -55,6 +55,36 @@ async def direct(n: int, warmup: int) -> dict:
             return summary(lat, time.perf_counter() - start)
 
 
+async def over_http(url: str, n: int, warmup: int) -> dict:
+    """The control: the same SDK client over Streamable HTTP to the same server's own HTTP
+    transport, no scopegate: what HTTP costs the client."""
+    async with streamablehttp_client(url) as (r, w, _):
+        async with ClientSession(r, w) as s:
+            await s.initialize()
+            await calls(s, warmup)
+            start = time.perf_counter()
+            lat = await calls(s, n)
+            return summary(lat, time.perf_counter() - start)
+
+
+def http_server() -> tuple[subprocess.Popen, str]:
+    """server-everything on its own Streamable HTTP transport, on a free port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(["node", str(SERVER), "streamableHttp"], env={**os.environ, "PORT": str(port)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/mcp"
+
+
 async def through(base: str, n: int, warmup: int) -> dict:
     headers = {"Authorization": f"Bearer {KEY}"}
     async with streamablehttp_client(f"{base}/mcp/everything", headers=headers) as (r, w, _):
@@ -270,12 +300,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sg-bench-stdio-"))
     warmup = max(50, args.calls // 10)
 
-    rounds = {"direct": [], "raw": [], "through": [], "load1": [], "load8_shared": [], "load8_session": []}
+    rounds = {"direct": [], "raw": [], "http": [], "through": [], "load1": [], "load8_shared": [], "load8_session": []}
     starts = {"direct": [], "through": []}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
         rounds["direct"].append(asyncio.run(direct(args.calls, warmup)))
         rounds["raw"].append(raw_direct(args.calls * 5, warmup * 5))
+        server, url = http_server()
+        try:
+            rounds["http"].append(asyncio.run(over_http(url, args.calls, warmup)))
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
         g = Gateway(args.bin, tmp, share=False)
         try:
             rounds["through"].append(asyncio.run(through(g.base, args.calls, warmup)))
@@ -325,10 +361,13 @@ def main() -> None:
         "|---|---|---|---|---|",
         f"| SDK client -> server over stdio (direct) | {d_cps:,.0f} | {med('direct', 'p50'):,.0f} | {med('direct', 'p99'):,.0f} | 1.00 |",
         f"| SDK client -> scopegate (HTTP) -> server over stdio | {t_cps:,.0f} | {med('through', 'p50'):,.0f} | {med('through', 'p99'):,.0f} | {t_cps / d_cps:.2f} |",
+        f"| control: SDK client -> the same server's own Streamable HTTP transport (no scopegate) | {med('http', 'calls_per_s'):,.0f} | {med('http', 'p50'):,.0f} | {med('http', 'p99'):,.0f} | {med('http', 'calls_per_s') / d_cps:.2f} |",
         "",
-        "The same client library on both paths; through scopegate it speaks Streamable HTTP (httpx, a",
-        "POST per call) where the direct client writes a line to a pipe, so part of the difference is",
-        "the client's own HTTP cost, not scopegate's.",
+        "The same client library on every row. Over HTTP it makes a POST per call (httpx, SSE",
+        "parsing) where over stdio it writes a line to a pipe: the control row is that cost with no",
+        f"scopegate at all. Through scopegate vs the control: {t_cps / med('http', 'calls_per_s'):.2f}x calls/s.",
+        "What scopegate itself adds is the next table's first two rows: a lean client direct over",
+        "stdio vs a lean client through scopegate.",
         "",
         "## A lean client: the server's own rate, and sg-load through scopegate (5 s per round)",
         "",
@@ -339,12 +378,18 @@ def main() -> None:
         f"| sg-load -> scopegate -> servers over stdio | 8 | 8 (one per session) | {load_med('load8_session', 'rps'):,.0f} | {load_med('load8_session', 'p50'):,.0f} | {load_med('load8_session', 'p99'):,.0f} | - |",
         f"| sg-load -> scopegate -> one shared server | 8 | 1 (`share = true`) | {load_med('load8_shared', 'rps'):,.0f} | {load_med('load8_shared', 'p50'):,.0f} | {load_med('load8_shared', 'p99'):,.0f} | - |",
         "",
+        "Eight sessions with a process each share this machine's 2 cores among 8 Node processes,",
+        "each of which starts cold (V8 optimizes per process); one shared process serves the same",
+        "load warm. Watching `top -H` during that row shows the Node processes on both cores.",
+        "",
         "## Process start (spawn to the initialize answer)",
         "",
         "| path | median ms |",
         "|---|---|",
         f"| SDK stdio client starting the server itself | {statistics.median(starts['direct']):,.0f} |",
         f"| initialize through scopegate (a new session: spawn, Node start, initialize) | {statistics.median(starts['through']):,.0f} |",
+        "",
+        "Node's own start dominates both rows; a single sample varies by a third on this VM.",
         "",
         f"## Memory for {args.sessions} agent sessions",
         "",
