@@ -603,3 +603,25 @@ startup_timeout_s = 60
         assert wait_until(lambda: not pids_with(str(tmp_path)), 15), pids_with(str(tmp_path))
     finally:
         g.stop()
+
+
+def test_a_missing_executable_stops_start_naming_it(tmp_path):
+    from conftest import SCOPEGATE
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        """
+[[upstream]]
+name = "fs"
+command = ["no-such-mcp-server-here", "/srv"]
+"""
+        + agent("agent", AGENT_KEY, ["fs/*"])
+    )
+    done = subprocess.run(
+        [SCOPEGATE],
+        env={"PATH": os.environ["PATH"], "SCOPEGATE_POLICY": str(policy), "SCOPEGATE_LISTEN": "127.0.0.1:0"},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert '"no-such-mcp-server-here" is not an executable file on PATH' in done.stderr
+    assert "policy.toml:4: upstream.command" in done.stderr  # the line of `command`
