@@ -44,27 +44,27 @@ async def calls(session: ClientSession, n: int) -> list[float]:
     return out
 
 
+async def measured(r, w, n: int, warmup: int) -> dict:
+    """An SDK session on a transport's streams: `warmup` calls, then `n` timed."""
+    async with ClientSession(r, w) as s:
+        await s.initialize()
+        await calls(s, warmup)
+        start = time.perf_counter()
+        lat = await calls(s, n)
+        return summary(lat, time.perf_counter() - start)
+
+
 async def direct(n: int, warmup: int) -> dict:
     params = StdioServerParameters(command="node", args=[str(SERVER), "stdio"])
     async with stdio_client(params) as (r, w):
-        async with ClientSession(r, w) as s:
-            await s.initialize()
-            await calls(s, warmup)
-            start = time.perf_counter()
-            lat = await calls(s, n)
-            return summary(lat, time.perf_counter() - start)
+        return await measured(r, w, n, warmup)
 
 
 async def over_http(url: str, n: int, warmup: int) -> dict:
     """The control: the same SDK client over Streamable HTTP to the same server's own HTTP
     transport, no scopegate: what HTTP costs the client."""
     async with streamablehttp_client(url) as (r, w, _):
-        async with ClientSession(r, w) as s:
-            await s.initialize()
-            await calls(s, warmup)
-            start = time.perf_counter()
-            lat = await calls(s, n)
-            return summary(lat, time.perf_counter() - start)
+        return await measured(r, w, n, warmup)
 
 
 def http_server() -> tuple[subprocess.Popen, str]:
@@ -88,12 +88,7 @@ def http_server() -> tuple[subprocess.Popen, str]:
 async def through(base: str, n: int, warmup: int) -> dict:
     headers = {"Authorization": f"Bearer {KEY}"}
     async with streamablehttp_client(f"{base}/mcp/everything", headers=headers) as (r, w, _):
-        async with ClientSession(r, w) as s:
-            await s.initialize()
-            await calls(s, warmup)
-            start = time.perf_counter()
-            lat = await calls(s, n)
-            return summary(lat, time.perf_counter() - start)
+        return await measured(r, w, n, warmup)
 
 
 def summary(lat: list[float], seconds: float) -> dict:

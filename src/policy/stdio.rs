@@ -238,13 +238,13 @@ mod tests {
         format!("{} {}", e.field, e.message)
     }
 
+    const FULL: &str = "command = [\"sh\", \"-c\", \"cat\"]\nenv = { API_TOKEN = \"${TOKEN}\" }\n\
+                        cwd = \"/tmp\"\nmax_processes = 3\nidle_timeout_s = 5\n\
+                        startup_timeout_s = 7\nshare = true";
+
     #[test]
     fn a_stdio_upstream_loads_with_its_settings() {
-        let p = load(
-            "command = [\"sh\", \"-c\", \"cat\"]\nenv = { API_TOKEN = \"${TOKEN}\" }\ncwd = \"/tmp\"\n\
-             max_processes = 3\nidle_timeout_s = 5\nstartup_timeout_s = 7\nshare = true",
-        )
-        .unwrap();
+        let p = load(FULL).unwrap();
         let Transport::Stdio(s) = &p.upstreams()[0].transport else {
             panic!("not stdio");
         };
@@ -267,11 +267,7 @@ mod tests {
             (true, 3, 5, 7)
         );
         // The same upstream loaded again (a reload) keeps its hub: sessions carry on.
-        let again = load(
-            "command = [\"sh\", \"-c\", \"cat\"]\nenv = { API_TOKEN = \"${TOKEN}\" }\ncwd = \"/tmp\"\n\
-             max_processes = 3\nidle_timeout_s = 5\nstartup_timeout_s = 7\nshare = true",
-        )
-        .unwrap();
+        let again = load(FULL).unwrap();
         let Transport::Stdio(t) = &again.upstreams()[0].transport else {
             panic!("not stdio");
         };

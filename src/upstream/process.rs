@@ -149,9 +149,25 @@ impl Process {
 
     /// Whether the leader has exited. It is not reaped here (see [`Process`]).
     pub fn exited(&self) -> bool {
-        if self.done {
-            return true;
-        }
+        self.done || self.exit_info().is_some()
+    }
+
+    /// How the leader ended, once it has (not reaped: see [`Process`]): `exit code N` or
+    /// `killed by signal N`.
+    pub fn exit_code(&self) -> Option<String> {
+        let info = self.exit_info()?;
+        // SAFETY: set by waitid for a child that changed state.
+        let status = unsafe { info.si_status() };
+        Some(if info.si_code == libc::CLD_EXITED {
+            format!("exit code {status}")
+        } else {
+            format!("killed by signal {status}")
+        })
+    }
+
+    /// The leader's exit, looked at without reaping it (`WNOWAIT`); `None` while it runs.
+    fn exit_info(&self) -> Option<libc::siginfo_t> {
+        // SAFETY: a zeroed siginfo_t is a valid value for waitid to fill.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid on our own child with WNOWAIT: looks without reaping.
         let r = unsafe {
@@ -163,33 +179,7 @@ impl Process {
             )
         };
         // SAFETY: si_pid is set by waitid when a child changed state, zero otherwise.
-        r == 0 && unsafe { info.si_pid() } != 0
-    }
-
-    /// How the leader ended, once it has (not reaped: see [`Process`]): `exit code N` or
-    /// `killed by signal N`.
-    pub fn exit_code(&self) -> Option<String> {
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on our own child with WNOWAIT: looks without reaping.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                self.child.id() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
-        };
-        // SAFETY: the fields are set by waitid when a child changed state (si_pid zero
-        // otherwise).
-        if r != 0 || unsafe { info.si_pid() } == 0 {
-            return None;
-        }
-        let status = unsafe { info.si_status() };
-        Some(if info.si_code == libc::CLD_EXITED {
-            format!("exit code {status}")
-        } else {
-            format!("killed by signal {status}")
-        })
+        (r == 0 && unsafe { info.si_pid() } != 0).then_some(info)
     }
 
     /// Ends the whole group: SIGTERM, then SIGKILL after [`TERM_GRACE`]; reaps the leader

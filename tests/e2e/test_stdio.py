@@ -275,6 +275,17 @@ command = {toml_list(EVERYTHING + [tmp_path])}
         g.stop()
 
 
+def sdk2_agent(url: str, key: str, tool: str, arguments: dict) -> dict:
+    """The Python SDK 2.x agent (tests/e2e/sdk2_agent.py, in .venv-git): its report."""
+    done = subprocess.run(
+        [str(ROOT / ".venv-git" / "bin" / "python"), str(HERE / "sdk2_agent.py"),
+         url, key, tool, json.dumps(arguments)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 def test_python_sdk_2_agent_probes_then_initializes_and_leaves_no_probe_process(tmp_path):
     upstreams = f"""
 [[upstream]]
@@ -283,13 +294,7 @@ command = {toml_list(python_server(tmp_path))}
 """
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/echo"]))
     try:
-        done = subprocess.run(
-            [str(ROOT / ".venv-git" / "bin" / "python"), str(HERE / "sdk2_agent.py"),
-             f"{g.base}/mcp/py", AGENT_KEY, "echo", json.dumps({"text": "from sdk 2"})],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        report = json.loads(done.stdout)
+        report = sdk2_agent(f"{g.base}/mcp/py", AGENT_KEY, "echo", {"text": "from sdk 2"})
         # The server speaks an earlier revision: the client's server/discover probe is refused
         # by it, and the client falls back to initialize.
         assert report["version"] != "2026-07-28", report
@@ -318,13 +323,7 @@ command = {toml_list(GIT + ["--repository", repo])}
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["git/git_log"]) + agent("other", OTHER_KEY, ["git/git_log"]))
 
     def run_agent(key):
-        done = subprocess.run(
-            [str(ROOT / ".venv-git" / "bin" / "python"), str(HERE / "sdk2_agent.py"),
-             f"{g.base}/mcp/git", key, "git_log", json.dumps({"repo_path": str(repo)})],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout)
+        return sdk2_agent(f"{g.base}/mcp/git", key, "git_log", {"repo_path": str(repo)})
 
     try:
         first = run_agent(AGENT_KEY)
