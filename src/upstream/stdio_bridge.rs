@@ -190,7 +190,9 @@ fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStre
         Err(e) => return refuse(hub, out, id, e),
     };
     let token = opened.then(|| session_token(hub, session));
-    let startup = initialize.then_some(hub.options.startup_timeout);
+    // A request that started a process (initialize, or an agent's first sessionless one) has
+    // the startup time for its first message.
+    let startup = (opened || probe).then_some(hub.options.startup_timeout);
     let r = Relay {
         request: Some((session, n)),
         token: token.as_deref(),
@@ -202,7 +204,7 @@ fn post(hub: &Hub, req: &Request, session: Option<SessionId>, out: &mut UnixStre
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             hub.close(session);
             let why = format!(
-                "upstream {:?} did not answer initialize within {} s (startup_timeout_s)",
+                "upstream {:?} did not answer within {} s of starting (startup_timeout_s)",
                 hub.name,
                 hub.options.startup_timeout.as_secs()
             );
@@ -252,6 +254,7 @@ fn relay(hub: &Hub, out: &mut UnixStream, lines: Lines, r: Relay<'_>) -> std::io
     }
     let started = Instant::now();
     let mut answer_error = false;
+    let mut answered = false;
     loop {
         let line = match lines.next(Some(WATCH)) {
             Ok(Some(line)) => line,
@@ -260,6 +263,12 @@ fn relay(hub: &Hub, out: &mut UnixStream, lines: Lines, r: Relay<'_>) -> std::io
                     // Ended without a word (the session ended, or the request was cancelled).
                     return error(out, 502, None, "upstream stdio server: the session ended")
                         .map(|()| true);
+                }
+                if r.request.is_some() && !answered {
+                    // The request's stream ended without its answer (dropped past its limit,
+                    // or the process failed without room to say so): cut, not finished, so
+                    // the worker records the failure.
+                    return Err(std::io::Error::other("the stream ended without an answer"));
                 }
                 return out.write_all(b"0\r\n\r\n").map(|()| answer_error);
             }
@@ -285,6 +294,7 @@ fn relay(hub: &Hub, out: &mut UnixStream, lines: Lines, r: Relay<'_>) -> std::io
         };
         let answer = if failed { None } else { answer_of(json) };
         answer_error = failed || answer == Some(true);
+        answered |= answer.is_some();
         if !head_sent {
             if failed || (answer.is_some() && r.accepts_json) {
                 // A failed request is answered in-band (a JSON-RPC error, HTTP 200), as the

@@ -294,14 +294,18 @@ impl Hub {
         std::thread::Builder::new()
             .name(format!("stdin-{name}"))
             .spawn(move || {
-                for line in rx {
+                let mut broken = false;
+                for line in &rx {
                     if stdin.write_all(&line).is_err() || stdin.flush().is_err() {
-                        // A child that closed its stdin takes no more requests: done for.
-                        if let Some(proc) = writer.upgrade() {
-                            proc.end("the process closed its stdin");
-                        }
+                        broken = true;
                         break;
                     }
+                }
+                // The queue closes first, so a sender blocked on it is released.
+                drop(rx);
+                if broken && let Some(proc) = writer.upgrade() {
+                    // A child that closed its stdin takes no more requests: done for.
+                    proc.end("the process closed its stdin");
                 }
             })
             .map_err(|e| HubError::Spawn(e.to_string()))?;
@@ -354,6 +358,12 @@ impl Hub {
             }
             sinks.requests.insert(n, (session, ours));
         }
+        if !lock(&proc.router).is_pending(n) {
+            // Cancelled (by the session, on another connection) before its stream was in
+            // place: the stream ends at once.
+            lock(&proc.sinks).requests.remove(&n);
+            return Ok((n, theirs));
+        }
         if let Err(e) = proc.write(&out) {
             lock(&proc.sinks).requests.remove(&n);
             lock(&proc.router).abandon(n);
@@ -398,7 +408,11 @@ impl Hub {
     pub fn listen(&self, session: SessionId) -> Result<Lines, HubError> {
         let proc = self.proc_of(session)?;
         let (ours, theirs) = Sink::pair();
-        lock(&proc.sinks).streams.insert(session, ours);
+        let mut sinks = lock(&proc.sinks);
+        if sinks.ended.is_some() {
+            return Err(HubError::NoSession);
+        }
+        sinks.streams.insert(session, ours);
         Ok(theirs)
     }
 
@@ -523,8 +537,10 @@ impl Proc {
     fn write(&self, msg: &Value) -> Result<(), HubError> {
         let mut line = serde_json::to_vec(msg).map_err(|_| HubError::Unroutable)?;
         line.push(b'\n');
-        let to_child = lock(&self.to_child);
-        match to_child.as_ref().map(|tx| tx.send(line)) {
+        // Sent without the lock held: a full queue (a child that stopped reading) blocks this
+        // sender only, never `end`, which must take the lock to close the queue.
+        let tx = lock(&self.to_child).clone();
+        match tx.map(|tx| tx.send(line)) {
             Some(Ok(())) => Ok(()),
             _ => Err(HubError::NoSession),
         }
@@ -879,6 +895,53 @@ for line in sys.stdin:
             );
             h.close(s);
         }
+    }
+
+    #[test]
+    fn a_child_that_stops_reading_stdin_can_still_be_ended() {
+        // It never reads: its pipe and the stdin queue fill, and a sender blocks.
+        let spec = Spec {
+            command: vec![
+                "python3".into(),
+                "-c".into(),
+                "import time; time.sleep(60)".into(),
+            ],
+            env: Vec::new(),
+            cwd: None,
+        };
+        let h = Arc::new(Hub::new("stuck", spec, Options::default()));
+        let s = h.open("a").unwrap();
+        let big = "x".repeat(64 * 1024);
+        let sender = {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for i in 0..(STDIN_QUEUE + 16) {
+                    let msg = json!({"jsonrpc":"2.0","method":"notifications/message",
+                                     "params":{"i": i, "pad": big}});
+                    if h.send(s, msg).is_err() {
+                        return i;
+                    }
+                }
+                usize::MAX
+            })
+        };
+        // Until the sender is stuck on the full queue.
+        std::thread::sleep(Duration::from_millis(500));
+        let (done_tx, done_rx) = mpsc::channel();
+        let closer = h.clone();
+        std::thread::spawn(move || {
+            closer.close(s);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+            "close hung behind a blocked sender"
+        );
+        assert_ne!(
+            sender.join().unwrap(),
+            usize::MAX,
+            "the blocked sender was released"
+        );
     }
 
     #[test]

@@ -234,6 +234,11 @@ impl Router {
     }
 
     /// Requests the child has not answered yet.
+    /// Whether request `n` (the child's id) still waits for its answer.
+    pub fn is_pending(&self, n: u64) -> bool {
+        self.pending.contains_key(&n)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
