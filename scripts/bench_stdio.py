@@ -375,7 +375,7 @@ def main() -> None:
         "",
         "Eight sessions with a process each share this machine's 2 cores among 8 Node processes,",
         "each of which starts cold (V8 optimizes per process); one shared process serves the same",
-        "load warm. Watching `top -H` during that row shows the Node processes on both cores.",
+        "load warm. (The likely reason, not something this script measures.)",
         "",
         "## Process start (spawn to the initialize answer)",
         "",

@@ -188,8 +188,16 @@ pub struct Scrape<'a> {
     /// Heap allocations made on worker threads since start.
     pub heap_allocations: u64,
     pub audit: Option<AuditGauges>,
-    /// Per stdio upstream: its name, processes running and sessions open.
-    pub stdio: Vec<(String, usize, usize)>,
+    /// Per stdio upstream.
+    pub stdio: Vec<StdioGauges>,
+}
+
+pub struct StdioGauges {
+    pub upstream: String,
+    /// Processes running now.
+    pub processes: usize,
+    /// Agent sessions open now.
+    pub sessions: usize,
 }
 
 pub struct AuditGauges {
@@ -357,24 +365,26 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
         let _ = writeln!(out, "{name}_count {count}");
     }
 
-    if !s.stdio.is_empty() {
-        out.push_str("# HELP scopegate_stdio_processes stdio server processes running now.\n");
-        out.push_str("# TYPE scopegate_stdio_processes gauge\n");
-        for (name, processes, _) in &s.stdio {
-            let _ = writeln!(
-                out,
-                "scopegate_stdio_processes{{upstream=\"{}\"}} {processes}",
-                escape(name)
-            );
+    // Per stdio upstream: processes running, sessions open.
+    let stdio_gauges = [
+        (
+            "scopegate_stdio_processes",
+            "stdio server processes running now.",
+        ),
+        (
+            "scopegate_stdio_sessions",
+            "Agent sessions open on stdio servers now.",
+        ),
+    ];
+    for (i, (metric, help)) in stdio_gauges.iter().enumerate() {
+        if s.stdio.is_empty() {
+            break;
         }
-        out.push_str("# HELP scopegate_stdio_sessions Agent sessions open on stdio servers now.\n");
-        out.push_str("# TYPE scopegate_stdio_sessions gauge\n");
-        for (name, _, sessions) in &s.stdio {
-            let _ = writeln!(
-                out,
-                "scopegate_stdio_sessions{{upstream=\"{}\"}} {sessions}",
-                escape(name)
-            );
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for g in &s.stdio {
+            let value = if i == 0 { g.processes } else { g.sessions };
+            let upstream = escape(&g.upstream);
+            let _ = writeln!(out, "{metric}{{upstream=\"{upstream}\"}} {value}");
         }
     }
     out.push_str("# HELP scopegate_open_connections Client connections open now.\n");
@@ -458,7 +468,11 @@ mod tests {
             workers: &[&a, &b],
             upstream_names: &names,
             open_connections: 3,
-            stdio: vec![("fs".into(), 2, 5)],
+            stdio: vec![StdioGauges {
+                upstream: "fs".into(),
+                processes: 2,
+                sessions: 5,
+            }],
             heap_allocations: 12,
             audit: None,
         });

@@ -70,9 +70,11 @@ pub fn metrics_text(
             .upstreams
             .iter()
             .filter_map(|u| match &u.transport {
-                crate::upstream::Transport::Stdio(s) => {
-                    Some((u.name.clone(), s.hub.processes(), s.hub.sessions()))
-                }
+                crate::upstream::Transport::Stdio(s) => Some(crate::metrics::StdioGauges {
+                    upstream: u.name.clone(),
+                    processes: s.hub.processes(),
+                    sessions: s.hub.sessions(),
+                }),
                 _ => None,
             })
             .collect(),

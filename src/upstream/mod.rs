@@ -17,6 +17,8 @@ pub mod resolve;
 pub mod stdio;
 pub mod stdio_bridge;
 pub mod stdio_hub;
+mod stdio_lines;
+mod stdio_proc;
 pub mod stdio_router;
 pub mod tls;
 

@@ -136,12 +136,12 @@ fn handle(hub: &Hub, req: &Request, out: &mut UnixStream) -> Written {
                 relay(hub, out, lines, r).map(|_| ())
             }
         },
+        // A session here is known and the agent's (checked above).
         "DELETE" => match session {
-            Some(s) if hub.knows(s) => {
+            Some(s) => {
                 hub.close(s);
                 respond(out, 200, "application/json", None, b"", false)
             }
-            Some(_) => not_found(out),
             None => error(out, 400, None, "DELETE needs an Mcp-Session-Id"),
         },
         _ => error(out, 405, None, "method not allowed"),
@@ -288,11 +288,13 @@ fn relay(hub: &Hub, out: &mut UnixStream, lines: Lines, r: Relay<'_>) -> std::io
                 continue;
             }
         };
-        let (failed, json) = match &line {
-            Line::Failed(l) => (true, l.as_bytes()),
-            Line::Message(l) => (false, l.as_bytes()),
+        // `answer`: the answer to the request, and whether it is an error (the hub says so).
+        let (failed, answer) = match &line {
+            Line::Failed(_) => (true, None),
+            Line::Answer(_, error) => (false, Some(*error)),
+            Line::Message(_) => (false, None),
         };
-        let answer = if failed { None } else { answer_of(json) };
+        let json = line.text().as_bytes();
         answer_error = failed || answer == Some(true);
         answered |= answer.is_some();
         if !head_sent {
@@ -349,16 +351,6 @@ fn worker_gone(out: &UnixStream) -> bool {
                 std::io::Error::last_os_error().kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
             ))
-}
-
-/// `Some(is_error)` when the line is an answer (not a notification or a request).
-fn answer_of(json: &[u8]) -> Option<bool> {
-    match serde_json::from_slice::<Value>(json) {
-        Ok(Value::Object(m)) if m.contains_key("id") && !m.contains_key("method") => {
-            Some(m.contains_key("error"))
-        }
-        _ => None,
-    }
 }
 
 fn refuse(hub: &Hub, out: &mut UnixStream, id: Option<Value>, e: HubError) -> Written {

@@ -1,111 +1,25 @@
-//! The stdio hub of one upstream: its processes (one per agent session, or one shared), what
-//! goes into their stdin and where each line of their stdout goes ([`Router`]). Workers on any
-//! core reach a session's process through the hub (by way of the bridge,
-//! [`super::stdio_bridge`]); an agent's request gets back a [`Lines`] receiver on which the hub
-//! puts, one JSON line each, the messages for that request (progress, the child's own
-//! requests, then the answer) and which ends after the answer. A thread per process reads its
-//! stdout and one writes its stdin, so a slow or stuck child never blocks a worker; the hub
-//! never waits on a reader (a queue past [`SINK_LIMIT`] bytes is dropped), so a slow agent
-//! never holds up another.
+//! The stdio hub of one upstream: its agent sessions and the processes they use (one per
+//! session, or one shared; each a [`Proc`] with its pipes and routing). Workers on any core
+//! reach a session's process through the hub (by way of the bridge, [`super::stdio_bridge`]);
+//! an agent's request gets back a [`Lines`] queue carrying, one JSON line each, the messages
+//! for that request (progress, the child's own requests, then the answer), which ends after
+//! the answer. Nothing here blocks a worker, and no reader holds up another.
 //!
 //! Sessions end on `close` (DELETE), when idle longer than the upstream's `idle_timeout_s`
 //! ([`Hub::sweep`]), when their agent is removed ([`Hub::close_agents`]), when their process
 //! dies, and at shutdown ([`Hub::close_all`]); a process ends with its last session.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::process::{Process, Spec};
-use super::stdio_router::{Route, Router, SessionId};
-
-/// The most a request's (or a GET stream's) queue may hold unread; past it the queue is dropped
-/// and its reader sees the stream end.
-pub const SINK_LIMIT: usize = 64 * 1024 * 1024;
-/// The longest line a child may write to stdout (a longer one breaks the protocol).
-pub const MAX_LINE: usize = 64 * 1024 * 1024;
-/// Lines waiting for a child's stdin; past this, senders wait (they are bridge threads).
-const STDIN_QUEUE: usize = 256;
-
-/// One message for a request's (or a session's) reader.
-#[derive(Debug, PartialEq)]
-pub enum Line {
-    /// A message of the child's, ids mapped back.
-    Message(String),
-    /// The process failed: the JSON-RPC error for the request.
-    Failed(String),
-}
-
-impl Line {
-    fn len(&self) -> usize {
-        match self {
-            Line::Message(l) | Line::Failed(l) => l.len(),
-        }
-    }
-}
-
-/// Nothing came within the time asked.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Quiet;
-
-/// The reading end of a request's messages.
-pub struct Lines {
-    rx: mpsc::Receiver<Line>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl Lines {
-    /// The next message, `Ok(None)` when the stream ended (after the answer, or dropped);
-    /// `Err` when `within` passed first.
-    pub fn next(&self, within: Option<Duration>) -> Result<Option<Line>, Quiet> {
-        let line = match within {
-            None => self.rx.recv().ok(),
-            Some(d) => match self.rx.recv_timeout(d) {
-                Ok(l) => Some(l),
-                Err(mpsc::RecvTimeoutError::Timeout) => return Err(Quiet),
-                Err(mpsc::RecvTimeoutError::Disconnected) => None,
-            },
-        };
-        if let Some(l) = &line {
-            self.queued.fetch_sub(l.len(), Ordering::Relaxed);
-        }
-        Ok(line)
-    }
-}
-
-/// The hub's end of a [`Lines`]: never blocks.
-struct Sink {
-    tx: mpsc::Sender<Line>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl Sink {
-    fn pair() -> (Sink, Lines) {
-        let (tx, rx) = mpsc::channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        (
-            Sink {
-                tx,
-                queued: queued.clone(),
-            },
-            Lines { rx, queued },
-        )
-    }
-
-    /// False when the reader is gone or too far behind: the sink should go.
-    fn send(&self, line: Line) -> bool {
-        let n = line.len();
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > SINK_LIMIT {
-            return false;
-        }
-        self.tx.send(line).is_ok()
-    }
-}
+use super::process::Spec;
+use super::stdio_lines::Sink;
+pub use super::stdio_lines::{Line, Lines, Quiet};
+use super::stdio_proc::{Proc, lock};
+use super::stdio_router::SessionId;
 
 /// An upstream's process settings (the policy's `[[upstream]]` fields).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -166,40 +80,6 @@ struct Session {
     last_used: Instant,
 }
 
-/// One running process and its routing.
-struct Proc {
-    router: Mutex<Router>,
-    sinks: Mutex<Sinks>,
-    /// Set once the process is done for (why is in `sinks.ended`); read without a lock.
-    dead: AtomicBool,
-    to_child: Mutex<Option<mpsc::SyncSender<Vec<u8>>>>,
-    process: Mutex<Option<Process>>,
-    /// A shared process is initialized once; later sessions get its answer.
-    init: Mutex<Init>,
-}
-
-#[derive(Default)]
-struct Init {
-    /// The child's id of the initialize request in flight.
-    asked: Option<u64>,
-    result: Option<Value>,
-    initialized: bool,
-}
-
-#[derive(Default)]
-struct Sinks {
-    /// The child's id for a request -> the requesting session and its stream.
-    requests: HashMap<u64, (SessionId, Sink)>,
-    /// A session's GET stream (messages that belong to no request).
-    streams: HashMap<SessionId, Sink>,
-    /// The process ended: why.
-    ended: Option<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Hub {
     pub fn new(name: &str, spec: Spec, options: Options) -> Hub {
         let mut random = [0u8; 8];
@@ -229,7 +109,8 @@ impl Hub {
                 return Err(HubError::Full(self.options.max_processes));
             }
             _ => {
-                let p = self.spawn()?;
+                let p = Proc::start(&self.name, &self.spec, self.options.share)
+                    .map_err(|e| HubError::Spawn(e.to_string()))?;
                 state.procs.push(p.clone());
                 p
             }
@@ -275,48 +156,6 @@ impl Hub {
             .is_some_and(|s| s.agent == agent)
     }
 
-    fn spawn(&self) -> Result<Arc<Proc>, HubError> {
-        let mut process = Process::spawn_lasting(&self.name, &self.spec)
-            .map_err(|e| HubError::Spawn(e.to_string()))?;
-        let stdout = process.stdout.take().expect("piped stdout");
-        let mut stdin = process.stdin.take().expect("piped stdin");
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(STDIN_QUEUE);
-        let proc = Arc::new(Proc {
-            router: Mutex::new(Router::new(self.options.share)),
-            sinks: Mutex::new(Sinks::default()),
-            dead: AtomicBool::new(false),
-            to_child: Mutex::new(Some(tx)),
-            process: Mutex::new(Some(process)),
-            init: Mutex::new(Init::default()),
-        });
-        let name = self.name.clone();
-        let writer: Weak<Proc> = Arc::downgrade(&proc);
-        std::thread::Builder::new()
-            .name(format!("stdin-{name}"))
-            .spawn(move || {
-                let mut broken = false;
-                for line in &rx {
-                    if stdin.write_all(&line).is_err() || stdin.flush().is_err() {
-                        broken = true;
-                        break;
-                    }
-                }
-                // The queue closes first, so a sender blocked on it is released.
-                drop(rx);
-                if broken && let Some(proc) = writer.upgrade() {
-                    // A child that closed its stdin takes no more requests: done for.
-                    proc.end("the process closed its stdin");
-                }
-            })
-            .map_err(|e| HubError::Spawn(e.to_string()))?;
-        let reader = proc.clone();
-        std::thread::Builder::new()
-            .name(format!("stdout-{name}"))
-            .spawn(move || reader.read_stdout(stdout, &name))
-            .map_err(|e| HubError::Spawn(e.to_string()))?;
-        Ok(proc)
-    }
-
     /// The session's process, its use noted.
     fn proc_of(&self, session: SessionId) -> Result<Arc<Proc>, HubError> {
         let mut state = lock(&self.state);
@@ -340,7 +179,7 @@ impl Hub {
         if initialize && let Some(result) = lock(&proc.init).result.clone() {
             // A shared process was initialized by an earlier session: its answer again.
             let answer = json!({"jsonrpc": "2.0", "id": msg["id"].clone(), "result": result});
-            ours.send(Line::Message(answer.to_string()));
+            ours.send(Line::Answer(answer.to_string(), false));
             return Ok((0, theirs));
         }
         let out = lock(&proc.router)
@@ -364,10 +203,10 @@ impl Hub {
             lock(&proc.sinks).requests.remove(&n);
             return Ok((n, theirs));
         }
-        if let Err(e) = proc.write(&out) {
+        if !proc.write(&out) {
             lock(&proc.sinks).requests.remove(&n);
             lock(&proc.router).abandon(n);
-            return Err(e);
+            return Err(HubError::NoSession);
         }
         Ok((n, theirs))
     }
@@ -401,7 +240,11 @@ impl Hub {
             // The request will not be answered: its stream ends now.
             lock(&proc.sinks).requests.remove(&n);
         }
-        proc.write(&out)
+        if proc.write(&out) {
+            Ok(())
+        } else {
+            Err(HubError::NoSession)
+        }
     }
 
     /// The session's stream for messages that belong to no request (its GET stream).
@@ -414,11 +257,6 @@ impl Hub {
         }
         sinks.streams.insert(session, ours);
         Ok(theirs)
-    }
-
-    /// Whether the session is open (its process may have ended).
-    pub fn knows(&self, session: SessionId) -> bool {
-        lock(&self.state).sessions.contains_key(&session)
     }
 
     /// Why the session's process ended, if it did.
@@ -529,199 +367,6 @@ impl Drop for Hub {
     }
 }
 
-impl Proc {
-    fn alive(&self) -> bool {
-        !self.dead.load(Ordering::Acquire)
-    }
-
-    fn write(&self, msg: &Value) -> Result<(), HubError> {
-        let mut line = serde_json::to_vec(msg).map_err(|_| HubError::Unroutable)?;
-        line.push(b'\n');
-        // Sent without the lock held: a full queue (a child that stopped reading) blocks this
-        // sender only, never `end`, which must take the lock to close the queue.
-        let tx = lock(&self.to_child).clone();
-        match tx.map(|tx| tx.send(line)) {
-            Some(Ok(())) => Ok(()),
-            _ => Err(HubError::NoSession),
-        }
-    }
-
-    /// Kills the process; requests still open get an error answer saying `why`. The kill
-    /// (which may wait out the SIGTERM grace) runs on its own thread: a DELETE is not kept
-    /// waiting for a slow exit.
-    fn end(&self, why: &str) {
-        self.fail(why);
-        *lock(&self.to_child) = None;
-        if let Some(mut process) = lock(&self.process).take() {
-            let killer = std::thread::Builder::new()
-                .name("stdio-kill".into())
-                .spawn(move || process.kill());
-            if let Err(e) = killer {
-                crate::warn!("stdio: no thread to end a process ({e}); ending it here");
-            }
-        }
-    }
-
-    /// [`end`](Self::end), returning only when the process group is gone (shutdown).
-    fn end_now(&self, why: &str) {
-        self.fail(why);
-        *lock(&self.to_child) = None;
-        if let Some(mut process) = lock(&self.process).take() {
-            process.kill();
-        }
-    }
-
-    /// The process is done for: every open request gets a JSON-RPC error saying why, marked
-    /// as the hub's ([`FAILED`]).
-    fn fail(&self, why: &str) {
-        let pending = lock(&self.router).drain();
-        let mut sinks = lock(&self.sinks);
-        if sinks.ended.is_none() {
-            sinks.ended = Some(why.to_owned());
-        }
-        self.dead.store(true, Ordering::Release);
-        let why = sinks.ended.clone().unwrap_or_default();
-        for (n, _, agent_id) in pending {
-            if let Some((_, sink)) = sinks.requests.remove(&n) {
-                let err = json!({
-                    "jsonrpc": "2.0",
-                    "id": agent_id,
-                    "error": {"code": crate::mcp::jsonrpc::UPSTREAM_UNAVAILABLE,
-                              "message": format!("upstream stdio server: {why}")}
-                });
-                sink.send(Line::Failed(err.to_string()));
-            }
-        }
-        sinks.requests.clear();
-        sinks.streams.clear();
-    }
-
-    fn read_stdout(&self, stdout: std::process::ChildStdout, name: &str) {
-        let mut reader = BufReader::new(stdout).take(MAX_LINE as u64 + 1);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            reader.set_limit(MAX_LINE as u64 + 1);
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => {
-                    let why = self.exit_status();
-                    self.fail(&why);
-                    return;
-                }
-                Ok(_) if line.len() > MAX_LINE => {
-                    crate::warn!(
-                        "[{name}] wrote a line over {MAX_LINE} bytes to stdout; ending it"
-                    );
-                    self.end("the process wrote a line over the size limit to stdout");
-                    return;
-                }
-                Ok(_) => {}
-            }
-            let text = line.trim_ascii();
-            if text.is_empty() {
-                continue;
-            }
-            let Ok(msg) = serde_json::from_slice::<Value>(text) else {
-                // A server that writes anything but JSON-RPC to stdout has broken the
-                // protocol: its session ends, its requests are told.
-                crate::warn!("[{name}] wrote a line that is not JSON to stdout; ending it");
-                self.end("the process wrote something that is not JSON-RPC to stdout");
-                return;
-            };
-            self.deliver(msg);
-        }
-    }
-
-    /// Why the process's stdout ended: its exit status when it has exited.
-    fn exit_status(&self) -> String {
-        // The pipe closes a moment before the exit is seen.
-        let mut exited = None;
-        for _ in 0..20 {
-            exited = lock(&self.process).as_ref().and_then(Process::exit_code);
-            if exited.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        match exited {
-            Some(code) => format!("the process exited ({code})"),
-            None => "the process closed its stdout".into(),
-        }
-    }
-
-    /// Sends one message of the child's where the router says.
-    fn deliver(&self, msg: Value) {
-        // Which request a message is for, in the child's ids, before the router maps them.
-        let answer_to = msg
-            .get("method")
-            .is_none()
-            .then(|| msg["id"].as_u64())
-            .flatten();
-        let progress_of = msg
-            .pointer("/params/progressToken")
-            .and_then(Value::as_str)
-            .and_then(|t| t.strip_prefix('p'))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(n) = answer_to {
-            let mut init = lock(&self.init);
-            if init.asked == Some(n) {
-                // Cached when it succeeded; a refusal lets the next initialize ask again.
-                init.result = msg.get("result").cloned();
-                init.asked = None;
-            }
-        }
-        let route = lock(&self.router).from_child(msg);
-        let mut sinks = lock(&self.sinks);
-        let line = |m: &Value| Line::Message(m.to_string());
-        match route {
-            Route::Answer(_, m) => {
-                if let Some((_, sink)) = answer_to.and_then(|n| sinks.requests.remove(&n)) {
-                    sink.send(line(&m));
-                }
-            }
-            Route::Stream(session, m) => {
-                // The request's own stream, else the session's latest request, else its GET
-                // stream.
-                let n = progress_of
-                    .filter(|n| sinks.requests.contains_key(n))
-                    .or_else(|| {
-                        sinks
-                            .requests
-                            .iter()
-                            .filter(|(_, (s, _))| *s == session)
-                            .map(|(n, _)| *n)
-                            .max()
-                    });
-                let sink = match n {
-                    Some(n) => sinks.requests.get(&n).map(|(_, s)| s),
-                    None => sinks.streams.get(&session),
-                };
-                if let Some(sink) = sink
-                    && !sink.send(line(&m))
-                {
-                    // A requester that stopped reading: its stream goes.
-                    if let Some(n) = n {
-                        sinks.requests.remove(&n);
-                    } else {
-                        sinks.streams.remove(&session);
-                    }
-                }
-            }
-            Route::Broadcast(m) => {
-                let text = m.to_string();
-                sinks
-                    .streams
-                    .retain(|_, s| s.send(Line::Message(text.clone())));
-            }
-            Route::Refuse(err) => {
-                drop(sinks);
-                let _ = self.write(&err);
-            }
-            Route::Drop(why) => crate::debug!("stdio: a message dropped: {why}"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,15 +417,13 @@ for line in sys.stdin:
     fn lines((_, l): (u64, Lines)) -> Vec<Value> {
         let mut out = Vec::new();
         while let Ok(Some(line)) = l.next(None) {
-            let (Line::Message(text) | Line::Failed(text)) = line;
-            out.push(serde_json::from_str(&text).unwrap());
+            out.push(serde_json::from_str(line.text()).unwrap());
         }
         out
     }
 
     fn next(l: &Lines) -> Value {
-        let (Line::Message(text) | Line::Failed(text)) = l.next(None).unwrap().unwrap();
-        serde_json::from_str(&text).unwrap()
+        serde_json::from_str(l.next(None).unwrap().unwrap().text()).unwrap()
     }
 
     fn call(id: Value, name: &str, token: Option<&str>) -> Value {
@@ -915,7 +558,7 @@ for line in sys.stdin:
         let sender = {
             let h = h.clone();
             std::thread::spawn(move || {
-                for i in 0..(STDIN_QUEUE + 16) {
+                for i in 0..(crate::upstream::stdio_proc::STDIN_QUEUE + 16) {
                     let msg = json!({"jsonrpc":"2.0","method":"notifications/message",
                                      "params":{"i": i, "pad": big}});
                     if h.send(s, msg).is_err() {
@@ -927,7 +570,7 @@ for line in sys.stdin:
         };
         // Until the sender is stuck on the full queue.
         std::thread::sleep(Duration::from_millis(500));
-        let (done_tx, done_rx) = mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
         let closer = h.clone();
         std::thread::spawn(move || {
             closer.close(s);
@@ -941,6 +584,29 @@ for line in sys.stdin:
             sender.join().unwrap(),
             usize::MAX,
             "the blocked sender was released"
+        );
+    }
+
+    #[test]
+    fn a_line_over_the_limit_ends_the_process() {
+        let script = format!(
+            "import sys, time\nsys.stdin.readline()\nsys.stdout.write('x' * {})\n\
+             sys.stdout.write('\\n')\nsys.stdout.flush()\ntime.sleep(30)",
+            crate::upstream::stdio_proc::MAX_LINE + 1
+        );
+        let spec = Spec {
+            command: vec!["python3".into(), "-c".into(), script],
+            env: Vec::new(),
+            cwd: None,
+        };
+        let h = Hub::new("long", spec, Options::default());
+        let s = h.open("a").unwrap();
+        let got = lines(h.request(s, call(json!(1), "echo", None)).unwrap());
+        let message = got.last().unwrap()["error"]["message"].to_string();
+        assert!(message.contains("over the size limit"), "{message}");
+        assert_eq!(
+            h.ended(s).as_deref(),
+            Some("the process wrote a line over the size limit to stdout")
         );
     }
 

@@ -46,6 +46,17 @@ def tcp_sockets() -> list[str]:
 
 
 @mcp.tool()
+def noisy() -> str:
+    """200 lines to stderr at once: scopegate logs at most 20 a second of them."""
+    import sys
+
+    for i in range(200):
+        print(f"noise {i}", file=sys.stderr)
+    sys.stderr.flush()
+    return "ok"
+
+
+@mcp.tool()
 def crash() -> str:
     os._exit(3)
 

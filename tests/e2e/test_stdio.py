@@ -49,6 +49,16 @@ def gateway(tmp_path, upstreams: str, agents: str, env: dict | None = None) -> S
     )
 
 
+def stdio_upstream(name: str, command: list, extra: str = "") -> str:
+    """An `[[upstream]]` table for a stdio server, with any further fields in `extra`."""
+    return f"""
+[[upstream]]
+name = "{name}"
+command = {toml_list(command)}
+{extra}
+"""
+
+
 def agent(id_: str, key: str, allow: list[str], extra: str = "") -> str:
     return f"""
 [[agent]]
@@ -112,11 +122,7 @@ def test_filesystem_server_confines_an_agent_to_one_directory(tmp_path):
     data.mkdir()
     (data / "a.txt").write_text("hello from a")
     (tmp_path / "secret.txt").write_text("the secret")
-    upstreams = f"""
-[[upstream]]
-name = "fs"
-command = {toml_list(FILESYSTEM + [data])}
-"""
+    upstreams = stdio_upstream("fs", FILESYSTEM + [data])
     prefix = f"{data}/"
     rules = f"""
 [[agent.tool]]
@@ -171,13 +177,10 @@ paths = {{ items = {{ prefix = "{prefix}" }} }}
 
 def test_everything_server_progress_sampling_elicitation_and_a_scrubbed_environment(tmp_path):
     marker = str(tmp_path)
-    upstreams = f"""
-[[upstream]]
-name = "everything"
-command = {toml_list(EVERYTHING)}
+    upstreams = stdio_upstream("everything", EVERYTHING, f"""
 cwd = "{marker}"
 env = {{ E2E_LISTED = "${{E2E_LISTED_SOURCE}}" }}
-"""
+""")
     g = gateway(
         tmp_path,
         upstreams,
@@ -249,11 +252,7 @@ env = {{ E2E_LISTED = "${{E2E_LISTED_SOURCE}}" }}
 
 
 def test_typescript_sdk_agent_on_a_stdio_upstream(tmp_path):
-    upstreams = f"""
-[[upstream]]
-name = "everything"
-command = {toml_list(EVERYTHING + [tmp_path])}
-"""
+    upstreams = stdio_upstream("everything", EVERYTHING + [tmp_path])
     g = gateway(
         tmp_path,
         upstreams,
@@ -287,11 +286,7 @@ def sdk2_agent(url: str, key: str, tool: str, arguments: dict) -> dict:
 
 
 def test_python_sdk_2_agent_probes_then_initializes_and_leaves_no_probe_process(tmp_path):
-    upstreams = f"""
-[[upstream]]
-name = "py"
-command = {toml_list(python_server(tmp_path))}
-"""
+    upstreams = stdio_upstream("py", python_server(tmp_path))
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/echo"]))
     try:
         report = sdk2_agent(f"{g.base}/mcp/py", AGENT_KEY, "echo", {"text": "from sdk 2"})
@@ -315,11 +310,7 @@ def test_sessionless_2026_07_28_requests_get_one_process_per_agent(tmp_path):
     subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
     subprocess.run(["git", "-C", str(repo), "-c", "user.name=e2e", "-c", "user.email=e@x",
                     "commit", "-q", "--allow-empty", "-m", "sessionless"], check=True)
-    upstreams = f"""
-[[upstream]]
-name = "git"
-command = {toml_list(GIT + ["--repository", repo])}
-"""
+    upstreams = stdio_upstream("git", GIT + ["--repository", repo])
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["git/git_log"]) + agent("other", OTHER_KEY, ["git/git_log"]))
 
     def run_agent(key):
@@ -350,11 +341,7 @@ def test_git_server_in_python_on_a_repository_made_here(tmp_path):
     subprocess.run(git + ["add", "README"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "the first commit"], check=True)
     (repo / "README").write_text("changed\n")
-    upstreams = f"""
-[[upstream]]
-name = "git"
-command = {toml_list(GIT + ["--repository", repo])}
-"""
+    upstreams = stdio_upstream("git", GIT + ["--repository", repo])
     rules = f"""
 [[agent.tool]]
 match = "git/*"
@@ -392,11 +379,7 @@ def python_server(tmp_path) -> list[str]:
 
 
 def test_a_child_that_crashes_or_breaks_the_protocol_ends_its_session_with_a_clear_error(tmp_path):
-    upstreams = f"""
-[[upstream]]
-name = "py"
-command = {toml_list(python_server(tmp_path))}
-"""
+    upstreams = stdio_upstream("py", python_server(tmp_path))
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/*"]))
     out = {}
 
@@ -404,6 +387,7 @@ command = {toml_list(python_server(tmp_path))}
         out["pid"] = (await s.call_tool("pid", {})).content[0].text
         # None of scopegate's descriptors (agents' connections, the listener) reached the child.
         out["sockets"] = (await s.call_tool("tcp_sockets", {})).structuredContent
+        await s.call_tool("noisy", {})
         out["crash"] = await refused(s.call_tool("crash", {}))
         out["after"] = await refused(s.call_tool("echo", {"text": "x"}))
 
@@ -425,8 +409,11 @@ command = {toml_list(python_server(tmp_path))}
         failed = [e for e in audit_entries(tmp_path) if e.get("decision") == "upstream_error"]
         assert any("exit code 3" in e.get("reason", "") for e in failed), failed
         assert any("not JSON-RPC" in e.get("reason", "") for e in failed), failed
-        # Its stderr is scopegate's log, never the agent's.
+        # Its stderr is scopegate's log, never the agent's, and rate-limited there.
         assert "[py]" in g.log()
+        noise = [line for line in g.log().splitlines() if "[py] noise " in line]
+        assert 0 < len(noise) <= 20, len(noise)
+        assert "stderr lines not logged: over 20/s" in g.log()
     finally:
         g.stop()
 
@@ -443,13 +430,10 @@ def initialize(base: str, key: str, path: str = "/mcp/py") -> httpx.Response:
 
 
 def test_max_processes_is_a_clear_refusal_and_idle_sessions_end(tmp_path):
-    upstreams = f"""
-[[upstream]]
-name = "py"
-command = {toml_list(python_server(tmp_path))}
+    upstreams = stdio_upstream("py", python_server(tmp_path), """
 max_processes = 1
 idle_timeout_s = 2
-"""
+""")
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/*"]))
     try:
         first = initialize(g.base, AGENT_KEY)
@@ -471,11 +455,7 @@ idle_timeout_s = 2
 
 
 def test_a_get_stream_opens_at_once_on_a_quiet_server(tmp_path):
-    upstreams = f"""
-[[upstream]]
-name = "py"
-command = {toml_list(python_server(tmp_path))}
-"""
+    upstreams = stdio_upstream("py", python_server(tmp_path))
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/*"]),
                 {"SCOPEGATE_UPSTREAM_TIMEOUT_MS": "2000"})
     try:
@@ -496,12 +476,9 @@ command = {toml_list(python_server(tmp_path))}
 
 
 def test_shared_process_serves_many_sessions_with_their_own_answers(tmp_path):
-    upstreams = f"""
-[[upstream]]
-name = "py"
-command = {toml_list(python_server(tmp_path))}
+    upstreams = stdio_upstream("py", python_server(tmp_path), """
 share = true
-"""
+""")
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/*"]) + agent("other", OTHER_KEY, ["py/echo"]))
     results = {}
     running = []
@@ -561,11 +538,7 @@ command = {toml_list(python_server(tmp_path))}
 
 
 def test_policy_reload_removing_an_agent_ends_its_processes(tmp_path):
-    upstreams = f"""
-[[upstream]]
-name = "py"
-command = {toml_list(python_server(tmp_path))}
-"""
+    upstreams = stdio_upstream("py", python_server(tmp_path))
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/*"]) + agent("other", OTHER_KEY, ["py/*"]))
     try:
         assert "result" in initialize(g.base, AGENT_KEY).json()
