@@ -1,4 +1,4 @@
-//! Rate-limit checks: one bucket uncontended, one bucket with a second thread hammering it,
+//! Rate-limit checks: one bucket uncontended, one token from a fleet-wide limit's lease, one bucket with a second thread hammering it,
 //! and a tools/call admitted through all four kinds of bucket (tool rule, agent, tenant,
 //! upstream) of a loaded policy.
 
@@ -19,7 +19,11 @@ fn fast_bucket() -> Bucket {
         burst: u64::MAX / 4,
         text: "bench".into(),
     };
-    Bucket::new(Gcra::new(rate.per_second, rate.burst), "bench".into())
+    Bucket::new(
+        Gcra::new(rate.per_second, rate.burst),
+        "bench".into(),
+        "bench".into(),
+    )
 }
 
 fn bench(c: &mut Criterion) {
@@ -33,6 +37,15 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("ratelimit/uncontended_check_with_clock", |bench| {
         bench.iter(|| std::hint::black_box(b.try_take(now_ns())).ok())
+    });
+
+    // A fleet-wide limit's call path: a token from the bucket's lease (the refill it asks for
+    // now and then is Redis's business, off this path).
+    let lease = scopegate::ratelimit::lease::Lease::default();
+    let start = now_ns();
+    lease.put(u64::MAX / 4, start, 1000);
+    c.bench_function("ratelimit/leased_take", |bench| {
+        bench.iter(|| std::hint::black_box(lease.take(std::hint::black_box(start))))
     });
 
     // Two threads on one bucket: this thread is measured while another takes in a loop.

@@ -46,6 +46,7 @@ impl Core {
         config: Arc<Config>,
         stats: Arc<WorkerStats>,
         sessions: Arc<SessionKeys>,
+        limiter: Limiter,
     ) -> Core {
         Core {
             id,
@@ -53,7 +54,7 @@ impl Core {
             config,
             stats,
             sessions,
-            limiter: Limiter::default(),
+            limiter,
             lazy_joins: LazyJoins::default(),
         }
     }

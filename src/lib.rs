@@ -16,7 +16,9 @@
 //! auth, jwt, cli                  who is calling; the command-line tools
 //! policy                          the policy file, every decision (one method table), its limits
 //! config                          SCOPEGATE_* variables
-//! ratelimit, upstream, metrics    the limiter; upstreams and how they are reached; counters
+//! ratelimit, metrics              the limiter (local, or fleet-wide through redis); counters
+//! redis                           a small Redis client (RESP, one pipelined link per worker)
+//! upstream                        upstreams and how they are reached
 //! reply                           what scopegate answers itself (one reply type)
 //! audit                           the audit log
 //! mcp, http                       MCP and HTTP knowledge, no policy
@@ -41,6 +43,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
+pub mod redis;
 pub mod reply;
 pub mod runtime;
 pub mod serve;

@@ -246,8 +246,29 @@ fn serve() {
             .map(|_| Arc::new(WorkerStats::new(config.upstreams.len())))
             .collect(),
     );
+    let fleet = match &config.redis {
+        None => None,
+        Some(settings) => {
+            match scopegate::ratelimit::Fleet::new(settings.clone(), config.threads) {
+                Ok(fleet) => {
+                    info!(
+                        "rate limits are fleet-wide, leased from {} (timeout {} ms, fallback {})",
+                        settings.url,
+                        settings.timeout.as_millis(),
+                        settings.fallback.name()
+                    );
+                    Some(fleet)
+                }
+                Err(e) => {
+                    error!("SCOPEGATE_REDIS_URL: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
     let shared = Shared {
         config: config.clone(),
+        fleet,
         policy: live.clone(),
         sessions,
         jwt,

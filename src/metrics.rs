@@ -190,6 +190,20 @@ pub struct Scrape<'a> {
     pub audit: Option<AuditGauges>,
     /// Per stdio upstream.
     pub stdio: Vec<StdioGauges>,
+    /// Fleet-wide limits, when `SCOPEGATE_REDIS_URL` is set.
+    pub redis: Option<RedisGauges>,
+}
+
+pub struct RedisGauges {
+    /// Every worker's link to Redis is connected.
+    pub up: bool,
+    /// Replicas sharing the limits (seen lately, at least `SCOPEGATE_REDIS_REPLICAS`).
+    pub replicas: u64,
+    pub commands: u64,
+    /// Tokens Redis granted to this replica's leases.
+    pub leased: u64,
+    /// Limit decisions made without Redis.
+    pub fallbacks: u64,
 }
 
 pub struct StdioGauges {
@@ -387,6 +401,46 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
             let _ = writeln!(out, "{metric}{{upstream=\"{upstream}\"}} {value}");
         }
     }
+    if let Some(r) = &s.redis {
+        let gauges = [
+            (
+                "scopegate_redis_up",
+                "gauge",
+                "1 when every worker reaches the fleet's Redis.",
+                u64::from(r.up),
+            ),
+            (
+                "scopegate_redis_replicas",
+                "gauge",
+                "Replicas sharing the fleet-wide limits.",
+                r.replicas,
+            ),
+            (
+                "scopegate_redis_commands_total",
+                "counter",
+                "Commands sent to Redis (heartbeats included).",
+                r.commands,
+            ),
+            (
+                "scopegate_ratelimit_leased_tokens_total",
+                "counter",
+                "Rate-limit tokens leased from Redis.",
+                r.leased,
+            ),
+            (
+                "scopegate_ratelimit_fallback_total",
+                "counter",
+                "Rate-limit decisions made while Redis was unreachable (SCOPEGATE_REDIS_FALLBACK).",
+                r.fallbacks,
+            ),
+        ];
+        for (metric, kind, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}"
+            );
+        }
+    }
     out.push_str("# HELP scopegate_open_connections Client connections open now.\n");
     out.push_str("# TYPE scopegate_open_connections gauge\n");
     let _ = writeln!(out, "scopegate_open_connections {}", s.open_connections);
@@ -468,6 +522,7 @@ mod tests {
             workers: &[&a, &b],
             upstream_names: &names,
             open_connections: 3,
+            redis: None,
             stdio: vec![StdioGauges {
                 upstream: "fs".into(),
                 processes: 2,

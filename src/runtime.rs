@@ -20,6 +20,7 @@ use crate::jwt::JwtVerifier;
 use crate::mcp::session::SessionKeys;
 use crate::metrics::WorkerStats;
 use crate::policy::live::{LivePolicy, PolicyView};
+use crate::ratelimit::{FleetLimiter, Limiter};
 use crate::{debug, error, info, warn};
 
 /// A client connection's socket and whether it is idle between requests.
@@ -29,6 +30,8 @@ type OpenConnection = (RawFd, Rc<Cell<bool>>);
 #[derive(Clone)]
 pub struct Shared {
     pub config: Arc<Config>,
+    /// Fleet-wide rate limits (`SCOPEGATE_REDIS_URL`): each worker starts its link.
+    pub fleet: Option<Arc<crate::ratelimit::Fleet>>,
     pub policy: Option<Arc<LivePolicy>>,
     pub sessions: Arc<SessionKeys>,
     pub jwt: Option<Arc<JwtVerifier>>,
@@ -168,6 +171,7 @@ async fn worker_main(
     stats: Arc<WorkerStats>,
 ) {
     let config = shared.config;
+    let fleet = shared.fleet;
     let shared = SharedRest {
         config_audit: config.audit.clone(),
         policy: shared.policy,
@@ -184,7 +188,11 @@ async fn worker_main(
             std::process::exit(1);
         }
     };
-    let core = Core::new(id, config.clone(), stats, shared.sessions);
+    let limiter = match fleet {
+        None => Limiter::default(),
+        Some(fleet) => Limiter::Fleet(Rc::new(FleetLimiter::start(fleet, id))),
+    };
+    let core = Core::new(id, config.clone(), stats, shared.sessions, limiter);
     let audit = shared.audit.get(id).map(|channel| {
         let cfg = shared.config_audit.as_ref();
         crate::audit::AuditSink::new(

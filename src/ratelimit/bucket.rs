@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 
+use super::lease::Lease;
+
 /// Nanoseconds on a monotonic clock shared by all threads (its zero is the first call).
 pub fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -49,30 +51,43 @@ pub struct Limited {
     pub retry_after_ns: u64,
 }
 
-/// A bucket: one atomic word of state and the limit it applies.
+/// A bucket: one atomic word of state and the limit it applies. With fleet-wide limits the
+/// word is the fallback used while Redis is unreachable, and the tokens spent come from the
+/// bucket's [`Lease`].
 #[derive(Debug)]
 pub struct Bucket {
     tat: AtomicU64,
     pub limit: Gcra,
     /// Says which limit this is, for the agent: `agent "triage-bot" (20/s, burst 40)`.
     pub label: String,
+    /// Names the bucket across replicas: the limit's key (and the tool, for a per-name limit).
+    pub key: Box<str>,
+    pub lease: Lease,
 }
 
 impl Bucket {
-    pub fn new(limit: Gcra, label: String) -> Bucket {
+    pub fn new(limit: Gcra, label: String, key: Box<str>) -> Bucket {
         Bucket {
             tat: AtomicU64::new(0),
             limit,
             label,
+            key,
+            lease: Lease::default(),
         }
     }
 
     /// Takes one token at `now`; `Err(ns)` says how long until one would be available.
+    #[inline]
     pub fn try_take(&self, now: u64) -> Result<(), u64> {
+        self.try_take_with(self.limit, now)
+    }
+
+    /// [`try_take`](Self::try_take) under another limit (a replica's share of this one).
+    pub fn try_take_with(&self, limit: Gcra, now: u64) -> Result<(), u64> {
         let Gcra {
             interval,
             tolerance,
-        } = self.limit;
+        } = limit;
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
             let next = tat.max(now) + interval;
@@ -104,7 +119,7 @@ impl Bucket {
 
     /// What a refusal by this bucket says (off the hot path: it copies the label).
     #[cold]
-    fn refusal(&self, wait: u64) -> Limited {
+    pub fn refusal(&self, wait: u64) -> Limited {
         Limited {
             label: self.label.clone(),
             retry_after_ns: wait,
@@ -113,15 +128,36 @@ impl Bucket {
 
     /// Returns a token taken by [`try_take`](Self::try_take).
     pub fn give_back(&self) {
-        self.tat.fetch_sub(self.limit.interval, Ordering::AcqRel);
+        self.give_back_with(self.limit);
+    }
+
+    /// Returns a token [`try_take_with`](Self::try_take_with) took under `limit`.
+    pub fn give_back_with(&self, limit: Gcra) {
+        self.tat.fetch_sub(limit.interval, Ordering::AcqRel);
     }
 }
 
 /// The local state of one limit.
 #[derive(Debug)]
 pub(super) enum State {
-    One(Bucket),
+    One(Arc<Bucket>),
     PerName(PerName),
+}
+
+/// A bucket found for a request: a single-bucket limit's, borrowed, or a per-name one's.
+pub(super) enum BucketRef<'a> {
+    Borrowed(&'a Arc<Bucket>),
+    Owned(Arc<Bucket>),
+}
+
+impl std::ops::Deref for BucketRef<'_> {
+    type Target = Arc<Bucket>;
+    fn deref(&self) -> &Arc<Bucket> {
+        match self {
+            BucketRef::Borrowed(b) => b,
+            BucketRef::Owned(b) => b,
+        }
+    }
 }
 
 impl State {
@@ -148,6 +184,17 @@ impl State {
         }
     }
 
+    /// The bucket for `name`; `now` lets a per-name limit make one (else a missing name gets
+    /// the overflow bucket).
+    #[inline]
+    pub(super) fn bucket(&self, name: Option<(&str, &str)>, now: Option<u64>) -> BucketRef<'_> {
+        match (self, name) {
+            (State::One(b), _) => BucketRef::Borrowed(b),
+            (State::PerName(p), None) => BucketRef::Borrowed(&p.overflow),
+            (State::PerName(p), Some(name)) => BucketRef::Owned(p.bucket(name, now)),
+        }
+    }
+
     /// Gives back a token [`try_take`](Self::try_take) took (never creating a bucket).
     #[inline]
     pub(super) fn give_back(&self, name: Option<(&str, &str)>) {
@@ -168,6 +215,7 @@ pub const MAX_TOOL_BUCKETS: usize = 4096;
 pub(super) struct PerName {
     limit: Gcra,
     label: String,
+    key: String,
     buckets: DashMap<Box<str>, Arc<Bucket>>,
     /// Shared by every name that finds the map full: stricter, never unbounded.
     overflow: Arc<Bucket>,
@@ -177,14 +225,16 @@ pub(super) struct PerName {
 }
 
 impl PerName {
-    pub(super) fn new(limit: Gcra, label: String) -> PerName {
+    pub(super) fn new(limit: Gcra, label: String, key: String) -> PerName {
         PerName {
             overflow: Arc::new(Bucket::new(
                 limit,
                 format!("{label} (tools past {MAX_TOOL_BUCKETS} names)"),
+                format!("{key}\0").into(),
             )),
             limit,
             label,
+            key,
             buckets: DashMap::new(),
             last_sweep: AtomicU64::new(0),
         }
@@ -239,7 +289,8 @@ impl PerName {
             .entry(tool.into())
             .or_insert_with(|| {
                 let label = format!("{} on {upstream}/{tool}", self.label);
-                Arc::new(Bucket::new(self.limit, label))
+                let key = format!("{}\0{tool}", self.key);
+                Arc::new(Bucket::new(self.limit, label, key.into()))
             })
             .clone()
     }
@@ -257,7 +308,7 @@ mod tests {
 
     #[test]
     fn burst_then_steady_rate_then_refill() {
-        let b = Bucket::new(rate(10.0, 5), "t".into());
+        let b = Bucket::new(rate(10.0, 5), "t".into(), "k".into());
         let t0 = 100 * SEC;
         for i in 0..5 {
             assert!(b.try_take(t0).is_ok(), "burst token {i}");
@@ -287,20 +338,20 @@ mod tests {
 
     #[test]
     fn per_minute_and_per_hour() {
-        let b = Bucket::new(rate(10.0 / 60.0, 3), "t".into());
+        let b = Bucket::new(rate(10.0 / 60.0, 3), "t".into(), "k".into());
         let t0 = 10 * SEC;
         assert!((0..3).all(|_| b.try_take(t0).is_ok()));
         let wait = b.try_take(t0).unwrap_err();
         assert_eq!(wait, 6 * SEC);
         assert!(b.try_take(t0 + 6 * SEC).is_ok());
-        let h = Bucket::new(rate(1.0 / 3600.0, 1), "t".into());
+        let h = Bucket::new(rate(1.0 / 3600.0, 1), "t".into(), "k".into());
         assert!(h.try_take(t0).is_ok());
         assert_eq!(h.try_take(t0).unwrap_err(), 3600 * SEC);
     }
 
     #[test]
     fn give_back_restores_exactly() {
-        let b = Bucket::new(rate(1.0, 2), "t".into());
+        let b = Bucket::new(rate(1.0, 2), "t".into(), "k".into());
         let t = 5 * SEC;
         assert!(b.try_take(t).is_ok());
         assert!(b.try_take(t).is_ok());
@@ -316,7 +367,7 @@ mod tests {
     fn contention_admits_within_one_token_of_ideal() {
         let per_second = 2000.0;
         let burst = 50;
-        let b = Arc::new(Bucket::new(rate(per_second, burst), "t".into()));
+        let b = Arc::new(Bucket::new(rate(per_second, burst), "t".into(), "k".into()));
         // Take the burst at `start`, so tokens accrue from an empty bucket from then on (a full
         // bucket cannot accrue past its burst while the threads start).
         let start = now_ns();

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::http::head::Head;
 use crate::mcp::jsonrpc;
 use crate::metrics::WorkerStats;
+use crate::ratelimit::Fleet;
 use crate::reply::Reply;
 
 /// The answer for an administrative route; `None` for the MCP routes.
@@ -20,13 +21,14 @@ pub fn answer(
     head: &Head,
     all_stats: &[Arc<WorkerStats>],
     all_audit: &[Arc<Channel>],
+    fleet: Option<&Arc<Fleet>>,
 ) -> Option<Reply> {
     match route {
         Route::Health => Some(Reply::other(200, "text/plain", b"ok\n".to_vec())),
         Route::Metrics => Some(Reply::other(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics_text(config, all_stats, all_audit).into_bytes(),
+            metrics_text(config, all_stats, all_audit, fleet).into_bytes(),
         )),
         Route::ResourceMetadata => Some(resource_metadata(config, head)),
         Route::Mcp { .. } | Route::Aggregate => None,
@@ -38,6 +40,7 @@ pub fn metrics_text(
     config: &Config,
     all_stats: &[Arc<WorkerStats>],
     all_audit: &[Arc<Channel>],
+    fleet: Option<&Arc<Fleet>>,
 ) -> String {
     let workers: Vec<&crate::metrics::WorkerMetrics> =
         all_stats.iter().map(|s| &s.metrics).collect();
@@ -54,7 +57,15 @@ pub fn metrics_text(
             .sum(),
         failing: all_audit.iter().any(|c| c.failing.load(Ordering::Relaxed)),
     });
+    let redis = fleet.map(|f| crate::metrics::RedisGauges {
+        up: f.client.is_up(),
+        replicas: f.replicas(),
+        commands: f.client.commands.load(Ordering::Relaxed),
+        leased: f.leased.load(Ordering::Relaxed),
+        fallbacks: f.fallbacks.load(Ordering::Relaxed),
+    });
     crate::metrics::render(&crate::metrics::Scrape {
+        redis,
         workers: &workers,
         upstream_names: &names,
         heap_allocations: all_stats
@@ -136,7 +147,7 @@ mod tests {
         .unwrap();
         let raw = "GET /.well-known/oauth-protected-resource HTTP/1.1\r\nHost: gw:8080\r\n\r\n";
         let head = crate::http::head::request_head(raw);
-        let reply = answer(Route::ResourceMetadata, &config, &head, &[], &[]).unwrap();
+        let reply = answer(Route::ResourceMetadata, &config, &head, &[], &[], None).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&reply.body_bytes(None)).unwrap();
         assert_eq!(v["resource"], "http://gw:8080/mcp");
         assert_eq!(v["authorization_servers"][0], "https://auth.example");
@@ -144,8 +155,8 @@ mod tests {
             metadata_url(&config, &head),
             "http://gw:8080/.well-known/oauth-protected-resource"
         );
-        assert!(answer(Route::Aggregate, &config, &head, &[], &[]).is_none());
-        let metrics = answer(Route::Metrics, &config, &head, &[], &[]).unwrap();
+        assert!(answer(Route::Aggregate, &config, &head, &[], &[], None).is_none());
+        let metrics = answer(Route::Metrics, &config, &head, &[], &[], None).unwrap();
         assert!(
             String::from_utf8(metrics.body_bytes(None))
                 .unwrap()

@@ -256,7 +256,8 @@ async fn handle_request<'r>(
         agent,
     } = pass!(admitted);
     let (stats, audit) = (&worker.all_stats, &worker.all_audit);
-    if let Some(reply) = admin::answer(endpoint, config, head, stats, audit) {
+    let fleet = worker.core.limiter.fleet();
+    if let Some(reply) = admin::answer(endpoint, config, head, stats, audit, fleet) {
         draft.skip = true;
         end!(reply, close);
     }

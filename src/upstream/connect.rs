@@ -108,7 +108,7 @@ pub fn tls_or_io(upstream: &Upstream, e: std::io::Error) -> UpstreamError {
 /// A TCP connection to the first of `name`'s addresses that answers. Each address gets an
 /// equal share of what is left of the deadline, so one unreachable address (IPv6 on an
 /// IPv4-only host) does not use up the time of the others.
-async fn connect_tcp(name: &Name, deadline: Instant) -> Result<TcpStream, UpstreamError> {
+pub async fn connect_tcp(name: &Name, deadline: Instant) -> Result<TcpStream, UpstreamError> {
     let addrs = name.addrs();
     if addrs.is_empty() {
         name.failed();

@@ -1,0 +1,569 @@
+//! Limits that hold across a fleet of replicas: every bucket's state lives in Redis, and each
+//! replica spends leases of it ([`super::lease`]) so Redis stays off the per-call path.
+//!
+//! Redis keeps each bucket's GCRA theoretical arrival time under `{prefix}rl:{key}`, where the
+//! key names the limit by ids (the same on every replica and after a reload). One Lua script
+//! ([`TAKE`]) reads Redis's clock, grants up to the tokens asked for that fit the burst and
+//! moves the arrival time by as many emission intervals, atomically; the key expires when the
+//! bucket is full again. So the total admitted fleet-wide over any window is at most the limit
+//! plus the tokens leased out and not yet spent (at most one lease per replica and bucket).
+//!
+//! A call takes a leased token with one atomic operation. When a lease runs low a refill is
+//! queued on the worker's Redis link; when it is empty the call asks Redis itself, waiting at
+//! most `SCOPEGATE_REDIS_TIMEOUT_MS`. When Redis says the bucket is empty the refusal says how
+//! long to wait, and calls refused before then do not ask again. When Redis is unreachable
+//! the configured [`Fallback`] decides: each replica enforces its share of the limit (the
+//! limit divided by the replicas seen), or limited calls are refused. Calls that no limit
+//! covers never touch any of this.
+//!
+//! Replicas count themselves: every second worker 0 of each replica registers in a sorted set
+//! (`{prefix}replicas`, scored by Redis time; entries older than 3 s are dropped), which sizes
+//! leases and the fallback's share.
+
+use std::cell::Cell;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use super::bucket::{Bucket, Gcra, Limited, now_ns};
+use super::lease::Take;
+use super::limit::{Use, Uses};
+use crate::redis::{self, Client, Failure, Link, RedisUrl, Script, Value, resp};
+
+/// What a replica does while Redis is unreachable (`SCOPEGATE_REDIS_FALLBACK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Each replica enforces its share of every limit (the default).
+    Local,
+    /// Calls under any limit are refused.
+    Closed,
+}
+
+impl Fallback {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fallback::Local => "local",
+            Fallback::Closed => "closed",
+        }
+    }
+}
+
+/// `SCOPEGATE_REDIS_*`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSettings {
+    pub url: RedisUrl,
+    /// For `rediss://`: trusted instead of the machine's CA store.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The longest a call waits for Redis, and the longest a reply may take before the link
+    /// counts Redis as unreachable.
+    pub timeout: Duration,
+    pub fallback: Fallback,
+    /// Prefixes every key (several fleets can share one Redis).
+    pub prefix: String,
+    /// Replicas assumed at least (before any has been counted, and as a floor after).
+    pub replicas: u32,
+}
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 50;
+pub const DEFAULT_PREFIX: &str = "scopegate:";
+/// A replica not seen for this long no longer counts.
+const REPLICA_TTL_MS: u64 = 3000;
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A lease covers about this much of a bucket's rate, split between the replicas.
+pub const LEASE_WINDOW_NS: u64 = 10_000_000;
+
+/// KEYS[1] the bucket; ARGV interval and tolerance (µs), tokens wanted (negative: given back).
+/// Returns `{granted, µs until one token}`.
+pub const TAKE: &str = r#"local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if want < 0 then
+  if tat then
+    tat = tat + want * interval
+    if tat > now then
+      redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+    else
+      redis.call('DEL', KEYS[1])
+    end
+  end
+  return {0, 0}
+end
+if not tat or tat < now then tat = now end
+local room = math.floor((now + tolerance - tat) / interval)
+if room > want then room = want end
+if room > 0 then
+  tat = tat + room * interval
+  redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  return {room, 0}
+end
+return {0, math.ceil(tat + interval - tolerance - now)}
+"#;
+
+/// KEYS[1] the replicas' sorted set; ARGV this replica's id, the TTL (ms). Returns how many
+/// replicas were seen within the TTL.
+pub const HEARTBEAT_SCRIPT: &str = r#"local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// What the replica's workers share.
+pub struct Fleet {
+    pub settings: FleetSettings,
+    pub client: Arc<Client>,
+    take: Script,
+    heartbeat: Script,
+    replica_id: String,
+    replicas_seen: AtomicU32,
+    /// Tokens Redis granted to this replica.
+    pub leased: AtomicU64,
+    /// Decisions made without Redis (the fallback's share, or refused as configured).
+    pub fallbacks: AtomicU64,
+}
+
+impl Fleet {
+    /// `workers`: how many workers will each start a link.
+    pub fn new(settings: FleetSettings, workers: usize) -> Result<Arc<Fleet>, String> {
+        let take = Script::new(TAKE);
+        let heartbeat = Script::new(HEARTBEAT_SCRIPT);
+        let when_down = match settings.fallback {
+            Fallback::Local => "each replica enforces its share of every limit \
+                                (SCOPEGATE_REDIS_FALLBACK=local) until it is back"
+                .to_owned(),
+            Fallback::Closed => "calls under any rate limit are refused \
+                                 (SCOPEGATE_REDIS_FALLBACK=closed) until it is back"
+                .to_owned(),
+        };
+        let client = Client::new(
+            settings.url.clone(),
+            settings.ca_file.clone(),
+            settings.timeout,
+            vec![take.clone(), heartbeat.clone()],
+            when_down,
+            workers,
+        )?;
+        Ok(Arc::new(Fleet {
+            client: Arc::new(client),
+            take,
+            heartbeat,
+            replica_id: replica_id(),
+            replicas_seen: AtomicU32::new(0),
+            leased: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            settings,
+        }))
+    }
+
+    /// The replicas sharing the limits: those seen lately, at least the configured floor.
+    pub fn replicas(&self) -> u64 {
+        let seen = self.replicas_seen.load(Ordering::Relaxed);
+        u64::from(seen.max(self.settings.replicas).max(1))
+    }
+
+    fn key(&self, what: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.settings.prefix.len() + 3 + what.len());
+        k.extend_from_slice(self.settings.prefix.as_bytes());
+        k.extend_from_slice(what.as_bytes());
+        k
+    }
+}
+
+/// 16 hex characters from the system's random source, unique per process.
+fn replica_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        b = (u64::from(std::process::id()) ^ now_ns()).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// How a call's token was taken, so that it can be given back the same way.
+#[derive(Clone, Copy)]
+enum How {
+    Leased,
+    /// From the bucket's local share while Redis was unreachable.
+    Share(Gcra),
+}
+
+/// The answer a waiting call gets from its Redis request.
+#[derive(Clone, Copy)]
+enum Answer {
+    Granted,
+    /// Nothing left: one token in this many ns.
+    Empty(u64),
+    Failed,
+}
+
+/// Where a call waits for its own request's answer (on its worker).
+#[derive(Default)]
+struct Waiter {
+    answer: Cell<Option<Answer>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Waiter {
+    fn set(&self, a: Answer) {
+        self.answer.set(Some(a));
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) -> Answer {
+        poll_fn(|cx| match self.answer.get() {
+            Some(a) => Poll::Ready(a),
+            None => {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// One worker's fleet-wide limiter: the fleet, and this worker's link to Redis.
+pub struct FleetLimiter {
+    fleet: Arc<Fleet>,
+    link: Link,
+}
+
+impl FleetLimiter {
+    /// Starts this worker's link (and, on worker 0, the replica's heartbeat) on the current
+    /// runtime.
+    pub fn start(fleet: Arc<Fleet>, worker: usize) -> FleetLimiter {
+        let link = Link::start(fleet.client.clone());
+        if worker == 0 {
+            monoio::spawn(heartbeat(fleet.clone(), link.clone()));
+        }
+        FleetLimiter { fleet, link }
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Takes one token from every limit in `uses`, or none.
+    pub async fn admit<'a>(&self, uses: &impl Uses<'a>) -> Result<(), Limited> {
+        let now = now_ns();
+        // Most calls: a leased token from each bucket, nothing else.
+        let mut taken = 0usize;
+        let mut short = false;
+        uses.visit(|u| {
+            let b = u.limit.state.bucket(u.name, Some(now));
+            match b.lease.take(now) {
+                Take::Taken => {}
+                Take::TakenRefill => self.ask(Arc::clone(&b), self.size(&b), true, None),
+                Take::Empty => short = true,
+                Take::Expired(back) => {
+                    self.give_back_to_store(Arc::clone(&b), back);
+                    short = true;
+                }
+            }
+            taken += usize::from(!short);
+            !short
+        });
+        if !short {
+            return Ok(());
+        }
+        self.put_back(uses, taken, &[]);
+        self.admit_slow(uses).await
+    }
+
+    /// Gives back what [`admit`](Self::admit) took (to the leases: they are this replica's).
+    pub fn release<'a>(&self, uses: &impl Uses<'a>) {
+        self.put_back(uses, usize::MAX, &[]);
+    }
+
+    /// Gives back the first `n` tokens of `uses`, each the way `hows` says (leased when
+    /// `hows` is shorter).
+    fn put_back<'a>(&self, uses: &impl Uses<'a>, mut n: usize, hows: &[How]) {
+        let mut i = 0;
+        uses.visit(|u: Use<'a>| {
+            if n == 0 {
+                return false;
+            }
+            let b = u.limit.state.bucket(u.name, None);
+            match hows.get(i) {
+                Some(How::Share(g)) => b.give_back_with(*g),
+                _ => b.lease.put_back(),
+            }
+            n -= 1;
+            i += 1;
+            true
+        });
+    }
+
+    /// A lease ran out on one of the buckets: each is taken in turn, asking Redis where needed,
+    /// all within one timeout.
+    #[cold]
+    async fn admit_slow<'a>(&self, uses: &impl Uses<'a>) -> Result<(), Limited> {
+        let mut buckets: Vec<Arc<Bucket>> = Vec::new();
+        uses.visit(|u| {
+            buckets.push(Arc::clone(&u.limit.state.bucket(u.name, Some(now_ns()))));
+            true
+        });
+        let deadline = Instant::now() + self.fleet.settings.timeout;
+        let mut hows = Vec::with_capacity(buckets.len());
+        for b in &buckets {
+            match self.take_one(b, deadline).await {
+                Ok(how) => hows.push(how),
+                Err(limited) => {
+                    self.put_back(uses, hows.len(), &hows);
+                    return Err(limited);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_one(&self, b: &Arc<Bucket>, deadline: Instant) -> Result<How, Limited> {
+        let now = now_ns();
+        match b.lease.take(now) {
+            Take::Taken => return Ok(How::Leased),
+            Take::TakenRefill => {
+                self.ask(Arc::clone(b), self.size(b), true, None);
+                return Ok(How::Leased);
+            }
+            Take::Expired(back) => self.give_back_to_store(Arc::clone(b), back),
+            Take::Empty => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !self.link.is_up() || left.is_zero() {
+            return self.fallback(b, now);
+        }
+        if let Some(wait) = b.lease.known_empty(now) {
+            return Err(b.refusal(wait));
+        }
+        // Ask for one token for this call, and a lease's worth for the calls after it unless
+        // a refill is on its way already.
+        let size = self.size(b);
+        let refill = b.lease.start_refill();
+        let want = 1 + if refill { size } else { 0 };
+        let waiter = Rc::new(Waiter::default());
+        self.ask(Arc::clone(b), want, refill, Some(waiter.clone()));
+        match monoio::time::timeout(left, waiter.wait()).await {
+            Ok(Answer::Granted) => Ok(How::Leased),
+            Ok(Answer::Empty(wait)) => Err(b.refusal(wait)),
+            Ok(Answer::Failed) | Err(_) => self.fallback(b, now_ns()),
+        }
+    }
+
+    /// Redis could not be asked: the configured fallback decides.
+    fn fallback(&self, b: &Bucket, now: u64) -> Result<How, Limited> {
+        self.fleet.fallbacks.fetch_add(1, Ordering::Relaxed);
+        match self.fleet.settings.fallback {
+            Fallback::Local => {
+                let share = local_share(b.limit, self.fleet.replicas());
+                match b.try_take_with(share, now) {
+                    Ok(()) => Ok(How::Share(share)),
+                    Err(wait) => Err(b.refusal(wait)),
+                }
+            }
+            Fallback::Closed => Err(Limited {
+                label: format!(
+                    "{} (the fleet's Redis is unreachable and SCOPEGATE_REDIS_FALLBACK=closed)",
+                    b.label
+                ),
+                retry_after_ns: redis::link::RETRY.as_nanos() as u64,
+            }),
+        }
+    }
+
+    fn size(&self, b: &Bucket) -> u64 {
+        lease_size(b.limit, self.fleet.replicas())
+    }
+
+    /// Asks Redis for `want` tokens of `b`. Granted tokens go to the lease, except one for
+    /// `waiter` if it still waits; `refill` says this request holds the bucket's refill
+    /// claim.
+    fn ask(&self, b: Arc<Bucket>, want: u64, refill: bool, waiter: Option<Rc<Waiter>>) {
+        let fleet = self.fleet.clone();
+        let size = self.size(&b);
+        let command = self.take_command(&b, want as i64);
+        let done: redis::Done = Box::new(move |reply: Result<Value, Failure>| {
+            if refill {
+                b.lease.end_refill();
+            }
+            let answer = match granted(&reply) {
+                Some((n, _)) if n > 0 => {
+                    fleet.leased.fetch_add(n, Ordering::Relaxed);
+                    let waiting = waiter.as_ref().filter(|w| Rc::strong_count(w) > 1);
+                    let keep = n - u64::from(waiting.is_some());
+                    if keep > 0 {
+                        b.lease.put(keep, now_ns(), size);
+                    }
+                    Answer::Granted
+                }
+                Some((_, wait_us)) => {
+                    let wait = wait_us.saturating_mul(1000).max(1);
+                    b.lease.set_empty(now_ns(), wait);
+                    Answer::Empty(wait)
+                }
+                None => {
+                    if let Ok(v) = &reply {
+                        unexpected(v);
+                    }
+                    Answer::Failed
+                }
+            };
+            if let Some(w) = waiter {
+                w.set(answer);
+            }
+        });
+        if let Err(done) = self.link.send(command, done) {
+            done(Err(Failure::Down("not connected".into())));
+        }
+    }
+
+    /// Returns `n` leased tokens of `b` to Redis (fire and forget).
+    fn give_back_to_store(&self, b: Arc<Bucket>, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let command = self.take_command(&b, -(n as i64));
+        let _ = self.link.send(command, Box::new(|_| {}));
+    }
+
+    fn take_command(&self, b: &Bucket, want: i64) -> Vec<u8> {
+        let key = self.fleet.key(&format!("rl:{}", b.key));
+        let interval = format!("{}", b.limit.interval as f64 / 1000.0);
+        let tolerance = format!("{}", b.limit.tolerance as f64 / 1000.0);
+        let want = want.to_string();
+        let mut out = Vec::with_capacity(128 + key.len());
+        resp::encode(
+            &mut out,
+            &[
+                b"EVALSHA",
+                self.fleet.take.sha.as_bytes(),
+                b"1",
+                &key,
+                interval.as_bytes(),
+                tolerance.as_bytes(),
+                want.as_bytes(),
+            ],
+        );
+        out
+    }
+}
+
+/// Tokens a replica leases at once from a bucket `gcra`, with `replicas` replicas sharing it:
+/// about [`LEASE_WINDOW_NS`] of the rate split between them, at most half the burst's share (so
+/// the leases out never hold a bucket's whole burst), at least one.
+pub fn lease_size(gcra: Gcra, replicas: u64) -> u64 {
+    let replicas = replicas.max(1);
+    let per_window = LEASE_WINDOW_NS / gcra.interval / replicas;
+    let burst = gcra.tolerance / gcra.interval;
+    per_window.min(burst / 2 / replicas).max(1)
+}
+
+/// The bucket each of `replicas` replicas enforces alone when the fleet's store is
+/// unreachable: its share of the rate and of the burst (at least one token).
+pub fn local_share(gcra: Gcra, replicas: u64) -> Gcra {
+    let replicas = replicas.max(1);
+    let interval = gcra.interval.saturating_mul(replicas);
+    let burst = (gcra.tolerance / gcra.interval / replicas).max(1);
+    Gcra {
+        interval,
+        tolerance: interval.saturating_mul(burst),
+    }
+}
+
+/// `{granted, µs until one}` from the take script's reply.
+fn granted(reply: &Result<Value, Failure>) -> Option<(u64, u64)> {
+    let Ok(Value::Array(Some(items))) = reply else {
+        return None;
+    };
+    match items.as_slice() {
+        [n, wait] => Some((n.as_int()?.max(0) as u64, wait.as_int()?.max(0) as u64)),
+        _ => None,
+    }
+}
+
+/// Logs a reply the take script cannot give (an error such as `OOM` or `BUSY`), at most once a
+/// second: every call can meet it.
+#[cold]
+fn unexpected(v: &Value) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ns();
+    let last = LAST.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1_000_000_000
+        && LAST
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    {
+        crate::warn!("Redis answered the rate-limit script with {v:?}; deciding without it");
+    }
+}
+
+/// Registers this replica every [`HEARTBEAT`] and learns how many there are.
+async fn heartbeat(fleet: Arc<Fleet>, link: Link) {
+    let key = fleet.key("replicas");
+    let ttl = REPLICA_TTL_MS.to_string();
+    loop {
+        let mut command = Vec::with_capacity(128);
+        resp::encode(
+            &mut command,
+            &[
+                b"EVALSHA",
+                fleet.heartbeat.sha.as_bytes(),
+                b"1",
+                &key,
+                fleet.replica_id.as_bytes(),
+                ttl.as_bytes(),
+            ],
+        );
+        if !link.is_up() {
+            // Register as soon as the link is up.
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let f = fleet.clone();
+        let _ = link.send(
+            command,
+            Box::new(move |reply| {
+                if let Ok(Value::Int(n)) = reply {
+                    f.replicas_seen
+                        .store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Relaxed);
+                }
+            }),
+        );
+        monoio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_sizes_follow_rate_burst_and_replicas() {
+        // 100,000/s, burst 100,000, alone: 10 ms of the rate.
+        assert_eq!(lease_size(Gcra::new(100_000.0, 100_000), 1), 1000);
+        // Three replicas split it.
+        assert_eq!(lease_size(Gcra::new(100_000.0, 100_000), 3), 333);
+        // A small burst caps it: burst 20 over 3 replicas leases 3 at most.
+        assert_eq!(lease_size(Gcra::new(100_000.0, 20), 3), 3);
+        // Slow limits lease one token at a time.
+        assert_eq!(lease_size(Gcra::new(100.0, 100), 3), 1);
+        assert_eq!(lease_size(Gcra::new(1.0 / 60.0, 20), 3), 1);
+    }
+
+    #[test]
+    fn local_share_divides_rate_and_burst() {
+        let g = local_share(Gcra::new(90.0, 30), 3);
+        assert_eq!(g, Gcra::new(30.0, 10));
+        // A burst smaller than the replica count still admits one.
+        let g = local_share(Gcra::new(10.0, 2), 3);
+        assert_eq!(g.tolerance, g.interval);
+    }
+}
