@@ -8,30 +8,19 @@
 //! bucket is full again. So the total admitted fleet-wide over any window is at most the limit
 //! plus the tokens leased out and not yet spent (at most one lease per replica and bucket).
 //!
-//! A call takes a leased token with one atomic operation. When a lease runs low a refill is
-//! queued on the worker's Redis link; when it is empty the call asks Redis itself, waiting at
-//! most `SCOPEGATE_REDIS_TIMEOUT_MS`. When Redis says the bucket is empty the refusal says how
-//! long to wait, and calls refused before then do not ask again. When Redis is unreachable
-//! the configured [`Fallback`] decides: each replica enforces its share of the limit (the
-//! limit divided by the replicas seen), or limited calls are refused. Calls that no limit
-//! covers never touch any of this.
+//! How calls spend leases, and what happens when Redis cannot be asked, is
+//! [`super::leased`]'s.
 //!
 //! Replicas count themselves: every second worker 0 of each replica registers in a sorted set
 //! (`{prefix}replicas`, scored by Redis time; entries older than 3 s are dropped), which sizes
 //! leases and the fallback's share.
 
-use std::cell::Cell;
-use std::future::poll_fn;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::task::{Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::bucket::{Bucket, Gcra, Limited, now_ns};
-use super::lease::Take;
-use super::limit::{Use, Uses};
-use crate::redis::{self, Client, Failure, Link, RedisUrl, Script, Value, resp};
+use super::bucket::{Bucket, Gcra, now_ns};
+use crate::redis::{Client, Failure, Link, RedisUrl, Script, Value, resp};
 
 /// What a replica does while Redis is unreachable (`SCOPEGATE_REDIS_FALLBACK`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +158,27 @@ impl Fleet {
         u64::from(seen.max(self.settings.replicas).max(1))
     }
 
+    pub(super) fn take_command(&self, b: &Bucket, want: i64) -> Vec<u8> {
+        let key = self.key(&format!("rl:{}", b.key));
+        let interval = format!("{}", b.limit.interval as f64 / 1000.0);
+        let tolerance = format!("{}", b.limit.tolerance as f64 / 1000.0);
+        let want = want.to_string();
+        let mut out = Vec::with_capacity(128 + key.len());
+        resp::encode(
+            &mut out,
+            &[
+                b"EVALSHA",
+                self.take.sha.as_bytes(),
+                b"1",
+                &key,
+                interval.as_bytes(),
+                tolerance.as_bytes(),
+                want.as_bytes(),
+            ],
+        );
+        out
+    }
+
     fn key(&self, what: &str) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.settings.prefix.len() + 3 + what.len());
         k.extend_from_slice(self.settings.prefix.as_bytes());
@@ -185,275 +195,6 @@ fn replica_id() -> String {
         b = (u64::from(std::process::id()) ^ now_ns()).to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// How a call's token was taken, so that it can be given back the same way.
-#[derive(Clone, Copy)]
-enum How {
-    Leased,
-    /// From the bucket's local share while Redis was unreachable.
-    Share(Gcra),
-}
-
-/// The answer a waiting call gets from its Redis request.
-#[derive(Clone, Copy)]
-enum Answer {
-    Granted,
-    /// Nothing left: one token in this many ns.
-    Empty(u64),
-    Failed,
-}
-
-/// Where a call waits for its own request's answer (on its worker).
-#[derive(Default)]
-struct Waiter {
-    answer: Cell<Option<Answer>>,
-    waker: Cell<Option<Waker>>,
-}
-
-impl Waiter {
-    fn set(&self, a: Answer) {
-        self.answer.set(Some(a));
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
-    }
-
-    async fn wait(&self) -> Answer {
-        poll_fn(|cx| match self.answer.get() {
-            Some(a) => Poll::Ready(a),
-            None => {
-                self.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
-/// One worker's fleet-wide limiter: the fleet, and this worker's link to Redis.
-pub struct FleetLimiter {
-    fleet: Arc<Fleet>,
-    link: Link,
-}
-
-impl FleetLimiter {
-    /// Starts this worker's link (and, on worker 0, the replica's heartbeat) on the current
-    /// runtime.
-    pub fn start(fleet: Arc<Fleet>, worker: usize) -> FleetLimiter {
-        let link = Link::start(fleet.client.clone());
-        if worker == 0 {
-            monoio::spawn(heartbeat(fleet.clone(), link.clone()));
-        }
-        FleetLimiter { fleet, link }
-    }
-
-    pub fn fleet(&self) -> &Arc<Fleet> {
-        &self.fleet
-    }
-
-    /// Takes one token from every limit in `uses`, or none.
-    pub async fn admit<'a>(&self, uses: &impl Uses<'a>) -> Result<(), Limited> {
-        let now = now_ns();
-        // Most calls: a leased token from each bucket, nothing else.
-        let mut taken = 0usize;
-        let mut short = false;
-        uses.visit(|u| {
-            let b = u.limit.state.bucket(u.name, Some(now));
-            match b.lease.take(now) {
-                Take::Taken => {}
-                Take::TakenRefill => self.ask(Arc::clone(&b), self.size(&b), true, None),
-                Take::Empty => short = true,
-                Take::Expired(back) => {
-                    self.give_back_to_store(Arc::clone(&b), back);
-                    short = true;
-                }
-            }
-            taken += usize::from(!short);
-            !short
-        });
-        if !short {
-            return Ok(());
-        }
-        self.put_back(uses, taken, &[]);
-        self.admit_slow(uses).await
-    }
-
-    /// Gives back what [`admit`](Self::admit) took (to the leases: they are this replica's).
-    pub fn release<'a>(&self, uses: &impl Uses<'a>) {
-        self.put_back(uses, usize::MAX, &[]);
-    }
-
-    /// Gives back the first `n` tokens of `uses`, each the way `hows` says (leased when
-    /// `hows` is shorter).
-    fn put_back<'a>(&self, uses: &impl Uses<'a>, mut n: usize, hows: &[How]) {
-        let mut i = 0;
-        uses.visit(|u: Use<'a>| {
-            if n == 0 {
-                return false;
-            }
-            let b = u.limit.state.bucket(u.name, None);
-            match hows.get(i) {
-                Some(How::Share(g)) => b.give_back_with(*g),
-                _ => b.lease.put_back(),
-            }
-            n -= 1;
-            i += 1;
-            true
-        });
-    }
-
-    /// A lease ran out on one of the buckets: each is taken in turn, asking Redis where needed,
-    /// all within one timeout.
-    #[cold]
-    async fn admit_slow<'a>(&self, uses: &impl Uses<'a>) -> Result<(), Limited> {
-        let mut buckets: Vec<Arc<Bucket>> = Vec::new();
-        uses.visit(|u| {
-            buckets.push(Arc::clone(&u.limit.state.bucket(u.name, Some(now_ns()))));
-            true
-        });
-        let deadline = Instant::now() + self.fleet.settings.timeout;
-        let mut hows = Vec::with_capacity(buckets.len());
-        for b in &buckets {
-            match self.take_one(b, deadline).await {
-                Ok(how) => hows.push(how),
-                Err(limited) => {
-                    self.put_back(uses, hows.len(), &hows);
-                    return Err(limited);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn take_one(&self, b: &Arc<Bucket>, deadline: Instant) -> Result<How, Limited> {
-        let now = now_ns();
-        match b.lease.take(now) {
-            Take::Taken => return Ok(How::Leased),
-            Take::TakenRefill => {
-                self.ask(Arc::clone(b), self.size(b), true, None);
-                return Ok(How::Leased);
-            }
-            Take::Expired(back) => self.give_back_to_store(Arc::clone(b), back),
-            Take::Empty => {}
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if !self.link.is_up() || left.is_zero() {
-            return self.fallback(b, now);
-        }
-        if let Some(wait) = b.lease.known_empty(now) {
-            return Err(b.refusal(wait));
-        }
-        // Ask for one token for this call, and a lease's worth for the calls after it unless
-        // a refill is on its way already.
-        let size = self.size(b);
-        let refill = b.lease.start_refill();
-        let want = 1 + if refill { size } else { 0 };
-        let waiter = Rc::new(Waiter::default());
-        self.ask(Arc::clone(b), want, refill, Some(waiter.clone()));
-        match monoio::time::timeout(left, waiter.wait()).await {
-            Ok(Answer::Granted) => Ok(How::Leased),
-            Ok(Answer::Empty(wait)) => Err(b.refusal(wait)),
-            Ok(Answer::Failed) | Err(_) => self.fallback(b, now_ns()),
-        }
-    }
-
-    /// Redis could not be asked: the configured fallback decides.
-    fn fallback(&self, b: &Bucket, now: u64) -> Result<How, Limited> {
-        self.fleet.fallbacks.fetch_add(1, Ordering::Relaxed);
-        match self.fleet.settings.fallback {
-            Fallback::Local => {
-                let share = local_share(b.limit, self.fleet.replicas());
-                match b.try_take_with(share, now) {
-                    Ok(()) => Ok(How::Share(share)),
-                    Err(wait) => Err(b.refusal(wait)),
-                }
-            }
-            Fallback::Closed => Err(Limited {
-                label: format!(
-                    "{} (the fleet's Redis is unreachable and SCOPEGATE_REDIS_FALLBACK=closed)",
-                    b.label
-                ),
-                retry_after_ns: redis::link::RETRY.as_nanos() as u64,
-            }),
-        }
-    }
-
-    fn size(&self, b: &Bucket) -> u64 {
-        lease_size(b.limit, self.fleet.replicas())
-    }
-
-    /// Asks Redis for `want` tokens of `b`. Granted tokens go to the lease, except one for
-    /// `waiter` if it still waits; `refill` says this request holds the bucket's refill
-    /// claim.
-    fn ask(&self, b: Arc<Bucket>, want: u64, refill: bool, waiter: Option<Rc<Waiter>>) {
-        let fleet = self.fleet.clone();
-        let size = self.size(&b);
-        let command = self.take_command(&b, want as i64);
-        let done: redis::Done = Box::new(move |reply: Result<Value, Failure>| {
-            if refill {
-                b.lease.end_refill();
-            }
-            let answer = match granted(&reply) {
-                Some((n, _)) if n > 0 => {
-                    fleet.leased.fetch_add(n, Ordering::Relaxed);
-                    let waiting = waiter.as_ref().filter(|w| Rc::strong_count(w) > 1);
-                    let keep = n - u64::from(waiting.is_some());
-                    if keep > 0 {
-                        b.lease.put(keep, now_ns(), size);
-                    }
-                    Answer::Granted
-                }
-                Some((_, wait_us)) => {
-                    let wait = wait_us.saturating_mul(1000).max(1);
-                    b.lease.set_empty(now_ns(), wait);
-                    Answer::Empty(wait)
-                }
-                None => {
-                    if let Ok(v) = &reply {
-                        unexpected(v);
-                    }
-                    Answer::Failed
-                }
-            };
-            if let Some(w) = waiter {
-                w.set(answer);
-            }
-        });
-        if let Err(done) = self.link.send(command, done) {
-            done(Err(Failure::Down("not connected".into())));
-        }
-    }
-
-    /// Returns `n` leased tokens of `b` to Redis (fire and forget).
-    fn give_back_to_store(&self, b: Arc<Bucket>, n: u64) {
-        if n == 0 {
-            return;
-        }
-        let command = self.take_command(&b, -(n as i64));
-        let _ = self.link.send(command, Box::new(|_| {}));
-    }
-
-    fn take_command(&self, b: &Bucket, want: i64) -> Vec<u8> {
-        let key = self.fleet.key(&format!("rl:{}", b.key));
-        let interval = format!("{}", b.limit.interval as f64 / 1000.0);
-        let tolerance = format!("{}", b.limit.tolerance as f64 / 1000.0);
-        let want = want.to_string();
-        let mut out = Vec::with_capacity(128 + key.len());
-        resp::encode(
-            &mut out,
-            &[
-                b"EVALSHA",
-                self.fleet.take.sha.as_bytes(),
-                b"1",
-                &key,
-                interval.as_bytes(),
-                tolerance.as_bytes(),
-                want.as_bytes(),
-            ],
-        );
-        out
-    }
 }
 
 /// Tokens a replica leases at once from a bucket `gcra`, with `replicas` replicas sharing it:
@@ -479,7 +220,7 @@ pub fn local_share(gcra: Gcra, replicas: u64) -> Gcra {
 }
 
 /// `{granted, µs until one}` from the take script's reply.
-fn granted(reply: &Result<Value, Failure>) -> Option<(u64, u64)> {
+pub(super) fn granted(reply: &Result<Value, Failure>) -> Option<(u64, u64)> {
     let Ok(Value::Array(Some(items))) = reply else {
         return None;
     };
@@ -492,7 +233,7 @@ fn granted(reply: &Result<Value, Failure>) -> Option<(u64, u64)> {
 /// Logs a reply the take script cannot give (an error such as `OOM` or `BUSY`), at most once a
 /// second: every call can meet it.
 #[cold]
-fn unexpected(v: &Value) {
+pub(super) fn unexpected(v: &Value) {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = now_ns();
     let last = LAST.load(Ordering::Relaxed);
@@ -506,7 +247,7 @@ fn unexpected(v: &Value) {
 }
 
 /// Registers this replica every [`HEARTBEAT`] and learns how many there are.
-async fn heartbeat(fleet: Arc<Fleet>, link: Link) {
+pub(super) async fn heartbeat(fleet: Arc<Fleet>, link: Link) {
     let key = fleet.key("replicas");
     let ttl = REPLICA_TTL_MS.to_string();
     loop {

@@ -110,11 +110,13 @@ impl Lease {
         )
     }
 
-    /// Redis said at `now` that the bucket has no token for `wait` ns.
-    pub fn set_empty(&self, now: u64, wait: u64) {
+    /// Redis said at `now` that the bucket has no token for `wait` ns; it is asked again
+    /// after `accrue` ns at the soonest (what a lease's worth takes to accrue), and
+    /// [`RECHECK_NS`] at the latest.
+    pub fn set_empty(&self, now: u64, wait: u64, accrue: u64) {
         self.empty_until.store(now + wait, Ordering::Relaxed);
-        self.recheck_at
-            .store(now + wait.min(RECHECK_NS), Ordering::Relaxed);
+        let recheck = wait.max(accrue).min(RECHECK_NS);
+        self.recheck_at.store(now + recheck, Ordering::Relaxed);
     }
 
     /// Tokens held now.
@@ -154,11 +156,16 @@ mod tests {
         let l = Lease::default();
         let t = 10 * SEC;
         assert_eq!(l.known_empty(t), None);
-        l.set_empty(t, 3600 * SEC);
+        l.set_empty(t, 3600 * SEC, 0);
         assert_eq!(l.known_empty(t + 1), Some(3600 * SEC - 1));
         assert_eq!(l.known_empty(t + RECHECK_NS), None);
-        l.set_empty(t, SEC / 100);
+        l.set_empty(t, SEC / 100, 0);
         assert_eq!(l.known_empty(t + SEC / 200), Some(SEC / 200));
+        assert_eq!(l.known_empty(t + SEC / 100), None);
+        // A token in 200 µs, a lease of 50 in 10 ms: asked again in 10 ms, the wait told as is.
+        l.set_empty(t, SEC / 5000, SEC / 100);
+        assert_eq!(l.known_empty(t + SEC / 1000), Some(1));
+        assert!(l.known_empty(t + SEC / 100 - 1).is_some());
         assert_eq!(l.known_empty(t + SEC / 100), None);
         l.put(1, t, 1);
         assert_eq!(l.known_empty(t), None);

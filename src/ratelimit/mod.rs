@@ -14,13 +14,15 @@
 pub mod bucket;
 pub mod fleet;
 pub mod lease;
+mod leased;
 mod limit;
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 pub use bucket::{Bucket, Gcra, Limited, MAX_TOOL_BUCKETS, now_ns};
-pub use fleet::{Fallback, Fleet, FleetLimiter, FleetSettings};
+pub use fleet::{Fallback, Fleet, FleetSettings};
+pub use leased::FleetLimiter;
 pub use limit::{Limit, Rate, Use, Uses};
 
 /// Takes tokens from limits held in memory (this process's state).

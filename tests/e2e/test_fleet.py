@@ -34,16 +34,18 @@ SECRET = "fleet-secret-fleet-secret-fleet-secret-42"
 class Redis:
     """A redis-server on a free port, no persistence: a restart starts empty."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, extra: list[str] | None = None, tls: bool = False):
         self.port = free_port()
         self.dir = tmp_path
         self.proc = None
+        ports = ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
+        self.args = ports + (extra or [])
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir), *self.args],
             stdout=open(self.dir / "redis.log", "a"), stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port)
@@ -98,6 +100,15 @@ backend replicas
         self.proc.wait(timeout=10)
 
 
+def redis_cli(r: "Redis", *args: str, tls_dir: Path | None = None, password: str | None = None) -> str:
+    cmd = ["redis-cli", "-p", str(r.port)]
+    if tls_dir:
+        cmd += ["--tls", "--cacert", str(tls_dir / "ca.pem")]
+    if password:
+        cmd += ["-a", password, "--no-auth-warning"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, check=True).stdout
+
+
 def policy_text(upstream_url: str, agent_rate: str = "", tool_rate: str = "") -> str:
     agent_rate = f"rate = {agent_rate}" if agent_rate else ""
     tool = f'[[agent.tool]]\nmatch = "files/add"\nrate = {tool_rate}\n' if tool_rate else ""
@@ -121,13 +132,14 @@ allow = ["files/*"]
 
 class Fleet:
     def __init__(self, tmp_path: Path, upstream: Upstream, redis: Redis, replicas: int = 3,
-                 fallback: str = "local", **rates):
+                 fallback: str = "local", redis_env: dict[str, str] | None = None, wait: bool = True,
+                 **rates):
         policy = tmp_path / "policy.toml"
         policy.write_text(policy_text(upstream.url, **rates))
         self.replicas = []
         for i in range(replicas):
             audit = tmp_path / f"audit-{i}"
-            audit.mkdir()
+            audit.mkdir(exist_ok=True)
             self.replicas.append(Scopegate({
                 "SCOPEGATE_POLICY": str(policy),
                 "SCOPEGATE_SESSION_SECRET": SECRET,
@@ -139,11 +151,13 @@ class Fleet:
                 "SCOPEGATE_AUDIT_FLUSH_MS": "20",
                 # Two workers on one replica: two links to Redis in one process.
                 "SCOPEGATE_THREADS": "2" if i == 0 else "1",
+                **(redis_env or {}),
             }))
         self.haproxy = Haproxy(tmp_path, [r.addr for r in self.replicas]) if replicas > 1 else None
         # Every replica counted in Redis before the test measures anything.
-        wait_until(lambda: all(metric(r, "scopegate_redis_replicas") == replicas for r in self.replicas),
-                   "replicas to see each other")
+        if wait:
+                wait_until(lambda: all(metric(r, "scopegate_redis_replicas") == replicas for r in self.replicas),
+                       "replicas to see each other")
 
     def stop(self) -> None:
         if self.haproxy:
@@ -362,5 +376,84 @@ def test_flushed_scripts_are_loaded_again(tmp_path, upstream, redis):
         before = redis.commands().get("evalsha", 0)
         assert asyncio.run(call_many(url, 3))[:2] == (3, 0)
         wait_until(lambda: redis.commands().get("evalsha", 0) > before, "script calls to succeed again")
+    finally:
+        fleet.stop()
+
+
+def test_rediss_with_a_password_and_a_database(tmp_path, upstream):
+    import certs
+
+    tls_dir = certs.make_all(tmp_path / "certs")
+    redis = Redis(tmp_path, tls=True, extra=[
+        "--tls-cert-file", str(tls_dir / "server.pem"), "--tls-key-file", str(tls_dir / "server.key"),
+        "--tls-ca-cert-file", str(tls_dir / "ca.pem"), "--tls-auth-clients", "no",
+        "--requirepass", "s3cret:pass"])
+    url = f"rediss://:s3cret%3Apass@localhost:{redis.port}/2"
+    fleet = Fleet(tmp_path, upstream, redis, replicas=1, tool_rate="{ per_hour = 1, burst = 5 }",
+                  redis_env={"SCOPEGATE_REDIS_URL": url, "SCOPEGATE_REDIS_CA_FILE": str(tls_dir / "ca.pem")})
+    gw = fleet.replicas[0]
+    try:
+        ok, limited, other = asyncio.run(call_many(f"{gw.base}/mcp/files", 8))
+        assert (ok, limited, other) == (5, 3, [])
+        keys = redis_cli(redis, "-n", "2", "--scan", tls_dir=tls_dir, password="s3cret:pass").split()
+        assert "scopegate:rl:tool/bot/files/add" in keys, keys
+        assert "s3cret" not in gw.log()
+    finally:
+        fleet.stop()
+        redis.kill()
+
+
+def test_a_wrong_password_or_an_untrusted_server_is_logged_and_limits_fall_back(tmp_path, upstream):
+    import certs
+
+    tls_dir = certs.make_all(tmp_path / "certs")
+    redis = Redis(tmp_path, tls=True, extra=[
+        "--tls-cert-file", str(tls_dir / "rogue.pem"), "--tls-key-file", str(tls_dir / "rogue.key"),
+        "--tls-auth-clients", "no"])
+    plain = Redis(tmp_path, extra=["--requirepass", "right"])
+    try:
+        for url, says in [
+            (f"rediss://localhost:{redis.port}", "TLS handshake"),
+            (f"redis://:Wr0ngPa55@127.0.0.1:{plain.port}", "AUTH: WRONGPASS"),
+        ]:
+            env = {"SCOPEGATE_REDIS_URL": url}
+            if url.startswith("rediss"):
+                env["SCOPEGATE_REDIS_CA_FILE"] = str(tls_dir / "ca.pem")
+            fleet = Fleet(tmp_path, upstream, redis, replicas=1, tool_rate="{ per_hour = 1, burst = 6 }",
+                          redis_env=env, wait=False)
+            gw = fleet.replicas[0]
+            try:
+                wait_until(lambda: "unreachable" in gw.log(), "the failure to be logged")
+                down = [line for line in gw.lines if "unreachable" in line]
+                assert len(down) == 1 and says in down[0], down
+                assert "Wr0ngPa55" not in gw.log()
+                # One replica counted: its share is the whole limit.
+                ok, limited, other = asyncio.run(call_many(f"{gw.base}/mcp/files", 8))
+                assert (ok, limited, other) == (6, 2, [])
+                assert metric(gw, "scopegate_redis_up") == 0
+            finally:
+                fleet.stop()
+    finally:
+        redis.kill()
+        plain.kill()
+
+
+def test_a_hung_redis_does_not_hang_calls(tmp_path, upstream, redis):
+    """Redis stopped (SIGSTOP): connections stay open but nothing answers. Calls go on under the
+    local share after at most the timeout; when Redis resumes, limits are fleet-wide again."""
+    fleet = Fleet(tmp_path, upstream, redis, replicas=1, agent_rate="{ per_second = 1000, burst = 1000 }")
+    gw = fleet.replicas[0]
+    url = f"{gw.base}/mcp/files"
+    try:
+        assert asyncio.run(call_many(url, 3))[:2] == (3, 0)
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert asyncio.run(call_many(url, 20))[:2] == (20, 0)
+            wait_until(lambda: "unreachable (no reply in time)" in gw.log(), "the hang to be noticed")
+            assert metric(gw, "scopegate_ratelimit_fallback_total") > 0
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: metric(gw, "scopegate_redis_up") == 1, "redis_up 1")
+        assert asyncio.run(call_many(url, 3))[:2] == (3, 0)
     finally:
         fleet.stop()
