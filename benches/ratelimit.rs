@@ -43,9 +43,9 @@ fn bench(c: &mut Criterion) {
     // now and then is Redis's business, off this path).
     let lease = scopegate::ratelimit::lease::Lease::default();
     let start = now_ns();
-    lease.put(u64::MAX / 4, start, 1000);
+    lease.put(u64::MAX / 4, start, 1000, 1);
     c.bench_function("ratelimit/leased_take", |bench| {
-        bench.iter(|| std::hint::black_box(lease.take(std::hint::black_box(start))))
+        bench.iter(|| std::hint::black_box(lease.take()))
     });
 
     // Two threads on one bucket: this thread is measured while another takes in a loop.

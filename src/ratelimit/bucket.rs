@@ -131,9 +131,20 @@ impl Bucket {
         self.give_back_with(self.limit);
     }
 
-    /// Returns a token [`try_take_with`](Self::try_take_with) took under `limit`.
+    /// Returns a token [`try_take_with`](Self::try_take_with) took under `limit` (never below
+    /// zero: a token given back to a bucket made since, by mistake, is lost, not wrapped).
     pub fn give_back_with(&self, limit: Gcra) {
-        self.tat.fetch_sub(limit.interval, Ordering::AcqRel);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(limit.interval))
+            });
+    }
+
+    /// Holds state worth keeping at `now`: tokens taken and not yet earned back (locally or, for
+    /// a fleet-wide limit, from Redis), or a lease.
+    fn busy(&self, now: u64) -> bool {
+        self.tat.load(Ordering::Relaxed) > now || self.lease.busy(now)
     }
 }
 
@@ -206,6 +217,17 @@ impl State {
     }
 }
 
+/// A tool name as part of a bucket's key: as is when short, else its SHA-256 (names come from
+/// agents, and the key goes to Redis with every request for the bucket).
+fn key_part(tool: &str) -> std::borrow::Cow<'_, str> {
+    if tool.len() <= 64 {
+        return tool.into();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, tool.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}").into()
+}
+
 /// Most buckets a per-name limit keeps: names come from agents (any name a glob matches), so
 /// the map must not grow with every name an agent invents.
 pub const MAX_TOOL_BUCKETS: usize = 4096;
@@ -261,7 +283,8 @@ impl PerName {
     /// The bucket of `tool` (named on `upstream`, for the label). Keyed by the tool's name: a
     /// rule whose upstream part is a glob limits a tool name across the upstreams it matches
     /// together, never more loosely. A new name gets its own bucket while the map has room;
-    /// when it is full, buckets that are full again (their state equals a fresh bucket's) are
+    /// when it is full, buckets that are full again (their state equals a fresh bucket's; for a
+    /// fleet-wide limit, as far as this replica's grants show, and with no lease left) are
     /// dropped, and if that frees nothing the name shares the overflow bucket.
     fn bucket(&self, (upstream, tool): (&str, &str), now: Option<u64>) -> Arc<Bucket> {
         if let Some(b) = self.buckets.get(tool) {
@@ -278,8 +301,7 @@ impl PerName {
                     .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             {
-                self.buckets
-                    .retain(|_, b| b.tat.load(Ordering::Relaxed) > now);
+                self.buckets.retain(|_, b| b.busy(now));
             }
             if self.buckets.len() >= MAX_TOOL_BUCKETS {
                 return self.overflow.clone();
@@ -289,7 +311,7 @@ impl PerName {
             .entry(tool.into())
             .or_insert_with(|| {
                 let label = format!("{} on {upstream}/{tool}", self.label);
-                let key = format!("{}\0{tool}", self.key);
+                let key = format!("{}\0{}", self.key, key_part(tool));
                 Arc::new(Bucket::new(self.limit, label, key.into()))
             })
             .clone()

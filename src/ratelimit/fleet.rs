@@ -6,7 +6,7 @@
 //! ([`TAKE`]) reads Redis's clock, grants up to the tokens asked for that fit the burst and
 //! moves the arrival time by as many emission intervals, atomically; the key expires when the
 //! bucket is full again. So the total admitted fleet-wide over any window is at most the limit
-//! plus the tokens leased out and not yet spent (at most one lease per replica and bucket).
+//! plus the tokens leased out and not yet spent (about one lease per replica and bucket).
 //!
 //! How calls spend leases, and what happens when Redis cannot be asked, is
 //! [`super::leased`]'s.
@@ -65,7 +65,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A lease covers about this much of a bucket's rate, split between the replicas.
 pub const LEASE_WINDOW_NS: u64 = 10_000_000;
 
-/// KEYS[1] the bucket; ARGV interval and tolerance (µs), tokens wanted (negative: given back).
+/// KEYS[1] the bucket; ARGV interval and tolerance (µs), tokens wanted.
 /// Returns `{granted, µs until one token}`.
 pub const TAKE: &str = r#"local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -73,17 +73,6 @@ local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]))
-if want < 0 then
-  if tat then
-    tat = tat + want * interval
-    if tat > now then
-      redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-    else
-      redis.call('DEL', KEYS[1])
-    end
-  end
-  return {0, 0}
-end
 if not tat or tat < now then tat = now end
 local room = math.floor((now + tolerance - tat) / interval)
 if room > want then room = want end
@@ -113,7 +102,15 @@ pub struct Fleet {
     heartbeat: Script,
     replica_id: String,
     replicas_seen: AtomicU32,
-    /// Tokens Redis granted to this replica.
+    /// Per worker (each writes only its own).
+    pub counters: Box<[Counters]>,
+}
+
+/// One worker's fleet counters, on a cache line of their own.
+#[derive(Default)]
+#[repr(align(64))]
+pub struct Counters {
+    /// Tokens Redis granted.
     pub leased: AtomicU64,
     /// Decisions made without Redis (the fallback's share, or refused as configured).
     pub fallbacks: AtomicU64,
@@ -146,10 +143,25 @@ impl Fleet {
             heartbeat,
             replica_id: replica_id(),
             replicas_seen: AtomicU32::new(0),
-            leased: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
+            counters: (0..workers.max(1)).map(|_| Counters::default()).collect(),
             settings,
         }))
+    }
+
+    /// Tokens Redis granted to this replica.
+    pub fn leased(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.leased.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Limit decisions this replica made without Redis.
+    pub fn fallbacks(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.fallbacks.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The replicas sharing the limits: those seen lately, at least the configured floor.
@@ -158,7 +170,7 @@ impl Fleet {
         u64::from(seen.max(self.settings.replicas).max(1))
     }
 
-    pub(super) fn take_command(&self, b: &Bucket, want: i64) -> Vec<u8> {
+    pub(super) fn take_command(&self, b: &Bucket, want: u64) -> Vec<u8> {
         let key = self.key(&format!("rl:{}", b.key));
         let interval = format!("{}", b.limit.interval as f64 / 1000.0);
         let tolerance = format!("{}", b.limit.tolerance as f64 / 1000.0);
@@ -199,7 +211,7 @@ fn replica_id() -> String {
 
 /// Tokens a replica leases at once from a bucket `gcra`, with `replicas` replicas sharing it:
 /// about [`LEASE_WINDOW_NS`] of the rate split between them, at most half the burst's share (so
-/// the leases out never hold a bucket's whole burst), at least one.
+/// the leases out do not hold a bucket's whole burst), at least one.
 pub fn lease_size(gcra: Gcra, replicas: u64) -> u64 {
     let replicas = replicas.max(1);
     let per_window = LEASE_WINDOW_NS / gcra.interval / replicas;
@@ -273,8 +285,9 @@ pub(super) async fn heartbeat(fleet: Arc<Fleet>, link: Link) {
             command,
             Box::new(move |reply| {
                 if let Ok(Value::Int(n)) = reply {
-                    f.replicas_seen
-                        .store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Relaxed);
+                    // Bounded as SCOPEGATE_REDIS_REPLICAS is, whatever the reply says.
+                    let n = n.clamp(1, 10_000) as u32;
+                    f.replicas_seen.store(n, Ordering::Relaxed);
                 }
             }),
         );

@@ -1,13 +1,14 @@
-//! A replica's lease on a fleet-wide bucket: tokens reserved from Redis in one step and spent
-//! here with one atomic word, like a local bucket's. The lease asks for more before it runs
-//! out (at half its size), remembers for how long Redis said the bucket is empty (so a flood
-//! of refused calls costs no Redis traffic), and ends: tokens unspent after [`LEASE_TTL`] go
-//! back to the bucket, so a replica that stops calling does not sit on them.
+//! A replica's lease on a fleet-wide bucket: tokens taken from Redis ahead of time in one step
+//! and spent here with one atomic word, like a local bucket's. The lease asks for more before
+//! it runs out (at half its size), and remembers for how long Redis said the bucket is empty
+//! (so a flood of refused calls costs no Redis traffic).
+//!
+//! Tokens are never given back to Redis: in GCRA a granted token is time already spent, and
+//! giving it back later could credit a bucket that has since refilled (minting tokens). What a
+//! replica holds unspent, or loses when it dies, is earned back by the bucket within as many
+//! emission intervals.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-
-/// How long leased tokens stay spendable here before they are given back.
-pub const LEASE_TTL_NS: u64 = 1_000_000_000;
 /// A bucket Redis said is empty is asked again after this at the latest, whatever the wait
 /// it gave: tokens given back by other replicas (or a Redis that restarted empty) are found.
 pub const RECHECK_NS: u64 = 100_000_000;
@@ -19,8 +20,6 @@ pub enum Take {
     /// Taken, and the lease is low: ask Redis for more now (this caller won the right to).
     TakenRefill,
     Empty,
-    /// The lease had ended: its tokens (this many) are to be given back, and it is empty.
-    Expired(u64),
 }
 
 /// One bucket's lease on this replica.
@@ -36,22 +35,19 @@ pub struct Lease {
     /// Refuse without asking Redis until this instant (at most [`RECHECK_NS`] after it said
     /// empty).
     recheck_at: AtomicU64,
-    /// The tokens held are spendable until this instant.
-    expires: AtomicU64,
+    /// This replica's view of the bucket's arrival time in Redis (ns, `now_ns` clock): its
+    /// grants added up. Past it the bucket is full again as far as this replica knows.
+    seen_tat: AtomicU64,
 }
 
 impl Lease {
-    /// Takes one leased token at `now`.
+    /// Takes one leased token.
     #[inline]
-    pub fn take(&self, now: u64) -> Take {
+    pub fn take(&self) -> Take {
         let mut n = self.tokens.load(Ordering::Relaxed);
         loop {
             if n <= 0 {
                 return Take::Empty;
-            }
-            if now > self.expires.load(Ordering::Relaxed) {
-                let back = self.tokens.swap(0, Ordering::AcqRel);
-                return Take::Expired(back.max(0) as u64);
             }
             match self
                 .tokens
@@ -70,12 +66,28 @@ impl Lease {
         }
     }
 
-    /// Adds `n` tokens granted at `now` by a lease of size `size`.
-    pub fn put(&self, n: u64, now: u64, size: u64) {
+    /// Adds `n` tokens granted at `now` by a lease of size `size`, of a bucket whose emission
+    /// interval is `interval` ns.
+    pub fn put(&self, n: u64, now: u64, size: u64, interval: u64) {
         self.low.store(size / 2, Ordering::Relaxed);
-        self.expires.store(now + LEASE_TTL_NS, Ordering::Relaxed);
         self.recheck_at.store(0, Ordering::Relaxed);
-        self.tokens.fetch_add(n as i64, Ordering::AcqRel);
+        let spent = n.saturating_mul(interval);
+        let _ = self
+            .seen_tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                Some(t.max(now).saturating_add(spent))
+            });
+        self.tokens
+            .fetch_add(n.min(i64::MAX as u64 / 2) as i64, Ordering::AcqRel);
+    }
+
+    /// Holds anything worth keeping at `now`: tokens, a refill under way, Redis's word that the
+    /// bucket is drained, or grants the bucket has not yet earned back.
+    pub fn busy(&self, now: u64) -> bool {
+        self.tokens.load(Ordering::Relaxed) > 0
+            || self.refilling.load(Ordering::Relaxed)
+            || self.recheck_at.load(Ordering::Relaxed) > now
+            || self.seen_tat.load(Ordering::Relaxed) > now
     }
 
     /// Returns a token [`take`](Self::take) gave (a call refused by another limit).
@@ -114,7 +126,8 @@ impl Lease {
     /// after `accrue` ns at the soonest (what a lease's worth takes to accrue), and
     /// [`RECHECK_NS`] at the latest.
     pub fn set_empty(&self, now: u64, wait: u64, accrue: u64) {
-        self.empty_until.store(now + wait, Ordering::Relaxed);
+        self.empty_until
+            .store(now.saturating_add(wait), Ordering::Relaxed);
         let recheck = wait.max(accrue).min(RECHECK_NS);
         self.recheck_at.store(now + recheck, Ordering::Relaxed);
     }
@@ -135,20 +148,32 @@ mod tests {
     fn spends_asks_early_and_ends() {
         let l = Lease::default();
         let t = 10 * SEC;
-        assert_eq!(l.take(t), Take::Empty);
-        l.put(4, t, 4);
-        assert_eq!(l.take(t), Take::Taken); // 3 left
-        assert_eq!(l.take(t), Take::TakenRefill); // 2 left: low, and nobody asked yet
-        assert_eq!(l.take(t), Take::Taken); // a refill is already on its way
+        assert_eq!(l.take(), Take::Empty);
+        l.put(4, t, 4, 1000);
+        assert_eq!(l.take(), Take::Taken); // 3 left
+        assert_eq!(l.take(), Take::TakenRefill); // 2 left: low, and nobody asked yet
+        assert_eq!(l.take(), Take::Taken); // a refill is already on its way
         l.end_refill();
-        assert_eq!(l.take(t), Take::TakenRefill);
-        assert_eq!(l.take(t), Take::Empty);
+        assert_eq!(l.take(), Take::TakenRefill);
+        assert_eq!(l.take(), Take::Empty);
         l.put_back();
-        l.put(2, t, 4);
+        l.put(2, t, 4, 1000);
         assert_eq!(l.tokens(), 3);
-        // Past its end the lease gives its tokens back instead.
-        assert_eq!(l.take(t + LEASE_TTL_NS + 1), Take::Expired(3));
-        assert_eq!(l.take(t + LEASE_TTL_NS + 1), Take::Empty);
+    }
+
+    #[test]
+    fn busy_while_it_holds_anything() {
+        let l = Lease::default();
+        let t = 10 * SEC;
+        assert!(!l.busy(t));
+        // Six tokens of 1 ms each, granted at t: the bucket earns them back by t + 6 ms.
+        l.put(6, t, 6, SEC / 1000);
+        while l.take() != Take::Empty {}
+        l.end_refill();
+        assert!(l.busy(t + 6 * SEC / 1000 - 1));
+        assert!(!l.busy(t + 6 * SEC / 1000));
+        l.set_empty(t, SEC, 0);
+        assert!(l.busy(t + 1));
     }
 
     #[test]
@@ -167,7 +192,7 @@ mod tests {
         assert_eq!(l.known_empty(t + SEC / 1000), Some(1));
         assert!(l.known_empty(t + SEC / 100 - 1).is_some());
         assert_eq!(l.known_empty(t + SEC / 100), None);
-        l.put(1, t, 1);
+        l.put(1, t, 1, 1000);
         assert_eq!(l.known_empty(t), None);
     }
 }

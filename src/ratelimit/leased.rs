@@ -65,7 +65,10 @@ impl Ask {
         poll_fn(|cx| match self.answer.get() {
             Some(a) => Poll::Ready(a),
             None => {
-                self.wakers.borrow_mut().push(cx.waker().clone());
+                let mut wakers = self.wakers.borrow_mut();
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })
@@ -89,6 +92,8 @@ type Pending = Rc<RefCell<Vec<(*const Bucket, Rc<Ask>)>>>;
 /// One worker's fleet-wide limiter: the fleet, this worker's link to Redis, its asks.
 pub struct FleetLimiter {
     fleet: Arc<Fleet>,
+    /// This worker's index (its counters in the fleet).
+    worker: usize,
     link: Link,
     pending: Pending,
 }
@@ -102,6 +107,7 @@ impl FleetLimiter {
             monoio::spawn(heartbeat(fleet.clone(), link.clone()));
         }
         FleetLimiter {
+            worker: worker.min(fleet.counters.len() - 1),
             fleet,
             link,
             pending: Pending::default(),
@@ -121,7 +127,7 @@ impl FleetLimiter {
         let mut refused = None;
         uses.visit(|u| {
             let b = u.limit.state.bucket(u.name, Some(now));
-            match b.lease.take(now) {
+            match b.lease.take() {
                 Take::Taken => {}
                 Take::TakenRefill => self.refill(&b),
                 Take::Empty => {
@@ -134,10 +140,6 @@ impl FleetLimiter {
                         refused = Some(b.refusal(wait));
                     }
                 }
-                Take::Expired(back) => {
-                    self.give_back_to_store(&b, back);
-                    short = true;
-                }
             }
             taken += usize::from(!short);
             !short
@@ -145,33 +147,36 @@ impl FleetLimiter {
         if !short {
             return Ok(());
         }
-        self.put_back(uses, taken, &[]);
+        self.put_back(uses, taken);
         if let Some(refused) = refused {
             return Err(refused);
         }
         self.admit_slow(uses).await
     }
 
-    /// Gives back what [`admit`](Self::admit) took (to the leases: they are this replica's).
+    /// Gives back what [`admit`](Self::admit) took: to the leases, or to the local shares
+    /// while Redis is unreachable (where the tokens came from then).
     pub fn release<'a>(&self, uses: &impl Uses<'a>) {
-        self.put_back(uses, usize::MAX, &[]);
+        if self.link.is_up() {
+            self.put_back(uses, usize::MAX);
+            return;
+        }
+        let replicas = self.fleet.replicas();
+        uses.visit(|u| {
+            let b = u.limit.state.bucket(u.name, None);
+            b.give_back_with(local_share(b.limit, replicas));
+            true
+        });
     }
 
-    /// Gives back the first `n` tokens of `uses`, each the way `hows` says (leased when
-    /// `hows` is shorter).
-    fn put_back<'a>(&self, uses: &impl Uses<'a>, mut n: usize, hows: &[How]) {
-        let mut i = 0;
+    /// Gives the first `n` tokens of `uses` back to their leases.
+    fn put_back<'a>(&self, uses: &impl Uses<'a>, mut n: usize) {
         uses.visit(|u: Use<'a>| {
             if n == 0 {
                 return false;
             }
-            let b = u.limit.state.bucket(u.name, None);
-            match hows.get(i) {
-                Some(How::Share(g)) => b.give_back_with(*g),
-                _ => b.lease.put_back(),
-            }
+            u.limit.state.bucket(u.name, None).lease.put_back();
             n -= 1;
-            i += 1;
             true
         });
     }
@@ -186,29 +191,26 @@ impl FleetLimiter {
             true
         });
         let deadline = Instant::now() + self.fleet.settings.timeout;
-        let mut hows = Vec::with_capacity(buckets.len());
-        for b in &buckets {
-            match self.take_one(b, deadline).await {
-                Ok(how) => hows.push(how),
-                Err(limited) => {
-                    self.put_back(uses, hows.len(), &hows);
-                    return Err(limited);
-                }
-            }
+        // Whatever was taken goes back unless every bucket gave a token, also when this
+        // future is dropped midway (the agent went away).
+        let mut taken = Taken(Vec::with_capacity(buckets.len()));
+        for b in buckets {
+            let how = self.take_one(&b, deadline).await?;
+            taken.0.push((b, how));
         }
+        taken.0.clear();
         Ok(())
     }
 
     async fn take_one(&self, b: &Arc<Bucket>, deadline: Instant) -> Result<How, Limited> {
         loop {
             let now = now_ns();
-            match b.lease.take(now) {
+            match b.lease.take() {
                 Take::Taken => return Ok(How::Leased),
                 Take::TakenRefill => {
                     self.refill(b);
                     return Ok(How::Leased);
                 }
-                Take::Expired(back) => self.give_back_to_store(b, back),
                 Take::Empty => {}
             }
             if !self.link.is_up() {
@@ -242,7 +244,11 @@ impl FleetLimiter {
             ask.reserve.set(true);
             let reserved = Reserved(&ask);
             self.pending.borrow_mut().push((key, ask.clone()));
-            self.ask(b, 1 + self.size(b), false, Some(ask.clone()));
+            // One token for this call, and a lease's worth for the calls after it if no refill
+            // is under way (on any worker): a replica holds about one lease per bucket.
+            let refill = b.lease.start_refill();
+            let want = 1 + if refill { self.size(b) } else { 0 };
+            self.ask(b, want, refill, Some(ask.clone()));
             let answer = monoio::time::timeout(left, ask.wait()).await;
             drop(reserved);
             return match answer {
@@ -255,7 +261,9 @@ impl FleetLimiter {
 
     /// Redis could not be asked: the configured fallback decides.
     fn fallback(&self, b: &Bucket, now: u64) -> Result<How, Limited> {
-        self.fleet.fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.fleet.counters[self.worker]
+            .fallbacks
+            .fetch_add(1, Ordering::Relaxed);
         match self.fleet.settings.fallback {
             Fallback::Local => {
                 let share = local_share(b.limit, self.fleet.replicas());
@@ -296,8 +304,9 @@ impl FleetLimiter {
         let size = self.size(b);
         // What a lease's worth takes to accrue: the soonest a drained bucket is asked again.
         let accrue = size.saturating_mul(b.limit.interval);
-        let command = fleet.take_command(b, want as i64);
+        let command = fleet.take_command(b, want);
         let pending = self.pending.clone();
+        let worker = self.worker;
         let b = Arc::clone(b);
         let done: redis::Done = Box::new(move |reply: Result<Value, Failure>| {
             if refill {
@@ -308,12 +317,16 @@ impl FleetLimiter {
             }
             let answer = match granted(&reply) {
                 Some((n, _)) if n > 0 => {
-                    fleet.leased.fetch_add(n, Ordering::Relaxed);
+                    // Never more than asked, whatever the reply says.
+                    let n = n.min(want);
+                    fleet.counters[worker]
+                        .leased
+                        .fetch_add(n, Ordering::Relaxed);
                     let reserved = ask.as_ref().is_some_and(|a| a.reserve.get());
                     let keep = n - u64::from(reserved);
                     let now = now_ns();
                     if keep > 0 {
-                        b.lease.put(keep, now, size);
+                        b.lease.put(keep, now, size, b.limit.interval);
                     }
                     if n < want {
                         // Less than asked: the bucket is drained now. Spend what came, then ask
@@ -323,7 +336,10 @@ impl FleetLimiter {
                     Answer::Granted
                 }
                 Some((_, wait_us)) => {
-                    let wait = wait_us.saturating_mul(1000).max(1);
+                    // At most a day: a reply cannot push the clock arithmetic over.
+                    let wait = wait_us
+                        .saturating_mul(1000)
+                        .clamp(1, 86_400 * 1_000_000_000);
                     b.lease.set_empty(now_ns(), wait, accrue);
                     Answer::Empty(wait)
                 }
@@ -342,13 +358,19 @@ impl FleetLimiter {
             done(Err(Failure::Down("not connected".into())));
         }
     }
+}
 
-    /// Returns `n` leased tokens of `b` to Redis (fire and forget).
-    fn give_back_to_store(&self, b: &Bucket, n: u64) {
-        if n == 0 {
-            return;
+/// The tokens a call took so far from its buckets; given back when dropped (cleared once the
+/// call has them all).
+struct Taken(Vec<(Arc<Bucket>, How)>);
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        for (b, how) in self.0.drain(..) {
+            match how {
+                How::Leased => b.lease.put_back(),
+                How::Share(g) => b.give_back_with(g),
+            }
         }
-        let command = self.fleet.take_command(b, -(n as i64));
-        let _ = self.link.send(command, Box::new(|_| {}));
     }
 }

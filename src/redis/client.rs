@@ -86,6 +86,13 @@ impl Client {
         })
     }
 
+    /// How long a link waits for a reply (or a write) before it counts Redis as unreachable:
+    /// twice what a call waits, at least 250 ms, so one slow reply makes a call fall back
+    /// but does not drop the connection.
+    pub fn liveness(&self) -> Duration {
+        (self.timeout * 2).max(Duration::from_millis(250))
+    }
+
     /// Every worker's link is connected.
     pub fn is_up(&self) -> bool {
         self.state.load(Ordering::Relaxed) == UP

@@ -28,6 +28,8 @@ pub const RETRY: Duration = Duration::from_millis(250);
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 /// Most commands written in one batch.
 const MAX_BATCH: usize = 256;
+/// Most bytes of replies held unparsed (the limiter's replies are a few dozen bytes each).
+const MAX_PENDING: usize = 2 * 1024 * 1024;
 
 /// Why a command got no reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,16 +176,20 @@ async fn connect(client: &Client) -> Result<Conn, String> {
         resp::encode(&mut out, &[b"PING"]);
         what.push("PING");
     }
-    let (res, _) = conn.write_all(out).await;
-    res.map_err(|e| format!("write: {e}"))?;
-    let deadline = Instant::now() + client.timeout.max(Duration::from_millis(500));
+    let deadline = Instant::now() + client.liveness().max(Duration::from_millis(500));
+    match monoio::time::timeout_at(deadline.into(), conn.write_all(out)).await {
+        Ok((res, _)) => res.map_err(|e| format!("write: {e}"))?,
+        Err(_) => return Err("write: no progress in time".into()),
+    }
     for (i, command) in what.iter().enumerate() {
         match read_reply(&mut conn, deadline).await? {
             Value::Error(e) => return Err(format!("{command}: {e}")),
-            Value::Bulk(Some(sha)) if *command == "SCRIPT LOAD" => {
+            reply if *command == "SCRIPT LOAD" => {
                 let script = &client.scripts[i + client.scripts.len() - what.len()];
-                if sha != script.sha.as_bytes() {
-                    return Err("SCRIPT LOAD answered another SHA-1".into());
+                if reply != Value::Bulk(Some(script.sha.as_bytes().to_vec())) {
+                    return Err(format!(
+                        "SCRIPT LOAD answered {reply:?}, not the script's SHA-1"
+                    ));
                 }
             }
             _ => {}
@@ -215,19 +221,28 @@ async fn serve(inner: &Inner, conn: &mut Conn) -> String {
         client
             .commands
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let (res, back) = conn.write_all(std::mem::take(&mut out)).await;
-        out = back;
-        let deadline = Instant::now() + client.timeout;
-        let mut failed = res.err().map(|e| format!("write: {e}"));
+        let deadline = Instant::now() + client.liveness();
+        let written = monoio::time::timeout(client.liveness(), conn.write_all(out)).await;
+        let mut failed;
+        (failed, out) = match written {
+            Ok((res, back)) => (res.err().map(|e| format!("write: {e}")), back),
+            Err(_) => (
+                Some("write: no progress in time".to_owned()),
+                Vec::with_capacity(4096),
+            ),
+        };
         for done in batch.drain(..) {
             if let Some(why) = &failed {
                 done(Err(Failure::Down(why.clone())));
                 continue;
             }
             match read_reply(conn, deadline).await {
-                Ok(Value::Error(e)) if e.starts_with("NOSCRIPT") => {
-                    // The scripts were flushed: a new connection loads them again.
-                    let why = "the server lost its scripts (NOSCRIPT)".to_owned();
+                Ok(Value::Error(e)) => {
+                    // None of the link's commands should fail: the server cannot serve it as
+                    // it is (NOSCRIPT after SCRIPT FLUSH, READONLY after a failover, LOADING,
+                    // OOM, NOAUTH, ...). Calls go on without it; a new connection (names
+                    // resolved again, scripts loaded again) is tried in a moment.
+                    let why = format!("it answered {:?}", e.chars().take(200).collect::<String>());
                     done(Err(Failure::Down(why.clone())));
                     failed = Some(why);
                 }
@@ -267,6 +282,9 @@ async fn read_reply(conn: &mut Conn, deadline: Instant) -> Result<Value, String>
             }
             Ok(None) => {}
             Err(e) => return Err(e.to_string()),
+        }
+        if conn.buf.len() > MAX_PENDING {
+            return Err(format!("a reply past {MAX_PENDING} bytes"));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

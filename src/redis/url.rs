@@ -53,20 +53,30 @@ impl RedisUrl {
         let (user, password) = match credentials {
             None => (None, None),
             Some(c) => {
-                let (u, p) = match c.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => ("", Some(c)),
+                let Some((u, p)) = c.split_once(':') else {
+                    return Err(
+                        "credentials are user:password@ or :password@ (a password alone)".into(),
+                    );
                 };
                 let user = (!u.is_empty()).then(|| percent_decode(u)).transpose()?;
-                let password = p.map(percent_decode).transpose()?;
-                (user, password.filter(|p| !p.is_empty()))
+                let password = Some(percent_decode(p)?).filter(|p| !p.is_empty());
+                if user.is_some() && password.is_none() {
+                    return Err("a user without a password: give user:password@".into());
+                }
+                (user, password)
             }
         };
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (h, after) = v6
                 .split_once(']')
                 .ok_or_else(|| format!("{hostport:?}: an IPv6 address needs its closing ]"))?;
-            (h, after.strip_prefix(':'))
+            match after {
+                "" => (h, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (h, Some(port)),
+                    None => return Err(format!("{hostport:?}: expected :port after the ]")),
+                },
+            }
         } else {
             match hostport.split_once(':') {
                 Some((h, p)) => (h, Some(p)),
@@ -160,6 +170,9 @@ mod tests {
             ("redis://h:6379/x", "not a database number"),
             ("redis://[::1:6379", "closing ]"),
             ("redis://u:%zz@h", "%-escape"),
+            ("redis://secret@h", "user:password@"),
+            ("redis://user:@h", "without a password"),
+            ("redis://[::1]x:6379", "expected :port"),
         ] {
             let e = RedisUrl::parse(url).unwrap_err();
             assert!(e.contains(says), "{url}: {e}");

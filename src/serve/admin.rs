@@ -61,8 +61,8 @@ pub fn metrics_text(
         up: f.client.is_up(),
         replicas: f.replicas(),
         commands: f.client.commands.load(Ordering::Relaxed),
-        leased: f.leased.load(Ordering::Relaxed),
-        fallbacks: f.fallbacks.load(Ordering::Relaxed),
+        leased: f.leased(),
+        fallbacks: f.fallbacks(),
     });
     crate::metrics::render(&crate::metrics::Scrape {
         redis,

@@ -52,16 +52,23 @@ pub async fn exchange_head(
             Ok(()) => read_response_head(&mut conn, head, deadline).await,
             Err(e) => Err(UpstreamError::Io(e)),
         };
+        // Closed without a word, or reset (a peer that closes with our request unread in
+        // its buffer sends a reset instead: which one comes is a race).
+        let quiet = match &result {
+            Err(UpstreamError::Closed) => true,
+            Err(UpstreamError::Io(e)) => matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        };
         match result {
             Ok(()) => return Ok(conn),
             Err(UpstreamError::Io(_) | UpstreamError::Closed) if reused => continue,
             // A peer may refuse our client certificate only after the handshake (TLS 1.3),
-            // with an alert, or (some servers) by closing without a word.
-            Err(UpstreamError::Io(e)) => {
-                return Err(HeadFailure::Exchange(tls_or_io(target.upstream, e)));
-            }
-            // Nothing at all came back on a new TLS connection.
-            Err(UpstreamError::Closed) if conn.buf.is_empty() => {
+            // with an alert, or (some servers) by closing without a word: nothing at all came
+            // back on a new TLS connection.
+            Err(e) if quiet && conn.buf.is_empty() => {
                 if let Transport::Https(_, tls) = &target.upstream.transport {
                     let reason = if tls.options.client_cert_file.is_some() {
                         "closed by the peer (client certificate refused?)"
@@ -71,7 +78,10 @@ pub async fn exchange_head(
                     crate::tls::count_failure(Some(&target.upstream.name), reason);
                     return Err(HeadFailure::Exchange(UpstreamError::Tls(reason)));
                 }
-                return Err(HeadFailure::Exchange(UpstreamError::Closed));
+                return Err(HeadFailure::Exchange(e));
+            }
+            Err(UpstreamError::Io(e)) => {
+                return Err(HeadFailure::Exchange(tls_or_io(target.upstream, e)));
             }
             Err(e) => return Err(HeadFailure::Exchange(e)),
         }
