@@ -151,7 +151,9 @@ impl FleetLimiter {
         if let Some(refused) = refused {
             return Err(refused);
         }
-        self.admit_slow(uses).await
+        // Boxed: the slow path's state (timers, the buckets taken) is large and rare, and would
+        // otherwise grow every request's state.
+        Box::pin(self.admit_slow(uses)).await
     }
 
     /// Gives back what [`admit`](Self::admit) took: to the leases, or to the local shares
