@@ -320,22 +320,36 @@ fn calls_go_to_their_upstream_with_only_the_name_spliced() {
     assert!(s.c.recorded().is_empty());
 }
 
+/// The other tenant's agent may use one upstream (c): on `/mcp` it gets that upstream as it is,
+/// names unprefixed, whatever else the gateway serves; so adding upstreams it cannot use
+/// changes nothing it sees.
 #[test]
-fn the_other_tenant_sees_only_its_upstream() {
+fn the_other_tenant_sees_only_its_upstream_under_its_own_names() {
     let s = setup(&[]);
     let mut c = s.gw.client();
-    let token = initialize(&mut c, GLOBEX);
+    let r = post(&mut c, GLOBEX, None, INIT);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The upstream's own answer and a single-upstream session token.
+    assert_ne!(
+        r.json()["result"]["serverInfo"]["name"],
+        "scopegate",
+        "{}",
+        r.text()
+    );
+    let token = r.header("mcp-session-id").expect("session").to_owned();
+    assert!(token.starts_with("sg1."), "{token}");
     let names = all_tools(&mut c, GLOBEX, &token);
     assert!(!names.is_empty());
-    assert!(names.iter().all(|n| n.starts_with("c__")), "{names:?}");
+    assert!(names.iter().all(|n| !n.contains("__")), "{names:?}");
+    assert!(names.contains(&"echo".to_owned()), "{names:?}");
+    // Another upstream's prefixed name is just a name c does not have.
     let r = post(&mut c, GLOBEX, Some(&token), &call(3, "a__echo", "{}"));
-    assert_eq!(r.json()["error"]["data"]["rule"], "unknown tool");
-    let r = post(
-        &mut c,
-        GLOBEX,
-        Some(&token),
-        &call(4, "c__echo", r#"{"x":1}"#),
+    let v = message(&r);
+    assert!(
+        v["error"].is_object() || v["result"]["isError"] == true,
+        "{v}"
     );
+    let r = post(&mut c, GLOBEX, Some(&token), &call(4, "echo", r#"{"x":1}"#));
     assert!(message(&r)["result"].is_object(), "{}", r.text());
     let c_calls: Vec<_> = s.c.recorded();
     assert!(
@@ -343,17 +357,13 @@ fn the_other_tenant_sees_only_its_upstream() {
             .iter()
             .all(|r| r.header("x-upstream-key") == Some("key-of-c"))
     );
-    assert!(
-        s.a.recorded()
-            .iter()
-            .chain(s.b.recorded().iter())
-            .all(|r| r.header("x-upstream-key") != Some("key-of-c"))
-    );
     assert!(s.a.recorded().is_empty() && s.b.recorded().is_empty());
-    // A session of one agent does not open for another.
+    // A session of one agent does not open for another, either way.
     let bot_token = initialize(&mut c, BOT);
-    let r = post(&mut c, GLOBEX, Some(&bot_token), &call(5, "c__echo", "{}"));
+    let r = post(&mut c, GLOBEX, Some(&bot_token), &call(5, "echo", "{}"));
     assert_eq!(r.status, 404);
+    let r = post(&mut c, BOT, Some(&token), &call(6, "a__echo", "{}"));
+    assert_eq!(r.status, 404, "{}", r.text());
 }
 
 #[test]
@@ -817,4 +827,43 @@ fn ping_is_answered_here_and_set_level_reaches_every_upstream() {
             "{methods:?}"
         );
     }
+}
+
+/// Issue 16, names that do not move: the operator adds upstreams the agent cannot use (a gateway
+/// with c alone, then with a, b and c) and the agent's tool names on `/mcp` stay the same.
+#[test]
+fn adding_upstreams_an_agent_cannot_use_leaves_its_names_alone() {
+    let s = setup(&[]);
+    let alone = Gateway::open()
+        .env(
+            "SCOPEGATE_SESSION_SECRET",
+            "test-secret-test-secret-test-secret!",
+        )
+        .policy(&format!(
+            r#"
+[[upstream]]
+name = "c"
+url = "{}"
+
+[[agent]]
+id = "globex-bot"
+key_sha256 = "{}"
+allow = ["c/*"]
+"#,
+            s.c.url(),
+            sha256_hex(GLOBEX)
+        ))
+        .0
+        .start();
+    let names_of = |gw: &Running| {
+        let mut c = gw.client();
+        let r = post(&mut c, GLOBEX, None, INIT);
+        let token = r.header("mcp-session-id").expect("session").to_owned();
+        let mut names = all_tools(&mut c, GLOBEX, &token);
+        names.sort();
+        names
+    };
+    let before = names_of(&alone);
+    assert!(before.contains(&"echo".to_owned()), "{before:?}");
+    assert_eq!(names_of(&s.gw), before);
 }

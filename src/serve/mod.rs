@@ -261,11 +261,13 @@ async fn handle_request<'r>(
         draft.skip = true;
         end!(reply, close);
     }
-    let upstream = pass!(route::upstream_of(endpoint, config, head));
+    let p: Option<&Policy> = policy.map(|p| &***p);
+    let upstreams = p.map_or(&config.upstreams[..], |p| p.upstreams());
+    let upstream = pass!(route::upstream_of(endpoint, config, head))
+        .or_else(|| route::sole_upstream(p, agent, upstreams.len()));
     draft.identify(upstream, agent, policy, head);
     let env = pass!(ingress::envelope(parser, method, &body));
     id = env.as_ref().and_then(|e| e.single()?.id);
-    let p: Option<&Policy> = policy.map(|p| &***p);
     if let Some(env) = &env {
         draft.messages_of(env, p, agent, worker.max_args());
     }
@@ -273,7 +275,6 @@ async fn handle_request<'r>(
     if let Some(env) = &env {
         pass!(gate::check_envelope_headers(head, env));
     }
-    let upstreams = p.map_or(&config.upstreams[..], |p| p.upstreams());
     let core = &worker.core;
     let close = close || shutting_down();
     let passed = Passed {

@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::http::head::{Head, Span};
 use crate::mcp::{jsonrpc, origin};
+use crate::policy::Policy;
 use crate::reply::Reply;
 
 /// Where a request goes.
@@ -125,6 +126,20 @@ pub fn upstream_of(route: Route, config: &Config, head: &Head) -> Result<Option<
         }
         Route::Mcp { upstream } => Ok(upstream),
         _ => Ok(None),
+    }
+}
+
+/// The aggregate endpoint for an agent that may use exactly one upstream is that upstream:
+/// its names pass through unprefixed, as they do when the gateway has one upstream. So an
+/// agent's names depend only on the upstreams it may use: adding an upstream that the agent
+/// cannot use changes nothing it sees (giving it a second one prefixes its names, and its
+/// session starts again).
+pub fn sole_upstream(policy: Option<&Policy>, agent: Option<usize>, count: usize) -> Option<usize> {
+    let (policy, agent) = (policy?, agent?);
+    let mut usable = (0..count).filter(|&i| policy.may_use_upstream(agent, i));
+    match (usable.next(), usable.next()) {
+        (Some(i), None) => Some(i),
+        _ => None,
     }
 }
 
