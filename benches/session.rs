@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
                 ("github".into(), upstream_session.to_vec()),
                 ("jira".into(), upstream_session.to_vec()),
             ],
+            &[0x81, 0x87],
         )
         .expect("seal");
     c.bench_function("session/open_aggregate_2_upstreams", |b| {

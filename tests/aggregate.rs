@@ -867,3 +867,46 @@ allow = ["c/*"]
     assert!(before.contains(&"echo".to_owned()), "{before:?}");
     assert_eq!(names_of(&s.gw), before);
 }
+
+/// Issue 16, upstreams without every capability: the mocks advertise tools (and logging) only,
+/// so prompts and resources lists do not ask them, warn nothing, count no failure, and even
+/// fail-closed answers them (empty).
+#[test]
+fn upstreams_are_asked_only_for_what_they_advertised() {
+    let s = setup(&[("SCOPEGATE_AGGREGATE_FAIL_CLOSED", "1")]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    for (id, method, field) in [
+        (1, "prompts/list", "prompts"),
+        (2, "resources/list", "resources"),
+        (3, "resources/templates/list", "resourceTemplates"),
+    ] {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}"}}"#);
+        let r = post(&mut c, BOT, Some(&token), &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = message(&r);
+        assert_eq!(v["result"][field], serde_json::json!([]), "{v}");
+    }
+    // Tools are still asked of both.
+    assert!(!all_tools(&mut c, BOT, &token).is_empty());
+    for mock in [&s.a, &s.b] {
+        let methods = mock.methods();
+        assert!(methods.contains(&"tools/list".to_owned()), "{methods:?}");
+        assert!(
+            !methods
+                .iter()
+                .any(|m| m.starts_with("prompts/") || m.starts_with("resources/")),
+            "{methods:?}"
+        );
+    }
+    assert!(!s.gw.log().contains("left out"), "{}", s.gw.log());
+    let metrics = c.request("GET", "/metrics").send().text();
+    for up in ["a", "b"] {
+        let line = format!("scopegate_aggregate_upstream_failures_total{{upstream=\"{up}\"}} ");
+        let failures = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or("0");
+        assert_eq!(failures, "0", "{metrics}");
+    }
+}

@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value};
 
+use crate::mcp::caps;
 use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
 use crate::mcp::lists::ListKind;
@@ -43,6 +44,10 @@ pub(super) async fn list(
         }
         None => targets.extend(req.reachable().into_iter().map(|i| (i, None))),
     }
+    // Only upstreams that offer this kind are asked (those whose initialize answer the session
+    // kept; the others are asked anyway): a tools-only server is not a failure on prompts/list.
+    targets
+        .retain(|(i, _)| caps::offers(session.caps_of(req.upstream_name(*i)), kind.capability()));
     let id_json = match m.id {
         Some(id) => {
             let mut v = Vec::new();

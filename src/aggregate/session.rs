@@ -4,6 +4,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::info;
+use crate::mcp::caps;
 use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
 use crate::mcp::session::MultiSession;
@@ -148,12 +149,19 @@ pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
         .collect();
     let results = join_all(futures).await;
     let mut sessions = Vec::new();
+    let mut caps = Vec::new();
     let mut answers = Vec::new();
     let mut failures = Vec::new();
     for (&i, result) in reachable.iter().zip(results) {
         match result {
             Ok((sid, answer)) => {
                 sessions.push((req.upstream_name(i).to_owned(), sid));
+                let advertised = answer.get("capabilities").and_then(Value::as_object);
+                caps.push(caps::from_names(
+                    advertised
+                        .into_iter()
+                        .flat_map(|o| o.keys().map(String::as_str)),
+                ));
                 answers.push((i, answer));
             }
             Err(e) => {
@@ -172,7 +180,11 @@ pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
         reply.upstream = None;
         return reply;
     }
-    let Some(token) = req.core.sessions.seal_multi(req.agent_id(), &sessions) else {
+    let Some(token) = req
+        .core
+        .sessions
+        .seal_multi(req.agent_id(), &sessions, &caps)
+    else {
         let r = Reply::error(
             500,
             jsonrpc::GATEWAY_REFUSED,

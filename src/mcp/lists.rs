@@ -27,6 +27,15 @@ impl ListKind {
         }
     }
 
+    /// The server capability ([`super::caps`]) that offers this kind.
+    pub fn capability(self) -> u8 {
+        match self {
+            ListKind::Tools => super::caps::TOOLS,
+            ListKind::Prompts => super::caps::PROMPTS,
+            ListKind::Resources | ListKind::ResourceTemplates => super::caps::RESOURCES,
+        }
+    }
+
     /// The list method answering with this kind.
     pub fn method(self) -> &'static str {
         match self {

@@ -13,7 +13,8 @@ const PREFIX: &str = "sg1.";
 const AAD: &[u8] = b"scopegate-session-v1";
 /// The aggregate endpoint's token: one agent, several upstream sessions.
 const MULTI_PREFIX: &str = "sg2.";
-const MULTI_AAD: &[u8] = b"scopegate-session-v2";
+/// v3: each upstream's capability bits after its session id.
+const MULTI_AAD: &[u8] = b"scopegate-session-v3";
 /// The longest aggregate token accepted (before decoding).
 const MAX_MULTI_TOKEN: usize = 16 * 1024;
 /// Longest upstream session id we carry (the spec bounds it only by "visible ASCII").
@@ -115,16 +116,37 @@ pub struct SessionRef<'a> {
 }
 
 /// An aggregate session: the agent and, per upstream joined at initialize, its session id
-/// (empty when the upstream issued none).
+/// (empty when the upstream issued none) and the capabilities it advertised
+/// ([`super::caps`] bits, in `caps`, one per upstream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MultiSession {
     pub agent: String,
     pub upstreams: Vec<(String, Vec<u8>)>,
+    pub caps: Vec<u8>,
+}
+
+impl MultiSession {
+    /// The capability bits of upstream `name` (0, nothing known, when it was not joined at
+    /// initialize).
+    pub fn caps_of(&self, name: &str) -> u8 {
+        self.upstreams
+            .iter()
+            .position(|(n, _)| n == name)
+            .and_then(|i| self.caps.get(i).copied())
+            .unwrap_or(0)
+    }
 }
 
 impl SessionKeys {
-    /// Seals an aggregate session: `sg2.<base64url(nonce | AEAD(agent, [(upstream, session)]))>`.
-    pub fn seal_multi(&self, agent: &str, upstreams: &[(String, Vec<u8>)]) -> Option<String> {
+    /// Seals an aggregate session:
+    /// `sg2.<base64url(nonce | AEAD(agent, [(upstream, session, caps)]))>`; `caps[i]` are
+    /// upstream `i`'s capability bits (0 when missing).
+    pub fn seal_multi(
+        &self,
+        agent: &str,
+        upstreams: &[(String, Vec<u8>)],
+        caps: &[u8],
+    ) -> Option<String> {
         if agent.len() > 255 || upstreams.len() > 255 {
             return None;
         }
@@ -132,7 +154,7 @@ impl SessionKeys {
         data.push(agent.len() as u8);
         data.extend_from_slice(agent.as_bytes());
         data.push(upstreams.len() as u8);
-        for (name, session) in upstreams {
+        for (i, (name, session)) in upstreams.iter().enumerate() {
             if name.len() > 255 || session.len() > MAX_UPSTREAM_SESSION {
                 return None;
             }
@@ -140,6 +162,7 @@ impl SessionKeys {
             data.extend_from_slice(name.as_bytes());
             data.extend_from_slice(&(session.len() as u16).to_be_bytes());
             data.extend_from_slice(session);
+            data.push(caps.get(i).copied().unwrap_or(0));
         }
         let mut nonce = [0u8; aead::NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
@@ -183,14 +206,20 @@ impl SessionKeys {
         let agent = std::str::from_utf8(take(alen)?).ok()?.to_owned();
         let count = take(1)?[0] as usize;
         let mut upstreams = Vec::with_capacity(count);
+        let mut caps = Vec::with_capacity(count);
         for _ in 0..count {
             let nlen = take(1)?[0] as usize;
             let name = std::str::from_utf8(take(nlen)?).ok()?.to_owned();
             let slen = take(2)?;
             let slen = u16::from_be_bytes([slen[0], slen[1]]) as usize;
             upstreams.push((name, take(slen)?.to_vec()));
+            caps.push(take(1)?[0]);
         }
-        Some(MultiSession { agent, upstreams })
+        Some(MultiSession {
+            agent,
+            upstreams,
+            caps,
+        })
     }
 }
 
@@ -272,12 +301,17 @@ mod tests {
             ("github".to_string(), b"gh-1".to_vec()),
             ("jira".to_string(), Vec::new()),
         ];
-        let t = keys.seal_multi("bot", &ups).unwrap();
+        let t = keys.seal_multi("bot", &ups, &[0x81]).unwrap();
         assert!(t.starts_with("sg2."));
         assert!(t.bytes().all(|b| (0x21..=0x7e).contains(&b)));
         let s = keys.open_multi(t.as_bytes()).unwrap();
         assert_eq!(s.agent, "bot");
         assert_eq!(s.upstreams, ups);
+        // Capability bits travel per upstream; one not given is unknown (0).
+        assert_eq!(
+            (s.caps_of("github"), s.caps_of("jira"), s.caps_of("x")),
+            (0x81, 0, 0)
+        );
         // A single-upstream token is not an aggregate one and the other way round.
         assert!(open(&keys, t.as_bytes()).is_none());
         let single = keys.seal("bot", "github", b"gh-1").unwrap();

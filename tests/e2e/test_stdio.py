@@ -537,6 +537,38 @@ command = {toml_list(python_server(tmp_path))}
         http.stop()
 
 
+def test_aggregate_asks_a_tools_only_server_for_tools_only(tmp_path):
+    """server-filesystem advertises tools only: with fail-closed on, prompts and resources lists
+    on /mcp still answer (FastMCP's), and nothing is counted or logged as a failure."""
+    http = Upstream(tmp_path)
+    (tmp_path / "srv").mkdir()
+    upstreams = f"""
+[[upstream]]
+name = "files"
+url = "{http.url}"
+""" + stdio_upstream("fs", FILESYSTEM + [str(tmp_path / "srv")])
+    g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["files/*", "fs/*"]),
+                env={"SCOPEGATE_AGGREGATE_FAIL_CLOSED": "1"})
+    out = {}
+
+    async def scenario(s: ClientSession, sid):
+        out["tools"] = sorted(t.name for t in (await s.list_tools()).tools)
+        out["prompts"] = [p.name for p in (await s.list_prompts()).prompts]
+        out["resources"] = [str(r.uri) for r in (await s.list_resources()).resources]
+        out["templates"] = (await s.list_resource_templates()).resourceTemplates
+
+    try:
+        run(in_session(f"{g.base}/mcp", AGENT_KEY, scenario))
+        assert "files__add" in out["tools"] and "fs__read_text_file" in out["tools"], out["tools"]
+        assert all(not p.startswith("fs__") for p in out["prompts"])
+        assert "left out" not in g.log(), g.log()
+        metrics = httpx.get(f"{g.base}/metrics").text
+        assert 'scopegate_aggregate_upstream_failures_total{upstream="fs"} 0' in metrics, metrics
+    finally:
+        g.stop()
+        http.stop()
+
+
 def test_policy_reload_removing_an_agent_ends_its_processes(tmp_path):
     upstreams = stdio_upstream("py", python_server(tmp_path))
     g = gateway(tmp_path, upstreams, agent("agent", AGENT_KEY, ["py/*"]) + agent("other", OTHER_KEY, ["py/*"]))
