@@ -55,8 +55,49 @@ pub(super) fn decode_cursor(cursor: &str) -> Option<Map<String, Value>> {
 /// How messages from an upstream are rewritten for the agent.
 pub(super) struct Rewrite {
     pub(super) upstream: String,
-    /// The answer is a resources/read result: its contents' URIs are scoped.
-    pub(super) read_result: bool,
+    /// What the answer is a result of, for the resource URIs in it.
+    pub(super) answer: Answer,
+}
+
+/// The request an upstream's answer answers, as far as rewriting URIs is concerned.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// resources/read: its contents' URIs are scoped.
+    Read,
+    /// tools/call: `resource_link` and embedded `resource` blocks of its content are scoped.
+    Call,
+    /// prompts/get: the same blocks in its messages.
+    Prompt,
+    Other,
+}
+
+impl Answer {
+    pub(super) fn of(method: &str) -> Answer {
+        match method {
+            "resources/read" => Answer::Read,
+            "tools/call" => Answer::Call,
+            "prompts/get" => Answer::Prompt,
+            _ => Answer::Other,
+        }
+    }
+}
+
+/// Scopes the URI of a content block that names a resource: a `resource_link`'s `uri`, an
+/// embedded `resource`'s `resource.uri`. So an agent following a link a tool returned reads
+/// it through the same upstream.
+fn scope_block(upstream: &str, block: &mut Value) -> bool {
+    let uri = match block.get("type").and_then(Value::as_str) {
+        Some("resource_link") => block.get_mut("uri"),
+        Some("resource") => block.get_mut("resource").and_then(|r| r.get_mut("uri")),
+        _ => None,
+    };
+    match uri {
+        Some(Value::String(uri)) => {
+            *uri = scoped_uri(upstream, uri);
+            true
+        }
+        _ => false,
+    }
 }
 
 impl Rewrite {
@@ -114,19 +155,39 @@ impl Rewrite {
                     _ => {}
                 }
             }
-            None if self.read_result => {
-                if let Some(Value::Array(contents)) =
-                    obj.get_mut("result").and_then(|r| r.get_mut("contents"))
-                {
-                    for c in contents {
-                        if let Some(Value::String(uri)) = c.get_mut("uri") {
-                            *uri = scoped_uri(&self.upstream, uri);
-                            changed = true;
+            None => {
+                let up = &self.upstream;
+                let result = obj.get_mut("result");
+                match (self.answer, result) {
+                    (Answer::Read, Some(r)) => {
+                        if let Some(Value::Array(contents)) = r.get_mut("contents") {
+                            for c in contents {
+                                if let Some(Value::String(uri)) = c.get_mut("uri") {
+                                    *uri = scoped_uri(up, uri);
+                                    changed = true;
+                                }
+                            }
                         }
                     }
+                    (Answer::Call, Some(r)) => {
+                        if let Some(Value::Array(blocks)) = r.get_mut("content") {
+                            for b in blocks {
+                                changed |= scope_block(up, b);
+                            }
+                        }
+                    }
+                    (Answer::Prompt, Some(r)) => {
+                        if let Some(Value::Array(messages)) = r.get_mut("messages") {
+                            for m in messages {
+                                if let Some(b) = m.get_mut("content") {
+                                    changed |= scope_block(up, b);
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
-            None => {}
         }
         changed
     }
@@ -173,7 +234,7 @@ mod tests {
     fn rewrite_maps_server_requests_and_resource_uris_only() {
         let r = Rewrite {
             upstream: "gh".into(),
-            read_result: false,
+            answer: Answer::Other,
         };
         let progress = br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}"#;
         assert_eq!(r.apply(progress), progress.to_vec());
@@ -199,6 +260,40 @@ mod tests {
             unscope_uri("scopegate://gh/file:///a"),
             Some(("gh", "file:///a"))
         );
+    }
+
+    #[test]
+    fn resource_links_and_embedded_resources_in_results_are_scoped() {
+        let call = Rewrite {
+            upstream: "fs".into(),
+            answer: Answer::Call,
+        };
+        let out: Value = serde_json::from_slice(&call.apply(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"file:///x"},
+            {"type":"resource_link","uri":"file:///srv/a.txt","name":"a"},
+            {"type":"resource","resource":{"uri":"demo://r/1","text":"t"}}]}}"#,
+        ))
+        .unwrap();
+        let c = &out["result"]["content"];
+        assert_eq!(c[0]["text"], "file:///x", "text is not a link");
+        assert_eq!(c[1]["uri"], "scopegate://fs/file:///srv/a.txt");
+        assert_eq!(c[2]["resource"]["uri"], "scopegate://fs/demo://r/1");
+        let prompt = Rewrite {
+            upstream: "fs".into(),
+            answer: Answer::Prompt,
+        };
+        let out: Value = serde_json::from_slice(&prompt.apply(
+            br#"{"jsonrpc":"2.0","id":2,"result":{"messages":[{"role":"user","content":{"type":"resource","resource":{"uri":"demo://r/2","text":"t"}}}]}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            out["result"]["messages"][0]["content"]["resource"]["uri"],
+            "scopegate://fs/demo://r/2"
+        );
+        // A result with no link passes as the bytes it was.
+        let plain =
+            br#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"hi"}]}}"#;
+        assert_eq!(call.apply(plain), plain.to_vec());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::reply::Reply;
 use crate::upstream::client::{join_all, send};
 
 use super::listing::resolve_name;
-use super::names::{Rewrite, unmap_id, unscope_uri};
+use super::names::{Answer, Rewrite, unmap_id, unscope_uri};
 use super::request::{
     Fut, Outcome, Request, denied, exchange_or_accepted, rate_limited, upstream_failed, write,
 };
@@ -207,7 +207,7 @@ pub(super) async fn routed(
     let upstream_us = Some(sent_at.elapsed().as_micros() as u64);
     let rewrite = Rewrite {
         upstream: req.upstream_name(i).to_owned(),
-        read_result: method == "resources/read",
+        answer: Answer::of(method),
     };
     relay(req, client, resp, &rewrite, m, i, upstream_us).await
 }

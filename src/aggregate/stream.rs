@@ -21,7 +21,7 @@ use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
 use crate::upstream::client::{UpResponse, join_all, send};
 
-use super::names::Rewrite;
+use super::names::{Answer, Rewrite};
 use super::request::{Fut, Outcome, Request, upstream_failed, write, write_bytes, write_chunk};
 use super::session::joined;
 
@@ -274,7 +274,7 @@ pub(super) async fn get_stream(
             let queue = queue.clone();
             let rewrite = Rewrite {
                 upstream: req.upstream_name(i).to_owned(),
-                read_result: false,
+                answer: Answer::Other,
             };
             Some(Box::pin(async move {
                 let mut sse = SseSplitter::new(limit);

@@ -235,3 +235,69 @@ def test_typescript_sdk_client_through_the_aggregate_endpoint(fleet):
     assert report["stepwise"].startswith("done 2 steps")
     assert [e["tool"] for e in fleet["maths"].executions()] == ["add", "stepwise"]
     assert fleet["files"].executions() == []
+
+
+def test_resource_links_from_a_server_nobody_here_wrote_are_followed_on_mcp(tmp_path):
+    """server-everything (npm, streamable HTTP) beside a FastMCP upstream: the resource links and
+    embedded resources its tools return are named as /mcp names resources, and reading a link
+    reaches the server that gave it (issue 16, item 2)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from conftest import free_port, wait_for_port
+
+    everything = (Path(__file__).parent / "node" / "node_modules" / "@modelcontextprotocol" / "server-everything"
+                  / "dist" / "index.js")
+    port = free_port()
+    server = subprocess.Popen([shutil.which("node") or "node", str(everything), "streamableHttp"],
+                              env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    files = Upstream(tmp_path, "files")
+    gw = None
+    try:
+        wait_for_port(port)
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f"""
+[[upstream]]
+name = "files"
+url = "{files.url}"
+
+[[upstream]]
+name = "everything"
+url = "http://127.0.0.1:{port}/mcp"
+
+[[agent]]
+id = "acme-bot"
+key_sha256 = "{sha256_hex(ACME_KEY)}"
+allow = ["files/*", "everything/*"]
+""")
+        gw = Scopegate({"SCOPEGATE_POLICY": str(policy),
+                        "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e"})
+        out = {}
+
+        async def scenario():
+            headers = {"Authorization": f"Bearer {ACME_KEY}"}
+            async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+                async with ClientSession(read, write) as s:
+                    await s.initialize()
+                    links = await s.call_tool("everything__get-resource-links", {"count": 2})
+                    out["links"] = [c.uri for c in links.content if c.type == "resource_link"]
+                    out["read"] = [await s.read_resource(u) for u in out["links"]]
+                    ref = await s.call_tool("everything__get-resource-reference", {"resourceId": 2})
+                    out["embedded"] = [c.resource.uri for c in ref.content if c.type == "resource"]
+                    out["read_embedded"] = await s.read_resource(out["embedded"][0])
+
+        run(scenario())
+        assert len(out["links"]) == 2, out
+        assert all(str(u).startswith("scopegate://everything/demo://") for u in out["links"]), out["links"]
+        for uri, result in zip(out["links"], out["read"]):
+            assert [str(c.uri) for c in result.contents] == [str(uri)], result
+        assert str(out["embedded"][0]).startswith("scopegate://everything/demo://"), out["embedded"]
+        assert [str(c.uri) for c in out["read_embedded"].contents] == [str(out["embedded"][0])]
+    finally:
+        if gw:
+            gw.stop()
+        files.stop()
+        server.terminate()
+        server.wait(timeout=10)
