@@ -910,3 +910,37 @@ fn upstreams_are_asked_only_for_what_they_advertised() {
         assert_eq!(failures, "0", "{metrics}");
     }
 }
+
+/// Issue 16, an expired upstream session: upstream a forgets its sessions mid-session (404);
+/// the next call and list through the aggregate session re-initialize a and go on, and b's
+/// session is untouched.
+#[test]
+fn an_expired_upstream_session_is_joined_again_inside_the_aggregate_session() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    let r = post(&mut c, BOT, Some(&token), &call(1, "a__echo", r#"{"n":1}"#));
+    assert!(message(&r)["result"].is_object(), "{}", r.text());
+    let inits = |m: &MockServer| m.methods().iter().filter(|x| *x == "initialize").count();
+    assert_eq!((inits(&s.a), inits(&s.b)), (1, 1));
+    s.a.expire_sessions();
+    let r = post(&mut c, BOT, Some(&token), &call(2, "a__echo", r#"{"n":2}"#));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(message(&r)["result"].is_object(), "{}", r.text());
+    assert_eq!(
+        (inits(&s.a), inits(&s.b)),
+        (2, 1),
+        "a joined again, b left alone"
+    );
+    // Lists and calls go on on the new session.
+    let names = all_tools(&mut c, BOT, &token);
+    assert!(names.contains(&"a__echo".to_owned()), "{names:?}");
+    let r = post(&mut c, BOT, Some(&token), &call(3, "a__echo", r#"{"n":3}"#));
+    assert!(message(&r)["result"].is_object(), "{}", r.text());
+    assert_eq!(inits(&s.a), 2);
+    // Lists meet an expiry the same way.
+    s.a.expire_sessions();
+    let names = all_tools(&mut c, BOT, &token);
+    assert!(names.contains(&"a__echo".to_owned()), "{names:?}");
+    assert_eq!(inits(&s.a), 3);
+}

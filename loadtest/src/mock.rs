@@ -96,6 +96,9 @@ struct Shared {
     config: MockConfig,
     recorded: Mutex<Vec<Recorded>>,
     sessions: AtomicU64,
+    /// Sessions numbered below this have expired (404), as a server that restarted or timed
+    /// them out would say.
+    expired_below: AtomicU64,
     stopped: AtomicBool,
     /// Connections accepted so far.
     accepted: AtomicU64,
@@ -119,6 +122,7 @@ impl MockServer {
             config,
             recorded: Mutex::new(Vec::new()),
             sessions: AtomicU64::new(0),
+            expired_below: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
         });
@@ -178,6 +182,12 @@ impl MockServer {
     }
 
     /// How many connections it has accepted.
+    /// Every session issued so far expires: requests on them get 404.
+    pub fn expire_sessions(&self) {
+        let issued = self.shared.sessions.load(Ordering::Relaxed);
+        self.shared.expired_below.store(issued, Ordering::Relaxed);
+    }
+
     pub fn connections(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
     }
@@ -361,6 +371,19 @@ async fn handle_post(
         return write(
             stream,
             response(400, "application/json", "", err.to_string().as_bytes()),
+        )
+        .await;
+    }
+    let expired = header("mcp-session-id")
+        .and_then(|s| s.strip_prefix("mock-session-"))
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n < shared.expired_below.load(Ordering::Relaxed));
+    if shared.config.sessions && method != "initialize" && expired {
+        let err =
+            json!({"jsonrpc":"2.0","id":id,"error":{"code":-32001,"message":"Session not found"}});
+        return write(
+            stream,
+            response(404, "application/json", "", err.to_string().as_bytes()),
         )
         .await;
     }

@@ -14,7 +14,7 @@ use crate::upstream::client::{exchange, join_all};
 
 use super::names::{MAX_NAME, decode_cursor, encode_cursor, exposed_name, scoped_uri};
 use super::request::{Fut, Request, rpc_result};
-use super::session::session_for;
+use super::session::{expired, join, session_for};
 
 pub(super) async fn list(
     req: &Request<'_>,
@@ -69,7 +69,14 @@ pub(super) async fn list(
             Box::pin(async move {
                 let sid = session_for(req, session, i).await?;
                 let r = req.up_request("POST", body.as_bytes(), Some(&sid));
-                let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+                let (mut resp, mut answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+                if expired(resp.status(), &sid) {
+                    // The upstream's session expired: a new one, and the list again on it.
+                    resp.finish(req.ups());
+                    let sid = join(req, i).await?;
+                    let r = req.up_request("POST", body.as_bytes(), Some(&sid));
+                    (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+                }
                 let status = resp.status();
                 resp.finish(req.ups());
                 rpc_result(req, i, method, status, &answer)

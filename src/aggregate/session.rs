@@ -55,30 +55,45 @@ pub(super) fn joined(req: &Request<'_>, session: &MultiSession) -> Vec<(usize, V
         .into_iter()
         .filter_map(|i| {
             let name = req.upstream_name(i);
-            session
-                .upstreams
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, s)| (i, s.clone()))
-                .or_else(|| lazy.get(key, i).map(|s| (i, s)))
+            lazy.get(key, i).map(|s| (i, s)).or_else(|| {
+                session
+                    .upstreams
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, s)| (i, s.clone()))
+            })
         })
         .collect()
 }
 
-/// The session id to use for upstream `i`, joining it now when it was not joined yet.
+/// The session id to use for upstream `i`, joining it now when it was not joined yet. A join
+/// this worker made (a late one, or a new session after the upstream's expired) comes first.
 pub(super) async fn session_for(
     req: &Request<'_>,
     session: &MultiSession,
     i: usize,
 ) -> Result<Vec<u8>, Reply> {
     let name = req.upstream_name(i);
+    if let Some(s) = req.core.lazy_joins.get(token_key(req), i) {
+        return Ok(s);
+    }
     if let Some((_, s)) = session.upstreams.iter().find(|(n, _)| n == name) {
         return Ok(s.clone());
     }
+    join(req, i).await
+}
+
+/// Whether an upstream's answer says the session `sid` is gone (404 on a request that carried
+/// one): the aggregate session then joins that upstream again, the agent none the wiser.
+pub(super) fn expired(status: u16, sid: &[u8]) -> bool {
+    status == 404 && !sid.is_empty()
+}
+
+/// Opens a new session on upstream `i` for this aggregate session (initialize +
+/// notifications/initialized) and remembers it on this worker.
+pub(super) async fn join(req: &Request<'_>, i: usize) -> Result<Vec<u8>, Reply> {
+    let name = req.upstream_name(i);
     let key = token_key(req);
-    if let Some(s) = req.core.lazy_joins.get(key, i) {
-        return Ok(s);
-    }
     let version = req
         .version()
         .and_then(|v| std::str::from_utf8(v).ok())

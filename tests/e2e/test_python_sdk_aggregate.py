@@ -301,3 +301,37 @@ allow = ["files/*", "everything/*"]
         files.stop()
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_an_upstream_that_restarted_is_joined_again_without_the_agent_noticing(fleet):
+    """FastMCP upstream restarted mid-session: its sessions are gone (404). The agent's aggregate
+    session re-initializes it on the next call and goes on (issue 16, item 6)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import wait_for_port
+
+    gw, files = fleet["gw"], fleet["files"]
+    out = {}
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {ACME_KEY}"}
+        async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                out["before"] = (await s.call_tool("files__add", {"a": 1, "b": 2})).content[0].text
+                files.proc.terminate()
+                files.proc.wait(timeout=10)
+                files.proc = subprocess.Popen(
+                    [sys.executable, str(Path(__file__).parent / "fastmcp_upstream.py"), str(files.port),
+                     str(files.log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_for_port(files.port)
+                out["after"] = (await s.call_tool("files__add", {"a": 2, "b": 2})).content[0].text
+                out["tools"] = [t.name for t in (await s.list_tools()).tools]
+                out["maths"] = (await s.call_tool("maths__add", {"a": 3, "b": 3})).content[0].text
+
+    run(scenario())
+    assert (out["before"], out["after"], out["maths"]) == ("3", "4", "6"), out
+    assert "files__add" in out["tools"]
+    assert "joined upstream \"files\" for an existing session" in gw.log(), gw.log()
