@@ -29,6 +29,7 @@ mod request;
 mod routed;
 mod session;
 mod stream;
+mod tasks;
 
 use crate::http::conn::Conn;
 use crate::mcp::envelope::{Kind, Message};
@@ -149,6 +150,7 @@ async fn post(req: &Request<'_>, client: &mut Conn) -> Result<Outcome, Outcome> 
                 Access::Tool | Access::Prompt | Access::Resource | Access::Completion => {
                     routed(req, client, &session, m, access).await
                 }
+                Access::Task => tasks::task(req, client, &session, m).await,
                 _ if method == "ping" => {
                     let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
                     if let Some(id) = m.id {

@@ -68,6 +68,8 @@ pub(super) enum Answer {
     Call,
     /// prompts/get: the same blocks in its messages.
     Prompt,
+    /// tasks/get, tasks/cancel, tasks/update: the task's id; tasks/result: the call's result.
+    Task,
     Other,
 }
 
@@ -77,9 +79,31 @@ impl Answer {
             "resources/read" => Answer::Read,
             "tools/call" => Answer::Call,
             "prompts/get" => Answer::Prompt,
+            "tasks/get" | "tasks/cancel" | "tasks/update" | "tasks/result" => Answer::Task,
             _ => Answer::Other,
         }
     }
+}
+
+/// Maps the task id at `v[key]` (a string) to the id the agent sees.
+fn map_task_id(upstream: &str, v: Option<&mut Value>) -> bool {
+    match v {
+        Some(Value::String(id)) => {
+            *id = map_id(upstream, &Value::String(std::mem::take(id)));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Maps the related-task id in a message's `_meta` (a server request or a result that belongs
+/// to a task).
+fn map_related_task(upstream: &str, holder: Option<&mut Value>) -> bool {
+    let related = holder
+        .and_then(|h| h.get_mut("_meta"))
+        .and_then(|m| m.get_mut("io.modelcontextprotocol/related-task"))
+        .and_then(|r| r.get_mut("taskId"));
+    map_task_id(upstream, related)
 }
 
 /// Scopes the URI of a content block that names a resource: a `resource_link`'s `uri`, an
@@ -138,8 +162,12 @@ impl Rewrite {
                         *token = Value::String(map_id(&self.upstream, token));
                     }
                 }
+                changed |= map_related_task(&self.upstream, obj.get_mut("params"));
                 let params = obj.get_mut("params");
                 match (method, params) {
+                    ("notifications/tasks/status", Some(Value::Object(p))) => {
+                        changed |= map_task_id(&self.upstream, p.get_mut("taskId"));
+                    }
                     ("notifications/cancelled", Some(Value::Object(p))) => {
                         if let Some(id) = p.get_mut("requestId") {
                             *id = Value::String(map_id(&self.upstream, id));
@@ -169,12 +197,19 @@ impl Rewrite {
                             }
                         }
                     }
-                    (Answer::Call, Some(r)) => {
+                    (Answer::Call | Answer::Task, Some(r)) => {
                         if let Some(Value::Array(blocks)) = r.get_mut("content") {
                             for b in blocks {
                                 changed |= scope_block(up, b);
                             }
                         }
+                        // A task-augmented call's CreateTaskResult; a task's own state.
+                        changed |=
+                            map_task_id(up, r.get_mut("task").and_then(|t| t.get_mut("taskId")));
+                        if self.answer == Answer::Task {
+                            changed |= map_task_id(up, r.get_mut("taskId"));
+                        }
+                        changed |= map_related_task(up, Some(r));
                     }
                     (Answer::Prompt, Some(r)) => {
                         if let Some(Value::Array(messages)) = r.get_mut("messages") {
@@ -294,6 +329,39 @@ mod tests {
         let plain =
             br#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"hi"}]}}"#;
         assert_eq!(call.apply(plain), plain.to_vec());
+    }
+
+    #[test]
+    fn task_ids_are_mapped_wherever_they_appear() {
+        let call = Rewrite {
+            upstream: "ev".into(),
+            answer: Answer::Call,
+        };
+        let created: Value = serde_json::from_slice(&call.apply(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":"t-1","status":"working"}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(created["result"]["task"]["taskId"], "sg:ev:\"t-1\"");
+        let get = Rewrite {
+            upstream: "ev".into(),
+            answer: Answer::Task,
+        };
+        let state: Value = serde_json::from_slice(&get.apply(
+            br#"{"jsonrpc":"2.0","id":2,"result":{"taskId":"t-1","status":"completed","_meta":{"io.modelcontextprotocol/related-task":{"taskId":"t-1"}}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(state["result"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(
+            state["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+            "sg:ev:\"t-1\""
+        );
+        let status: Value = serde_json::from_slice(&Rewrite {
+            upstream: "ev".into(),
+            answer: Answer::Other,
+        }
+        .apply(br#"{"jsonrpc":"2.0","method":"notifications/tasks/status","params":{"taskId":"t-1","status":"working"}}"#))
+        .unwrap();
+        assert_eq!(status["params"]["taskId"], "sg:ev:\"t-1\"");
     }
 
     #[test]

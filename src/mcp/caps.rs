@@ -10,6 +10,7 @@ pub const PROMPTS: u8 = 2;
 pub const RESOURCES: u8 = 4;
 pub const COMPLETIONS: u8 = 8;
 pub const LOGGING: u8 = 16;
+pub const TASKS: u8 = 32;
 
 /// The bits for the capability names of an initialize result's `capabilities` object.
 pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> u8 {
@@ -20,6 +21,7 @@ pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> u8 {
             "resources" => RESOURCES,
             "completions" => COMPLETIONS,
             "logging" => LOGGING,
+            "tasks" => TASKS,
             _ => 0,
         }
     })

@@ -335,3 +335,88 @@ def test_an_upstream_that_restarted_is_joined_again_without_the_agent_noticing(f
     assert (out["before"], out["after"], out["maths"]) == ("3", "4", "6"), out
     assert "files__add" in out["tools"]
     assert "joined upstream \"files\" for an existing session" in gw.log(), gw.log()
+
+
+def test_tasks_created_on_mcp_are_followed_to_their_upstream(tmp_path):
+    """server-everything's task tool (simulate-research-query) called as a task on /mcp with the
+    official Python SDK 1.x tasks API: the task id is /mcp's own, and tasks/get, tasks/list and
+    tasks/result reach the upstream that created the task (issue 16, item 1)."""
+    import shutil
+    import subprocess
+    import warnings
+    from pathlib import Path
+
+    from conftest import free_port, wait_for_port
+
+    everything = (Path(__file__).parent / "node" / "node_modules" / "@modelcontextprotocol" / "server-everything"
+                  / "dist" / "index.js")
+    port = free_port()
+    server = subprocess.Popen([shutil.which("node") or "node", str(everything), "streamableHttp"],
+                              env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    files = Upstream(tmp_path, "files")
+    gw = None
+    try:
+        wait_for_port(port)
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f"""
+[[upstream]]
+name = "files"
+url = "{files.url}"
+
+[[upstream]]
+name = "everything"
+url = "http://127.0.0.1:{port}/mcp"
+
+[[agent]]
+id = "acme-bot"
+key_sha256 = "{sha256_hex(ACME_KEY)}"
+allow = ["files/*", "everything/*"]
+""")
+        gw = Scopegate({"SCOPEGATE_POLICY": str(policy),
+                        "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e"})
+        out = {}
+
+        async def scenario():
+            headers = {"Authorization": f"Bearer {ACME_KEY}"}
+            async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+                async with ClientSession(read, write) as s:
+                    init = await s.initialize()
+                    out["caps"] = init.capabilities
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        x = s.experimental
+                        created = await x.call_tool_as_task("everything__simulate-research-query",
+                                                            {"topic": "gateways"})
+                        task_id = created.task.taskId
+                        out["id"] = task_id
+                        out["first"] = (await x.get_task(task_id)).status
+                        out["listed"] = [t.taskId for t in (await x.list_tasks()).tasks]
+                        for _ in range(100):
+                            state = await x.get_task(task_id)
+                            if state.status in ("completed", "failed", "cancelled"):
+                                break
+                            await asyncio.sleep(0.2)
+                        out["last"] = state.status
+                        out["result"] = await x.get_task_result(task_id, types.CallToolResult)
+                        try:
+                            await x.get_task("sg:files:\"not-a-task\"")
+                            out["foreign"] = "answered"
+                        except Exception as e:  # the upstream's own error for a task it never had
+                            out["foreign"] = str(e)
+
+        run(scenario())
+        assert out["caps"].tasks is not None, out["caps"]
+        assert out["id"].startswith('sg:everything:"'), out["id"]
+        assert out["first"] in ("working", "completed"), out
+        assert out["id"] in out["listed"], out["listed"]
+        assert out["last"] == "completed", out
+        text = " ".join(c.text for c in out["result"].content if c.type == "text")
+        assert "gateways" in text, out["result"]
+        assert out["foreign"] != "answered"
+    finally:
+        if gw:
+            gw.stop()
+        files.stop()
+        server.terminate()
+        server.wait(timeout=10)
