@@ -181,13 +181,13 @@ impl MockServer {
             .collect()
     }
 
-    /// How many connections it has accepted.
     /// Every session issued so far expires: requests on them get 404.
     pub fn expire_sessions(&self) {
         let issued = self.shared.sessions.load(Ordering::Relaxed);
         self.shared.expired_below.store(issued, Ordering::Relaxed);
     }
 
+    /// How many connections it has accepted.
     pub fn connections(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
     }

@@ -14,7 +14,7 @@ use crate::upstream::client::{exchange, join_all};
 
 use super::names::{MAX_NAME, decode_cursor, encode_cursor, exposed_name, scoped_uri};
 use super::request::{Fut, Request, rpc_result};
-use super::session::{expired, join, session_for};
+use super::session::{expired, not_expired, rejoin, session_for};
 
 pub(super) async fn list(
     req: &Request<'_>,
@@ -73,9 +73,13 @@ pub(super) async fn list(
                 if expired(resp.status(), &sid) {
                     // The upstream's session expired: a new one, and the list again on it.
                     resp.finish(req.ups());
-                    let sid = join(req, i).await?;
+                    let sid = rejoin(req, i, &sid).await?;
                     let r = req.up_request("POST", body.as_bytes(), Some(&sid));
                     (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+                    if resp.status() == 404 {
+                        resp.finish(req.ups());
+                        return Err(not_expired(req, i));
+                    }
                 }
                 let status = resp.status();
                 resp.finish(req.ups());

@@ -20,7 +20,7 @@ use super::names::{Answer, Rewrite, unmap_id, unscope_uri};
 use super::request::{
     Fut, Outcome, Request, denied, exchange_or_accepted, rate_limited, upstream_failed, write,
 };
-use super::session::{expired, join, joined, session_for};
+use super::session::{expired, joined, resend_on_new_session, session_for};
 use super::stream::relay;
 
 /// A notification from the agent. One that names a server request (a cancellation of it, or
@@ -205,20 +205,12 @@ pub(super) async fn routed(
         }
     };
     if expired(resp.status(), &sid) {
-        // The upstream's session expired: a new one, and the call again on it (once).
+        // The upstream's session expired: a new one, and the request again on it (once).
         let _ = resp.read_all(req.deadline(), 64 * 1024).await;
         resp.finish(req.ups());
-        let sid = match join(req, i).await {
-            Ok(s) => s,
-            Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
-        };
-        let r = req.up_request("POST", &body, Some(&sid));
-        resp = match send(req.ups(), i, &r, req.deadline()).await {
+        resp = match resend_on_new_session(req, i, &body, &sid).await {
             Ok(resp) => resp,
-            Err(e) => {
-                req.note_failure(i, e.message());
-                return write(req, client, upstream_failed(m.id, e, i)).await;
-            }
+            Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
         };
     }
     let upstream_us = Some(sent_at.elapsed().as_micros() as u64);

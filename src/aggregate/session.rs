@@ -9,7 +9,7 @@ use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
 use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
-use crate::upstream::client::{UpRequest, exchange, join_all, send};
+use crate::upstream::client::{UpRequest, UpResponse, exchange, join_all, send};
 
 use super::request::{Fut, Joined, Request, rpc_result, upstream_failed};
 
@@ -84,9 +84,56 @@ pub(super) async fn session_for(
 }
 
 /// Whether an upstream's answer says the session `sid` is gone (404 on a request that carried
-/// one): the aggregate session then joins that upstream again, the agent none the wiser.
+/// one): the aggregate session then joins that upstream again ([`rejoin`]).
 pub(super) fn expired(status: u16, sid: &[u8]) -> bool {
     status == 404 && !sid.is_empty()
+}
+
+/// A session on upstream `i` to use instead of `expired_sid`: one another request on this
+/// worker joined meanwhile, else a new one. Remembered on this worker only: another worker
+/// (or replica) meeting the expiry joins its own.
+pub(super) async fn rejoin(
+    req: &Request<'_>,
+    i: usize,
+    expired_sid: &[u8],
+) -> Result<Vec<u8>, Reply> {
+    match req.core.lazy_joins.get(token_key(req), i) {
+        Some(s) if s != expired_sid => Ok(s),
+        _ => join(req, i).await,
+    }
+}
+
+/// A 404 again on the session [`rejoin`] gave: the 404 was not about the session. The join is
+/// forgotten and the agent gets an error, never the 404 (which would end its whole session).
+pub(super) fn not_expired(req: &Request<'_>, i: usize) -> Reply {
+    req.core.lazy_joins.remove(token_key(req), i);
+    let why = format!(
+        "upstream {:?} answered 404 on a new session too",
+        req.upstream_name(i)
+    );
+    req.note_failure(i, &why);
+    Reply::error(502, jsonrpc::UPSTREAM_UNAVAILABLE, why)
+}
+
+/// Sends `body` to upstream `i` again after its session `expired_sid` expired: on a session
+/// from [`rejoin`], once.
+pub(super) async fn resend_on_new_session(
+    req: &Request<'_>,
+    i: usize,
+    body: &[u8],
+    expired_sid: &[u8],
+) -> Result<UpResponse, Reply> {
+    let sid = rejoin(req, i, expired_sid).await?;
+    let r = req.up_request("POST", body, Some(&sid));
+    let mut resp = send(req.ups(), i, &r, req.deadline())
+        .await
+        .inspect_err(|e| req.note_failure(i, e.message()))?;
+    if resp.status() == 404 {
+        let _ = resp.read_all(req.deadline(), 64 * 1024).await;
+        resp.finish(req.ups());
+        return Err(not_expired(req, i));
+    }
+    Ok(resp)
 }
 
 /// Opens a new session on upstream `i` for this aggregate session (initialize +
@@ -171,12 +218,9 @@ pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
         match result {
             Ok((sid, answer)) => {
                 sessions.push((req.upstream_name(i).to_owned(), sid));
+                // No capabilities object: nothing is known, everything is asked.
                 let advertised = answer.get("capabilities").and_then(Value::as_object);
-                caps.push(caps::from_names(
-                    advertised
-                        .into_iter()
-                        .flat_map(|o| o.keys().map(String::as_str)),
-                ));
+                caps.push(advertised.map_or(0, |o| caps::from_names(o.keys().map(String::as_str))));
                 answers.push((i, answer));
             }
             Err(e) => {

@@ -18,7 +18,7 @@ use crate::upstream::client::{exchange, join_all, send};
 
 use super::names::{Answer, Rewrite, map_id, unmap_id};
 use super::request::{Fut, Outcome, Request, rpc_result, upstream_failed, write};
-use super::session::{expired, join, session_for};
+use super::session::{expired, resend_on_new_session, session_for};
 use super::stream::relay;
 
 /// The upstream and its own task id behind a task id the agent was given.
@@ -77,16 +77,10 @@ pub(super) async fn task(
         }
     };
     if expired(resp.status(), &sid) {
-        // The upstream's session (and with it the task, as far as the upstream is concerned)
-        // expired: a new session, asked again, lets the upstream say what it knows.
+        // The upstream's session expired: a new one, and the request again on it (once).
         let _ = resp.read_all(req.deadline(), 64 * 1024).await;
         resp.finish(req.ups());
-        let sid = match join(req, i).await {
-            Ok(s) => s,
-            Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
-        };
-        let r = req.up_request("POST", &body, Some(&sid));
-        resp = match send(req.ups(), i, &r, req.deadline()).await {
+        resp = match resend_on_new_session(req, i, &body, &sid).await {
             Ok(resp) => resp,
             Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
         };

@@ -248,6 +248,10 @@ impl LazyJoins {
         }
         map.insert((key, upstream), session);
     }
+
+    pub fn remove(&self, key: u64, upstream: usize) {
+        self.map.borrow_mut().remove(&(key, upstream));
+    }
 }
 
 #[cfg(test)]
