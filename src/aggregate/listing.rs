@@ -14,7 +14,7 @@ use crate::upstream::client::{exchange, join_all};
 
 use super::names::{MAX_NAME, decode_cursor, encode_cursor, exposed_name, scoped_uri};
 use super::request::{Fut, Request, rpc_result};
-use super::session::{expired, not_expired, rejoin, session_for};
+use super::session::{caps_of, expired, not_expired, rejoin, session_for};
 
 pub(super) async fn list(
     req: &Request<'_>,
@@ -46,8 +46,7 @@ pub(super) async fn list(
     }
     // Only upstreams that offer this kind are asked (those whose initialize answer the session
     // kept; the others are asked anyway): a tools-only server is not a failure on prompts/list.
-    targets
-        .retain(|(i, _)| caps::offers(session.caps_of(req.upstream_name(*i)), kind.capability()));
+    targets.retain(|(i, _)| caps::offers(caps_of(req, session, *i), kind.capability()));
     let id_json = match m.id {
         Some(id) => {
             let mut v = Vec::new();

@@ -155,7 +155,8 @@ pub(super) async fn join(req: &Request<'_>, i: usize) -> Result<Vec<u8>, Reply> 
     })
     .to_string();
     let r = req.up_request("POST", init.as_bytes(), None);
-    let (sid, _) = initialize_upstream(req, i, &r).await?;
+    let (sid, result) = initialize_upstream(req, i, &r).await?;
+    let caps = caps_advertised(&result);
     let done = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
     let r = req.up_request("POST", done, Some(&sid));
     if let Ok(mut resp) = send(req.ups(), i, &r, req.fanout_deadline()).await {
@@ -163,8 +164,24 @@ pub(super) async fn join(req: &Request<'_>, i: usize) -> Result<Vec<u8>, Reply> 
         resp.finish(req.ups());
     }
     info!("aggregate: joined upstream {name:?} for an existing session");
-    req.core.lazy_joins.insert(key, i, sid.clone());
+    req.core.lazy_joins.insert(key, i, sid.clone(), caps);
     Ok(sid)
+}
+
+/// The capability bits of an initialize result (0, nothing known, without a capabilities
+/// object: everything is asked then).
+fn caps_advertised(result: &Value) -> u8 {
+    let advertised = result.get("capabilities").and_then(Value::as_object);
+    advertised.map_or(0, |o| caps::from_names(o.keys().map(String::as_str)))
+}
+
+/// The capability bits of upstream `i` in this session: its latest join on this worker's, else
+/// the token's.
+pub(super) fn caps_of(req: &Request<'_>, session: &MultiSession, i: usize) -> u8 {
+    req.core
+        .lazy_joins
+        .caps(token_key(req), i)
+        .unwrap_or_else(|| session.caps_of(req.upstream_name(i)))
 }
 
 /// Sends an initialize request to upstream `i`: its session id (empty: none) and its result.
@@ -218,9 +235,7 @@ pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
         match result {
             Ok((sid, answer)) => {
                 sessions.push((req.upstream_name(i).to_owned(), sid));
-                // No capabilities object: nothing is known, everything is asked.
-                let advertised = answer.get("capabilities").and_then(Value::as_object);
-                caps.push(advertised.map_or(0, |o| caps::from_names(o.keys().map(String::as_str))));
+                caps.push(caps_advertised(&answer));
                 answers.push((i, answer));
             }
             Err(e) => {

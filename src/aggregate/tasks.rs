@@ -18,7 +18,7 @@ use crate::upstream::client::{exchange, join_all, send};
 
 use super::names::{Answer, Rewrite, map_id, unmap_id};
 use super::request::{Fut, Outcome, Request, rpc_result, upstream_failed, write};
-use super::session::{expired, resend_on_new_session, session_for};
+use super::session::{caps_of, expired, resend_on_new_session, session_for};
 use super::stream::relay;
 
 /// The upstream and its own task id behind a task id the agent was given.
@@ -99,7 +99,7 @@ async fn list(req: &Request<'_>, session: &MultiSession, m: &Message<'_>) -> Rep
     let targets: Vec<usize> = req
         .reachable()
         .into_iter()
-        .filter(|&i| caps::offers(session.caps_of(req.upstream_name(i)), caps::TASKS))
+        .filter(|&i| caps::offers(caps_of(req, session, i), caps::TASKS))
         .collect();
     let mut id_json = Vec::new();
     match m.id {

@@ -229,8 +229,12 @@ impl SessionKeys {
 /// joins again.
 #[derive(Default)]
 pub struct LazyJoins {
-    map: std::cell::RefCell<std::collections::HashMap<(u64, usize), Vec<u8>>>,
+    map: std::cell::RefCell<std::collections::HashMap<(u64, usize), Join>>,
 }
+
+/// One join: the upstream session id and the capability bits ([`super::caps`]) its initialize
+/// answer advertised.
+type Join = (Vec<u8>, u8);
 
 /// Most joins a worker remembers; past that the cache starts over.
 const MAX_LAZY_JOINS: usize = 65_536;
@@ -238,15 +242,23 @@ const MAX_LAZY_JOINS: usize = 65_536;
 impl LazyJoins {
     /// The upstream session id joined for token hash `key` on upstream `upstream`.
     pub fn get(&self, key: u64, upstream: usize) -> Option<Vec<u8>> {
-        self.map.borrow().get(&(key, upstream)).cloned()
+        self.map
+            .borrow()
+            .get(&(key, upstream))
+            .map(|(s, _)| s.clone())
     }
 
-    pub fn insert(&self, key: u64, upstream: usize, session: Vec<u8>) {
+    /// The capability bits of that join.
+    pub fn caps(&self, key: u64, upstream: usize) -> Option<u8> {
+        self.map.borrow().get(&(key, upstream)).map(|(_, c)| *c)
+    }
+
+    pub fn insert(&self, key: u64, upstream: usize, session: Vec<u8>, caps: u8) {
         let mut map = self.map.borrow_mut();
         if map.len() >= MAX_LAZY_JOINS {
             map.clear();
         }
-        map.insert((key, upstream), session);
+        map.insert((key, upstream), (session, caps));
     }
 
     pub fn remove(&self, key: u64, upstream: usize) {
