@@ -568,11 +568,18 @@ fn a_dead_upstream_loses_its_tools_the_other_keeps_serving_and_it_is_joined_when
     // What b advertised when it joined is remembered too: it offers no prompts, so it is not
     // asked for them (nor counted as failing).
     let r = c
-        .post("/mcp", r#"{"jsonrpc":"2.0","id":6,"method":"prompts/list"}"#)
+        .post(
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":6,"method":"prompts/list"}"#,
+        )
         .header("Mcp-Session-Id", &token)
         .send();
     assert!(message(&r)["result"]["prompts"].is_array(), "{}", r.text());
-    assert!(!b.methods().iter().any(|m| m == "prompts/list"), "{:?}", b.methods());
+    assert!(
+        !b.methods().iter().any(|m| m == "prompts/list"),
+        "{:?}",
+        b.methods()
+    );
 }
 
 #[test]
