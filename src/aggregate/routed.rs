@@ -169,7 +169,6 @@ pub(super) async fn routed(
             return write(req, client, reply).await;
         }
     }
-    let method = m.method.unwrap_or_default();
     let exposed = match asked {
         Target::Tool { name, .. } | Target::Prompt(name) => name,
         Target::Resource(uri) | Target::ResourceTemplate(uri) => uri,
@@ -191,11 +190,25 @@ pub(super) async fn routed(
     jsonrpc::write_json_string(&original, &mut with);
     let body = super::json::splice(&req.body, range, &with);
 
+    forward(req, client, session, m, i, &body).await
+}
+
+/// Sends `body` (the agent's message, rewritten for upstream `i`) on the session's upstream
+/// session, joining the upstream again once if that session expired, and relays the answer
+/// through the rewrite for the message's method.
+pub(super) async fn forward(
+    req: &Request<'_>,
+    client: &mut Conn,
+    session: &MultiSession,
+    m: &Message<'_>,
+    i: usize,
+    body: &[u8],
+) -> Result<Outcome, Outcome> {
     let sid = match session_for(req, session, i).await {
         Ok(s) => s,
         Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
     };
-    let r = req.up_request("POST", &body, Some(&sid));
+    let r = req.up_request("POST", body, Some(&sid));
     let sent_at = Instant::now();
     let mut resp = match send(req.ups(), i, &r, req.deadline()).await {
         Ok(resp) => resp,
@@ -208,7 +221,7 @@ pub(super) async fn routed(
         // The upstream's session expired: a new one, and the request again on it (once).
         let _ = resp.read_all(req.deadline(), 64 * 1024).await;
         resp.finish(req.ups());
-        resp = match resend_on_new_session(req, i, &body, &sid).await {
+        resp = match resend_on_new_session(req, i, body, &sid).await {
             Ok(resp) => resp,
             Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
         };
@@ -216,7 +229,7 @@ pub(super) async fn routed(
     let upstream_us = Some(sent_at.elapsed().as_micros() as u64);
     let rewrite = Rewrite {
         upstream: req.upstream_name(i).to_owned(),
-        answer: Answer::of(method),
+        answer: Answer::of(m.method.unwrap_or_default()),
     };
     relay(req, client, resp, &rewrite, m, i, upstream_us).await
 }

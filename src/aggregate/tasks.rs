@@ -14,12 +14,12 @@ use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
 use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
-use crate::upstream::client::{exchange, join_all, send};
+use crate::upstream::client::{exchange, join_all};
 
-use super::names::{Answer, Rewrite, map_id, unmap_id};
-use super::request::{Fut, Outcome, Request, rpc_result, upstream_failed, write};
-use super::session::{caps_of, expired, resend_on_new_session, session_for};
-use super::stream::relay;
+use super::names::{map_id, unmap_id};
+use super::request::{Fut, Outcome, Request, rpc_result, write};
+use super::routed::forward;
+use super::session::{caps_of, session_for};
 
 /// The upstream and its own task id behind a task id the agent was given.
 pub(super) fn unmap_task(mapped: &str) -> Option<(&str, String)> {
@@ -63,34 +63,7 @@ pub(super) async fn task(
     let mut with = Vec::with_capacity(original.len() + 2);
     jsonrpc::write_json_string(&original, &mut with);
     let body = super::json::splice(&req.body, range, &with);
-    let sid = match session_for(req, session, i).await {
-        Ok(s) => s,
-        Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
-    };
-    let r = req.up_request("POST", &body, Some(&sid));
-    let sent_at = std::time::Instant::now();
-    let mut resp = match send(req.ups(), i, &r, req.deadline()).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            req.note_failure(i, e.message());
-            return write(req, client, upstream_failed(m.id, e, i)).await;
-        }
-    };
-    if expired(resp.status(), &sid) {
-        // The upstream's session expired: a new one, and the request again on it (once).
-        let _ = resp.read_all(req.deadline(), 64 * 1024).await;
-        resp.finish(req.ups());
-        resp = match resend_on_new_session(req, i, &body, &sid).await {
-            Ok(resp) => resp,
-            Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
-        };
-    }
-    let upstream_us = Some(sent_at.elapsed().as_micros() as u64);
-    let rewrite = Rewrite {
-        upstream: req.upstream_name(i).to_owned(),
-        answer: Answer::of(method),
-    };
-    relay(req, client, resp, &rewrite, m, i, upstream_us).await
+    forward(req, client, session, m, i, &body).await
 }
 
 /// `tasks/list`: every upstream of the session that advertised tasks (or whose capabilities

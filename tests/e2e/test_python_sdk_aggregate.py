@@ -237,10 +237,10 @@ def test_typescript_sdk_client_through_the_aggregate_endpoint(fleet):
     assert fleet["files"].executions() == []
 
 
-def test_resource_links_from_a_server_nobody_here_wrote_are_followed_on_mcp(tmp_path):
-    """server-everything (npm, streamable HTTP) beside a FastMCP upstream: the resource links and
-    embedded resources its tools return are named as /mcp names resources, and reading a link
-    reaches the server that gave it (issue 16, item 2)."""
+@pytest.fixture
+def with_everything(tmp_path):
+    """A gateway over npm server-everything (streamable HTTP, a server nobody here wrote) and a
+    FastMCP upstream, for an agent allowed both."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -274,33 +274,41 @@ allow = ["files/*", "everything/*"]
 """)
         gw = Scopegate({"SCOPEGATE_POLICY": str(policy),
                         "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e"})
-        out = {}
-
-        async def scenario():
-            headers = {"Authorization": f"Bearer {ACME_KEY}"}
-            async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
-                async with ClientSession(read, write) as s:
-                    await s.initialize()
-                    links = await s.call_tool("everything__get-resource-links", {"count": 2})
-                    out["links"] = [c.uri for c in links.content if c.type == "resource_link"]
-                    out["read"] = [await s.read_resource(u) for u in out["links"]]
-                    ref = await s.call_tool("everything__get-resource-reference", {"resourceId": 2})
-                    out["embedded"] = [c.resource.uri for c in ref.content if c.type == "resource"]
-                    out["read_embedded"] = await s.read_resource(out["embedded"][0])
-
-        run(scenario())
-        assert len(out["links"]) == 2, out
-        assert all(str(u).startswith("scopegate://everything/demo://") for u in out["links"]), out["links"]
-        for uri, result in zip(out["links"], out["read"]):
-            assert [str(c.uri) for c in result.contents] == [str(uri)], result
-        assert str(out["embedded"][0]).startswith("scopegate://everything/demo://"), out["embedded"]
-        assert [str(c.uri) for c in out["read_embedded"].contents] == [str(out["embedded"][0])]
+        yield gw
     finally:
         if gw:
             gw.stop()
         files.stop()
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_resource_links_from_a_server_nobody_here_wrote_are_followed_on_mcp(with_everything):
+    """server-everything (npm, streamable HTTP) beside a FastMCP upstream: the resource links and
+    embedded resources its tools return are named as /mcp names resources, and reading a link
+    reaches the server that gave it (issue 16, item 2)."""
+    gw = with_everything
+    out = {}
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {ACME_KEY}"}
+        async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                links = await s.call_tool("everything__get-resource-links", {"count": 2})
+                out["links"] = [c.uri for c in links.content if c.type == "resource_link"]
+                out["read"] = [await s.read_resource(u) for u in out["links"]]
+                ref = await s.call_tool("everything__get-resource-reference", {"resourceId": 2})
+                out["embedded"] = [c.resource.uri for c in ref.content if c.type == "resource"]
+                out["read_embedded"] = await s.read_resource(out["embedded"][0])
+
+    run(scenario())
+    assert len(out["links"]) == 2, out
+    assert all(str(u).startswith("scopegate://everything/demo://") for u in out["links"]), out["links"]
+    for uri, result in zip(out["links"], out["read"]):
+        assert [str(c.uri) for c in result.contents] == [str(uri)], result
+    assert str(out["embedded"][0]).startswith("scopegate://everything/demo://"), out["embedded"]
+    assert [str(c.uri) for c in out["read_embedded"].contents] == [str(out["embedded"][0])]
 
 
 def test_an_upstream_that_restarted_is_joined_again_without_the_agent_noticing(fleet):
@@ -337,86 +345,49 @@ def test_an_upstream_that_restarted_is_joined_again_without_the_agent_noticing(f
     assert "joined upstream \"files\" for an existing session" in gw.log(), gw.log()
 
 
-def test_tasks_created_on_mcp_are_followed_to_their_upstream(tmp_path):
+def test_tasks_created_on_mcp_are_followed_to_their_upstream(with_everything):
     """server-everything's task tool (simulate-research-query) called as a task on /mcp with the
     official Python SDK 1.x tasks API: the task id is /mcp's own, and tasks/get, tasks/list and
     tasks/result reach the upstream that created the task (issue 16, item 1)."""
-    import shutil
-    import subprocess
     import warnings
-    from pathlib import Path
 
-    from conftest import free_port, wait_for_port
+    gw = with_everything
+    out = {}
 
-    everything = (Path(__file__).parent / "node" / "node_modules" / "@modelcontextprotocol" / "server-everything"
-                  / "dist" / "index.js")
-    port = free_port()
-    server = subprocess.Popen([shutil.which("node") or "node", str(everything), "streamableHttp"],
-                              env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    files = Upstream(tmp_path, "files")
-    gw = None
-    try:
-        wait_for_port(port)
-        policy = tmp_path / "policy.toml"
-        policy.write_text(f"""
-[[upstream]]
-name = "files"
-url = "{files.url}"
+    async def scenario():
+        headers = {"Authorization": f"Bearer {ACME_KEY}"}
+        async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+            async with ClientSession(read, write) as s:
+                init = await s.initialize()
+                out["caps"] = init.capabilities
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    x = s.experimental
+                    created = await x.call_tool_as_task("everything__simulate-research-query",
+                                                        {"topic": "gateways"})
+                    task_id = created.task.taskId
+                    out["id"] = task_id
+                    out["first"] = (await x.get_task(task_id)).status
+                    out["listed"] = [t.taskId for t in (await x.list_tasks()).tasks]
+                    for _ in range(100):
+                        state = await x.get_task(task_id)
+                        if state.status in ("completed", "failed", "cancelled"):
+                            break
+                        await asyncio.sleep(0.2)
+                    out["last"] = state.status
+                    out["result"] = await x.get_task_result(task_id, types.CallToolResult)
+                    try:
+                        await x.get_task("sg:files:\"not-a-task\"")
+                        out["foreign"] = "answered"
+                    except Exception as e:  # the upstream's own error for a task it never had
+                        out["foreign"] = str(e)
 
-[[upstream]]
-name = "everything"
-url = "http://127.0.0.1:{port}/mcp"
-
-[[agent]]
-id = "acme-bot"
-key_sha256 = "{sha256_hex(ACME_KEY)}"
-allow = ["files/*", "everything/*"]
-""")
-        gw = Scopegate({"SCOPEGATE_POLICY": str(policy),
-                        "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e"})
-        out = {}
-
-        async def scenario():
-            headers = {"Authorization": f"Bearer {ACME_KEY}"}
-            async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
-                async with ClientSession(read, write) as s:
-                    init = await s.initialize()
-                    out["caps"] = init.capabilities
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", DeprecationWarning)
-                        x = s.experimental
-                        created = await x.call_tool_as_task("everything__simulate-research-query",
-                                                            {"topic": "gateways"})
-                        task_id = created.task.taskId
-                        out["id"] = task_id
-                        out["first"] = (await x.get_task(task_id)).status
-                        out["listed"] = [t.taskId for t in (await x.list_tasks()).tasks]
-                        for _ in range(100):
-                            state = await x.get_task(task_id)
-                            if state.status in ("completed", "failed", "cancelled"):
-                                break
-                            await asyncio.sleep(0.2)
-                        out["last"] = state.status
-                        out["result"] = await x.get_task_result(task_id, types.CallToolResult)
-                        try:
-                            await x.get_task("sg:files:\"not-a-task\"")
-                            out["foreign"] = "answered"
-                        except Exception as e:  # the upstream's own error for a task it never had
-                            out["foreign"] = str(e)
-
-        run(scenario())
-        assert out["caps"].tasks is not None, out["caps"]
-        assert out["id"].startswith('sg:everything:"'), out["id"]
-        assert out["first"] in ("working", "completed"), out
-        assert out["id"] in out["listed"], out["listed"]
-        assert out["last"] == "completed", out
-        text = " ".join(c.text for c in out["result"].content if c.type == "text")
-        assert "gateways" in text, out["result"]
-        assert out["foreign"] != "answered"
-    finally:
-        if gw:
-            gw.stop()
-        files.stop()
-        server.terminate()
-        server.wait(timeout=10)
+    run(scenario())
+    assert out["caps"].tasks is not None, out["caps"]
+    assert out["id"].startswith('sg:everything:"'), out["id"]
+    assert out["first"] in ("working", "completed"), out
+    assert out["id"] in out["listed"], out["listed"]
+    assert out["last"] == "completed", out
+    text = " ".join(c.text for c in out["result"].content if c.type == "text")
+    assert "gateways" in text, out["result"]
+    assert out["foreign"] != "answered"
