@@ -62,6 +62,11 @@ pub enum ErrorData {
         retry_after_ms: u64,
         limit: String,
     },
+    /// `{"supported": [..], "requested": ..}` (2026-07-28's unsupported-version error).
+    Versions {
+        supported: Vec<String>,
+        requested: String,
+    },
 }
 
 impl Reply {
@@ -85,6 +90,25 @@ impl Reply {
             error_body(code, message.into(), ErrorData::None),
             Decision::Invalid,
         )
+    }
+
+    /// 2026-07-28's "unsupported protocol version" (HTTP 400, JSON-RPC -32022), naming the
+    /// revisions that are served: a negotiation outcome, not an invalid request.
+    pub fn unsupported_version(supported: Vec<String>, requested: String) -> Reply {
+        let mut r = Reply::with(
+            400,
+            error_body(
+                jsonrpc::UNSUPPORTED_PROTOCOL_VERSION,
+                "Unsupported protocol version".into(),
+                ErrorData::Versions {
+                    supported,
+                    requested,
+                },
+            ),
+            Decision::Allowed,
+        );
+        r.reason = Some("unsupported protocol version".into());
+        r
     }
 
     /// A call the policy refuses: HTTP 200 (the agent's session carries on), JSON-RPC -32004,
@@ -236,6 +260,22 @@ impl Reply {
                         crate::fmt::push_decimal(&mut out, *retry_after_ms);
                         out.extend_from_slice(b",\"limit\":");
                         jsonrpc::write_json_string(limit, &mut out);
+                        out.extend_from_slice(b"}}}");
+                    }
+                    ErrorData::Versions {
+                        supported,
+                        requested,
+                    } => {
+                        out.truncate(out.len() - 2);
+                        out.extend_from_slice(b",\"data\":{\"supported\":[");
+                        for (i, v) in supported.iter().enumerate() {
+                            if i > 0 {
+                                out.push(b',');
+                            }
+                            jsonrpc::write_json_string(v, &mut out);
+                        }
+                        out.extend_from_slice(b"],\"requested\":");
+                        jsonrpc::write_json_string(requested, &mut out);
                         out.extend_from_slice(b"}}}");
                     }
                 }

@@ -43,6 +43,22 @@ pub fn base64url_decode(text: &[u8]) -> Option<Vec<u8>> {
 
 /// Decodes into `out` (cleared first; its allocation reused). False on invalid input.
 pub fn base64url_decode_into(text: &[u8], out: &mut Vec<u8>) -> bool {
+    decode_into(text, ALPHABET, out)
+}
+
+/// Decodes standard padded base64, in its canonical form only (the form [`base64`] writes):
+/// `None` for anything else, so two readers can never decode one text differently.
+pub fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
+    if text.len() % 4 != 0 {
+        return None;
+    }
+    let unpadded = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"="));
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    (decode_into(unpadded.unwrap_or(text), STANDARD, &mut out) && base64(&out).as_bytes() == text)
+        .then_some(out)
+}
+
+fn decode_into(text: &[u8], alphabet: &[u8; 64], out: &mut Vec<u8>) -> bool {
     out.clear();
     if text.len() % 4 == 1 {
         return false;
@@ -52,8 +68,8 @@ pub fn base64url_decode_into(text: &[u8], out: &mut Vec<u8>) -> bool {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
             b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
+            _ if c == alphabet[62] => 62,
+            _ if c == alphabet[63] => 63,
             _ => return None,
         } as u32)
     };
@@ -95,5 +111,18 @@ mod tests {
         assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
         assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
         assert!(base64url_decode(b"Z").is_none());
+    }
+
+    #[test]
+    fn standard_decoding_takes_the_canonical_form_only() {
+        for n in 0..40u8 {
+            let data: Vec<u8> = (0..n).map(|i| i.wrapping_mul(91)).collect();
+            assert_eq!(base64_decode(base64(&data).as_bytes()).unwrap(), data);
+        }
+        assert_eq!(base64_decode(b"+/8=").unwrap(), [0xfb, 0xff]);
+        // Unpadded, padding in the middle, the url alphabet, non-zero trailing bits.
+        for bad in [&b"Zg"[..], b"Zg==Zg==", b"-_8=", b"Zh==", b"Zg=", b"Z==="] {
+            assert!(base64_decode(bad).is_none(), "{bad:?}");
+        }
     }
 }

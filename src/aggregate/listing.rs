@@ -59,16 +59,12 @@ pub(super) async fn list(
         .iter()
         .map(|(i, cursor)| {
             let i = *i;
-            let body = match cursor {
-                Some(c) => format!(
-                    "{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"method\":\"{method}\",\"params\":{{\"cursor\":{c}}}}}"
-                ),
-                None => format!("{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"method\":\"{method}\"}}"),
-            };
+            let body = list_body(req, &id_json, method, cursor.as_ref());
             Box::pin(async move {
                 let sid = session_for(req, session, i).await?;
                 let r = req.up_request("POST", body.as_bytes(), Some(&sid));
-                let (mut resp, mut answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+                let (mut resp, mut answer) =
+                    exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
                 if expired(resp.status(), &sid) {
                     // The upstream's session expired: a new one, and the list again on it.
                     resp.finish(req.ups());
@@ -82,6 +78,11 @@ pub(super) async fn list(
                 }
                 let status = resp.status();
                 resp.finish(req.ups());
+                if not_offered(&answer) {
+                    // An upstream without this kind of list (one whose capabilities are not
+                    // known, in a sessionless request) has nothing to add; it has not failed.
+                    return Ok(Value::Object(Map::new()));
+                }
                 rpc_result(req, i, method, status, &answer)
             }) as Fut<'_, _>
         })
@@ -90,6 +91,7 @@ pub(super) async fn list(
     let mut items = Vec::new();
     let mut next = Map::new();
     let mut failures = Vec::new();
+    let mut ttl: Option<u64> = None;
     let sep = req.sep();
     for ((i, _), result) in targets.iter().zip(results) {
         let i = *i;
@@ -102,6 +104,9 @@ pub(super) async fn list(
                 continue;
             }
         };
+        if let Some(t) = result.get("ttlMs").and_then(Value::as_u64) {
+            ttl = Some(ttl.map_or(t, |cur: u64| cur.min(t)));
+        }
         if let Some(c) = result.get("nextCursor").filter(|c| !c.is_null()) {
             next.insert(up.to_owned(), c.clone());
         }
@@ -144,11 +149,47 @@ pub(super) async fn list(
     if !next.is_empty() {
         result.insert("nextCursor".into(), Value::String(encode_cursor(&next)));
     }
+    if req.modern() {
+        // The revision's caching hints: filtered for this agent, the list is private; merged,
+        // it is fresh as long as the freshest upstream list says.
+        result.insert("resultType".into(), "complete".into());
+        result.insert("cacheScope".into(), "private".into());
+        result.insert("ttlMs".into(), ttl.unwrap_or(0).into());
+    }
     let body = format!(
         "{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"result\":{}}}",
         Value::Object(result)
     );
     Reply::json(200, body.into_bytes())
+}
+
+/// A list request for one upstream, with its own cursor; in 2026-07-28 with the agent's
+/// `_meta` (its revision and capabilities travel with every request).
+fn list_body(req: &Request<'_>, id_json: &str, method: &str, cursor: Option<&Value>) -> String {
+    let mut params = Vec::new();
+    if let Some(meta) = req.meta().filter(|_| req.modern()) {
+        params.push(format!("\"_meta\":{}", String::from_utf8_lossy(meta)));
+    }
+    if let Some(c) = cursor {
+        params.push(format!("\"cursor\":{c}"));
+    }
+    let mut body = format!("{{\"jsonrpc\":\"2.0\",\"id\":{id_json},\"method\":\"{method}\"");
+    if !params.is_empty() {
+        body.push_str(&format!(",\"params\":{{{}}}", params.join(",")));
+    }
+    body.push('}');
+    body
+}
+
+/// Whether an answer is the JSON-RPC error "method not found".
+pub(super) fn not_offered(answer: &[u8]) -> bool {
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(answer) else {
+        return false;
+    };
+    m.get("error")
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_i64)
+        == Some(i64::from(jsonrpc::METHOD_NOT_FOUND))
 }
 
 /// The upstream and original name behind an exposed tool or prompt name.
@@ -177,12 +218,7 @@ pub(super) async fn resolve_name(
     let sid = session_for(req, session, i).await.ok()?;
     let mut cursor: Option<Value> = None;
     for _ in 0..100 {
-        let body = match &cursor {
-            Some(c) => format!(
-                "{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\",\"params\":{{\"cursor\":{c}}}}}"
-            ),
-            None => format!("{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"{method}\"}}"),
-        };
+        let body = list_body(req, "0", method, cursor.as_ref());
         let r = req.up_request("POST", body.as_bytes(), Some(&sid));
         let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline())
             .await

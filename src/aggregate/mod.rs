@@ -15,14 +15,23 @@
 //!   JSON-RPC error, while the others keep working; `SCOPEGATE_AGGREGATE_FAIL_CLOSED=1` fails
 //!   the whole fan-out instead.
 //!
+//! - 2026-07-28 (sessionless) agents are served too: `server/discover` is merged (offering the
+//!   sessionless revision only when every upstream has it, so one older upstream sends the
+//!   agent to initialize), each message is routed on its own with routing headers in the
+//!   upstream's names, `input_required` results travel back by the call's own name, and
+//!   `subscriptions/listen` is fanned in.
+//!
 //! The rooms, each importing only those above it in this list: [`json`] (byte-level splices),
 //! `request` (what a request carries, reply shapes, writes to the agent), `names` (names,
-//! URIs, ids and cursors as the agent sees them), `session` (initialize and the session
-//! token), `listing` (merged lists), `stream` (relayed event streams), `routed` (messages
+//! URIs, ids and cursors as the agent sees them), `session` (initialize, the session token,
+//! sessionless requests), `discover` (server/discover), `listing` (merged lists), `stream`
+//! (relayed and merged event streams), `listen` (subscriptions/listen), `routed` (messages
 //! for one upstream); this module dispatches. Every decision is `policy::decide`'s, every
 //! limit the core's limiter, every request head `upstream::request`'s.
 
+mod discover;
 pub mod json;
+mod listen;
 mod listing;
 mod names;
 mod request;
@@ -52,6 +61,16 @@ pub async fn handle(req: &Request<'_>, client: &mut Conn) -> Result<Outcome, Out
     let method = req.head.method();
     if method == b"POST" {
         return post(req, client).await;
+    }
+    if req.modern() && req.head.get("mcp-session-id").is_none() {
+        // 2026-07-28 has no session to end and no GET stream.
+        let mut r = Reply::error(
+            405,
+            jsonrpc::INVALID_REQUEST,
+            "2026-07-28 has no sessions and no GET stream: POST subscriptions/listen for notifications",
+        );
+        r.headers = "Allow: POST\r\n".into();
+        return write(req, client, r).await;
     }
     // GET and DELETE need a session.
     let session = match open(req) {
@@ -127,6 +146,10 @@ async fn post(req: &Request<'_>, client: &mut Conn) -> Result<Outcome, Outcome> 
         let reply = initialize(req, m).await;
         return write(req, client, reply).await;
     }
+    if m.method == Some("server/discover") && m.kind == Kind::Request {
+        let reply = discover::discover(req, m).await;
+        return write(req, client, reply).await;
+    }
     let session = match open(req) {
         Ok(s) => s,
         Err(reply) => return write(req, client, reply).await,
@@ -151,6 +174,7 @@ async fn post(req: &Request<'_>, client: &mut Conn) -> Result<Outcome, Outcome> 
                     routed(req, client, &session, m, access).await
                 }
                 Access::Task => tasks::task(req, client, &session, m).await,
+                Access::Listen => listen::listen(req, client, &session, m).await,
                 _ if method == "ping" => {
                     let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
                     if let Some(id) = m.id {

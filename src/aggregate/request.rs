@@ -13,6 +13,7 @@ use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists;
+use crate::mcp::modern;
 use crate::policy::decide;
 use crate::reply::Reply;
 use crate::upstream::client::{UpRequest, Upstreams, send};
@@ -118,7 +119,24 @@ impl Request<'_> {
                 .policy
                 .zip(self.agent)
                 .map(|(p, a)| p.agents[a].id.as_str()),
+            routing: if self.modern() && method == "POST" {
+                routing_headers(self.head, body)
+            } else {
+                Vec::new()
+            },
         }
+    }
+
+    /// Whether the agent speaks a sessionless revision (2026-07-28 or later).
+    pub(super) fn modern(&self) -> bool {
+        self.version().is_some_and(modern::is_modern)
+    }
+
+    /// The raw `params._meta` of the agent's message: in 2026-07-28 it carries the revision
+    /// and the client's capabilities, which every request scopegate makes for it carries too.
+    pub(super) fn meta(&self) -> Option<&[u8]> {
+        let (a, b) = super::json::locate(&self.body, &["params", "_meta"])?;
+        Some(&self.body[a..b])
     }
 
     /// A message from upstream `i` for the agent, with any list result in it filtered to what
@@ -145,6 +163,32 @@ impl Request<'_> {
             self.upstream_name(i)
         );
     }
+}
+
+/// The 2026-07-28 routing headers of a message scopegate sends: `Mcp-Method` and `Mcp-Name`
+/// from the body itself (so they agree with what the upstream executes, in its own names),
+/// and, on a call, the agent's `Mcp-Param-*` (the arguments go on byte for byte).
+fn routing_headers(agent: &crate::http::head::Head, body: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let string_at = |path: &[&str]| {
+        let (a, b) = super::json::locate(body, path)?;
+        serde_json::from_slice::<String>(&body[a..b]).ok()
+    };
+    let Some(method) = string_at(&["method"]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(name) = modern::name_field(&method).and_then(|f| string_at(&["params", f])) {
+        let value = modern::encode_header_value(&name).into_owned().into_bytes();
+        out.push(("Mcp-Name".to_owned(), value));
+    }
+    if method == "tools/call" {
+        for (name, value) in agent.iter().filter(|(n, _)| modern::is_param_header(n)) {
+            let name = String::from_utf8_lossy(name).into_owned();
+            out.push((name, value.to_vec()));
+        }
+    }
+    out.insert(0, ("Mcp-Method".to_owned(), method.into_bytes()));
+    out
 }
 
 /// A JSON-RPC error with HTTP 200 for an upstream's failure: one upstream's failure must not

@@ -24,6 +24,9 @@ pub(super) fn open(req: &Request<'_>) -> Result<MultiSession, Reply> {
         .denied()
     };
     let Some(token) = req.head.get("mcp-session-id") else {
+        if req.modern() {
+            return Ok(sessionless(req));
+        }
         return Err(Reply::error(
             400,
             jsonrpc::INVALID_REQUEST,
@@ -35,6 +38,25 @@ pub(super) fn open(req: &Request<'_>) -> Result<MultiSession, Reply> {
         return Err(not_found());
     }
     Ok(session)
+}
+
+/// A 2026-07-28 request has no session: every upstream the agent may use is asked without
+/// one (their capabilities unknown: an upstream without a kind of list says so).
+fn sessionless(req: &Request<'_>) -> MultiSession {
+    let reachable = req.reachable();
+    MultiSession {
+        agent: req.agent_id().to_owned(),
+        caps: vec![0; reachable.len()],
+        upstreams: reachable
+            .into_iter()
+            .map(|i| (req.upstream_name(i).to_owned(), Vec::new()))
+            .collect(),
+    }
+}
+
+/// Whether the request has no aggregate session (2026-07-28): nothing is joined for it.
+fn is_sessionless(req: &Request<'_>) -> bool {
+    req.head.get("mcp-session-id").is_none()
 }
 
 pub(super) fn token_key(req: &Request<'_>) -> u64 {
@@ -55,7 +77,12 @@ pub(super) fn joined(req: &Request<'_>, session: &MultiSession) -> Vec<(usize, V
         .into_iter()
         .filter_map(|i| {
             let name = req.upstream_name(i);
-            lazy.get(key, i).map(|s| (i, s)).or_else(|| {
+            let late = if is_sessionless(req) {
+                None
+            } else {
+                lazy.get(key, i)
+            };
+            late.map(|s| (i, s)).or_else(|| {
                 session
                     .upstreams
                     .iter()
@@ -74,6 +101,9 @@ pub(super) async fn session_for(
     i: usize,
 ) -> Result<Vec<u8>, Reply> {
     let name = req.upstream_name(i);
+    if is_sessionless(req) {
+        return Ok(Vec::new());
+    }
     if let Some(s) = req.core.lazy_joins.get(token_key(req), i) {
         return Ok(s);
     }
@@ -178,10 +208,12 @@ fn caps_advertised(result: &Value) -> u8 {
 /// The capability bits of upstream `i` in this session: its latest join on this worker's, else
 /// the token's.
 pub(super) fn caps_of(req: &Request<'_>, session: &MultiSession, i: usize) -> u8 {
-    req.core
-        .lazy_joins
-        .caps(token_key(req), i)
-        .unwrap_or_else(|| session.caps_of(req.upstream_name(i)))
+    let late = if is_sessionless(req) {
+        None
+    } else {
+        req.core.lazy_joins.caps(token_key(req), i)
+    };
+    late.unwrap_or_else(|| session.caps_of(req.upstream_name(i)))
 }
 
 /// Sends an initialize request to upstream `i`: its session id (empty: none) and its result.

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Instant;
 
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
 use crate::audit::entry::Decision as AuditDecision;
 use crate::http::body::BodyError;
@@ -21,7 +21,7 @@ use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
 use crate::upstream::client::{UpResponse, join_all, send};
 
-use super::names::{Answer, Rewrite};
+use super::names::{Answer, Rewrite, scoped_uri};
 use super::request::{Fut, Outcome, Request, upstream_failed, write, write_bytes, write_chunk};
 use super::session::joined;
 
@@ -243,6 +243,28 @@ pub(super) async fn get_stream(
         r.headers = "Allow: POST, DELETE\r\n".into();
         return write(req, client, r).await;
     }
+    merge(req, client, streams, None).await
+}
+
+/// A merged `subscriptions/listen` stream (2026-07-28): each upstream's acknowledgement is
+/// held back until all have come (or the fan-out deadline passed) and the agent gets one, the
+/// union of what they agreed to ([`merged_ack`]); each upstream's closing result is dropped
+/// and the agent gets one when the last has ended.
+pub(super) struct Listen {
+    /// The listen request's id: the subscription's id on every frame.
+    pub(super) id: Value,
+}
+
+const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
+
+/// One event stream for the agent, merged from the upstreams' `streams` (GET streams, or the
+/// answers to `subscriptions/listen`).
+pub(super) async fn merge(
+    req: &Request<'_>,
+    client: &mut Conn,
+    streams: Vec<(usize, UpResponse)>,
+    listen: Option<Listen>,
+) -> Result<Outcome, Outcome> {
     let mut head = String::from(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
     );
@@ -267,7 +289,9 @@ pub(super) async fn get_stream(
         events: VecDeque::new(),
         bytes: 0,
         open: streams.len(),
+        acks: Vec::new(),
     }));
+    let listening = listen.is_some();
     let mut readers: Vec<Option<Fut<'_, ()>>> = streams
         .into_iter()
         .map(|(i, mut resp)| {
@@ -295,6 +319,16 @@ pub(super) async fn get_stream(
                                 };
                                 if data.is_none() && parts.other.is_empty() {
                                     continue;
+                                }
+                                if listening && let Some(d) = &data {
+                                    match listen_event(d, &rewrite.upstream) {
+                                        ListenEvent::Ack(filter) => {
+                                            queue.borrow_mut().acks.push(filter);
+                                            continue;
+                                        }
+                                        ListenEvent::End => continue,
+                                        ListenEvent::Other => {}
+                                    }
                                 }
                                 let mut out = Vec::new();
                                 sse::write_event(&parts.other, None, data.as_deref(), &mut out);
@@ -343,8 +377,30 @@ pub(super) async fn get_stream(
         })
         .collect();
     let writer_queue = queue.clone();
+    let expected = readers.len();
     let writer = async move {
         let mut watch = true;
+        if let Some(l) = &listen {
+            // The acknowledgement comes first: once every upstream's is in (or none can come).
+            let all_in = std::future::poll_fn(|_| {
+                let q = writer_queue.borrow();
+                if q.acks.len() + (expected - q.open.min(expected)) >= expected {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            });
+            let wait = req
+                .fanout_deadline()
+                .saturating_duration_since(Instant::now());
+            let _ = monoio::time::timeout(wait, all_in).await;
+            let ack = merged_ack(&l.id, &writer_queue.borrow().acks);
+            let mut out = Vec::new();
+            sse::write_event(&[b"event: message"], None, Some(&ack), &mut out);
+            if write_chunk(client, &out).await.is_err() {
+                return false;
+            }
+        }
         loop {
             let next = std::future::poll_fn(|_| {
                 let mut q = writer_queue.borrow_mut();
@@ -375,6 +431,16 @@ pub(super) async fn get_stream(
                 next.await
             };
             let Some(event) = next else {
+                if let Some(l) = &listen {
+                    let mut chunk = Vec::new();
+                    let end = json!({"jsonrpc": "2.0", "id": l.id,
+                        "result": {"_meta": {SUBSCRIPTION_ID: l.id}, "resultType": "complete"}});
+                    let end = end.to_string().into_bytes();
+                    sse::write_event(&[b"event: message"], None, Some(&end), &mut chunk);
+                    if write_chunk(client, &chunk).await.is_err() {
+                        return false;
+                    }
+                }
                 return write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_ok();
             };
             if write_chunk(client, &event).await.is_err() {
@@ -400,11 +466,92 @@ pub(super) async fn get_stream(
     Ok(outcome)
 }
 
-/// The merged GET stream's events waiting for the agent.
+/// The merged stream's events waiting for the agent.
 pub(super) struct MergedQueue {
     events: VecDeque<Vec<u8>>,
     /// Bytes in `events`.
     bytes: usize,
     /// Upstream streams still open.
     open: usize,
+    /// The upstreams' acknowledgements of a `subscriptions/listen`: their `notifications`.
+    acks: Vec<Value>,
+}
+
+enum ListenEvent {
+    Ack(Value),
+    End,
+    Other,
+}
+
+/// What an event on a listen stream is: an upstream's acknowledgement (its agreed filter, URIs
+/// already scoped), its closing result, or a notification for the agent.
+fn listen_event(data: &[u8], upstream: &str) -> ListenEvent {
+    let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(data) else {
+        return ListenEvent::Other;
+    };
+    if m.get("method").and_then(Value::as_str) == Some("notifications/subscriptions/acknowledged") {
+        let mut filter = m
+            .get_mut("params")
+            .and_then(|p| p.get_mut("notifications"))
+            .map(Value::take)
+            .unwrap_or(Value::Null);
+        if let Some(Value::Array(uris)) = filter.get_mut("resourceSubscriptions") {
+            for uri in uris {
+                if let Value::String(u) = uri {
+                    *u = scoped_uri(upstream, u);
+                }
+            }
+        }
+        return ListenEvent::Ack(filter);
+    }
+    if m.contains_key("id") && !m.contains_key("method") {
+        return ListenEvent::End;
+    }
+    ListenEvent::Other
+}
+
+/// One acknowledgement for the agent: what any upstream agreed to send (each only sends what
+/// it agreed to), every resource some upstream agreed to follow.
+fn merged_ack(id: &Value, acks: &[Value]) -> Vec<u8> {
+    let mut filter = Map::new();
+    let mut uris = Vec::new();
+    for ack in acks {
+        let Value::Object(a) = ack else { continue };
+        for (k, v) in a {
+            match (k.as_str(), v) {
+                ("resourceSubscriptions", Value::Array(list)) => uris.extend(list.iter().cloned()),
+                (_, Value::Bool(true)) => {
+                    filter.insert(k.clone(), Value::Bool(true));
+                }
+                _ => {}
+            }
+        }
+    }
+    if !uris.is_empty() {
+        filter.insert("resourceSubscriptions".into(), Value::Array(uris));
+    }
+    json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+        "params": {"_meta": {SUBSCRIPTION_ID: id}, "notifications": filter}})
+    .to_string()
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_merge_to_what_any_upstream_agreed() {
+        let acks = [
+            json!({"toolsListChanged": true, "resourceSubscriptions": ["scopegate://a/memo://x"]}),
+            json!({"toolsListChanged": true, "promptsListChanged": true}),
+        ];
+        let ack: Value = serde_json::from_slice(&merged_ack(&json!(7), &acks)).unwrap();
+        assert_eq!(ack["params"]["_meta"][SUBSCRIPTION_ID], 7);
+        assert_eq!(
+            ack["params"]["notifications"],
+            json!({"toolsListChanged": true, "promptsListChanged": true,
+                "resourceSubscriptions": ["scopegate://a/memo://x"]})
+        );
+    }
 }

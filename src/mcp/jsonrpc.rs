@@ -33,6 +33,10 @@ pub const PARSE_ERROR: i32 = -32700;
 pub const INVALID_REQUEST: i32 = -32600;
 pub const METHOD_NOT_FOUND: i32 = -32601;
 pub const INVALID_PARAMS: i32 = -32602;
+/// 2026-07-28: a routing header (`Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`) disagrees with the body.
+pub const HEADER_MISMATCH: i32 = -32020;
+/// 2026-07-28: the requested revision is not served; `data` says which are.
+pub const UNSUPPORTED_PROTOCOL_VERSION: i32 = -32022;
 /// Implementation-defined server errors (-32000..-32099), scopegate's own:
 /// the upstream could not be reached or failed before answering.
 pub const UPSTREAM_UNAVAILABLE: i32 = -32001;

@@ -5,6 +5,7 @@ pub mod caps;
 pub mod envelope;
 pub mod jsonrpc;
 pub mod lists;
+pub mod modern;
 pub mod origin;
 pub mod session;
 pub mod uri;

@@ -29,6 +29,9 @@ pub struct UpRequest<'a> {
     pub peer: SocketAddr,
     /// The agent's id (policy mode), for a stdio upstream's bridge.
     pub agent_id: Option<&'a str>,
+    /// More headers: the 2026-07-28 routing headers (`Mcp-Method`, `Mcp-Name`,
+    /// `Mcp-Param-*`) of the message in `body`.
+    pub routing: Vec<(String, Vec<u8>)>,
 }
 
 /// The upstreams a client reaches: their definitions, this worker's pool, and the limits.
@@ -126,16 +129,15 @@ pub async fn send(
     } else {
         b"application/json, text/event-stream"
     };
-    let mut set: [(&str, &[u8]); 3] = [("Accept", accept), ("", b""), ("", b"")];
-    let mut n = 1;
+    let mut set: Vec<(&str, &[u8])> = Vec::with_capacity(3 + req.routing.len());
+    set.push(("Accept", accept));
     if req.method == "POST" {
-        set[n] = ("Content-Type", b"application/json");
-        n += 1;
+        set.push(("Content-Type", b"application/json"));
     }
     if let Some(v) = req.protocol_version {
-        set[n] = ("MCP-Protocol-Version", v);
-        n += 1;
+        set.push(("MCP-Protocol-Version", v));
     }
+    set.extend(req.routing.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
     let mut out = Vec::with_capacity(512 + req.body.len());
     write_head(
         &mut out,
@@ -143,7 +145,7 @@ pub async fn send(
         &Outgoing {
             method: req.method.as_bytes(),
             agent: None,
-            set: &set[..n],
+            set: &set,
             session: req.session,
             replace_session: false,
             plain_answer: true,

@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCOPEGATE = os.environ.get("SCOPEGATE_BIN", str(ROOT / "target" / "debug" / "scopegate"))
+# The Python SDK 2.x (tests/e2e/requirements-git.txt) lives in its own virtualenv.
+SDK2_PYTHON = str(ROOT / ".venv-git" / "bin" / "python")
 
 
 def free_port() -> int:
@@ -35,13 +37,14 @@ def wait_for_port(port: int, limit: float = 20.0) -> None:
 
 class Upstream:
     def __init__(self, tmp_path: Path, name: str = "upstream", script: str = "fastmcp_upstream.py",
-                 tls: dict[str, str] | None = None):
-        """`tls`: E2E_TLS_CERT, E2E_TLS_KEY (and E2E_TLS_CLIENT_CA) to serve HTTPS."""
+                 tls: dict[str, str] | None = None, python: str = sys.executable, args: tuple = ()):
+        """`tls`: E2E_TLS_CERT, E2E_TLS_KEY (and E2E_TLS_CLIENT_CA) to serve HTTPS. `python`:
+        the interpreter (SDK2_PYTHON for the 2.x SDK's servers); `args`: after PORT and LOGFILE."""
         self.port = free_port()
         self.log = tmp_path / f"{name}-executions.jsonl"
         self.log.touch()
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / script), str(self.port), str(self.log)],
+            [python, str(Path(__file__).parent / script), str(self.port), str(self.log), *args],
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / f"{name}.stderr", "w"),
             env={**os.environ, **(tls or {})},
