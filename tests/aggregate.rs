@@ -959,3 +959,51 @@ fn an_expired_upstream_session_is_joined_again_inside_the_aggregate_session() {
     assert!(names.contains(&"a__echo".to_owned()), "{names:?}");
     assert_eq!(inits(&s.a), 3);
 }
+
+#[test]
+fn tasks_of_every_upstream_are_listed_page_by_page_and_reached_by_their_mapped_ids() {
+    let s = setup(&[]);
+    let mut c = s.gw.client();
+    let token = initialize(&mut c, BOT);
+    // a pages its five tasks by 3, b answers all five at once: the merged list follows both.
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..5 {
+        let params = match &cursor {
+            Some(c) => json!({ "cursor": c }),
+            None => json!({}),
+        };
+        let body = json!({"jsonrpc": "2.0", "id": 4, "method": "tasks/list", "params": params});
+        let result = message(&post(&mut c, BOT, Some(&token), &body.to_string()))["result"].clone();
+        for t in result["tasks"].as_array().unwrap() {
+            ids.push(t["taskId"].as_str().unwrap().to_owned());
+        }
+        cursor = result["nextCursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let mut expected: Vec<String> = ["a", "b"]
+        .iter()
+        .flat_map(|up| (0..5).map(move |n| format!("sg:{up}:\"t{n}\"")))
+        .collect();
+    expected.sort();
+    assert_eq!(sorted(ids.clone()), expected);
+    assert_eq!(ids.len(), 10, "no task twice across pages");
+    // A mapped id reaches the upstream that made it, with its own id.
+    let body = r#"{"jsonrpc":"2.0","id":5,"method":"tasks/get","params":{"taskId":"sg:a:\"t4\""}}"#;
+    let got = message(&post(&mut c, BOT, Some(&token), body));
+    assert_eq!(got["result"]["taskId"], "sg:a:\"t4\"");
+    let asked: Vec<Value> =
+        s.a.recorded()
+            .into_iter()
+            .filter_map(|r| r.json())
+            .filter(|v| v["method"] == "tasks/get")
+            .collect();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["params"]["taskId"], "t4");
+    // The other tenant's upstream is neither listed nor reachable.
+    let body = r#"{"jsonrpc":"2.0","id":6,"method":"tasks/get","params":{"taskId":"sg:c:\"t0\""}}"#;
+    assert!(message(&post(&mut c, BOT, Some(&token), body))["error"].is_object());
+    assert!(s.c.recorded().is_empty());
+}

@@ -396,7 +396,8 @@ async fn handle_post(
                 .to_owned();
             let result = reply(json!({
                 "protocolVersion": version,
-                "capabilities": {"tools": {"listChanged": true}, "logging": {}},
+                "capabilities": {"tools": {"listChanged": true}, "logging": {},
+                    "tasks": {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}},
                 "serverInfo": {"name": "sg-mock", "version": "0.1.0"}
             }));
             let extra = if shared.config.sessions {
@@ -431,6 +432,30 @@ async fn handle_post(
             answer(stream, shared, &reply(list), "").await
         }
         "tools/call" => call_tool(stream, shared, &msg, &id).await,
+        // Five finished tasks, paged like tools/list; tasks/get answers for any id.
+        "tasks/list" => {
+            let size = match shared.config.page_size {
+                0 => 5,
+                n => n,
+            };
+            let start: usize = msg["params"]["cursor"]
+                .as_str()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let end = (start + size).min(5);
+            let tasks: Vec<Value> = (start.min(end)..end)
+                .map(|n| json!({"taskId": format!("t{n}"), "status": "completed"}))
+                .collect();
+            let mut result = json!({ "tasks": tasks });
+            if end < 5 {
+                result["nextCursor"] = Value::String(end.to_string());
+            }
+            answer(stream, shared, &reply(result), "").await
+        }
+        "tasks/get" => {
+            let task = json!({"taskId": msg["params"]["taskId"], "status": "completed"});
+            answer(stream, shared, &reply(task), "").await
+        }
         _ => {
             let err = json!({"jsonrpc":"2.0","id":id,"error":{"code":-32601,"message":format!("mock: no method {method}")}});
             answer(stream, shared, &err, "").await

@@ -1,7 +1,8 @@
 //! `subscriptions/listen` (2026-07-28) over several upstreams: the agent's one long POST
 //! becomes one to every upstream it may use, each asked only for its own resources (URIs back
 //! in the upstream's names, each authorized as a read would be), and their streams are merged
-//! into the agent's (see [`super::stream::Listen`]). The subscription id is the agent's
+//! into the agent's (see [`super::stream::Listen`]); tasks followed (the 2026-07-28 tasks
+//! extension's `taskIds`) go to the upstream that created them. The subscription id is the agent's
 //! request id on every stream, so the notifications need no rewriting beyond their URIs.
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use super::names::unscope_uri;
 use super::request::{Fut, Outcome, Request, denied, write};
 use super::session::joined;
 use super::stream::{Listen, merge};
+use super::tasks::unmap_task;
 
 pub(super) async fn listen(
     req: &Request<'_>,
@@ -37,71 +39,35 @@ pub(super) async fn listen(
         .and_then(|p| p.get("notifications"))
         .cloned()
         .unwrap_or_else(|| json!({}));
-    // Each subscribed resource at its upstream, in the upstream's own URI.
-    let mut resources: BTreeMap<usize, Vec<Value>> = BTreeMap::new();
-    if let Some(subscriptions) = filter.get("resourceSubscriptions") {
-        let Some(list) = subscriptions.as_array() else {
-            return write(
-                req,
-                client,
-                malformed("resourceSubscriptions must be a list of URIs"),
-            )
-            .await;
-        };
-        for uri in list {
-            let Some(uri) = uri.as_str() else {
-                return write(
-                    req,
-                    client,
-                    malformed("resourceSubscriptions must be a list of URIs"),
-                )
-                .await;
-            };
-            let unknown = || {
-                denied(
-                    m.id,
-                    "unknown resource",
-                    &format!("unknown resource {uri:?}"),
-                    None,
-                )
-            };
-            let Some((i, original)) = unscope_uri(uri)
-                .and_then(|(up, u)| Some((req.index_of(up)?, u)))
-                .filter(|&(i, _)| req.may_use(i))
-            else {
-                return write(req, client, unknown()).await;
-            };
-            if let (Some(p), Some(a)) = (req.policy, req.agent)
-                && let Decision::Deny { rule, reason } =
-                    decide::authorize(p, a, i, &Target::Resource(original))
-            {
-                return write(req, client, denied(m.id, &rule, &reason, Some(i))).await;
-            }
-            resources
-                .entry(i)
-                .or_default()
-                .push(Value::String(original.to_owned()));
+    // Each subscribed resource and task at its upstream, in the upstream's own names.
+    let mut own: [BTreeMap<usize, Vec<Value>>; 2] = Default::default();
+    for (k, key) in FOLLOWED.iter().enumerate() {
+        match split(req, m, &filter, key) {
+            Ok(found) => own[k] = found,
+            Err(reply) => return write(req, client, reply).await,
         }
     }
     let targets = joined(req, session);
     let bodies: Vec<Vec<u8>> = targets
         .iter()
         .map(|(i, _)| {
-            let mut own = body.clone();
-            if let Some(Value::Object(n)) = own
+            let mut mine = body.clone();
+            if let Some(Value::Object(n)) = mine
                 .get_mut("params")
                 .and_then(|p| p.get_mut("notifications"))
             {
-                match resources.get(i) {
-                    Some(uris) => {
-                        n.insert("resourceSubscriptions".into(), Value::Array(uris.clone()));
-                    }
-                    None => {
-                        n.remove("resourceSubscriptions");
+                for (k, key) in FOLLOWED.iter().enumerate() {
+                    match own[k].get(i) {
+                        Some(list) => {
+                            n.insert((*key).into(), Value::Array(list.clone()));
+                        }
+                        None => {
+                            n.remove(*key);
+                        }
                     }
                 }
             }
-            Value::Object(own).to_string().into_bytes()
+            Value::Object(mine).to_string().into_bytes()
         })
         .collect();
     let futures: Vec<Fut<'_, Option<(usize, UpResponse)>>> = targets
@@ -149,4 +115,53 @@ pub(super) async fn listen(
     }
     let id = serde_json::from_slice(&id).unwrap_or(Value::Null);
     merge(req, client, streams, Some(Listen { id })).await
+}
+
+/// The filter fields that name things of one upstream: resources (scoped URIs) and tasks
+/// (mapped ids, the 2026-07-28 tasks extension).
+const FOLLOWED: [&str; 2] = ["resourceSubscriptions", "taskIds"];
+
+/// The entries of `filter[key]` by upstream, in the upstream's own names: each resource
+/// authorized as a read of it would be, each task one of an upstream the agent may use. A
+/// refusal otherwise, saying which.
+fn split(
+    req: &Request<'_>,
+    m: &Message<'_>,
+    filter: &Value,
+    key: &str,
+) -> Result<BTreeMap<usize, Vec<Value>>, Reply> {
+    let mut out: BTreeMap<usize, Vec<Value>> = BTreeMap::new();
+    let Some(entries) = filter.get(key) else {
+        return Ok(out);
+    };
+    let malformed = || {
+        let why = format!("{key} must be a list of strings");
+        Reply::json(
+            200,
+            jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, &why),
+        )
+    };
+    for entry in entries.as_array().ok_or_else(malformed)? {
+        let name = entry.as_str().ok_or_else(malformed)?;
+        let found = if key == "taskIds" {
+            unmap_task(name).and_then(|(up, id)| Some((req.index_of(up)?, id)))
+        } else {
+            unscope_uri(name).and_then(|(up, u)| Some((req.index_of(up)?, u.to_owned())))
+        };
+        let what = if key == "taskIds" { "task" } else { "resource" };
+        let unknown = || {
+            let reason = format!("unknown {what} {name:?}");
+            denied(m.id, &format!("unknown {what}"), &reason, None)
+        };
+        let (i, original) = found.filter(|&(i, _)| req.may_use(i)).ok_or_else(unknown)?;
+        if key != "taskIds"
+            && let (Some(p), Some(a)) = (req.policy, req.agent)
+            && let Decision::Deny { rule, reason } =
+                decide::authorize(p, a, i, &Target::Resource(&original))
+        {
+            return Err(denied(m.id, &rule, &reason, Some(i)));
+        }
+        out.entry(i).or_default().push(Value::String(original));
+    }
+    Ok(out)
 }

@@ -28,22 +28,10 @@ pub(super) async fn list(
         .and_then(|v| v.get("params").cloned())
         .unwrap_or(Value::Null);
     // Which upstreams to ask, each with its own cursor.
-    let mut targets: Vec<(usize, Option<Value>)> = Vec::new();
-    match params.get("cursor").and_then(Value::as_str) {
-        Some(c) => {
-            let Some(cursors) = decode_cursor(c) else {
-                let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "invalid cursor");
-                return Reply::json(200, body);
-            };
-            for (name, cur) in cursors {
-                match req.index_of(&name) {
-                    Some(i) if req.may_use(i) => targets.push((i, Some(cur))),
-                    _ => {}
-                }
-            }
-        }
-        None => targets.extend(req.reachable().into_iter().map(|i| (i, None))),
-    }
+    let Some(mut targets) = targets(req, params.get("cursor").and_then(Value::as_str)) else {
+        let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "invalid cursor");
+        return Reply::json(200, body);
+    };
     // Only upstreams that offer this kind are asked (those whose initialize answer the session
     // kept; the others are asked anyway): a tools-only server is not a failure on prompts/list.
     targets.retain(|(i, _)| caps::offers(caps_of(req, session, *i), kind.capability()));
@@ -58,33 +46,8 @@ pub(super) async fn list(
     let futures: Vec<Fut<'_, Result<Value, Reply>>> = targets
         .iter()
         .map(|(i, cursor)| {
-            let i = *i;
             let body = list_body(req, &id_json, method, cursor.as_ref());
-            Box::pin(async move {
-                let sid = session_for(req, session, i).await?;
-                let r = req.up_request("POST", body.as_bytes(), Some(&sid));
-                let (mut resp, mut answer) =
-                    exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
-                if expired(resp.status(), &sid) {
-                    // The upstream's session expired: a new one, and the list again on it.
-                    resp.finish(req.ups());
-                    let sid = rejoin(req, i, &sid).await?;
-                    let r = req.up_request("POST", body.as_bytes(), Some(&sid));
-                    (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
-                    if resp.status() == 404 {
-                        resp.finish(req.ups());
-                        return Err(not_expired(req, i));
-                    }
-                }
-                let status = resp.status();
-                resp.finish(req.ups());
-                if not_offered(&answer) {
-                    // An upstream without this kind of list (one whose capabilities are not
-                    // known, in a sessionless request) has nothing to add; it has not failed.
-                    return Ok(Value::Object(Map::new()));
-                }
-                rpc_result(req, i, method, status, &answer)
-            }) as Fut<'_, _>
+            Box::pin(page(req, session, *i, method, body)) as Fut<'_, _>
         })
         .collect();
     let results = join_all(futures).await;
@@ -163,9 +126,68 @@ pub(super) async fn list(
     Reply::json(200, body.into_bytes())
 }
 
+/// One page of a list from upstream `i`: the result, `{}` when the upstream has no such list
+/// (it said "method not found"), or why not. An expired upstream session is joined again and
+/// the page asked again, once.
+pub(super) async fn page(
+    req: &Request<'_>,
+    session: &MultiSession,
+    i: usize,
+    method: &str,
+    body: String,
+) -> Result<Value, Reply> {
+    let sid = session_for(req, session, i).await?;
+    let r = req.up_request("POST", body.as_bytes(), Some(&sid));
+    let (mut resp, mut answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+    if expired(resp.status(), &sid) {
+        resp.finish(req.ups());
+        let sid = rejoin(req, i, &sid).await?;
+        let r = req.up_request("POST", body.as_bytes(), Some(&sid));
+        (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
+        if resp.status() == 404 {
+            resp.finish(req.ups());
+            return Err(not_expired(req, i));
+        }
+    }
+    let status = resp.status();
+    resp.finish(req.ups());
+    if not_offered(&answer) {
+        // An upstream without this kind of list (one whose capabilities are not known, in a
+        // sessionless request) has nothing to add; it has not failed.
+        return Ok(Value::Object(Map::new()));
+    }
+    rpc_result(req, i, method, status, &answer)
+}
+
+/// The upstreams a list request asks, each with its own cursor (from the agent's merged
+/// cursor, or none: every upstream the agent may use). `None`: the cursor is not one of ours.
+pub(super) fn targets(
+    req: &Request<'_>,
+    cursor: Option<&str>,
+) -> Option<Vec<(usize, Option<Value>)>> {
+    let Some(c) = cursor else {
+        return Some(req.reachable().into_iter().map(|i| (i, None)).collect());
+    };
+    let cursors = decode_cursor(c)?;
+    Some(
+        cursors
+            .into_iter()
+            .filter_map(|(name, cur)| {
+                let i = req.index_of(&name).filter(|&i| req.may_use(i))?;
+                Some((i, Some(cur)))
+            })
+            .collect(),
+    )
+}
+
 /// A list request for one upstream, with its own cursor; in 2026-07-28 with the agent's
 /// `_meta` (its revision and capabilities travel with every request).
-fn list_body(req: &Request<'_>, id_json: &str, method: &str, cursor: Option<&Value>) -> String {
+pub(super) fn list_body(
+    req: &Request<'_>,
+    id_json: &str,
+    method: &str,
+    cursor: Option<&Value>,
+) -> String {
     let mut params = Vec::new();
     if let Some(meta) = req.meta().filter(|_| req.modern()) {
         params.push(format!("\"_meta\":{}", String::from_utf8_lossy(meta)));

@@ -165,7 +165,11 @@ impl Rewrite {
                 changed |= map_related_task(&self.upstream, obj.get_mut("params"));
                 let params = obj.get_mut("params");
                 match (method, params) {
-                    ("notifications/tasks/status", Some(Value::Object(p))) => {
+                    // 2025-11-25's status notification; the 2026-07-28 extension's.
+                    (
+                        "notifications/tasks/status" | "notifications/tasks",
+                        Some(Value::Object(p)),
+                    ) => {
                         changed |= map_task_id(&self.upstream, p.get_mut("taskId"));
                     }
                     ("notifications/cancelled", Some(Value::Object(p))) => {
@@ -203,11 +207,23 @@ impl Rewrite {
                                 changed |= scope_block(up, b);
                             }
                         }
-                        // A task-augmented call's CreateTaskResult; a task's own state.
+                        // A task-augmented call's CreateTaskResult (2025-11-25: `task.taskId`;
+                        // the 2026-07-28 extension: `resultType: "task"` and a top-level
+                        // `taskId`); a task's own state.
                         changed |=
                             map_task_id(up, r.get_mut("task").and_then(|t| t.get_mut("taskId")));
-                        if self.answer == Answer::Task {
+                        let created = r.get("resultType").and_then(Value::as_str) == Some("task");
+                        if self.answer == Answer::Task || created {
                             changed |= map_task_id(up, r.get_mut("taskId"));
+                        }
+                        // A finished task's result (2026-07-28 tasks/get) names resources too.
+                        if self.answer == Answer::Task
+                            && let Some(Value::Array(blocks)) =
+                                r.get_mut("result").and_then(|x| x.get_mut("content"))
+                        {
+                            for b in blocks {
+                                changed |= scope_block(up, b);
+                            }
                         }
                         changed |= map_related_task(up, Some(r));
                     }
@@ -362,6 +378,42 @@ mod tests {
         .apply(br#"{"jsonrpc":"2.0","method":"notifications/tasks/status","params":{"taskId":"t-1","status":"working"}}"#))
         .unwrap();
         assert_eq!(status["params"]["taskId"], "sg:ev:\"t-1\"");
+    }
+
+    #[test]
+    fn the_2026_07_28_tasks_extension_is_mapped_too() {
+        let rewrite = |answer, data: &[u8]| -> Value {
+            let r = Rewrite {
+                upstream: "ev".into(),
+                answer,
+            };
+            serde_json::from_slice(&r.apply(data)).unwrap()
+        };
+        let created = rewrite(
+            Answer::Call,
+            br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"task","taskId":"t-1","status":"working"}}"#,
+        );
+        assert_eq!(created["result"]["taskId"], "sg:ev:\"t-1\"");
+        // A call result that only happens to have a `taskId` field is not a task.
+        let plain = rewrite(
+            Answer::Call,
+            br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"complete","taskId":"x","content":[]}}"#,
+        );
+        assert_eq!(plain["result"]["taskId"], "x");
+        let done = rewrite(
+            Answer::Task,
+            br#"{"jsonrpc":"2.0","id":2,"result":{"resultType":"complete","taskId":"t-1","status":"completed","result":{"content":[{"type":"resource_link","uri":"demo://r/1","name":"r"}]}}}"#,
+        );
+        assert_eq!(done["result"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(
+            done["result"]["result"]["content"][0]["uri"],
+            "scopegate://ev/demo://r/1"
+        );
+        let note = rewrite(
+            Answer::Other,
+            br#"{"jsonrpc":"2.0","method":"notifications/tasks","params":{"taskId":"t-1","status":"input_required","inputRequests":{}}}"#,
+        );
+        assert_eq!(note["params"]["taskId"], "sg:ev:\"t-1\"");
     }
 
     #[test]

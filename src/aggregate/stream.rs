@@ -21,7 +21,7 @@ use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
 use crate::upstream::client::{UpResponse, join_all, send};
 
-use super::names::{Answer, Rewrite, scoped_uri};
+use super::names::{Answer, Rewrite, map_id, scoped_uri};
 use super::request::{Fut, Outcome, Request, upstream_failed, write, write_bytes, write_chunk};
 use super::session::joined;
 
@@ -502,6 +502,11 @@ fn listen_event(data: &[u8], upstream: &str) -> ListenEvent {
                 }
             }
         }
+        if let Some(Value::Array(ids)) = filter.get_mut("taskIds") {
+            for id in ids {
+                *id = Value::String(map_id(upstream, id));
+            }
+        }
         return ListenEvent::Ack(filter);
     }
     if m.contains_key("id") && !m.contains_key("method") {
@@ -515,11 +520,13 @@ fn listen_event(data: &[u8], upstream: &str) -> ListenEvent {
 fn merged_ack(id: &Value, acks: &[Value]) -> Vec<u8> {
     let mut filter = Map::new();
     let mut uris = Vec::new();
+    let mut tasks = Vec::new();
     for ack in acks {
         let Value::Object(a) = ack else { continue };
         for (k, v) in a {
             match (k.as_str(), v) {
                 ("resourceSubscriptions", Value::Array(list)) => uris.extend(list.iter().cloned()),
+                ("taskIds", Value::Array(list)) => tasks.extend(list.iter().cloned()),
                 (_, Value::Bool(true)) => {
                     filter.insert(k.clone(), Value::Bool(true));
                 }
@@ -529,6 +536,9 @@ fn merged_ack(id: &Value, acks: &[Value]) -> Vec<u8> {
     }
     if !uris.is_empty() {
         filter.insert("resourceSubscriptions".into(), Value::Array(uris));
+    }
+    if !tasks.is_empty() {
+        filter.insert("taskIds".into(), Value::Array(tasks));
     }
     json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
         "params": {"_meta": {SUBSCRIPTION_ID: id}, "notifications": filter}})

@@ -3,10 +3,13 @@
 //! (`sg:<upstream>:<id as JSON>`, [`super::names::map_id`]), so ids of two upstreams never
 //! collide and every later `tasks/get`, `tasks/result`, `tasks/cancel` or `tasks/update` goes to
 //! the upstream that created the task, with its own id spliced back. `tasks/list` asks every
-//! upstream of the session that advertised tasks and merges the lists (each upstream's first
-//! page).
+//! upstream of the session that advertised tasks and merges the lists, paged with a cursor that
+//! carries each upstream's own. The 2026-07-28 tasks extension (a call answered with
+//! `resultType: "task"` and a top-level `taskId`, `tasks/get` carrying the final result or the
+//! input requests, `tasks/update`, `notifications/tasks`, `taskIds` in a subscription) is
+//! mapped the same way (see [`super::names`] and [`super::listen`]).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::http::conn::Conn;
 use crate::mcp::caps;
@@ -14,12 +17,13 @@ use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
 use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
-use crate::upstream::client::{exchange, join_all};
+use crate::upstream::client::join_all;
 
-use super::names::{map_id, unmap_id};
-use super::request::{Fut, Outcome, Request, rpc_result, write};
+use super::listing::{list_body, page, targets};
+use super::names::{encode_cursor, map_id, unmap_id};
+use super::request::{Fut, Outcome, Request, write};
 use super::routed::forward;
-use super::session::{caps_of, session_for};
+use super::session::caps_of;
 
 /// The upstream and its own task id behind a task id the agent was given.
 pub(super) fn unmap_task(mapped: &str) -> Option<(&str, String)> {
@@ -67,39 +71,34 @@ pub(super) async fn task(
 }
 
 /// `tasks/list`: every upstream of the session that advertised tasks (or whose capabilities
-/// were not kept), their tasks with mapped ids, in one list.
+/// were not kept), their tasks with mapped ids, in one list paged like the other lists (the
+/// cursor carries each upstream's own).
 async fn list(req: &Request<'_>, session: &MultiSession, m: &Message<'_>) -> Reply {
-    let targets: Vec<usize> = req
-        .reachable()
-        .into_iter()
-        .filter(|&i| caps::offers(caps_of(req, session, i), caps::TASKS))
-        .collect();
+    let cursor = super::json::locate(&req.body, &["params", "cursor"])
+        .and_then(|(a, b)| serde_json::from_slice::<String>(&req.body[a..b]).ok());
+    let Some(mut targets) = targets(req, cursor.as_deref()) else {
+        let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "invalid cursor");
+        return Reply::json(200, body);
+    };
+    targets.retain(|(i, _)| caps::offers(caps_of(req, session, *i), caps::TASKS));
     let mut id_json = Vec::new();
     match m.id {
         Some(id) => id.write_json(&mut id_json),
         None => id_json.extend_from_slice(b"null"),
     }
-    let body = format!(
-        "{{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"tasks/list\"}}",
-        String::from_utf8_lossy(&id_json)
-    );
+    let id_text = String::from_utf8_lossy(&id_json).into_owned();
     let futures: Vec<Fut<'_, Result<Value, Reply>>> = targets
         .iter()
-        .map(|&i| {
-            let body = body.as_bytes();
-            Box::pin(async move {
-                let sid = session_for(req, session, i).await?;
-                let r = req.up_request("POST", body, Some(&sid));
-                let (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
-                let status = resp.status();
-                resp.finish(req.ups());
-                rpc_result(req, i, "tasks/list", status, &answer)
-            }) as Fut<'_, _>
+        .map(|(i, cursor)| {
+            let body = list_body(req, &id_text, "tasks/list", cursor.as_ref());
+            Box::pin(page(req, session, *i, "tasks/list", body)) as Fut<'_, _>
         })
         .collect();
     let mut tasks = Vec::new();
-    for (&i, result) in targets.iter().zip(join_all(futures).await) {
-        let up = req.upstream_name(i);
+    let mut next = Map::new();
+    let mut failures = Vec::new();
+    for ((i, _), result) in targets.iter().zip(join_all(futures).await) {
+        let up = req.upstream_name(*i);
         match result {
             Ok(result) => {
                 for mut t in result["tasks"].as_array().cloned().unwrap_or_default() {
@@ -108,14 +107,34 @@ async fn list(req: &Request<'_>, session: &MultiSession, m: &Message<'_>) -> Rep
                     }
                     tasks.push(t);
                 }
+                if let Some(c) = result.get("nextCursor").filter(|c| !c.is_null()) {
+                    next.insert(up.to_owned(), c.clone());
+                }
             }
-            Err(e) => req.note_failure(i, e.message()),
+            Err(e) => {
+                req.note_failure(*i, e.message());
+                failures.push(e.message().to_owned());
+            }
         }
+    }
+    if req.core.config.aggregate_fail_closed && !failures.is_empty() {
+        let r = Reply::error(
+            502,
+            jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("tasks/list failed: {}", failures.join("; ")),
+        );
+        let mut r = r.for_id(m.id);
+        r.status = 200;
+        return r;
+    }
+    let mut result = serde_json::json!({ "tasks": tasks });
+    if !next.is_empty() {
+        result["nextCursor"] = Value::String(encode_cursor(&next));
     }
     let mut out = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
     out.extend_from_slice(&id_json);
     out.extend_from_slice(b",\"result\":");
-    out.extend_from_slice(serde_json::json!({ "tasks": tasks }).to_string().as_bytes());
+    out.extend_from_slice(result.to_string().as_bytes());
     out.push(b'}');
     Reply::json(200, out)
 }
