@@ -135,6 +135,8 @@ pub struct WorkerMetrics {
     pub sse_streams: AtomicU64,
     /// Per upstream: times the aggregate endpoint left it out (failed or timed out).
     aggregate_failures: Vec<AtomicU64>,
+    /// Upstream list pages the aggregate endpoint took from its cache, and those it asked for.
+    list_cache: [AtomicU64; 2],
 }
 
 impl WorkerMetrics {
@@ -148,7 +150,13 @@ impl WorkerMetrics {
             upstream_latency: Histogram::new(),
             sse_streams: AtomicU64::new(0),
             aggregate_failures: (0..upstreams).map(|_| AtomicU64::new(0)).collect(),
+            list_cache: [AtomicU64::new(0), AtomicU64::new(0)],
         }
+    }
+
+    /// Counts an upstream list page served from the cache (`hit`) or asked of the upstream.
+    pub fn list_page(&self, hit: bool) {
+        self.list_cache[usize::from(!hit)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts an upstream the aggregate endpoint had to leave out.
@@ -290,6 +298,19 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
             out,
             "scopegate_aggregate_upstream_failures_total{{upstream=\"{}\"}} {total}",
             escape(upstream_label(u))
+        );
+    }
+    out.push_str("# HELP scopegate_aggregate_list_pages_total Upstream list pages the aggregate endpoint served from its cache of public results (hit) or asked the upstream for (miss).\n");
+    out.push_str("# TYPE scopegate_aggregate_list_pages_total counter\n");
+    for (k, label) in ["hit", "miss"].iter().enumerate() {
+        let total: u64 = s
+            .workers
+            .iter()
+            .map(|w| w.list_cache[k].load(Ordering::Relaxed))
+            .sum();
+        let _ = writeln!(
+            out,
+            "scopegate_aggregate_list_pages_total{{result=\"{label}\"}} {total}"
         );
     }
     let tls = crate::tls::failures();

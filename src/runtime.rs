@@ -41,6 +41,8 @@ pub struct Shared {
     pub all_stats: Arc<Vec<Arc<WorkerStats>>>,
     /// The HTTPS listener's configuration (reloaded in place), when serving TLS.
     pub tls: Option<Arc<crate::tls::server::ListenerTls>>,
+    /// Each upstream's list changes, for every core's list cache.
+    pub list_changes: Arc<crate::core::ListChanges>,
 }
 
 /// What is left of [`Shared`] once the config is taken.
@@ -172,6 +174,7 @@ async fn worker_main(
 ) {
     let config = shared.config;
     let fleet = shared.fleet;
+    let list_changes = shared.list_changes;
     let shared = SharedRest {
         config_audit: config.audit.clone(),
         policy: shared.policy,
@@ -192,7 +195,15 @@ async fn worker_main(
         None => Limiter::default(),
         Some(fleet) => Limiter::Fleet(Rc::new(FleetLimiter::start(fleet, id))),
     };
-    let core = Core::new(id, config.clone(), stats, shared.sessions, limiter);
+    let core = Core::new(
+        id,
+        config.clone(),
+        stats,
+        shared.sessions,
+        limiter,
+        list_changes,
+        shared.policy.clone(),
+    );
     let audit = shared.audit.get(id).map(|channel| {
         let cfg = shared.config_audit.as_ref();
         crate::audit::AuditSink::new(

@@ -114,7 +114,16 @@ pub(super) async fn listen(
         return write(req, client, Reply::json(200, body)).await;
     }
     let id = serde_json::from_slice(&id).unwrap_or(Value::Null);
-    merge(req, client, streams, Some(Listen { id })).await
+    let asked = filter
+        .as_object()
+        .map(|f| {
+            f.iter()
+                .filter(|(_, v)| v.as_bool() == Some(true))
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    merge(req, client, streams, Some(Listen { id, asked })).await
 }
 
 /// The filter fields that name things of one upstream: resources (scoped URIs) and tasks

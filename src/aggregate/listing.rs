@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value};
 
+use crate::core::ListKey;
 use crate::mcp::caps;
 use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
@@ -127,13 +128,47 @@ pub(super) async fn list(
 }
 
 /// One page of a list from upstream `i`: the result, `{}` when the upstream has no such list
-/// (it said "method not found"), or why not. An expired upstream session is joined again and
+/// (it said "method not found"), or why not. A result the upstream marked public is kept for
+/// its TTL on this core (`core::ListCache`) and given to every agent asking for the same page
+/// (each filtered by its own policy below). An expired upstream session is joined again and
 /// the page asked again, once.
 pub(super) async fn page(
     req: &Request<'_>,
     session: &MultiSession,
     i: usize,
-    method: &str,
+    method: &'static str,
+    body: String,
+) -> Result<Value, Reply> {
+    // A result the upstream let be shared, still fresh: no need to ask.
+    let key = ListKey {
+        upstream: i,
+        method,
+        cursor: cursor_of(&body),
+        version: req.version().unwrap_or_default().to_vec(),
+    };
+    let metrics = &req.core.stats.metrics;
+    if let Some(result) = req.core.list_cache.get(&key) {
+        metrics.list_page(true);
+        return Ok(result);
+    }
+    metrics.list_page(false);
+    let result = ask(req, session, i, method, body).await?;
+    req.core.list_cache.put(key, &result);
+    Ok(result)
+}
+
+/// The upstream cursor in a list request scopegate wrote, as JSON.
+fn cursor_of(body: &str) -> Option<String> {
+    let (a, b) = super::json::locate(body.as_bytes(), &["params", "cursor"])?;
+    Some(body[a..b].to_owned())
+}
+
+/// Asks upstream `i` for one page (see [`page`]).
+async fn ask(
+    req: &Request<'_>,
+    session: &MultiSession,
+    i: usize,
+    method: &'static str,
     body: String,
 ) -> Result<Value, Reply> {
     let sid = session_for(req, session, i).await?;

@@ -17,7 +17,9 @@ use crate::http::response;
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
+use crate::mcp::lists::{LIST_CHANGED, list_changed_events};
 use crate::mcp::session::MultiSession;
+use crate::policy::live::{ViewChange, ViewWatch};
 use crate::reply::Reply;
 use crate::upstream::client::{UpResponse, join_all, send};
 
@@ -116,6 +118,7 @@ pub(super) async fn relay(
             match sse.next_event() {
                 Ok(Some(event)) => {
                     event_deadline = None;
+                    req.core.list_cache.saw(i, event);
                     let parts = sse::event_parts(event);
                     let data = match parts.data.map(|d| req.filter_lists(i, rewrite.apply(&d))) {
                         Some(None) => continue,
@@ -253,6 +256,9 @@ pub(super) async fn get_stream(
 pub(super) struct Listen {
     /// The listen request's id: the subscription's id on every frame.
     pub(super) id: Value,
+    /// The filter flags the agent set (`toolsListChanged`, ...): a reload that changes its view
+    /// is told only as the changes it asked for.
+    pub(super) asked: Vec<String>,
 }
 
 const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
@@ -308,6 +314,7 @@ pub(super) async fn merge(
                         match sse.next_event() {
                             Ok(Some(event)) => {
                                 event_started = None;
+                                req.core.list_cache.saw(i, event);
                                 let parts = sse::event_parts(event);
                                 let data = match parts
                                     .data
@@ -378,6 +385,23 @@ pub(super) async fn merge(
         .collect();
     let writer_queue = queue.clone();
     let expected = readers.len();
+    let view = match (&req.core.live_policy, req.policy, req.agent) {
+        (Some(live), Some(p), Some(a)) => Some(ViewWatch::new(live, p, a)),
+        _ => None,
+    };
+    // What a changed view is told as: every list on a GET stream; on a listen stream only the
+    // changes the agent asked for, with the subscription's id.
+    let (kinds, meta): (Vec<&str>, Option<String>) = match &listen {
+        None => (LIST_CHANGED.iter().map(|(_, m)| *m).collect(), None),
+        Some(l) => (
+            LIST_CHANGED
+                .iter()
+                .filter(|(flag, _)| l.asked.iter().any(|a| a == flag))
+                .map(|(_, m)| *m)
+                .collect(),
+            Some(json!({ SUBSCRIPTION_ID: l.id }).to_string()),
+        ),
+    };
     let writer = async move {
         let mut watch = true;
         if let Some(l) = &listen {
@@ -398,7 +422,7 @@ pub(super) async fn merge(
             let mut out = Vec::new();
             sse::write_event(&[b"event: message"], None, Some(&ack), &mut out);
             if write_chunk(client, &out).await.is_err() {
-                return false;
+                return Ended::AgentGone;
             }
         }
         loop {
@@ -413,22 +437,43 @@ pub(super) async fn merge(
                     None => Poll::Pending,
                 }
             });
-            // While nothing is to be written, watch the agent: a closed stream releases every
-            // upstream stream at once.
-            let next = if watch {
-                monoio::select! {
-                    e = next => e,
-                    _ = client.stream.readable(false) => {
-                        match client.peer_closed() {
-                            Some(true) => return false,
-                            Some(false) => watch = false,
-                            None => {}
-                        }
-                        continue;
-                    }
+            // While nothing is to be written, watch the agent (a closed stream releases every
+            // upstream stream at once) and, now and then, the policy: a reload that changes
+            // what the agent may see is told as list_changed; one that removes the agent ends
+            // the stream.
+            let tick = async {
+                match &view {
+                    Some(_) => monoio::time::sleep(VIEW_CHECK).await,
+                    None => std::future::pending::<()>().await,
                 }
-            } else {
-                next.await
+            };
+            let next = monoio::select! {
+                e = next => e,
+                _ = client.stream.readable(false), if watch => {
+                    match client.peer_closed() {
+                        Some(true) => return Ended::AgentGone,
+                        Some(false) => watch = false,
+                        None => {}
+                    }
+                    continue;
+                }
+                _ = tick => {
+                    match view.as_ref().map(ViewWatch::check) {
+                        Some(ViewChange::Changed) => {
+                            let events = list_changed_events(&kinds, meta.as_deref());
+                            if write_chunk(client, &events).await.is_err() {
+                                return Ended::AgentGone;
+                            }
+                        }
+                        Some(ViewChange::Revoked) => {
+                            // The agent is no longer in the policy: its stream ends, properly.
+                            let _ = write_bytes(client, b"0\r\n\r\n".to_vec()).await;
+                            return Ended::Revoked;
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
             };
             let Some(event) = next else {
                 if let Some(l) = &listen {
@@ -438,18 +483,21 @@ pub(super) async fn merge(
                     let end = end.to_string().into_bytes();
                     sse::write_event(&[b"event: message"], None, Some(&end), &mut chunk);
                     if write_chunk(client, &chunk).await.is_err() {
-                        return false;
+                        return Ended::AgentGone;
                     }
                 }
-                return write_bytes(client, b"0\r\n\r\n".to_vec()).await.is_ok();
+                return match write_bytes(client, b"0\r\n\r\n".to_vec()).await {
+                    Ok(()) => Ended::Clean,
+                    Err(_) => Ended::AgentGone,
+                };
             };
             if write_chunk(client, &event).await.is_err() {
-                return false;
+                return Ended::AgentGone;
             }
         }
     };
     let mut writer = pin!(writer);
-    let ended_cleanly = std::future::poll_fn(|cx| {
+    let ended = std::future::poll_fn(|cx| {
         for slot in readers.iter_mut() {
             if let Some(r) = slot
                 && r.as_mut().poll(cx).is_ready()
@@ -460,11 +508,25 @@ pub(super) async fn merge(
         writer.as_mut().poll(cx)
     })
     .await;
-    if !ended_cleanly {
-        outcome.reason = Some("the agent closed the stream".into());
+    match ended {
+        Ended::Clean => {}
+        Ended::AgentGone => outcome.reason = Some("the agent closed the stream".into()),
+        Ended::Revoked => outcome.reason = Some("the agent was removed from the policy".into()),
     }
     Ok(outcome)
 }
+
+/// How a merged stream ended.
+enum Ended {
+    /// Every upstream stream ended and the agent was told.
+    Clean,
+    AgentGone,
+    /// A reload removed the agent from the policy.
+    Revoked,
+}
+
+/// How often an open stream looks at the policy (one atomic load unless it was reloaded).
+const VIEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The merged stream's events waiting for the agent.
 pub(super) struct MergedQueue {

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use super::plan::{ForwardError, Leg, Plan, Relayed};
 use super::respond::{flush, send, start_response, stream_buffers};
+use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::framing;
@@ -17,6 +18,7 @@ use crate::http::head::{self};
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::{jsonrpc, lists};
 use crate::metrics::StreamGauge;
+use crate::policy::live::ViewChange;
 use crate::reply::Reply;
 use crate::upstream::Upstream;
 
@@ -137,6 +139,7 @@ pub(super) async fn relay_events(
     let mut events: Vec<u8> = Vec::new();
     let mut watch = true;
     let mut event_deadline: Option<Instant> = None;
+    let mut next_check = Instant::now() + VIEW_CHECK;
     let mut answered = false;
     let written_before = client.written;
     let failure = loop {
@@ -149,6 +152,7 @@ pub(super) async fn relay_events(
                     if is_post && !answered {
                         answered = is_response_event(event);
                     }
+                    saw_list_change(core, upstream, event);
                     pass_event(event, plan, &mut events);
                 }
                 Ok(None) => break,
@@ -188,6 +192,11 @@ pub(super) async fn relay_events(
         }
         let deadline =
             event_deadline.or_else(|| idle_limit.then(|| Instant::now() + config.stream_idle));
+        // A stream that watches the policy wakes now and then to look at it.
+        let deadline = match &plan.reload {
+            Some(_) => Some(deadline.map_or(next_check, |d| d.min(next_check))),
+            None => deadline,
+        };
         match body.next_watching(up, client, &mut watch, deadline).await {
             Ok(Some(piece)) => {
                 if plan.scan_is_error {
@@ -198,6 +207,25 @@ pub(super) async fn relay_events(
             // The end (an unfinished last event is dropped, as an SSE reader would).
             Ok(None) => break None,
             Err(BodyError::PeerGone) => return Err(ForwardError::AgentGone),
+            Err(BodyError::TimedOut)
+                if plan.reload.is_some()
+                    && event_deadline.is_none_or(|d| Instant::now() < d)
+                    && !idle_limit =>
+            {
+                next_check = Instant::now() + VIEW_CHECK;
+                let Some(notice) = &plan.reload else {
+                    continue;
+                };
+                match notice.watch.check() {
+                    ViewChange::Same => {}
+                    ViewChange::Changed => events.extend_from_slice(&lists::list_changed_events(
+                        &notice.methods,
+                        notice.meta.as_deref(),
+                    )),
+                    // Removed from the policy: the stream ends here.
+                    ViewChange::Revoked => break None,
+                }
+            }
             Err(BodyError::TimedOut) if event_deadline.is_some() => {
                 break Some(format!(
                     "did not finish an event within {} ms (SCOPEGATE_UPSTREAM_TIMEOUT_MS)",
@@ -268,6 +296,21 @@ pub(super) async fn relay_events(
 }
 
 /// Appends one event for the agent: as it came, or with its list results filtered.
+/// How often a stream that watches the policy looks at it (one atomic load unless reloaded).
+const VIEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An upstream's `list_changed` ends what the aggregate endpoint cached of its lists, whichever
+/// path relayed it.
+fn saw_list_change(core: &Core, upstream: &Upstream, event: &[u8]) {
+    if memchr::memmem::find(event, b"/list_changed").is_none() {
+        return;
+    }
+    let list = &core.config.upstreams;
+    if let Some(i) = list.iter().position(|u| std::ptr::eq(u, upstream)) {
+        core.list_cache.changed(i);
+    }
+}
+
 fn pass_event(event: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) {
     let Some(visible) = plan.visible.filter(|_| lists::may_hold_list(event)) else {
         out.extend_from_slice(event);

@@ -36,7 +36,7 @@ use crate::upstream::exchange::{self, HeadFailure, Target, exchange_head};
 use crate::upstream::request::{Outgoing, write_head};
 use crate::upstream::stdio_bridge::FAILURE_HEADER as STDIO_FAILURE;
 use plan::Leg;
-pub use plan::{Exchange, ForwardError, Plan, Relayed, SealFn};
+pub use plan::{Exchange, ForwardError, Plan, Relayed, ReloadNotice, SealFn};
 use respond::COALESCE_LIMIT;
 pub use scan::IsErrorScan;
 

@@ -8,6 +8,7 @@ use crate::http::conn::Conn;
 use crate::http::head::Head;
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists::Visible;
+use crate::policy::live::ViewWatch;
 use crate::reply::Reply;
 use crate::upstream::Upstream;
 
@@ -57,6 +58,18 @@ pub struct Plan<'a> {
     pub long_lived: bool,
     /// The agent's id (policy mode), for a stdio upstream's bridge.
     pub agent_id: Option<&'a str>,
+    /// Policy mode, a stream meant to stay open (GET, `subscriptions/listen`): the agent's view
+    /// watched across reloads, and how a change is told.
+    pub reload: Option<ReloadNotice>,
+}
+
+/// How an open stream tells its agent that a reload changed what it may see: these
+/// list-change notifications, with this `_meta` (a subscription's id). A reload that removes
+/// the agent ends the stream.
+pub struct ReloadNotice {
+    pub watch: ViewWatch,
+    pub methods: Vec<&'static str>,
+    pub meta: Option<String>,
 }
 
 impl Plan<'_> {

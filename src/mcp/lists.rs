@@ -148,6 +148,35 @@ pub fn may_hold_list(data: &[u8]) -> bool {
             || find(data, b"\"resourceTemplates\"").is_some())
 }
 
+/// The list-change notifications, each with the `subscriptions/listen` filter flag that asks
+/// for it (2026-07-28).
+pub const LIST_CHANGED: [(&str, &str); 3] = [
+    ("toolsListChanged", "notifications/tools/list_changed"),
+    ("promptsListChanged", "notifications/prompts/list_changed"),
+    (
+        "resourcesListChanged",
+        "notifications/resources/list_changed",
+    ),
+];
+
+/// SSE events telling an agent that its lists changed: one per method in `methods`, each
+/// carrying `meta` (a subscription's `_meta`, as JSON) when given.
+pub fn list_changed_events(methods: &[&str], meta: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for method in methods {
+        out.extend_from_slice(b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"");
+        out.extend_from_slice(method.as_bytes());
+        out.push(b'"');
+        if let Some(meta) = meta {
+            out.extend_from_slice(b",\"params\":{\"_meta\":");
+            out.extend_from_slice(meta.as_bytes());
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"}\n\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! touches the mutex. A request holds the policy through a per-worker `Rc`, so no reference
 //! count shared between cores changes per request.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,5 +69,94 @@ impl PolicyView {
             *cached = (generation, Rc::new(self.live.snapshot()));
         }
         cached.1.clone()
+    }
+}
+
+/// One agent's view of the policy, watched across reloads by a long-lived stream: checking
+/// costs one atomic load until a reload happens.
+pub struct ViewWatch {
+    live: Arc<LivePolicy>,
+    agent: String,
+    generation: Cell<u64>,
+    view: Cell<u64>,
+}
+
+/// What a reload did to an agent's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewChange {
+    Same,
+    /// What the agent may see changed: its lists should be fetched again.
+    Changed,
+    /// The agent is gone from the policy: its streams end.
+    Revoked,
+}
+
+impl ViewWatch {
+    /// Watches agent `agent` of `policy` (the policy its stream was opened under).
+    pub fn new(live: &Arc<LivePolicy>, policy: &Policy, agent: usize) -> ViewWatch {
+        ViewWatch {
+            live: live.clone(),
+            agent: policy.agents[agent].id.clone(),
+            // Not the generation now: `policy` may predate a reload that already happened, so
+            // the first check compares against whatever is current.
+            generation: Cell::new(0),
+            view: Cell::new(policy.view_of(agent)),
+        }
+    }
+
+    /// What changed since the last check.
+    pub fn check(&self) -> ViewChange {
+        let generation = self.live.generation.load(Ordering::Acquire);
+        if generation == self.generation.get() {
+            return ViewChange::Same;
+        }
+        self.generation.set(generation);
+        let policy = self.live.snapshot();
+        let Some(agent) = policy.agent_by_id(&self.agent) else {
+            return ViewChange::Revoked;
+        };
+        let view = policy.view_of(agent);
+        if view == self.view.replace(view) {
+            ViewChange::Same
+        } else {
+            ViewChange::Changed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    fn policy(allow: &str, with_bot: bool) -> Policy {
+        let mut text = String::from(
+            "[[upstream]]\nname = \"gh\"\nurl = \"http://127.0.0.1:9/mcp\"\n\n[[agent]]\nid = \"other\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000001\"\nallow = [\"gh/*\"]\n",
+        );
+        if with_bot {
+            text.push_str(&format!(
+                "\n[[agent]]\nid = \"bot\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000002\"\nallow = [{allow}]\n"
+            ));
+        }
+        let env = HashMap::<String, String>::new();
+        Policy::parse(Path::new("p.toml"), &text, &[], &env).unwrap()
+    }
+
+    #[test]
+    fn a_stream_learns_whether_a_reload_changed_what_its_agent_sees() {
+        let first = policy("\"gh/read_*\"", true);
+        let bot = first.agent_by_id("bot").unwrap();
+        let live = Arc::new(LivePolicy::new(policy("\"gh/read_*\"", true)));
+        let watch = ViewWatch::new(&live, &first, bot);
+        assert_eq!(watch.check(), ViewChange::Same);
+        // Another agent's rules moved, and the file was saved again: nothing for this one.
+        live.replace(policy("\"gh/read_*\"", true));
+        assert_eq!(watch.check(), ViewChange::Same);
+        live.replace(policy("\"gh/read_*\", \"gh/write_*\"", true));
+        assert_eq!(watch.check(), ViewChange::Changed);
+        assert_eq!(watch.check(), ViewChange::Same, "told once");
+        live.replace(policy("", false));
+        assert_eq!(watch.check(), ViewChange::Revoked);
     }
 }

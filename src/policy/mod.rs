@@ -217,6 +217,29 @@ impl Policy {
         self.by_id.get(id).copied()
     }
 
+    /// A digest of what `agent` may see: its allow and deny rules and the upstreams it may use
+    /// (by name). Equal digests in two policies mean the agent's lists are the same in both;
+    /// a reload that changes it is what streams tell the agent about (`list_changed`).
+    pub fn view_of(&self, agent: usize) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let a = &self.agents[agent];
+        let mut h = std::hash::DefaultHasher::new();
+        for g in &a.allow {
+            g.as_str().hash(&mut h);
+        }
+        0xa1u8.hash(&mut h);
+        for g in &a.deny {
+            g.as_str().hash(&mut h);
+        }
+        0xd0u8.hash(&mut h);
+        for (i, u) in self.upstream_list.iter().enumerate() {
+            if self.may_use_upstream(agent, i) {
+                u.name.hash(&mut h);
+            }
+        }
+        h.finish()
+    }
+
     /// Whether `agent` may use upstream `index` at all: same tenant (or a shared upstream), and
     /// in the agent's `upstreams` list when it has one.
     pub fn may_use_upstream(&self, agent: usize, index: usize) -> bool {

@@ -7,10 +7,12 @@ use super::gate;
 use super::record::Draft;
 use crate::audit::entry::Decision as AuditDecision;
 use crate::core::Passed;
-use crate::forward::{self, Exchange, ForwardError, Plan};
+use crate::forward::{self, Exchange, ForwardError, Plan, ReloadNotice};
 use crate::http::conn::Conn;
+use crate::mcp::lists::LIST_CHANGED;
 use crate::mcp::lists::ListKind;
 use crate::policy::decide;
+use crate::policy::live::ViewWatch;
 use crate::upstream::Transport;
 use crate::upstream::stdio::Stdio;
 
@@ -106,6 +108,11 @@ pub async fn to_upstream(
         // Every list the agent can receive is filtered: JSON answers to its list requests,
         // and any list result on an event stream (replays included).
         plan.visible = Some(&visible);
+        if let Some(live) = &core.live_policy
+            && (method == b"GET" || plan.long_lived)
+        {
+            plan.reload = Some(reload_notice(live, policy, agent, &body, request_id));
+        }
     }
     let relayed = forward::forward(
         core,
@@ -161,4 +168,42 @@ pub async fn to_upstream(
         draft.reason = Some(why);
     }
     result
+}
+
+/// What an open stream tells its agent when a reload changes what it may see: on a GET stream
+/// every list change; on a `subscriptions/listen` stream only the changes it asked for, with
+/// its subscription id.
+fn reload_notice(
+    live: &std::sync::Arc<crate::policy::live::LivePolicy>,
+    policy: &crate::policy::Policy,
+    agent: usize,
+    body: &[u8],
+    request_id: Option<crate::mcp::jsonrpc::Id<'_>>,
+) -> ReloadNotice {
+    let watch = ViewWatch::new(live, policy, agent);
+    let all = LIST_CHANGED.iter().map(|(_, m)| *m);
+    let Some(id) = request_id else {
+        return ReloadNotice {
+            watch,
+            methods: all.collect(),
+            meta: None,
+        };
+    };
+    let asked: serde_json::Value = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/params/notifications").cloned())
+        .unwrap_or_default();
+    let methods = LIST_CHANGED
+        .iter()
+        .filter(|(flag, _)| asked.get(flag).and_then(serde_json::Value::as_bool) == Some(true))
+        .map(|(_, m)| *m)
+        .collect();
+    let mut meta = b"{\"io.modelcontextprotocol/subscriptionId\":".to_vec();
+    id.write_json(&mut meta);
+    meta.push(b'}');
+    ReloadNotice {
+        watch,
+        methods,
+        meta: Some(String::from_utf8_lossy(&meta).into_owned()),
+    }
 }

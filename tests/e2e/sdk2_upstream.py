@@ -19,7 +19,18 @@ log_path = sys.argv[2]
 name = sys.argv[3] if len(sys.argv) > 3 else "sdk2-upstream"
 
 public = CacheHint(ttl_ms=60_000, scope="public")
-mcp = MCPServer(
+
+
+class CountingServer(MCPServer):
+    """Logs every tools/list it answers, so tests can count what reached the upstream."""
+
+    async def list_tools(self):
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"tool": "<tools/list>"}) + "\n")
+        return await super().list_tools()
+
+
+mcp = CountingServer(
     name,
     instructions=f"{name} answers in 2026-07-28.",
     cache_hints={"tools/list": public, "resources/list": public, "prompts/list": public},

@@ -59,6 +59,15 @@ def audit(tmp_path) -> list[dict]:
     return entries
 
 
+def ran(upstream) -> list[dict]:
+    """The tools an upstream executed (its log also counts the lists it answered)."""
+    return [e for e in upstream.executions() if not e["tool"].startswith("<")]
+
+
+def lists_answered(upstream) -> int:
+    return sum(e["tool"] == "<tools/list>" for e in upstream.executions())
+
+
 def agent(script: str, *args: str) -> dict:
     out = subprocess.run([SDK2_PYTHON, str(HERE / script), *args], capture_output=True, text=True,
                          timeout=90)
@@ -87,7 +96,7 @@ def test_sdk2_agent_speaks_2026_07_28_on_the_aggregate(modern):
     # input_required: the elicitation the upstream asked for went to the agent, and its answer
     # (with the upstream's requestState) came back to the same upstream.
     assert report["confirm"] == "alpha deploy: ok=True state=alpha:deploy"
-    rounds = [e for e in alpha.executions() if e["tool"] == "confirm"]
+    rounds = [e for e in ran(alpha) if e["tool"] == "confirm"]
     assert [e["args"]["round"] for e in rounds] == [1, 2]
     assert report["read"] == "the note of alpha"
     # subscriptions/listen fanned in: one acknowledgement, the URI in /mcp's names, and the
@@ -97,12 +106,12 @@ def test_sdk2_agent_speaks_2026_07_28_on_the_aggregate(modern):
     assert report["events"] == ["ResourceUpdated:scopegate://alpha/memo://note", "ToolsListChanged:"]
     # Sessionless upstream requests in the upstream's own names, with routing headers that
     # match what it executes, and never the agent's credential.
-    echo = next(e for e in alpha.executions() if e["tool"] == "echo")
+    echo = next(e for e in ran(alpha) if e["tool"] == "echo")
     assert echo["version"] == "2026-07-28"
     headers = echo["headers"]
     assert (headers["mcp-method"], headers["mcp-name"]) == ("tools/call", "echo")
     assert "authorization" not in headers and "mcp-session-id" not in headers
-    assert beta.executions() == []
+    assert ran(beta) == []
     # A normal negotiation is not an error in the audit log.
     entries = audit(modern["tmp"])
     assert entries and not [e for e in entries if e.get("decision") == "invalid"], entries
@@ -121,7 +130,7 @@ def test_sdk2_agent_sees_only_its_tools_and_refusals_never_reach_the_upstream(mo
             "params": {"name": "beta__touch", "arguments": {}, "_meta": META}}
     r = httpx.post(f"{gw.base}/mcp", json=body, headers=headers, timeout=10)
     assert r.json()["error"]["code"] == -32004, r.text
-    assert [e["tool"] for e in beta.executions()] == ["echo"]
+    assert [e["tool"] for e in ran(beta)] == ["echo"]
 
 
 def test_routing_headers_that_disagree_with_the_body_are_refused(modern):
@@ -150,11 +159,11 @@ def test_routing_headers_that_disagree_with_the_body_are_refused(modern):
     r = post({"Mcp-Method": "tools/call", "Mcp-Name": "alpha__echo"},
              raw_headers=[("Mcp-Param-Region", "eu"), ("mcp-param-region", "us")])
     assert (r.status_code, r.json()["error"]["code"]) == (400, -32020)
-    assert alpha.executions() == [], "nothing refused reached the upstream"
+    assert ran(alpha) == [], "nothing refused reached the upstream"
     # The name sentinel-encoded is the same name; the upstream is sent its own name.
     r = post({"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?YWxwaGFfX2VjaG8=?="})
     assert r.status_code == 200 and "alpha: t" in r.text, r.text
-    assert alpha.executions()[0]["headers"]["mcp-name"] == "echo"
+    assert ran(alpha)[0]["headers"]["mcp-name"] == "echo"
     # No session and no GET stream in 2026-07-28.
     r = httpx.get(url, headers=base, timeout=10)
     assert r.status_code == 405 and "subscriptions/listen" in r.text
@@ -216,6 +225,83 @@ def test_one_older_upstream_sends_the_sdk2_agent_to_initialize(mixed):
     assert "mixed" in report["result"]
     report = agent("sdk2_agent.py", f"{gw.base}/mcp", KEY, "alpha__echo", '{"text": "both"}')
     assert report["result"] == "alpha: both"
-    assert [e["tool"] for e in alpha.executions()] == ["echo"]
+    assert [e["tool"] for e in ran(alpha)] == ["echo"]
     entries = audit(mixed["tmp"])
     assert entries and not [e for e in entries if e.get("decision") == "invalid"], entries
+
+
+def metric(gw, name: str, labels: str) -> float:
+    text = httpx.get(f"{gw.base}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{labels}}} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{{{labels}}} not in /metrics")
+
+
+def test_public_lists_are_fetched_once_per_ttl_and_refetched_after_list_changed(modern):
+    """Issue 16, item 5: upstream lists marked public (ttlMs 60 s) are cached per core and
+    filtered per agent; a thousand agent lists cost at most one upstream list per core, and an
+    upstream's list_changed, relayed on any core, ends the cached copies."""
+    import threading
+
+    gw, alpha, beta = modern["gw"], modern["alpha"], modern["beta"]
+    url = f"{gw.base}/mcp"
+
+    def headers(key, method):
+        return {"Authorization": f"Bearer {key}", "MCP-Protocol-Version": "2026-07-28",
+                "Accept": "application/json, text/event-stream", "Mcp-Method": method}
+
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}}
+    calls = 1000
+    seen = {KEY: set(), LIMITED_KEY: set()}
+    # One keep-alive connection: one core serves every list (the other serves the stream).
+    http = httpx.Client(timeout=10)
+    for n in range(calls):
+        key = KEY if n % 2 else LIMITED_KEY
+        r = http.post(url, json=body, headers=headers(key, "tools/list"))
+        result = r.json()["result"]
+        assert (result["cacheScope"], result["resultType"]) == ("private", "complete")
+        assert 0 < result["ttlMs"] <= 60_000
+        seen[key].add(tuple(sorted(t["name"] for t in result["tools"])))
+    # Each agent saw its own filtered list every time.
+    assert seen[KEY] == {("alpha__confirm", "alpha__echo", "alpha__touch",
+                          "beta__confirm", "beta__echo", "beta__touch")}
+    assert seen[LIMITED_KEY] == {("alpha__confirm", "alpha__echo", "alpha__touch", "beta__echo")}
+    upstream_lists = lists_answered(alpha) + lists_answered(beta)
+    print(f"\n{calls} agent tools/list over 2 upstreams -> {upstream_lists} upstream tools/list "
+          f"({upstream_lists / 2 / calls * 1000:.1f} per upstream per 1,000 agent lists; 2 cores)")
+    assert lists_answered(alpha) == 1 and lists_answered(beta) == 1
+    assert metric(gw, "scopegate_aggregate_list_pages_total", 'result="hit"') >= 2 * calls - 4
+
+    # alpha announces a change on a subscriptions/listen stream relayed by scopegate (on its own
+    # connection, perhaps on the other core): the next list asks alpha again, and only alpha.
+    before_alpha, before_beta = lists_answered(alpha), lists_answered(beta)
+    changed = threading.Event()
+    acked = threading.Event()
+
+    def listen():
+        listen_body = {"jsonrpc": "2.0", "id": "l1", "method": "subscriptions/listen",
+                       "params": {"_meta": META, "notifications": {"toolsListChanged": True}}}
+        with httpx.stream("POST", url, json=listen_body,
+                          headers=headers(KEY, "subscriptions/listen"), timeout=30) as r:
+            for line in r.iter_lines():
+                if "subscriptions/acknowledged" in line:
+                    acked.set()
+                if "tools/list_changed" in line:
+                    changed.set()
+                    return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    assert acked.wait(15)
+    touch = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+             "params": {"name": "alpha__touch", "arguments": {}, "_meta": META}}
+    h = {**headers(KEY, "tools/call"), "Mcp-Name": "alpha__touch"}
+    assert httpx.post(url, json=touch, headers=h, timeout=10).status_code == 200
+    assert changed.wait(15), "the list_changed reached the agent"
+    for _ in range(4):
+        http.post(url, json=body, headers=headers(KEY, "tools/list"))
+    http.close()
+    assert lists_answered(alpha) == before_alpha + 1, "asked again once, then cached"
+    assert lists_answered(beta) == before_beta
+
