@@ -958,6 +958,19 @@ fn an_expired_upstream_session_is_joined_again_inside_the_aggregate_session() {
     let names = all_tools(&mut c, BOT, &token);
     assert!(names.contains(&"a__echo".to_owned()), "{names:?}");
     assert_eq!(inits(&s.a), 3);
+    // And so does the GET stream: a's is opened on a new session, merged with b's.
+    s.a.expire_sessions();
+    let mut stream = s.gw.client();
+    stream
+        .request("GET", "/mcp")
+        .header("Authorization", &format!("Bearer {BOT}"))
+        .header("Mcp-Session-Id", &token)
+        .write();
+    let (status, _) = stream.read_head();
+    assert_eq!(status, 200);
+    let text = stream.read_until_count("notifications/tools/list_changed", 2);
+    assert_eq!(text.matches(": stream open").count(), 2, "{text}");
+    assert_eq!(inits(&s.a), 4);
 }
 
 #[test]

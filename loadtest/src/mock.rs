@@ -623,6 +623,20 @@ async fn handle_get(stream: &mut TcpStream, shared: &Shared, headers: &[(String,
         )
         .await;
     }
+    let expired = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("mcp-session-id"))
+        .and_then(|(_, s)| s.strip_prefix("mock-session-"))
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n < shared.expired_below.load(Ordering::Relaxed));
+    if shared.config.sessions && expired {
+        let err = json!({"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"}});
+        return write(
+            stream,
+            response(404, "application/json", "", err.to_string().as_bytes()),
+        )
+        .await;
+    }
     let last = headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("last-event-id"))

@@ -174,14 +174,15 @@ async fn ask(
     let sid = session_for(req, session, i).await?;
     let r = req.up_request("POST", body.as_bytes(), Some(&sid));
     let (mut resp, mut answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
-    if expired(resp.status(), &sid) {
+    if expired(resp.status(), &sid, &answer) {
         resp.finish(req.ups());
         let sid = rejoin(req, i, &sid).await?;
         let r = req.up_request("POST", body.as_bytes(), Some(&sid));
         (resp, answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
-        if resp.status() == 404 {
+        let status = resp.status();
+        if expired(status, &sid, &answer) {
             resp.finish(req.ups());
-            return Err(not_expired(req, i));
+            return Err(not_expired(req, i, status));
         }
     }
     let status = resp.status();

@@ -20,7 +20,7 @@ use super::names::{Answer, Rewrite, unmap_id, unscope_uri};
 use super::request::{
     Fut, Outcome, Request, denied, exchange_or_accepted, rate_limited, upstream_failed, write,
 };
-use super::session::{expired, joined, resend_on_new_session, session_for};
+use super::session::{Sent, expired, joined, may_be_expired, resend_on_new_session, session_for};
 use super::stream::relay;
 
 /// A notification from the agent. One that names a server request (a cancellation of it, or
@@ -217,20 +217,38 @@ pub(super) async fn forward(
             return write(req, client, upstream_failed(m.id, e, i)).await;
         }
     };
-    if expired(resp.status(), &sid) {
-        // The upstream's session expired: a new one, and the request again on it (once).
-        let _ = resp.read_all(req.deadline(), 64 * 1024).await;
-        resp.finish(req.ups());
-        resp = match resend_on_new_session(req, i, body, &sid).await {
-            Ok(resp) => resp,
-            Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
-        };
-    }
-    let upstream_us = Some(sent_at.elapsed().as_micros() as u64);
     let rewrite = Rewrite {
         upstream: req.upstream_name(i).to_owned(),
         answer: Answer::of(m.method.unwrap_or_default()),
     };
+    let status = resp.status();
+    if may_be_expired(status, &sid) {
+        // Perhaps the upstream's session expired: then a new one, and the request again on it
+        // (once); else the answer, read already, is the agent's.
+        let answer = resp.read_all(req.deadline(), 64 * 1024).await;
+        resp.finish(req.ups());
+        let answer = answer.unwrap_or_default();
+        let sent = if expired(status, &sid, &answer) {
+            match resend_on_new_session(req, i, body, &sid).await {
+                Ok(sent) => sent,
+                Err(e) => return write(req, client, upstream_failed(m.id, e, i)).await,
+            }
+        } else {
+            Sent::Read(status, answer)
+        };
+        resp = match sent {
+            Sent::Open(resp) => *resp,
+            Sent::Read(status, answer) => {
+                let mut reply = Reply::json(status, rewrite.apply(&answer));
+                reply.upstream = Some(i);
+                if status >= 500 {
+                    reply.decision = AuditDecision::UpstreamError;
+                }
+                return write(req, client, reply).await;
+            }
+        };
+    }
+    let upstream_us = Some(sent_at.elapsed().as_micros() as u64);
     relay(req, client, resp, &rewrite, m, i, upstream_us).await
 }
 

@@ -113,10 +113,32 @@ pub(super) async fn session_for(
     join(req, i).await
 }
 
-/// Whether an upstream's answer says the session `sid` is gone (404 on a request that carried
-/// one): the aggregate session then joins that upstream again ([`rejoin`]).
-pub(super) fn expired(status: u16, sid: &[u8]) -> bool {
-    status == 404 && !sid.is_empty()
+/// Whether an answer with this status may say that the session `sid` is gone: then its body
+/// decides ([`expired`]).
+pub(super) fn may_be_expired(status: u16, sid: &[u8]) -> bool {
+    !sid.is_empty() && (status == 404 || status == 400)
+}
+
+/// Whether an upstream's answer says the session `sid` is gone: 404 on a request that carried
+/// one (what the specification says), or a 400 whose JSON-RPC error names the session (what
+/// servers built on the TypeScript SDK's examples answer for a session they do not know,
+/// npm server-everything among them: "Bad Request: No valid session ID provided"). The
+/// aggregate session then joins that upstream again ([`rejoin`]), once.
+pub(super) fn expired(status: u16, sid: &[u8], body: &[u8]) -> bool {
+    if !may_be_expired(status, sid) {
+        return false;
+    }
+    if status == 404 {
+        return true;
+    }
+    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    answer
+        .get("error")
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .is_some_and(|m| m.to_ascii_lowercase().contains("session"))
 }
 
 /// A session on upstream `i` to use instead of `expired_sid`: one another request on this
@@ -133,16 +155,24 @@ pub(super) async fn rejoin(
     }
 }
 
-/// A 404 again on the session [`rejoin`] gave: the 404 was not about the session. The join is
-/// forgotten and the agent gets an error, never the 404 (which would end its whole session).
-pub(super) fn not_expired(req: &Request<'_>, i: usize) -> Reply {
+/// The same answer again on the session [`rejoin`] gave: it was not about the session. The
+/// join is forgotten and the agent gets an error, never the 404 (which would end its whole
+/// session).
+pub(super) fn not_expired(req: &Request<'_>, i: usize, status: u16) -> Reply {
     req.core.lazy_joins.remove(token_key(req), i);
     let why = format!(
-        "upstream {:?} answered 404 on a new session too",
+        "upstream {:?} answered {status} on a new session too",
         req.upstream_name(i)
     );
     req.note_failure(i, &why);
     Reply::error(502, jsonrpc::UPSTREAM_UNAVAILABLE, why)
+}
+
+/// An upstream's answer: still to be read, or read already (an answer that had to be looked
+/// at to know whether it was about the session).
+pub(super) enum Sent {
+    Open(Box<UpResponse>),
+    Read(u16, Vec<u8>),
 }
 
 /// Sends `body` to upstream `i` again after its session `expired_sid` expired: on a session
@@ -152,18 +182,23 @@ pub(super) async fn resend_on_new_session(
     i: usize,
     body: &[u8],
     expired_sid: &[u8],
-) -> Result<UpResponse, Reply> {
+) -> Result<Sent, Reply> {
     let sid = rejoin(req, i, expired_sid).await?;
     let r = req.up_request("POST", body, Some(&sid));
     let mut resp = send(req.ups(), i, &r, req.deadline())
         .await
         .inspect_err(|e| req.note_failure(i, e.message()))?;
-    if resp.status() == 404 {
-        let _ = resp.read_all(req.deadline(), 64 * 1024).await;
+    let status = resp.status();
+    if may_be_expired(status, &sid) {
+        let body = resp.read_all(req.deadline(), 64 * 1024).await;
         resp.finish(req.ups());
-        return Err(not_expired(req, i));
+        let body = body.unwrap_or_default();
+        if expired(status, &sid, &body) {
+            return Err(not_expired(req, i, status));
+        }
+        return Ok(Sent::Read(status, body));
     }
-    Ok(resp)
+    Ok(Sent::Open(Box::new(resp)))
 }
 
 /// Opens a new session on upstream `i` for this aggregate session (initialize +
@@ -367,6 +402,22 @@ pub(super) fn merge_capability(into: &mut Value, from: &Value) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_expired_session_is_a_404_or_a_400_about_the_session() {
+        let sid = b"s-1";
+        assert!(expired(404, sid, b""));
+        let everything = br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"}}"#;
+        assert!(expired(400, sid, everything));
+        let other =
+            br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"bad arguments"}}"#;
+        assert!(!expired(400, sid, other));
+        assert!(!expired(400, sid, b"not json"));
+        // Without a session id there is nothing to expire.
+        assert!(!expired(404, b"", b""));
+        assert!(!expired(400, b"", everything));
+        assert!(!may_be_expired(500, sid));
+    }
 
     #[test]
     fn capabilities_merge_as_a_union() {

@@ -25,7 +25,7 @@ use crate::upstream::client::{UpResponse, join_all, send};
 
 use super::names::{Answer, Rewrite, map_id, scoped_uri};
 use super::request::{Fut, Outcome, Request, upstream_failed, write, write_bytes, write_chunk};
-use super::session::joined;
+use super::session::{expired, joined, rejoin};
 
 /// Relays a routed call's answer: JSON read whole and rewritten, or an event stream event by
 /// event.
@@ -224,15 +224,29 @@ pub(super) async fn get_stream(
         .map(|(i, s)| {
             let i = *i;
             Box::pin(async move {
-                let r = req.up_request("GET", b"", Some(s));
-                match send(req.ups(), i, &r, req.fanout_deadline()).await {
-                    Ok(resp) if resp.status() == 200 && resp.is_event_stream() => Some((i, resp)),
-                    Ok(_) => None,
-                    Err(e) => {
-                        req.note_failure(i, e.message());
-                        None
+                let mut sid = s.clone();
+                // Twice at most: once more on a new session when the upstream's expired.
+                for _ in 0..2 {
+                    let r = req.up_request("GET", b"", Some(&sid));
+                    let mut resp = match send(req.ups(), i, &r, req.fanout_deadline()).await {
+                        Ok(resp) => resp,
+                        Err(e) => {
+                            req.note_failure(i, e.message());
+                            return None;
+                        }
+                    };
+                    let status = resp.status();
+                    if status == 200 && resp.is_event_stream() {
+                        return Some((i, resp));
                     }
+                    let body = resp.read_all(req.fanout_deadline(), 64 * 1024).await;
+                    resp.finish(req.ups());
+                    if !expired(status, &sid, &body.unwrap_or_default()) {
+                        return None;
+                    }
+                    sid = rejoin(req, i, &sid).await.ok()?;
                 }
+                None
             }) as Fut<'_, _>
         })
         .collect();

@@ -164,3 +164,62 @@ def test_one_upstream_stream_is_told_too(fleet):
     asyncio.run(asyncio.wait_for(scenario(), 60))
     assert out["before"] == ["add"]
     assert out["after"] == ["add", "stepwise"]
+
+
+def test_a_reload_is_told_over_server_everything_too(tmp_path):
+    """The aggregate over npm server-everything (streamable HTTP, which nobody here wrote) and
+    a FastMCP upstream: widening the agent's rules on everything reaches the SDK client's open
+    session as list_changed, and its next list has the new tools."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from conftest import free_port, wait_for_port
+
+    everything = (Path(__file__).parent / "node" / "node_modules" / "@modelcontextprotocol"
+                  / "server-everything" / "dist" / "index.js")
+    port = free_port()
+    server = subprocess.Popen([shutil.which("node") or "node", str(everything), "streamableHttp"],
+                              env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    files = Upstream(tmp_path, "files")
+    gw = None
+    try:
+        wait_for_port(port)
+        ups = {"files": files.url, "everything": f"http://127.0.0.1:{port}/mcp"}
+        policy = tmp_path / "policy.toml"
+        write_policy(policy, ups, '"files/add", "everything/echo"', other_allow='"files/*"')
+        gw = Scopegate({"SCOPEGATE_POLICY": str(policy),
+                        "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e"})
+        fx = {"gw": gw, "policy": policy, "ups": ups}
+        out = {}
+
+        async def scenario():
+            changed = asyncio.Event()
+
+            async def on_message(message):
+                if isinstance(message, types.ServerNotification) and isinstance(
+                        message.root, types.ToolListChangedNotification):
+                    changed.set()
+
+            headers = {"Authorization": f"Bearer {KEY}"}
+            async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+                async with ClientSession(read, write, message_handler=on_message) as session:
+                    await session.initialize()
+                    out["before"] = sorted(t.name for t in (await session.list_tools()).tools)
+                    await asyncio.sleep(0.5)
+                    reload(fx, '"files/add", "everything/*"', other_allow='"files/*"')
+                    await asyncio.wait_for(changed.wait(), 15)
+                    out["after"] = sorted(t.name for t in (await session.list_tools()).tools)
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+        assert out["before"] == ["everything__echo", "files__add"], out
+        assert len(out["after"]) > 3 and "everything__echo" in out["after"], out
+    finally:
+        if gw:
+            gw.stop()
+        files.stop()
+        server.terminate()
+        server.wait(timeout=10)
+

@@ -250,9 +250,13 @@ def with_everything(tmp_path):
     everything = (Path(__file__).parent / "node" / "node_modules" / "@modelcontextprotocol" / "server-everything"
                   / "dist" / "index.js")
     port = free_port()
-    server = subprocess.Popen([shutil.which("node") or "node", str(everything), "streamableHttp"],
-                              env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+
+    def start():
+        return subprocess.Popen([shutil.which("node") or "node", str(everything), "streamableHttp"],
+                                env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    server = start()
     files = Upstream(tmp_path, "files")
     gw = None
     try:
@@ -274,6 +278,16 @@ allow = ["files/*", "everything/*"]
 """)
         gw = Scopegate({"SCOPEGATE_POLICY": str(policy),
                         "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e"})
+
+        def restart_everything():
+            """server-everything stopped and started again on its port: its sessions are gone."""
+            nonlocal server
+            server.terminate()
+            server.wait(timeout=10)
+            server = start()
+            wait_for_port(port)
+
+        gw.restart_everything = restart_everything
         yield gw
     finally:
         if gw:
@@ -391,3 +405,26 @@ def test_tasks_created_on_mcp_are_followed_to_their_upstream(with_everything):
     text = " ".join(c.text for c in out["result"].content if c.type == "text")
     assert "gateways" in text, out["result"]
     assert out["foreign"] != "answered"
+
+
+def test_server_everything_restarted_mid_session_is_joined_again(with_everything):
+    """Issue 16, item 6, with a server nobody here wrote: server-everything restarts under an
+    open aggregate session; the next call re-initializes it inside that session."""
+    gw = with_everything
+    out = {}
+
+    async def scenario():
+        headers = {"Authorization": f"Bearer {ACME_KEY}"}
+        async with streamablehttp_client(f"{gw.base}/mcp", headers=headers) as (read, write, _):
+            async with ClientSession(read, write) as s:
+                await s.initialize()
+                out["before"] = (await s.call_tool("everything__echo", {"message": "one"})).content[0].text
+                gw.restart_everything()
+                out["after"] = (await s.call_tool("everything__echo", {"message": "two"})).content[0].text
+                out["files"] = (await s.call_tool("files__add", {"a": 1, "b": 1})).content[0].text
+
+    run(scenario())
+    assert "one" in out["before"] and "two" in out["after"], out
+    assert out["files"] == "2"
+    assert "joined upstream \"everything\" for an existing session" in gw.log(), gw.log()
+
