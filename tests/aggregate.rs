@@ -996,17 +996,24 @@ fn tasks_of_every_upstream_are_listed_page_by_page_and_reached_by_their_mapped_i
             break;
         }
     }
-    let mut expected: Vec<String> = ["a", "b"]
-        .iter()
-        .flat_map(|up| (0..5).map(move |n| format!("sg:{up}:\"t{n}\"")))
-        .collect();
-    expected.sort();
-    assert_eq!(sorted(ids.clone()), expected);
-    assert_eq!(ids.len(), 10, "no task twice across pages");
+    // Ten ids, five of each upstream, none twice; each bound to its upstream and this agent.
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 10, "{ids:?}");
+    for up in ["a", "b"] {
+        let prefix = format!("sgt:{up}:");
+        assert_eq!(ids.iter().filter(|i| i.starts_with(&prefix)).count(), 5);
+    }
     // A mapped id reaches the upstream that made it, with its own id.
-    let body = r#"{"jsonrpc":"2.0","id":5,"method":"tasks/get","params":{"taskId":"sg:a:\"t4\""}}"#;
-    let got = message(&post(&mut c, BOT, Some(&token), body));
-    assert_eq!(got["result"]["taskId"], "sg:a:\"t4\"");
+    let t4 = ids
+        .iter()
+        .find(|i| i.starts_with("sgt:a:") && i.ends_with(":\"t4\""))
+        .unwrap()
+        .clone();
+    let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tasks/get", "params": {"taskId": t4}});
+    let got = message(&post(&mut c, BOT, Some(&token), &body.to_string()));
+    assert_eq!(got["result"]["taskId"], t4.as_str());
     let asked: Vec<Value> =
         s.a.recorded()
             .into_iter()
@@ -1015,8 +1022,17 @@ fn tasks_of_every_upstream_are_listed_page_by_page_and_reached_by_their_mapped_i
             .collect();
     assert_eq!(asked.len(), 1);
     assert_eq!(asked[0]["params"]["taskId"], "t4");
+    // An id whose tag was not made for this agent reaches nothing.
+    let forged = format!("sgt:a:AAAAAAAAAAAAAAAA:{}", "\"t4\"");
+    let body =
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tasks/get", "params": {"taskId": forged}});
+    assert!(message(&post(&mut c, BOT, Some(&token), &body.to_string()))["error"].is_object());
+    assert_eq!(
+        s.a.methods().iter().filter(|m| *m == "tasks/get").count(),
+        1
+    );
     // The other tenant's upstream is neither listed nor reachable.
-    let body = r#"{"jsonrpc":"2.0","id":6,"method":"tasks/get","params":{"taskId":"sg:c:\"t0\""}}"#;
+    let body = r#"{"jsonrpc":"2.0","id":6,"method":"tasks/get","params":{"taskId":"sgt:c:AAAAAAAAAAAAAAAA:\"t0\""}}"#;
     assert!(message(&post(&mut c, BOT, Some(&token), body))["error"].is_object());
     assert!(s.c.recorded().is_empty());
 }

@@ -17,11 +17,10 @@ use crate::policy::decide::{self, Decision, Target};
 use crate::reply::Reply;
 use crate::upstream::client::{UpResponse, join_all, send};
 
-use super::names::unscope_uri;
+use super::names::{unmap_task, unscope_uri};
 use super::request::{Fut, Outcome, Request, denied, write};
 use super::session::joined;
 use super::stream::{Listen, merge};
-use super::tasks::unmap_task;
 
 pub(super) async fn listen(
     req: &Request<'_>,
@@ -153,7 +152,7 @@ fn split(
     for entry in entries.as_array().ok_or_else(malformed)? {
         let name = entry.as_str().ok_or_else(malformed)?;
         let found = if key == "taskIds" {
-            unmap_task(name).and_then(|(up, id)| Some((req.index_of(up)?, id)))
+            unmap_task(&req.owner(), name).and_then(|(up, id)| Some((req.index_of(up)?, id)))
         } else {
             unscope_uri(name).and_then(|(up, u)| Some((req.index_of(up)?, u.to_owned())))
         };

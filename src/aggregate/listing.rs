@@ -163,8 +163,8 @@ fn cursor_of(body: &str) -> Option<String> {
     Some(body[a..b].to_owned())
 }
 
-/// Asks upstream `i` for one page (see [`page`]).
-async fn ask(
+/// Asks upstream `i` for one page (see [`page`]), never from the cache.
+pub(super) async fn ask(
     req: &Request<'_>,
     session: &MultiSession,
     i: usize,

@@ -55,6 +55,9 @@ pub(super) fn decode_cursor(cursor: &str) -> Option<Map<String, Value>> {
 /// How messages from an upstream are rewritten for the agent.
 pub(super) struct Rewrite {
     pub(super) upstream: String,
+    /// The agent's owner secret ([`crate::mcp::session::SessionKeys::owner`]): the task ids
+    /// it is given are bound to it ([`map_task`]).
+    pub(super) owner: [u8; 32],
     /// What the answer is a result of, for the resource URIs in it.
     pub(super) answer: Answer,
 }
@@ -85,25 +88,66 @@ impl Answer {
     }
 }
 
-/// Maps the task id at `v[key]` (a string) to the id the agent sees.
-fn map_task_id(upstream: &str, v: Option<&mut Value>) -> bool {
-    match v {
-        Some(Value::String(id)) => {
-            *id = map_id(upstream, &Value::String(std::mem::take(id)));
-            true
-        }
-        _ => false,
-    }
+/// The task id agent `owner` sees for upstream `up`'s task `id`: `sgt:<up>:<tag>:<id as JSON>`,
+/// the tag 12 bytes of HMAC-SHA256 of the rest under the agent's owner secret. Ids of two
+/// upstreams never collide, and an id is good only for the agent it was given to: one agent
+/// cannot follow, cancel or answer another's task even where the upstream cannot tell agents
+/// apart (sessionless requests, an upstream without sessions).
+pub(super) fn map_task(owner: &[u8; 32], up: &str, id: &str) -> String {
+    let json = Value::String(id.to_owned()).to_string();
+    format!("sgt:{up}:{}:{json}", task_tag(owner, up, &json))
 }
 
-/// Maps the related-task id in a message's `_meta` (a server request or a result that belongs
-/// to a task).
-fn map_related_task(upstream: &str, holder: Option<&mut Value>) -> bool {
-    let related = holder
-        .and_then(|h| h.get_mut("_meta"))
-        .and_then(|m| m.get_mut("io.modelcontextprotocol/related-task"))
-        .and_then(|r| r.get_mut("taskId"));
-    map_task_id(upstream, related)
+/// The upstream and its own task id behind a task id agent `owner` was given; `None` for any
+/// other string, an id given to another agent included.
+pub(super) fn unmap_task<'a>(owner: &[u8; 32], mapped: &'a str) -> Option<(&'a str, String)> {
+    let rest = mapped.strip_prefix("sgt:")?;
+    let (up, rest) = rest.split_once(':')?;
+    let (tag, json) = rest.split_once(':')?;
+    let expected = task_tag(owner, up, json);
+    // Compared in full whatever the first difference (no timing hint at the tag).
+    let same = tag.len() == expected.len()
+        && tag
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return None;
+    }
+    Some((up, serde_json::from_str::<String>(json).ok()?))
+}
+
+fn task_tag(owner: &[u8; 32], up: &str, json: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, owner);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(up.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(json.as_bytes());
+    crate::token::base64url(&ctx.sign().as_ref()[..12])
+}
+
+impl Rewrite {
+    /// Maps the task id at `v` (a string) to the id the agent sees.
+    fn map_task_id(&self, v: Option<&mut Value>) -> bool {
+        match v {
+            Some(Value::String(id)) => {
+                *id = map_task(&self.owner, &self.upstream, id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Maps the related-task id in a message's `_meta` (a server request or a result that
+    /// belongs to a task).
+    fn map_related_task(&self, holder: Option<&mut Value>) -> bool {
+        let related = holder
+            .and_then(|h| h.get_mut("_meta"))
+            .and_then(|m| m.get_mut("io.modelcontextprotocol/related-task"))
+            .and_then(|r| r.get_mut("taskId"));
+        self.map_task_id(related)
+    }
 }
 
 /// Scopes the URI of a content block that names a resource: a `resource_link`'s `uri`, an
@@ -162,7 +206,7 @@ impl Rewrite {
                         *token = Value::String(map_id(&self.upstream, token));
                     }
                 }
-                changed |= map_related_task(&self.upstream, obj.get_mut("params"));
+                changed |= self.map_related_task(obj.get_mut("params"));
                 let params = obj.get_mut("params");
                 match (method, params) {
                     // 2025-11-25's status notification; the 2026-07-28 extension's.
@@ -170,7 +214,7 @@ impl Rewrite {
                         "notifications/tasks/status" | "notifications/tasks",
                         Some(Value::Object(p)),
                     ) => {
-                        changed |= map_task_id(&self.upstream, p.get_mut("taskId"));
+                        changed |= self.map_task_id(p.get_mut("taskId"));
                     }
                     ("notifications/cancelled", Some(Value::Object(p))) => {
                         if let Some(id) = p.get_mut("requestId") {
@@ -211,10 +255,10 @@ impl Rewrite {
                         // the 2026-07-28 extension: `resultType: "task"` and a top-level
                         // `taskId`); a task's own state.
                         changed |=
-                            map_task_id(up, r.get_mut("task").and_then(|t| t.get_mut("taskId")));
+                            self.map_task_id(r.get_mut("task").and_then(|t| t.get_mut("taskId")));
                         let created = r.get("resultType").and_then(Value::as_str) == Some("task");
                         if self.answer == Answer::Task || created {
-                            changed |= map_task_id(up, r.get_mut("taskId"));
+                            changed |= self.map_task_id(r.get_mut("taskId"));
                         }
                         // A finished task's result (2026-07-28 tasks/get) names resources too.
                         if self.answer == Answer::Task
@@ -225,7 +269,7 @@ impl Rewrite {
                                 changed |= scope_block(up, b);
                             }
                         }
-                        changed |= map_related_task(up, Some(r));
+                        changed |= self.map_related_task(Some(r));
                     }
                     (Answer::Prompt, Some(r)) => {
                         if let Some(Value::Array(messages)) = r.get_mut("messages") {
@@ -257,6 +301,8 @@ pub fn unmap_id(id: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const OWNER: [u8; 32] = [7; 32];
     use serde_json::{Map, json};
 
     #[test]
@@ -285,6 +331,7 @@ mod tests {
     fn rewrite_maps_server_requests_and_resource_uris_only() {
         let r = Rewrite {
             upstream: "gh".into(),
+            owner: OWNER,
             answer: Answer::Other,
         };
         let progress = br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}"#;
@@ -317,6 +364,7 @@ mod tests {
     fn resource_links_and_embedded_resources_in_results_are_scoped() {
         let call = Rewrite {
             upstream: "fs".into(),
+            owner: OWNER,
             answer: Answer::Call,
         };
         let out: Value = serde_json::from_slice(&call.apply(
@@ -331,6 +379,7 @@ mod tests {
         assert_eq!(c[2]["resource"]["uri"], "scopegate://fs/demo://r/1");
         let prompt = Rewrite {
             upstream: "fs".into(),
+            owner: OWNER,
             answer: Answer::Prompt,
         };
         let out: Value = serde_json::from_slice(&prompt.apply(
@@ -351,33 +400,39 @@ mod tests {
     fn task_ids_are_mapped_wherever_they_appear() {
         let call = Rewrite {
             upstream: "ev".into(),
+            owner: OWNER,
             answer: Answer::Call,
         };
         let created: Value = serde_json::from_slice(&call.apply(
             br#"{"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":"t-1","status":"working"}}}"#,
         ))
         .unwrap();
-        assert_eq!(created["result"]["task"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(
+            created["result"]["task"]["taskId"],
+            map_task(&OWNER, "ev", "t-1")
+        );
         let get = Rewrite {
             upstream: "ev".into(),
+            owner: OWNER,
             answer: Answer::Task,
         };
         let state: Value = serde_json::from_slice(&get.apply(
             br#"{"jsonrpc":"2.0","id":2,"result":{"taskId":"t-1","status":"completed","_meta":{"io.modelcontextprotocol/related-task":{"taskId":"t-1"}}}}"#,
         ))
         .unwrap();
-        assert_eq!(state["result"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(state["result"]["taskId"], map_task(&OWNER, "ev", "t-1"));
         assert_eq!(
             state["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
-            "sg:ev:\"t-1\""
+            map_task(&OWNER, "ev", "t-1")
         );
         let status: Value = serde_json::from_slice(&Rewrite {
             upstream: "ev".into(),
+            owner: OWNER,
             answer: Answer::Other,
         }
         .apply(br#"{"jsonrpc":"2.0","method":"notifications/tasks/status","params":{"taskId":"t-1","status":"working"}}"#))
         .unwrap();
-        assert_eq!(status["params"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(status["params"]["taskId"], map_task(&OWNER, "ev", "t-1"));
     }
 
     #[test]
@@ -385,6 +440,7 @@ mod tests {
         let rewrite = |answer, data: &[u8]| -> Value {
             let r = Rewrite {
                 upstream: "ev".into(),
+                owner: OWNER,
                 answer,
             };
             serde_json::from_slice(&r.apply(data)).unwrap()
@@ -393,7 +449,7 @@ mod tests {
             Answer::Call,
             br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"task","taskId":"t-1","status":"working"}}"#,
         );
-        assert_eq!(created["result"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(created["result"]["taskId"], map_task(&OWNER, "ev", "t-1"));
         // A call result that only happens to have a `taskId` field is not a task.
         let plain = rewrite(
             Answer::Call,
@@ -404,7 +460,7 @@ mod tests {
             Answer::Task,
             br#"{"jsonrpc":"2.0","id":2,"result":{"resultType":"complete","taskId":"t-1","status":"completed","result":{"content":[{"type":"resource_link","uri":"demo://r/1","name":"r"}]}}}"#,
         );
-        assert_eq!(done["result"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(done["result"]["taskId"], map_task(&OWNER, "ev", "t-1"));
         assert_eq!(
             done["result"]["result"]["content"][0]["uri"],
             "scopegate://ev/demo://r/1"
@@ -413,7 +469,7 @@ mod tests {
             Answer::Other,
             br#"{"jsonrpc":"2.0","method":"notifications/tasks","params":{"taskId":"t-1","status":"input_required","inputRequests":{}}}"#,
         );
-        assert_eq!(note["params"]["taskId"], "sg:ev:\"t-1\"");
+        assert_eq!(note["params"]["taskId"], map_task(&OWNER, "ev", "t-1"));
     }
 
     #[test]

@@ -127,6 +127,12 @@ impl Request<'_> {
         }
     }
 
+    /// The agent's owner secret, which binds the task ids it is given to it
+    /// ([`super::names::map_task`]).
+    pub(super) fn owner(&self) -> [u8; 32] {
+        self.core.sessions.owner(self.agent_id())
+    }
+
     /// Whether the agent speaks a sessionless revision (2026-07-28 or later).
     pub(super) fn modern(&self) -> bool {
         self.version().is_some_and(modern::is_modern)

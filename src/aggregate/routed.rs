@@ -219,6 +219,7 @@ pub(super) async fn forward(
     };
     let rewrite = Rewrite {
         upstream: req.upstream_name(i).to_owned(),
+        owner: req.owner(),
         answer: Answer::of(m.method.unwrap_or_default()),
     };
     let status = resp.status();

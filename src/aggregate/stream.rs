@@ -23,7 +23,7 @@ use crate::policy::live::{ViewChange, ViewWatch};
 use crate::reply::Reply;
 use crate::upstream::client::{UpResponse, join_all, send};
 
-use super::names::{Answer, Rewrite, map_id, scoped_uri};
+use super::names::{Answer, Rewrite, map_task, scoped_uri};
 use super::request::{Fut, Outcome, Request, upstream_failed, write, write_bytes, write_chunk};
 use super::session::{expired, joined, rejoin};
 
@@ -312,12 +312,14 @@ pub(super) async fn merge(
         acks: Vec::new(),
     }));
     let listening = listen.is_some();
+    let owner = req.owner();
     let mut readers: Vec<Option<Fut<'_, ()>>> = streams
         .into_iter()
         .map(|(i, mut resp)| {
             let queue = queue.clone();
             let rewrite = Rewrite {
                 upstream: req.upstream_name(i).to_owned(),
+                owner,
                 answer: Answer::Other,
             };
             Some(Box::pin(async move {
@@ -342,7 +344,7 @@ pub(super) async fn merge(
                                     continue;
                                 }
                                 if listening && let Some(d) = &data {
-                                    match listen_event(d, &rewrite.upstream) {
+                                    match listen_event(d, &rewrite.upstream, &owner) {
                                         ListenEvent::Ack(filter) => {
                                             queue.borrow_mut().acks.push(filter);
                                             continue;
@@ -561,7 +563,7 @@ enum ListenEvent {
 
 /// What an event on a listen stream is: an upstream's acknowledgement (its agreed filter, URIs
 /// already scoped), its closing result, or a notification for the agent.
-fn listen_event(data: &[u8], upstream: &str) -> ListenEvent {
+fn listen_event(data: &[u8], upstream: &str, owner: &[u8; 32]) -> ListenEvent {
     let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(data) else {
         return ListenEvent::Other;
     };
@@ -579,8 +581,10 @@ fn listen_event(data: &[u8], upstream: &str) -> ListenEvent {
             }
         }
         if let Some(Value::Array(ids)) = filter.get_mut("taskIds") {
-            for id in ids {
-                *id = Value::String(map_id(upstream, id));
+            for id in ids.iter_mut() {
+                if let Value::String(t) = id {
+                    *t = map_task(owner, upstream, t);
+                }
             }
         }
         return ListenEvent::Ack(filter);

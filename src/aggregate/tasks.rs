@@ -19,22 +19,11 @@ use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
 use crate::upstream::client::join_all;
 
-use super::listing::{list_body, page, targets};
-use super::names::{encode_cursor, map_id, unmap_id};
+use super::listing::{ask, list_body, targets};
+use super::names::{encode_cursor, map_task, unmap_task};
 use super::request::{Fut, Outcome, Request, write};
 use super::routed::forward;
-use super::session::caps_of;
-
-/// The upstream and its own task id behind a task id the agent was given.
-pub(super) fn unmap_task(mapped: &str) -> Option<(&str, String)> {
-    let (up, original) = unmap_id(mapped)?;
-    Some((up, serde_json::from_str::<String>(original).ok()?))
-}
-
-/// The task id the agent sees for upstream `up`'s task `id`.
-pub(super) fn map_task(up: &str, id: &str) -> String {
-    map_id(up, &Value::String(id.to_owned()))
-}
+use super::session::{caps_of, joined};
 
 /// `tasks/get`, `tasks/result`, `tasks/cancel`, `tasks/update` (to the task's upstream) and
 /// `tasks/list` (merged).
@@ -57,10 +46,14 @@ pub(super) async fn task(
         return write(req, client, unknown("params.taskId is required")).await;
     };
     let mapped = serde_json::from_slice::<String>(&req.body[range.0..range.1]).ok();
-    let found = mapped.as_deref().and_then(unmap_task).and_then(|(up, id)| {
-        let i = req.index_of(up).filter(|&i| req.may_use(i))?;
-        Some((i, id))
-    });
+    let owner = req.owner();
+    let found = mapped
+        .as_deref()
+        .and_then(|t| unmap_task(&owner, t))
+        .and_then(|(up, id)| {
+            let i = req.index_of(up).filter(|&i| req.may_use(i))?;
+            Some((i, id))
+        });
     let Some((i, original)) = found else {
         return write(req, client, unknown("unknown task")).await;
     };
@@ -80,7 +73,16 @@ async fn list(req: &Request<'_>, session: &MultiSession, m: &Message<'_>) -> Rep
         let body = jsonrpc::error_body(m.id, jsonrpc::INVALID_PARAMS, "invalid cursor");
         return Reply::json(200, body);
     };
-    targets.retain(|(i, _)| caps::offers(caps_of(req, session, *i), caps::TASKS));
+    // Only upstreams where this agent has a session of its own: where the upstream cannot
+    // tell agents apart (no session), its list would hold other agents' tasks.
+    let own: Vec<usize> = joined(req, session)
+        .into_iter()
+        .filter(|(_, sid)| !sid.is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    targets
+        .retain(|(i, _)| own.contains(i) && caps::offers(caps_of(req, session, *i), caps::TASKS));
+    let owner = req.owner();
     let mut id_json = Vec::new();
     match m.id {
         Some(id) => id.write_json(&mut id_json),
@@ -91,7 +93,7 @@ async fn list(req: &Request<'_>, session: &MultiSession, m: &Message<'_>) -> Rep
         .iter()
         .map(|(i, cursor)| {
             let body = list_body(req, &id_text, "tasks/list", cursor.as_ref());
-            Box::pin(page(req, session, *i, "tasks/list", body)) as Fut<'_, _>
+            Box::pin(ask(req, session, *i, "tasks/list", body)) as Fut<'_, _>
         })
         .collect();
     let mut tasks = Vec::new();
@@ -103,7 +105,7 @@ async fn list(req: &Request<'_>, session: &MultiSession, m: &Message<'_>) -> Rep
             Ok(result) => {
                 for mut t in result["tasks"].as_array().cloned().unwrap_or_default() {
                     if let Some(Value::String(id)) = t.get_mut("taskId") {
-                        *id = map_task(up, id);
+                        *id = map_task(&owner, up, id);
                     }
                     tasks.push(t);
                 }
@@ -144,11 +146,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn task_ids_map_and_unmap() {
-        let mapped = map_task("ev", "t:1");
-        assert_eq!(mapped, "sg:ev:\"t:1\"");
-        assert_eq!(unmap_task(&mapped), Some(("ev", "t:1".to_owned())));
-        assert_eq!(unmap_task("t-1"), None);
-        assert_eq!(unmap_task("sg:ev:7"), None, "a task id is a string");
+    fn task_ids_are_bound_to_their_upstream_and_their_agent() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let mapped = map_task(&a, "ev", "t:1");
+        assert!(mapped.starts_with("sgt:ev:"), "{mapped}");
+        assert_eq!(unmap_task(&a, &mapped), Some(("ev", "t:1".to_owned())));
+        assert_eq!(unmap_task(&b, &mapped), None, "another agent's id");
+        let forged = mapped.replacen("sgt:ev:", "sgt:gh:", 1);
+        assert_eq!(unmap_task(&a, &forged), None, "moved to another upstream");
+        assert_eq!(unmap_task(&a, "t-1"), None);
+        assert_eq!(unmap_task(&a, "sg:ev:\"t-1\""), None);
     }
 }

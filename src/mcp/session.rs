@@ -23,6 +23,8 @@ pub const MAX_UPSTREAM_SESSION: usize = 1024;
 pub struct SessionKeys {
     key: LessSafeKey,
     rng: SystemRandom,
+    /// Keys the per-agent secrets that bind task ids to their agent ([`SessionKeys::owner`]).
+    owners: ring::hmac::Key,
 }
 
 impl SessionKeys {
@@ -43,10 +45,25 @@ impl SessionKeys {
         }
         let key = UnboundKey::new(&CHACHA20_POLY1305, &material)
             .map_err(|_| "cannot build the session key".to_string())?;
+        let owners = ring::digest::digest(
+            &ring::digest::SHA256,
+            &[&b"scopegate task owners\0"[..], &material].concat(),
+        );
         Ok(SessionKeys {
             key: LessSafeKey::new(key),
             rng,
+            owners: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, owners.as_ref()),
         })
+    }
+
+    /// A secret of agent `agent`, the same on every worker and replica sharing the session
+    /// secret: the aggregate endpoint tags the task ids it gives an agent with it, so an id is
+    /// good only for the agent it was given to.
+    pub fn owner(&self, agent: &str) -> [u8; 32] {
+        let tag = ring::hmac::sign(&self.owners, agent.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
     }
 
     pub fn seal(&self, agent: &str, upstream: &str, upstream_session: &[u8]) -> Option<String> {
