@@ -275,7 +275,7 @@ fn serve() {
         audit: audit_channels.clone(),
         all_stats: all_stats.clone(),
         tls: tls.clone(),
-        list_changes: Arc::new(scopegate::core::ListChanges::new(config.upstreams.len())),
+        list_changes: Arc::new(scopegate::core::ListChanges::new()),
     };
     for u in &config.upstreams {
         info!("upstream {} -> {}", u.name, u.transport);

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::http::conn::Conn;
 use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
+use crate::mcp::lists;
 use crate::mcp::session::MultiSession;
 use crate::policy::decide::{self, Decision, Target};
 use crate::reply::Reply;
@@ -113,15 +114,7 @@ pub(super) async fn listen(
         return write(req, client, Reply::json(200, body)).await;
     }
     let id = serde_json::from_slice(&id).unwrap_or(Value::Null);
-    let asked = filter
-        .as_object()
-        .map(|f| {
-            f.iter()
-                .filter(|(_, v)| v.as_bool() == Some(true))
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default();
+    let asked = lists::list_changes_asked(&filter);
     merge(req, client, streams, Some(Listen { id, asked })).await
 }
 

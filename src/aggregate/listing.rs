@@ -115,7 +115,7 @@ pub(super) async fn list(
     }
     if req.modern() {
         // The revision's caching hints: filtered for this agent, the list is private; merged,
-        // it is fresh as long as the freshest upstream list says.
+        // it is fresh as long as its shortest-lived upstream list.
         result.insert("resultType".into(), "complete".into());
         result.insert("cacheScope".into(), "private".into());
         result.insert("ttlMs".into(), ttl.unwrap_or(0).into());
@@ -140,21 +140,36 @@ pub(super) async fn page(
     body: String,
 ) -> Result<Value, Reply> {
     // A result the upstream let be shared, still fresh: no need to ask.
+    let name = req.upstream_name(i);
     let key = ListKey {
-        upstream: i,
+        upstream: ListKey::upstream_of(&req.upstreams[i]),
         method,
         cursor: cursor_of(&body),
         version: req.version().unwrap_or_default().to_vec(),
+        capabilities: capabilities_of(&body),
     };
-    let metrics = &req.core.stats.metrics;
-    if let Some(result) = req.core.list_cache.get(&key) {
+    let (cache, metrics) = (&req.core.list_cache, &req.core.stats.metrics);
+    if let Some(result) = cache.get(&key, name) {
         metrics.list_page(true);
         return Ok(result);
     }
     metrics.list_page(false);
-    let result = ask(req, session, i, method, body).await?;
-    req.core.list_cache.put(key, &result);
+    let epoch = cache.epoch(name);
+    let (result, size) = ask_sized(req, session, i, method, body).await?;
+    cache.put(key, name, epoch, size, &result);
     Ok(result)
+}
+
+/// The client capabilities in a list request scopegate wrote (2026-07-28 `_meta`), as JSON.
+fn capabilities_of(body: &str) -> Vec<u8> {
+    let path = [
+        "params",
+        "_meta",
+        "io.modelcontextprotocol/clientCapabilities",
+    ];
+    super::json::locate(body.as_bytes(), &path)
+        .map(|(a, b)| body.as_bytes()[a..b].to_vec())
+        .unwrap_or_default()
 }
 
 /// The upstream cursor in a list request scopegate wrote, as JSON.
@@ -171,6 +186,19 @@ pub(super) async fn ask(
     method: &'static str,
     body: String,
 ) -> Result<Value, Reply> {
+    ask_sized(req, session, i, method, body)
+        .await
+        .map(|(v, _)| v)
+}
+
+/// [`ask`], with the size of the answer as the upstream sent it.
+async fn ask_sized(
+    req: &Request<'_>,
+    session: &MultiSession,
+    i: usize,
+    method: &'static str,
+    body: String,
+) -> Result<(Value, usize), Reply> {
     let sid = session_for(req, session, i).await?;
     let r = req.up_request("POST", body.as_bytes(), Some(&sid));
     let (mut resp, mut answer) = exchange(req.ups(), i, &r, req.fanout_deadline()).await?;
@@ -190,9 +218,9 @@ pub(super) async fn ask(
     if not_offered(&answer) {
         // An upstream without this kind of list (one whose capabilities are not known, in a
         // sessionless request) has nothing to add; it has not failed.
-        return Ok(Value::Object(Map::new()));
+        return Ok((Value::Object(Map::new()), 0));
     }
-    rpc_result(req, i, method, status, &answer)
+    rpc_result(req, i, method, status, &answer).map(|v| (v, answer.len()))
 }
 
 /// The upstreams a list request asks, each with its own cursor (from the agent's merged

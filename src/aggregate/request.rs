@@ -3,6 +3,7 @@
 //! agent.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -14,13 +15,16 @@ use crate::mcp::jsonrpc;
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::lists;
 use crate::mcp::modern;
-use crate::policy::decide;
+use crate::policy::{Policy, decide};
 use crate::reply::Reply;
 use crate::upstream::client::{UpRequest, Upstreams, send};
 use crate::warn;
 
 /// An upstream's answer to initialize: its session id (empty: none) and its result.
 pub(super) type Joined = (Vec<u8>, Value);
+
+/// A policy a reload installed while a stream was open, and the agent's index in it.
+pub(super) type View = (Arc<Policy>, usize);
 
 /// A boxed future borrowing the request.
 pub(super) type Fut<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
@@ -156,6 +160,31 @@ impl Request<'_> {
             return Some(data);
         }
         match lists::filter_lists(&data, &|kind, item| decide::visible(p, a, i, kind, item)) {
+            Ok(None) => Some(data),
+            Ok(Some(filtered)) => Some(filtered),
+            Err(_) => None,
+        }
+    }
+
+    /// [`Request::filter_lists`] under the policy a reload installed after the request began
+    /// (`view`: that policy and the agent's index in it), when there was one: a message of an
+    /// upstream the agent may no longer use is not relayed (`None`).
+    pub(super) fn filter_lists_under(
+        &self,
+        view: Option<&View>,
+        i: usize,
+        data: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        let Some((p, a)) = view else {
+            return self.filter_lists(i, data);
+        };
+        let name = self.upstream_name(i);
+        let now = p.upstreams().iter().position(|u| u.name == name);
+        let now = now.filter(|&n| p.may_use_upstream(*a, n))?;
+        if !lists::may_hold_list(&data) {
+            return Some(data);
+        }
+        match lists::filter_lists(&data, &|kind, item| decide::visible(p, *a, now, kind, item)) {
             Ok(None) => Some(data),
             Ok(Some(filtered)) => Some(filtered),
             Err(_) => None,

@@ -17,14 +17,16 @@ use crate::http::response;
 use crate::http::sse::{self, SseSplitter};
 use crate::mcp::envelope::Message;
 use crate::mcp::jsonrpc;
-use crate::mcp::lists::{LIST_CHANGED, list_changed_events};
+use crate::mcp::lists::{LIST_CHANGED, SUBSCRIPTION_ID, list_changed_events, subscription_meta};
 use crate::mcp::session::MultiSession;
-use crate::policy::live::{ViewChange, ViewWatch};
+use crate::policy::live::{VIEW_CHECK, ViewChange, ViewWatch};
 use crate::reply::Reply;
 use crate::upstream::client::{UpResponse, join_all, send};
 
 use super::names::{Answer, Rewrite, map_task, scoped_uri};
-use super::request::{Fut, Outcome, Request, upstream_failed, write, write_bytes, write_chunk};
+use super::request::{
+    Fut, Outcome, Request, View, upstream_failed, write, write_bytes, write_chunk,
+};
 use super::session::{expired, joined, rejoin};
 
 /// Relays a routed call's answer: JSON read whole and rewritten, or an event stream event by
@@ -118,7 +120,7 @@ pub(super) async fn relay(
             match sse.next_event() {
                 Ok(Some(event)) => {
                     event_deadline = None;
-                    req.core.list_cache.saw(i, event);
+                    req.core.list_cache.saw(req.upstream_name(i), event);
                     let parts = sse::event_parts(event);
                     let data = match parts.data.map(|d| req.filter_lists(i, rewrite.apply(&d))) {
                         Some(None) => continue,
@@ -270,12 +272,10 @@ pub(super) async fn get_stream(
 pub(super) struct Listen {
     /// The listen request's id: the subscription's id on every frame.
     pub(super) id: Value,
-    /// The filter flags the agent set (`toolsListChanged`, ...): a reload that changes its view
-    /// is told only as the changes it asked for.
-    pub(super) asked: Vec<String>,
+    /// The list changes the agent asked for: a reload that changes its view is told only as
+    /// those.
+    pub(super) asked: Vec<&'static str>,
 }
-
-const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 
 /// One event stream for the agent, merged from the upstreams' `streams` (GET streams, or the
 /// answers to `subscriptions/listen`).
@@ -313,10 +313,14 @@ pub(super) async fn merge(
     }));
     let listening = listen.is_some();
     let owner = req.owner();
+    // The policy a reload installed since the stream opened, when it changed what the agent
+    // may see: from then on the readers filter by it.
+    let current: Rc<RefCell<Option<View>>> = Rc::new(RefCell::new(None));
     let mut readers: Vec<Option<Fut<'_, ()>>> = streams
         .into_iter()
         .map(|(i, mut resp)| {
             let queue = queue.clone();
+            let current = current.clone();
             let rewrite = Rewrite {
                 upstream: req.upstream_name(i).to_owned(),
                 owner,
@@ -330,12 +334,12 @@ pub(super) async fn merge(
                         match sse.next_event() {
                             Ok(Some(event)) => {
                                 event_started = None;
-                                req.core.list_cache.saw(i, event);
+                                req.core.list_cache.saw(req.upstream_name(i), event);
                                 let parts = sse::event_parts(event);
-                                let data = match parts
-                                    .data
-                                    .map(|d| req.filter_lists(i, rewrite.apply(&d)))
-                                {
+                                let data = match parts.data.map(|d| {
+                                    let view = current.borrow();
+                                    req.filter_lists_under(view.as_ref(), i, rewrite.apply(&d))
+                                }) {
                                     Some(None) => continue,
                                     Some(Some(d)) => Some(d),
                                     None => None,
@@ -400,6 +404,8 @@ pub(super) async fn merge(
         })
         .collect();
     let writer_queue = queue.clone();
+    let writer_current = current.clone();
+    let mut next_check = Instant::now() + VIEW_CHECK;
     let expected = readers.len();
     let view = match (&req.core.live_policy, req.policy, req.agent) {
         (Some(live), Some(p), Some(a)) => Some(ViewWatch::new(live, p, a)),
@@ -410,12 +416,8 @@ pub(super) async fn merge(
     let (kinds, meta): (Vec<&str>, Option<String>) = match &listen {
         None => (LIST_CHANGED.iter().map(|(_, m)| *m).collect(), None),
         Some(l) => (
-            LIST_CHANGED
-                .iter()
-                .filter(|(flag, _)| l.asked.iter().any(|a| a == flag))
-                .map(|(_, m)| *m)
-                .collect(),
-            Some(json!({ SUBSCRIPTION_ID: l.id }).to_string()),
+            l.asked.clone(),
+            Some(subscription_meta(l.id.to_string().as_bytes())),
         ),
     };
     let writer = async move {
@@ -453,16 +455,40 @@ pub(super) async fn merge(
                     None => Poll::Pending,
                 }
             });
-            // While nothing is to be written, watch the agent (a closed stream releases every
-            // upstream stream at once) and, now and then, the policy: a reload that changes
-            // what the agent may see is told as list_changed; one that removes the agent ends
-            // the stream.
+            // Now and then (and whatever the upstreams send meanwhile), the policy: a reload
+            // that changes what the agent may see is told as list_changed and filters what
+            // follows; one that removes the agent ends the stream.
+            if let Some(v) = &view
+                && Instant::now() >= next_check
+            {
+                next_check = Instant::now() + VIEW_CHECK;
+                match v.check() {
+                    ViewChange::Same => {}
+                    ViewChange::Changed(policy, agent) => {
+                        *writer_current.borrow_mut() = Some((policy, agent));
+                        let events = list_changed_events(&kinds, meta.as_deref());
+                        if write_chunk(client, &events).await.is_err() {
+                            return Ended::AgentGone;
+                        }
+                    }
+                    ViewChange::Revoked => {
+                        // The agent is no longer in the policy: its stream ends, properly.
+                        let _ = write_bytes(client, b"0\r\n\r\n".to_vec()).await;
+                        return Ended::Revoked;
+                    }
+                }
+            }
             let tick = async {
                 match &view {
-                    Some(_) => monoio::time::sleep(VIEW_CHECK).await,
+                    Some(_) => {
+                        let wait = next_check.saturating_duration_since(Instant::now());
+                        monoio::time::sleep(wait).await
+                    }
                     None => std::future::pending::<()>().await,
                 }
             };
+            // While nothing is to be written, watch the agent: a closed stream releases every
+            // upstream stream at once.
             let next = monoio::select! {
                 e = next => e,
                 _ = client.stream.readable(false), if watch => {
@@ -473,23 +499,7 @@ pub(super) async fn merge(
                     }
                     continue;
                 }
-                _ = tick => {
-                    match view.as_ref().map(ViewWatch::check) {
-                        Some(ViewChange::Changed) => {
-                            let events = list_changed_events(&kinds, meta.as_deref());
-                            if write_chunk(client, &events).await.is_err() {
-                                return Ended::AgentGone;
-                            }
-                        }
-                        Some(ViewChange::Revoked) => {
-                            // The agent is no longer in the policy: its stream ends, properly.
-                            let _ = write_bytes(client, b"0\r\n\r\n".to_vec()).await;
-                            return Ended::Revoked;
-                        }
-                        _ => {}
-                    }
-                    continue;
-                }
+                _ = tick => continue,
             };
             let Some(event) = next else {
                 if let Some(l) = &listen {
@@ -540,9 +550,6 @@ enum Ended {
     /// A reload removed the agent from the policy.
     Revoked,
 }
-
-/// How often an open stream looks at the policy (one atomic load unless it was reloaded).
-const VIEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The merged stream's events waiting for the agent.
 pub(super) struct MergedQueue {

@@ -8,19 +8,21 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::plan::{ForwardError, Leg, Plan, Relayed};
+use super::plan::{ForwardError, Leg, Relayed};
 use super::respond::{flush, send, start_response, stream_buffers};
-use crate::core::Core;
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::framing;
 use crate::http::head::{self};
 use crate::http::sse::{self, SseSplitter};
+use crate::mcp::lists::{ListKind, Visible};
 use crate::mcp::{jsonrpc, lists};
 use crate::metrics::StreamGauge;
-use crate::policy::live::ViewChange;
+use crate::policy::live::{VIEW_CHECK, ViewChange};
+use crate::policy::{Policy, decide};
 use crate::reply::Reply;
 use crate::upstream::Upstream;
+use std::sync::Arc;
 
 fn invalid(upstream: &Upstream, why: &str) -> ForwardError {
     ForwardError::BeforeResponse(Reply::error(
@@ -142,9 +144,19 @@ pub(super) async fn relay_events(
     let mut next_check = Instant::now() + VIEW_CHECK;
     let mut answered = false;
     let written_before = client.written;
+    // The policy a reload installed, when it changed what the agent may see: the agent, and
+    // this upstream, as that policy numbers them. What follows is filtered by it.
+    let mut refreshed: Option<(Arc<Policy>, usize, usize)> = None;
     let failure = loop {
         // Every event complete so far.
         let mut too_large = None;
+        let fresh = refreshed.as_ref().map(|(p, a, u)| {
+            move |kind: ListKind, item: &str| decide::visible(p, *a, *u, kind, item)
+        });
+        let visible: Option<Visible<'_>> = match &fresh {
+            Some(f) => Some(f),
+            None => plan.visible,
+        };
         loop {
             match splitter.next_event() {
                 Ok(Some(event)) => {
@@ -152,8 +164,8 @@ pub(super) async fn relay_events(
                     if is_post && !answered {
                         answered = is_response_event(event);
                     }
-                    saw_list_change(core, upstream, event);
-                    pass_event(event, plan, &mut events);
+                    core.list_cache.saw(&upstream.name, event);
+                    pass_event(event, visible, &mut events);
                 }
                 Ok(None) => break,
                 Err(sse::TooLarge(limit)) => {
@@ -187,6 +199,34 @@ pub(super) async fn relay_events(
         flush(client, &mut ex.out)
             .await
             .map_err(|_| ForwardError::AgentGone)?;
+        // Now and then (and whatever the upstream sends meanwhile), the policy: a reload that
+        // changes what the agent may see is told as list_changed and filters what follows; one
+        // that removes the agent, or this upstream from its reach, ends the stream.
+        if let Some(notice) = &plan.reload
+            && Instant::now() >= next_check
+        {
+            next_check = Instant::now() + VIEW_CHECK;
+            match notice.watch.check() {
+                ViewChange::Same => {}
+                ViewChange::Changed(policy, agent) => {
+                    let list = policy.upstreams();
+                    let Some(u) = list
+                        .iter()
+                        .position(|u| u.name == upstream.name)
+                        .filter(|&u| policy.may_use_upstream(agent, u))
+                    else {
+                        break None;
+                    };
+                    refreshed = Some((policy, agent, u));
+                    events.extend_from_slice(&lists::list_changed_events(
+                        &notice.methods,
+                        notice.meta.as_deref(),
+                    ));
+                    continue;
+                }
+                ViewChange::Revoked => break None,
+            }
+        }
         if splitter.pending() > 0 && event_deadline.is_none() {
             event_deadline = Some(Instant::now() + config.upstream_timeout);
         }
@@ -207,25 +247,11 @@ pub(super) async fn relay_events(
             // The end (an unfinished last event is dropped, as an SSE reader would).
             Ok(None) => break None,
             Err(BodyError::PeerGone) => return Err(ForwardError::AgentGone),
+            // Time to look at the policy (above).
             Err(BodyError::TimedOut)
                 if plan.reload.is_some()
                     && event_deadline.is_none_or(|d| Instant::now() < d)
-                    && !idle_limit =>
-            {
-                next_check = Instant::now() + VIEW_CHECK;
-                let Some(notice) = &plan.reload else {
-                    continue;
-                };
-                match notice.watch.check() {
-                    ViewChange::Same => {}
-                    ViewChange::Changed => events.extend_from_slice(&lists::list_changed_events(
-                        &notice.methods,
-                        notice.meta.as_deref(),
-                    )),
-                    // Removed from the policy: the stream ends here.
-                    ViewChange::Revoked => break None,
-                }
-            }
+                    && !idle_limit => {}
             Err(BodyError::TimedOut) if event_deadline.is_some() => {
                 break Some(format!(
                     "did not finish an event within {} ms (SCOPEGATE_UPSTREAM_TIMEOUT_MS)",
@@ -296,23 +322,8 @@ pub(super) async fn relay_events(
 }
 
 /// Appends one event for the agent: as it came, or with its list results filtered.
-/// How often a stream that watches the policy looks at it (one atomic load unless reloaded).
-const VIEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// An upstream's `list_changed` ends what the aggregate endpoint cached of its lists, whichever
-/// path relayed it.
-fn saw_list_change(core: &Core, upstream: &Upstream, event: &[u8]) {
-    if memchr::memmem::find(event, b"/list_changed").is_none() {
-        return;
-    }
-    let list = &core.config.upstreams;
-    if let Some(i) = list.iter().position(|u| std::ptr::eq(u, upstream)) {
-        core.list_cache.changed(i);
-    }
-}
-
-fn pass_event(event: &[u8], plan: &Plan<'_>, out: &mut Vec<u8>) {
-    let Some(visible) = plan.visible.filter(|_| lists::may_hold_list(event)) else {
+fn pass_event(event: &[u8], visible: Option<Visible<'_>>, out: &mut Vec<u8>) {
+    let Some(visible) = visible.filter(|_| lists::may_hold_list(event)) else {
         out.extend_from_slice(event);
         return;
     };

@@ -148,6 +148,20 @@ pub fn may_hold_list(data: &[u8]) -> bool {
             || find(data, b"\"resourceTemplates\"").is_some())
 }
 
+/// How long a list result may be shared across agents, by its 2026-07-28 caching hints:
+/// `Some` only for `cacheScope: "public"` with a `ttlMs` above 0.
+pub fn shared_for(result: &serde_json::Value) -> Option<std::time::Duration> {
+    let public = result.get("cacheScope").and_then(|v| v.as_str()) == Some("public");
+    let ttl = result.get("ttlMs").and_then(|v| v.as_u64()).unwrap_or(0);
+    (public && ttl > 0).then(|| std::time::Duration::from_millis(ttl))
+}
+
+/// Whether an upstream message (or event) may be a list-change notification (a quick look at
+/// the bytes: a false positive only ends cached lists early).
+pub fn is_list_changed(message: &[u8]) -> bool {
+    memchr::memmem::find(message, b"/list_changed").is_some()
+}
+
 /// The list-change notifications, each with the `subscriptions/listen` filter flag that asks
 /// for it (2026-07-28).
 pub const LIST_CHANGED: [(&str, &str); 3] = [
@@ -158,6 +172,26 @@ pub const LIST_CHANGED: [(&str, &str); 3] = [
         "notifications/resources/list_changed",
     ),
 ];
+
+/// Where a `subscriptions/listen` stream's frames carry its id (the listen request's id).
+pub const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
+
+/// The list-change notifications a `subscriptions/listen` filter asks for.
+pub fn list_changes_asked(filter: &serde_json::Value) -> Vec<&'static str> {
+    LIST_CHANGED
+        .iter()
+        .filter(|(flag, _)| filter.get(flag).and_then(|v| v.as_bool()) == Some(true))
+        .map(|(_, m)| *m)
+        .collect()
+}
+
+/// The `_meta` of a subscription's frames, for the listen request whose id is `id` (JSON).
+pub fn subscription_meta(id: &[u8]) -> String {
+    let mut meta = format!("{{\"{SUBSCRIPTION_ID}\":");
+    meta.push_str(&String::from_utf8_lossy(id));
+    meta.push('}');
+    meta
+}
 
 /// SSE events telling an agent that its lists changed: one per method in `methods`, each
 /// carrying `meta` (a subscription's `_meta`, as JSON) when given.

@@ -82,14 +82,17 @@ pub struct ViewWatch {
 }
 
 /// What a reload did to an agent's view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewChange {
     Same,
-    /// What the agent may see changed: its lists should be fetched again.
-    Changed,
+    /// What the agent may see changed: its lists should be fetched again, and what the stream
+    /// relays from now on is filtered by this policy, where the agent has this index.
+    Changed(Arc<Policy>, usize),
     /// The agent is gone from the policy: its streams end.
     Revoked,
 }
+
+/// How often an open stream looks at the policy (one atomic load unless it was reloaded).
+pub const VIEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ViewWatch {
     /// Watches agent `agent` of `policy` (the policy its stream was opened under).
@@ -119,7 +122,7 @@ impl ViewWatch {
         if view == self.view.replace(view) {
             ViewChange::Same
         } else {
-            ViewChange::Changed
+            ViewChange::Changed(policy, agent)
         }
     }
 }
@@ -149,14 +152,17 @@ mod tests {
         let bot = first.agent_by_id("bot").unwrap();
         let live = Arc::new(LivePolicy::new(policy("\"gh/read_*\"", true)));
         let watch = ViewWatch::new(&live, &first, bot);
-        assert_eq!(watch.check(), ViewChange::Same);
+        assert!(matches!(watch.check(), ViewChange::Same));
         // Another agent's rules moved, and the file was saved again: nothing for this one.
         live.replace(policy("\"gh/read_*\"", true));
-        assert_eq!(watch.check(), ViewChange::Same);
+        assert!(matches!(watch.check(), ViewChange::Same));
         live.replace(policy("\"gh/read_*\", \"gh/write_*\"", true));
-        assert_eq!(watch.check(), ViewChange::Changed);
-        assert_eq!(watch.check(), ViewChange::Same, "told once");
+        match watch.check() {
+            ViewChange::Changed(p, a) => assert_eq!(p.agents[a].id, "bot"),
+            _ => panic!("the view changed"),
+        }
+        assert!(matches!(watch.check(), ViewChange::Same), "told once");
         live.replace(policy("", false));
-        assert_eq!(watch.check(), ViewChange::Revoked);
+        assert!(matches!(watch.check(), ViewChange::Revoked));
     }
 }

@@ -9,8 +9,8 @@ use crate::audit::entry::Decision as AuditDecision;
 use crate::core::Passed;
 use crate::forward::{self, Exchange, ForwardError, Plan, ReloadNotice};
 use crate::http::conn::Conn;
-use crate::mcp::lists::LIST_CHANGED;
 use crate::mcp::lists::ListKind;
+use crate::mcp::lists::{LIST_CHANGED, list_changes_asked, subscription_meta};
 use crate::policy::decide;
 use crate::policy::live::ViewWatch;
 use crate::upstream::Transport;
@@ -181,29 +181,22 @@ fn reload_notice(
     request_id: Option<crate::mcp::jsonrpc::Id<'_>>,
 ) -> ReloadNotice {
     let watch = ViewWatch::new(live, policy, agent);
-    let all = LIST_CHANGED.iter().map(|(_, m)| *m);
     let Some(id) = request_id else {
         return ReloadNotice {
             watch,
-            methods: all.collect(),
+            methods: LIST_CHANGED.iter().map(|(_, m)| *m).collect(),
             meta: None,
         };
     };
-    let asked: serde_json::Value = serde_json::from_slice::<serde_json::Value>(body)
+    let filter = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.pointer("/params/notifications").cloned())
         .unwrap_or_default();
-    let methods = LIST_CHANGED
-        .iter()
-        .filter(|(flag, _)| asked.get(flag).and_then(serde_json::Value::as_bool) == Some(true))
-        .map(|(_, m)| *m)
-        .collect();
-    let mut meta = b"{\"io.modelcontextprotocol/subscriptionId\":".to_vec();
-    id.write_json(&mut meta);
-    meta.push(b'}');
+    let mut id_json = Vec::new();
+    id.write_json(&mut id_json);
     ReloadNotice {
         watch,
-        methods,
-        meta: Some(String::from_utf8_lossy(&meta).into_owned()),
+        methods: list_changes_asked(&filter),
+        meta: Some(subscription_meta(&id_json)),
     }
 }

@@ -23,11 +23,14 @@ META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {}}
 
 
-def write_policy(path, upstreams, bot_allow, with_bot=True, other_allow='"files/*", "maths/*"'):
+def write_policy(path, upstreams, bot_allow, with_bot=True, other_allow='"files/*", "maths/*"',
+                 bot_upstreams=None):
     text = "".join(f'[[upstream]]\nname = "{n}"\nurl = "{u}"\n\n' for n, u in upstreams.items())
     text += f'[[agent]]\nid = "other"\nkey_sha256 = "{sha256_hex(OTHER_KEY)}"\nallow = [{other_allow}]\n\n'
     if with_bot:
         text += f'[[agent]]\nid = "bot"\nkey_sha256 = "{sha256_hex(KEY)}"\nallow = [{bot_allow}]\n'
+        if bot_upstreams is not None:
+            text += f"upstreams = {json.dumps(bot_upstreams)}\n"
     path.write_text(text)
 
 
@@ -128,6 +131,21 @@ def test_a_listen_stream_is_told_only_what_concerns_its_agent(tmp_path):
         assert changed("bot")[0]["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "sub-bot"
         time.sleep(2.5)  # other's stream has looked at the reloaded policy at least twice
         assert changed("other") == []
+        # bot loses the maths upstream: its stream is told, and from then on relays nothing
+        # of maths (other's stream, on the same upstream, still gets maths' own list_changed).
+        reload(fx, '"files/*", "maths/echo"', bot_upstreams=["files"])
+        wait_for(lambda: len(changed("bot")) == 2, "bot's second list_changed")
+        time.sleep(1.5)
+        touch = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                 "params": {"name": "maths__touch", "arguments": {}, "_meta": META}}
+        r = httpx.post(f"{gw.base}/mcp", json=touch, timeout=10, headers={
+            "Authorization": f"Bearer {OTHER_KEY}", "MCP-Protocol-Version": "2026-07-28",
+            "Accept": "application/json, text/event-stream", "Mcp-Method": "tools/call",
+            "Mcp-Name": "maths__touch"})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: len(changed("other")) == 1, "maths' list_changed on other's stream")
+        time.sleep(1.0)
+        assert len(changed("bot")) == 2, streams["bot"]
         # bot removed from the policy: its stream ends; other's goes on.
         reload(fx, "", with_bot=False)
         wait_for(lambda: streams["bot"][-1] == "end", "bot's stream to end")
