@@ -111,7 +111,7 @@ pub(super) async fn listen(
             jsonrpc::METHOD_NOT_FOUND,
             "no upstream available to this agent offers subscriptions/listen",
         );
-        return write(req, client, Reply::json(200, body)).await;
+        return write(req, client, Reply::json(404, body)).await;
     }
     let id = serde_json::from_slice(&id).unwrap_or(Value::Null);
     let asked = lists::list_changes_asked(&filter);

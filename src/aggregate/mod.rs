@@ -155,6 +155,11 @@ async fn post(req: &Request<'_>, client: &mut Conn) -> Result<Outcome, Outcome> 
         Err(reply) => return write(req, client, reply).await,
     };
     match m.kind {
+        // 2026-07-28 has no client-to-server notifications over HTTP (a cancellation is the
+        // closed request): acknowledged here, not fanned out to every upstream.
+        Kind::Notification if req.modern() && req.head.get("mcp-session-id").is_none() => {
+            write(req, client, Reply::json(202, Vec::new())).await
+        }
         Kind::Notification => {
             let reply = notify(req, &session, m).await;
             write(req, client, reply).await

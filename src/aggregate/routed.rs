@@ -226,7 +226,9 @@ pub(super) async fn forward(
     if may_be_expired(status, &sid) {
         // Perhaps the upstream's session expired: then a new one, and the request again on it
         // (once); else the answer, read already, is the agent's.
-        let answer = resp.read_all(req.deadline(), 64 * 1024).await;
+        let answer = resp
+            .read_all(req.deadline(), req.core.config.max_upstream_message)
+            .await;
         resp.finish(req.ups());
         let answer = answer.unwrap_or_default();
         let sent = if expired(status, &sid, &answer) {
@@ -240,7 +242,15 @@ pub(super) async fn forward(
         resp = match sent {
             Sent::Open(resp) => *resp,
             Sent::Read(status, answer) => {
-                let mut reply = Reply::json(status, rewrite.apply(&answer));
+                let Some(answer) = req.filter_lists(i, rewrite.apply(&answer)) else {
+                    let r = Reply::error(
+                        502,
+                        jsonrpc::UPSTREAM_UNAVAILABLE,
+                        "the upstream's answer may list hidden items and is not JSON; not relayed",
+                    );
+                    return write(req, client, upstream_failed(m.id, r, i)).await;
+                };
+                let mut reply = Reply::json(status, answer);
                 reply.upstream = Some(i);
                 if status >= 500 {
                     reply.decision = AuditDecision::UpstreamError;

@@ -134,11 +134,15 @@ pub(super) fn expired(status: u16, sid: &[u8], body: &[u8]) -> bool {
     let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
         return false;
     };
-    answer
-        .get("error")
-        .and_then(|e| e.get("message"))
-        .and_then(Value::as_str)
-        .is_some_and(|m| m.to_ascii_lowercase().contains("session"))
+    // The transport's refusal, not a request's error: no id (or null), the SDK's generic
+    // server-error code, a message about the session.
+    let error = answer.get("error");
+    answer.get("id").is_none_or(Value::is_null)
+        && error.and_then(|e| e.get("code")).and_then(Value::as_i64) == Some(-32000)
+        && error
+            .and_then(|e| e.get("message"))
+            .and_then(Value::as_str)
+            .is_some_and(|m| m.to_ascii_lowercase().contains("session"))
 }
 
 /// A session on upstream `i` to use instead of `expired_sid`: one another request on this
@@ -190,7 +194,9 @@ pub(super) async fn resend_on_new_session(
         .inspect_err(|e| req.note_failure(i, e.message()))?;
     let status = resp.status();
     if may_be_expired(status, &sid) {
-        let body = resp.read_all(req.deadline(), 64 * 1024).await;
+        let body = resp
+            .read_all(req.deadline(), req.core.config.max_upstream_message)
+            .await;
         resp.finish(req.ups());
         let body = body.unwrap_or_default();
         if expired(status, &sid, &body) {

@@ -310,6 +310,7 @@ pub(super) async fn merge(
         bytes: 0,
         open: streams.len(),
         acks: Vec::new(),
+        settled: 0,
     }));
     let listening = listen.is_some();
     let owner = req.owner();
@@ -328,6 +329,9 @@ pub(super) async fn merge(
             };
             Some(Box::pin(async move {
                 let mut sse = SseSplitter::new(limit);
+                // Whether this upstream acknowledged its subscription (once: a repeat is
+                // dropped, and cannot grow what is held for the agent).
+                let mut acked = false;
                 let mut event_started: Option<Instant> = None;
                 'read: loop {
                     loop {
@@ -350,7 +354,12 @@ pub(super) async fn merge(
                                 if listening && let Some(d) = &data {
                                     match listen_event(d, &rewrite.upstream, &owner) {
                                         ListenEvent::Ack(filter) => {
-                                            queue.borrow_mut().acks.push(filter);
+                                            if !acked {
+                                                acked = true;
+                                                let mut q = queue.borrow_mut();
+                                                q.acks.push(filter);
+                                                q.settled += 1;
+                                            }
                                             continue;
                                         }
                                         ListenEvent::End => continue,
@@ -399,7 +408,11 @@ pub(super) async fn merge(
                         }
                     }
                 }
-                queue.borrow_mut().open -= 1;
+                let mut q = queue.borrow_mut();
+                q.open -= 1;
+                if !acked {
+                    q.settled += 1;
+                }
             }) as Fut<'_, ()>)
         })
         .collect();
@@ -426,7 +439,7 @@ pub(super) async fn merge(
             // The acknowledgement comes first: once every upstream's is in (or none can come).
             let all_in = std::future::poll_fn(|_| {
                 let q = writer_queue.borrow();
-                if q.acks.len() + (expected - q.open.min(expected)) >= expected {
+                if q.settled >= expected {
                     Poll::Ready(())
                 } else {
                     Poll::Pending
@@ -560,6 +573,8 @@ pub(super) struct MergedQueue {
     open: usize,
     /// The upstreams' acknowledgements of a `subscriptions/listen`: their `notifications`.
     acks: Vec<Value>,
+    /// Upstream streams that acknowledged, or ended without.
+    settled: usize,
 }
 
 enum ListenEvent {

@@ -21,7 +21,12 @@ pub fn is_param_header(name: &[u8]) -> bool {
 /// Whether `version` is a sessionless revision: 2026-07-28 or later (revisions are dates, so
 /// they order as strings).
 pub fn is_modern(version: &[u8]) -> bool {
-    version.len() == LATEST.len() && version >= LATEST.as_bytes()
+    let date = version.len() == LATEST.len()
+        && version.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 => *b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    date && version >= LATEST.as_bytes()
 }
 
 /// The `params` field a method's `Mcp-Name` header mirrors.
@@ -76,6 +81,7 @@ mod tests {
             assert!(!is_modern(old.as_bytes()));
         }
         assert!(!is_modern(b"2026-07-28x"));
+        assert!(!is_modern(b"zzzzzzzzzz"), "a revision is a date");
         assert!(!is_modern(b""));
     }
 

@@ -134,7 +134,7 @@ pub fn authenticate(
 /// `Mcp-Name` for a call, a prompt or a read). `Mcp-Param-*` headers may each appear once with
 /// a well-formed value; whether they match the arguments the upstream checks, which knows the
 /// tool's schema and gets the arguments byte for byte. Refusals use the revision's code.
-pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>) -> Result<(), Reply> {
+pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>, body: &[u8]) -> Result<(), Reply> {
     let mismatch = |what: String| Reply::error(400, jsonrpc::HEADER_MISMATCH, what);
     let modern_version = head
         .get("mcp-protocol-version")
@@ -143,7 +143,12 @@ pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>) -> Result<(), Rep
     let name_header = head.get("mcp-name");
     let is_param = modern::is_param_header;
     let has_params = head.iter().any(|(n, _)| is_param(n));
-    if !modern_version && method_header.is_none() && name_header.is_none() && !has_params {
+    if !modern_version
+        && method_header.is_none()
+        && name_header.is_none()
+        && !has_params
+        && head.count("mcp-protocol-version") < 2
+    {
         return Ok(());
     }
     for name in ["mcp-protocol-version", "mcp-method", "mcp-name"] {
@@ -179,6 +184,17 @@ pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>) -> Result<(), Rep
         };
     };
     let request = message.kind == Kind::Request;
+    // The revision the body names (2026-07-28 `_meta`) is the header's.
+    if modern_version {
+        let path = ["params", "_meta", "io.modelcontextprotocol/protocolVersion"];
+        let in_body = crate::aggregate::json::locate(body, &path)
+            .and_then(|(a, b)| serde_json::from_slice::<String>(&body[a..b]).ok());
+        if in_body.is_some_and(|v| Some(v.as_bytes()) != head.get("mcp-protocol-version")) {
+            return Err(mismatch(
+                "the MCP-Protocol-Version header does not match the body's protocol version".into(),
+            ));
+        }
+    }
     match (method_header, message.method) {
         (Some(h), Some(m)) if h == m.as_bytes() => {}
         (Some(_), _) => {
@@ -617,13 +633,13 @@ burst = 2
     #[test]
     fn routing_headers_must_agree_with_the_body() {
         let mut parser = EnvelopeParser::new();
-        let env = parser
-            .parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#)
-            .unwrap();
+        const BODY: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+        let env = parser.parse(BODY).unwrap();
         let check = |extra: &str| {
             check_envelope_headers(
                 &head(&format!("POST /mcp HTTP/1.1\r\nHost: x\r\n{extra}\r\n")),
                 &env,
+                BODY,
             )
             .map_err(|r| r.status)
         };
@@ -640,6 +656,7 @@ burst = 2
             let r = check_envelope_headers(
                 &head(&format!("POST /mcp HTTP/1.1\r\nHost: x\r\n{extra}\r\n")),
                 &env,
+                BODY,
             )
             .unwrap_err();
             let v: serde_json::Value = serde_json::from_slice(&r.body_bytes(None)).unwrap();
@@ -675,6 +692,14 @@ burst = 2
         assert_eq!(
             code(&format!("{call}Mcp-Param-Region: =?base64?!?=\r\n")),
             (400, -32020)
+        );
+        // The header's revision must be the body's.
+        let later = call.replace("2026-07-28", "2027-01-01");
+        assert_eq!(code(&later), (400, -32020));
+        assert_eq!(
+            code("MCP-Protocol-Version: 2025-06-18\r\nMCP-Protocol-Version: 2026-07-28\r\n"),
+            (400, -32020),
+            "a repeated version header"
         );
     }
 

@@ -273,7 +273,7 @@ async fn handle_request<'r>(
     }
     pass!(gate::audit_available(worker.audit.as_ref()));
     if let Some(env) = &env {
-        pass!(gate::check_envelope_headers(head, env));
+        pass!(gate::check_envelope_headers(head, env, &body));
     }
     let core = &worker.core;
     let close = close || shutting_down();
