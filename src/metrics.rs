@@ -27,10 +27,41 @@ pub const METHODS: [&str; 17] = [
     "response",
     "other",
 ];
-/// The label for a request that carried no JSON-RPC message (GET stream, DELETE, refusals
-/// before the body was read).
-pub const NO_MESSAGE: usize = METHODS.len();
-const METHOD_SLOTS: usize = METHODS.len() + 1;
+/// The labels of requests that carried no JSON-RPC message, by HTTP method: a GET stream, a
+/// DELETE of a session, and any other request refused before a message was read.
+const NO_MESSAGE: [&str; 3] = ["GET", "DELETE", "(no message)"];
+const METHOD_SLOTS: usize = METHODS.len() + NO_MESSAGE.len();
+
+/// The method slot of a request that carried no JSON-RPC message.
+pub fn no_message_index(http_method: &[u8]) -> usize {
+    METHODS.len()
+        + match http_method {
+            b"GET" => 0,
+            b"DELETE" => 1,
+            _ => 2,
+        }
+}
+
+fn method_label(m: usize) -> &'static str {
+    METHODS
+        .get(m)
+        .or_else(|| NO_MESSAGE.get(m - METHODS.len()))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Where a counted request went: an upstream, the aggregate endpoint (a message answered from
+/// several upstreams or by scopegate), or nowhere (refused before routing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Upstream(usize),
+    Aggregate,
+    Nowhere,
+}
+
+/// The `upstream` label of the places that are no upstream.
+const AGGREGATE_LABEL: &str = "(aggregate)";
+const NOWHERE_LABEL: &str = "(none)";
 
 const DECISIONS: [Decision; 5] = [
     Decision::Allowed,
@@ -143,7 +174,7 @@ impl WorkerMetrics {
     pub fn new(upstreams: usize) -> WorkerMetrics {
         WorkerMetrics {
             upstreams,
-            requests: (0..METHOD_SLOTS * DECISIONS.len() * (upstreams + 1))
+            requests: (0..METHOD_SLOTS * DECISIONS.len() * (upstreams + 2))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             total_latency: Histogram::new(),
@@ -166,17 +197,27 @@ impl WorkerMetrics {
         }
     }
 
-    fn slot(&self, method: usize, decision: Decision, upstream: Option<usize>) -> usize {
-        let u = upstream
-            .filter(|&u| u < self.upstreams)
-            .unwrap_or(self.upstreams);
-        (method * DECISIONS.len() + decision_index(decision)) * (self.upstreams + 1) + u
+    fn slot(&self, method: usize, decision: Decision, place: usize) -> usize {
+        (method * DECISIONS.len() + decision_index(decision)) * (self.upstreams + 2) + place
+    }
+
+    /// Upstreams first, then the aggregate endpoint, then nowhere.
+    fn place_index(&self, place: Place) -> usize {
+        match place {
+            Place::Upstream(u) if u < self.upstreams => u,
+            Place::Aggregate => self.upstreams,
+            _ => self.upstreams + 1,
+        }
     }
 
     /// Counts one message.
-    pub fn count(&self, method: usize, decision: Decision, upstream: Option<usize>) {
-        self.requests[self.slot(method.min(NO_MESSAGE), decision, upstream)]
-            .fetch_add(1, Ordering::Relaxed);
+    pub fn count(&self, method: usize, decision: Decision, place: Place) {
+        let slot = self.slot(
+            method.min(METHOD_SLOTS - 1),
+            decision,
+            self.place_index(place),
+        );
+        self.requests[slot].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Observes one request's latencies.
@@ -233,27 +274,25 @@ pub struct AuditGauges {
 pub fn render<'a>(s: &Scrape<'a>) -> String {
     let mut out = String::with_capacity(8192);
     let n = s.upstream_names.len();
-    let upstream_label = |u: usize| {
-        if u < n {
-            s.upstream_names[u].as_str()
-        } else {
-            ""
-        }
+    let upstream_label = |u: usize| match u {
+        _ if u < n => s.upstream_names[u].as_str(),
+        _ if u == n => AGGREGATE_LABEL,
+        _ => NOWHERE_LABEL,
     };
 
     out.push_str("# HELP scopegate_requests_total JSON-RPC messages handled, by method, decision and upstream.\n");
     out.push_str("# TYPE scopegate_requests_total counter\n");
-    let mut upstream_errors = vec![0u64; n + 1];
-    let mut rate_limited = vec![0u64; n + 1];
+    let mut upstream_errors = vec![0u64; n + 2];
+    let mut rate_limited = vec![0u64; n + 2];
     // `m` also addresses the counters, which have one more slot than METHODS has names.
     #[allow(clippy::needless_range_loop)]
     for m in 0..METHOD_SLOTS {
         for d in DECISIONS {
-            for u in 0..=n {
+            for u in 0..n + 2 {
                 let total: u64 = s
                     .workers
                     .iter()
-                    .map(|w| w.requests[w.slot(m, d, Some(u))].load(Ordering::Relaxed))
+                    .map(|w| w.requests[w.slot(m, d, u)].load(Ordering::Relaxed))
                     .sum();
                 if total == 0 {
                     continue;
@@ -263,7 +302,7 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
                     Decision::RateLimited => rate_limited[u] += total,
                     _ => {}
                 }
-                let method = if m == NO_MESSAGE { "" } else { METHODS[m] };
+                let method = method_label(m);
                 let _ = writeln!(
                     out,
                     "scopegate_requests_total{{method=\"{method}\",decision=\"{}\",upstream=\"{}\"}} {total}",
@@ -523,19 +562,24 @@ mod tests {
         a.count(
             method_index(Some("tools/call"), false),
             Decision::Allowed,
-            Some(0),
+            Place::Upstream(0),
         );
         b.count(
             method_index(Some("tools/call"), false),
             Decision::Allowed,
-            Some(0),
+            Place::Upstream(0),
         );
         b.count(
             method_index(Some("tools/call"), false),
             Decision::RateLimited,
-            Some(1),
+            Place::Upstream(1),
         );
-        a.count(NO_MESSAGE, Decision::Denied, None);
+        a.count(no_message_index(b"GET"), Decision::Denied, Place::Nowhere);
+        b.count(
+            no_message_index(b"DELETE"),
+            Decision::Allowed,
+            Place::Aggregate,
+        );
         a.observe(300, Some(120));
         b.observe(20_000_000, None);
         let names = vec!["gh".to_string(), "files".to_string()];
@@ -554,8 +598,12 @@ mod tests {
         });
         assert!(text.contains("scopegate_requests_total{method=\"tools/call\",decision=\"allowed\",upstream=\"gh\"} 2\n"), "{text}");
         assert!(text.contains(
-            "scopegate_requests_total{method=\"\",decision=\"denied\",upstream=\"\"} 1\n"
+            "scopegate_requests_total{method=\"GET\",decision=\"denied\",upstream=\"(none)\"} 1\n"
         ));
+        assert!(text.contains(
+            "scopegate_requests_total{method=\"DELETE\",decision=\"allowed\",upstream=\"(aggregate)\"} 1\n"
+        ));
+        assert!(!text.contains("=\"\""), "no empty label: {text}");
         assert!(text.contains("scopegate_rate_limited_total 1\n"));
         assert!(
             text.contains("scopegate_request_duration_seconds_bucket{le=\"0.0005\"} 1\n"),

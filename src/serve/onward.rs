@@ -45,6 +45,7 @@ pub async fn to_aggregate(
 ) -> Result<KeepAlive, ()> {
     let result = Box::pin(crate::aggregate::handle(p, client)).await;
     let (Ok(outcome) | Err(outcome)) = &result;
+    draft.aggregate = true;
     draft.status = outcome.status;
     draft.decision = outcome.decision;
     draft.reason = outcome.reason.clone();

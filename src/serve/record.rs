@@ -9,6 +9,7 @@ use super::memory::ConnCache;
 use crate::audit::AuditSink;
 use crate::audit::entry::{Decision as AuditDecision, Entry, encode_message};
 use crate::mcp::envelope::{Envelope, Kind};
+use crate::metrics::Place;
 use crate::metrics::WorkerMetrics;
 use crate::policy::Policy;
 use crate::reply::Reply;
@@ -35,6 +36,9 @@ pub struct Draft {
     pub policy: Option<crate::policy::live::LocalPolicy>,
     pub agent: Option<usize>,
     pub upstream: Option<usize>,
+    /// The request went to the aggregate endpoint (the metrics' `upstream="(aggregate)"` when
+    /// no one upstream is named).
+    pub aggregate: bool,
     /// 16 hex characters of SHA-256 of the agent's session token (empty: none); reused.
     pub session: Vec<u8>,
     /// Each message's method slot (for metrics).
@@ -64,6 +68,7 @@ impl Draft {
         self.policy = None;
         self.agent = None;
         self.upstream = None;
+        self.aggregate = false;
         self.session.clear();
         self.frags.clear();
         self.messages.clear();
@@ -171,11 +176,20 @@ pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out
     let metrics = sink.metrics;
     let total_us = draft.started.map_or(0, |s| s.elapsed().as_micros() as u64);
     metrics.observe(total_us, draft.upstream_us);
+    let place = match (draft.upstream, draft.aggregate) {
+        (Some(u), _) => Place::Upstream(u),
+        (None, true) => Place::Aggregate,
+        (None, false) => Place::Nowhere,
+    };
     if draft.methods.is_empty() {
-        metrics.count(crate::metrics::NO_MESSAGE, draft.decision, draft.upstream);
+        metrics.count(
+            crate::metrics::no_message_index(http_method),
+            draft.decision,
+            place,
+        );
     }
     for &m in &draft.methods {
-        metrics.count(m, draft.decision, draft.upstream);
+        metrics.count(m, draft.decision, place);
     }
     let Some(audit) = sink.audit else {
         return;
