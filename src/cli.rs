@@ -46,6 +46,17 @@ fn load(path: &str) -> Result<Policy, String> {
     Policy::load(Path::new(path), &upstreams, &ProcessEnv).map_err(|e| e.to_string())
 }
 
+/// The environment for `check`: a `${VAR}` that is not set reads as a placeholder, since a
+/// rule is checked without the secrets it will be served with (the injected headers decide
+/// nothing).
+struct SecretsNotNeeded;
+
+impl crate::policy::load::Env for SecretsNotNeeded {
+    fn var(&self, name: &str) -> Option<String> {
+        Some(std::env::var(name).unwrap_or_else(|_| format!("<{name} not set>")))
+    }
+}
+
 /// `scopegate validate FILE`
 pub fn validate(args: &[String]) -> i32 {
     let [path] = args else {
@@ -96,6 +107,25 @@ pub fn validate(args: &[String]) -> i32 {
     }
 }
 
+/// Why agent `a` may not use upstream `u`, in the policy's words.
+fn why_unreachable(p: &Policy, a: usize, u: usize) -> String {
+    let agent = &p.agents[a];
+    let name = &p.upstreams()[u].name;
+    let tenant_of = |t: Option<usize>| t.map(|t| p.tenants[t].id.as_str());
+    match (p.upstream_rules[u].tenant, agent.tenant) {
+        (Some(t), mine) if Some(t) != mine => format!(
+            "upstream {name:?} belongs to tenant {:?} and agent {:?} to {}",
+            p.tenants[t].id,
+            agent.id,
+            tenant_of(mine).map_or("no tenant".into(), |m| format!("tenant {m:?}"))
+        ),
+        _ => format!(
+            "upstream {name:?} is not in agent {:?}'s `upstreams` list",
+            agent.id
+        ),
+    }
+}
+
 /// `scopegate check --policy FILE --agent ID --tool UPSTREAM/NAME [--args JSON]`
 pub fn check(args: &[String]) -> i32 {
     let usage = || {
@@ -106,11 +136,17 @@ pub fn check(args: &[String]) -> i32 {
     };
     let (mut policy, mut agent, mut tool, mut json) = (None, None, None, None);
     let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let Some(value) = it.next() else {
-            return usage();
+    while let Some(arg) = it.next() {
+        // `--flag VALUE` or `--flag=VALUE`.
+        let (flag, value) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, v.to_owned()),
+            _ => match it.next() {
+                Some(v) => (arg.as_str(), v.clone()),
+                None => return usage(),
+            },
         };
-        match flag.as_str() {
+        let value = &value;
+        match flag {
             "--policy" => policy = Some(value.clone()),
             "--agent" => agent = Some(value.clone()),
             "--tool" => tool = Some(value.clone()),
@@ -121,7 +157,14 @@ pub fn check(args: &[String]) -> i32 {
     let (Some(policy), Some(agent), Some(tool)) = (policy, agent, tool) else {
         return usage();
     };
-    let p = match load(&policy) {
+    let configured = match upstreams_from_env() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let p = match Policy::load(Path::new(&policy), &configured, &SecretsNotNeeded) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
@@ -140,6 +183,12 @@ pub fn check(args: &[String]) -> i32 {
         println!("deny: unknown tool: no upstream {upstream:?}");
         return 1;
     };
+    if !p.may_use_upstream(a, u) {
+        // The agent is told only "unknown tool" (it learns nothing of upstreams it cannot
+        // use); the operator is told why.
+        println!("deny: unknown tool: {}", why_unreachable(&p, a, u));
+        return 1;
+    }
     let mut bytes = json.unwrap_or_else(|| "{}".into()).into_bytes();
     let tape = match simd_json::to_tape(&mut bytes) {
         Ok(t) => t,

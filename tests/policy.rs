@@ -896,3 +896,41 @@ fn upstreams_behind_one_address_do_not_share_connections() {
         "one kept-alive connection per upstream"
     );
 }
+
+#[test]
+fn check_needs_no_secrets_takes_both_flag_forms_and_says_the_real_reason() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/policy.toml");
+    let check = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_scopegate"))
+            .arg("check")
+            .args(args)
+            // The policy's ${GITHUB_TOKEN} is deliberately not set.
+            .env_remove("GITHUB_TOKEN")
+            .env_remove("SCOPEGATE_UPSTREAMS")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let policy = format!("--policy={}", example.display());
+    let (code, text) = check(&[&policy, "--agent=triage-bot", "--tool=files/read_file"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("allow"), "{text}");
+    // An agent whose `upstreams` list leaves github out: the operator hears why.
+    let (code, text) = check(&[
+        &policy,
+        "--agent",
+        "nightly-report",
+        "--tool",
+        "github/list_issues",
+    ]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("deny: unknown tool: upstream \"github\" is not in agent \"nightly-report\"'s `upstreams` list"),
+        "{text}"
+    );
+}
