@@ -56,6 +56,19 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
 }
 
 /// Formats `t` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC).
+/// Logs `message` at warn level the first time `key` is seen by this process: a condition that
+/// repeats on every request (a misconfigured upstream) is said once, not per request.
+pub fn warn_once(key: &str, message: &str) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.iter().any(|k| k == key) || seen.len() >= 1024 {
+        return;
+    }
+    seen.push(key.to_owned());
+    drop(seen);
+    write(Level::Warn, format_args!("{message}"));
+}
+
 pub fn rfc3339_micros(t: SystemTime, out: &mut String) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();

@@ -259,11 +259,16 @@ pub(super) fn rpc_result(
         _ => None,
     };
     result.ok_or_else(|| {
+        // A POST refused outright: not a Streamable HTTP server (legacy HTTP+SSE, most likely).
+        let advice = match status {
+            405 => format!("; {}", crate::upstream::LEGACY_SSE_ADVICE),
+            _ => String::new(),
+        };
         Reply::error(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
             format!(
-                "upstream {:?} failed {what} (HTTP {status}): {}",
+                "upstream {:?} failed {what} (HTTP {status}): {}{advice}",
                 req.upstream_name(i),
                 String::from_utf8_lossy(&body[..body.len().min(200)])
             ),

@@ -122,6 +122,19 @@ pub async fn forward(
     };
     ex.upstream_us = Some(sent_at.elapsed().as_micros() as u64);
     ex.status = ex.response.status;
+    if ex.response.status == 405 && request.method() == b"POST" {
+        // Every Streamable HTTP server takes POST: this one speaks something else (the legacy
+        // HTTP+SSE transport, most likely). The answer is relayed as it is; the log says what
+        // to do, once.
+        crate::log::warn_once(
+            &upstream.name,
+            &format!(
+                "upstream {:?} refused POST (405 Method Not Allowed): {}",
+                upstream.name,
+                crate::upstream::LEGACY_SSE_ADVICE
+            ),
+        );
+    }
     ex.stdio_failure = None;
     if let crate::upstream::Transport::Stdio(_) = upstream.transport
         && let Some(why) = ex.response.get(STDIO_FAILURE)

@@ -59,6 +59,21 @@ pub enum Transport {
     Stdio(Arc<stdio::Stdio>),
 }
 
+/// What to do when an upstream URL names the legacy HTTP+SSE transport (2024-11-05: a GET
+/// stream at `/sse` and POSTs to an endpoint it announces), which scopegate does not speak.
+pub const LEGACY_SSE_ADVICE: &str = "scopegate speaks Streamable HTTP (2025-03-26 and later) and \
+     stdio, not the legacy HTTP+SSE transport (2024-11-05): point the upstream at the server's \
+     Streamable HTTP endpoint (often /mcp; many servers serve both), or run the server as a \
+     stdio upstream (`command = [...]`)";
+
+/// Why `url` is refused as a legacy HTTP+SSE endpoint (its path ends in `/sse`), if it is.
+fn legacy_sse(url: &str) -> Option<String> {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    let path = path.trim_end_matches('/');
+    path.ends_with("/sse")
+        .then(|| format!("{url:?} looks like a legacy HTTP+SSE endpoint: {LEGACY_SSE_ADVICE}"))
+}
+
 impl Transport {
     /// Reads an upstream URL; an `https://` one is verified against the system roots.
     pub fn parse(url: &str) -> Result<Transport, String> {
@@ -82,6 +97,9 @@ impl Transport {
         };
         let mut endpoint =
             Endpoint::parse(url, rest, if tls { 443 } else { 80 }).map_err(url_error)?;
+        if let Some(why) = legacy_sse(url) {
+            return Err(url_error(why));
+        }
         if !tls {
             if !options.is_empty() {
                 return Err(url_error(format!(

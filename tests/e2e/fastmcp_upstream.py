@@ -99,5 +99,10 @@ if __name__ == "__main__":
             ssl_ca_certs=client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
         )
+    elif os.environ.get("E2E_LEGACY_SSE_PATH"):
+        # The legacy HTTP+SSE transport (2024-11-05): a GET stream at this path, POSTs to the
+        # endpoint it announces.
+        mcp.settings.sse_path = os.environ["E2E_LEGACY_SSE_PATH"]
+        mcp.run(transport="sse")
     else:
         mcp.run(transport="streamable-http")

@@ -75,3 +75,60 @@ allow = ["files/*", "maths/*"]
         gw.stop()
         files.stop()
         maths.stop()
+
+
+def test_a_legacy_sse_server_is_refused_at_start_or_named_in_the_log(tmp_path):
+    """Issue 17, item 8, against FastMCP (Python SDK 1.x) serving the legacy HTTP+SSE
+    transport: a URL at its /sse endpoint is refused at start saying what to do; one at
+    another path is told in the log the first time the server refuses a POST."""
+    import os
+    import sys
+
+    from conftest import SCOPEGATE, free_port, wait_for_port
+
+    def legacy(path):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, str(HERE / "fastmcp_upstream.py"), str(port),
+                                 str(tmp_path / f"legacy{port}.jsonl")],
+                                env={**os.environ, "E2E_LEGACY_SSE_PATH": path},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port)
+        return proc, port
+
+    proc, port = legacy("/sse")
+    try:
+        # The server really is a legacy one: its /sse is a GET stream announcing an endpoint.
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/sse", timeout=10) as r:
+            first = next(r.iter_lines())
+        assert first == "event: endpoint", first
+        out = subprocess.run([SCOPEGATE], env={
+            "PATH": os.environ["PATH"], "SCOPEGATE_LISTEN": "127.0.0.1:0",
+            "SCOPEGATE_INSECURE_OPEN": "1",
+            "SCOPEGATE_UPSTREAMS": f"old=http://127.0.0.1:{port}/sse"},
+            capture_output=True, text=True, timeout=20)
+        assert out.returncode == 2, out.stderr
+        assert "legacy HTTP+SSE" in out.stderr and "stdio upstream" in out.stderr, out.stderr
+        assert "SCOPEGATE_UPSTREAMS" in out.stderr, out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    proc, port = legacy("/events")
+    gw = Scopegate({"SCOPEGATE_INSECURE_OPEN": "1",
+                    "SCOPEGATE_UPSTREAMS": f"old=http://127.0.0.1:{port}/events"})
+    try:
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}
+        for _ in range(3):
+            r = httpx.post(f"{gw.base}/mcp", json=init, timeout=10,
+                           headers={"Accept": "application/json, text/event-stream"})
+            assert r.status_code == 405  # the server's own answer, relayed
+        time.sleep(0.3)
+        said = [line for line in gw.log().splitlines() if "legacy HTTP+SSE" in line]
+        assert len(said) == 1, gw.log()
+        assert "refused POST (405" in said[0] and "Streamable HTTP endpoint" in said[0]
+    finally:
+        gw.stop()
+        proc.terminate()
+        proc.wait(timeout=10)
