@@ -148,10 +148,6 @@ fn serve() {
         }
     };
     let bound = listeners[0].local_addr().unwrap_or(config.listen);
-    let listener_fds: Vec<i32> = listeners
-        .iter()
-        .map(std::os::fd::AsRawFd::as_raw_fd)
-        .collect();
 
     let config = Arc::new(config);
     let tls = config.tls.as_ref().map(|files| {
@@ -345,16 +341,9 @@ fn serve() {
         }
     }
 
+    // Each worker sees it within 50 ms: it closes its idle connections, takes only answers to
+    // requests in flight on new ones, and shuts its listener when none is left in flight.
     SHUTTING_DOWN.store(true, Ordering::SeqCst);
-    for fd in &listener_fds {
-        // Wakes each worker's pending accept with an error and refuses new connections;
-        // the worker then drops its listener.
-        // SAFETY: the fds are the listeners created above; the workers own them and close them
-        // only after their accept loop ends, which this call causes.
-        unsafe {
-            libc::shutdown(*fd, libc::SHUT_RDWR);
-        }
-    }
     let deadline = Instant::now() + config.drain;
     while Instant::now() < deadline && !workers.iter().all(|(h, _)| h.is_finished()) {
         std::thread::sleep(Duration::from_millis(5));

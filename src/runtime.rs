@@ -24,7 +24,9 @@ use crate::ratelimit::{FleetLimiter, Limiter};
 use crate::{debug, error, info, warn};
 
 /// A client connection's socket and whether it is idle between requests.
-type OpenConnection = (RawFd, Rc<Cell<bool>>);
+/// A connection's socket, whether it waits between requests, and whether it was accepted while
+/// draining (then it is left to bring its answer, not closed for being idle).
+type OpenConnection = (RawFd, Rc<Cell<bool>>, bool);
 
 /// What every worker starts from: read-only configuration, the live policy, session keys.
 #[derive(Clone)]
@@ -223,16 +225,16 @@ async fn worker_main(
         shared.tls,
     ));
     let registry = Rc::new(Registry::default());
+    monoio::spawn(drain_watch(registry.clone(), listener.as_raw_fd()));
 
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if shutting_down() {
-                    break;
-                }
+                // Accepted while draining: only for answers to requests in flight.
+                let draining = shutting_down();
                 let _ = stream.set_nodelay(true);
                 let worker = worker.clone();
-                let guard = register(&registry, &worker.core.stats, &stream);
+                let guard = register(&registry, &worker.core.stats, &stream, draining);
                 monoio::spawn(async move {
                     // A bug that panics while serving a connection ends that connection (its
                     // socket is closed), not the worker and every connection it serves.
@@ -241,6 +243,7 @@ async fn worker_main(
                         stream,
                         peer,
                         &guard.idle,
+                        draining,
                     )))
                     .await;
                     if served.is_err() {
@@ -266,12 +269,39 @@ async fn worker_main(
 
     // Drain: idle keep-alive connections are closed now (their pending read sees end of
     // stream); busy ones finish their request and close. The main thread bounds the wait.
-    close_idle_connections(&registry);
+    close_idle_connections(&registry, true);
     while !registry.connections.borrow().is_empty() {
         monoio::time::sleep(Duration::from_millis(5)).await;
-        close_idle_connections(&registry);
+        close_idle_connections(&registry, true);
     }
     debug!("worker {id}: drained");
+}
+
+/// Waits for shutdown, then drains: idle connections are closed (their pending read sees end of
+/// stream), and the listener keeps taking connections while any request is in flight, because
+/// an answer it waits for (sampling, elicitation) comes on a new POST; once none is, the
+/// listener is shut, which ends the accept loop. The main thread bounds the wait.
+async fn drain_watch(registry: Rc<Registry>, listener: RawFd) {
+    while !shutting_down() {
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
+    loop {
+        close_idle_connections(&registry, false);
+        let busy = registry
+            .connections
+            .borrow()
+            .values()
+            .any(|(_, idle, _)| !idle.get());
+        if !busy {
+            // SAFETY: the listener's fd stays open until the accept loop, which this ends, drops
+            // the listener.
+            unsafe {
+                libc::shutdown(listener, libc::SHUT_RDWR);
+            }
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Removes a connection from the registry when its task ends, however it ends.
@@ -293,6 +323,7 @@ fn register(
     registry: &Rc<Registry>,
     stats: &Arc<WorkerStats>,
     stream: &TcpStream,
+    draining: bool,
 ) -> ConnectionGuard {
     let key = registry.next.get();
     registry.next.set(key + 1);
@@ -300,7 +331,7 @@ fn register(
     registry
         .connections
         .borrow_mut()
-        .insert(key, (stream.as_raw_fd(), idle.clone()));
+        .insert(key, (stream.as_raw_fd(), idle.clone(), draining));
     stats.open_connections.fetch_add(1, Ordering::Relaxed);
     ConnectionGuard {
         registry: registry.clone(),
@@ -310,9 +341,10 @@ fn register(
     }
 }
 
-fn close_idle_connections(registry: &Registry) {
-    for (fd, idle) in registry.connections.borrow().values() {
-        if idle.get() {
+/// Closes the idle connections; those accepted while draining too when `all`.
+fn close_idle_connections(registry: &Registry, all: bool) {
+    for (fd, idle, draining) in registry.connections.borrow().values() {
+        if idle.get() && (all || !draining) {
             // Ends the pending read with end-of-stream; the task then closes the socket.
             // SAFETY: the fd belongs to a live connection task of this thread (the entry is
             // removed before the stream is dropped).

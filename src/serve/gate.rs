@@ -129,6 +129,30 @@ pub fn authenticate(
     })
 }
 
+/// While draining, a connection accepted after shutdown began takes only answers to requests in
+/// flight (an agent's answer to a sampling or elicitation request a running call waits for) and
+/// notifications; anything else is 503, so it goes to another replica. `env` is `None` before
+/// the body is parsed (only the HTTP method is looked at then).
+pub fn drain_admits(method: &[u8], env: Option<&Envelope<'_>>) -> Result<(), Reply> {
+    let refuse = || {
+        let mut r = Reply::error(
+            503,
+            jsonrpc::GATEWAY_REFUSED,
+            "scopegate is shutting down: it takes only answers to requests in flight",
+        );
+        r.headers = "Retry-After: 1\r\n".into();
+        r
+    };
+    if method != b"POST" {
+        return Err(refuse());
+    }
+    match env {
+        None => Ok(()),
+        Some(e) if e.messages().iter().all(|m| m.kind != Kind::Request) => Ok(()),
+        Some(_) => Err(refuse()),
+    }
+}
+
 /// 2026-07-28 routing headers must agree with the body: the body is what executes, and an
 /// intermediary may route on the headers. A 2026-07-28 request must carry `Mcp-Method` (and
 /// `Mcp-Name` for a call, a prompt or a read). `Mcp-Param-*` headers may each appear once with

@@ -21,4 +21,7 @@ pub struct ConnCache {
     /// The last session token hashed for the audit log, and its hash.
     pub hashed_token: Vec<u8>,
     pub token_hash: Vec<u8>,
+    /// The connection was accepted while draining: it is there for answers to requests in
+    /// flight (an agent's answer to a sampling or elicitation request), nothing else.
+    pub draining: bool,
 }

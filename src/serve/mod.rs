@@ -69,6 +69,7 @@ pub async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     idle: &Cell<bool>,
+    draining: bool,
 ) {
     let mut client = match &worker.tls {
         None => Conn::new(stream),
@@ -81,7 +82,10 @@ pub async fn serve_connection(
     };
     // The connection's memory of its key and session token stays with the connection (the
     // request state it is lent to goes back to a pool shared by all connections).
-    let mut cache = ConnCache::default();
+    let mut cache = ConnCache {
+        draining,
+        ..ConnCache::default()
+    };
     loop {
         idle.set(client.buf.is_empty());
         if client.buf.is_empty() && client.buf.capacity() == 0 {
@@ -255,6 +259,9 @@ async fn handle_request<'r>(
         route: endpoint,
         agent,
     } = pass!(admitted);
+    if draft.cache.draining {
+        pass!(gate::drain_admits(method, None), true);
+    }
     let (stats, audit) = (&worker.all_stats, &worker.all_audit);
     let fleet = worker.core.limiter.fleet();
     if let Some(reply) = admin::answer(endpoint, config, head, stats, audit, fleet) {
@@ -268,6 +275,9 @@ async fn handle_request<'r>(
     draft.identify(upstream, agent, policy, head);
     let env = pass!(ingress::envelope(parser, method, &body));
     id = env.as_ref().and_then(|e| e.single()?.id);
+    if draft.cache.draining {
+        pass!(gate::drain_admits(method, env.as_ref()), true);
+    }
     if let Some(env) = &env {
         draft.messages_of(env, p, agent, worker.max_args());
     }

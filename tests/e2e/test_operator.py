@@ -132,3 +132,49 @@ def test_a_legacy_sse_server_is_refused_at_start_or_named_in_the_log(tmp_path):
         gw.stop()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_an_answer_the_running_call_waits_for_gets_in_during_drain(tmp_path):
+    """Issue 17, item 7: SIGTERM while a call waits on the agent's answer to a sampling request
+    (FastMCP asking the official Python SDK client's model): the answer's POST is taken, the call
+    finishes, then scopegate exits 0; a new request in the meantime is 503."""
+    import signal
+
+    import mcp.types as types
+
+    files = Upstream(tmp_path, "files")
+    gw = Scopegate({"SCOPEGATE_INSECURE_OPEN": "1", "SCOPEGATE_UPSTREAMS": f"files={files.url}",
+                    "SCOPEGATE_DRAIN_MS": "15000"})
+    out = {}
+    try:
+        async def sample(context, params):
+            gw.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)  # the drain has begun: idle connections are closed
+            r = await asyncio.to_thread(
+                httpx.post, f"{gw.base}/mcp", timeout=5,
+                json={"jsonrpc": "2.0", "id": 99, "method": "tools/list"},
+                headers={"Accept": "application/json, text/event-stream"})
+            out["new request"] = r.status_code
+            return types.CreateMessageResult(
+                role="assistant", content=types.TextContent(type="text", text="42"),
+                model="agent-side")
+
+        async def scenario():
+            async with streamablehttp_client(f"{gw.base}/mcp") as (read, write, _):
+                async with ClientSession(read, write, sampling_callback=sample) as s:
+                    await s.initialize()
+                    # Listed first: the SDK checks a result against the tool's output schema,
+                    # and would list the tools (a new request, refused while draining) to
+                    # learn it.
+                    await s.list_tools()
+                    r = await s.call_tool("ask_model", {"question": "meaning?"})
+                    out["result"] = r.content[0].text
+
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+        assert out.get("result") == "the model said: 42", (out, gw.log())
+        assert out["new request"] == 503, out
+        assert gw.proc.wait(timeout=20) == 0
+        assert "drained" in gw.log(), gw.log()
+    finally:
+        gw.stop()
+        files.stop()
