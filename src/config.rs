@@ -39,6 +39,10 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     pub insecure_open: bool,
     pub log_level: crate::log::Level,
+    /// `SCOPEGATE_LOG_FORMAT=json`: log lines as JSON objects.
+    pub log_json: bool,
+    /// `SCOPEGATE_ACCESS_LOG=1`: one line per request.
+    pub access_log: bool,
     /// Accept `/key/<key>/mcp[/<upstream>]` for clients that cannot set headers.
     pub path_keys: bool,
     /// `authorization_servers` in the protected resource metadata.
@@ -242,6 +246,18 @@ impl Config {
                 )
             })?,
         };
+
+        let log_json = match get("SCOPEGATE_LOG_FORMAT") {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(v) => {
+                return Err(err(
+                    "SCOPEGATE_LOG_FORMAT",
+                    format!("expected text or json, got {v:?}"),
+                ));
+            }
+        };
+        let access_log = flag("SCOPEGATE_ACCESS_LOG")?;
 
         if policy.is_none() && !insecure_open {
             return Err(err(
@@ -471,6 +487,8 @@ impl Config {
             policy,
             insecure_open,
             log_level,
+            log_json,
+            access_log,
             path_keys,
             auth_servers,
             public_url,
@@ -513,6 +531,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_POLICY",
     "SCOPEGATE_INSECURE_OPEN",
     "SCOPEGATE_LOG",
+    "SCOPEGATE_LOG_FORMAT",
+    "SCOPEGATE_ACCESS_LOG",
     "SCOPEGATE_PATH_KEYS",
     "SCOPEGATE_AUTH_SERVERS",
     "SCOPEGATE_PUBLIC_URL",
@@ -904,6 +924,8 @@ mod tests {
             ("SCOPEGATE_INSECURE_OPEN", "maybe"),
             ("SCOPEGATE_IO_DRIVER", "kqueue"),
             ("SCOPEGATE_LOG", "loud"),
+            ("SCOPEGATE_LOG_FORMAT", "xml"),
+            ("SCOPEGATE_ACCESS_LOG", "perhaps"),
         ];
         for (name, value) in cases {
             let e = Config::from_vars(&open(&[(name, value)])).unwrap_err();

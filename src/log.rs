@@ -1,10 +1,14 @@
-//! Operational log lines on stderr: `2026-11-24T08:00:00.123456Z INFO worker 0: message`.
+//! Operational log lines on stderr: `2026-11-24T08:00:00.123456Z INFO worker 0: message`, or
+//! one JSON object per line (`SCOPEGATE_LOG_FORMAT=json`) for collectors.
 //!
-//! Deliberately tiny: the gateway logs at start-up, on errors and on state changes, never per
-//! request (that is what the audit log is for), so a logging framework buys nothing here.
+//! Deliberately tiny: the gateway logs at start-up, on errors and on state changes; per request
+//! only when asked (`SCOPEGATE_ACCESS_LOG`) or when it refused something, and then within a
+//! budget ([`budget`]), so a logging framework buys nothing here.
 
+use std::cell::Cell;
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,6 +41,18 @@ impl Level {
 }
 
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Lines as JSON objects (`SCOPEGATE_LOG_FORMAT=json`).
+pub fn set_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
+}
+
+/// A value of a structured line.
+pub enum Field<'a> {
+    Str(&'a str),
+    Num(u64),
+}
 
 pub fn set_level(level: Level) {
     LEVEL.store(level as u8, Ordering::Relaxed);
@@ -47,12 +63,90 @@ pub fn enabled(level: Level) -> bool {
 }
 
 pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
+    if JSON.load(Ordering::Relaxed) {
+        return record(level, &args.to_string(), &[]);
+    }
     let mut line = String::with_capacity(128);
     rfc3339_micros(SystemTime::now(), &mut line);
     use std::fmt::Write as _;
     let _ = writeln!(line, " {} {}", level.label(), args);
     // One write per line so lines from different threads do not interleave.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// A line with fields: `message k=v k="v w"` as text, or `{"time", "level", "message", k: v}`.
+pub fn record(level: Level, message: &str, fields: &[(&str, Field<'_>)]) {
+    use std::fmt::Write as _;
+    let json = JSON.load(Ordering::Relaxed);
+    let quote = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let mut line = String::with_capacity(160);
+    let mut time = String::with_capacity(28);
+    rfc3339_micros(SystemTime::now(), &mut time);
+    if json {
+        let level = level.label().to_ascii_lowercase();
+        let _ = write!(
+            line,
+            "{{\"time\":\"{time}\",\"level\":\"{level}\",\"message\":{}",
+            quote(message)
+        );
+        for (k, v) in fields {
+            match v {
+                Field::Str(s) => {
+                    let _ = write!(line, ",{}:{}", quote(k), quote(s));
+                }
+                Field::Num(n) => {
+                    let _ = write!(line, ",{}:{n}", quote(k));
+                }
+            }
+        }
+        line.push_str("}\n");
+    } else {
+        let _ = write!(line, "{time} {} {message}", level.label());
+        for (k, v) in fields {
+            match v {
+                Field::Str(s) if s.is_empty() || s.contains([' ', '"', '=', '\n']) => {
+                    let _ = write!(line, " {k}={}", quote(s));
+                }
+                Field::Str(s) => {
+                    let _ = write!(line, " {k}={s}");
+                }
+                Field::Num(n) => {
+                    let _ = write!(line, " {k}={n}");
+                }
+            }
+        }
+        line.push('\n');
+    }
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Lines an agent can cause (its refusals) per second, per worker thread, and the burst.
+const BUDGET_PER_SECOND: f64 = 10.0;
+const BUDGET_BURST: f64 = 20.0;
+
+thread_local! {
+    /// Tokens left, when they were counted, lines not written since the last one that was.
+    static BUDGET: Cell<(f64, Option<Instant>, u64)> = const { Cell::new((BUDGET_BURST, None, 0)) };
+}
+
+/// Whether a line an agent caused may be written now (a token bucket per worker thread, so an
+/// attack cannot flood the log): `Some(n)`, with the lines dropped since the last written one.
+pub fn budget() -> Option<u64> {
+    BUDGET.with(|b| {
+        let (tokens, at, dropped) = b.get();
+        let now = Instant::now();
+        let refill = at.map_or(0.0, |t| {
+            now.duration_since(t).as_secs_f64() * BUDGET_PER_SECOND
+        });
+        let tokens = (tokens + refill).min(BUDGET_BURST);
+        if tokens >= 1.0 {
+            b.set((tokens - 1.0, Some(now), 0));
+            Some(dropped)
+        } else {
+            b.set((tokens, Some(now), dropped + 1));
+            None
+        }
+    })
 }
 
 /// Formats `t` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC).
@@ -132,5 +226,19 @@ mod tests {
         s.clear();
         rfc3339_micros(UNIX_EPOCH + Duration::new(951_782_400, 0), &mut s);
         assert_eq!(s, "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn the_budget_lets_a_burst_through_then_counts_what_it_drops() {
+        std::thread::spawn(|| {
+            let allowed = (0..100).filter(|_| budget().is_some()).count();
+            assert!((20..=22).contains(&allowed), "{allowed}");
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            // Refilled by now (10 a second): the next line says how many were dropped.
+            let dropped = budget().expect("refilled");
+            assert!((78..=80).contains(&dropped), "{dropped}");
+        })
+        .join()
+        .unwrap();
     }
 }

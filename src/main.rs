@@ -64,6 +64,7 @@ fn serve() {
         }
     };
     scopegate::log::set_level(config.log_level);
+    scopegate::log::set_json(config.log_json);
 
     // The policy names the agents and may add upstreams to those of SCOPEGATE_UPSTREAMS.
     let env_upstreams = config.upstreams.clone();

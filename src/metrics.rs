@@ -42,7 +42,8 @@ pub fn no_message_index(http_method: &[u8]) -> usize {
         }
 }
 
-fn method_label(m: usize) -> &'static str {
+/// The label of method slot `m`.
+pub fn method_label(m: usize) -> &'static str {
     METHODS
         .get(m)
         .or_else(|| NO_MESSAGE.get(m - METHODS.len()))

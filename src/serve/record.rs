@@ -21,6 +21,10 @@ pub struct Sinks<'a> {
     pub audit: Option<&'a AuditSink>,
     /// Each upstream's `,"upstream":<name>` for audit entries, encoded once.
     pub upstream_fragments: &'a [Vec<u8>],
+    /// The upstreams (for the access log's names).
+    pub upstreams: &'a [crate::upstream::Upstream],
+    /// `SCOPEGATE_ACCESS_LOG`: a line per request (else only refusals, within a budget).
+    pub access_log: bool,
 }
 
 /// What the audit log records of the request in progress; reused across a connection's
@@ -43,6 +47,8 @@ pub struct Draft {
     pub session: Vec<u8>,
     /// Each message's method slot (for metrics).
     pub methods: Vec<usize>,
+    /// The first message's tool, prompt or resource (for the log); reused.
+    pub target: String,
     /// Pre-encoded message fragments, one range per message.
     pub frags: Vec<u8>,
     pub messages: Vec<(usize, usize)>,
@@ -73,6 +79,7 @@ impl Draft {
         self.frags.clear();
         self.messages.clear();
         self.methods.clear();
+        self.target.clear();
         self.decision = AuditDecision::Allowed;
         self.reason = None;
         self.status = 0;
@@ -92,8 +99,10 @@ impl Draft {
     ) {
         self.upstream = upstream;
         self.agent = agent;
+        // Kept to name the agent: in audit entries and in log lines (a refusal is logged
+        // whatever the settings). A count on a per-worker `Rc`, nothing shared.
+        self.policy = policy.cloned();
         if self.active {
-            self.policy = policy.cloned();
             if let Some(token) = head.get("mcp-session-id") {
                 self.set_session(token);
             }
@@ -145,6 +154,9 @@ impl Draft {
                 m.kind == Kind::Response,
             ));
         }
+        if let Some(name) = env.messages().first().and_then(|m| m.name.or(m.uri)) {
+            self.target.push_str(name);
+        }
         if !self.active {
             return;
         }
@@ -165,6 +177,53 @@ impl Draft {
             self.messages.push((start, self.frags.len()));
         }
     }
+}
+
+/// One log line for a request: every request with `SCOPEGATE_ACCESS_LOG=1` (at info), else
+/// the refused ones (denied, rate limited) with their reason, within the per-worker budget
+/// ([`crate::log::budget`]) so an attack cannot flood the log.
+fn log_line(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], total_us: u64) {
+    use crate::log::Field::{Num, Str};
+    let dropped = if sink.access_log {
+        0
+    } else {
+        match crate::log::budget() {
+            Some(n) => n,
+            None => return,
+        }
+    };
+    let policy = draft.policy.as_deref().map(|p| &**p);
+    let agent = match (policy, draft.agent) {
+        (Some(p), Some(a)) => p.agents.get(a).map_or("", |a| a.id.as_str()),
+        _ => "",
+    };
+    let method = match draft.methods.first() {
+        Some(&m) => crate::metrics::method_label(m),
+        None => std::str::from_utf8(http_method).unwrap_or("?"),
+    };
+    let upstream = match (draft.upstream, draft.aggregate) {
+        (Some(u), _) => sink.upstreams.get(u).map_or("?", |u| u.name.as_str()),
+        (None, true) => "(aggregate)",
+        (None, false) => "",
+    };
+    let mut fields = vec![
+        ("agent", Str(agent)),
+        ("method", Str(method)),
+        ("tool", Str(&draft.target)),
+        ("upstream", Str(upstream)),
+        ("decision", Str(draft.decision.as_str())),
+        ("status", Num(u64::from(draft.status))),
+        ("us", Num(total_us)),
+    ];
+    if let Some(why) = &draft.reason {
+        fields.push(("reason", Str(why)));
+    }
+    if dropped > 0 {
+        fields.push(("dropped_before", Num(dropped)));
+    }
+    fields.retain(|(_, v)| !matches!(v, Str("")));
+    let message = if sink.access_log { "access" } else { "refused" };
+    crate::log::record(crate::log::Level::Info, message, &fields);
 }
 
 /// Writes the request's entries to the audit log: one per JSON-RPC message (one for a request
@@ -190,6 +249,13 @@ pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out
     }
     for &m in &draft.methods {
         metrics.count(m, draft.decision, place);
+    }
+    let refused = matches!(
+        draft.decision,
+        AuditDecision::Denied | AuditDecision::RateLimited
+    );
+    if sink.access_log || refused {
+        log_line(sink, draft, http_method, total_us);
     }
     let Some(audit) = sink.audit else {
         return;

@@ -117,6 +117,8 @@ impl Worker {
             metrics: &self.core.stats.metrics,
             audit: self.audit.as_ref(),
             upstream_fragments: &self.upstream_fragments,
+            upstreams: &self.core.config.upstreams,
+            access_log: self.core.config.access_log,
         }
     }
 }

@@ -78,7 +78,7 @@ class Scopegate:
         def pump():
             for line in self.proc.stderr:
                 self.lines.append(line)
-                m = re.search(r" listening on (\S+)", line)
+                m = re.search(r"listening on ([^\s\"]+)", line)
                 if m and not found.is_set():
                     self.addr = m.group(1)
                     found.set()

@@ -178,3 +178,70 @@ def test_an_answer_the_running_call_waits_for_gets_in_during_drain(tmp_path):
     finally:
         gw.stop()
         files.stop()
+
+
+def test_access_log_and_refusals_in_the_log(tmp_path):
+    """Issue 17, item 4: with SCOPEGATE_ACCESS_LOG=1 and SCOPEGATE_LOG_FORMAT=json, one JSON line
+    per request (agent, method, tool, decision, status, microseconds); without it, refusals only,
+    with their reason, and a flood of them is cut to a budget that says what it dropped."""
+    files = Upstream(tmp_path, "files")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[[upstream]]
+name = "files"
+url = "{files.url}"
+
+[[agent]]
+id = "bot"
+key_sha256 = "{sha256_hex(KEY)}"
+allow = ["files/add"]
+""")
+    base = {"SCOPEGATE_POLICY": str(policy), "SCOPEGATE_THREADS": "1",
+            "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e"}
+    headers = {"Authorization": f"Bearer {KEY}", "Accept": "application/json, text/event-stream"}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "t", "version": "1"}}}
+
+    def call(http, sid, n, tool):
+        body = {"jsonrpc": "2.0", "id": n, "method": "tools/call",
+                "params": {"name": tool, "arguments": {"a": 1, "b": 2}}}
+        return http.post(f"{gw.base}/mcp", json=body, headers={**headers, "Mcp-Session-Id": sid})
+
+    gw = Scopegate({**base, "SCOPEGATE_ACCESS_LOG": "1", "SCOPEGATE_LOG_FORMAT": "json"})
+    try:
+        with httpx.Client(timeout=10) as http:
+            sid = http.post(f"{gw.base}/mcp", json=init, headers=headers).headers["mcp-session-id"]
+            assert "3" in call(http, sid, 2, "add").text
+            assert call(http, sid, 3, "delete_everything").json()["error"]["code"] == -32004
+        time.sleep(0.3)
+        lines = [json.loads(line) for line in gw.log().splitlines()]
+        access = [e for e in lines if e["message"] == "access"]
+        calls = [e for e in access if e.get("method") == "tools/call"]
+        assert [(e["tool"], e["decision"], e["status"]) for e in calls] == [
+            ("add", "allowed", 200), ("delete_everything", "denied", 200)], calls
+        assert all(e["agent"] == "bot" and e["upstream"] == "files" and e["us"] > 0 for e in calls)
+        assert "delete_everything" in calls[1]["reason"] or calls[1]["reason"], calls[1]
+        assert any(e.get("method") == "initialize" for e in access)
+    finally:
+        gw.stop()
+
+    gw = Scopegate(base)
+    try:
+        with httpx.Client(timeout=10) as http:
+            sid = http.post(f"{gw.base}/mcp", json=init, headers=headers).headers["mcp-session-id"]
+            call(http, sid, 2, "add")
+            for n in range(200):
+                call(http, sid, 10 + n, "delete_everything")
+            time.sleep(2.5)
+            call(http, sid, 999, "delete_everything")
+        time.sleep(0.3)
+        refused = [line for line in gw.log().splitlines() if " INFO refused " in line]
+        assert not [line for line in gw.log().splitlines() if " INFO access " in line]
+        assert 20 <= len(refused) <= 60, len(refused)
+        assert "agent=bot" in refused[0] and "tool=delete_everything" in refused[0], refused[0]
+        assert "decision=denied" in refused[0] and "reason=" in refused[0], refused[0]
+        assert "dropped_before=" in refused[-1], refused[-1]
+    finally:
+        gw.stop()
+        files.stop()
