@@ -13,7 +13,7 @@ use scopegate::policy::decide::authorize_call;
 
 fn policy() -> Policy {
     let env = HashMap::from([("GITHUB_TOKEN".to_string(), "bench".to_string())]);
-    let text = include_str!("../tests/fixtures/policy.toml");
+    let text = include_str!("../examples/policy.toml");
     Policy::parse(Path::new("policy.toml"), text, &[], &env).expect("example policy")
 }
 

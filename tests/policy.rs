@@ -651,8 +651,7 @@ fn bad_policies_refuse_to_start_naming_the_line() {
 
 #[test]
 fn the_shared_example_policy_validates_and_serves() {
-    let example =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/policy.toml");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy.toml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_scopegate"))
         .args(["validate", example.to_str().unwrap()])
         .env("GITHUB_TOKEN", "t")
@@ -670,7 +669,7 @@ fn the_shared_example_policy_validates_and_serves() {
         assert_eq!(
             text,
             std::fs::read_to_string(&example).unwrap(),
-            "tests/fixtures/policy.toml drifted from the contract"
+            "examples/policy.toml drifted from the contract"
         );
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_scopegate"))
@@ -899,8 +898,7 @@ fn upstreams_behind_one_address_do_not_share_connections() {
 
 #[test]
 fn check_needs_no_secrets_takes_both_flag_forms_and_says_the_real_reason() {
-    let example =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/policy.toml");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy.toml");
     let check = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_scopegate"))
             .arg("check")

@@ -423,7 +423,7 @@ mod tests {
         let env = HashMap::from([("GITHUB_TOKEN".to_string(), "t".to_string())]);
         Policy::parse(
             Path::new("p.toml"),
-            include_str!("../../tests/fixtures/policy.toml"),
+            include_str!("../../examples/policy.toml"),
             &[],
             &env,
         )

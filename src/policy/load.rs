@@ -384,7 +384,7 @@ mod tests {
     use super::*;
     use crate::policy::hash_key;
 
-    const EXAMPLE: &str = include_str!("../../tests/fixtures/policy.toml");
+    const EXAMPLE: &str = include_str!("../../examples/policy.toml");
 
     fn env() -> HashMap<String, String> {
         HashMap::from([("GITHUB_TOKEN".to_string(), "ghp_test".to_string())])

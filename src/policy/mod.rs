@@ -1,6 +1,6 @@
 //! The policy file: tenants, upstreams, agents and their rules.
 //!
-//! `../shared/examples/policy.toml` is the contract: it loads as written. A policy is read once
+//! `examples/policy.toml` (the team's contract, `../shared/examples/policy.toml`) loads as written. A policy is read once
 //! (and again on reload) into an immutable, indexed [`Policy`]: agents are found by the SHA-256 of
 //! their key, rules are compiled globs and regexes, upstreams are indexes into the gateway's
 //! upstream list. Every problem is reported with the file, the line and the field ([`load`]).
