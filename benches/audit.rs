@@ -32,6 +32,7 @@ fn sample_entry<'a>(identity: &'a [u8], upstream: &'a [u8], fragment: &'a [u8]) 
         bytes_in: 412,
         bytes_out: 236,
         is_error: Some(false),
+        trace: None,
     }
 }
 

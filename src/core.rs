@@ -233,6 +233,8 @@ impl ListCache {
 /// once, who sent it under which policy, and the upstreams behind the gateway.
 pub struct Passed<'a> {
     pub core: &'a Core,
+    /// The agent's trace context (W3C `traceparent`), and scopegate's span for the hop.
+    pub trace: Option<crate::http::trace::Hop>,
     pub head: &'a Head,
     pub body: Bytes,
     /// The JSON-RPC envelope of a POST, parsed once.

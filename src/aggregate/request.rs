@@ -123,10 +123,20 @@ impl Request<'_> {
                 .policy
                 .zip(self.agent)
                 .map(|(p, a)| p.agents[a].id.as_str()),
-            routing: if self.modern() && method == "POST" {
-                routing_headers(self.head, body)
-            } else {
-                Vec::new()
+            routing: {
+                let mut extra = if self.modern() && method == "POST" {
+                    routing_headers(self.head, body)
+                } else {
+                    Vec::new()
+                };
+                // The agent's trace context goes on, with scopegate's span for the hop.
+                if let Some(t) = &self.trace {
+                    extra.push(("traceparent".to_owned(), t.header().to_vec()));
+                    if let Some(state) = self.head.get("tracestate") {
+                        extra.push(("tracestate".to_owned(), state.to_vec()));
+                    }
+                }
+                extra
             },
         }
     }

@@ -57,6 +57,8 @@ pub struct Entry<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub is_error: Option<bool>,
+    /// The agent's trace context and scopegate's span for the hop.
+    pub trace: Option<&'a crate::http::trace::Hop>,
 }
 
 /// `,"agent":<id>,"tenant":<t>,"user":<u>` (absent parts left out), made once per agent.
@@ -104,6 +106,15 @@ pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
     if let Some(session) = e.session {
         out.extend_from_slice(b",\"session\":");
         write_json_string(session, out);
+    }
+    if let Some(t) = e.trace {
+        out.extend_from_slice(b",\"trace_id\":\"");
+        out.extend_from_slice(&t.trace_id);
+        out.extend_from_slice(b"\",\"span_id\":\"");
+        out.extend_from_slice(&t.span_id);
+        out.extend_from_slice(b"\",\"parent_span_id\":\"");
+        out.extend_from_slice(&t.parent_id);
+        out.push(b'"');
     }
     if !e.message.is_empty() {
         out.push(b',');
@@ -445,6 +456,7 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             is_error: Some(false),
+            trace: None,
         };
         let mut out = Vec::new();
         encode(&e, &mut out);

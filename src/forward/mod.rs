@@ -85,6 +85,7 @@ pub async fn forward(
             peer,
             content_length: (!body.is_empty() || request.method() == b"POST").then_some(body.len()),
             agent_id: plan.agent_id,
+            traceparent: plan.traceparent,
         },
     );
     let inline_body = body.len() <= COALESCE_LIMIT;

@@ -58,6 +58,8 @@ pub struct Plan<'a> {
     pub long_lived: bool,
     /// The agent's id (policy mode), for a stdio upstream's bridge.
     pub agent_id: Option<&'a str>,
+    /// The `traceparent` the upstream is sent: scopegate's span in the agent's trace.
+    pub traceparent: Option<&'a [u8]>,
     /// Policy mode, a stream meant to stay open (GET, `subscriptions/listen`): the agent's view
     /// watched across reloads, and how a change is told.
     pub reload: Option<ReloadNotice>,

@@ -12,3 +12,4 @@ pub mod framing;
 pub mod head;
 pub mod response;
 pub mod sse;
+pub mod trace;

@@ -58,6 +58,7 @@ use crate::policy::live::{LocalPolicy, PolicyView};
 use crate::tls::server::ListenerTls;
 use crate::tls::stream::TlsStream;
 
+use crate::http::trace::Hop;
 use answer::{KeepAlive, answer};
 use memory::ConnCache;
 use record::Draft;
@@ -273,6 +274,11 @@ async fn handle_request<'r>(
     let upstream = pass!(route::upstream_of(endpoint, config, head))
         .or_else(|| route::sole_upstream(p, agent, upstreams.len()));
     draft.identify(upstream, agent, policy, head);
+    // The agent's trace context, one header (two are invalid, and then none is passed on).
+    draft.trace = match head.count("traceparent") {
+        1 => head.get("traceparent").and_then(Hop::of),
+        _ => None,
+    };
     let env = pass!(ingress::envelope(parser, method, &body));
     id = env.as_ref().and_then(|e| e.single()?.id);
     if draft.cache.draining {
@@ -289,6 +295,7 @@ async fn handle_request<'r>(
     let close = close || shutting_down();
     let passed = Passed {
         core,
+        trace: draft.trace,
         head,
         body,
         env,

@@ -87,7 +87,9 @@ pub async fn to_upstream(
         }
     }
     let messages = env.map_or(&[][..], |e| e.messages());
+    let traceparent = p.trace.map(|t| t.header());
     let mut plan = Plan::for_messages(messages);
+    plan.traceparent = traceparent.as_ref().map(|t| &t[..]);
     plan.request_id = request_id;
     plan.scan_is_error = draft.active
         && env

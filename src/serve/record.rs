@@ -49,6 +49,8 @@ pub struct Draft {
     pub methods: Vec<usize>,
     /// The first message's tool, prompt or resource (for the log); reused.
     pub target: String,
+    /// The agent's trace context and scopegate's span for the hop.
+    pub trace: Option<crate::http::trace::Hop>,
     /// Pre-encoded message fragments, one range per message.
     pub frags: Vec<u8>,
     pub messages: Vec<(usize, usize)>,
@@ -80,6 +82,7 @@ impl Draft {
         self.messages.clear();
         self.methods.clear();
         self.target.clear();
+        self.trace = None;
         self.decision = AuditDecision::Allowed;
         self.reason = None;
         self.status = 0;
@@ -218,6 +221,10 @@ fn log_line(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], total_us: u64) 
     if let Some(why) = &draft.reason {
         fields.push(("reason", Str(why)));
     }
+    if let Some(t) = &draft.trace {
+        fields.push(("trace_id", Str(t.trace_id())));
+        fields.push(("span_id", Str(t.span_id())));
+    }
     if dropped > 0 {
         fields.push(("dropped_before", Num(dropped)));
     }
@@ -288,6 +295,7 @@ pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out
         bytes_in: draft.bytes_in,
         bytes_out,
         is_error: draft.is_error,
+        trace: draft.trace.as_ref(),
     };
     if draft.messages.is_empty() {
         audit.record(&entry).await;

@@ -153,6 +153,7 @@ pub async fn send(
             peer: req.peer,
             content_length: Some(req.body.len()),
             agent_id: req.agent_id,
+            traceparent: None,
         },
     );
     out.extend_from_slice(req.body);

@@ -33,6 +33,9 @@ pub struct Outgoing<'a> {
     /// The agent's address, appended to `X-Forwarded-For`.
     pub peer: SocketAddr,
     pub content_length: Option<usize>,
+    /// The `traceparent` the upstream is sent (scopegate's span in the agent's trace); the
+    /// agent's own is never passed on (an invalid one must not be).
+    pub traceparent: Option<&'a [u8]>,
     /// The agent's id, told to a stdio upstream's bridge (its sessionless requests share a
     /// process per agent); never sent to a network upstream.
     pub agent_id: Option<&'a str>,
@@ -75,6 +78,7 @@ pub fn write_head(out: &mut Vec<u8>, upstream: &Upstream, req: &Outgoing<'_>) {
                 || (req.plain_answer && name.eq_ignore_ascii_case(b"accept-encoding"))
                 // Only scopegate says which agent a request is from.
                 || name.eq_ignore_ascii_case(AGENT_HEADER.as_bytes())
+                || name.eq_ignore_ascii_case(b"traceparent")
                 || inject.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
             {
                 continue;
@@ -88,6 +92,9 @@ pub fn write_head(out: &mut Vec<u8>, upstream: &Upstream, req: &Outgoing<'_>) {
     }
     for (name, value) in req.set {
         header(out, name.as_bytes(), value);
+    }
+    if let Some(tp) = req.traceparent {
+        header(out, b"traceparent", tp);
     }
     for (name, value) in inject {
         header(out, name.as_bytes(), value.as_bytes());
@@ -145,6 +152,7 @@ mod tests {
             peer: "10.0.0.9:5000".parse().unwrap(),
             content_length: Some(2),
             agent_id: Some("agent-1"),
+            traceparent: None,
         }
     }
 

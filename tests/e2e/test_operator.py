@@ -245,3 +245,69 @@ allow = ["files/add"]
     finally:
         gw.stop()
         files.stop()
+
+
+def test_trace_context_is_kept_end_to_end_with_a_span_for_the_hop(tmp_path):
+    """Issue 17, item 5: an agent's W3C traceparent reaches the upstream (FastMCP's own log) in the
+    same trace with scopegate's span id, whose parent is the agent's; the audit entry and the
+    access line name trace and span; on /mcp/<upstream> and on /mcp; an invalid one is not
+    passed on."""
+    files, maths = Upstream(tmp_path, "files"), Upstream(tmp_path, "maths")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[[upstream]]
+name = "files"
+url = "{files.url}"
+
+[[upstream]]
+name = "maths"
+url = "{maths.url}"
+
+[[agent]]
+id = "bot"
+key_sha256 = "{sha256_hex(KEY)}"
+allow = ["files/*", "maths/*"]
+""")
+    gw = Scopegate({"SCOPEGATE_POLICY": str(policy), "SCOPEGATE_ACCESS_LOG": "1",
+                    "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e",
+                    "SCOPEGATE_AUDIT_DIR": str(tmp_path / "audit"), "SCOPEGATE_AUDIT_FLUSH_MS": "20"})
+    trace, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {"Authorization": f"Bearer {KEY}", "Accept": "application/json, text/event-stream"}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "t", "version": "1"}}}
+    try:
+        with httpx.Client(timeout=10) as http:
+            for path, tool, upstream in (("/mcp/files", "add", files), ("/mcp", "maths__add", maths)):
+                sid = http.post(f"{gw.base}{path}", json=init, headers=headers).headers["mcp-session-id"]
+                call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                        "params": {"name": tool, "arguments": {"a": 1, "b": 2}}}
+                r = http.post(f"{gw.base}{path}", json=call, headers={
+                    **headers, "Mcp-Session-Id": sid, "traceparent": f"00-{trace}-{parent}-01",
+                    "tracestate": "vendor=x"})
+                assert "3" in r.text
+                sent = upstream.executions()[-1]["headers"]
+                version, tid, span, flags = sent["traceparent"].split("-")
+                assert (version, tid, flags) == ("00", trace, "01"), sent
+                assert span != parent and len(span) == 16, sent
+                assert sent["tracestate"] == "vendor=x"
+                time.sleep(0.3)
+                entries = [json.loads(line) for f in (tmp_path / "audit").glob("*.jsonl")
+                           for line in f.read_text().splitlines()]
+                mine = [e for e in entries if e.get("span_id") == span]
+                assert len(mine) == 1, entries
+                assert (mine[0]["trace_id"], mine[0]["parent_span_id"]) == (trace, parent)
+                assert mine[0]["method"] == "tools/call"
+                assert any(f"trace_id={trace}" in line and f"span_id={span}" in line
+                           for line in gw.log().splitlines() if " access " in line), gw.log()
+            # An invalid traceparent is not passed on.
+            sid = http.post(f"{gw.base}/mcp/files", json=init, headers=headers).headers["mcp-session-id"]
+            call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                    "params": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+            http.post(f"{gw.base}/mcp/files", json=call, headers={
+                **headers, "Mcp-Session-Id": sid, "traceparent": "00-not-a-trace-01"})
+            assert "traceparent" not in files.executions()[-1]["headers"]
+    finally:
+        gw.stop()
+        files.stop()
+        maths.stop()
