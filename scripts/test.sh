@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Debian packages the tests use (openssl CLI, the CA store, tinyproxy for the TLS tests, git for mcp-server-git, redis-server and haproxy for the fleet tests)"
+step "Debian packages the tests use (openssl CLI, the CA store, tinyproxy for the TLS tests, git for mcp-server-git, redis-server and haproxy for the fleet tests, chromium for the live view's test)"
 missing=()
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
@@ -16,6 +16,7 @@ command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy-bin)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

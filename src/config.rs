@@ -43,6 +43,10 @@ pub struct Config {
     pub log_json: bool,
     /// `SCOPEGATE_ACCESS_LOG=1`: one line per request.
     pub access_log: bool,
+    /// `SCOPEGATE_ADMIN_TOKEN`: the live view (`/admin`) and its data, for whoever holds it.
+    pub admin_token: Option<String>,
+    /// `SCOPEGATE_METRICS_AUTH=admin`: `/metrics` wants the admin token too.
+    pub metrics_need_admin: bool,
     /// Accept `/key/<key>/mcp[/<upstream>]` for clients that cannot set headers.
     pub path_keys: bool,
     /// `authorization_servers` in the protected resource metadata.
@@ -258,6 +262,34 @@ impl Config {
             }
         };
         let access_log = flag("SCOPEGATE_ACCESS_LOG")?;
+        let admin_token = match get("SCOPEGATE_ADMIN_TOKEN") {
+            None => None,
+            Some(t) if t.len() >= 16 && t.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(t.to_owned())
+            }
+            Some(_) => {
+                return Err(err(
+                    "SCOPEGATE_ADMIN_TOKEN",
+                    "wants at least 16 printable characters (e.g. `openssl rand -hex 24`)",
+                ));
+            }
+        };
+        let metrics_need_admin = match get("SCOPEGATE_METRICS_AUTH") {
+            None | Some("none") => false,
+            Some("admin") if admin_token.is_some() => true,
+            Some("admin") => {
+                return Err(err(
+                    "SCOPEGATE_METRICS_AUTH",
+                    "admin needs SCOPEGATE_ADMIN_TOKEN set",
+                ));
+            }
+            Some(v) => {
+                return Err(err(
+                    "SCOPEGATE_METRICS_AUTH",
+                    format!("expected none or admin, got {v:?}"),
+                ));
+            }
+        };
 
         if policy.is_none() && !insecure_open {
             return Err(err(
@@ -489,6 +521,8 @@ impl Config {
             log_level,
             log_json,
             access_log,
+            admin_token,
+            metrics_need_admin,
             path_keys,
             auth_servers,
             public_url,
@@ -533,6 +567,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_LOG",
     "SCOPEGATE_LOG_FORMAT",
     "SCOPEGATE_ACCESS_LOG",
+    "SCOPEGATE_ADMIN_TOKEN",
+    "SCOPEGATE_METRICS_AUTH",
     "SCOPEGATE_PATH_KEYS",
     "SCOPEGATE_AUTH_SERVERS",
     "SCOPEGATE_PUBLIC_URL",
@@ -926,6 +962,8 @@ mod tests {
             ("SCOPEGATE_LOG", "loud"),
             ("SCOPEGATE_LOG_FORMAT", "xml"),
             ("SCOPEGATE_ACCESS_LOG", "perhaps"),
+            ("SCOPEGATE_ADMIN_TOKEN", "short"),
+            ("SCOPEGATE_METRICS_AUTH", "admin"),
         ];
         for (name, value) in cases {
             let e = Config::from_vars(&open(&[(name, value)])).unwrap_err();

@@ -169,6 +169,31 @@ pub struct WorkerMetrics {
     aggregate_failures: Vec<AtomicU64>,
     /// Upstream list pages the aggregate endpoint took from its cache, and those it asked for.
     list_cache: [AtomicU64; 2],
+    /// Per upstream: its latency (for the live view's p50/p99 per upstream).
+    by_upstream: Vec<Histogram>,
+    /// Calls per agent and per tool, refusals per reason (only with the live view on).
+    tally: std::sync::Mutex<Tally>,
+}
+
+/// Counts by name for the live view, each bounded: past [`TALLY_KEYS`] names, new ones count
+/// under `(other)`.
+#[derive(Default)]
+pub struct Tally {
+    pub agents: std::collections::HashMap<String, u64>,
+    pub tools: std::collections::HashMap<String, u64>,
+    pub refusals: std::collections::HashMap<String, u64>,
+}
+
+const TALLY_KEYS: usize = 512;
+
+fn bump(map: &mut std::collections::HashMap<String, u64>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n += 1;
+    } else if map.len() < TALLY_KEYS {
+        map.insert(key.to_owned(), 1);
+    } else {
+        *map.entry("(other)".to_owned()).or_insert(0) += 1;
+    }
 }
 
 impl WorkerMetrics {
@@ -183,7 +208,88 @@ impl WorkerMetrics {
             sse_streams: AtomicU64::new(0),
             aggregate_failures: (0..upstreams).map(|_| AtomicU64::new(0)).collect(),
             list_cache: [AtomicU64::new(0), AtomicU64::new(0)],
+            by_upstream: (0..upstreams).map(|_| Histogram::new()).collect(),
+            tally: std::sync::Mutex::new(Tally::default()),
         }
+    }
+
+    /// Counts one request for the live view: its agent, the tool it called, the reason it was
+    /// refused; and its upstream's latency.
+    pub fn tally(
+        &self,
+        agent: &str,
+        tool: Option<&str>,
+        refusal: Option<&str>,
+        upstream: Option<(usize, u64)>,
+    ) {
+        if let Some((u, us)) = upstream
+            && let Some(h) = self.by_upstream.get(u)
+        {
+            h.observe(us);
+        }
+        let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        if !agent.is_empty() {
+            bump(&mut t.agents, agent);
+        }
+        if let Some(tool) = tool {
+            bump(&mut t.tools, tool);
+        }
+        if let Some(why) = refusal {
+            bump(&mut t.refusals, why);
+        }
+    }
+
+    /// Adds this worker's tallies into `into`.
+    pub fn tally_into(&self, into: &mut Tally) {
+        let t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        for (from, to) in [
+            (&t.agents, &mut into.agents),
+            (&t.tools, &mut into.tools),
+            (&t.refusals, &mut into.refusals),
+        ] {
+            for (k, v) in from {
+                *to.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+    }
+
+    /// Upstream `u`'s latency histogram: its observations per bucket of [`LATENCY_BOUNDS_US`]
+    /// (the last bucket is everything above).
+    pub fn upstream_buckets(&self, u: usize) -> Vec<u64> {
+        self.by_upstream.get(u).map_or_else(Vec::new, |h| {
+            h.buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect()
+        })
+    }
+
+    /// Messages counted, by decision (in [`DECISIONS`] order), over every method and place.
+    pub fn by_decision(&self) -> Vec<(Decision, u64)> {
+        DECISIONS
+            .iter()
+            .map(|&d| {
+                let mut n = 0;
+                for m in 0..METHOD_SLOTS {
+                    for p in 0..self.upstreams + 2 {
+                        n += self.requests[self.slot(m, d, p)].load(Ordering::Relaxed);
+                    }
+                }
+                (d, n)
+            })
+            .collect()
+    }
+
+    /// `tools/call` messages counted (every decision, every place).
+    pub fn calls(&self) -> u64 {
+        let m = method_index(Some("tools/call"), false);
+        let mut n = 0;
+        for &d in &DECISIONS {
+            for p in 0..self.upstreams + 2 {
+                n += self.requests[self.slot(m, d, p)].load(Ordering::Relaxed);
+            }
+        }
+        n
     }
 
     /// Counts an upstream list page served from the cache (`hit`) or asked of the upstream.

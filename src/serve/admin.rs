@@ -25,6 +25,14 @@ pub fn answer(
 ) -> Option<Reply> {
     match route {
         Route::Health => Some(Reply::other(200, "text/plain", b"ok\n".to_vec())),
+        Route::AdminPage => Some(super::live::page()),
+        Route::AdminStats if super::live::authorized(config, head) => {
+            Some(super::live::stats(config, all_stats, all_audit))
+        }
+        Route::AdminStats => Some(super::live::unauthorized()),
+        Route::Metrics if config.metrics_need_admin && !super::live::authorized(config, head) => {
+            Some(super::live::unauthorized())
+        }
         Route::Metrics => Some(Reply::other(
             200,
             "text/plain; version=0.0.4; charset=utf-8",

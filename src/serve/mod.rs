@@ -34,6 +34,7 @@ pub mod admin;
 mod answer;
 pub mod gate;
 pub mod ingress;
+mod live;
 pub mod memory;
 mod onward;
 pub mod record;

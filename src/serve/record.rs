@@ -25,6 +25,8 @@ pub struct Sinks<'a> {
     pub upstreams: &'a [crate::upstream::Upstream],
     /// `SCOPEGATE_ACCESS_LOG`: a line per request (else only refusals, within a budget).
     pub access_log: bool,
+    /// The live view is on (`SCOPEGATE_ADMIN_TOKEN`): agents, tools and refusals are tallied.
+    pub live: bool,
 }
 
 /// What the audit log records of the request in progress; reused across a connection's
@@ -182,6 +184,34 @@ impl Draft {
     }
 }
 
+/// Counts the request for the live view: its agent, the tool it called (as
+/// `<upstream>/<tool>`), why it was refused, its upstream's latency.
+fn tally(sink: &Sinks<'_>, draft: &Draft, refused: bool) {
+    let policy = draft.policy.as_deref().map(|p| &**p);
+    let agent = match (policy, draft.agent) {
+        (Some(p), Some(a)) => p.agents.get(a).map_or("", |a| a.id.as_str()),
+        _ => "",
+    };
+    let call = crate::metrics::method_index(Some("tools/call"), false);
+    let upstream = draft.upstream.and_then(|u| sink.upstreams.get(u));
+    let tool = (draft.methods.first() == Some(&call) && !draft.target.is_empty()).then(|| {
+        // On /mcp the name already says its upstream (`<upstream>__<tool>`).
+        match (upstream, draft.aggregate) {
+            (Some(u), false) => format!("{}/{}", u.name, draft.target),
+            _ => draft.target.clone(),
+        }
+    });
+    let refusal = refused.then(|| {
+        draft
+            .reason
+            .clone()
+            .unwrap_or_else(|| draft.decision.as_str().to_owned())
+    });
+    let latency = draft.upstream.zip(draft.upstream_us);
+    sink.metrics
+        .tally(agent, tool.as_deref(), refusal.as_deref(), latency);
+}
+
 /// One log line for a request: every request with `SCOPEGATE_ACCESS_LOG=1` (at info), else
 /// the refused ones (denied, rate limited) with their reason, within the per-worker budget
 /// ([`crate::log::budget`]) so an attack cannot flood the log.
@@ -263,6 +293,9 @@ pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out
     );
     if sink.access_log || refused {
         log_line(sink, draft, http_method, total_us);
+    }
+    if sink.live {
+        tally(sink, draft, refused);
     }
     let Some(audit) = sink.audit else {
         return;

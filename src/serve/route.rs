@@ -23,6 +23,10 @@ pub enum Route {
     },
     /// `/mcp` with several upstreams: all of them behind one MCP server.
     Aggregate,
+    /// The live view's page (`/admin`; `SCOPEGATE_ADMIN_TOKEN` set).
+    AdminPage,
+    /// The live view's numbers (`/admin/stats.json`), for the admin token only.
+    AdminStats,
 }
 
 /// A route, and the key carried in the path (`/key/<key>/mcp...`) when path keys are on.
@@ -70,6 +74,17 @@ fn route_path(config: &Config, head: &Head, path: &[u8]) -> Result<Route, Reply>
     if path == b"/metrics" {
         return if head.method() == b"GET" {
             Ok(Route::Metrics)
+        } else {
+            Err(method_not_allowed("GET"))
+        };
+    }
+    if config.admin_token.is_some() && (path == b"/admin" || path == b"/admin/stats.json") {
+        return if head.method() == b"GET" {
+            Ok(if path == b"/admin" {
+                Route::AdminPage
+            } else {
+                Route::AdminStats
+            })
         } else {
             Err(method_not_allowed("GET"))
         };

@@ -119,6 +119,7 @@ impl Worker {
             upstream_fragments: &self.upstream_fragments,
             upstreams: &self.core.config.upstreams,
             access_log: self.core.config.access_log,
+            live: self.core.config.admin_token.is_some(),
         }
     }
 }

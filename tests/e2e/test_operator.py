@@ -311,3 +311,76 @@ allow = ["files/*", "maths/*"]
         gw.stop()
         files.stop()
         maths.stop()
+
+
+def test_the_live_view_in_a_real_browser(tmp_path):
+    """Issue 17, item 9: /admin in Debian's headless chromium shows live numbers after traffic
+    (calls, refusals by reason, rate-limit hits, per-upstream latency, top agents and tools);
+    its data and (SCOPEGATE_METRICS_AUTH=admin) /metrics want the admin token. The screenshot
+    is kept in target/e2e-artifacts/live-view.png."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "scripts/test.sh installs Debian's chromium"
+    files = Upstream(tmp_path, "files")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[[upstream]]
+name = "files"
+url = "{files.url}"
+
+[[agent]]
+id = "bot"
+key_sha256 = "{sha256_hex(KEY)}"
+allow = ["files/add"]
+rate = {{ per_minute = 60, burst = 5 }}
+""")
+    admin = "admin-token-0123456789abcdef"
+    gw = Scopegate({"SCOPEGATE_POLICY": str(policy), "SCOPEGATE_ADMIN_TOKEN": admin,
+                    "SCOPEGATE_METRICS_AUTH": "admin",
+                    "SCOPEGATE_SESSION_SECRET": "e2e-secret-e2e-secret-e2e-secret-e2e",
+                    "SCOPEGATE_AUDIT_DIR": str(tmp_path / "audit")})
+    try:
+        assert httpx.get(f"{gw.base}/admin/stats.json").status_code == 401
+        assert httpx.get(f"{gw.base}/admin/stats.json",
+                         headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+        assert httpx.get(f"{gw.base}/metrics").status_code == 401
+        bearer = {"Authorization": f"Bearer {admin}"}
+        assert "scopegate_requests_total" in httpx.get(f"{gw.base}/metrics", headers=bearer).text
+        headers = {"Authorization": f"Bearer {KEY}", "Accept": "application/json, text/event-stream"}
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}
+        with httpx.Client(timeout=10) as http:
+            sid = http.post(f"{gw.base}/mcp", json=init, headers=headers).headers["mcp-session-id"]
+            for n, tool in enumerate(["add", "add", "delete_everything", "add", "add", "add", "add"]):
+                http.post(f"{gw.base}/mcp", headers={**headers, "Mcp-Session-Id": sid}, json={
+                    "jsonrpc": "2.0", "id": 10 + n, "method": "tools/call",
+                    "params": {"name": tool, "arguments": {"a": 1, "b": 2}}})
+        stats = httpx.get(f"{gw.base}/admin/stats.json", headers=bearer).json()
+        assert stats["calls"] == 7, stats
+        assert stats["decisions"]["rate_limited"] >= 1 and stats["decisions"]["denied"] == 1, stats
+        assert stats["agents"][0]["name"] == "bot", stats
+        assert stats["tools"][0] == {"name": "files/add", "count": 6}, stats
+        assert stats["upstreams"][0]["p50_ms"] is not None, stats
+
+        url = f"{gw.base}/admin#token={admin}"
+        common = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}",
+                  "--virtual-time-budget=3000"]
+        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=120).stdout
+        assert '">live, ' in dom, dom[-3000:]
+        assert "7 tools/call so far" in dom, dom[-3000:]
+        assert "files/add" in dom and ">bot<" in dom, dom[-3000:]
+        assert 'deny' in dom or 'allow (no match)' in dom, dom[-3000:]
+        shots = Path(__file__).resolve().parents[2] / "target" / "e2e-artifacts"
+        shots.mkdir(parents=True, exist_ok=True)
+        shot = shots / "live-view.png"
+        shot.unlink(missing_ok=True)
+        subprocess.run([*common, "--window-size=1200,900", f"--screenshot={shot}", url],
+                       capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 10_000, shot
+    finally:
+        gw.stop()
+        files.stop()
