@@ -76,12 +76,22 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
 
 /// A line with fields: `message k=v k="v w"` as text, or `{"time", "level", "message", k: v}`.
 pub fn record(level: Level, message: &str, fields: &[(&str, Field<'_>)]) {
-    use std::fmt::Write as _;
-    let json = JSON.load(Ordering::Relaxed);
-    let quote = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
-    let mut line = String::with_capacity(160);
     let mut time = String::with_capacity(28);
     rfc3339_micros(SystemTime::now(), &mut time);
+    let line = format_line(JSON.load(Ordering::Relaxed), &time, level, message, fields);
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+fn format_line(
+    json: bool,
+    time: &str,
+    level: Level,
+    message: &str,
+    fields: &[(&str, Field<'_>)],
+) -> String {
+    use std::fmt::Write as _;
+    let quote = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let mut line = String::with_capacity(160);
     if json {
         let level = level.label().to_ascii_lowercase();
         let _ = write!(
@@ -104,7 +114,14 @@ pub fn record(level: Level, message: &str, fields: &[(&str, Field<'_>)]) {
         let _ = write!(line, "{time} {} {message}", level.label());
         for (k, v) in fields {
             match v {
-                Field::Str(s) if s.is_empty() || s.contains([' ', '"', '=', '\n']) => {
+                // Quoted (JSON escapes) unless plainly printable: an agent's strings cannot
+                // forge another field or line, nor carry terminal controls.
+                Field::Str(s)
+                    if s.is_empty()
+                        || !s
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=') =>
+                {
                     let _ = write!(line, " {k}={}", quote(s));
                 }
                 Field::Str(s) => {
@@ -117,7 +134,7 @@ pub fn record(level: Level, message: &str, fields: &[(&str, Field<'_>)]) {
         }
         line.push('\n');
     }
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    line
 }
 
 /// Lines an agent can cause (its refusals) per second, per worker thread, and the burst.
@@ -240,5 +257,27 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn an_agents_strings_cannot_forge_fields_or_lines() {
+        let fields = [
+            ("tool", Field::Str("add decision=allowed\r\n\u{1b}[2J")),
+            ("agent", Field::Str("bot")),
+            ("us", Field::Num(7)),
+        ];
+        let text = format_line(false, "T", Level::Info, "refused", &fields);
+        assert_eq!(
+            text,
+            "T INFO refused tool=\"add decision=allowed\\r\\n\\u001b[2J\" agent=bot us=7\n"
+        );
+        let json = format_line(true, "T", Level::Info, "refused", &fields);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["tool"], "add decision=allowed\r\n\u{1b}[2J");
+        assert_eq!(
+            (v["level"].as_str(), v["us"].as_u64()),
+            (Some("info"), Some(7))
+        );
+        assert_eq!(json.matches('\n').count(), 1);
     }
 }
