@@ -76,6 +76,9 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
 
 /// A line with fields: `message k=v k="v w"` as text, or `{"time", "level", "message", k: v}`.
 pub fn record(level: Level, message: &str, fields: &[(&str, Field<'_>)]) {
+    if !enabled(level) {
+        return;
+    }
     let mut time = String::with_capacity(28);
     rfc3339_micros(SystemTime::now(), &mut time);
     let line = format_line(JSON.load(Ordering::Relaxed), &time, level, message, fields);
@@ -177,6 +180,9 @@ pub fn warn_once(key: &str, message: &str) {
     }
     seen.push(key.to_owned());
     drop(seen);
+    if !enabled(Level::Warn) {
+        return;
+    }
     write(Level::Warn, format_args!("{message}"));
 }
 

@@ -187,6 +187,11 @@ pub struct Tally {
 const TALLY_KEYS: usize = 512;
 
 fn bump(map: &mut std::collections::HashMap<String, u64>, key: &str) {
+    let mut end = key.len().min(128);
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    let key = &key[..end];
     if let Some(n) = map.get_mut(key) {
         *n += 1;
     } else if map.len() < TALLY_KEYS {

@@ -160,7 +160,15 @@ impl Draft {
             ));
         }
         if let Some(name) = env.messages().first().and_then(|m| m.name.or(m.uri)) {
-            self.target.push_str(name);
+            // An agent's string, kept short: logs and tallies must not carry megabytes.
+            let mut end = name.len().min(MAX_TARGET);
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.target.push_str(&name[..end]);
+            if end < name.len() {
+                self.target.push_str("...");
+            }
         }
         if !self.active {
             return;
@@ -184,6 +192,9 @@ impl Draft {
     }
 }
 
+/// The most of an agent's tool, prompt or resource name a log line or tally keeps.
+const MAX_TARGET: usize = 128;
+
 /// Counts the request for the live view: its agent, the tool it called (as
 /// `<upstream>/<tool>`), why it was refused, its upstream's latency.
 fn tally(sink: &Sinks<'_>, draft: &Draft, refused: bool) {
@@ -194,13 +205,16 @@ fn tally(sink: &Sinks<'_>, draft: &Draft, refused: bool) {
     };
     let call = crate::metrics::method_index(Some("tools/call"), false);
     let upstream = draft.upstream.and_then(|u| sink.upstreams.get(u));
-    let tool = (draft.methods.first() == Some(&call) && !draft.target.is_empty()).then(|| {
-        // On /mcp the name already says its upstream (`<upstream>__<tool>`).
-        match (upstream, draft.aggregate) {
-            (Some(u), false) => format!("{}/{}", u.name, draft.target),
-            _ => draft.target.clone(),
-        }
-    });
+    // Only calls that ran: names an agent invents (refused as unknown) cannot crowd the tally.
+    let ran = draft.decision == AuditDecision::Allowed;
+    let tool =
+        (ran && draft.methods.first() == Some(&call) && !draft.target.is_empty()).then(|| {
+            // On /mcp the name already says its upstream (`<upstream>__<tool>`).
+            match (upstream, draft.aggregate) {
+                (Some(u), false) => format!("{}/{}", u.name, draft.target),
+                _ => draft.target.clone(),
+            }
+        });
     let refusal = refused.then(|| {
         draft
             .reason

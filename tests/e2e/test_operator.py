@@ -361,7 +361,7 @@ rate = {{ per_minute = 60, burst = 5 }}
         assert stats["calls"] == 7, stats
         assert stats["decisions"]["rate_limited"] >= 1 and stats["decisions"]["denied"] == 1, stats
         assert stats["agents"][0]["name"] == "bot", stats
-        assert stats["tools"][0] == {"name": "files/add", "count": 6}, stats
+        assert stats["tools"] == [{"name": "files/add", "count": 4}], stats  # calls that ran
         assert stats["upstreams"][0]["p50_ms"] is not None, stats
 
         url = f"{gw.base}/admin#token={admin}"
