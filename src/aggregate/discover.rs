@@ -13,7 +13,7 @@ use crate::mcp::modern;
 use crate::reply::Reply;
 use crate::upstream::client::{exchange, join_all};
 
-use super::request::{Fut, Request, upstream_failed};
+use super::request::{Fut, Request, answered, fanout_failed, no_upstream};
 use super::session::merge_capability;
 
 /// An upstream's HTTP status and body, or why there was none.
@@ -32,12 +32,7 @@ enum Probe {
 pub(super) async fn discover(req: &Request<'_>, m: &Message<'_>) -> Reply {
     let reachable = req.reachable();
     if reachable.is_empty() {
-        let r = Reply::error(
-            404,
-            jsonrpc::GATEWAY_REFUSED,
-            "no upstream is available to this agent",
-        );
-        return r.denied().for_id(m.id);
+        return no_upstream(m.id);
     }
     let futures: Vec<Fut<'_, Probed>> = reachable
         .iter()
@@ -62,14 +57,7 @@ pub(super) async fn discover(req: &Request<'_>, m: &Message<'_>) -> Reply {
             }
         }
     }
-    if probes.is_empty() || (req.core.config.aggregate_fail_closed && !failures.is_empty()) {
-        let r = Reply::error(
-            502,
-            jsonrpc::UPSTREAM_UNAVAILABLE,
-            format!("server/discover failed: {}", failures.join("; ")),
-        );
-        let mut reply = upstream_failed(m.id, r, reachable[0]);
-        reply.upstream = None;
+    if let Some(reply) = fanout_failed(req, m.id, "server/discover", probes.len(), &failures) {
         return reply;
     }
     let requested = super::json::locate(
@@ -78,17 +66,7 @@ pub(super) async fn discover(req: &Request<'_>, m: &Message<'_>) -> Reply {
     )
     .and_then(|(a, b)| serde_json::from_slice::<String>(&req.body[a..b]).ok());
     match merge(&probes, requested.as_deref()) {
-        Ok(result) => {
-            let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
-            match m.id {
-                Some(id) => id.write_json(&mut body),
-                None => body.extend_from_slice(b"null"),
-            }
-            body.extend_from_slice(b",\"result\":");
-            body.extend_from_slice(result.to_string().as_bytes());
-            body.push(b'}');
-            Reply::json(200, body)
-        }
+        Ok(result) => answered(m.id, &result),
         Err((supported, requested)) => {
             Reply::unsupported_version(supported, requested).for_id(m.id)
         }

@@ -244,6 +244,53 @@ pub(super) fn upstream_failed(id: Option<Id<'_>>, r: Reply, upstream: usize) -> 
     r
 }
 
+/// A request scopegate answers itself from its upstreams (initialize, server/discover): the
+/// JSON-RPC response carrying `result`.
+pub(super) fn answered(id: Option<Id<'_>>, result: &Value) -> Reply {
+    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
+    match id {
+        Some(id) => id.write_json(&mut body),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.extend_from_slice(b",\"result\":");
+    body.extend_from_slice(result.to_string().as_bytes());
+    body.push(b'}');
+    Reply::json(200, body)
+}
+
+/// The agent may use no upstream: there is nothing to initialize or discover.
+pub(super) fn no_upstream(id: Option<Id<'_>>) -> Reply {
+    let r = Reply::error(
+        404,
+        jsonrpc::GATEWAY_REFUSED,
+        "no upstream is available to this agent",
+    );
+    r.denied().for_id(id)
+}
+
+/// A fan-out that every upstream failed (or one did, with `SCOPEGATE_AGGREGATE_FAIL_CLOSED`):
+/// `None` when it may go on with the answers it has.
+pub(super) fn fanout_failed(
+    req: &Request<'_>,
+    id: Option<Id<'_>>,
+    what: &str,
+    answered: usize,
+    failures: &[String],
+) -> Option<Reply> {
+    if answered > 0 && (failures.is_empty() || !req.core.config.aggregate_fail_closed) {
+        return None;
+    }
+    let r = Reply::error(
+        502,
+        jsonrpc::UPSTREAM_UNAVAILABLE,
+        format!("{what} failed: {}", failures.join("; ")),
+    );
+    let mut reply = r.for_id(id).upstream_error(None);
+    reply.status = 200;
+    reply.upstream = None;
+    Some(reply)
+}
+
 /// A refusal by policy, for the upstream it concerned.
 pub(super) fn denied(
     id: Option<Id<'_>>,

@@ -11,7 +11,7 @@ use crate::mcp::session::MultiSession;
 use crate::reply::Reply;
 use crate::upstream::client::{UpRequest, UpResponse, exchange, join_all, send};
 
-use super::request::{Fut, Joined, Request, rpc_result, upstream_failed};
+use super::request::{Fut, Joined, Request, answered, fanout_failed, no_upstream, rpc_result};
 
 /// The agent's aggregate session, from its `Mcp-Session-Id`.
 pub(super) fn open(req: &Request<'_>) -> Result<MultiSession, Reply> {
@@ -276,13 +276,7 @@ pub(super) async fn initialize_upstream(
 pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
     let reachable = req.reachable();
     if reachable.is_empty() {
-        let r = Reply::error(
-            404,
-            jsonrpc::GATEWAY_REFUSED,
-            "no upstream is available to this agent",
-        )
-        .denied();
-        return r.for_id(m.id);
+        return no_upstream(m.id);
     }
     let futures: Vec<Fut<'_, Result<Joined, Reply>>> = reachable
         .iter()
@@ -317,14 +311,7 @@ pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
             }
         }
     }
-    if answers.is_empty() || (req.core.config.aggregate_fail_closed && !failures.is_empty()) {
-        let r = Reply::error(
-            502,
-            jsonrpc::UPSTREAM_UNAVAILABLE,
-            format!("initialize failed: {}", failures.join("; ")),
-        );
-        let mut reply = upstream_failed(m.id, r, reachable[0]);
-        reply.upstream = None;
+    if let Some(reply) = fanout_failed(req, m.id, "initialize", answers.len(), &failures) {
         return reply;
     }
     let Some(token) = req
@@ -344,16 +331,7 @@ pub(super) async fn initialize(req: &Request<'_>, m: &Message<'_>) -> Reply {
         .map(|(i, a)| (req.upstream_name(*i), a))
         .collect();
     let result = merge_initialize(&named);
-    let mut body = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
-    if let Some(id) = m.id {
-        id.write_json(&mut body);
-    } else {
-        body.extend_from_slice(b"null");
-    }
-    body.extend_from_slice(b",\"result\":");
-    body.extend_from_slice(result.to_string().as_bytes());
-    body.push(b'}');
-    let mut reply = Reply::json(200, body);
+    let mut reply = answered(m.id, &result);
     reply.headers = format!("Mcp-Session-Id: {token}\r\n");
     reply
 }

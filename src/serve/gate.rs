@@ -160,9 +160,8 @@ pub fn drain_admits(method: &[u8], env: Option<&Envelope<'_>>) -> Result<(), Rep
 /// tool's schema and gets the arguments byte for byte. Refusals use the revision's code.
 pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>, body: &[u8]) -> Result<(), Reply> {
     let mismatch = |what: String| Reply::error(400, jsonrpc::HEADER_MISMATCH, what);
-    let modern_version = head
-        .get("mcp-protocol-version")
-        .is_some_and(modern::is_modern);
+    let version = head.get("mcp-protocol-version");
+    let modern_version = version.is_some_and(modern::is_modern);
     let method_header = head.get("mcp-method");
     let name_header = head.get("mcp-name");
     let is_param = modern::is_param_header;
@@ -171,7 +170,8 @@ pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>, body: &[u8]) -> R
         && method_header.is_none()
         && name_header.is_none()
         && !has_params
-        && head.count("mcp-protocol-version") < 2
+        // A repeated version header is looked for only when there is one.
+        && (version.is_none() || head.count("mcp-protocol-version") < 2)
     {
         return Ok(());
     }
@@ -213,7 +213,7 @@ pub fn check_envelope_headers(head: &Head, env: &Envelope<'_>, body: &[u8]) -> R
         let path = ["params", "_meta", "io.modelcontextprotocol/protocolVersion"];
         let in_body = crate::aggregate::json::locate(body, &path)
             .and_then(|(a, b)| serde_json::from_slice::<String>(&body[a..b]).ok());
-        if in_body.is_some_and(|v| Some(v.as_bytes()) != head.get("mcp-protocol-version")) {
+        if in_body.is_some_and(|v| Some(v.as_bytes()) != version) {
             return Err(mismatch(
                 "the MCP-Protocol-Version header does not match the body's protocol version".into(),
             ));
