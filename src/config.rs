@@ -37,6 +37,9 @@ pub struct Config {
     pub drain: Duration,
     pub allowed_origins: Vec<String>,
     pub policy: Option<PathBuf>,
+    /// `SCOPEGATE_PINS`: the pin file of tool integrity (read with the policy, and again on
+    /// reload).
+    pub pins: Option<PathBuf>,
     pub insecure_open: bool,
     pub log_level: crate::log::Level,
     /// `SCOPEGATE_LOG_FORMAT=json`: log lines as JSON objects.
@@ -240,6 +243,13 @@ impl Config {
             Some(v) => parse_origins(v)?,
         };
         let policy = get("SCOPEGATE_POLICY").map(PathBuf::from);
+        let pins = get("SCOPEGATE_PINS").map(PathBuf::from);
+        if pins.is_some() && policy.is_none() {
+            return Err(err(
+                "SCOPEGATE_PINS",
+                "tool pins are checked under a policy: set SCOPEGATE_POLICY too",
+            ));
+        }
         let insecure_open = flag("SCOPEGATE_INSECURE_OPEN")?;
         let log_level = match get("SCOPEGATE_LOG") {
             None => crate::log::Level::Info,
@@ -517,6 +527,7 @@ impl Config {
             drain,
             allowed_origins,
             policy,
+            pins,
             insecure_open,
             log_level,
             log_json,
@@ -563,6 +574,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_DRAIN_MS",
     "SCOPEGATE_ALLOWED_ORIGINS",
     "SCOPEGATE_POLICY",
+    "SCOPEGATE_PINS",
     "SCOPEGATE_INSECURE_OPEN",
     "SCOPEGATE_LOG",
     "SCOPEGATE_LOG_FORMAT",

@@ -21,6 +21,7 @@
 //! upstream                        upstreams and how they are reached
 //! reply                           what scopegate answers itself (one reply type)
 //! audit                           the audit log
+//! integrity                       tool definitions: digests, the pin file, the poison scan
 //! mcp, http                       MCP and HTTP knowledge, no policy
 //! tls                             rustls streams, PEM files, CA stores, handshake failures
 //! fmt, glob, log, token, alloc    small helpers
@@ -37,6 +38,7 @@ pub mod fmt;
 pub mod forward;
 pub mod glob;
 pub mod http;
+pub mod integrity;
 pub mod jwt;
 pub mod log;
 pub mod mcp;

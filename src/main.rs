@@ -32,6 +32,15 @@ usage:
                                   print allow or deny and the rule that decided
   scopegate audit verify DIR      check the audit log's hash chains; name the first line
                                   that was changed, removed or reordered
+  scopegate tools pin [UPSTREAM...]
+                                  record what each upstream's tools and prompts say now in
+                                  the pin file (SCOPEGATE_PINS)
+  scopegate tools diff [UPSTREAM...]
+                                  show what changed since pinned (exit 1 when anything did)
+  scopegate tools approve UPSTREAM/TOOL [UPSTREAM/prompt:NAME...]
+                                  re-pin reviewed definitions (SIGHUP applies them)
+  scopegate tools scan [UPSTREAM...]
+                                  run the poison scan on every definition (exit 1 on findings)
   scopegate --version             print the version
 
 See README.md for every variable.";
@@ -48,6 +57,7 @@ fn main() {
         Some("validate") => std::process::exit(scopegate::cli::validate(&args[1..])),
         Some("check") => std::process::exit(scopegate::cli::check(&args[1..])),
         Some("audit") => std::process::exit(scopegate::cli::audit(&args[1..])),
+        Some("tools") => std::process::exit(scopegate::cli::tools(&args[1..])),
         Some(other) => {
             eprintln!("scopegate: unknown command {other:?}\n\n{USAGE}");
             std::process::exit(2);
@@ -70,23 +80,26 @@ fn serve() {
     let env_upstreams = config.upstreams.clone();
     let live = match &config.policy {
         None => None,
-        Some(path) => match Policy::load(path, &env_upstreams, &ProcessEnv) {
-            Ok(p) => {
-                info!(
-                    "policy {}: {} tenant(s), {} upstream(s), {} agent(s)",
-                    path.display(),
-                    p.tenants.len(),
-                    p.upstreams().len(),
-                    p.agents.len()
-                );
-                config.upstreams = p.upstreams().to_vec();
-                Some(Arc::new(LivePolicy::new(p)))
+        Some(path) => {
+            match Policy::load_with_pins(path, config.pins.as_deref(), &env_upstreams, &ProcessEnv)
+            {
+                Ok(p) => {
+                    info!(
+                        "policy {}: {} tenant(s), {} upstream(s), {} agent(s)",
+                        path.display(),
+                        p.tenants.len(),
+                        p.upstreams().len(),
+                        p.agents.len()
+                    );
+                    config.upstreams = p.upstreams().to_vec();
+                    Some(Arc::new(LivePolicy::new(p)))
+                }
+                Err(e) => {
+                    eprintln!("scopegate: policy error: {e}");
+                    std::process::exit(2);
+                }
             }
-            Err(e) => {
-                eprintln!("scopegate: policy error: {e}");
-                std::process::exit(2);
-            }
-        },
+        }
     };
     if config.upstreams.is_empty() {
         eprintln!(
@@ -444,7 +457,7 @@ fn reload(
         info!("no policy file to reload");
         return;
     };
-    match Policy::load(path, env_upstreams, &ProcessEnv) {
+    match Policy::load_with_pins(path, config.pins.as_deref(), env_upstreams, &ProcessEnv) {
         Ok(p) => {
             let same_upstreams = p.upstreams().len() == config.upstreams.len()
                 && p.upstreams()

@@ -488,6 +488,15 @@ pub fn render<'a>(s: &Scrape<'a>) -> String {
             );
         }
     }
+    out.push_str("# HELP scopegate_tool_integrity_events_total Tool and prompt definitions that changed since pinned, are not pinned, or were flagged by the poison scan, by what was done.\n");
+    out.push_str("# TYPE scopegate_tool_integrity_events_total counter\n");
+    for (upstream, event, action, n) in crate::integrity::counts() {
+        let _ = writeln!(
+            out,
+            "scopegate_tool_integrity_events_total{{upstream=\"{}\",event=\"{event}\",action=\"{action}\"}} {n}",
+            escape(&upstream)
+        );
+    }
     out.push_str("# HELP scopegate_rate_limited_total Requests refused by a rate limit.\n");
     out.push_str("# TYPE scopegate_rate_limited_total counter\n");
     let _ = writeln!(

@@ -11,7 +11,7 @@ use crate::mcp::lists::ListKind;
 use crate::mcp::session::MultiSession;
 use crate::policy::decide;
 use crate::reply::Reply;
-use crate::upstream::client::{exchange, join_all};
+use crate::upstream::client::{exchange, join_all, walk_list};
 
 use super::names::{MAX_NAME, decode_cursor, encode_cursor, exposed_name, scoped_uri};
 use super::request::{Fut, Request, rpc_result};
@@ -83,16 +83,17 @@ pub(super) async fn list(
             let Some(original) = item.get(item_key).and_then(Value::as_str) else {
                 continue;
             };
+            let original = original.to_owned();
             let visible = match (req.policy, req.agent) {
-                (Some(p), Some(a)) => decide::visible(p, a, i, kind, original),
+                (Some(p), Some(a)) => decide::vet(p, a, i, kind, &mut item),
                 _ => true,
             };
             if !visible {
                 continue;
             }
             let exposed = match kind {
-                ListKind::Tools | ListKind::Prompts => exposed_name(up, sep, original),
-                ListKind::Resources | ListKind::ResourceTemplates => scoped_uri(up, original),
+                ListKind::Tools | ListKind::Prompts => exposed_name(up, sep, &original),
+                ListKind::Resources | ListKind::ResourceTemplates => scoped_uri(up, &original),
             };
             item[item_key] = Value::String(exposed);
             items.push(item);
@@ -325,4 +326,44 @@ pub(super) async fn resolve_name(
         cursor.as_ref()?;
     }
     None
+}
+
+/// With integrity checks on, a call of a tool (or a prompt) of upstream `i` that no list has
+/// shown yet: the upstream's whole list is walked on the agent's session and every definition
+/// judged, so the call is decided on what the upstream says the tool is. A failure is logged;
+/// the call is then refused as not listed.
+pub(super) async fn list_to_vet(
+    req: &Request<'_>,
+    session: &MultiSession,
+    i: usize,
+    kind: ListKind,
+) {
+    let (Some(p), Some(def_kind)) = (req.policy, crate::integrity::Kind::of_list(kind)) else {
+        return;
+    };
+    let walked = match session_for(req, session, i).await {
+        Ok(sid) => {
+            // The body is each page's own (and its routing headers walk_list's).
+            let base = req.up_request("POST", b"", Some(&sid));
+            let mut each = |item: &mut Value| {
+                p.integrity.vet(i, kind, item);
+            };
+            walk_list(
+                req.ups(),
+                i,
+                &base,
+                kind.method(),
+                kind.field(),
+                req.meta(),
+                req.fanout_deadline(),
+                &mut each,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    match walked {
+        Ok(()) => p.integrity.listed(i, def_kind),
+        Err(e) => req.note_failure(i, e.message()),
+    }
 }

@@ -166,10 +166,15 @@ impl Request<'_> {
         let (Some(p), Some(a)) = (self.policy, self.agent) else {
             return Some(data);
         };
+        // Tool integrity: hidden Unicode out of a call's results, when the policy says.
+        let data = match self.strips_hidden(p) {
+            true => crate::integrity::scan::strip_body(&data).unwrap_or(data),
+            false => data,
+        };
         if !lists::may_hold_list(&data) {
             return Some(data);
         }
-        match lists::filter_lists(&data, &|kind, item| decide::visible(p, a, i, kind, item)) {
+        match lists::filter_lists(&data, &|kind, item| decide::vet(p, a, i, kind, item)) {
             Ok(None) => Some(data),
             Ok(Some(filtered)) => Some(filtered),
             Err(_) => None,
@@ -194,11 +199,21 @@ impl Request<'_> {
         if !lists::may_hold_list(&data) {
             return Some(data);
         }
-        match lists::filter_lists(&data, &|kind, item| decide::visible(p, *a, now, kind, item)) {
+        match lists::filter_lists(&data, &|kind, item| decide::vet(p, *a, now, kind, item)) {
             Ok(None) => Some(data),
             Ok(Some(filtered)) => Some(filtered),
             Err(_) => None,
         }
+    }
+
+    /// Whether this request is a tools/call whose results lose their hidden Unicode
+    /// (`strip_hidden_unicode`).
+    fn strips_hidden(&self, p: &Policy) -> bool {
+        p.integrity.strips_results()
+            && self
+                .env
+                .as_ref()
+                .is_some_and(|e| e.messages().iter().any(|m| m.method == Some("tools/call")))
     }
 
     pub(super) fn note_failure(&self, i: usize, why: &str) {

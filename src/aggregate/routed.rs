@@ -15,7 +15,7 @@ use crate::policy::decide::{self, Access, Decision, Target};
 use crate::reply::Reply;
 use crate::upstream::client::{join_all, send};
 
-use super::listing::resolve_name;
+use super::listing::{list_to_vet, resolve_name};
 use super::names::{Answer, Rewrite, unmap_id, unscope_uri};
 use super::request::{
     Fut, Outcome, Request, denied, exchange_or_accepted, rate_limited, upstream_failed, write,
@@ -158,7 +158,16 @@ pub(super) async fn routed(
     };
 
     if let (Some(p), Some(a)) = (req.policy, req.agent) {
-        if let Decision::Deny { rule, reason } = decide::authorize(p, a, i, &target) {
+        let mut decision = decide::authorize(p, a, i, &target);
+        if decide::is_unseen(&decision) {
+            let kind = match target {
+                Target::Prompt(_) => ListKind::Prompts,
+                _ => ListKind::Tools,
+            };
+            list_to_vet(req, session, i, kind).await;
+            decision = decide::authorize(p, a, i, &target);
+        }
+        if let Decision::Deny { rule, reason } = decision {
             return write(req, client, denied(m.id, &rule, &reason, Some(i))).await;
         }
         // Rate limits: every bucket the call falls in, with the upstream's own tool name.

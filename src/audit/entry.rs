@@ -85,6 +85,24 @@ pub fn upstream_fragment(name: &str) -> Vec<u8> {
     out
 }
 
+/// Appends an event record (`{"ts":..,"worker":N,"audit":"<kind>"` and `fragment`), without
+/// its closing brace, to `out`.
+pub fn encode_event(
+    time: SystemTime,
+    worker: usize,
+    kind: &str,
+    fragment: &[u8],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(b"{\"ts\":\"");
+    write_timestamp(time, out);
+    out.extend_from_slice(b"\",\"worker\":");
+    push_decimal(out, worker as u64);
+    out.extend_from_slice(b",\"audit\":");
+    write_json_string(kind, out);
+    out.extend_from_slice(fragment);
+}
+
 /// Appends the entry, without its closing brace, to `out`.
 pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"ts\":\"");

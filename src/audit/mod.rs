@@ -57,6 +57,25 @@ impl AuditSink {
         let mut buf = std::mem::take(&mut *self.scratch.borrow_mut());
         buf.clear();
         entry::encode(entry, &mut buf);
+        self.push(buf).await;
+    }
+
+    /// Records an event that is not a message (`"audit":"<kind>"`, then `fragment`: the
+    /// event's fields, each starting with a comma), chained like every entry.
+    pub async fn record_event(&self, kind: &str, fragment: &[u8]) {
+        let mut buf = std::mem::take(&mut *self.scratch.borrow_mut());
+        buf.clear();
+        entry::encode_event(
+            std::time::SystemTime::now(),
+            self.worker,
+            kind,
+            fragment,
+            &mut buf,
+        );
+        self.push(buf).await;
+    }
+
+    async fn push(&self, mut buf: Vec<u8>) {
         let ring = &self.channel.ring;
         if buf.len() > ring.max_record() {
             // Only arguments can make an entry long, and they are capped by

@@ -15,6 +15,7 @@ use crate::http::body::{BodyError, BodyReader};
 use crate::http::framing;
 use crate::http::head::{self};
 use crate::http::sse::{self, SseSplitter};
+use crate::integrity::scan;
 use crate::mcp::lists::{ListKind, Visible};
 use crate::mcp::{jsonrpc, lists};
 use crate::metrics::StreamGauge;
@@ -71,6 +72,10 @@ pub(super) async fn relay_filtered_json(
         })?
     };
     let body = filtered.map_or_else(|| body.freeze(), Bytes::from);
+    let body = match plan.strip_hidden.then(|| scan::strip_body(&body)).flatten() {
+        Some(clean) => Bytes::from(clean),
+        None => body,
+    };
 
     let keep_client = !close_after && !crate::core::shutting_down();
     start_response(&mut ex.out, response, plan, upstream)?;
@@ -151,7 +156,7 @@ pub(super) async fn relay_events(
         // Every event complete so far.
         let mut too_large = None;
         let fresh = refreshed.as_ref().map(|(p, a, u)| {
-            move |kind: ListKind, item: &str| decide::visible(p, *a, *u, kind, item)
+            move |kind: ListKind, item: &mut serde_json::Value| decide::vet(p, *a, *u, kind, item)
         });
         let visible: Option<Visible<'_>> = match &fresh {
             Some(f) => Some(f),
@@ -165,7 +170,7 @@ pub(super) async fn relay_events(
                         answered = is_response_event(event);
                     }
                     core.list_cache.saw(&upstream.name, event);
-                    pass_event(event, visible, &mut events);
+                    pass_event(event, visible, plan.strip_hidden, &mut events);
                 }
                 Ok(None) => break,
                 Err(sse::TooLarge(limit)) => {
@@ -322,7 +327,16 @@ pub(super) async fn relay_events(
 }
 
 /// Appends one event for the agent: as it came, or with its list results filtered.
-fn pass_event(event: &[u8], visible: Option<Visible<'_>>, out: &mut Vec<u8>) {
+fn pass_event(event: &[u8], visible: Option<Visible<'_>>, strip: bool, out: &mut Vec<u8>) {
+    if strip && let Some(data) = sse::event_parts(event).data.as_deref() {
+        // Tool integrity: hidden Unicode out of the results first.
+        if let Some(clean) = scan::strip_body(data) {
+            let parts = sse::event_parts(event);
+            let mut stripped = Vec::with_capacity(event.len());
+            sse::write_event(&parts.other, parts.id, Some(&clean), &mut stripped);
+            return pass_event(&stripped, visible, false, out);
+        }
+    }
     let Some(visible) = visible.filter(|_| lists::may_hold_list(event)) else {
         out.extend_from_slice(event);
         return;

@@ -147,7 +147,8 @@ pub async fn forward(
     let filtered = plan.visible.is_some() && (200..300).contains(&ex.response.status);
     // Looked up once: every later stage asks.
     let event_stream = head::is_event_stream(&ex.response);
-    if filtered && (event_stream || plan.lists_asked) && !plain_coding(&ex.response) {
+    let read_whole = plan.lists_asked || plan.strip_hidden;
+    if filtered && (event_stream || read_whole) && !plain_coding(&ex.response) {
         return Err(ForwardError::BeforeResponse(Reply::error(
             502,
             jsonrpc::UPSTREAM_UNAVAILABLE,
@@ -171,7 +172,7 @@ pub async fn forward(
     // otherwise size every connection's task.
     let result = if filtered && event_stream {
         Box::pin(events::relay_events(leg)).await
-    } else if filtered && plan.lists_asked {
+    } else if filtered && read_whole {
         Box::pin(events::relay_filtered_json(leg)).await
     } else {
         relay::relay(leg, event_stream).await

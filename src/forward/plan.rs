@@ -48,6 +48,9 @@ pub struct Plan<'a> {
     /// The request asks for a list (or a batch holds one): a JSON answer is read whole and
     /// filtered.
     pub lists_asked: bool,
+    /// Take hidden Unicode out of the answer's results (tool integrity's
+    /// `strip_hidden_unicode`, on a tools/call): a JSON answer is read whole for it.
+    pub strip_hidden: bool,
     /// Look for the result's `isError` (tools/call, audit on).
     pub scan_is_error: bool,
     /// The id of the request when the body is one request: an event stream answering it that

@@ -4,8 +4,7 @@
 //! rewritten, the others pass unchanged). Everything else in the result (`nextCursor`, `_meta`)
 //! is kept, so pagination works page by page.
 
-use simd_json::OwnedValue;
-use simd_json::prelude::*;
+use serde_json::Value;
 
 /// Which list a response answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +65,10 @@ impl ListKind {
     }
 }
 
-/// Whether an item the list names may be seen (by the agent the answer goes to).
-pub type Visible<'a> = &'a dyn Fn(ListKind, &str) -> bool;
+/// Whether an agent may see a listed item (by its name or URI, which the item is known to
+/// have), given the item itself: the check may also rewrite the agent's copy (the operator's
+/// description of a tool).
+pub type Visible<'a> = &'a dyn Fn(ListKind, &mut Value) -> bool;
 
 /// Why a body could not be filtered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,24 +81,22 @@ pub struct Unreadable;
 /// keys cannot smuggle a second, unfiltered copy); `Err`: not JSON, and the caller must not
 /// relay it unfiltered.
 pub fn filter_lists(body: &[u8], visible: Visible<'_>) -> Result<Option<Vec<u8>>, Unreadable> {
-    let mut copy = body.to_vec();
-    let mut value: OwnedValue = simd_json::to_owned_value(&mut copy).map_err(|_| Unreadable)?;
+    let mut value: Value = serde_json::from_slice(body).map_err(|_| Unreadable)?;
     let found = match value.as_array_mut() {
         Some(batch) => batch
             .iter_mut()
             .fold(false, |found, m| filter_message(m, visible) | found),
         None => filter_message(&mut value, visible),
     };
-    Ok(found.then(|| value.encode().into_bytes()))
+    Ok(found.then(|| serde_json::to_vec(&value).unwrap_or_default()))
 }
 
 /// Filters the lists of one message's result; true when it had any.
-fn filter_message(message: &mut OwnedValue, visible: Visible<'_>) -> bool {
+fn filter_message(message: &mut Value, visible: Visible<'_>) -> bool {
     let Some(result) = message.get_mut("result").and_then(|r| r.as_object_mut()) else {
         return false;
     };
     let mut found = false;
-    let mut kinds = 0;
     for kind in [
         ListKind::Tools,
         ListKind::Prompts,
@@ -109,21 +108,23 @@ fn filter_message(message: &mut OwnedValue, visible: Visible<'_>) -> bool {
         };
         found = true;
         match items.as_array_mut() {
-            Some(items) => items.retain(|item| {
-                item.get(kind.key())
-                    .and_then(|v| v.as_str())
-                    .is_some_and(|name| visible(kind, name))
+            Some(items) => items.retain_mut(|item| {
+                item.get(kind.key()).is_some_and(Value::is_string) && visible(kind, item)
             }),
             // Not a list where a list belongs: nothing of it is relayed.
-            None => *items = OwnedValue::Array(Box::default()),
+            None => *items = Value::Array(Vec::new()),
         }
-        kinds += 1;
     }
     // A list filtered for one agent must not be cached for others (2026-07-28 caching hints).
-    if kinds > 0 && result.contains_key("cacheScope") {
-        result.insert("cacheScope".into(), OwnedValue::from("private"));
+    if found && result.contains_key("cacheScope") {
+        result.insert("cacheScope".into(), Value::from("private"));
     }
     found
+}
+
+/// The name (or URI) a listed item is known by.
+pub fn item_name(kind: ListKind, item: &Value) -> Option<&str> {
+    item.get(kind.key()).and_then(Value::as_str)
 }
 
 /// Whether an event-stream event or a body may hold a list result and must be looked at: it
@@ -217,7 +218,8 @@ mod tests {
 
     const LIST: &str = r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"search_code","inputSchema":{}},{"name":"delete_repo","inputSchema":{}},{"name":"get_issue"}],"nextCursor":"page-2"}}"#;
 
-    fn keep(_: ListKind, name: &str) -> bool {
+    fn keep(kind: ListKind, item: &mut Value) -> bool {
+        let name = item_name(kind, item).unwrap();
         !name.starts_with("delete") && !name.contains("/etc/")
     }
 

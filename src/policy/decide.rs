@@ -5,6 +5,8 @@ use simd_json::Node;
 
 use super::Policy;
 use super::args::arguments_iter;
+use super::integrity::CallVerdict;
+use crate::integrity::Kind as ItemDef;
 use crate::mcp::envelope::{Kind, Message, Reference};
 use crate::mcp::lists::ListKind;
 use crate::mcp::uri;
@@ -23,6 +25,14 @@ pub enum Decision {
 impl Decision {
     pub fn is_allowed(&self) -> bool {
         matches!(self, Decision::Allow)
+    }
+
+    /// This decision when it refuses, else `then`'s.
+    pub fn and(self, then: impl FnOnce() -> Decision) -> Decision {
+        match self {
+            Decision::Allow => then(),
+            deny => deny,
+        }
     }
 }
 
@@ -164,8 +174,10 @@ pub fn authorize(policy: &Policy, agent: usize, upstream: usize, target: &Target
         Target::Upstream => Decision::Allow,
         Target::Tool { name, arguments } => {
             authorize_call(policy, agent, upstream, name, arguments)
+                .and(|| integrity(policy, upstream, ItemDef::Tool, name))
         }
-        Target::Prompt(name) => authorize_item(policy, agent, upstream, ItemKind::Prompt, name),
+        Target::Prompt(name) => authorize_item(policy, agent, upstream, ItemKind::Prompt, name)
+            .and(|| integrity(policy, upstream, ItemDef::Prompt, name)),
         Target::Resource(uri) => authorize_item(policy, agent, upstream, ItemKind::Resource, uri),
         Target::ResourceTemplate(uri) => {
             authorize_item(policy, agent, upstream, ItemKind::ResourceTemplate, uri)
@@ -218,6 +230,34 @@ pub fn authorize(policy: &Policy, agent: usize, upstream: usize, target: &Target
     }
 }
 
+/// The rule of a refusal that only says no list has shown the tool (or prompt) yet: the
+/// request path lists the upstream ([`crate::upstream::client::walk_list`]) and asks again.
+pub const UNSEEN: &str = "integrity (not listed yet)";
+
+/// The integrity checks on a call the rules allow: a verdict made when the definition was
+/// listed ([`super::integrity`]).
+fn integrity(policy: &Policy, upstream: usize, kind: ItemDef, name: &str) -> Decision {
+    match policy.integrity.call(upstream, kind, name) {
+        CallVerdict::Pass => Decision::Allow,
+        CallVerdict::Block(why) => Decision::Deny {
+            rule: "integrity".into(),
+            reason: why.to_string(),
+        },
+        CallVerdict::Unseen => Decision::Deny {
+            rule: UNSEEN.into(),
+            reason: format!(
+                "{} {name:?} has not been listed by its upstream yet: list it first",
+                kind.as_str()
+            ),
+        },
+    }
+}
+
+/// Whether a refusal is [`UNSEEN`]'s.
+pub fn is_unseen(d: &Decision) -> bool {
+    matches!(d, Decision::Deny { rule, .. } if rule == UNSEEN)
+}
+
 /// Authorizes one JSON-RPC message of the single-upstream endpoint (see [`Target::of`]).
 pub fn authorize_message(
     policy: &Policy,
@@ -249,6 +289,22 @@ pub fn visible(policy: &Policy, agent: usize, upstream: usize, kind: ListKind, i
             item_denied(policy, agent, upstream, ItemKind::ResourceTemplate, item).is_none()
         }
     }
+}
+
+/// Whether `agent` may see a listed item of `upstream`: its name or URI by [`visible`], then its
+/// definition by the integrity checks (which may give the agent's copy the operator's
+/// description). What every list filter asks.
+pub fn vet(
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    kind: ListKind,
+    item: &mut serde_json::Value,
+) -> bool {
+    let Some(name) = crate::mcp::lists::item_name(kind, item) else {
+        return false;
+    };
+    visible(policy, agent, upstream, kind, name) && policy.integrity.vet(upstream, kind, item)
 }
 
 /// Whether `agent` may see and call tool `name` of upstream `upstream` at all (before

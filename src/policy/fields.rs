@@ -9,8 +9,11 @@ use toml::Spanned;
 
 use super::PolicyError;
 use super::args::{self, Constraint, Literal};
+use super::integrity::{Action, Integrity, Settings, UpstreamIntegrity};
 use crate::glob::Glob;
+use crate::integrity::scan;
 use crate::ratelimit::{Limit, Rate};
+use crate::upstream::Upstream;
 
 /// Environment lookups for `${VAR}` in upstream headers (the process environment, or a map in
 /// tests).
@@ -41,6 +44,26 @@ pub(super) struct RawPolicy {
     pub(super) upstream: Vec<RawUpstream>,
     #[serde(default)]
     pub(super) agent: Vec<RawAgent>,
+    pub(super) integrity: Option<Spanned<RawIntegrity>>,
+}
+
+/// `[integrity]`: pins, the poison scan, hidden Unicode in results.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIntegrity {
+    pub(super) unpinned: Option<Spanned<String>>,
+    pub(super) on_change: Option<Spanned<String>>,
+    pub(super) on_finding: Option<Spanned<String>>,
+    pub(super) max_description: Option<Spanned<i64>>,
+    pub(super) strip_hidden_unicode: Option<bool>,
+}
+
+/// `[[upstream.tool]]`: the description agents see instead of the upstream's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTool {
+    pub(super) name: Spanned<String>,
+    pub(super) description: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +105,10 @@ pub(super) struct RawUpstream {
     pub(super) idle_timeout_s: Option<Spanned<i64>>,
     pub(super) startup_timeout_s: Option<Spanned<i64>>,
     pub(super) share: Option<Spanned<bool>>,
+    /// Tool integrity: what a definition that no longer matches its pin does.
+    pub(super) on_change: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) tool: Vec<RawUpstreamTool>,
 }
 
 #[derive(Deserialize)]
@@ -448,4 +475,97 @@ pub(super) fn compile_constraint(
         ));
     }
     Ok(constraint)
+}
+
+/// Compiles `[integrity]` and each upstream's `on_change` and `[[upstream.tool]]` (upstreams
+/// of the environment the policy does not name take the defaults).
+pub(super) fn compile_integrity(
+    raw: &RawPolicy,
+    upstreams: &[Upstream],
+    at: &At<'_>,
+) -> Result<Integrity, PolicyError> {
+    let action = |v: &Option<Spanned<String>>, field: &str, default: Action| match v {
+        None => Ok(default),
+        Some(s) => match s.get_ref().as_str() {
+            "block" => Ok(Action::Block),
+            "warn" => Ok(Action::Warn),
+            other => Err(at(
+                Some(s.span()),
+                field,
+                format!("{other:?} is not \"block\" or \"warn\""),
+            )),
+        },
+    };
+    let table = raw.integrity.as_ref().map(|t| t.get_ref());
+    let on_change = action(
+        &table.and_then(|t| t.on_change.clone()),
+        "integrity.on_change",
+        Action::Block,
+    )?;
+    let settings = match table {
+        None => None,
+        Some(t) => Some(Settings {
+            hide_unpinned: match &t.unpinned {
+                None => None,
+                Some(s) => match s.get_ref().as_str() {
+                    "hide" => Some(true),
+                    "allow" => Some(false),
+                    other => {
+                        return Err(at(
+                            Some(s.span()),
+                            "integrity.unpinned",
+                            format!("{other:?} is not \"allow\" or \"hide\""),
+                        ));
+                    }
+                },
+            },
+            on_finding: action(&t.on_finding, "integrity.on_finding", Action::Warn)?,
+            max_description: match &t.max_description {
+                None => scan::DEFAULT_MAX_DESCRIPTION,
+                Some(n) if (1..=1_048_576).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    return Err(at(
+                        Some(n.span()),
+                        "integrity.max_description",
+                        "must be 1 to 1048576 (bytes)".into(),
+                    ));
+                }
+            },
+            strip_results: t.strip_hidden_unicode.unwrap_or(false),
+        }),
+    };
+    let mut per = Vec::with_capacity(upstreams.len());
+    for u in upstreams {
+        let mut own = UpstreamIntegrity {
+            on_change,
+            overrides: HashMap::new(),
+        };
+        if let Some(r) = raw.upstream.iter().find(|r| r.name.get_ref() == &u.name) {
+            own.on_change = action(&r.on_change, "upstream.on_change", on_change)?;
+            for t in &r.tool {
+                let name = t.name.get_ref();
+                if name.is_empty() {
+                    return Err(at(
+                        Some(t.name.span()),
+                        "upstream.tool.name",
+                        "empty".into(),
+                    ));
+                }
+                let text = t.description.get_ref().clone();
+                if own.overrides.insert(name.clone(), text).is_some() {
+                    return Err(at(
+                        Some(t.name.span()),
+                        "upstream.tool.name",
+                        format!("tool {name:?} of upstream {:?} has two overrides", u.name),
+                    ));
+                }
+            }
+        }
+        per.push(own);
+    }
+    Ok(Integrity::new(
+        settings,
+        per,
+        upstreams.iter().map(|u| u.name.clone()).collect(),
+    ))
 }

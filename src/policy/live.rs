@@ -27,6 +27,7 @@ impl LivePolicy {
     pub fn replace(&self, mut policy: Policy) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         policy.inherit_rate_state(&current);
+        policy.integrity.inherit(&current.integrity);
         *current = Arc::new(policy);
         self.generation.fetch_add(1, Ordering::Release);
     }

@@ -33,6 +33,27 @@ impl Policy {
         Policy::parse(path, &text, configured, env)
     }
 
+    /// [`Policy::load`], and the pin file of tool integrity when one is set
+    /// (`SCOPEGATE_PINS`): what the gateway runs with, at start and on each reload.
+    pub fn load_with_pins(
+        path: &Path,
+        pins: Option<&Path>,
+        configured: &[Upstream],
+        env: &dyn Env,
+    ) -> Result<Policy, PolicyError> {
+        let mut policy = Policy::load(path, configured, env)?;
+        if let Some(pins) = pins {
+            let read = crate::integrity::pins::Pins::load(pins).map_err(|message| PolicyError {
+                file: pins.to_owned(),
+                line: None,
+                field: String::new(),
+                message,
+            })?;
+            policy.integrity.set_pins(read);
+        }
+        Ok(policy)
+    }
+
     pub fn parse(
         path: &Path,
         text: &str,
@@ -355,7 +376,9 @@ impl Policy {
             });
         }
 
+        let integrity = super::fields::compile_integrity(&raw, &upstreams, &at)?;
         Ok(Policy {
+            integrity,
             source: path.to_owned(),
             tenants,
             upstream_rules: rules,
@@ -547,5 +570,30 @@ mod tests {
             vec![("X-Api-Key".to_string(), "k".to_string())]
         );
         assert_eq!(p.upstream_rules[0].tenant, Some(0));
+    }
+
+    #[test]
+    fn bad_settings_name_the_field() {
+        let env = HashMap::<String, String>::new();
+        for (text, field) in [
+            ("[integrity]\nunpinned = \"maybe\"\n", "integrity.unpinned"),
+            (
+                "[integrity]\non_finding = \"ignore\"\n",
+                "integrity.on_finding",
+            ),
+            (
+                "[integrity]\nmax_description = 0\n",
+                "integrity.max_description",
+            ),
+        ] {
+            let full = format!("{text}[[upstream]]\nname = \"w\"\nurl = \"http://127.0.0.1:9/\"\n");
+            let e = Policy::parse(Path::new("p.toml"), &full, &[], &env).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        let twice = "[[upstream]]\nname = \"w\"\nurl = \"http://127.0.0.1:9/\"\n\
+                     [[upstream.tool]]\nname = \"t\"\ndescription = \"a\"\n\
+                     [[upstream.tool]]\nname = \"t\"\ndescription = \"b\"\n";
+        let e = Policy::parse(Path::new("p.toml"), twice, &[], &env).unwrap_err();
+        assert!(e.message.contains("two overrides"), "{e}");
     }
 }

@@ -11,6 +11,7 @@
 pub mod args;
 pub mod decide;
 mod fields;
+pub mod integrity;
 pub mod live;
 pub mod load;
 mod stdio;
@@ -127,6 +128,8 @@ pub struct Policy {
     pub agents: Vec<Agent>,
     by_key: HashMap<[u8; 32], usize>,
     by_id: HashMap<String, usize>,
+    /// Tool integrity: pins, the poison scan, overrides.
+    pub integrity: integrity::Integrity,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,17 +4,22 @@
 
 use super::answer::{KeepAlive, answer};
 use super::gate;
+use super::memory::ConnCache;
 use super::record::Draft;
 use crate::audit::entry::Decision as AuditDecision;
 use crate::core::Passed;
 use crate::forward::{self, Exchange, ForwardError, Plan, ReloadNotice};
 use crate::http::conn::Conn;
+use crate::mcp::envelope::Envelope;
 use crate::mcp::lists::ListKind;
 use crate::mcp::lists::{LIST_CHANGED, list_changes_asked, subscription_meta};
-use crate::policy::decide;
+use crate::policy::Policy;
+use crate::policy::decide::{self, Target};
 use crate::policy::live::ViewWatch;
 use crate::upstream::Transport;
+use crate::upstream::client::{UpRequest, Upstreams, walk_list};
 use crate::upstream::stdio::Stdio;
+use std::time::Instant;
 
 /// A stdio server that failed during the exchange (it exited, broke the protocol, could not
 /// start): the audit says `upstream_error` and why. The bridge says so in a header of its
@@ -75,6 +80,11 @@ pub async fn to_upstream(
     let method = head.method();
     let request_id = env.and_then(|e| e.single()?.id);
     let mut upstream_session = None;
+    if let (Some(policy), Some(agent), Some(env)) = (policy, agent, env)
+        && policy.integrity.is_active()
+    {
+        list_unseen(p, policy, agent, upstream, env, &body, &mut draft.cache).await;
+    }
     if let (Some(policy), Some(agent)) = (policy, agent) {
         let status = core.config.rate_limit_status;
         let (limiter, sessions, cache) = (&core.limiter, &core.sessions, &mut draft.cache);
@@ -91,6 +101,8 @@ pub async fn to_upstream(
     let mut plan = Plan::for_messages(messages);
     plan.traceparent = traceparent.as_ref().map(|t| &t[..]);
     plan.request_id = request_id;
+    plan.strip_hidden = policy.is_some_and(|p| p.integrity.strips_results())
+        && env.is_some_and(|e| e.messages().iter().any(|m| m.method == Some("tools/call")));
     plan.scan_is_error = draft.active
         && env
             .and_then(|e| e.single())
@@ -102,8 +114,9 @@ pub async fn to_upstream(
         let upstream_name = upstreams[upstream].name.as_str();
         let sessions = &core.sessions;
         seal = move |id: &[u8]| sessions.seal(agent_id, upstream_name, id);
-        visible =
-            move |kind: ListKind, item: &str| decide::visible(policy, agent, upstream, kind, item);
+        visible = move |kind: ListKind, item: &mut serde_json::Value| {
+            decide::vet(policy, agent, upstream, kind, item)
+        };
         plan.strip_credentials = true;
         plan.agent_id = Some(agent_id);
         plan.upstream_session = upstream_session;
@@ -171,6 +184,77 @@ pub async fn to_upstream(
         draft.reason = Some(why);
     }
     result
+}
+
+/// With integrity checks on, a call of a tool (or a prompt) that no list has shown yet
+/// ([`decide::UNSEEN`]): the upstream's whole list is walked first, on the agent's session, and
+/// every definition judged, so the call is decided on what the upstream says the tool is. A
+/// failure is logged, and the call is then refused as not listed.
+async fn list_unseen(
+    p: &Passed<'_>,
+    policy: &Policy,
+    agent: usize,
+    upstream: usize,
+    env: &Envelope<'_>,
+    body: &[u8],
+    cache: &mut ConnCache,
+) {
+    for m in env.messages() {
+        let target = Target::of(m, env.arguments(m), env.notifications(m));
+        let kind = match target {
+            Target::Tool { .. } => ListKind::Tools,
+            Target::Prompt(_) => ListKind::Prompts,
+            _ => continue,
+        };
+        let Some(def_kind) = crate::integrity::Kind::of_list(kind) else {
+            continue;
+        };
+        if !decide::is_unseen(&decide::authorize(policy, agent, upstream, &target)) {
+            continue;
+        }
+        let sessions = &p.core.sessions;
+        let session = p
+            .head
+            .get("mcp-session-id")
+            .and_then(|t| gate::open_session(sessions, policy, agent, upstream, t, cache))
+            .map(<[u8]>::to_vec);
+        let c = &p.core.config;
+        let ups = Upstreams {
+            list: p.upstreams,
+            pool: &p.core.pool,
+            timeout: c.upstream_timeout,
+            max_message: c.max_upstream_message,
+        };
+        let base = UpRequest {
+            method: "POST",
+            body: b"",
+            session: session.as_deref(),
+            protocol_version: p.head.get("mcp-protocol-version"),
+            peer: p.peer,
+            agent_id: Some(policy.agents[agent].id.as_str()),
+            routing: Vec::new(),
+        };
+        // 2026-07-28: each request carries the agent's revision and capabilities.
+        let meta =
+            crate::aggregate::json::locate(body, &["params", "_meta"]).map(|(a, b)| &body[a..b]);
+        let deadline = Instant::now() + c.upstream_timeout.min(c.aggregate_timeout);
+        let mut each = |item: &mut serde_json::Value| {
+            policy.integrity.vet(upstream, kind, item);
+        };
+        let (method, field) = (kind.method(), kind.field());
+        match walk_list(
+            ups, upstream, &base, method, field, meta, deadline, &mut each,
+        )
+        .await
+        {
+            Ok(()) => policy.integrity.listed(upstream, def_kind),
+            Err(e) => crate::warn!(
+                "tool integrity: {method} of upstream {:?}, to check a call, failed: {}",
+                p.upstreams[upstream].name,
+                e.message()
+            ),
+        }
+    }
 }
 
 /// What an open stream tells its agent when a reload changes what it may see: on a GET stream

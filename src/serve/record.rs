@@ -280,6 +280,14 @@ fn log_line(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], total_us: u64) 
 /// Writes the request's entries to the audit log: one per JSON-RPC message (one for a request
 /// that carried none).
 pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out: u64) {
+    // What list answers told of tool integrity (drifts, findings) goes in first: the answer
+    // that showed it is this request's, or an earlier one's.
+    let events = crate::policy::integrity::take_events();
+    if let Some(audit) = sink.audit {
+        for fragment in &events {
+            audit.record_event("integrity", fragment).await;
+        }
+    }
     if draft.skip {
         return;
     }

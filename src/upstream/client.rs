@@ -227,6 +227,77 @@ pub async fn exchange(
     Ok((resp, body))
 }
 
+/// Walks every page of a list (`method`, whose result holds its items in `field`), giving
+/// each item to `each`. Each page is `base` with its own body (and, for a 2026-07-28
+/// upstream, its `Mcp-Method`); `meta` (raw JSON) goes in each page's `params._meta`. At
+/// most 100 pages.
+#[allow(clippy::too_many_arguments)]
+pub async fn walk_list(
+    ups: Upstreams<'_>,
+    index: usize,
+    base: &UpRequest<'_>,
+    method: &str,
+    field: &str,
+    meta: Option<&[u8]>,
+    deadline: Instant,
+    each: &mut dyn FnMut(&mut serde_json::Value),
+) -> Result<(), Reply> {
+    use serde_json::Value;
+    let name = &ups.list[index].name;
+    let bad = |why: &str| {
+        Reply::error(
+            502,
+            crate::mcp::jsonrpc::UPSTREAM_UNAVAILABLE,
+            format!("upstream {name:?} {why}"),
+        )
+    };
+    let mut cursor: Option<Value> = None;
+    for _ in 0..100 {
+        let mut params = serde_json::Map::new();
+        if let Some(c) = cursor.take() {
+            params.insert("cursor".into(), c);
+        }
+        if let Some(m) = meta.and_then(|m| serde_json::from_slice::<Value>(m).ok()) {
+            params.insert("_meta".into(), m);
+        }
+        let body = serde_json::json!({
+            "jsonrpc": "2.0", "id": "scopegate-list", "method": method, "params": params,
+        });
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let mut routing = base.routing.clone();
+        if base
+            .protocol_version
+            .is_some_and(crate::mcp::modern::is_modern)
+        {
+            routing.push(("Mcp-Method".to_owned(), method.as_bytes().to_vec()));
+        }
+        let page = UpRequest {
+            method: "POST",
+            body: &body,
+            session: base.session,
+            protocol_version: base.protocol_version,
+            peer: base.peer,
+            agent_id: base.agent_id,
+            routing,
+        };
+        let (resp, answer) = exchange(ups, index, &page, deadline).await?;
+        resp.finish(ups);
+        let mut value: Value = serde_json::from_slice(&answer)
+            .map_err(|_| bad(&format!("answered {method} with something not JSON")))?;
+        let Some(result) = value.get_mut("result") else {
+            return Err(bad(&format!("answered {method} with an error")));
+        };
+        if let Some(Value::Array(items)) = result.get_mut(field) {
+            items.iter_mut().for_each(&mut *each);
+        }
+        cursor = result.get("nextCursor").filter(|c| !c.is_null()).cloned();
+        if cursor.is_none() {
+            return Ok(());
+        }
+    }
+    Err(bad(&format!("sent over 100 pages of {method}")))
+}
+
 fn is_response(data: &[u8]) -> bool {
     matches!(
         serde_json::from_slice::<serde_json::Value>(data),

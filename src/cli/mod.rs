@@ -1,7 +1,12 @@
-//! The policy commands: `hash-key`, `validate`, `check`. Each returns the process exit status:
+//! The commands: `hash-key`, `validate`, `check`, `audit verify`, and `tools` (tool
+//! integrity, [`tools`]). Each returns the process exit status:
 //! 0 success (or allow), 1 a problem found (or deny), 2 a usage error.
 
+mod tools;
+
 use std::path::Path;
+
+pub use tools::tools;
 
 use crate::config;
 use crate::policy::decide::{Decision, authorize_call};
