@@ -77,6 +77,9 @@ pub enum CallVerdict {
 /// not listed (rather than unseen) for this long.
 const LISTED_FOR_MS: u64 = 60_000;
 
+/// The most names kept per upstream and kind.
+const MAX_SEEN: usize = 20_000;
+
 /// The verdicts for one upstream's items, shared by every core and kept across reloads.
 #[derive(Debug, Default)]
 struct Seen {
@@ -254,6 +257,11 @@ impl Integrity {
             findings,
             verdict: verdict.clone(),
         };
+        // Bounded: an upstream listing ever new names cannot grow the table without end (a name
+        // past the bound is judged for each list, and its calls go by the list rule).
+        if table.len() >= MAX_SEEN && !table.contains_key(name.as_str()) {
+            return verdict;
+        }
         // Told once per new definition, even when two cores see it at once.
         let fresh = match table.entry(name.clone().into_boxed_str()) {
             dashmap::Entry::Occupied(mut e) if e.get().digest != d => {
@@ -394,6 +402,11 @@ impl Integrity {
         } else {
             CallVerdict::Pass
         }
+    }
+
+    /// Whether a call of `name` waits on a list ([`CallVerdict::Unseen`]).
+    pub fn unseen(&self, i: usize, kind: Kind, name: &str) -> bool {
+        self.active && self.call(i, kind, name) == CallVerdict::Unseen
     }
 
     /// A full list of upstream `i`'s `kind` was just walked (every page vetted).

@@ -201,15 +201,19 @@ async fn list_unseen(
 ) {
     for m in env.messages() {
         let target = Target::of(m, env.arguments(m), env.notifications(m));
-        let kind = match target {
-            Target::Tool { .. } => ListKind::Tools,
-            Target::Prompt(_) => ListKind::Prompts,
+        let (kind, name) = match target {
+            Target::Tool { name, .. } => (ListKind::Tools, name),
+            Target::Prompt(name) => (ListKind::Prompts, name),
             _ => continue,
         };
         let Some(def_kind) = crate::integrity::Kind::of_list(kind) else {
             continue;
         };
-        if !decide::is_unseen(&decide::authorize(policy, agent, upstream, &target)) {
+        // The common case, a verdict made when the tool was listed, costs one lookup; the
+        // rules are asked only before walking a list (a call they refuse never causes one).
+        if !policy.integrity.unseen(upstream, def_kind, name)
+            || !decide::is_unseen(&decide::authorize(policy, agent, upstream, &target))
+        {
             continue;
         }
         let sessions = &p.core.sessions;

@@ -100,6 +100,24 @@ def tools_of(url: str) -> dict[str, str]:
     return run(session_do(url, steps))
 
 
+def prompts_of(url: str) -> dict[str, str]:
+    async def steps(s):
+        return {p.name: p.description for p in (await s.list_prompts()).prompts}
+
+    return run(session_do(url, steps))
+
+
+def get_prompt(url: str, name: str) -> str:
+    async def steps(s):
+        try:
+            r = await s.get_prompt(name, {"name": "Ada"})
+            return r.messages[0].content.text
+        except Exception as e:  # McpError
+            return f"error: {e}"
+
+    return run(session_do(url, steps))
+
+
 def call(url: str, tool: str, args: dict, list_first: bool = True) -> str:
     """The text of a call's result, or the error's message. Without `list_first` the client
     calls without listing (the 1.x SDK lists by itself to check output schemas: so a raw
@@ -271,10 +289,16 @@ def test_unpinned_tools_follow_the_policy(tmp_path):
         assert sorted(tools_of(url)) == ["add"]
         refused = call(url, "echo", {"text": "x"}, list_first=False)
         assert "not pinned" in refused, refused
+        # Prompts too, on both endpoints.
+        for u in (url, f"{gw.base}/mcp"):
+            assert prompts_of(u) == {}, u
+            assert "not pinned" in get_prompt(u, "greeting"), u
         # unpinned = "allow": shown and callable, still audited as unpinned.
         write_policy(policy, [weather], integrity='[integrity]\nunpinned = "allow"\n')
         reload(gw)
         assert sorted(tools_of(url)) == ["add", "echo", "get_weather", "notes"]
+        assert list(prompts_of(url)) == ["greeting"]
+        assert get_prompt(url, "greeting") == "Hello, Ada!"
         assert call(url, "echo", {"text": "x"}).startswith("x")
         assert "echo" in weather.executed()
     finally:
