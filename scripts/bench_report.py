@@ -24,13 +24,15 @@ NAMES = {
     "direct": "direct to the upstream",
     "scopegate-full": "scopegate, everything on",
     "scopegate-baseline": "scopegate baseline build, everything on",
+    "scopegate-integrity": "scopegate, everything on + tool integrity",
     "scopegate-limits": "scopegate, policy + limits, no audit",
     "scopegate-open": "scopegate, insecure-open",
     "nginx": "nginx",
 }
-ORDER = ["direct", "scopegate-full", "scopegate-baseline", "scopegate-limits", "scopegate-open", "nginx"]
+ORDER = ["direct", "scopegate-full", "scopegate-baseline", "scopegate-integrity", "scopegate-limits",
+         "scopegate-open", "nginx"]
 COLORS = {"direct": "#555555", "scopegate-full": "#d62728", "scopegate-baseline": "#9467bd",
-          "scopegate-limits": "#ff9896",
+          "scopegate-limits": "#ff9896", "scopegate-integrity": "#ff7f0e",
           "scopegate-open": "#1f77b4", "nginx": "#2ca02c"}
 
 
@@ -173,6 +175,19 @@ if on and off:
     w("")
     w(f"Everything on vs the same without the audit log, paired round by round: throughput "
       f"{thr:.3f}x, requests per CPU-second {cpu:.3f}x.")
+    w("")
+
+# Tool integrity's cost (issue: tools/call stays as fast with the checks on).
+checked = maxrows.get("scopegate-integrity", [])
+if checked and on:
+    pairs = list(zip(checked, on))
+    thr = med(x[0] / y[0] for x, y in pairs)
+    cpu = med(x[1] / y[1] for x, y in pairs if x[1] and y[1])
+    w("## Tool integrity's cost")
+    w("")
+    w(f"Everything on plus tool integrity (a pin file, `[integrity]`: each call's verdict looked "
+      f"up) vs everything on, paired round by round: throughput {thr:.3f}x, CPU per request "
+      f"{cpu:.3f}x.")
     w("")
 
 # Before/after: this build vs a baseline build, paired round by round.
