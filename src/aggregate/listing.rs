@@ -341,6 +341,11 @@ pub(super) async fn list_to_vet(
     let (Some(p), Some(def_kind)) = (req.policy, crate::integrity::Kind::of_list(kind)) else {
         return;
     };
+    // One walk at a time and a few seconds apart, whoever asks; else the call is refused as
+    // not listed yet.
+    if !p.integrity.begin_walk(i, def_kind) {
+        return;
+    }
     let walked = match session_for(req, session, i).await {
         Ok(sid) => {
             // The body is each page's own (and its routing headers walk_list's).

@@ -166,11 +166,7 @@ impl Request<'_> {
         let (Some(p), Some(a)) = (self.policy, self.agent) else {
             return Some(data);
         };
-        // Tool integrity: hidden Unicode out of a call's results, when the policy says.
-        let data = match self.strips_hidden(p) {
-            true => crate::integrity::scan::strip_body(&data).unwrap_or(data),
-            false => data,
-        };
+        let data = self.strip_hidden(p, data);
         if !lists::may_hold_list(&data) {
             return Some(data);
         }
@@ -193,6 +189,7 @@ impl Request<'_> {
         let Some((p, a)) = view else {
             return self.filter_lists(i, data);
         };
+        let data = self.strip_hidden(p, data);
         let name = self.upstream_name(i);
         let now = p.upstreams().iter().position(|u| u.name == name);
         let now = now.filter(|&n| p.may_use_upstream(*a, n))?;
@@ -206,14 +203,17 @@ impl Request<'_> {
         }
     }
 
-    /// Whether this request is a tools/call whose results lose their hidden Unicode
-    /// (`strip_hidden_unicode`).
-    fn strips_hidden(&self, p: &Policy) -> bool {
-        p.integrity.strips_results()
-            && self
-                .env
-                .as_ref()
-                .is_some_and(|e| e.messages().iter().any(|m| m.method == Some("tools/call")))
+    /// Tool integrity: a message answering a tool's call without its hidden Unicode, when
+    /// the policy says (`strip_hidden_unicode`).
+    fn strip_hidden(&self, p: &Policy, data: Vec<u8>) -> Vec<u8> {
+        let strips = self
+            .env
+            .as_ref()
+            .is_some_and(|e| e.messages().iter().any(|m| p.integrity.strips(m.method)));
+        match strips {
+            true => crate::integrity::scan::strip_body(&data).unwrap_or(data),
+            false => data,
+        }
     }
 
     pub(super) fn note_failure(&self, i: usize, why: &str) {

@@ -103,6 +103,61 @@ pub fn encode_event(
     out.extend_from_slice(fragment);
 }
 
+/// A tool-integrity event: what scopegate saw of an upstream's tool or prompt, and what it did.
+pub struct IntegrityEvent<'a> {
+    /// `changed`, `unpinned` or `findings`.
+    pub event: &'a str,
+    /// `blocked`, `warned`, `hidden` or `allowed`.
+    pub action: &'a str,
+    pub upstream: &'a str,
+    /// `tool` or `prompt`.
+    pub kind: &'a str,
+    pub name: &'a str,
+    /// The pinned digest (`sha256:<hex>`), for a change.
+    pub pinned: Option<&'a str>,
+    /// The digest of the definition seen.
+    pub seen: &'a str,
+    pub findings: &'a [crate::integrity::scan::Finding],
+}
+
+/// The fields of an integrity event record (after `"audit":"integrity"`, see [`encode_event`]).
+pub fn integrity_fragment(e: &IntegrityEvent<'_>, out: &mut Vec<u8>) {
+    for (key, value) in [
+        ("event", e.event),
+        ("action", e.action),
+        ("upstream", e.upstream),
+        ("kind", e.kind),
+        ("name", e.name),
+    ] {
+        out.push(b',');
+        write_json_string(key, out);
+        out.push(b':');
+        write_json_string(value, out);
+    }
+    if let Some(pinned) = e.pinned {
+        out.extend_from_slice(b",\"pinned\":");
+        write_json_string(pinned, out);
+    }
+    out.extend_from_slice(b",\"seen\":");
+    write_json_string(e.seen, out);
+    if !e.findings.is_empty() {
+        out.extend_from_slice(b",\"findings\":[");
+        for (n, f) in e.findings.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"check\":");
+            write_json_string(f.check, out);
+            out.extend_from_slice(b",\"at\":");
+            write_json_string(&f.at, out);
+            out.extend_from_slice(b",\"detail\":");
+            write_json_string(&f.detail, out);
+            out.push(b'}');
+        }
+        out.push(b']');
+    }
+}
+
 /// Appends the entry, without its closing brace, to `out`.
 pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"ts\":\"");

@@ -78,8 +78,9 @@ impl AuditSink {
     async fn push(&self, mut buf: Vec<u8>) {
         let ring = &self.channel.ring;
         if buf.len() > ring.max_record() {
-            // Only arguments can make an entry long, and they are capped by
-            // SCOPEGATE_AUDIT_MAX_ARGS, which the configuration keeps well below the ring size.
+            // Arguments (capped by SCOPEGATE_AUDIT_MAX_ARGS, which the configuration keeps well
+            // below the ring size) and integrity findings (at most 16, each capped) make an
+            // entry long; past the ring's record size it is cut.
             buf.truncate(ring.max_record());
         }
         while !ring.try_push(&buf) {

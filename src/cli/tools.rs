@@ -129,7 +129,6 @@ async fn list_one(ups: Upstreams<'_>, i: usize, config: &Config) -> Result<Liste
     let name = ups.list[i].name.clone();
     let deadline = Instant::now() + config.upstream_timeout;
     let peer: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let version = b"2025-06-18";
     let init = UpRequest {
         method: "POST",
         body: br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"scopegate-tools","version":"1"}}}"#,
@@ -151,11 +150,18 @@ async fn list_one(ups: Upstreams<'_>, i: usize, config: &Config) -> Result<Liste
         ));
     };
     let caps = caps.clone();
+    // Later requests carry the revision the upstream agreed to.
+    let version = answer
+        .pointer("/result/protocolVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("2025-03-26")
+        .as_bytes()
+        .to_vec();
     let base = UpRequest {
         method: "POST",
         body: b"",
         session: session.as_deref(),
-        protocol_version: Some(version),
+        protocol_version: Some(&version),
         peer,
         agent_id: Some("scopegate-tools"),
         routing: Vec::new(),
@@ -205,7 +211,7 @@ async fn list_one(ups: Upstreams<'_>, i: usize, config: &Config) -> Result<Liste
             method: "DELETE",
             body: b"",
             session: Some(s),
-            protocol_version: Some(version),
+            protocol_version: Some(&version),
             peer,
             agent_id: Some("scopegate-tools"),
             routing: Vec::new(),
@@ -245,7 +251,33 @@ fn pin(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 {
         Ok(l) => l,
         Err(e) => return fail(e),
     };
+    let max = policy.integrity.settings().max_description;
     for l in &listed {
+        // What changed since the last pin, and what the scan finds, is said before it is
+        // pinned: `pin` is no way to approve a drift unseen.
+        for (kind, name, def) in &l.items {
+            let what = format!(
+                "{} {}/{}",
+                kind.as_str(),
+                l.upstream,
+                scan::visible(name, 128)
+            );
+            if let Some(pin) = pins.get(&l.upstream, *kind, name)
+                && pin.digest != digest(def)
+            {
+                println!(
+                    "re-pinned {what}: it changed since pinned (see it first with `scopegate tools diff`)"
+                );
+            }
+            for f in scan::scan(def, max) {
+                println!(
+                    "warning: {what}: {} at {}: {}",
+                    f.check,
+                    scan::visible(&f.at, 128),
+                    scan::visible(&f.detail, 200)
+                );
+            }
+        }
         pins.remove_upstream(&l.upstream);
         let mut counts = [0usize; 2];
         for (kind, name, def) in &l.items {
@@ -300,7 +332,12 @@ fn diff(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 
     let mut differences = 0;
     for l in &listed {
         for (kind, name, def) in &l.items {
-            let what = format!("{} {}/{name}", kind.as_str(), l.upstream);
+            let what = format!(
+                "{} {}/{}",
+                kind.as_str(),
+                l.upstream,
+                scan::visible(name, 128)
+            );
             let d = digest(def);
             match pins.get(&l.upstream, *kind, name) {
                 None => {
@@ -318,10 +355,24 @@ fn diff(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 
                         println!("    (the pin has no definition to compare with)");
                         continue;
                     };
-                    for field in kind.fields() {
-                        let (a, b) = (old.get(*field), def.get(*field));
+                    let mut fields: Vec<&String> = old
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, _)| k)
+                        .collect();
+                    fields.extend(def.as_object().into_iter().flatten().map(|(k, _)| k));
+                    fields.sort();
+                    fields.dedup();
+                    for field in fields {
+                        let (a, b) = (old.get(field), def.get(field));
                         if a != b {
-                            println!("    {field}:\n      - {}\n      + {}", shown(a), shown(b));
+                            println!(
+                                "    {}:\n      - {}\n      + {}",
+                                scan::visible(field, 64),
+                                shown(a),
+                                shown(b)
+                            );
                         }
                     }
                 }
@@ -332,6 +383,7 @@ fn diff(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 
             let offered = l.items.iter().any(|(k, n, _)| k == kind && n == name);
             if up == &l.upstream && !offered {
                 differences += 1;
+                let name = scan::visible(name, 128);
                 println!("- {} {up}/{name}: pinned, no longer offered", kind.as_str());
             }
         }
@@ -364,8 +416,8 @@ fn approve(config: &Config, policy: &Policy, names: &[String], path: PathBuf) ->
         };
         wanted.push((up.to_owned(), kind, item.to_owned()));
     }
-    let ups: Vec<String> = wanted.iter().map(|(u, _, _)| u.clone()).collect();
-    let mut unique = ups.clone();
+    let mut unique: Vec<String> = wanted.iter().map(|(u, _, _)| u.clone()).collect();
+    unique.sort();
     unique.dedup();
     let chosen = match chosen(policy, &unique) {
         Ok(c) => c,
@@ -431,12 +483,13 @@ fn scan_all(config: &Config, policy: &Policy, names: &[String]) -> i32 {
             let findings: Vec<Finding> = scan::scan(&served, max);
             for f in &findings {
                 println!(
-                    "{} {}/{name}: {} at {}: {}",
+                    "{} {}/{}: {} at {}: {}",
                     kind.as_str(),
                     l.upstream,
+                    scan::visible(name, 128),
                     f.check,
-                    f.at,
-                    f.detail
+                    scan::visible(&f.at, 128),
+                    scan::visible(&f.detail, 200)
                 );
             }
             total += findings.len();

@@ -328,14 +328,9 @@ pub(super) async fn relay_events(
 
 /// Appends one event for the agent: as it came, or with its list results filtered.
 fn pass_event(event: &[u8], visible: Option<Visible<'_>>, strip: bool, out: &mut Vec<u8>) {
-    if strip && let Some(data) = sse::event_parts(event).data.as_deref() {
-        // Tool integrity: hidden Unicode out of the results first.
-        if let Some(clean) = scan::strip_body(data) {
-            let parts = sse::event_parts(event);
-            let mut stripped = Vec::with_capacity(event.len());
-            sse::write_event(&parts.other, parts.id, Some(&clean), &mut stripped);
-            return pass_event(&stripped, visible, false, out);
-        }
+    // Tool integrity: hidden Unicode out of the event first (whatever it holds).
+    if strip && let Some(clean) = scan::strip_body(event) {
+        return pass_event(&clean, visible, false, out);
     }
     let Some(visible) = visible.filter(|_| lists::may_hold_list(event)) else {
         out.extend_from_slice(event);

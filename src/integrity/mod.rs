@@ -47,36 +47,26 @@ impl Kind {
             _ => None,
         }
     }
-
-    /// The fields of an item that make its definition: what an agent's model reads.
-    pub fn fields(self) -> &'static [&'static str] {
-        match self {
-            Kind::Tool => &[
-                "name",
-                "title",
-                "description",
-                "inputSchema",
-                "outputSchema",
-                "annotations",
-            ],
-            Kind::Prompt => &["name", "title", "description", "arguments"],
-        }
-    }
 }
 
 /// A SHA-256 digest of a definition.
 pub type Digest = [u8; 32];
 
-/// The definition of a listed item: its definition fields, the others (`_meta`, `icons`)
-/// left out.
-pub fn definition(kind: Kind, item: &Value) -> Value {
-    let mut out = Map::new();
-    for f in kind.fields() {
-        if let Some(v) = item.get(*f) {
-            out.insert((*f).to_owned(), v.clone());
-        }
+/// The definition of a listed item: every member but `_meta` (free for servers to vary; it
+/// is neither pinned nor shown as the tool's meaning). For a tool: name, title, description,
+/// input and output schemas, annotations, icons, and whatever a later revision adds; for a
+/// prompt: name, title, description, arguments, icons. (`kind` is for what a later revision
+/// may make differ.)
+pub fn definition(_kind: Kind, item: &Value) -> Value {
+    match item.as_object() {
+        Some(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| k.as_str() != "_meta")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Map<String, Value>>(),
+        ),
+        None => item.clone(),
     }
-    Value::Object(out)
 }
 
 /// The canonical text of a definition: compact JSON, object keys in byte order at every depth

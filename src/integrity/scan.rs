@@ -3,7 +3,7 @@
 //!
 //! | check                 | what it finds                                                          |
 //! |-----------------------|------------------------------------------------------------------------|
-//! | `hidden_unicode`      | characters a reviewer cannot see: Unicode tag characters (U+E0000..), zero-width and joiner characters, bidi controls, variation selectors U+E0100.., control characters |
+//! | `hidden_unicode`      | characters a reviewer cannot see: Unicode tag characters (U+E0000..), zero-width and joiner characters, bidi controls, other default-ignorable format characters, variation selectors U+E0100.. and runs of U+FE00..FE0F (one after an emoji is ordinary; a run encodes data), control characters |
 //! | `ignore_instructions` | "ignore / disregard / forget (all) previous / prior / above instructions" |
 //! | `hidden_tag`          | `<important>`, `<system>`, `<instructions>`, `<secret>`, `[system]`, `<!--`: text dressed up for the model |
 //! | `conceal_from_user`   | "do not tell the user", "without telling the user", "hide this from the user" |
@@ -44,7 +44,15 @@ pub fn hidden(c: char) -> Option<&'static str> {
         '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{180E}' => {
             "zero-width character"
         }
-        '\u{2061}'..='\u{2064}' | '\u{00AD}' | '\u{034F}' => "invisible character",
+        '\u{2061}'..='\u{2064}'
+        | '\u{00AD}'
+        | '\u{034F}'
+        | '\u{17B4}'
+        | '\u{17B5}'
+        | '\u{180B}'..='\u{180D}'
+        | '\u{206A}'..='\u{206F}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{1D173}'..='\u{1D17A}' => "invisible character",
         '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' => "invisible filler",
         '\u{202A}'..='\u{202E}'
         | '\u{2066}'..='\u{2069}'
@@ -57,6 +65,24 @@ pub fn hidden(c: char) -> Option<&'static str> {
         }
         _ => return None,
     })
+}
+
+/// `s` as a reader should see it: hidden characters written as `\u{..}` escapes, controls
+/// too, at most `max` characters (then `…`). For messages, log lines and terminals.
+pub fn visible(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max) + 2);
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push('…');
+            break;
+        }
+        if hidden(c).is_some() || c.is_control() {
+            out.push_str(&format!("\\u{{{:X}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `s` without its hidden characters; None when it has none.
@@ -95,16 +121,66 @@ pub fn strip_hidden(value: &mut Value) -> bool {
     }
 }
 
-/// A JSON-RPC message (or batch) with hidden characters taken out of its results; None when
-/// it had none (or is not JSON: then it goes as it came).
+/// A JSON text with its hidden characters taken out, written raw or as `\uXXXX` escapes
+/// (surrogate pairs too); None when it had none. Byte by byte, without parsing: whatever the
+/// text is, nothing hidden gets through, and a body no JSON parser accepts is not relayed
+/// unstripped.
 pub fn strip_body(body: &[u8]) -> Option<Vec<u8>> {
-    let mut value: Value = serde_json::from_slice(body).ok()?;
-    let strip_result = |m: &mut Value| m.get_mut("result").is_some_and(strip_hidden);
-    let changed = match &mut value {
-        Value::Array(batch) => batch.iter_mut().fold(false, |acc, m| strip_result(m) | acc),
-        m => strip_result(m),
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        let (len, c) = if b == b'\\' {
+            match body.get(i + 1) {
+                Some(b'u') => match escaped_char(&body[i..]) {
+                    Some(found) => found,
+                    None => (2, None),
+                },
+                Some(_) => (2, None),
+                None => (1, None),
+            }
+        } else if b >= 0x80 {
+            let len = match b {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => 1,
+            };
+            let c = body
+                .get(i..i + len)
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(|s| s.chars().next());
+            (len.min(body.len() - i), c)
+        } else {
+            (1, None)
+        };
+        let drop =
+            c.is_some_and(|c| hidden(c).is_some() && !matches!(c, '\u{9}' | '\u{A}' | '\u{D}'));
+        if drop {
+            out.get_or_insert_with(|| body[..i].to_vec());
+        } else if let Some(o) = &mut out {
+            o.extend_from_slice(&body[i..i + len]);
+        }
+        i += len;
+    }
+    out
+}
+
+/// A `\uXXXX` escape (with its low surrogate, for a pair) at the start of `s`: its length and
+/// character.
+fn escaped_char(s: &[u8]) -> Option<(usize, Option<char>)> {
+    let hex = |at: usize| -> Option<u32> {
+        let h = std::str::from_utf8(s.get(at..at + 4)?).ok()?;
+        u32::from_str_radix(h, 16).ok()
     };
-    changed.then(|| serde_json::to_vec(&value).unwrap_or_default())
+    let first = hex(2)?;
+    if (0xD800..0xDC00).contains(&first) && s.get(6..8) == Some(b"\\u") {
+        if let Some(low) = hex(8).filter(|l| (0xDC00..0xE000).contains(l)) {
+            let c = char::from_u32(0x10000 + ((first - 0xD800) << 10) + (low - 0xDC00));
+            return Some((12, c));
+        }
+    }
+    Some((6, char::from_u32(first)))
 }
 
 fn phrases() -> &'static [(&'static str, Regex)] {
@@ -175,11 +251,23 @@ fn walk(v: &Value, at: &mut String, max: usize, out: &mut Vec<Finding>) {
     }
 }
 
+/// A path is kept to this many bytes in a finding (evidence, bounded).
+const MAX_PATH: usize = 256;
+
 fn push_path(at: &mut String, part: &str) {
     if !at.is_empty() {
         at.push('/');
     }
     at.push_str(part);
+}
+
+/// `at`, cut to [`MAX_PATH`] bytes at a character boundary.
+fn bounded(at: &str) -> String {
+    let mut end = at.len().min(MAX_PATH);
+    while !at.is_char_boundary(end) {
+        end -= 1;
+    }
+    at[..end].to_owned()
 }
 
 fn check_string(s: &str, at: &str, max: usize, out: &mut Vec<Finding>) {
@@ -188,7 +276,7 @@ fn check_string(s: &str, at: &str, max: usize, out: &mut Vec<Finding>) {
     if is_description && s.len() > max {
         out.push(Finding {
             check: "oversized",
-            at: at.to_owned(),
+            at: bounded(at),
             detail: format!("{} bytes, over the limit of {max}", s.len()),
         });
     }
@@ -197,8 +285,17 @@ fn check_string(s: &str, at: &str, max: usize, out: &mut Vec<Finding>) {
 fn check_text(s: &str, at: &str, out: &mut Vec<Finding>) {
     let mut hidden_count = 0;
     let mut first = None;
+    let mut previous_selector = false;
     for c in s.chars() {
-        if let Some(why) = hidden(c) {
+        let selector = matches!(c, '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}');
+        let why = match hidden(c) {
+            Some(why) => Some(why),
+            // One selector after a character picks its glyph; a run of them carries data.
+            None if selector && previous_selector => Some("run of variation selectors"),
+            None => None,
+        };
+        previous_selector = selector;
+        if let Some(why) = why {
             hidden_count += 1;
             first.get_or_insert((c, why));
         }
@@ -206,7 +303,7 @@ fn check_text(s: &str, at: &str, out: &mut Vec<Finding>) {
     if let Some((c, why)) = first {
         out.push(Finding {
             check: "hidden_unicode",
-            at: at.to_owned(),
+            at: bounded(at),
             detail: format!(
                 "{hidden_count} hidden character(s), the first U+{:04X} ({why})",
                 c as u32
@@ -235,7 +332,7 @@ fn check_text(s: &str, at: &str, out: &mut Vec<Finding>) {
             }
             out.push(Finding {
                 check,
-                at: at.to_owned(),
+                at: bounded(at),
                 detail: format!("{phrase:?}"),
             });
         }
@@ -341,6 +438,30 @@ mod tests {
             at("hidden_unicode"),
             ["inputSchema/properties/sec\u{200B}ret"]
         );
+    }
+
+    #[test]
+    fn strip_body_takes_raw_and_escaped_hidden_characters_out_of_any_text() {
+        let body = "{\"id\":1,\"result\":{\"text\":\"sun\u{E0041}ny\\u200b \\udb40\\udc41ok \\\\u200b ✓\"},\"x\":1e400}";
+        let out = String::from_utf8(strip_body(body.as_bytes()).unwrap()).unwrap();
+        // The escaped backslash is text, not an escape: it stays.
+        assert_eq!(
+            out,
+            "{\"id\":1,\"result\":{\"text\":\"sunny ok \\\\u200b ✓\"},\"x\":1e400}"
+        );
+        assert_eq!(strip_body(b"{\"result\":\"plain \\n caf\\u00e9\"}"), None);
+        assert_eq!(strip_body("\u{FEFF}{}".as_bytes()).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn runs_of_variation_selectors_are_flagged_a_single_one_is_not() {
+        assert_eq!(
+            checks("Rated \u{2764}\u{FE0F} by users"),
+            Vec::<&str>::new()
+        );
+        assert!(checks("Weather\u{FE01}\u{FE02}\u{FE03}").contains(&"hidden_unicode"));
+        assert!(visible("a\u{E0041}\u{1B}b", 10) == "a\\u{E0041}\\u{1B}b");
+        assert_eq!(visible("abcdef", 3), "abc…");
     }
 
     #[test]

@@ -220,8 +220,8 @@ impl Policy {
         self.by_id.get(id).copied()
     }
 
-    /// A digest of what `agent` may see: its allow and deny rules and the upstreams it may use
-    /// (by name). Equal digests in two policies mean the agent's lists are the same in both;
+    /// A digest of what `agent` may see: its allow and deny rules, the upstreams it may use
+    /// (by name), and the tool integrity checks. Equal digests in two policies mean the agent's lists are the same in both;
     /// a reload that changes it is what streams tell the agent about (`list_changed`).
     pub fn view_of(&self, agent: usize) -> u64 {
         use std::hash::{Hash, Hasher};
@@ -240,6 +240,8 @@ impl Policy {
                 u.name.hash(&mut h);
             }
         }
+        // Pins, overrides and integrity settings decide what of those lists it sees.
+        self.integrity.fingerprint().hash(&mut h);
         h.finish()
     }
 

@@ -101,8 +101,9 @@ pub async fn to_upstream(
     let mut plan = Plan::for_messages(messages);
     plan.traceparent = traceparent.as_ref().map(|t| &t[..]);
     plan.request_id = request_id;
-    plan.strip_hidden = policy.is_some_and(|p| p.integrity.strips_results())
-        && env.is_some_and(|e| e.messages().iter().any(|m| m.method == Some("tools/call")));
+    plan.strip_hidden = policy.is_some_and(|p| {
+        env.is_some_and(|e| e.messages().iter().any(|m| p.integrity.strips(m.method)))
+    });
     plan.scan_is_error = draft.active
         && env
             .and_then(|e| e.single())
@@ -216,6 +217,11 @@ async fn list_unseen(
         {
             continue;
         }
+        // One walk at a time and a few seconds apart, whoever asks; else the call is refused
+        // as not listed yet.
+        if !policy.integrity.begin_walk(upstream, def_kind) {
+            return;
+        }
         let sessions = &p.core.sessions;
         let session = p
             .head
@@ -258,6 +264,8 @@ async fn list_unseen(
                 e.message()
             ),
         }
+        // One walk per request: the others of a batch find the verdicts it made.
+        return;
     }
 }
 

@@ -5,6 +5,7 @@ usage: python integrity_upstream.py PORT LOGFILE
 - E2E_WEATHER_DESCRIPTION: the description of `get_weather` (a test restarts the server with
   another one to play a "rug pull");
 - E2E_NOTES_DESCRIPTION: the description of `notes` (hidden Unicode, in one test);
+- E2E_JSON_RESPONSE=1: plain JSON answers (else event streams);
 - `echo` answers with its text and a hidden tail (Unicode tag characters and a zero-width
   space), for the results-stripping test.
 Every tool execution is appended to LOGFILE as one JSON line.
@@ -66,6 +67,10 @@ mcp.add_tool(echo, description="Echoes the text back.")
 def greeting(name: str) -> str:
     return f"Hello, {name}!"
 
+
+# E2E_JSON_RESPONSE=1: answer POSTs with one JSON body instead of an event stream.
+if os.environ.get("E2E_JSON_RESPONSE"):
+    mcp.settings.json_response = True
 
 if __name__ == "__main__":
     mcp.run(transport="streamable-http")

@@ -273,6 +273,36 @@ def test_a_changed_definition_is_blocked_audited_and_approved(tmp_path):
         maths.stop()
 
 
+def test_warn_mode_lets_a_change_through_and_still_tells(tmp_path):
+    weather = Server(tmp_path, "weather", E2E_WEATHER_DESCRIPTION=BENIGN)
+    maths = Server(tmp_path, "maths")
+    gw = None
+    try:
+        policy, pins, audit = tmp_path / "policy.toml", tmp_path / "pins.toml", tmp_path / "audit"
+        extra = f'[[upstream]]\nname = "weather"\nurl = "{weather.url}"\non_change = "warn"\n'
+        write_policy(policy, [maths], extra=extra)
+        env = {"SCOPEGATE_POLICY": str(policy), "SCOPEGATE_PINS": str(pins), "SCOPEGATE_AUDIT_DIR": str(audit)}
+        assert cli(env, "tools", "pin").returncode == 0
+        weather.restart(E2E_WEATHER_DESCRIPTION=RUG_PULL)
+        gw = Scopegate(env)
+        agg = f"{gw.base}/mcp"
+        assert tools_of(agg)["weather__get_weather"] == RUG_PULL
+        assert call(agg, "weather__get_weather", {"city": "Oslo"}) == "sunny in Oslo"
+        e = events_of(audit, "changed", 1)
+        assert [(x["name"], x["action"]) for x in e] == [("get_weather", "warned")], e
+        metrics = httpx.get(f"{gw.base}/metrics").text
+        assert 'scopegate_tool_integrity_events_total{upstream="weather",event="changed",action="warned"} 1' in metrics
+        # `pin` says what it re-pins.
+        r = cli(env, "tools", "pin", "weather")
+        assert "re-pinned tool weather/get_weather: it changed since pinned" in r.stdout, r.stdout
+        assert "warning: tool weather/get_weather: secret_file" in r.stdout, r.stdout
+    finally:
+        if gw:
+            gw.stop()
+        weather.stop()
+        maths.stop()
+
+
 def test_unpinned_tools_follow_the_policy(tmp_path):
     weather = Server(tmp_path, "weather")
     gw = None
@@ -310,16 +340,17 @@ def test_unpinned_tools_follow_the_policy(tmp_path):
 def test_hidden_unicode_is_flagged_then_blocked_and_stripped_from_results(tmp_path):
     notes = f"Read the notes on a topic.{TAGS}"
     weather = Server(tmp_path, "weather", E2E_NOTES_DESCRIPTION=notes)
+    maths = Server(tmp_path, "maths")
     gw = None
     try:
         policy, audit = tmp_path / "policy.toml", tmp_path / "audit"
-        write_policy(policy, [weather], integrity='[integrity]\non_finding = "warn"\n')
+        write_policy(policy, [weather, maths], integrity='[integrity]\non_finding = "warn"\n')
         env = {"SCOPEGATE_POLICY": str(policy), "SCOPEGATE_AUDIT_DIR": str(audit)}
         s = cli(env, "tools", "scan")
         assert s.returncode == 1
         assert "tool weather/notes: hidden_unicode at description" in s.stdout, s.stdout
         assert "tool weather/notes: ignore_instructions at description" in s.stdout, s.stdout
-        assert "get_weather" not in s.stdout
+        assert "get_weather" not in s.stdout and "maths/" not in s.stdout
 
         gw = Scopegate(env)
         url = f"{gw.base}/mcp/weather"
@@ -330,21 +361,29 @@ def test_hidden_unicode_is_flagged_then_blocked_and_stripped_from_results(tmp_pa
         assert {f["check"] for f in found[0]["findings"]} >= {"hidden_unicode", "ignore_instructions"}
 
         # The policy blocks on findings and strips hidden Unicode from results.
-        write_policy(policy, [weather],
+        write_policy(policy, [weather, maths],
                      integrity='[integrity]\non_finding = "block"\nstrip_hidden_unicode = true\n')
         reload(gw)
-        for u, name in [(url, "notes"), (f"{gw.base}/mcp", "notes")]:
+        agg = f"{gw.base}/mcp"
+        for u, name in [(url, "notes"), (agg, "weather__notes")]:
             assert name not in tools_of(u)
             refused = call(u, name, {"topic": "x"})
             assert "poison scan" in refused and "hidden_unicode" in refused, refused
         assert "notes" not in weather.executed()
         echoed = call(url, "echo", {"text": "hello"})
         assert echoed == "hello", repr(echoed)
-        assert weather.executed() == ["echo"]
+        assert call(agg, "weather__echo", {"text": "agg"}) == "agg"
+        assert weather.executed() == ["echo", "echo"]
+        # Stripped on the aggregate too, and in plain JSON answers (the server restarted so).
+        weather.restart(E2E_NOTES_DESCRIPTION=notes, E2E_JSON_RESPONSE="1")
+        assert call(url, "echo", {"text": "json"}) == "json"
+        assert raw_call(url, "echo", {"text": "raw"}) == "raw"
+        assert call(agg, "weather__echo", {"text": "agg json"}) == "agg json"
     finally:
         if gw:
             gw.stop()
         weather.stop()
+        maths.stop()
 
 
 def test_overrides_are_what_official_clients_see(tmp_path):
@@ -373,3 +412,40 @@ def test_overrides_are_what_official_clients_see(tmp_path):
             gw.stop()
         weather.stop()
         maths.stop()
+
+
+def test_a_stdio_server_is_pinned_and_checked_like_any_other(tmp_path):
+    policy, pins = tmp_path / "policy.toml", tmp_path / "pins.toml"
+    command = json.dumps([sys.executable, str(HERE / "stdio_server.py"), str(tmp_path)])
+    policy.write_text(
+        f"""[[upstream]]
+name = "py"
+command = {command}
+
+[[agent]]
+id = "agent"
+key_sha256 = "{sha256_hex(KEY)}"
+allow = ["py/*"]
+"""
+    )
+    env = {"SCOPEGATE_POLICY": str(policy), "SCOPEGATE_PINS": str(pins)}
+    r = cli(env, "tools", "pin")
+    assert r.returncode == 0, r.stderr
+    assert 'pinned upstream "py":' in r.stdout and 'name = "echo"' in pins.read_text(), r.stdout
+    # The operator's pin of `echo` says something else than the server: a drift, found on the
+    # first call (no list asked before it: scopegate lists the server over its bridge).
+    text = pins.read_text()
+    blocks = text.split("\n[[")
+    kept = [b for b in blocks if 'name = "echo"' not in b]
+    pins.write_text("\n[[".join(kept) + '\n[[tool]]\nupstream = "py"\nname = "echo"\n'
+                    'digest = "sha256:' + "0" * 64 + '"\n')
+    gw = Scopegate(env)
+    try:
+        refused = raw_call(f"{gw.base}/mcp/py", "echo", {"text": "x"})
+        assert "changed since it was pinned" in refused, refused
+        assert "echo" not in tools_of(f"{gw.base}/mcp/py")
+        d = cli(env, "tools", "diff")
+        assert d.returncode == 1 and "~ tool py/echo: changed" in d.stdout, d.stdout
+        assert "(the pin has no definition to compare with)" in d.stdout
+    finally:
+        gw.stop()
