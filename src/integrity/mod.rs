@@ -69,10 +69,28 @@ pub fn definition(_kind: Kind, item: &Value) -> Value {
     }
 }
 
-/// The canonical text of a definition: compact JSON, object keys in byte order at every depth
-/// (`serde_json`'s map is ordered), strings escaped as `serde_json` escapes them.
+/// The canonical text of a definition: compact JSON, object keys in byte order at every depth,
+/// strings escaped and numbers written as `serde_json` writes them (the CLI and the gateway
+/// both read definitions with it, so one definition has one text).
 pub fn canonical(def: &Value) -> String {
-    serde_json::to_string(def).unwrap_or_default()
+    serde_json::to_string(&sorted(def)).unwrap_or_default()
+}
+
+/// `v` with every object's keys in byte order.
+fn sorted(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), sorted(&map[k])))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
 }
 
 /// The digest of a definition's canonical text.

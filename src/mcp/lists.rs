@@ -289,6 +289,15 @@ mod tests {
     }
 
     #[test]
+    fn a_rewritten_list_keeps_the_upstreams_member_order() {
+        let body = br#"{"result":{"tools":[{"name":"a","inputSchema":{"type":"object","properties":{"zeta":{},"alpha":{}}}}]},"jsonrpc":"2.0","id":1}"#;
+        let out = filter_lists(body, &keep).unwrap().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.find("zeta") < text.find("alpha"), "{text}");
+        assert!(text.starts_with(r#"{"result""#), "{text}");
+    }
+
+    #[test]
     fn a_filtered_list_is_never_cached_for_others() {
         let body = br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"}],"ttlMs":60000,"cacheScope":"public"}}"#;
         let v: serde_json::Value =

@@ -59,6 +59,9 @@ struct Judged {
     scan_key: u64,
     findings: Arc<[Finding]>,
     verdict: Verdict,
+    /// The checks ([`Integrity::generation`]) the verdict was made under: a request still
+    /// holding the policy a reload replaced may store one, and the new checks judge it again.
+    generation: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -121,7 +124,12 @@ pub struct Integrity {
     names: Vec<String>,
     pins: Option<Arc<Pins>>,
     seen: Vec<Arc<Seen>>,
+    /// Unique per loaded policy (and pin file).
+    generation: u64,
 }
+
+/// Where generations come from.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
 /// Milliseconds on a monotonic clock (from the first use, plus one so 0 means never).
 fn now_ms() -> u64 {
@@ -158,6 +166,7 @@ impl Integrity {
             names,
             pins: None,
             seen,
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -220,6 +229,7 @@ impl Integrity {
                     let (name, judged) = e.pair_mut();
                     let (verdict, _) = self.judge(i, kind, name, judged.digest, &judged.findings);
                     judged.verdict = verdict;
+                    judged.generation = self.generation;
                 }
             }
         }
@@ -243,7 +253,7 @@ impl Integrity {
         let known = seen
             .of(kind)
             .get(name)
-            .filter(|j| j.digest == d && j.scan_key == key)
+            .filter(|j| j.digest == d && j.scan_key == key && j.generation == self.generation)
             .map(|j| j.verdict.clone());
         let verdict = match known {
             Some(v) => v,
@@ -286,6 +296,7 @@ impl Integrity {
             scan_key: self.scan_key(i, kind, &name),
             findings,
             verdict: verdict.clone(),
+            generation: self.generation,
         };
         // Bounded: an upstream listing ever new names cannot grow the table without end (a name
         // past the bound is judged for each list, and its calls go by the list rule).
@@ -299,7 +310,11 @@ impl Integrity {
                 e.insert(judged);
                 true
             }
-            dashmap::Entry::Occupied(_) => false,
+            // The same definition, judged again (under new checks): kept, not told again.
+            dashmap::Entry::Occupied(mut e) => {
+                e.insert(judged);
+                false
+            }
             dashmap::Entry::Vacant(e) => {
                 e.insert(judged);
                 true
@@ -412,9 +427,14 @@ impl Integrity {
             return CallVerdict::Pass;
         };
         if let Some(j) = seen.of(kind).get(name) {
-            return match &j.verdict {
+            let verdict = match j.generation == self.generation {
+                true => j.verdict.clone(),
+                // Stored under the checks a reload replaced: judged under these.
+                false => self.judge(i, kind, name, j.digest, &j.findings).0,
+            };
+            return match verdict {
                 Verdict::Pass => CallVerdict::Pass,
-                Verdict::Block(why) => CallVerdict::Block(why.clone()),
+                Verdict::Block(why) => CallVerdict::Block(why),
             };
         }
         if !self.can_block() {
