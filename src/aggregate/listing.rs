@@ -359,7 +359,9 @@ pub(super) async fn list_to_vet(
                 &base,
                 kind.method(),
                 kind.field(),
-                req.meta(),
+                // 2026-07-28 requests carry the agent's revision and capabilities; an older
+                // revision's `_meta` is the call's own (a progress token).
+                req.meta().filter(|_| req.modern()),
                 req.fanout_deadline(),
                 &mut each,
             )

@@ -244,9 +244,14 @@ async fn list_unseen(
             agent_id: Some(policy.agents[agent].id.as_str()),
             routing: Vec::new(),
         };
-        // 2026-07-28: each request carries the agent's revision and capabilities.
-        let meta =
-            crate::aggregate::json::locate(body, &["params", "_meta"]).map(|(a, b)| &body[a..b]);
+        // 2026-07-28: each request carries the agent's revision and capabilities (older
+        // revisions' `_meta` is the call's own: a progress token, not the list's).
+        let modern = base
+            .protocol_version
+            .is_some_and(crate::mcp::modern::is_modern);
+        let meta = crate::aggregate::json::locate(body, &["params", "_meta"])
+            .filter(|_| modern)
+            .map(|(a, b)| &body[a..b]);
         let deadline = Instant::now() + c.upstream_timeout.min(c.aggregate_timeout);
         let mut each = |item: &mut serde_json::Value| {
             policy.integrity.vet(upstream, kind, item);
