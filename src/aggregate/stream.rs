@@ -457,6 +457,10 @@ pub(super) async fn merge(
             }
         }
         loop {
+            // At a drain the merged stream ends as if every upstream's had: what is queued
+            // goes out, then the end (no request waits on it; its agent comes back with
+            // Last-Event-ID, or listens again).
+            let draining = crate::core::shutting_down();
             let next = std::future::poll_fn(|_| {
                 let mut q = writer_queue.borrow_mut();
                 match q.events.pop_front() {
@@ -464,7 +468,7 @@ pub(super) async fn merge(
                         q.bytes -= e.len();
                         Poll::Ready(Some(e))
                     }
-                    None if q.open == 0 => Poll::Ready(None),
+                    None if q.open == 0 || draining => Poll::Ready(None),
                     None => Poll::Pending,
                 }
             });
@@ -491,14 +495,13 @@ pub(super) async fn merge(
                     }
                 }
             }
+            // Wakes now and then: for the policy, and to notice a drain.
             let tick = async {
-                match &view {
-                    Some(_) => {
-                        let wait = next_check.saturating_duration_since(Instant::now());
-                        monoio::time::sleep(wait).await
-                    }
-                    None => std::future::pending::<()>().await,
+                if Instant::now() >= next_check {
+                    next_check = Instant::now() + VIEW_CHECK;
                 }
+                let wait = next_check.saturating_duration_since(Instant::now());
+                monoio::time::sleep(wait).await
             };
             // While nothing is to be written, watch the agent: a closed stream releases every
             // upstream stream at once.

@@ -204,32 +204,39 @@ pub(super) async fn relay_events(
         flush(client, &mut ex.out)
             .await
             .map_err(|_| ForwardError::AgentGone)?;
-        // Now and then (and whatever the upstream sends meanwhile), the policy: a reload that
-        // changes what the agent may see is told as list_changed and filters what follows; one
-        // that removes the agent, or this upstream from its reach, ends the stream.
-        if let Some(notice) = &plan.reload
-            && Instant::now() >= next_check
-        {
+        // A stream that stays open (GET, subscriptions/listen) looks up now and then, whatever
+        // the upstream sends meanwhile:
+        // - at a drain it ends, properly: no request waits on it, and its agent comes back (to
+        //   the next process or another replica) with Last-Event-ID;
+        // - the policy: a reload that changes what the agent may see is told as list_changed
+        //   and filters what follows; one that removes the agent, or this upstream from its
+        //   reach, ends the stream.
+        if !idle_limit && Instant::now() >= next_check {
             next_check = Instant::now() + VIEW_CHECK;
-            match notice.watch.check() {
-                ViewChange::Same => {}
-                ViewChange::Changed(policy, agent) => {
-                    let list = policy.upstreams();
-                    let Some(u) = list
-                        .iter()
-                        .position(|u| u.name == upstream.name)
-                        .filter(|&u| policy.may_use_upstream(agent, u))
-                    else {
-                        break None;
-                    };
-                    refreshed = Some((policy, agent, u));
-                    events.extend_from_slice(&lists::list_changed_events(
-                        &notice.methods,
-                        notice.meta.as_deref(),
-                    ));
-                    continue;
+            if crate::core::shutting_down() {
+                break None;
+            }
+            if let Some(notice) = &plan.reload {
+                match notice.watch.check() {
+                    ViewChange::Same => {}
+                    ViewChange::Changed(policy, agent) => {
+                        let list = policy.upstreams();
+                        let Some(u) = list
+                            .iter()
+                            .position(|u| u.name == upstream.name)
+                            .filter(|&u| policy.may_use_upstream(agent, u))
+                        else {
+                            break None;
+                        };
+                        refreshed = Some((policy, agent, u));
+                        events.extend_from_slice(&lists::list_changed_events(
+                            &notice.methods,
+                            notice.meta.as_deref(),
+                        ));
+                        continue;
+                    }
+                    ViewChange::Revoked => break None,
                 }
-                ViewChange::Revoked => break None,
             }
         }
         if splitter.pending() > 0 && event_deadline.is_none() {
@@ -237,10 +244,10 @@ pub(super) async fn relay_events(
         }
         let deadline =
             event_deadline.or_else(|| idle_limit.then(|| Instant::now() + config.stream_idle));
-        // A stream that watches the policy wakes now and then to look at it.
-        let deadline = match &plan.reload {
-            Some(_) => Some(deadline.map_or(next_check, |d| d.min(next_check))),
-            None => deadline,
+        // A stream that stays open wakes now and then to look up (above).
+        let deadline = match idle_limit {
+            false => Some(deadline.map_or(next_check, |d| d.min(next_check))),
+            true => deadline,
         };
         match body.next_watching(up, client, &mut watch, deadline).await {
             Ok(Some(piece)) => {
@@ -254,9 +261,7 @@ pub(super) async fn relay_events(
             Err(BodyError::PeerGone) => return Err(ForwardError::AgentGone),
             // Time to look at the policy (above).
             Err(BodyError::TimedOut)
-                if plan.reload.is_some()
-                    && event_deadline.is_none_or(|d| Instant::now() < d)
-                    && !idle_limit => {}
+                if event_deadline.is_none_or(|d| Instant::now() < d) && !idle_limit => {}
             Err(BodyError::TimedOut) if event_deadline.is_some() => {
                 break Some(format!(
                     "did not finish an event within {} ms (SCOPEGATE_UPSTREAM_TIMEOUT_MS)",

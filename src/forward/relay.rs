@@ -91,7 +91,12 @@ pub(super) async fn relay(
     let mut wait = Wait {
         limit,
         watch: is_event_stream,
+        // A stream that stays open (GET, subscriptions/listen) ends at a drain: no request
+        // waits on it, and its agent comes back with Last-Event-ID.
+        ends_at_drain: is_event_stream && limit.is_none(),
     };
+    // Ended by a drain: the agent's connection closes after it.
+    let mut drained = false;
 
     // The response head for the agent.
     start_response(&mut ex.out, response, plan, upstream)?;
@@ -156,7 +161,10 @@ pub(super) async fn relay(
                 if is_event_stream {
                     flush(client, out).await.map_err(mid)?;
                 }
-                wait.fill(up, client).await?;
+                if wait.fill(up, client).await? == Filled::Draining {
+                    // A length cannot be ended early: the connection closes.
+                    return Err(ForwardError::MidResponse("ended by the drain".into()));
+                }
             }
             if !up.buf.is_empty() {
                 keep_upstream = false;
@@ -196,7 +204,18 @@ pub(super) async fn relay(
                     // A stream may stay quiet: the agent sees it open before the wait.
                     flush(client, out).await.map_err(mid)?;
                 }
-                wait.fill(up, client).await?;
+                if wait.fill(up, client).await? == Filled::Draining {
+                    if decode || !decoder.between_chunks() {
+                        // Ended by the connection's close (HTTP/1.0), or mid-chunk.
+                        return Err(ForwardError::MidResponse("ended by the drain".into()));
+                    }
+                    send(client, out, Bytes::from_static(framing::LAST_CHUNK))
+                        .await
+                        .map_err(mid)?;
+                    drained = true;
+                    keep_upstream = false;
+                    break;
+                }
             }
             if !up.buf.is_empty() {
                 keep_upstream = false;
@@ -226,7 +245,13 @@ pub(super) async fn relay(
                 if is_event_stream {
                     flush(client, out).await.map_err(mid)?;
                 }
-                if wait.fill_or_end(up, client).await? == 0 {
+                let filled = wait.fill_or_end(up, client).await?;
+                if filled == Filled::Draining {
+                    drained = true;
+                    keep_upstream = false;
+                    break;
+                }
+                if filled == Filled::Bytes(0) {
                     if !up.ended_cleanly() {
                         // TLS without close_notify: anyone on the path can forge that end.
                         return Err(ForwardError::MidResponse(
@@ -246,52 +271,77 @@ pub(super) async fn relay(
 
     Ok((
         Relayed {
-            keep_alive: keep_client,
+            keep_alive: keep_client && !drained,
             failure: None,
         },
         keep_upstream,
     ))
 }
 
+/// What a wait for the upstream brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filled {
+    /// This many more bytes (0: the upstream closed).
+    Bytes(usize),
+    /// Nothing yet, and a drain began: a stream that ends at a drain ends now.
+    Draining,
+}
+
+/// How often a stream that ends at a drain looks up while quiet.
+const DRAIN_CHECK: Duration = Duration::from_secs(1);
+
 /// How the relay waits for the upstream's next bytes.
 struct Wait {
     limit: Option<Duration>,
     /// Watch the agent while waiting (event streams).
     watch: bool,
+    /// Wake now and then, and give up waiting once a drain began.
+    ends_at_drain: bool,
 }
 
 impl Wait {
-    /// More of the body, which must come.
-    async fn fill(&mut self, up: &mut Conn, client: &mut Conn) -> Result<(), ForwardError> {
+    /// More of the body, which must come (or the drain).
+    async fn fill(&mut self, up: &mut Conn, client: &mut Conn) -> Result<Filled, ForwardError> {
         match self.fill_or_end(up, client).await? {
-            0 => Err(ForwardError::MidResponse(
+            Filled::Bytes(0) => Err(ForwardError::MidResponse(
                 "closed the connection mid-body".into(),
             )),
-            _ => Ok(()),
+            filled => Ok(filled),
         }
     }
 
-    /// More of the body, or 0 at the upstream's close.
+    /// More of the body, or 0 at the upstream's close, or the drain.
     async fn fill_or_end(
         &mut self,
         up: &mut Conn,
         client: &mut Conn,
-    ) -> Result<usize, ForwardError> {
-        let deadline = self.limit.map(|d| Instant::now() + d);
-        if self.watch {
-            match wait_readable_watching(up, client, &mut self.watch, self.limit).await {
-                Waited::Readable => {}
-                Waited::AgentGone => return Err(ForwardError::AgentGone),
-                Waited::TimedOut => return Err(self.timed_out()),
+    ) -> Result<Filled, ForwardError> {
+        loop {
+            if self.ends_at_drain && crate::core::shutting_down() {
+                return Ok(Filled::Draining);
             }
-        }
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        match up.fill_within(left).await {
-            Ok(n) => Ok(n),
-            Err(ReadError::TimedOut) => Err(self.timed_out()),
-            Err(ReadError::Io(e)) => {
-                Err(ForwardError::MidResponse(format!("failed mid-body: {e}")))
+            let limit = match self.ends_at_drain {
+                true => Some(DRAIN_CHECK),
+                false => self.limit,
+            };
+            let deadline = limit.map(|d| Instant::now() + d);
+            if self.watch {
+                match wait_readable_watching(up, client, &mut self.watch, limit).await {
+                    Waited::Readable => {}
+                    Waited::AgentGone => return Err(ForwardError::AgentGone),
+                    Waited::TimedOut if self.ends_at_drain => continue,
+                    Waited::TimedOut => return Err(self.timed_out()),
+                }
             }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            return match up.fill_within(left).await {
+                Ok(n) => Ok(Filled::Bytes(n)),
+                Err(ReadError::TimedOut) if self.ends_at_drain => continue,
+                Err(ReadError::TimedOut) => Err(self.timed_out()),
+                Err(ReadError::Io(e)) => {
+                    Err(ForwardError::MidResponse(format!("failed mid-body: {e}")))
+                }
+            };
         }
     }
 

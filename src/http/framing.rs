@@ -204,6 +204,12 @@ impl ChunkedDecoder {
         self.state == State::Done
     }
 
+    /// Between chunks: what was fed so far ends with a whole chunk (or nothing), so a last
+    /// chunk written now ends the body properly.
+    pub fn between_chunks(&self) -> bool {
+        self.state == State::Size { digits: 0 }
+    }
+
     /// Total data bytes decoded so far.
     pub fn decoded(&self) -> u64 {
         self.decoded

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import SDK2_PYTHON, Scopegate, Upstream, sha256_hex
 from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
@@ -389,3 +390,65 @@ rate = {{ per_minute = 60, burst = 5 }}
     finally:
         gw.stop()
         files.stop()
+
+
+@pytest.mark.parametrize("mode", ["policy", "open"])
+def test_open_event_streams_end_at_a_drain_instead_of_holding_it(tmp_path, mode):
+    """GET streams (one upstream, and the aggregate's merged one) stay open while idle; at
+    SIGTERM they end properly within a second or so and the process exits, long before
+    SCOPEGATE_DRAIN_MS: a stream no request waits on must not keep the listener open. (With a
+    policy, the one-upstream stream is relayed event by event; without, byte by byte.)"""
+    import signal
+    import threading
+
+    files, other = Upstream(tmp_path, "files"), Upstream(tmp_path, "other")
+    env = {"SCOPEGATE_UPSTREAMS": f"files={files.url},other={other.url}", "SCOPEGATE_DRAIN_MS": "60000"}
+    key = "drain-agent-key-0123456789"
+    if mode == "policy":
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f'[[agent]]\nid = "a"\nkey_sha256 = "{sha256_hex(key)}"\nallow = ["*/*"]\n')
+        env["SCOPEGATE_POLICY"] = str(policy)
+    else:
+        env["SCOPEGATE_INSECURE_OPEN"] = "1"
+    gw = Scopegate(env)
+    ended: dict[str, str] = {}
+    opened = threading.Barrier(3)
+    try:
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}
+        accept = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {key}"}
+
+        def stream(path: str):
+            url = f"{gw.base}{path}"
+            sid = httpx.post(url, json=init, headers=accept, timeout=10).headers["mcp-session-id"]
+            h = {**accept, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-06-18"}
+            httpx.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=h, timeout=10)
+            try:
+                with httpx.stream("GET", url, headers={**h, "Accept": "text/event-stream"}, timeout=30) as r:
+                    assert r.status_code == 200, r.status_code
+                    opened.wait(timeout=10)
+                    for _ in r.iter_bytes():
+                        pass
+                ended[path] = "ended"
+            except Exception as e:  # a reset instead of a proper end
+                ended[path] = f"failed: {e!r}"
+
+        threads = [threading.Thread(target=stream, args=(p,)) for p in ("/mcp/files", "/mcp")]
+        for t in threads:
+            t.start()
+        opened.wait(timeout=10)
+        time.sleep(0.5)
+        started = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(timeout=30) == 0
+        took = time.monotonic() - started
+        for t in threads:
+            t.join(timeout=10)
+        assert ended == {"/mcp/files": "ended", "/mcp": "ended"}, ended
+        assert took < 20, f"the drain waited {took:.1f} s for open streams (SCOPEGATE_DRAIN_MS is 60 s)"
+        assert "drained" in gw.log(), gw.log()
+    finally:
+        gw.stop()
+        files.stop()
+        other.stop()
