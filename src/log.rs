@@ -93,7 +93,6 @@ fn format_line(
     fields: &[(&str, Field<'_>)],
 ) -> String {
     use std::fmt::Write as _;
-    let quote = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
     let mut line = String::with_capacity(160);
     if json {
         let level = level.label().to_ascii_lowercase();
@@ -138,6 +137,39 @@ fn format_line(
         line.push('\n');
     }
     line
+}
+
+/// `s` as a JSON string that shows everything a terminal or a reader might not: every control
+/// character (C0, DEL, C1) and the invisible or reordering ones (zero-width, bidi controls,
+/// Unicode tag characters) as `\uXXXX` escapes.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() || unseen(c) => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Characters that change how a line reads without being seen.
+fn unseen(c: char) -> bool {
+    matches!(c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
+        | '\u{FEFF}' | '\u{061C}' | '\u{00AD}' | '\u{E0000}'..='\u{E007F}')
 }
 
 /// Lines an agent can cause (its refusals) per second, per worker thread, and the burst.
@@ -285,5 +317,16 @@ mod tests {
             (Some("info"), Some(7))
         );
         assert_eq!(json.matches('\n').count(), 1);
+        // DEL, C1 controls, bidi overrides and tag characters are escaped too, and the JSON
+        // form still reads back as the agent's string.
+        let sly = "a\u{7f}b\u{9b}c\u{202e}d\u{E0041}";
+        let text = format_line(false, "T", Level::Info, "x", &[("tool", Field::Str(sly))]);
+        assert_eq!(
+            text,
+            "T INFO x tool=\"a\\u007fb\\u009bc\\u202ed\\udb40\\udc41\"\n"
+        );
+        let json = format_line(true, "T", Level::Info, "x", &[("tool", Field::Str(sly))]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["tool"], sly);
     }
 }

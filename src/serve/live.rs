@@ -17,7 +17,8 @@ use crate::mcp::jsonrpc;
 use crate::metrics::{LATENCY_BOUNDS_US, Tally, WorkerStats};
 use crate::reply::Reply;
 
-/// Whether the request carries the admin token (compared in full, whatever differs first).
+/// Whether the request carries the admin token. Their SHA-256 digests are compared, in full:
+/// the time taken says nothing of the token, not even its length.
 pub fn authorized(config: &Config, head: &Head) -> bool {
     let Some(token) = &config.admin_token else {
         return false;
@@ -25,12 +26,13 @@ pub fn authorized(config: &Config, head: &Head) -> bool {
     let Ok(Some(sent)) = crate::auth::bearer(head) else {
         return false;
     };
-    sent.len() == token.len()
-        && sent
-            .iter()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    let digest = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+    let (a, b) = (digest(sent), digest(token.as_bytes()));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 pub fn unauthorized() -> Reply {
@@ -169,6 +171,8 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 "use strict";
 const m = /token=([^&]+)/.exec(location.hash);
 let token = m ? decodeURIComponent(m[1]) : sessionStorage.getItem("sg-admin");
+// The token leaves the address (and so the history) once read.
+if (m) { history.replaceState(null, "", location.pathname + location.search); }
 if (!token) { token = prompt("scopegate admin token"); }
 if (token) { sessionStorage.setItem("sg-admin", token); }
 const $ = (id) => document.getElementById(id);

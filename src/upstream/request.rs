@@ -79,6 +79,8 @@ pub fn write_head(out: &mut Vec<u8>, upstream: &Upstream, req: &Outgoing<'_>) {
                 // Only scopegate says which agent a request is from.
                 || name.eq_ignore_ascii_case(AGENT_HEADER.as_bytes())
                 || name.eq_ignore_ascii_case(b"traceparent")
+                // Trace state belongs to the trace: none passed on, none sent (W3C).
+                || (req.traceparent.is_none() && name.eq_ignore_ascii_case(b"tracestate"))
                 || inject.iter().any(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
             {
                 continue;

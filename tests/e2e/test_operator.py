@@ -306,13 +306,15 @@ allow = ["files/*", "maths/*"]
                 assert mine[0]["method"] == "tools/call"
                 assert any(f"trace_id={trace}" in line and f"span_id={span}" in line
                            for line in gw.log().splitlines() if " access " in line), gw.log()
-            # An invalid traceparent is not passed on.
+            # An invalid traceparent is not passed on, nor the trace state that went with it.
             sid = http.post(f"{gw.base}/mcp/files", json=init, headers=headers).headers["mcp-session-id"]
             call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
                     "params": {"name": "add", "arguments": {"a": 2, "b": 2}}}
             http.post(f"{gw.base}/mcp/files", json=call, headers={
-                **headers, "Mcp-Session-Id": sid, "traceparent": "00-not-a-trace-01"})
-            assert "traceparent" not in files.executions()[-1]["headers"]
+                **headers, "Mcp-Session-Id": sid, "traceparent": "00-not-a-trace-01",
+                "tracestate": "vendor=x"})
+            sent = files.executions()[-1]["headers"]
+            assert "traceparent" not in sent and "tracestate" not in sent, sent
     finally:
         gw.stop()
         files.stop()
