@@ -1,6 +1,6 @@
 //! Property-based tests for everything an agent or an upstream controls: the JSON-RPC envelope
 //! (differentially against serde_json), HTTP request heads, chunked bodies, the SSE splitter,
-//! the canonical URI and path forms, and argument constraints. Case counts are bounded so CI
+//! the canonical URI and path forms, argument constraints, and tool pins and digests. Case counts are bounded so CI
 //! stays quick; `PROPTEST_CASES=100000 cargo test --test properties` searches harder.
 
 use bytes::BytesMut;
@@ -636,5 +636,50 @@ proptest! {
             let json = format!("[{},[{}]]", items.join(","), items.join(","));
             prop_assert!(!check(&c, &json), "{}", json);
         }
+    }
+}
+
+// ---- tool integrity: the pin file and digests ----------------------------------------------
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Any name and description (hidden characters, quotes, controls, any script) survive the
+    /// pin file's text and read back with the same digest.
+    #[test]
+    fn pins_read_back_what_was_written(
+        name in "\\PC{0,40}",
+        description in any::<String>(),
+        upstream in "[a-z][a-z0-9_-]{0,15}",
+    ) {
+        use scopegate::integrity::{Kind, definition, digest, pins::Pins};
+        let item = serde_json::json!({"name": name, "description": description,
+            "inputSchema": {"type": "object", "properties": {description.clone(): {"type": "string"}}}});
+        let def = definition(Kind::Tool, &item);
+        let mut pins = Pins::default();
+        pins.set(&upstream, Kind::Tool, &name, &def);
+        let back = Pins::parse(&pins.render()).map_err(TestCaseError::fail)?;
+        let pin = back.get(&upstream, Kind::Tool, &name).expect("the pin is there");
+        prop_assert_eq!(pin.digest, digest(&def));
+        prop_assert_eq!(back, pins);
+    }
+
+    /// A definition's digest does not depend on member order or on how its JSON text spells
+    /// strings (escaped or raw).
+    #[test]
+    fn digests_ignore_member_order_and_escapes(
+        members in prop::collection::btree_map("[a-z]{1,8}", "\\PC{0,12}", 1..6),
+        escapes in prop::collection::vec(any::<bool>(), 1..8),
+    ) {
+        use scopegate::integrity::{Kind, definition, digest};
+        prop_assume!(!members.contains_key("name"));
+        let forward: Vec<String> = members.iter()
+            .map(|(k, v)| format!("{}:{}", json_string(k, &escapes), json_string(v, &escapes)))
+            .collect();
+        let mut backward = forward.clone();
+        backward.reverse();
+        let a: Value = serde_json::from_str(&format!("{{\"name\":\"t\",{}}}", forward.join(","))).unwrap();
+        let b: Value = serde_json::from_str(&format!("{{{},\"name\":\"t\"}}", backward.join(","))).unwrap();
+        prop_assert_eq!(digest(&definition(Kind::Tool, &a)), digest(&definition(Kind::Tool, &b)));
     }
 }
