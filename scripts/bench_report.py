@@ -212,12 +212,13 @@ for r in phase("alloc"):
     per = r["allocations"] / n if n else 0
     w(f"scopegate with everything on made {r['allocations']} heap allocations on its worker thread "
       f"while forwarding {n:,} tools/calls: {per:.3f} per call (its own counter, "
-      "`scopegate_heap_allocations_total`; `tests/allocations.rs` checks it). The one allocation "
-      "is the request's state machine, boxed for the duration of the request so that an idle "
-      "connection does not carry it (see the memory table). Everything else is reused: read "
-      "buffers and request state come from per-worker pools, heads release their share of the "
-      "connection buffers, the key and session token are remembered per connection, audit "
-      "entries are encoded into a reused buffer and copied into the preallocated ring.")
+      "`scopegate_heap_allocations_total`; `tests/allocations.rs` checks it). Everything is "
+      "reused: the request's state machine runs in a block of the worker's (`alloc::FutureBlocks`), "
+      "taken for the request and given back, so an idle connection does not carry it (see the "
+      "memory table); read buffers and request state come from per-worker pools, heads release "
+      "their share of the connection buffers, the key and session token are remembered per "
+      "connection, audit entries are encoded into a reused buffer and copied into the "
+      "preallocated ring.")
     w("")
 
 # Scaling.

@@ -88,7 +88,7 @@ title = {{ max_len = 200 }}
 }
 
 #[test]
-fn a_forwarded_call_allocates_once_in_steady_state() {
+fn a_forwarded_call_allocates_nothing_in_steady_state() {
     let up = MockServer::start(MockConfig::default());
     let audit = temp_dir("alloc-audit");
     let (g, _) = Gateway::open().upstream("m", &up).policy(&policy());
@@ -109,12 +109,13 @@ fn a_forwarded_call_allocates_once_in_steady_state() {
     println!(
         "heap allocations per forwarded tools/call: policy+limits+audit+session {full:.2}, insecure-open {plain:.2}"
     );
-    // One allocation per call: the request's state machine, boxed so that idle connections do
-    // not hold it (buffers, request state and session caches are reused). The metrics scrapes
-    // around the measurement are subtracted.
+    // None: the request's state machine runs in a block the worker reuses (so idle
+    // connections do not hold it), and buffers, request state and session caches are reused.
+    // The metrics scrapes around the measurement are subtracted; a stray allocation in a
+    // background task is allowed for.
     assert!(
-        full <= 1.05,
+        full <= 0.05,
         "{full} allocations per call with everything on"
     );
-    assert!(plain <= 1.05, "{plain} allocations per call in open mode");
+    assert!(plain <= 0.05, "{plain} allocations per call in open mode");
 }

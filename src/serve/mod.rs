@@ -101,9 +101,11 @@ pub async fn serve_connection(
         }
         let mut state = worker.take_state();
         std::mem::swap(&mut state.draft.cache, &mut cache);
-        // Boxed: the request's state machine (every stage's locals, the upstream exchange) is
-        // allocated while the request runs, not kept in every connection's task.
-        let keep = Box::pin(serve_one(worker, &mut client, peer, idle, &mut state)).await;
+        // Out of the connection's task: the request's state machine (every stage's locals, the
+        // upstream exchange) lives in a block of the worker's while the request runs, so an
+        // idle connection does not carry it and a request allocates nothing.
+        let request = serve_one(worker, &mut client, peer, idle, &mut state);
+        let keep = worker.request_blocks.run(request).await;
         std::mem::swap(&mut state.draft.cache, &mut cache);
         worker.give_state(state);
         if !keep {

@@ -41,6 +41,8 @@ pub struct Worker {
     /// pointer, not a copy of the whole state.
     #[allow(clippy::vec_box)]
     request_states: RefCell<Vec<Box<RequestState>>>,
+    /// Memory for the requests' state machines, reused ([`crate::alloc::FutureBlocks`]).
+    pub request_blocks: crate::alloc::FutureBlocks,
 }
 
 /// Buffers and states kept for reuse per worker; beyond this, returned ones are freed.
@@ -74,6 +76,7 @@ impl Worker {
             tls,
             read_buffers: RefCell::new(Vec::new()),
             request_states: RefCell::new(Vec::new()),
+            request_blocks: crate::alloc::FutureBlocks::new(MAX_POOLED),
         }
     }
 
