@@ -21,6 +21,16 @@
 #
 # usage: scripts/bench.sh [--duration S] [--rounds N] [--rate R] [--idle N] [--streams N]
 #                         [--quick] [--no-write] [--baseline BIN]
+#                         [--workers N] [--proxy-cores LIST] [--upstream-cores LIST]
+#                         [--load-cores LIST] [--upstream-threads N] [--load-threads N]
+#                         [--connections N] [--scale-workers N] [--scale-cores LIST]
+# Where everything runs (defaults fit this 2-core machine): the proxy under test (scopegate,
+# nginx) with --workers workers pinned to --proxy-cores (0); the mock upstream
+# (--upstream-threads) on --upstream-cores (1) and the generator (--load-threads) on
+# --load-cores (1); the scaling rows compare 1 worker with --scale-workers (2) on
+# --scale-cores (0-1). On a 64-core host, e.g. `--workers 16 --proxy-cores 0-15
+# --upstream-cores 16-31 --upstream-threads 16 --load-cores 32-63 --load-threads 32
+# --connections 512 --scale-workers 32 --scale-cores 0-31`.
 # --baseline BIN|REV adds a row for another scopegate binary (or the one built from git revision
 # REV, in a worktree under target/) with everything on, in the same interleaved rounds, and a
 # before/after ratio: how a change moves the hot path.
@@ -37,6 +47,15 @@ STREAMS=1000
 WRITE=1
 CONNECTIONS=32
 BASELINE=""
+WORKERS=1
+PROXY_CORES=0
+UPSTREAM_CORES=1
+LOAD_CORES=1
+LOAD_CORES_SET=0
+UPSTREAM_THREADS=1
+LOAD_THREADS=1
+SCALE_WORKERS=2
+SCALE_CORES=0-1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
@@ -47,6 +66,15 @@ while [[ $# -gt 0 ]]; do
     --quick) DURATION=2; ROUNDS=1; IDLE=1000; STREAMS=100; shift ;;
     --no-write) WRITE=0; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
+    --workers) WORKERS="$2"; shift 2 ;;
+    --proxy-cores) PROXY_CORES="$2"; shift 2 ;;
+    --upstream-cores) UPSTREAM_CORES="$2"; shift 2 ;;
+    --load-cores) LOAD_CORES="$2"; LOAD_CORES_SET=1; shift 2 ;;
+    --upstream-threads) UPSTREAM_THREADS="$2"; shift 2 ;;
+    --load-threads) LOAD_THREADS="$2"; shift 2 ;;
+    --connections) CONNECTIONS="$2"; shift 2 ;;
+    --scale-workers) SCALE_WORKERS="$2"; shift 2 ;;
+    --scale-cores) SCALE_CORES="$2"; shift 2 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -88,9 +116,10 @@ cpu_ticks() { local t=0; for p in "$@"; do read -r -a f < "/proc/$p/stat"; t=$((
 rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
 TICK=$(getconf CLK_TCK)
 
-# Core 0: the proxy under test. Core 1: the upstream and the load generator.
+# The proxy under test on PROXY_CORES; the upstream and the load generator on theirs.
 UP_PORT=$(free_port)
-taskset -c 1 "$BIN/sg-mock" --listen "127.0.0.1:$UP_PORT" > "$WORK/mock.log" 2>&1 &
+taskset -c "$UPSTREAM_CORES" "$BIN/sg-mock" --listen "127.0.0.1:$UP_PORT" --threads "$UPSTREAM_THREADS" \
+  > "$WORK/mock.log" 2>&1 &
 PIDS+=($!)
 wait_port "$UP_PORT"
 
@@ -177,12 +206,13 @@ start_nginx() {
   local name=$1 mode=${2:-plain} port
   port=$(free_port)
   mkdir -p "$WORK/$name"
-  local listen="listen 127.0.0.1:$port;" affinity=01 upstream="server 127.0.0.1:$UP_PORT;" scheme=http tls_out=""
+  local listen="listen 127.0.0.1:$port;" side=0 upstream="server 127.0.0.1:$UP_PORT;" scheme=http tls_out=""
   if [[ $mode == listen-tls || $mode == tls-upstream ]]; then
     listen="listen 127.0.0.1:$port ssl; ssl_certificate $CERTS/server.pem; ssl_certificate_key $CERTS/server.key;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:1m; ssl_session_tickets on;"
   fi
-  [[ $mode == tls-upstream ]] && affinity=10
+  # The HTTPS upstream in front of the mock is part of the upstream side.
+  [[ $mode == tls-upstream ]] && side=1
   if [[ $mode == to-https ]]; then
     upstream="server 127.0.0.1:$UP_TLS_PORT;"
     scheme=https
@@ -190,8 +220,7 @@ start_nginx() {
       proxy_ssl_server_name on; proxy_ssl_session_reuse on;"
   fi
   cat > "$WORK/$name.conf" <<CONF
-worker_processes 1;
-worker_cpu_affinity $affinity;
+worker_processes $([[ $side == 1 ]] && echo "$UPSTREAM_THREADS" || echo "$WORKERS");
 worker_rlimit_nofile 65536;
 daemon on;
 pid $WORK/$name.pid;
@@ -217,7 +246,8 @@ http {
   }
 }
 CONF
-  local cpus=0; [[ $affinity == 10 ]] && cpus=1
+  # Pinned like scopegate: the master's CPU set, which its workers inherit.
+  local cpus=$PROXY_CORES; [[ $side == 1 ]] && cpus=$UPSTREAM_CORES
   taskset -c "$cpus" "$NGINX" -c "$WORK/$name.conf" -e "$WORK/$name-error.log"
   wait_port "$port"
   local master
@@ -226,15 +256,15 @@ CONF
 }
 
 declare -A PORT PIDSOF
-read -r p port < <(start_scopegate open 0 1 open); PIDS+=("$p"); PORT[scopegate-open]=$port; PIDSOF[scopegate-open]=$p
-read -r p port < <(start_scopegate limits 0 1 limits); PIDS+=("$p"); PORT[scopegate-limits]=$port; PIDSOF[scopegate-limits]=$p
-read -r p port < <(start_scopegate full 0 1 full); PIDS+=("$p"); PORT[scopegate-full]=$port; PIDSOF[scopegate-full]=$p
-read -r p port < <(start_scopegate integrity 0 1 full-integrity); PIDS+=("$p"); PORT[scopegate-integrity]=$port; PIDSOF[scopegate-integrity]=$p
+read -r p port < <(start_scopegate open "$PROXY_CORES" "$WORKERS" open); PIDS+=("$p"); PORT[scopegate-open]=$port; PIDSOF[scopegate-open]=$p
+read -r p port < <(start_scopegate limits "$PROXY_CORES" "$WORKERS" limits); PIDS+=("$p"); PORT[scopegate-limits]=$port; PIDSOF[scopegate-limits]=$p
+read -r p port < <(start_scopegate full "$PROXY_CORES" "$WORKERS" full); PIDS+=("$p"); PORT[scopegate-full]=$port; PIDSOF[scopegate-full]=$p
+read -r p port < <(start_scopegate integrity "$PROXY_CORES" "$WORKERS" full-integrity); PIDS+=("$p"); PORT[scopegate-integrity]=$port; PIDSOF[scopegate-integrity]=$p
 read -r p port < <(start_nginx nginx); PORT[nginx]=$port; PIDSOF[nginx]=$p
 PORT[direct]=$UP_PORT; PIDSOF[direct]=""
 TARGETS=(direct scopegate-full scopegate-integrity scopegate-limits scopegate-open nginx)
 if [[ -n "$BASELINE" ]]; then
-  read -r p port < <(start_scopegate baseline 0 1 full "$BASELINE"); PIDS+=("$p")
+  read -r p port < <(start_scopegate baseline "$PROXY_CORES" "$WORKERS" full "$BASELINE"); PIDS+=("$p")
   PORT[scopegate-baseline]=$port; PIDSOF[scopegate-baseline]=$p
   TARGETS=(direct scopegate-full scopegate-baseline scopegate-integrity scopegate-limits scopegate-open nginx)
 fi
@@ -243,8 +273,8 @@ ARGS='{"repo":"acme/web","title":"bench","labels":["a"]}'
 declare -A SCHEME
 load() { # load TARGET [sg-load args...] -> sg-load JSON on stdout
   local t=$1; shift
-  taskset -c 1 "$LOAD" --url "${SCHEME[$t]:-http}://127.0.0.1:${PORT[$t]}/mcp" --ca "$CERTS/ca.pem" \
-    --keys "$KEY" --args "$ARGS" --json "$@"
+  taskset -c "$LOAD_CORES" "$LOAD" --url "${SCHEME[$t]:-http}://127.0.0.1:${PORT[$t]}/mcp" --ca "$CERTS/ca.pem" \
+    --keys "$KEY" --args "$ARGS" --json --threads "$LOAD_THREADS" "$@"
 }
 pids_of() { tr ',' ' ' <<< "${PIDSOF[$1]}"; }
 
@@ -306,19 +336,31 @@ out=$(load scopegate-full --connections "$CONNECTIONS" --duration 2 --warmup 0)
 a2=$(alloc_count)
 record "{\"phase\":\"alloc\",\"target\":\"scopegate-full\",\"allocations\":$((a2 - a1 - (a1 - a0))),\"load\":$out}"
 
-# Scaling: scopegate with everything on, 1 worker on core 0 vs 2 workers on both cores; the
-# generator and the upstream then share the cores with it.
-echo "# scaling: 1 worker vs 2" >&2
-read -r p2 port2 < <(start_scopegate full2 0-1 2 full); PIDS+=("$p2"); PORT[scopegate-full-2w]=$port2; PIDSOF[scopegate-full-2w]=$p2
+# Scaling: scopegate with everything on, 1 worker vs --scale-workers workers on --scale-cores.
+# The generator runs on --load-cores when given; else (this 2-core machine) on the scale cores
+# too, where it and the upstream compete with the proxy.
+echo "# scaling: 1 worker vs $SCALE_WORKERS" >&2
+SCALE_LOAD_CORES=$SCALE_CORES; SCALE_LOAD_THREADS=$(( LOAD_THREADS > 2 ? LOAD_THREADS : 2 ))
+[[ $LOAD_CORES_SET == 1 ]] && SCALE_LOAD_CORES=$LOAD_CORES
+first_core=${SCALE_CORES%%[-,]*}
+read -r p1 port1 < <(start_scopegate scale-1 "$first_core" 1 full); PIDS+=("$p1")
+PORT[scopegate-scale-1]=$port1; PIDSOF[scopegate-scale-1]=$p1
+read -r p2 port2 < <(start_scopegate scale-n "$SCALE_CORES" "$SCALE_WORKERS" full); PIDS+=("$p2")
+PORT[scopegate-scale-n]=$port2; PIDSOF[scopegate-scale-n]=$p2
+declare -A SCALE_OF=([scopegate-scale-1]="1 $first_core" [scopegate-scale-n]="$SCALE_WORKERS $SCALE_CORES")
 for round in $(seq 1 "$ROUNDS"); do
-  for t in scopegate-full scopegate-full-2w; do
-    load "$t" --connections "$CONNECTIONS" --duration 1 --warmup 0 --threads 2 > /dev/null
-    out=$(taskset -c 0-1 "$LOAD" --url "http://127.0.0.1:${PORT[$t]}/mcp" --keys "$KEY" --args "$ARGS" --json \
-      --connections 64 --threads 2 --duration "$DURATION" --warmup 0)
-    record "{\"phase\":\"scaling\",\"target\":\"$t\",\"round\":$round,\"load\":$out}"
+  for t in scopegate-scale-1 scopegate-scale-n; do
+    read -r workers cores <<< "${SCALE_OF[$t]}"
+    scale_load() {
+      taskset -c "$SCALE_LOAD_CORES" "$LOAD" --url "http://127.0.0.1:${PORT[$t]}/mcp" --keys "$KEY" --args "$ARGS" \
+        --json --connections $((CONNECTIONS * 2)) --threads "$SCALE_LOAD_THREADS" --warmup 0 "$@"
+    }
+    scale_load --duration 1 > /dev/null
+    out=$(scale_load --duration "$DURATION")
+    record "{\"phase\":\"scaling\",\"target\":\"$t\",\"workers\":$workers,\"cores\":\"$cores\",\"load_cores\":\"$SCALE_LOAD_CORES\",\"load_threads\":$SCALE_LOAD_THREADS,\"round\":$round,\"load\":$out}"
   done
 done
-kill "$p2" 2>/dev/null || true
+kill "$p1" "$p2" 2>/dev/null || true
 
 # TLS, side by side: scopegate (everything on) and nginx, each to an HTTPS upstream (nginx on
 # core 1 terminating TLS in front of the mock; keep-alive and session reuse on both) and each
@@ -326,10 +368,10 @@ kill "$p2" 2>/dev/null || true
 # once, so these rows are the steady-state cost of TLS records, not of handshakes.
 echo "# TLS: to an HTTPS upstream, and terminating HTTPS" >&2
 read -r np UP_TLS_PORT < <(start_nginx nginx-tlsup tls-upstream)
-read -r p port < <(start_scopegate full-uptls 0 1 full-uptls); PIDS+=("$p")
+read -r p port < <(start_scopegate full-uptls "$PROXY_CORES" "$WORKERS" full-uptls); PIDS+=("$p")
 PORT[scopegate-full-uptls]=$port; PIDSOF[scopegate-full-uptls]=$p
 read -r p port < <(start_nginx nginx-uptls to-https); PORT[nginx-uptls]=$port; PIDSOF[nginx-uptls]=$p
-read -r p port < <(start_scopegate full-tls 0 1 full-tls); PIDS+=("$p")
+read -r p port < <(start_scopegate full-tls "$PROXY_CORES" "$WORKERS" full-tls); PIDS+=("$p")
 PORT[scopegate-full-tls]=$port; PIDSOF[scopegate-full-tls]=$p; SCHEME[scopegate-full-tls]=https
 read -r p port < <(start_nginx nginx-tls listen-tls); PORT[nginx-tls]=$port; PIDSOF[nginx-tls]=$p; SCHEME[nginx-tls]=https
 TLS_TARGETS=(scopegate-full-uptls nginx-uptls scopegate-full-tls nginx-tls)
@@ -365,7 +407,7 @@ hold() { # hold KIND(idle|streams) N PORT PIDS... -> RSS before and while held (
   before=$(rss_kb "$@")
   local args=(--url "http://127.0.0.1:$port/mcp" --keys "$KEY" --hold 8)
   if [[ $kind == idle ]]; then args+=(--idle "$n" --path /healthz); else args+=(--streams "$n"); fi
-  coproc HOLDER { taskset -c 1 "$LOAD" "${args[@]}"; }
+  coproc HOLDER { taskset -c "$LOAD_CORES" "$LOAD" "${args[@]}"; }
   local line=""
   read -r line <&"${HOLDER[0]}" || true
   sleep 1
@@ -375,7 +417,7 @@ hold() { # hold KIND(idle|streams) N PORT PIDS... -> RSS before and while held (
 }
 for kind in idle streams; do
   n=$IDLE; [[ $kind == streams ]] && n=$STREAMS
-  read -r p port < <(start_scopegate "mem-$kind" 0 1 full); PIDS+=("$p")
+  read -r p port < <(start_scopegate "mem-$kind" "$PROXY_CORES" "$WORKERS" full); PIDS+=("$p")
   read -r b w got < <(hold "$kind" "$n" "$port" "$p")
   record "{\"phase\":\"memory\",\"kind\":\"$kind\",\"target\":\"scopegate-full\",\"n\":$n,\"held\":${got:-0},\"before_kb\":$b,\"while_kb\":$w}"
   kill "$p" 2>/dev/null || true
@@ -393,7 +435,9 @@ print(f"{os.cpu_count()} cores ({model}), {mem / 1048576:.0f} GiB RAM, Linux {pl
 PY
 )
 ARGS_OUT=(--results "$RESULTS" --machine "$MACHINE" --duration "$DURATION" --rounds "$ROUNDS" --rate "$RATE"
-  --connections "$CONNECTIONS" --command "scripts/bench.sh $ORIG_ARGS")
+  --connections "$CONNECTIONS" --command "scripts/bench.sh $ORIG_ARGS" --workers "$WORKERS"
+  --proxy-cores "$PROXY_CORES" --upstream-cores "$UPSTREAM_CORES" --upstream-threads "$UPSTREAM_THREADS"
+  --load-cores "$LOAD_CORES" --load-threads "$LOAD_THREADS")
 [[ -n "$BASELINE" ]] && ARGS_OUT+=(--baseline "$BASELINE")
 if [[ "$WRITE" == 1 ]]; then
   mkdir -p bench
