@@ -80,12 +80,13 @@ impl FutureBlocks {
         }
     }
 
-    /// Runs `f` to completion in a block of this pool (a future of another layout than the
-    /// first, or of none, is boxed as usual).
-    pub async fn run<F: std::future::Future>(&self, f: F) -> F::Output {
+    /// `f` moved into a block of this pool, as a small future that runs it there (a future of
+    /// another layout than the first, or of none, is boxed as usual). Not an `async fn`: its
+    /// argument would live in the caller's state, which is what the block is for.
+    pub fn run<'p, 'f, F: std::future::Future + 'f>(&'p self, f: F) -> InBlock<'p, 'f, F::Output> {
         let layout = Layout::new::<F>();
         if layout.size() == 0 || *self.layout.get().get_or_insert(layout) != layout {
-            return Box::pin(f).await;
+            return InBlock::Boxed(Box::pin(f));
         }
         self.layout.set(Some(layout));
         let block = self.free.borrow_mut().pop().unwrap_or_else(|| {
@@ -93,28 +94,56 @@ impl FutureBlocks {
             let p = unsafe { std::alloc::alloc(layout) };
             std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
         });
-        let typed = block.cast::<F>();
         // SAFETY: the block is F's size and alignment and holds nothing live.
-        unsafe { typed.as_ptr().write(f) };
-        // Dropped last (after the pin below), also when this future is dropped mid-way: the
-        // future is dropped in place, then its block goes back.
-        let _slot = Slot {
-            pool: self,
-            block,
-            drop_future: |p| {
-                // SAFETY: the block holds a live F, written above and not yet dropped.
-                unsafe { std::ptr::drop_in_place(p.cast::<F>().as_ptr()) }
+        unsafe { block.cast::<F>().as_ptr().write(f) };
+        InBlock::Slot {
+            borrows: std::marker::PhantomData,
+            slot: Slot {
+                pool: self,
+                block,
+                drop_future: |p| {
+                    // SAFETY: the block holds a live F, written above and not yet dropped.
+                    unsafe { std::ptr::drop_in_place(p.cast::<F>().as_ptr()) }
+                },
             },
-        };
-        // SAFETY: the F in the block is never moved: the block is not reused or freed before
-        // the Slot drops it in place.
-        let pinned = unsafe { std::pin::Pin::new_unchecked(&mut *typed.as_ptr()) };
-        pinned.await
+            poll: |p, cx| {
+                // SAFETY: the block holds a live F that is never moved: the block is not
+                // reused or freed before the Slot drops the F in place.
+                let f = unsafe { std::pin::Pin::new_unchecked(&mut *p.cast::<F>().as_ptr()) };
+                f.poll(cx)
+            },
+        }
+    }
+}
+
+/// A future running in a block of a [`FutureBlocks`] (or boxed): two pointers and a function,
+/// whatever the size of the future it runs.
+/// `'f`: what the future borrows, which must outlive it wherever it runs.
+pub enum InBlock<'p, 'f, T> {
+    Slot {
+        slot: Slot<'p>,
+        poll: fn(std::ptr::NonNull<u8>, &mut std::task::Context<'_>) -> std::task::Poll<T>,
+        borrows: std::marker::PhantomData<&'f ()>,
+    },
+    Boxed(std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'f>>),
+}
+
+impl<T> std::future::Future for InBlock<'_, '_, T> {
+    type Output = T;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        match self.get_mut() {
+            InBlock::Slot { slot, poll, .. } => poll(slot.block, cx),
+            InBlock::Boxed(f) => f.as_mut().poll(cx),
+        }
     }
 }
 
 /// A block in use; dropping it drops its future and gives the block back.
-struct Slot<'a> {
+pub struct Slot<'a> {
     pool: &'a FutureBlocks,
     block: std::ptr::NonNull<u8>,
     drop_future: fn(std::ptr::NonNull<u8>),
