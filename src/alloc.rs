@@ -131,10 +131,7 @@ pub enum InBlock<'p, 'f, T> {
 impl<T> std::future::Future for InBlock<'_, '_, T> {
     type Output = T;
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<T> {
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
         match self.get_mut() {
             InBlock::Slot { slot, poll, .. } => poll(slot.block, cx),
             InBlock::Boxed(f) => f.as_mut().poll(cx),
