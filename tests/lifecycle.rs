@@ -138,10 +138,30 @@ fn sigint_drains_in_flight_then_exits_0() {
 
 #[test]
 fn drain_is_bounded() {
+    // A call that outlasts SCOPEGATE_DRAIN_MS: the process still exits at the deadline.
     let up = MockServer::start(MockConfig::default());
     let mut gw = Gateway::open()
         .upstream("m", &up)
         .env("SCOPEGATE_DRAIN_MS", "300")
+        .start();
+    let mut busy = gw.client();
+    busy.post("/mcp", &call(7, "sleep", "{\"ms\":20000}"))
+        .header("Mcp-Session-Id", "s")
+        .write();
+    assert!(eventually(Duration::from_secs(5), || up.recorded().len() == 1));
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(gw.log().contains("drain deadline reached"), "{}", gw.log());
+}
+
+#[test]
+fn an_open_event_stream_does_not_hold_the_drain() {
+    // A GET stream no request waits on ends at the drain (properly: the last chunk), so the
+    // drain finishes before its deadline.
+    let up = MockServer::start(MockConfig::default());
+    let mut gw = Gateway::open()
+        .upstream("m", &up)
+        .env("SCOPEGATE_DRAIN_MS", "20000")
         .start();
     let mut stream = gw.client();
     stream
@@ -150,6 +170,8 @@ fn drain_is_bounded() {
         .write();
     let _ = stream.read_until("list_changed");
     gw.signal(libc::SIGTERM);
+    let _ = stream.read_until("0\r\n\r\n");
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
-    assert!(gw.log().contains("drain deadline reached"), "{}", gw.log());
+    assert!(!gw.log().contains("drain deadline reached"), "{}", gw.log());
+    assert!(gw.log().contains("drained"), "{}", gw.log());
 }
