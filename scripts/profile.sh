@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Where scopegate's CPU goes on the forwarding path: the "everything on" setup of
+# scripts/bench.sh (policy, argument constraints, rate limits, injected credential, sealed
+# session, audit log), one worker on core 0, the mock upstream and the load generator on core 1,
+# profiled with perf while the generator runs. Prints the split by thread and by object
+# (kernel, scopegate, libc, vdso) and the top symbols; the recording stays in target/profile/.
+#
+# usage: scripts/profile.sh [--seconds S] [--top N]
+# Needs perf (linux-perf); builds the release binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_=8
+TOP=40
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --seconds) SECONDS_="$2"; shift 2 ;;
+    --top) TOP="$2"; shift 2 ;;
+    *) echo "profile.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+command -v perf >/dev/null || { echo "profile.sh: perf is not installed (apt-get install linux-perf)" >&2; exit 2; }
+
+cargo build --release -q -p scopegate -p scopegate-loadtest
+BIN=target/release
+OUT=target/profile
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+UP=$(free_port)
+GW=$(free_port)
+KEY="bench-agent-key-0123456789"
+cat > "$WORK/policy.toml" <<TOML
+[[tenant]]
+id = "bench"
+rate = { per_second = 10000000, burst = 10000000 }
+
+[[upstream]]
+name = "bench"
+tenant = "bench"
+rate = { per_second = 10000000, burst = 10000000 }
+[upstream.headers]
+X-Upstream-Key = "injected"
+
+[[agent]]
+id = "bench-agent"
+tenant = "bench"
+key_sha256 = "$("$BIN/scopegate" hash-key "$KEY")"
+allow = ["bench/echo"]
+rate = { per_second = 10000000, burst = 10000000 }
+
+[[agent.tool]]
+match = "bench/echo"
+rate = { per_second = 10000000, burst = 10000000 }
+[agent.tool.args]
+repo = { one_of = ["acme/web", "acme/api"] }
+title = { max_len = 200 }
+labels = { max_len = 5 }
+TOML
+
+taskset -c 1 "$BIN/sg-mock" --listen "127.0.0.1:$UP" > /dev/null 2>&1 &
+PIDS+=($!)
+wait_port "$UP"
+env SCOPEGATE_THREADS=1 SCOPEGATE_LISTEN="127.0.0.1:$GW" SCOPEGATE_LOG=warn \
+  SCOPEGATE_UPSTREAMS="bench=http://127.0.0.1:$UP/mcp" SCOPEGATE_POLICY="$WORK/policy.toml" \
+  SCOPEGATE_SESSION_SECRET=bench-secret-bench-secret-bench-secret SCOPEGATE_AUDIT_DIR="$WORK/audit" \
+  taskset -c 0 "$BIN/scopegate" 2> "$WORK/scopegate.log" &
+SG=$!
+PIDS+=($SG)
+wait_port "$GW"
+taskset -c 1 "$BIN/sg-load" --url "http://127.0.0.1:$GW/mcp" --keys "$KEY" \
+  --args '{"repo":"acme/web","title":"bench","labels":["a"]}' --connections 32 \
+  --duration $((SECONDS_ + 4)) --warmup 1 --json > "$WORK/load.json" &
+LOADER=$!
+sleep 2
+perf record -F 1999 -g -p "$SG" -o "$OUT/perf.data" -- sleep "$SECONDS_" 2> /dev/null
+wait "$LOADER"
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"load: {r['rate']:.0f} req/s, {r['requests']} requests\")" "$WORK/load.json"
+echo "## by thread"
+perf report -i "$OUT/perf.data" --no-children --stdio --sort comm 2>/dev/null | grep -E '^ +[0-9]'
+echo "## by object"
+perf report -i "$OUT/perf.data" --no-children --stdio --sort dso 2>/dev/null | grep -E '^ +[0-9]'
+echo "## top symbols"
+perf report -i "$OUT/perf.data" --no-children --stdio --sort symbol 2>/dev/null | grep -E '^ +[0-9]' \
+  | head -n "$TOP" | sed -E 's/ +- +- *$//'
+echo "(recording: $OUT/perf.data; perf report -i $OUT/perf.data -G for call graphs)"
