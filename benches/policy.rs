@@ -74,7 +74,7 @@ fn bench(c: &mut Criterion) {
         "github",
         Kind::Tool,
         "create_issue",
-        &scopegate::integrity::definition(Kind::Tool, &tool),
+        &scopegate::integrity::definition(&tool),
     );
     on.integrity.set_pins(pins);
     assert!(on.integrity.vet(github, ListKind::Tools, &mut tool.clone()));
@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     c.bench_function("integrity/scan_definition", |b| {
-        let def = scopegate::integrity::definition(Kind::Tool, &tool);
+        let def = scopegate::integrity::definition(&tool);
         b.iter(|| scopegate::integrity::scan::scan(std::hint::black_box(&def), 4096))
     });
 }

@@ -1,4 +1,5 @@
-//! Allocation-free formatting for the request path and the audit writer.
+//! Allocation-free formatting for the request path and the audit writer, and which
+//! characters a reader cannot see (what every writer of text for people escapes).
 
 /// Appends `n` in decimal.
 pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
@@ -39,6 +40,37 @@ pub fn push_hex_len(out: &mut Vec<u8>, n: usize) {
         }
     }
     out.extend_from_slice(&buf[i..]);
+}
+
+/// Why a character is hidden from a reader, if it is: invisible, reordering or a control
+/// (tab, line feed and carriage return are not).
+pub fn hidden(c: char) -> Option<&'static str> {
+    Some(match c {
+        '\u{E0000}'..='\u{E007F}' => "tag character",
+        '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{180E}' => {
+            "zero-width character"
+        }
+        '\u{2061}'..='\u{2064}'
+        | '\u{00AD}'
+        | '\u{034F}'
+        | '\u{17B4}'
+        | '\u{17B5}'
+        | '\u{180B}'..='\u{180D}'
+        | '\u{206A}'..='\u{206F}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{1D173}'..='\u{1D17A}' => "invisible character",
+        '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' => "invisible filler",
+        '\u{202A}'..='\u{202E}'
+        | '\u{2066}'..='\u{2069}'
+        | '\u{200E}'
+        | '\u{200F}'
+        | '\u{061C}' => "bidi control",
+        '\u{E0100}'..='\u{E01EF}' => "variation selector",
+        '\u{0}'..='\u{8}' | '\u{B}' | '\u{C}' | '\u{E}'..='\u{1F}' | '\u{7F}'..='\u{9F}' => {
+            "control character"
+        }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@
 //! integrity                       tool definitions: digests, the pin file, the poison scan
 //! mcp, http                       MCP and HTTP knowledge, no policy
 //! tls                             rustls streams, PEM files, CA stores, handshake failures
-//! fmt, glob, log, token, alloc    small helpers
+//! glob, log, token, alloc         small helpers
+//! fmt                             writing numbers, and which characters a reader cannot see
 //! ```
 
 pub mod aggregate;

@@ -152,7 +152,7 @@ fn quote(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
-            c if c.is_control() || unseen(c) => {
+            c if c.is_control() || crate::fmt::hidden(c).is_some() => {
                 let mut units = [0u16; 2];
                 for u in c.encode_utf16(&mut units) {
                     out.push_str(&format!("\\u{u:04x}"));
@@ -163,13 +163,6 @@ fn quote(s: &str) -> String {
     }
     out.push('"');
     out
-}
-
-/// Characters that change how a line reads without being seen.
-fn unseen(c: char) -> bool {
-    matches!(c,
-        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
-        | '\u{FEFF}' | '\u{061C}' | '\u{00AD}' | '\u{E0000}'..='\u{E007F}')
 }
 
 /// Lines an agent can cause (its refusals) per second, per worker thread, and the burst.

@@ -655,7 +655,7 @@ proptest! {
         use scopegate::integrity::{Kind, definition, digest, pins::Pins};
         let item = serde_json::json!({"name": name, "description": description,
             "inputSchema": {"type": "object", "properties": {description.clone(): {"type": "string"}}}});
-        let def = definition(Kind::Tool, &item);
+        let def = definition(&item);
         let mut pins = Pins::default();
         pins.set(&upstream, Kind::Tool, &name, &def);
         let back = Pins::parse(&pins.render()).map_err(TestCaseError::fail)?;
@@ -671,7 +671,7 @@ proptest! {
         members in prop::collection::btree_map("[a-z]{1,8}", "\\PC{0,12}", 1..6),
         escapes in prop::collection::vec(any::<bool>(), 1..8),
     ) {
-        use scopegate::integrity::{Kind, definition, digest};
+        use scopegate::integrity::{definition, digest};
         prop_assume!(!members.contains_key("name"));
         let forward: Vec<String> = members.iter()
             .map(|(k, v)| format!("{}:{}", json_string(k, &escapes), json_string(v, &escapes)))
@@ -680,6 +680,6 @@ proptest! {
         backward.reverse();
         let a: Value = serde_json::from_str(&format!("{{\"name\":\"t\",{}}}", forward.join(","))).unwrap();
         let b: Value = serde_json::from_str(&format!("{{{},\"name\":\"t\"}}", backward.join(","))).unwrap();
-        prop_assert_eq!(digest(&definition(Kind::Tool, &a)), digest(&definition(Kind::Tool, &b)));
+        prop_assert_eq!(digest(&definition(&a)), digest(&definition(&b)));
     }
 }

@@ -11,7 +11,7 @@ use crate::mcp::lists::ListKind;
 use crate::mcp::session::MultiSession;
 use crate::policy::decide;
 use crate::reply::Reply;
-use crate::upstream::client::{exchange, join_all, walk_list};
+use crate::upstream::client::{exchange, join_all};
 
 use super::names::{MAX_NAME, decode_cursor, encode_cursor, exposed_name, scoped_uri};
 use super::request::{Fut, Request, rpc_result};
@@ -330,47 +330,32 @@ pub(super) async fn resolve_name(
 
 /// With integrity checks on, a call of a tool (or a prompt) of upstream `i` that no list has
 /// shown yet: the upstream's whole list is walked on the agent's session and every definition
-/// judged, so the call is decided on what the upstream says the tool is. A failure is logged;
-/// the call is then refused as not listed.
+/// judged ([`crate::policy::integrity::Integrity::walk`]). A failure is logged; the call is
+/// then refused as not listed.
 pub(super) async fn list_to_vet(
     req: &Request<'_>,
     session: &MultiSession,
     i: usize,
-    kind: ListKind,
+    kind: crate::integrity::Kind,
 ) {
-    let (Some(p), Some(def_kind)) = (req.policy, crate::integrity::Kind::of_list(kind)) else {
+    let Some(p) = req.policy else {
         return;
     };
-    // One walk at a time and a few seconds apart, whoever asks; else the call is refused as
-    // not listed yet.
-    if !p.integrity.begin_walk(i, def_kind) {
-        return;
-    }
     let walked = match session_for(req, session, i).await {
         Ok(sid) => {
-            // The body is each page's own (and its routing headers walk_list's).
+            // The body is each page's own (and its routing headers the walk's).
             let base = req.up_request("POST", b"", Some(&sid));
-            let mut each = |item: &mut Value| {
-                p.integrity.vet(i, kind, item);
-            };
-            walk_list(
-                req.ups(),
-                i,
-                &base,
-                kind.method(),
-                kind.field(),
-                // 2026-07-28 requests carry the agent's revision and capabilities; an older
-                // revision's `_meta` is the call's own (a progress token).
-                req.meta().filter(|_| req.modern()),
-                req.fanout_deadline(),
-                &mut each,
-            )
-            .await
+            // 2026-07-28 requests carry the agent's revision and capabilities; an older
+            // revision's `_meta` is the call's own (a progress token).
+            let meta = req.meta().filter(|_| req.modern());
+            let deadline = req.fanout_deadline();
+            p.integrity
+                .walk(req.ups(), i, kind, &base, meta, deadline)
+                .await
         }
         Err(e) => Err(e),
     };
-    match walked {
-        Ok(()) => p.integrity.listed(i, def_kind),
-        Err(e) => req.note_failure(i, e.message()),
+    if let Err(e) = walked {
+        req.note_failure(i, e.message());
     }
 }

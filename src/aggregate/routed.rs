@@ -161,8 +161,8 @@ pub(super) async fn routed(
         let mut decision = decide::authorize(p, a, i, &target);
         if decide::is_unseen(&decision) {
             let kind = match target {
-                Target::Prompt(_) => ListKind::Prompts,
-                _ => ListKind::Tools,
+                Target::Prompt(_) => crate::integrity::Kind::Prompt,
+                _ => crate::integrity::Kind::Tool,
             };
             list_to_vet(req, session, i, kind).await;
             decision = decide::authorize(p, a, i, &target);

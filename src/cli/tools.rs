@@ -63,7 +63,7 @@ pub fn tools(args: &[String]) -> i32 {
         eprintln!("scopegate tools {verb}: set SCOPEGATE_PINS (the pin file to read and write)");
         return 2;
     }
-    match verb.as_str() {
+    let done = match verb.as_str() {
         "pin" => pin(
             &config,
             &policy,
@@ -80,9 +80,10 @@ pub fn tools(args: &[String]) -> i32 {
         "scan" => scan_all(&config, &policy, rest),
         _ => {
             eprintln!("{USAGE}");
-            2
+            Ok(2)
         }
-    }
+    };
+    done.unwrap_or_else(fail)
 }
 
 /// The upstreams named (all when none is), or the first unknown name.
@@ -176,21 +177,19 @@ async fn list_one(ups: Upstreams<'_>, i: usize, config: &Config) -> Result<Liste
         resp.finish(ups);
     }
     let mut items = Vec::new();
-    for (kind, list) in [(Kind::Tool, "tools"), (Kind::Prompt, "prompts")] {
-        if caps.get(list).is_none() {
+    for kind in [Kind::Tool, Kind::Prompt] {
+        let lk = kind.list();
+        // The capability is named like the list's field (`tools`, `prompts`).
+        if caps.get(lk.field()).is_none() {
             continue;
         }
-        let lk = match kind {
-            Kind::Tool => crate::mcp::lists::ListKind::Tools,
-            Kind::Prompt => crate::mcp::lists::ListKind::Prompts,
-        };
         let base = UpRequest {
             routing: Vec::new(),
             ..base
         };
         let mut each = |item: &mut Value| {
             if let Some(n) = item.get("name").and_then(Value::as_str) {
-                items.push((kind, n.to_owned(), integrity::definition(kind, item)));
+                items.push((kind, n.to_owned(), integrity::definition(item)));
             }
         };
         walk_list(
@@ -233,24 +232,21 @@ fn load_pins(path: &Path, missing_ok: bool) -> Result<Pins, String> {
     Pins::load(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes the pin file, naming it in the error.
+fn write_pins(pins: &Pins, path: &Path) -> Result<(), String> {
+    pins.write(path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn fail(e: String) -> i32 {
     eprintln!("scopegate tools: {e}");
     1
 }
 
-fn pin(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 {
-    let chosen = match chosen(policy, names) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let mut pins = match load_pins(path, true) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let listed = match list(config, policy, &chosen) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
+fn pin(config: &Config, policy: &Policy, names: &[String], path: &Path) -> Result<i32, String> {
+    let chosen = chosen(policy, names)?;
+    let mut pins = load_pins(path, true)?;
+    let listed = list(config, policy, &chosen)?;
     let max = policy.integrity.settings().max_description;
     for l in &listed {
         // What changed since the last pin, and what the scan finds, is said before it is
@@ -289,15 +285,13 @@ fn pin(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 {
             l.upstream, counts[0], counts[1]
         );
     }
-    if let Err(e) = pins.write(path) {
-        return fail(format!("{}: {e}", path.display()));
-    }
+    write_pins(&pins, path)?;
     println!(
         "wrote {} ({} pin(s)); a running scopegate applies it on SIGHUP",
         path.display(),
         pins.len()
     );
-    0
+    Ok(0)
 }
 
 /// Shows a value for a reader: JSON, with hidden characters written as escapes.
@@ -316,19 +310,10 @@ fn shown(v: Option<&Value>) -> String {
     }
 }
 
-fn diff(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 {
-    let chosen = match chosen(policy, names) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let pins = match load_pins(path, false) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let listed = match list(config, policy, &chosen) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
+fn diff(config: &Config, policy: &Policy, names: &[String], path: &Path) -> Result<i32, String> {
+    let chosen = chosen(policy, names)?;
+    let pins = load_pins(path, false)?;
+    let listed = list(config, policy, &chosen)?;
     let mut differences = 0;
     for l in &listed {
         for (kind, name, def) in &l.items {
@@ -390,25 +375,30 @@ fn diff(config: &Config, policy: &Policy, names: &[String], path: &Path) -> i32 
     }
     if differences == 0 {
         println!("no differences: every definition matches its pin");
-        0
+        Ok(0)
     } else {
         println!(
             "{differences} difference(s); `scopegate tools approve UPSTREAM/TOOL` re-pins one after review"
         );
-        1
+        Ok(1)
     }
 }
 
-fn approve(config: &Config, policy: &Policy, names: &[String], path: PathBuf) -> i32 {
+fn approve(
+    config: &Config,
+    policy: &Policy,
+    names: &[String],
+    path: PathBuf,
+) -> Result<i32, String> {
     if names.is_empty() {
         eprintln!("{USAGE}");
-        return 2;
+        return Ok(2);
     }
     let mut wanted = Vec::new();
     for n in names {
         let Some((up, item)) = n.split_once('/') else {
             eprintln!("scopegate tools approve: {n:?} is not UPSTREAM/TOOL");
-            return 2;
+            return Ok(2);
         };
         let (kind, item) = match item.strip_prefix("prompt:") {
             Some(p) => (Kind::Prompt, p),
@@ -419,18 +409,9 @@ fn approve(config: &Config, policy: &Policy, names: &[String], path: PathBuf) ->
     let mut unique: Vec<String> = wanted.iter().map(|(u, _, _)| u.clone()).collect();
     unique.sort();
     unique.dedup();
-    let chosen = match chosen(policy, &unique) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let mut pins = match load_pins(&path, true) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let listed = match list(config, policy, &chosen) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
+    let chosen = chosen(policy, &unique)?;
+    let mut pins = load_pins(&path, true)?;
+    let listed = list(config, policy, &chosen)?;
     for (up, kind, name) in &wanted {
         let found = listed
             .iter()
@@ -438,7 +419,7 @@ fn approve(config: &Config, policy: &Policy, names: &[String], path: PathBuf) ->
             .flat_map(|l| &l.items)
             .find(|(k, n, _)| k == kind && n == name);
         let Some((_, _, def)) = found else {
-            return fail(format!(
+            return Err(format!(
                 "upstream {up:?} does not offer {} {name:?}: nothing approved",
                 kind.as_str()
             ));
@@ -450,25 +431,17 @@ fn approve(config: &Config, policy: &Policy, names: &[String], path: PathBuf) ->
             digest_text(&digest(def))
         );
     }
-    if let Err(e) = pins.write(&path) {
-        return fail(format!("{}: {e}", path.display()));
-    }
+    write_pins(&pins, &path)?;
     println!(
         "wrote {}; a running scopegate applies it on SIGHUP",
         path.display()
     );
-    0
+    Ok(0)
 }
 
-fn scan_all(config: &Config, policy: &Policy, names: &[String]) -> i32 {
-    let chosen = match chosen(policy, names) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let listed = match list(config, policy, &chosen) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
+fn scan_all(config: &Config, policy: &Policy, names: &[String]) -> Result<i32, String> {
+    let chosen = chosen(policy, names)?;
+    let listed = list(config, policy, &chosen)?;
     let max = policy.integrity.settings().max_description;
     let mut total = 0;
     for (l, &i) in listed.iter().zip(&chosen) {
@@ -498,9 +471,9 @@ fn scan_all(config: &Config, policy: &Policy, names: &[String]) -> i32 {
     let items: usize = listed.iter().map(|l| l.items.len()).sum();
     if total == 0 {
         println!("scanned {items} definition(s): nothing found");
-        0
+        Ok(0)
     } else {
         println!("scanned {items} definition(s): {total} finding(s)");
-        1
+        Ok(1)
     }
 }

@@ -37,35 +37,8 @@ pub const MAX_FINDINGS: usize = 16;
 /// The description length over which a definition is `oversized`, unless the policy says.
 pub const DEFAULT_MAX_DESCRIPTION: usize = 4096;
 
-/// Why a character is hidden, if it is.
-pub fn hidden(c: char) -> Option<&'static str> {
-    Some(match c {
-        '\u{E0000}'..='\u{E007F}' => "tag character",
-        '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{180E}' => {
-            "zero-width character"
-        }
-        '\u{2061}'..='\u{2064}'
-        | '\u{00AD}'
-        | '\u{034F}'
-        | '\u{17B4}'
-        | '\u{17B5}'
-        | '\u{180B}'..='\u{180D}'
-        | '\u{206A}'..='\u{206F}'
-        | '\u{FFF9}'..='\u{FFFB}'
-        | '\u{1D173}'..='\u{1D17A}' => "invisible character",
-        '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' => "invisible filler",
-        '\u{202A}'..='\u{202E}'
-        | '\u{2066}'..='\u{2069}'
-        | '\u{200E}'
-        | '\u{200F}'
-        | '\u{061C}' => "bidi control",
-        '\u{E0100}'..='\u{E01EF}' => "variation selector",
-        '\u{0}'..='\u{8}' | '\u{B}' | '\u{C}' | '\u{E}'..='\u{1F}' | '\u{7F}'..='\u{9F}' => {
-            "control character"
-        }
-        _ => return None,
-    })
-}
+/// Why a character is hidden (one home: the log's quoting asks it too).
+pub use crate::fmt::hidden;
 
 /// `s` as a reader should see it: hidden characters written as `\u{..}` escapes, controls
 /// too, at most `max` characters (then `…`). For messages, log lines and terminals.

@@ -387,4 +387,21 @@ rate = {{ per_second = 1, burst = 1 }}
         changed.inherit_rate_state(&new);
         assert!(Local.admit(&changed.limits_for(0, 0, None), now).is_ok());
     }
+
+    #[test]
+    fn a_view_changes_with_the_pins_and_overrides() {
+        // A reload that changes them changes what the agent's lists show: its streams are told.
+        let agent = "[[agent]]\nid = \"a\"\ntenant = \"t\"\nallow = [\"gh/*\"]\n";
+        let plain = load(&format!("{BASE}{agent}"));
+        let mut pinned = load(&format!("{BASE}{agent}"));
+        pinned
+            .integrity
+            .set_pins(crate::integrity::pins::Pins::default());
+        let overridden = load(&format!(
+            "{BASE}[[upstream.tool]]\nname = \"x\"\ndescription = \"y\"\n{agent}"
+        ));
+        assert_eq!(plain.view_of(0), load(&format!("{BASE}{agent}")).view_of(0));
+        assert_ne!(plain.view_of(0), pinned.view_of(0));
+        assert_ne!(plain.view_of(0), overridden.view_of(0));
+    }
 }

@@ -17,7 +17,7 @@ use crate::policy::Policy;
 use crate::policy::decide::{self, Target};
 use crate::policy::live::ViewWatch;
 use crate::upstream::Transport;
-use crate::upstream::client::{UpRequest, Upstreams, walk_list};
+use crate::upstream::client::{UpRequest, Upstreams};
 use crate::upstream::stdio::Stdio;
 use std::time::Instant;
 
@@ -202,13 +202,10 @@ async fn list_unseen(
 ) {
     for m in env.messages() {
         let target = Target::of(m, env.arguments(m), env.notifications(m));
-        let (kind, name) = match target {
-            Target::Tool { name, .. } => (ListKind::Tools, name),
-            Target::Prompt(name) => (ListKind::Prompts, name),
+        let (def_kind, name) = match target {
+            Target::Tool { name, .. } => (crate::integrity::Kind::Tool, name),
+            Target::Prompt(name) => (crate::integrity::Kind::Prompt, name),
             _ => continue,
-        };
-        let Some(def_kind) = crate::integrity::Kind::of_list(kind) else {
-            continue;
         };
         // The common case, a verdict made when the tool was listed, costs one lookup; the
         // rules are asked only before walking a list (a call they refuse never causes one).
@@ -216,11 +213,6 @@ async fn list_unseen(
             || !decide::is_unseen(&decide::authorize(policy, agent, upstream, &target))
         {
             continue;
-        }
-        // One walk at a time and a few seconds apart, whoever asks; else the call is refused
-        // as not listed yet.
-        if !policy.integrity.begin_walk(upstream, def_kind) {
-            return;
         }
         let sessions = &p.core.sessions;
         let session = p
@@ -253,21 +245,16 @@ async fn list_unseen(
             .filter(|_| modern)
             .map(|(a, b)| &body[a..b]);
         let deadline = Instant::now() + c.upstream_timeout.min(c.aggregate_timeout);
-        let mut each = |item: &mut serde_json::Value| {
-            policy.integrity.vet(upstream, kind, item);
-        };
-        let (method, field) = (kind.method(), kind.field());
-        match walk_list(
-            ups, upstream, &base, method, field, meta, deadline, &mut each,
-        )
-        .await
-        {
-            Ok(()) => policy.integrity.listed(upstream, def_kind),
-            Err(e) => crate::warn!(
-                "tool integrity: {method} of upstream {:?}, to check a call, failed: {}",
+        let walked = policy
+            .integrity
+            .walk(ups, upstream, def_kind, &base, meta, deadline);
+        if let Err(e) = walked.await {
+            crate::warn!(
+                "tool integrity: {} of upstream {:?}, to check a call, failed: {}",
+                def_kind.list().method(),
                 p.upstreams[upstream].name,
                 e.message()
-            ),
+            );
         }
         // One walk per request: the others of a batch find the verdicts it made.
         return;

@@ -23,6 +23,8 @@ use crate::integrity::pins::Pins;
 use crate::integrity::scan::{self, Finding};
 use crate::integrity::{self, Digest, Kind};
 use crate::mcp::lists::ListKind;
+use crate::reply::Reply;
+use crate::upstream::client::{UpRequest, Upstreams, walk_list};
 pub use events::take_events;
 use events::{Event, short, tell};
 
@@ -250,7 +252,7 @@ impl Integrity {
         let Some(seen) = self.seen.get(i) else {
             return false;
         };
-        let def = integrity::definition(kind, item);
+        let def = integrity::definition(item);
         let d = integrity::digest(&def);
         let key = self.scan_key(i, kind, name);
         let known = seen
@@ -471,7 +473,7 @@ impl Integrity {
     /// Whether this caller may walk upstream `i`'s list of `kind` now: one walk at a time,
     /// at most one per [`WALK_SPACING_MS`], so agents cannot make scopegate list an upstream
     /// again and again.
-    pub fn begin_walk(&self, i: usize, kind: Kind) -> bool {
+    fn begin_walk(&self, i: usize, kind: Kind) -> bool {
         let Some(seen) = self.seen.get(i) else {
             return false;
         };
@@ -524,8 +526,35 @@ impl Integrity {
         self.active && self.call(i, kind, name) == CallVerdict::Unseen
     }
 
+    /// Walks upstream `i`'s whole list of `kind` (each page `base` with its body, see
+    /// [`walk_list`]) and judges every definition in it, so a call of a tool no list has shown
+    /// is decided on what the upstream says the tool is. One walk at a time per upstream and
+    /// kind, and a few seconds apart whoever asks: `Ok(false)` when this caller may not walk
+    /// now (the call is then refused as not listed yet).
+    pub async fn walk(
+        &self,
+        ups: Upstreams<'_>,
+        i: usize,
+        kind: Kind,
+        base: &UpRequest<'_>,
+        meta: Option<&[u8]>,
+        deadline: std::time::Instant,
+    ) -> Result<bool, Reply> {
+        if !self.begin_walk(i, kind) {
+            return Ok(false);
+        }
+        let list = kind.list();
+        let mut each = |item: &mut Value| {
+            self.vet(i, list, item);
+        };
+        let (method, field) = (list.method(), list.field());
+        walk_list(ups, i, base, method, field, meta, deadline, &mut each).await?;
+        self.listed(i, kind);
+        Ok(true)
+    }
+
     /// A full list of upstream `i`'s `kind` was just walked (every page vetted).
-    pub fn listed(&self, i: usize, kind: Kind) {
+    fn listed(&self, i: usize, kind: Kind) {
         if let Some(seen) = self.seen.get(i) {
             seen.listed[kind as usize].store(now_ms(), Ordering::Relaxed);
         }
@@ -571,12 +600,7 @@ mod tests {
         let mut pins = Pins::default();
         for item in items {
             let name = item["name"].as_str().unwrap();
-            pins.set(
-                "w",
-                Kind::Tool,
-                name,
-                &integrity::definition(Kind::Tool, item),
-            );
+            pins.set("w", Kind::Tool, name, &integrity::definition(item));
         }
         pins
     }
