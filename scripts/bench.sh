@@ -109,8 +109,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; return 1; }
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 # utime+stime of a set of pids (all their threads), in clock ticks.
 cpu_ticks() { local t=0; for p in "$@"; do read -r -a f < "/proc/$p/stat"; t=$((t + f[13] + f[14])); done; echo "$t"; }
 rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
@@ -123,35 +123,7 @@ taskset -c "$UPSTREAM_CORES" "$BIN/sg-mock" --listen "127.0.0.1:$UP_PORT" --thre
 PIDS+=($!)
 wait_port "$UP_PORT"
 
-KEY="bench-agent-key-0123456789"
-KEY_SHA=$("$BIN/scopegate" hash-key "$KEY")
-cat > "$WORK/policy.toml" <<TOML
-[[tenant]]
-id = "bench"
-rate = { per_second = 10000000, burst = 10000000 }
-
-[[upstream]]
-name = "bench"
-tenant = "bench"
-rate = { per_second = 10000000, burst = 10000000 }
-[upstream.headers]
-X-Upstream-Key = "injected"
-
-[[agent]]
-id = "bench-agent"
-tenant = "bench"
-key_sha256 = "$KEY_SHA"
-allow = ["bench/echo"]
-rate = { per_second = 10000000, burst = 10000000 }
-
-[[agent.tool]]
-match = "bench/echo"
-rate = { per_second = 10000000, burst = 10000000 }
-[agent.tool.args]
-repo = { one_of = ["acme/web", "acme/api"] }
-title = { max_len = 200 }
-labels = { max_len = 5 }
-TOML
+write_bench_policy "$WORK/policy.toml" "$BIN/scopegate"
 
 # Certificates for the TLS rows: a CA and a certificate for localhost / 127.0.0.1 (ECDSA P-256).
 CERTS="$WORK/certs"
@@ -269,7 +241,6 @@ if [[ -n "$BASELINE" ]]; then
   TARGETS=(direct scopegate-full scopegate-baseline scopegate-integrity scopegate-limits scopegate-open nginx)
 fi
 
-ARGS='{"repo":"acme/web","title":"bench","labels":["a"]}'
 declare -A SCHEME
 load() { # load TARGET [sg-load args...] -> sg-load JSON on stdout
   local t=$1; shift

@@ -32,39 +32,12 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 
 UP=$(free_port)
 GW=$(free_port)
-KEY="bench-agent-key-0123456789"
-cat > "$WORK/policy.toml" <<TOML
-[[tenant]]
-id = "bench"
-rate = { per_second = 10000000, burst = 10000000 }
-
-[[upstream]]
-name = "bench"
-tenant = "bench"
-rate = { per_second = 10000000, burst = 10000000 }
-[upstream.headers]
-X-Upstream-Key = "injected"
-
-[[agent]]
-id = "bench-agent"
-tenant = "bench"
-key_sha256 = "$("$BIN/scopegate" hash-key "$KEY")"
-allow = ["bench/echo"]
-rate = { per_second = 10000000, burst = 10000000 }
-
-[[agent.tool]]
-match = "bench/echo"
-rate = { per_second = 10000000, burst = 10000000 }
-[agent.tool.args]
-repo = { one_of = ["acme/web", "acme/api"] }
-title = { max_len = 200 }
-labels = { max_len = 5 }
-TOML
+write_bench_policy "$WORK/policy.toml" "$BIN/scopegate"
 
 taskset -c 1 "$BIN/sg-mock" --listen "127.0.0.1:$UP" > /dev/null 2>&1 &
 PIDS+=($!)
@@ -77,7 +50,7 @@ SG=$!
 PIDS+=($SG)
 wait_port "$GW"
 taskset -c 1 "$BIN/sg-load" --url "http://127.0.0.1:$GW/mcp" --keys "$KEY" \
-  --args '{"repo":"acme/web","title":"bench","labels":["a"]}' --connections 32 \
+  --args "$ARGS" --connections 32 \
   --duration $((SECONDS_ + 4)) --warmup 1 --json > "$WORK/load.json" &
 LOADER=$!
 sleep 2
