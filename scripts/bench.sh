@@ -12,8 +12,9 @@
 #     and the latency each proxy adds to the direct path;
 #   - RSS after the runs.
 # Then: 1 worker vs 2 (scaling), TLS (to an HTTPS upstream, and terminating HTTPS: scopegate vs
-# nginx), memory per idle keep-alive connection (10,000 of them) and per
-# open SSE stream (1,000), and allocations per call (from scopegate's own counter).
+# nginx), memory per idle keep-alive connection (10,000 of them: after a GET /healthz, and after
+# an initialize and one tools/call) and per open SSE stream (1,000), and allocations per call
+# (from scopegate's own counter).
 #
 # Everything on plus tool integrity (pins and the poison scan) is a row of its own: its cost.
 #
@@ -377,7 +378,11 @@ hold() { # hold KIND(idle|streams) N PORT PIDS... -> RSS before and while held (
   sleep 0.5
   before=$(rss_kb "$@")
   local args=(--url "http://127.0.0.1:$port/mcp" --keys "$KEY" --hold 8)
-  if [[ $kind == idle ]]; then args+=(--idle "$n" --path /healthz); else args+=(--streams "$n"); fi
+  case $kind in
+    idle) args+=(--idle "$n" --path /healthz) ;;
+    idle-call) args+=(--idle-after-call "$n") ;;
+    *) args+=(--streams "$n") ;;
+  esac
   coproc HOLDER { taskset -c "$LOAD_CORES" "$LOAD" "${args[@]}"; }
   local line=""
   read -r line <&"${HOLDER[0]}" || true
@@ -386,7 +391,7 @@ hold() { # hold KIND(idle|streams) N PORT PIDS... -> RSS before and while held (
   wait "$HOLDER_PID" 2>/dev/null || true
   echo "$before $while_held ${line#ready }"
 }
-for kind in idle streams; do
+for kind in idle idle-call streams; do
   n=$IDLE; [[ $kind == streams ]] && n=$STREAMS
   read -r p port < <(start_scopegate "mem-$kind" "$PROXY_CORES" "$WORKERS" full); PIDS+=("$p")
   read -r b w got < <(hold "$kind" "$n" "$port" "$p")

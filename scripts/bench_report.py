@@ -320,14 +320,17 @@ if mem:
     w("## Memory per connection")
     w("")
     w("Fresh processes; RSS before, and while the connections are held (idle keep-alive "
-      "connections have made one `GET /healthz`; each event stream is an MCP session's `GET` "
-      "stream, relayed from the upstream).")
+      "connections have made one `GET /healthz`, or an `initialize` and one allowed `tools/call`, "
+      "after which scopegate remembers the agent's key and session on the connection; each event "
+      "stream is an MCP session's `GET` stream, relayed from the upstream).")
     w("")
     w("| target | what | held | RSS before | RSS while held | per connection |")
     w("|---|---|---|---|---|---|")
     for r in mem:
         per = (r["while_kb"] - r["before_kb"]) * 1024 / r["held"] if r["held"] else None
-        what = "idle keep-alive connections" if r["kind"] == "idle" else "open SSE streams"
+        what = {"idle": "idle keep-alive connections, after `GET /healthz`",
+                "idle-call": "idle keep-alive connections, after a `tools/call`"}.get(
+                    r["kind"], "open SSE streams")
         w(f"| {NAMES.get(r['target'], r['target'])} | {what} | {r['held']:,} of {r['n']:,} | "
           f"{r['before_kb'] / 1024:.1f} MiB | {r['while_kb'] / 1024:.1f} MiB | "
           f"{fmt(per / 1024 if per is not None else None, 1)} KiB |")

@@ -21,12 +21,21 @@ use crate::mcp::session::SessionKeys;
 use crate::metrics::WorkerStats;
 use crate::policy::live::{LivePolicy, PolicyView};
 use crate::ratelimit::{FleetLimiter, Limiter};
+use crate::serve::Activity;
 use crate::{debug, error, info, warn};
 
-/// A client connection's socket and whether it is idle between requests.
-/// A connection's socket, whether it waits between requests, and whether it was accepted while
-/// draining (then it is left to bring its answer, not closed for being idle).
-type OpenConnection = (RawFd, Rc<Cell<bool>>, bool);
+/// A connection as the registry knows it: its socket, what it is doing, whether it was accepted
+/// while draining (then it is left to bring its answer, not closed for being idle), and what the
+/// idle sweep saw of it.
+struct OpenConnection {
+    fd: RawFd,
+    activity: Rc<Activity>,
+    draining: bool,
+    /// Requests begun when the sweep last looked, and how many sweeps in a row found it idle
+    /// with none begun since.
+    seen_begun: u32,
+    quiet_sweeps: u32,
+}
 
 /// What every worker starts from: read-only configuration, the live policy, session keys.
 #[derive(Clone)]
@@ -58,8 +67,8 @@ struct SharedRest {
     tls: Option<Arc<crate::tls::server::ListenerTls>>,
 }
 
-/// A worker's open connections (raw fd, idle between requests), for the drain. Touched once per
-/// connection (open/close); per request only the `Cell` flips.
+/// A worker's open connections, for the idle sweep and the drain. Touched once per connection
+/// (open/close); per request only the connection's `Activity` cells change.
 #[derive(Default)]
 struct Registry {
     connections: RefCell<HashMap<u64, OpenConnection>>,
@@ -226,6 +235,7 @@ async fn worker_main(
     ));
     let registry = Rc::new(Registry::default());
     monoio::spawn(drain_watch(registry.clone(), listener.as_raw_fd()));
+    monoio::spawn(idle_sweep(registry.clone(), config.idle_timeout));
 
     loop {
         match listener.accept().await {
@@ -233,26 +243,16 @@ async fn worker_main(
                 // Accepted while draining: only for answers to requests in flight.
                 let draining = shutting_down();
                 let _ = stream.set_nodelay(true);
-                let worker = worker.clone();
                 let guard = register(&registry, &worker.core.stats, &stream, draining);
-                monoio::spawn(async move {
-                    // A bug that panics while serving a connection ends that connection (its
-                    // socket is closed), not the worker and every connection it serves.
-                    let served = CatchUnwind(Box::pin(crate::serve::serve_connection(
-                        &worker,
-                        stream,
-                        peer,
-                        &guard.idle,
-                        draining,
-                    )))
-                    .await;
-                    if served.is_err() {
-                        crate::error!(
-                            "worker {}: a connection's task panicked; it was closed",
-                            worker.core.id
-                        );
-                    }
-                    drop(guard);
+                // One allocation per connection: its task, which holds the connection's future
+                // inline (the guard leaves the registry when the future is dropped, however it
+                // ends). A bug that panics while serving a connection ends that connection (its
+                // socket is closed), not the worker and every connection it serves.
+                let served =
+                    crate::serve::serve_connection(worker.clone(), stream, peer, guard, draining);
+                monoio::spawn(Contained {
+                    future: served,
+                    worker: id,
                 });
             }
             Err(e) => {
@@ -291,7 +291,7 @@ async fn drain_watch(registry: Rc<Registry>, listener: RawFd) {
             .connections
             .borrow()
             .values()
-            .any(|(_, idle, _)| !idle.get());
+            .any(|c| !c.activity.is_idle());
         if !busy {
             // SAFETY: the listener's fd stays open until the accept loop, which this ends, drops
             // the listener.
@@ -309,7 +309,15 @@ pub struct ConnectionGuard {
     registry: Rc<Registry>,
     stats: Arc<WorkerStats>,
     key: u64,
-    pub idle: Rc<Cell<bool>>,
+    pub activity: Rc<Activity>,
+}
+
+impl std::ops::Deref for ConnectionGuard {
+    type Target = Activity;
+
+    fn deref(&self) -> &Activity {
+        &self.activity
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -327,29 +335,62 @@ fn register(
 ) -> ConnectionGuard {
     let key = registry.next.get();
     registry.next.set(key + 1);
-    let idle = Rc::new(Cell::new(true));
-    registry
-        .connections
-        .borrow_mut()
-        .insert(key, (stream.as_raw_fd(), idle.clone(), draining));
+    let activity = Rc::new(Activity::default());
+    let open = OpenConnection {
+        fd: stream.as_raw_fd(),
+        activity: activity.clone(),
+        draining,
+        seen_begun: 0,
+        quiet_sweeps: 0,
+    };
+    registry.connections.borrow_mut().insert(key, open);
     stats.open_connections.fetch_add(1, Ordering::Relaxed);
     ConnectionGuard {
         registry: registry.clone(),
         stats: stats.clone(),
         key,
-        idle,
+        activity,
+    }
+}
+
+/// Closes connections idle for `SCOPEGATE_IDLE_TIMEOUT_MS`: a sweep every quarter of it (at least
+/// every 10 ms, at most every second) counts the sweeps in a row that found each connection
+/// idle with no request begun since, and shuts the read side of those past the timeout (their
+/// wait sees the end). One task per worker instead of a timer per connection; a connection is
+/// closed between the timeout and the timeout plus one sweep after its last request.
+async fn idle_sweep(registry: Rc<Registry>, timeout: Duration) {
+    let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let quiet_needed = timeout.as_nanos().div_ceil(every.as_nanos()).max(1) as u32;
+    while !shutting_down() {
+        monoio::time::sleep(every).await;
+        for c in registry.connections.borrow_mut().values_mut() {
+            let begun = c.activity.begun();
+            if !c.activity.is_idle() || begun != c.seen_begun {
+                c.seen_begun = begun;
+                c.quiet_sweeps = 0;
+                continue;
+            }
+            c.quiet_sweeps += 1;
+            if c.quiet_sweeps >= quiet_needed {
+                // SAFETY: the fd belongs to a live connection task of this thread (the entry is
+                // removed before the stream is dropped).
+                unsafe {
+                    libc::shutdown(c.fd, libc::SHUT_RD);
+                }
+            }
+        }
     }
 }
 
 /// Closes the idle connections; those accepted while draining too when `all`.
 fn close_idle_connections(registry: &Registry, all: bool) {
-    for (fd, idle, draining) in registry.connections.borrow().values() {
-        if idle.get() && (all || !draining) {
+    for c in registry.connections.borrow().values() {
+        if c.activity.is_idle() && (all || !c.draining) {
             // Ends the pending read with end-of-stream; the task then closes the socket.
             // SAFETY: the fd belongs to a live connection task of this thread (the entry is
             // removed before the stream is dropped).
             unsafe {
-                libc::shutdown(*fd, libc::SHUT_RD);
+                libc::shutdown(c.fd, libc::SHUT_RD);
             }
         }
     }
@@ -381,29 +422,39 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
     Ok(out)
 }
 
-/// Runs a future and turns a panic inside it into `Err(())` (the panic message has been printed
-/// by the panic hook).
-pub struct CatchUnwind<F>(pub std::pin::Pin<Box<F>>);
+/// Runs a connection's future and turns a panic inside it into `None`, logged (the panic
+/// message has been printed by the panic hook). The future is held inline.
+pub struct Contained<F> {
+    pub future: F,
+    /// The worker, for the log line.
+    pub worker: usize,
+}
 
-impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
-    type Output = Result<F::Output, ()>;
+impl<F: std::future::Future> std::future::Future for Contained<F> {
+    type Output = Option<F::Output>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let inner = self.0.as_mut();
+        let worker = self.worker;
+        // SAFETY: the future is structurally pinned: it is never moved out of `self`, and
+        // `Contained` has no Drop or Unpin impl of its own that could move it.
+        let inner = unsafe { self.as_mut().map_unchecked_mut(|c| &mut c.future) };
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Some(v)),
             Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
+            Err(_) => {
+                crate::error!("worker {worker}: a connection's task panicked; it was closed");
+                std::task::Poll::Ready(None)
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::CatchUnwind;
+    use super::Contained;
 
     #[test]
     fn a_panicking_task_is_contained() {
@@ -411,17 +462,24 @@ mod tests {
             .build()
             .expect("runtime");
         let (panicked, fine) = rt.block_on(async {
-            let panicked = CatchUnwind(Box::pin(async {
-                if std::hint::black_box(true) {
-                    panic!("a bug");
-                }
-                1
-            }))
+            let panicked = Contained {
+                future: async {
+                    if std::hint::black_box(true) {
+                        panic!("a bug");
+                    }
+                    1
+                },
+                worker: 0,
+            }
             .await;
-            let fine = CatchUnwind(Box::pin(async { 2 })).await;
+            let fine = Contained {
+                future: async { 2 },
+                worker: 0,
+            }
+            .await;
             (panicked, fine)
         });
-        assert_eq!(panicked, Err(()));
-        assert_eq!(fine, Ok(2));
+        assert_eq!(panicked, None);
+        assert_eq!(fine, Some(2));
     }
 }

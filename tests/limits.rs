@@ -193,6 +193,28 @@ fn slow_clients_are_cut_off() {
     assert!(up.recorded().is_empty());
 }
 
+/// The idle timeout counts from a connection's last request (the worker's sweep sees requests
+/// begun in between), and a connection quiet for longer is closed.
+#[test]
+fn the_idle_timeout_counts_from_the_last_request() {
+    let (_up, gw) = gateway(&[("SCOPEGATE_IDLE_TIMEOUT_MS", "1000")]);
+    let mut c = gw.client();
+    let start = std::time::Instant::now();
+    // Busier than the timeout for twice its length: the connection stays open.
+    while start.elapsed() < Duration::from_millis(2000) {
+        assert_eq!(c.request("GET", "/healthz").send().status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Then quiet: closed, and not before the timeout has passed since the last request.
+    let quiet = std::time::Instant::now();
+    assert!(c.is_closed(), "idle connection not closed");
+    let after = quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(800),
+        "closed {after:?} after the last request"
+    );
+}
+
 #[test]
 fn upstream_failures_answer_with_the_request_id_and_keep_the_connection() {
     let up = MockServer::start(MockConfig::default());

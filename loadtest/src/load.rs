@@ -720,6 +720,52 @@ pub fn hold_idle(addr: SocketAddr, host: &str, path: &str, n: usize, hold: Durat
     })
 }
 
+/// Holds `n` idle keep-alive connections of agents that have each initialized a session and made
+/// one allowed `tools/call` (so the proxy remembers its key and session on each) until `hold`
+/// passes; prints `ready <n>` on stdout once all are established. Returns how many were.
+pub fn hold_idle_after_call(config: &LoadConfig, n: usize, hold: Duration) -> usize {
+    let config = config.clone();
+    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("load: runtime");
+    rt.block_on(async move {
+        let mut conns = Vec::with_capacity(n);
+        for i in 0..n {
+            let key = (!config.keys.is_empty()).then(|| config.keys[i % config.keys.len()].clone());
+            let Ok(mut c) = Conn::connect(config.addr, config.timeout, config.tls.as_ref()).await
+            else {
+                continue;
+            };
+            let deadline = Instant::now() + config.timeout;
+            if c.send(request(&config, key.as_deref(), None, INIT))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let Ok(a) = c.response(deadline).await else {
+                continue;
+            };
+            let Some(sid) = a.session else { continue };
+            let call = body_for(&config, Kind::Call, 1);
+            if c.send(request(&config, key.as_deref(), Some(&sid), &call))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            match c.response(deadline).await {
+                Ok(a) if a.status == 200 && !a.close => conns.push(c),
+                _ => {}
+            }
+        }
+        println!("ready {}", conns.len());
+        monoio::time::sleep(hold).await;
+        conns.len()
+    })
+}
+
 /// Holds `n` open MCP event streams (each connection initializes a session, then GETs the
 /// endpoint's stream) until `hold` passes; prints `ready <n>` once all are open.
 pub fn hold_streams(config: &LoadConfig, n: usize, hold: Duration) -> usize {

@@ -188,7 +188,9 @@ impl Conn {
     /// stream ended here (bounded); nothing on TCP.
     pub async fn finish(&mut self) {
         if let Stream::Tls(tls) = &mut self.stream {
-            let _ = tls.close_notify().await;
+            // Boxed: the goodbye's future is large, and every connection's task that awaits
+            // `finish` would otherwise carry room for it, plain or not.
+            let _ = Box::pin(tls.close_notify()).await;
         }
     }
 
@@ -196,7 +198,7 @@ impl Conn {
     /// side, so the peer reads everything sent before it sees the end.
     pub async fn close_write(&mut self) {
         if let Stream::Tls(tls) = &mut self.stream {
-            let _ = tls.close_notify().await;
+            let _ = Box::pin(tls.close_notify()).await;
         }
         // SAFETY: the fd is this connection's open socket.
         unsafe {

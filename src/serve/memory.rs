@@ -25,3 +25,18 @@ pub struct ConnCache {
     /// flight (an agent's answer to a sampling or elicitation request), nothing else.
     pub draining: bool,
 }
+
+impl ConnCache {
+    /// Whether anything here is the connection's (a key, a session token, a token's hash): then
+    /// it must stay with the connection, not go back to the pool with the request state.
+    pub fn remembers(&self) -> bool {
+        !self.key.is_empty()
+            || self.key_policy.is_some()
+            || !self.token.is_empty()
+            || !self.token_agent.is_empty()
+            || !self.token_upstream.is_empty()
+            || !self.token_session.is_empty()
+            || !self.hashed_token.is_empty()
+            || !self.token_hash.is_empty()
+    }
+}

@@ -65,14 +65,44 @@ use memory::ConnCache;
 use record::Draft;
 pub use worker::{RequestState, Worker};
 
-/// Serves requests on one agent connection until it closes.
-pub async fn serve_connection(
-    worker: &Worker,
+/// What the worker's registry of connections sees of one: whether it waits between requests,
+/// and how many requests it has begun, so a sweep can tell a connection that stayed idle from one
+/// that served requests in between. The idle timeout is the sweep's (the worker's), not a timer
+/// each idle connection holds: a timer is most of an idle connection's memory.
+#[derive(Default)]
+pub struct Activity {
+    idle: Cell<bool>,
+    begun: Cell<u32>,
+}
+
+impl Activity {
+    pub fn is_idle(&self) -> bool {
+        self.idle.get()
+    }
+
+    pub fn begun(&self) -> u32 {
+        self.begun.get()
+    }
+
+    fn begin(&self) {
+        self.idle.set(false);
+        self.begun.set(self.begun.get().wrapping_add(1));
+    }
+}
+
+/// Serves requests on one agent connection until it closes (or the worker's idle sweep shuts
+/// its read side, which the wait here sees as the end).
+/// Owns what it needs (the worker's handle, the registry's guard, dropped when it ends), so the
+/// connection's task is this future alone.
+pub async fn serve_connection<A: std::ops::Deref<Target = Activity>>(
+    worker: std::rc::Rc<Worker>,
     stream: TcpStream,
     peer: SocketAddr,
-    idle: &Cell<bool>,
+    activity: A,
     draining: bool,
 ) {
+    let worker = &*worker;
+    let activity = &*activity;
     let mut client = match &worker.tls {
         None => Conn::new(stream),
         // Boxed: the handshake's state is large, and a connection's task should not carry it
@@ -83,30 +113,37 @@ pub async fn serve_connection(
         },
     };
     // The connection's memory of its key and session token stays with the connection (the
-    // request state it is lent to goes back to a pool shared by all connections).
-    let mut cache = ConnCache {
-        draining,
-        ..ConnCache::default()
-    };
+    // request state it is lent to goes back to a pool shared by all connections), boxed once it
+    // remembers something: a connection that never authenticated holds none.
+    let mut memory: Option<Box<ConnCache>> = None;
     loop {
-        idle.set(client.buf.is_empty());
+        activity.idle.set(client.buf.is_empty());
         if client.buf.is_empty() && client.buf.capacity() == 0 {
-            // Idle with nothing buffered: wait for the agent holding no buffer and no request
-            // state, then take both from the worker's pools.
-            let wait = client.stream.readable(true);
-            match monoio::time::timeout(worker.core.config.idle_timeout, wait).await {
-                Ok(Ok(())) => client.buf = worker.take_buffer(),
-                Ok(Err(_)) | Err(_) => return,
+            // Idle with nothing buffered: wait for the agent holding no buffer, no request
+            // state and no timer, then take the buffer and state from the worker's pools.
+            match client.stream.readable(true).await {
+                Ok(()) => client.buf = worker.take_buffer(),
+                Err(_) => return,
             }
         }
         let mut state = worker.take_state();
-        std::mem::swap(&mut state.draft.cache, &mut cache);
+        // A pooled state's cache remembers nothing (below), so nothing crosses connections.
+        if let Some(memory) = &mut memory {
+            std::mem::swap(&mut state.draft.cache, memory);
+        }
+        state.draft.cache.draining = draining;
         // Out of the connection's task: the request's state machine (every stage's locals, the
         // upstream exchange) lives in a block of the worker's while the request runs, so an
         // idle connection does not carry it and a request allocates nothing.
-        let request = serve_one(worker, &mut client, peer, idle, &mut state);
+        let request = serve_one(worker, &mut client, peer, activity, &mut state);
         let keep = worker.request_blocks.run(request).await;
-        std::mem::swap(&mut state.draft.cache, &mut cache);
+        match &mut memory {
+            Some(memory) => std::mem::swap(&mut state.draft.cache, memory),
+            None if state.draft.cache.remembers() => {
+                memory = Some(Box::new(std::mem::take(&mut state.draft.cache)));
+            }
+            None => {}
+        }
         worker.give_state(state);
         if !keep {
             client.finish().await;
@@ -141,7 +178,7 @@ async fn serve_one(
     worker: &Worker,
     client: &mut Conn,
     peer: SocketAddr,
-    idle: &Cell<bool>,
+    activity: &Activity,
     state: &mut RequestState,
 ) -> bool {
     let RequestState {
@@ -162,7 +199,7 @@ async fn serve_one(
             return false;
         }
     };
-    idle.set(false);
+    activity.begin();
     draft.reset(Instant::now());
     let written = client.written;
     // The head's spans point into the connection's buffer until `raw` is set.
@@ -312,5 +349,27 @@ async fn handle_request<'r>(
     match upstream {
         None => Step::Aggregate(passed),
         Some(upstream) => Step::Upstream(passed, upstream),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SocketAddr, TcpStream};
+
+    /// The size of the future `f` returns for these argument types.
+    fn future_size<A: std::ops::Deref<Target = super::Activity>, R>(
+        _f: fn(std::rc::Rc<super::Worker>, TcpStream, SocketAddr, A, bool) -> R,
+    ) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Most of what an idle connection costs is its task: this future. It holds no timer (the
+    /// worker's sweep closes idle connections), no request state (pooled), no TLS goodbye
+    /// (boxed when needed) and no memory of a key it was never shown (boxed when there is
+    /// one). scripts/bench.sh measures the whole cost (10,000 idle connections).
+    #[test]
+    fn an_idle_connections_future_is_small() {
+        let size = future_size::<std::rc::Rc<super::Activity>, _>(super::serve_connection);
+        assert!(size <= 640, "a connection's future is {size} bytes");
     }
 }

@@ -14,6 +14,8 @@
 //!   --timeout-ms N      per request (default 10000)
 //!   --json              one JSON object on stdout instead of text
 //!   --idle N --hold S   hold N idle keep-alive connections (one GET --path each) for S seconds
+//!   --idle-after-call N --hold S  hold N idle keep-alive connections, each after an
+//!                       initialize and one tools/call (the proxy remembers key and session)
 //!   --streams N --hold S  hold N open MCP GET event streams for S seconds
 use std::time::Duration;
 
@@ -36,6 +38,7 @@ fn main() {
     let mut timeout_ms = 10_000u64;
     let mut json = false;
     let mut idle: Option<usize> = None;
+    let mut idle_after_call: Option<usize> = None;
     let mut streams: Option<usize> = None;
     let mut hold = 5.0f64;
     let mut idle_path = String::from("/healthz");
@@ -78,6 +81,9 @@ fn main() {
             "--timeout-ms" => timeout_ms = num(&value("--timeout-ms"), "--timeout-ms"),
             "--json" => json = true,
             "--idle" => idle = Some(num(&value("--idle"), "--idle")),
+            "--idle-after-call" => {
+                idle_after_call = Some(num(&value("--idle-after-call"), "--idle-after-call"))
+            }
             "--streams" => streams = Some(num(&value("--streams"), "--streams")),
             "--hold" => hold = num(&value("--hold"), "--hold"),
             "--path" => idle_path = value("--path"),
@@ -146,6 +152,10 @@ fn main() {
             n,
             Duration::from_secs_f64(hold),
         );
+        std::process::exit(if held == n { 0 } else { 1 });
+    }
+    if let Some(n) = idle_after_call {
+        let held = load::hold_idle_after_call(&config, n, Duration::from_secs_f64(hold));
         std::process::exit(if held == n { 0 } else { 1 });
     }
     if let Some(n) = streams {
