@@ -24,7 +24,7 @@
 //! integrity                       tool definitions: digests, the pin file, the poison scan
 //! mcp, http                       MCP and HTTP knowledge, no policy
 //! tls                             rustls streams, PEM files, CA stores, handshake failures
-//! glob, log, token, alloc         small helpers
+//! glob, log, token, alloc, timer  small helpers
 //! fmt                             writing numbers, and which characters a reader cannot see
 //! ```
 
@@ -50,6 +50,7 @@ pub mod redis;
 pub mod reply;
 pub mod runtime;
 pub mod serve;
+pub mod timer;
 pub mod tls;
 pub mod token;
 pub mod upstream;

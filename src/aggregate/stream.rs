@@ -448,7 +448,7 @@ pub(super) async fn merge(
             let wait = req
                 .fanout_deadline()
                 .saturating_duration_since(Instant::now());
-            let _ = monoio::time::timeout(wait, all_in).await;
+            let _ = crate::timer::timeout(wait, all_in).await;
             let ack = merged_ack(&l.id, &writer_queue.borrow().acks);
             let mut out = Vec::new();
             sse::write_event(&[b"event: message"], None, Some(&ack), &mut out);
@@ -501,7 +501,7 @@ pub(super) async fn merge(
                     next_check = Instant::now() + VIEW_CHECK;
                 }
                 let wait = next_check.saturating_duration_since(Instant::now());
-                monoio::time::sleep(wait).await
+                crate::timer::sleep(wait).await
             };
             // While nothing is to be written, watch the agent: a closed stream releases every
             // upstream stream at once.

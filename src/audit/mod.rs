@@ -85,7 +85,7 @@ impl AuditSink {
         }
         while !ring.try_push(&buf) {
             self.channel.wake();
-            monoio::time::sleep(Duration::from_millis(1)).await;
+            crate::timer::sleep(Duration::from_millis(1)).await;
         }
         if ring.used() * 2 >= ring.capacity() {
             self.channel.wake();

@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::plan::{ForwardError, Leg, Relayed};
-use super::respond::{flush, send, start_response, stream_buffers};
+use super::respond::{flush, release_quiet, send, start_response, stream_buffers};
 use crate::fmt::push_decimal;
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::framing;
@@ -22,6 +22,7 @@ use crate::metrics::StreamGauge;
 use crate::policy::live::{VIEW_CHECK, ViewChange};
 use crate::policy::{Policy, decide};
 use crate::reply::Reply;
+use crate::timer::Until;
 use crate::upstream::Upstream;
 use std::sync::Arc;
 
@@ -244,12 +245,20 @@ pub(super) async fn relay_events(
         }
         let deadline =
             event_deadline.or_else(|| idle_limit.then(|| Instant::now() + config.stream_idle));
-        // A stream that stays open wakes now and then to look up (above).
-        let deadline = match idle_limit {
-            false => Some(deadline.map_or(next_check, |d| d.min(next_check))),
-            true => deadline,
+        // A stream that stays open wakes now and then to look up (above): at the thread's next
+        // tick, a timer it shares, unless an event under way must end sooner.
+        let until = match (idle_limit, deadline) {
+            (false, None) => Until::NextTick,
+            (false, Some(d)) => Until::At(d.min(next_check)),
+            (true, deadline) => deadline.into(),
         };
-        match body.next_watching(up, client, &mut watch, deadline).await {
+        if !idle_limit {
+            // A stream that stays open holds no buffers while it waits.
+            release_quiet(&mut ex.out, up);
+            events = Vec::new();
+            splitter.release_if_empty();
+        }
+        match body.next_watching(up, client, &mut watch, until).await {
             Ok(Some(piece)) => {
                 if plan.scan_is_error {
                     ex.is_error.feed(&piece);

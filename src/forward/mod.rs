@@ -168,12 +168,12 @@ pub async fn forward(
         close_after,
         plan,
     };
-    // The filtered relays are boxed: rarer than plain calls, and their state machines would
-    // otherwise size every connection's task.
+    // Not boxed: the request's state machine lives in a block the worker reuses, no larger
+    // for them (a plain relay's wait is as large), and an event stream then holds no box.
     let result = if filtered && event_stream {
-        Box::pin(events::relay_events(leg)).await
+        events::relay_events(leg).await
     } else if filtered && read_whole {
-        Box::pin(events::relay_filtered_json(leg)).await
+        events::relay_filtered_json(leg).await
     } else {
         relay::relay(leg, event_stream).await
     };

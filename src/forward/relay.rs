@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::plan::{ForwardError, Leg, Relayed};
-use super::respond::{flush, send, send_scanned, start_response, stream_buffers};
+use super::respond::{flush, release_quiet, send, send_scanned, start_response, stream_buffers};
 use crate::fmt::push_decimal;
 use crate::http::conn::{Conn, ReadError, Waited, wait_readable_watching};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
@@ -160,6 +160,7 @@ pub(super) async fn relay(
                 }
                 if is_event_stream {
                     flush(client, out).await.map_err(mid)?;
+                    wait.release_quiet(out, up);
                 }
                 if wait.fill(up, client).await? == Filled::Draining {
                     // A length cannot be ended early: the connection closes.
@@ -203,6 +204,7 @@ pub(super) async fn relay(
                 if is_event_stream {
                     // A stream may stay quiet: the agent sees it open before the wait.
                     flush(client, out).await.map_err(mid)?;
+                    wait.release_quiet(out, up);
                 }
                 if wait.fill(up, client).await? == Filled::Draining {
                     if decode || !decoder.between_chunks() {
@@ -244,6 +246,7 @@ pub(super) async fn relay(
                 }
                 if is_event_stream {
                     flush(client, out).await.map_err(mid)?;
+                    wait.release_quiet(out, up);
                 }
                 let filled = wait.fill_or_end(up, client).await?;
                 if filled == Filled::Draining {
@@ -287,9 +290,6 @@ enum Filled {
     Draining,
 }
 
-/// How often a stream that ends at a drain looks up while quiet.
-const DRAIN_CHECK: Duration = Duration::from_secs(1);
-
 /// How the relay waits for the upstream's next bytes.
 struct Wait {
     limit: Option<Duration>,
@@ -320,13 +320,19 @@ impl Wait {
             if self.ends_at_drain && crate::core::shutting_down() {
                 return Ok(Filled::Draining);
             }
+            // A stream that ends at a drain looks up at the thread's next tick (a timer it
+            // shares); other waits have their limit.
             let limit = match self.ends_at_drain {
-                true => Some(DRAIN_CHECK),
+                true => Some(crate::timer::TICK),
                 false => self.limit,
             };
             let deadline = limit.map(|d| Instant::now() + d);
             if self.watch {
-                match wait_readable_watching(up, client, &mut self.watch, limit).await {
+                let until = match self.ends_at_drain {
+                    true => crate::timer::Until::NextTick,
+                    false => deadline.into(),
+                };
+                match wait_readable_watching(up, client, &mut self.watch, until).await {
                     Waited::Readable => {}
                     Waited::AgentGone => return Err(ForwardError::AgentGone),
                     Waited::TimedOut if self.ends_at_drain => continue,
@@ -342,6 +348,13 @@ impl Wait {
                     Err(ForwardError::MidResponse(format!("failed mid-body: {e}")))
                 }
             };
+        }
+    }
+
+    /// A stream that stays open lets its buffers go while it waits ([`release_quiet`]).
+    fn release_quiet(&self, out: &mut Vec<u8>, up: &mut Conn) {
+        if self.ends_at_drain {
+            release_quiet(out, up);
         }
     }
 

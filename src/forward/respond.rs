@@ -29,6 +29,18 @@ pub(super) fn stream_buffers(ex: &mut Exchange, up: &mut Conn) {
     ex.out.shrink_to(STREAM_CHUNK);
 }
 
+/// A long-lived stream about to wait for its next event holds no buffers: what it read is
+/// consumed and what it wrote is sent, so both are let go and allocated again when more comes
+/// (an allocation or two per event, on a stream quiet enough to wait for one).
+pub(super) fn release_quiet(out: &mut Vec<u8>, up: &mut Conn) {
+    if out.is_empty() {
+        *out = Vec::new();
+    }
+    if up.buf.is_empty() {
+        up.buf = bytes::BytesMut::new();
+    }
+}
+
 /// Writes what is pending in `out` plus `piece`: in one write when small, else two.
 pub(super) async fn send(
     client: &mut Conn,

@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::conn::{Conn, ReadError, Waited, wait_readable_watching};
 use super::framing::{ChunkedDecoder, Framing};
+use crate::timer::Until;
 
 /// Why a body could not be read to its end.
 #[derive(Debug)]
@@ -104,7 +105,7 @@ impl BodyReader {
         conn: &mut Conn,
         agent: &mut Conn,
         watch: &mut bool,
-        deadline: Option<Instant>,
+        until: Until,
     ) -> Result<Option<Bytes>, BodyError> {
         loop {
             if let Some(piece) = self.take(conn)? {
@@ -113,13 +114,17 @@ impl BodyReader {
             if self.done {
                 return Ok(None);
             }
-            let limit = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            match wait_readable_watching(conn, agent, watch, limit).await {
+            match wait_readable_watching(conn, agent, watch, until).await {
                 Waited::Readable => {}
                 Waited::AgentGone => return Err(BodyError::PeerGone),
                 Waited::TimedOut => return Err(BodyError::TimedOut),
             }
-            let limit = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            // Readable: the read returns at once (the bound is for a spurious wake).
+            let limit = match until {
+                Until::At(d) => Some(d.saturating_duration_since(Instant::now())),
+                Until::Forever => None,
+                Until::NextTick => Some(crate::timer::TICK),
+            };
             match conn.fill_within(limit).await {
                 Ok(0) if self.framing == Framing::UntilClose && conn.ended_cleanly() => {
                     self.done = true;

@@ -114,7 +114,7 @@ impl Conn {
     pub async fn fill_within(&mut self, limit: Option<Duration>) -> Result<usize, ReadError> {
         match limit {
             None => self.fill().await.map_err(ReadError::Io),
-            Some(d) => match monoio::time::timeout(d, self.fill()).await {
+            Some(d) => match crate::timer::timeout(d, self.fill()).await {
                 Ok(r) => r.map_err(ReadError::Io),
                 Err(_) => Err(ReadError::TimedOut),
             },
@@ -225,7 +225,7 @@ pub async fn wait_readable_watching(
     up: &Conn,
     agent: &mut Conn,
     watch: &mut bool,
-    limit: Option<Duration>,
+    until: crate::timer::Until,
 ) -> Waited {
     let wait = async {
         loop {
@@ -243,10 +243,7 @@ pub async fn wait_readable_watching(
             }
         }
     };
-    match limit {
-        None => wait.await,
-        Some(d) => monoio::time::timeout(d, wait)
-            .await
-            .unwrap_or(Waited::TimedOut),
-    }
+    crate::timer::bounded(until, wait)
+        .await
+        .unwrap_or(Waited::TimedOut)
 }

@@ -52,6 +52,16 @@ impl SseSplitter {
         self.buf.extend_from_slice(data);
     }
 
+    /// Lets the buffer go when every event in it was handed out (a stream waiting for its next
+    /// event holds none); the next push allocates again.
+    pub fn release_if_empty(&mut self) {
+        if self.start == self.buf.len() && !self.skip_lf {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.scanned = 0;
+        }
+    }
+
     /// Bytes held that do not yet form a complete event.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.start
@@ -218,6 +228,24 @@ mod tests {
             out.push(e.to_vec());
         }
         out
+    }
+
+    #[test]
+    fn a_drained_splitter_lets_its_buffer_go_and_a_partial_event_is_kept() {
+        let mut s = SseSplitter::new(1 << 20);
+        s.push(b"data: one\n\ndata: tw");
+        assert_eq!(all(&mut s), vec![b"data: one\n\n".to_vec()]);
+        s.release_if_empty();
+        s.push(b"o\n\n");
+        assert_eq!(all(&mut s), vec![b"data: two\n\n".to_vec()]);
+        s.release_if_empty();
+        assert_eq!(s.buf.capacity(), 0);
+        // An event ended by a CR whose LF has not come yet: the LF is still skipped.
+        s.push(b"data: three\r\r");
+        assert_eq!(all(&mut s), vec![b"data: three\r\r".to_vec()]);
+        s.release_if_empty();
+        s.push(b"\ndata: four\n\n");
+        assert_eq!(all(&mut s), vec![b"data: four\n\n".to_vec()]);
     }
 
     #[test]

@@ -93,7 +93,8 @@ pub const MAX_DEPTH: usize = 128;
 /// Per-connection parsing state, reused request after request so steady state allocates nothing.
 pub struct EnvelopeParser {
     input: Vec<u8>,
-    buffers: Buffers,
+    /// simd-json's working buffers, made at the first parse (and again after a release).
+    buffers: Option<Buffers>,
     spare_tape: Option<Tape<'static>>,
 }
 
@@ -111,17 +112,21 @@ impl EnvelopeParser {
     pub fn new() -> EnvelopeParser {
         EnvelopeParser {
             input: Vec::new(),
-            buffers: Buffers::new(512),
+            buffers: None,
             spare_tape: None,
         }
+    }
+
+    /// Lets every buffer go (a request that parses nothing and may last for hours, an event
+    /// stream, should not hold the last body's); the next parse makes them again.
+    pub fn release(&mut self) {
+        *self = EnvelopeParser::new();
     }
 
     /// Parses `body`. The returned envelope borrows this parser until dropped.
     pub fn parse(&mut self, body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         if self.input.capacity() > RETAIN_LIMIT && body.len() <= RETAIN_LIMIT {
-            self.input = Vec::new();
-            self.buffers = Buffers::new(512);
-            self.spare_tape = None;
+            self.release();
         }
         let len = body.len();
         self.input.clear();
@@ -133,8 +138,8 @@ impl EnvelopeParser {
         // Only batches (2025-03-26 clients) allocate this.
         let mut batch: Vec<Message<'_>> = Vec::new();
 
-        let parsed =
-            simd_json::fill_tape_padded(&mut self.input, len, &mut self.buffers, &mut tape);
+        let buffers = self.buffers.get_or_insert_with(|| Buffers::new(512));
+        let parsed = simd_json::fill_tape_padded(&mut self.input, len, buffers, &mut tape);
         let slot = &mut self.spare_tape;
         if parsed.is_err() {
             *slot = Some(tape.reset());

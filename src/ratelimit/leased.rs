@@ -236,7 +236,7 @@ impl FleetLimiter {
             if let Some(ask) = out {
                 // Another call on this worker is asking for this bucket: its tokens go to the
                 // lease (after its own), so wait for it and take again.
-                match monoio::time::timeout(left, ask.wait()).await {
+                match crate::timer::timeout(left, ask.wait()).await {
                     Ok(Answer::Granted) => continue,
                     Ok(Answer::Empty(wait)) => return Err(b.refusal(wait)),
                     Ok(Answer::Failed) | Err(_) => return self.fallback(b, now_ns()),
@@ -251,7 +251,7 @@ impl FleetLimiter {
             let refill = b.lease.start_refill();
             let want = 1 + if refill { self.size(b) } else { 0 };
             self.ask(b, want, refill, Some(ask.clone()));
-            let answer = monoio::time::timeout(left, ask.wait()).await;
+            let answer = crate::timer::timeout(left, ask.wait()).await;
             drop(reserved);
             return match answer {
                 Ok(Answer::Granted) => Ok(How::Leased),

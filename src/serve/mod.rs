@@ -160,7 +160,7 @@ pub async fn serve_connection<A: std::ops::Deref<Target = Activity>>(
 async fn accept_tls(worker: &Worker, tls: &ListenerTls, stream: TcpStream) -> Option<TlsStream> {
     let handshake = TlsStream::accept(stream, tls.config());
     let limit = worker.core.config.header_timeout;
-    let reason = match monoio::time::timeout(limit, handshake).await {
+    let reason = match crate::timer::timeout(limit, handshake).await {
         Ok(Ok(tls)) => return Some(tls),
         Ok(Err(e)) => match crate::tls::tls_error(&e) {
             Some(e) => crate::tls::failure_reason(e),
@@ -211,6 +211,8 @@ async fn serve_one(
         if let Some(buf) = client.take_idle_buffer() {
             worker.give_buffer(buf);
         }
+        // A GET has no body to parse: the parser's buffers (sized by earlier bodies) go too.
+        parser.release();
     } else {
         head.raw = client.buf.split_to(head_len).freeze();
     }

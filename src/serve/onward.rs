@@ -245,10 +245,12 @@ async fn list_unseen(
             .filter(|_| modern)
             .map(|(a, b)| &body[a..b]);
         let deadline = Instant::now() + c.upstream_timeout.min(c.aggregate_timeout);
+        // Boxed: a walk is rare (a call to a tool no list has shown), and its state machine
+        // would otherwise size every request's.
         let walked = policy
             .integrity
             .walk(ups, upstream, def_kind, &base, meta, deadline);
-        if let Err(e) = walked.await {
+        if let Err(e) = Box::pin(walked).await {
             crate::warn!(
                 "tool integrity: {} of upstream {:?}, to check a call, failed: {}",
                 def_kind.list().method(),

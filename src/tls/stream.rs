@@ -298,7 +298,7 @@ impl TlsStream {
     /// peer that reads nothing cannot hold the connection.
     pub async fn close_notify(&mut self) -> io::Result<()> {
         self.tls.send_close_notify();
-        match monoio::time::timeout(CLOSE_NOTIFY_TIME, self.flush()).await {
+        match crate::timer::timeout(CLOSE_NOTIFY_TIME, self.flush()).await {
             Ok(r) => r,
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
         }

@@ -94,7 +94,7 @@ impl UpResponse {
         deadline: Option<Instant>,
     ) -> Result<Option<Bytes>, BodyError> {
         self.body
-            .next_watching(&mut self.conn, agent, watch, deadline)
+            .next_watching(&mut self.conn, agent, watch, deadline.into())
             .await
     }
 

@@ -46,7 +46,7 @@ pub async fn connect(
         tls.config.clone(),
         tls.server_name.clone(),
     ));
-    match monoio::time::timeout(left, handshake).await {
+    match crate::timer::timeout(left, handshake).await {
         Ok(Ok(stream)) => Ok(Conn::new(stream)),
         Ok(Err(e)) => Err(tls_or_io(upstream, e)),
         Err(_) => Err(UpstreamError::TimedOut),
@@ -118,7 +118,7 @@ pub async fn connect_tcp(name: &Name, deadline: Instant) -> Result<TcpStream, Up
     for (i, addr) in addrs.iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
         let share = left / (addrs.len() - i) as u32;
-        match monoio::time::timeout(share, TcpStream::connect_addr(*addr)).await {
+        match crate::timer::timeout(share, TcpStream::connect_addr(*addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);

@@ -41,8 +41,10 @@ pub async fn exchange_head(
     for attempt in 0..2 {
         let (mut conn, reused) = match target.pool.take(target.upstream.pool_id()) {
             Some(c) if attempt == 0 => (c, true),
+            // Boxed: connecting is rare (connections are pooled), and its state machine (a
+            // proxy tunnel, a TLS handshake) would otherwise size every request's.
             _ => (
-                connect(target.upstream, target.pool.egress(), deadline)
+                Box::pin(connect(target.upstream, target.pool.egress(), deadline))
                     .await
                     .map_err(HeadFailure::Connect)?,
                 false,

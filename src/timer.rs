@@ -1,0 +1,322 @@
+//! Timeouts that cost a pointer instead of a timer. monoio's `Sleep` is 640 bytes aligned to
+//! 128, and every future that awaits `monoio::time::timeout` carries one inline: a request's
+//! state machine nests several (a read within an exchange within a request), each adding the
+//! padding its alignment asks, and the request's memory is held for as long as it lasts (an
+//! event stream: hours). Here a timeout takes a boxed `Sleep` from a per-thread pool only once
+//! the future it bounds has to wait (a read whose bytes are already there never touches the
+//! timer wheel), and gives it back when done: a pointer and a deadline in the future, and no
+//! allocation in steady state.
+//!
+//! Waits that only need to look up now and then (an open event stream checking for a drain or a
+//! reload about once a second) do not need a timer at all: they wait for the thread's next
+//! [`tick`], one shared timer per thread, holding a slot in its list of wakers.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+type Timer = Pin<Box<monoio::time::Sleep>>;
+
+/// Timers kept per thread for reuse; more are freed when given back.
+const KEEP: usize = 256;
+
+/// Where a timer waits while in the pool: far enough never to fire, so it wakes nobody.
+const PARKED: Duration = Duration::from_secs(365 * 24 * 3600);
+
+thread_local! {
+    static POOL: RefCell<Vec<Timer>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How long a wait may last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    Forever,
+    At(Instant),
+    /// The thread's next tick: within [`TICK`] from now, shared by every such wait.
+    NextTick,
+}
+
+impl From<Option<Instant>> for Until {
+    fn from(deadline: Option<Instant>) -> Until {
+        deadline.map_or(Until::Forever, Until::At)
+    }
+}
+
+/// How often the thread's tick comes (while anything waits for it).
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// The deadline passed before the future finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+/// `future`, bounded by `limit` from now (a limit too large to add is no limit).
+pub fn timeout<F: Future>(limit: Duration, future: F) -> Timeout<F> {
+    bounded(Instant::now().checked_add(limit).into(), future)
+}
+
+/// `future`, bounded by `deadline`.
+pub fn timeout_at<F: Future>(deadline: Instant, future: F) -> Timeout<F> {
+    bounded(Until::At(deadline), future)
+}
+
+/// `future`, bounded as `until` says.
+pub fn bounded<F: Future>(until: Until, future: F) -> Timeout<F> {
+    Timeout {
+        future,
+        until,
+        waiting: Waiting::Not,
+    }
+}
+
+/// Waits for `limit` (a pooled timer, like [`timeout`]'s).
+pub async fn sleep(limit: Duration) {
+    let _ = timeout(limit, std::future::pending::<()>()).await;
+}
+
+/// A future with a deadline (see [`timeout`]).
+pub struct Timeout<F> {
+    future: F,
+    until: Until,
+    waiting: Waiting,
+}
+
+/// What a [`Timeout`] holds while its future waits.
+enum Waiting {
+    Not,
+    Timer(Timer),
+    /// A slot in the thread's tick list, taken at this tick.
+    Tick {
+        slot: usize,
+        epoch: u64,
+    },
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `future` is structurally pinned: it is never moved out of `self` (Drop only
+        // takes the timer), and `Timeout` is not Unpin unless `F` is. The other fields are
+        // not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let future = unsafe { Pin::new_unchecked(&mut this.future) };
+        if let Poll::Ready(out) = future.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if let Waiting::Not = this.waiting {
+            this.waiting = match this.until {
+                Until::Forever => return Poll::Pending,
+                Until::At(deadline) if Instant::now() >= deadline => {
+                    return Poll::Ready(Err(Elapsed));
+                }
+                Until::At(deadline) => Waiting::Timer(take(deadline)),
+                Until::NextTick => TICKS.with(|t| t.borrow_mut().join(cx)),
+            };
+            if let Waiting::Tick { .. } = this.waiting {
+                return Poll::Pending;
+            }
+        }
+        let elapsed = match &mut this.waiting {
+            Waiting::Not => false,
+            Waiting::Timer(timer) => timer.as_mut().poll(cx).is_ready(),
+            Waiting::Tick { slot, epoch } => {
+                TICKS.with(|t| t.borrow_mut().passed(*slot, *epoch, cx))
+            }
+        };
+        match elapsed {
+            true => Poll::Ready(Err(Elapsed)),
+            false => Poll::Pending,
+        }
+    }
+}
+
+impl<F> Drop for Timeout<F> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.waiting, Waiting::Not) {
+            Waiting::Not => {}
+            Waiting::Timer(timer) => give(timer),
+            Waiting::Tick { slot, .. } => {
+                let _ = TICKS.try_with(|t| t.borrow_mut().leave(slot));
+            }
+        }
+    }
+}
+
+thread_local! {
+    static TICKS: RefCell<Ticks> = RefCell::new(Ticks::default());
+}
+
+/// The thread's tick: the wakers of the waits for the next one, and whether the task that
+/// brings it runs (it stops when nothing waits).
+#[derive(Default)]
+struct Ticks {
+    epoch: u64,
+    wakers: Vec<Option<std::task::Waker>>,
+    free: Vec<usize>,
+    waiting: usize,
+    running: bool,
+}
+
+impl Ticks {
+    fn join(&mut self, cx: &Context<'_>) -> Waiting {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.wakers.push(None);
+                self.wakers.len() - 1
+            }
+        };
+        self.wakers[slot] = Some(cx.waker().clone());
+        self.waiting += 1;
+        if !self.running {
+            self.running = true;
+            monoio::spawn(bring_ticks());
+        }
+        Waiting::Tick {
+            slot,
+            epoch: self.epoch,
+        }
+    }
+
+    /// Whether the tick after `epoch` came; else the waker is kept up to date.
+    fn passed(&mut self, slot: usize, epoch: u64, cx: &Context<'_>) -> bool {
+        if self.epoch != epoch {
+            return true;
+        }
+        match &mut self.wakers[slot] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Some(cx.waker().clone()),
+        }
+        false
+    }
+
+    fn leave(&mut self, slot: usize) {
+        self.wakers[slot] = None;
+        self.free.push(slot);
+        self.waiting -= 1;
+    }
+}
+
+/// Wakes every wait for the tick, once per [`TICK`], while any waits.
+async fn bring_ticks() {
+    loop {
+        monoio::time::sleep(TICK).await;
+        let wakers: Vec<std::task::Waker> = TICKS.with(|t| {
+            let mut t = t.borrow_mut();
+            t.epoch += 1;
+            t.wakers.iter_mut().filter_map(Option::take).collect()
+        });
+        wakers.into_iter().for_each(std::task::Waker::wake);
+        let done = TICKS.with(|t| {
+            let mut t = t.borrow_mut();
+            let done = t.waiting == 0;
+            if done {
+                t.running = false;
+            }
+            done
+        });
+        if done {
+            return;
+        }
+    }
+}
+
+fn take(deadline: Instant) -> Timer {
+    let pooled = POOL.with(|p| p.borrow_mut().pop());
+    match pooled {
+        Some(mut timer) => {
+            timer.as_mut().reset(deadline.into());
+            timer
+        }
+        None => Box::pin(monoio::time::sleep_until(deadline.into())),
+    }
+}
+
+fn give(mut timer: Timer) {
+    // A pool on a thread being torn down (or a full one) frees the timer instead.
+    let _ = POOL.try_with(|p| {
+        let mut pool = p.borrow_mut();
+        if pool.len() < KEEP {
+            timer.as_mut().reset((Instant::now() + PARKED).into());
+            pool.push(timer);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_ready_future_takes_no_timer_and_a_slow_one_times_out() {
+        runtime().block_on(async {
+            assert_eq!(timeout(Duration::from_secs(1), async { 7 }).await, Ok(7));
+            assert_eq!(POOL.with(|p| p.borrow().len()), 0, "no timer was needed");
+            let slow = monoio::time::sleep(Duration::from_secs(5));
+            let started = Instant::now();
+            assert_eq!(timeout(Duration::from_millis(20), slow).await, Err(Elapsed));
+            assert!(started.elapsed() >= Duration::from_millis(20));
+            assert_eq!(POOL.with(|p| p.borrow().len()), 1, "the timer went back");
+        });
+    }
+
+    #[test]
+    fn a_pooled_timer_is_reset_to_each_new_deadline() {
+        runtime().block_on(async {
+            for _ in 0..3 {
+                let fast = monoio::time::sleep(Duration::from_millis(5));
+                assert_eq!(timeout(Duration::from_secs(10), fast).await, Ok(()));
+                let slow = monoio::time::sleep(Duration::from_secs(10));
+                assert_eq!(timeout(Duration::from_millis(5), slow).await, Err(Elapsed));
+            }
+            assert_eq!(
+                POOL.with(|p| p.borrow().len()),
+                1,
+                "one timer served them all"
+            );
+            let past = Instant::now() - Duration::from_millis(1);
+            let never = std::future::pending::<()>();
+            assert_eq!(timeout_at(past, never).await, Err(Elapsed));
+        });
+    }
+
+    #[test]
+    fn waits_for_the_tick_share_it_and_leave_no_slot_behind() {
+        runtime().block_on(async {
+            let started = Instant::now();
+            let never = || std::future::pending::<()>();
+            let (a, b) = monoio::join!(
+                bounded(Until::NextTick, never()),
+                bounded(Until::NextTick, never())
+            );
+            assert_eq!((a, b), (Err(Elapsed), Err(Elapsed)));
+            assert!(started.elapsed() <= TICK * 3, "{:?}", started.elapsed());
+            // A wait that ends first leaves its slot; a ready future takes none.
+            let quick = monoio::time::sleep(Duration::from_millis(5));
+            assert_eq!(bounded(Until::NextTick, quick).await, Ok(()));
+            assert_eq!(bounded(Until::NextTick, async { 3 }).await, Ok(3));
+            TICKS.with(|t| {
+                let t = t.borrow();
+                assert_eq!(t.waiting, 0);
+                assert_eq!(t.free.len(), t.wakers.len());
+                assert!(t.wakers.len() <= 2, "slots are reused");
+            });
+        });
+    }
+
+    #[test]
+    fn a_timeout_costs_a_few_words_not_a_timer() {
+        let size = std::mem::size_of::<Timeout<std::future::Ready<()>>>();
+        assert!(size <= 48, "{size} bytes");
+        assert_eq!(std::mem::align_of::<Timeout<std::future::Ready<()>>>(), 8);
+    }
+}
