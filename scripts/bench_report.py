@@ -168,6 +168,14 @@ if full_cpu and nginx_cpu:
     w(f"| CPU per request at most 0.75x nginx's | {r:.2f}x | {'yes' if r <= 0.75 else 'no'} |")
 w(f"| added p99 no worse than nginx's | {add99_full:.0f} µs vs {add99_nginx:.0f} µs | "
   f"{'yes' if add99_full <= add99_nginx else 'no'} |")
+for r in phase("memory"):
+    if r["target"] != "scopegate-full" or not r["held"]:
+        continue
+    per = (r["while_kb"] - r["before_kb"]) / r["held"]
+    goal = {"idle": ("at most 1 KiB per idle keep-alive connection (after `GET /healthz`)", 1.0),
+            "streams": ("at most 8 KiB per open event stream", 8.0)}.get(r["kind"])
+    if goal:
+        w(f"| {goal[0]} | {per:.2f} KiB ({r['held']:,} held) | {'yes' if per <= goal[1] else 'no'} |")
 w("")
 
 # Audit log cost (issue: audit on reaches at least 95% of the throughput with it off).

@@ -22,9 +22,6 @@ type Timer = Pin<Box<monoio::time::Sleep>>;
 /// Timers kept per thread for reuse; more are freed when given back.
 const KEEP: usize = 256;
 
-/// Where a timer waits while in the pool: far enough never to fire, so it wakes nobody.
-const PARKED: Duration = Duration::from_secs(365 * 24 * 3600);
-
 thread_local! {
     static POOL: RefCell<Vec<Timer>> = const { RefCell::new(Vec::new()) };
 }
@@ -108,9 +105,7 @@ impl<F: Future> Future for Timeout<F> {
         if let Waiting::Not = this.waiting {
             this.waiting = match this.until {
                 Until::Forever => return Poll::Pending,
-                Until::At(deadline) if Instant::now() >= deadline => {
-                    return Poll::Ready(Err(Elapsed));
-                }
+                // A deadline already past fires at the timer's first poll.
                 Until::At(deadline) => Waiting::Timer(take(deadline)),
                 Until::NextTick => TICKS.with(|t| t.borrow_mut().join(cx)),
             };
@@ -234,12 +229,15 @@ fn take(deadline: Instant) -> Timer {
     }
 }
 
-fn give(mut timer: Timer) {
+/// Back to the pool, still armed: re-arming it to a far deadline would cost a second trip
+/// through the timer wheel per wait, and under load a pooled timer is taken (and reset) again
+/// long before its old deadline. One left in the pool that long wakes its last task once, for
+/// nothing (a spurious wake, which every future tolerates).
+fn give(timer: Timer) {
     // A pool on a thread being torn down (or a full one) frees the timer instead.
     let _ = POOL.try_with(|p| {
         let mut pool = p.borrow_mut();
         if pool.len() < KEEP {
-            timer.as_mut().reset((Instant::now() + PARKED).into());
             pool.push(timer);
         }
     });

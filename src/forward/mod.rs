@@ -69,7 +69,9 @@ pub async fn forward(
         let startup = stdio.hub.options.startup_timeout + std::time::Duration::from_secs(1);
         timeout = timeout.max(startup);
     }
-    let deadline = Instant::now() + timeout;
+    // One clock read: the deadline, and when the request went to the upstream.
+    let sent_at = Instant::now();
+    let deadline = sent_at + timeout;
 
     write_head(
         &mut ex.out,
@@ -97,7 +99,6 @@ pub async fn forward(
     ex.status = 0;
     ex.stdio_failure = None;
     ex.is_error.reset();
-    let sent_at = Instant::now();
     let mut up = match exchange_head(
         target,
         &mut ex.out,

@@ -110,6 +110,18 @@ impl Conn {
         res
     }
 
+    /// [`fill`](Self::fill) before `deadline`; `None` waits indefinitely. Reads no clock: a
+    /// timer is taken only if the read has to wait.
+    pub async fn fill_until(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<usize, ReadError> {
+        match crate::timer::bounded(deadline.into(), self.fill()).await {
+            Ok(r) => r.map_err(ReadError::Io),
+            Err(_) => Err(ReadError::TimedOut),
+        }
+    }
+
     /// [`fill`](Self::fill) with a deadline; `None` waits indefinitely.
     pub async fn fill_within(&mut self, limit: Option<Duration>) -> Result<usize, ReadError> {
         match limit {

@@ -50,13 +50,10 @@ pub async fn read_head(
             }
             deadline.get_or_insert_with(|| Instant::now() + config.header_timeout);
         }
-        // Waiting for the first byte is idling; once a head has started it must finish within
-        // the header timeout (slow clients are cut off).
-        let limit = match deadline {
-            None => config.idle_timeout,
-            Some(d) => d.saturating_duration_since(Instant::now()),
-        };
-        match client.fill_within(Some(limit)).await {
+        // Waiting for the first byte is idling (the connection counts as idle, and the worker's
+        // sweep closes it past SCOPEGATE_IDLE_TIMEOUT_MS); once a head has started it must
+        // finish within the header timeout (slow clients are cut off).
+        match client.fill_until(deadline).await {
             Ok(0) => {
                 return if client.buf.is_empty() {
                     Ok(None)
@@ -176,11 +173,13 @@ pub async fn read_body(
         Framing::Length(n) if n > max as u64 => return Err(too_large()),
         _ => {}
     }
-    let deadline = Instant::now() + config.body_timeout;
     let needs_more = match framing {
         Framing::Length(n) => (client.buf.len() as u64) < n,
         _ => true,
     };
+    // The body's deadline, set once more must be read (most bodies come with their head).
+    let mut deadline = None;
+    let mut by = || *deadline.get_or_insert_with(|| Instant::now() + config.body_timeout);
     if expect.is_some() && head.minor_version == 1 && needs_more {
         let (res, _) = client.write_all(response::CONTINUE).await;
         res.map_err(|_| Reply::error(400, jsonrpc::GATEWAY_REFUSED, "client went away"))?;
@@ -191,7 +190,7 @@ pub async fn read_body(
             let n = n as usize;
             while client.buf.len() < n {
                 client.buf.reserve(n - client.buf.len());
-                fill_body(client, deadline, "body shorter than Content-Length").await?;
+                fill_body(client, by(), "body shorter than Content-Length").await?;
             }
             Ok(client.buf.split_to(n).freeze())
         }
@@ -213,7 +212,7 @@ pub async fn read_body(
                 if decoder.is_done() {
                     return Ok(body.freeze());
                 }
-                fill_body(client, deadline, "chunked body cut short").await?;
+                fill_body(client, by(), "chunked body cut short").await?;
             }
         }
         Framing::Empty | Framing::UntilClose => Ok(Bytes::new()),
@@ -222,10 +221,7 @@ pub async fn read_body(
 
 /// Reads more of a request body before `deadline`; `cut_short` says what an early end means.
 async fn fill_body(client: &mut Conn, deadline: Instant, cut_short: &str) -> Result<(), Reply> {
-    match client
-        .fill_within(Some(deadline.saturating_duration_since(Instant::now())))
-        .await
-    {
+    match client.fill_until(Some(deadline)).await {
         Ok(0) | Err(ReadError::Io(_)) => {
             Err(Reply::error(400, jsonrpc::GATEWAY_REFUSED, cut_short))
         }

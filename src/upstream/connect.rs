@@ -161,8 +161,7 @@ pub(super) async fn read_response_head(
                 Err(HeadError::Malformed(why)) => return Err(UpstreamError::BadHead(why)),
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match up.fill_within(Some(left)).await {
+        match up.fill_until(Some(deadline)).await {
             Ok(0) => return Err(UpstreamError::Closed),
             Ok(_) => {}
             Err(ReadError::TimedOut) => return Err(UpstreamError::TimedOut),
