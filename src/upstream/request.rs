@@ -2,7 +2,6 @@
 //! the requests scopegate makes itself (the aggregate endpoint's fan-outs). The upstream's own
 //! parts come from its definition: the path, `Host`, the injected credential.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 
 use super::stdio_bridge::AGENT_HEADER;
@@ -112,7 +111,7 @@ pub fn write_head(out: &mut Vec<u8>, upstream: &Upstream, req: &Outgoing<'_>) {
         out.extend_from_slice(prior);
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{}", req.peer.ip());
+    crate::fmt::push_ip(out, req.peer.ip());
     out.extend_from_slice(b"\r\n");
     if let Some(n) = req.content_length {
         out.extend_from_slice(b"Content-Length: ");
