@@ -11,7 +11,8 @@
 #   - latency at a fixed rate below saturation (open loop, coordinated-omission corrected),
 #     and the latency each proxy adds to the direct path;
 #   - RSS after the runs.
-# Then: 1 worker vs 2 (scaling), TLS (to an HTTPS upstream, and terminating HTTPS: scopegate vs
+# Then: throughput and CPU at --many-connections agents (256; scopegate and nginx), 1 worker
+# vs 2 (scaling), TLS (to an HTTPS upstream, and terminating HTTPS: scopegate vs
 # nginx), memory per idle keep-alive connection (10,000 of them: after a GET /healthz, and after
 # an initialize and one tools/call) and per open SSE stream (1,000), and allocations per call
 # (from scopegate's own counter).
@@ -24,7 +25,8 @@
 #                         [--quick] [--no-write] [--baseline BIN]
 #                         [--workers N] [--proxy-cores LIST] [--upstream-cores LIST]
 #                         [--load-cores LIST] [--upstream-threads N] [--load-threads N]
-#                         [--connections N] [--scale-workers N] [--scale-cores LIST]
+#                         [--connections N] [--many-connections N]
+#                         [--scale-workers N] [--scale-cores LIST]
 # Where everything runs (defaults fit this 2-core machine): the proxy under test (scopegate,
 # nginx) with --workers workers pinned to --proxy-cores (0); the mock upstream
 # (--upstream-threads) on --upstream-cores (1) and the generator (--load-threads) on
@@ -47,6 +49,7 @@ IDLE=10000
 STREAMS=1000
 WRITE=1
 CONNECTIONS=32
+MANY=256
 BASELINE=""
 WORKERS=1
 PROXY_CORES=0
@@ -74,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     --upstream-threads) UPSTREAM_THREADS="$2"; shift 2 ;;
     --load-threads) LOAD_THREADS="$2"; shift 2 ;;
     --connections) CONNECTIONS="$2"; shift 2 ;;
+    --many-connections) MANY="$2"; shift 2 ;;
     --scale-workers) SCALE_WORKERS="$2"; shift 2 ;;
     --scale-cores) SCALE_CORES="$2"; shift 2 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
@@ -277,6 +281,23 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "  round $round $t: $(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"{r['rate']:.0f} req/s\")" "$out")" >&2
   done
 done
+
+# The same at --many-connections agents (256 by default; 0 skips it): scopegate with everything
+# on and nginx, paired round by round.
+if [[ "$MANY" != 0 ]]; then
+  echo "# max throughput at ${MANY} agents: scopegate (everything on) and nginx" >&2
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in scopegate-full nginx; do
+      load "$t" --connections "$MANY" --duration 1 --warmup 0 > /dev/null
+      pids=$(pids_of "$t")
+      before=$(cpu_ticks $pids)
+      out=$(load "$t" --connections "$MANY" --duration "$DURATION" --warmup 0)
+      after=$(cpu_ticks $pids)
+      record "{\"phase\":\"many\",\"target\":\"$t\",\"round\":$round,\"connections\":$MANY,\"cpu_ticks\":$((after - before)),\"tick\":$TICK,\"load\":$out}"
+      echo "  round $round $t: $(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"{r['rate']:.0f} req/s\")" "$out")" >&2
+    done
+  done
+fi
 
 if [[ -z "$RATE" ]]; then
   RATE=$(python3 - "$RESULTS" <<'PY'

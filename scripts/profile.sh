@@ -3,7 +3,8 @@
 # scripts/bench.sh (policy, argument constraints, rate limits, injected credential, sealed
 # session, audit log), one worker on core 0, the mock upstream and the load generator on core 1,
 # profiled with perf while the generator runs. Prints the split by thread and by object
-# (kernel, scopegate, libc, vdso) and the top symbols; the recording stays in target/profile/.
+# (kernel, scopegate, libc, vdso), the top symbols, and io_uring operations per forwarded call
+# (kernel tracepoints); the recording stays in target/profile/.
 #
 # usage: scripts/profile.sh [--seconds S] [--top N]
 # Needs perf (linux-perf); builds the release binaries.
@@ -55,6 +56,13 @@ taskset -c 1 "$BIN/sg-load" --url "http://127.0.0.1:$GW/mcp" --keys "$KEY" \
 LOADER=$!
 sleep 2
 perf record -F 1999 -g -p "$SG" -o "$OUT/perf.data" -- sleep "$SECONDS_" 2> /dev/null
+# io_uring operations per request, from the kernel's tracepoints, over 1.5 s of the same load
+# (the requests counted by scopegate's own /metrics meanwhile).
+calls() { curl -s "http://127.0.0.1:$GW/metrics" | awk '/^scopegate_requests_total\{method="tools\/call"/ {n += $NF} END {print n + 0}'; }
+c0=$(calls)
+perf stat -x, -e io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_add,syscalls:sys_enter_io_uring_enter \
+  -p "$SG" -o "$WORK/ops.csv" -- sleep 1.5 2> /dev/null || true
+c1=$(calls)
 wait "$LOADER"
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"load: {r['rate']:.0f} req/s, {r['requests']} requests\")" "$WORK/load.json"
 echo "## by thread"
@@ -63,5 +71,7 @@ echo "## by object"
 perf report -i "$OUT/perf.data" --no-children --stdio --sort dso 2>/dev/null | grep -E '^ +[0-9]'
 echo "## top symbols"
 perf report -i "$OUT/perf.data" --no-children --stdio --sort symbol 2>/dev/null | grep -E '^ +[0-9]' \
-  | head -n "$TOP" | sed -E 's/ +- +- *$//'
+  | head -n "$TOP" | sed -E 's/ +- +- *$//' || true
+echo "## io_uring per forwarded tools/call ($((c1 - c0)) calls counted)"
+awk -F, -v n=$((c1 - c0)) '/io_uring|syscalls/ && n > 0 && $1 ~ /^[0-9]+$/ {printf "  %-40s %.2f\n", $3, $1 / n}' "$WORK/ops.csv"
 echo "(recording: $OUT/perf.data; perf report -i $OUT/perf.data -G for call graphs)"
