@@ -120,7 +120,9 @@ pub fn run(id: usize, shared: Shared, listener: std::net::TcpListener, stats: Ar
         match build_uring_runtime() {
             Ok((mut rt, flags)) => {
                 info!("worker {id}: io_uring setup: {flags}");
-                rt.block_on(main)
+                rt.block_on(main);
+                drop(rt);
+                crate::timer::end_of_runtime();
             }
             Err(e) => {
                 error!("worker {id}: cannot build the io_uring runtime: {e}");
@@ -132,7 +134,11 @@ pub fn run(id: usize, shared: Shared, listener: std::net::TcpListener, stats: Ar
             .enable_timer()
             .build()
         {
-            Ok(mut rt) => rt.block_on(main),
+            Ok(mut rt) => {
+                rt.block_on(main);
+                drop(rt);
+                crate::timer::end_of_runtime();
+            }
             Err(e) => {
                 error!("worker {id}: cannot build the epoll runtime: {e}");
                 std::process::exit(1);
@@ -357,10 +363,16 @@ fn register(
 /// every 10 ms, at most every second) counts the sweeps in a row that found each connection
 /// idle with no request begun since, and shuts the read side of those past the timeout (their
 /// wait sees the end). One task per worker instead of a timer per connection; a connection is
-/// closed between the timeout and the timeout plus one sweep after its last request.
+/// closed between the timeout and the timeout plus one sweep after it went idle.
 async fn idle_sweep(registry: Rc<Registry>, timeout: Duration) {
     let every = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let quiet_needed = timeout.as_nanos().div_ceil(every.as_nanos()).max(1) as u32;
+    // The first sweep that finds a connection idle may come just after it went idle: one more
+    // than the timeout's worth, so none is closed before the timeout.
+    let quiet_needed = timeout
+        .as_nanos()
+        .div_ceil(every.as_nanos())
+        .saturating_add(1);
+    let quiet_needed = u32::try_from(quiet_needed).unwrap_or(u32::MAX);
     while !shutting_down() {
         monoio::time::sleep(every).await;
         for c in registry.connections.borrow_mut().values_mut() {

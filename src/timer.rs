@@ -33,6 +33,19 @@ pub enum Until {
     At(Instant),
     /// The thread's next tick: within [`TICK`] from now, shared by every such wait.
     NextTick,
+    /// The tick after the given count of ticks ([`Until::fixed`]).
+    TickAfter(u64),
+}
+
+impl Until {
+    /// The same bound, fixed now: a loop that waits several times within one bound (reading a
+    /// body piece by piece) then ends at the same tick, however often it waits.
+    pub fn fixed(self) -> Until {
+        match self {
+            Until::NextTick => Until::TickAfter(TICKS.with(|t| t.borrow().epoch)),
+            until => until,
+        }
+    }
 }
 
 impl From<Option<Instant>> for Until {
@@ -107,7 +120,17 @@ impl<F: Future> Future for Timeout<F> {
                 Until::Forever => return Poll::Pending,
                 // A deadline already past fires at the timer's first poll.
                 Until::At(deadline) => Waiting::Timer(take(deadline)),
-                Until::NextTick => TICKS.with(|t| t.borrow_mut().join(cx)),
+                Until::NextTick => TICKS.with(|t| {
+                    let mut t = t.borrow_mut();
+                    let epoch = t.epoch;
+                    t.join(epoch, cx)
+                }),
+                Until::TickAfter(epoch) => {
+                    match TICKS.with(|t| (t.borrow().epoch != epoch).then_some(())) {
+                        Some(()) => return Poll::Ready(Err(Elapsed)),
+                        None => TICKS.with(|t| t.borrow_mut().join(epoch, cx)),
+                    }
+                }
             };
             if let Waiting::Tick { .. } = this.waiting {
                 return Poll::Pending;
@@ -117,7 +140,9 @@ impl<F: Future> Future for Timeout<F> {
             Waiting::Not => false,
             Waiting::Timer(timer) => timer.as_mut().poll(cx).is_ready(),
             Waiting::Tick { slot, epoch } => {
-                TICKS.with(|t| t.borrow_mut().passed(*slot, *epoch, cx))
+                // A replaced waker is dropped after the borrow (dropping one may drop a task).
+                let (passed, _old) = TICKS.with(|t| t.borrow_mut().passed(*slot, *epoch, cx));
+                passed
             }
         };
         match elapsed {
@@ -133,7 +158,8 @@ impl<F> Drop for Timeout<F> {
             Waiting::Not => {}
             Waiting::Timer(timer) => give(timer),
             Waiting::Tick { slot, .. } => {
-                let _ = TICKS.try_with(|t| t.borrow_mut().leave(slot));
+                // The waker is dropped after the borrow (dropping one may drop a task).
+                let _old = TICKS.try_with(|t| t.borrow_mut().leave(slot));
             }
         }
     }
@@ -155,7 +181,7 @@ struct Ticks {
 }
 
 impl Ticks {
-    fn join(&mut self, cx: &Context<'_>) -> Waiting {
+    fn join(&mut self, epoch: u64, cx: &Context<'_>) -> Waiting {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -169,28 +195,30 @@ impl Ticks {
             self.running = true;
             monoio::spawn(bring_ticks());
         }
-        Waiting::Tick {
-            slot,
-            epoch: self.epoch,
-        }
+        Waiting::Tick { slot, epoch }
     }
 
-    /// Whether the tick after `epoch` came; else the waker is kept up to date.
-    fn passed(&mut self, slot: usize, epoch: u64, cx: &Context<'_>) -> bool {
+    /// Whether the tick after `epoch` came; else the waker is kept up to date (the one it
+    /// replaces is handed back, to be dropped outside the borrow).
+    fn passed(
+        &mut self,
+        slot: usize,
+        epoch: u64,
+        cx: &Context<'_>,
+    ) -> (bool, Option<std::task::Waker>) {
         if self.epoch != epoch {
-            return true;
+            return (true, None);
         }
         match &mut self.wakers[slot] {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            w => *w = Some(cx.waker().clone()),
+            Some(w) if w.will_wake(cx.waker()) => (false, None),
+            w => (false, w.replace(cx.waker().clone())),
         }
-        false
     }
 
-    fn leave(&mut self, slot: usize) {
-        self.wakers[slot] = None;
+    fn leave(&mut self, slot: usize) -> Option<std::task::Waker> {
         self.free.push(slot);
         self.waiting -= 1;
+        self.wakers[slot].take()
     }
 }
 
@@ -216,6 +244,14 @@ async fn bring_ticks() {
             return;
         }
     }
+}
+
+/// Forgets this thread's pooled timers and ticks, which belong to the runtime that made them:
+/// called when a runtime ends, so a later runtime on the same thread starts clean (a timer of
+/// a finished runtime's driver would never fire).
+pub fn end_of_runtime() {
+    let _ = POOL.try_with(|p| p.borrow_mut().clear());
+    let _ = TICKS.try_with(|t| *t.borrow_mut() = Ticks::default());
 }
 
 fn take(deadline: Instant) -> Timer {
@@ -308,6 +344,26 @@ mod tests {
                 assert_eq!(t.free.len(), t.wakers.len());
                 assert!(t.wakers.len() <= 2, "slots are reused");
             });
+        });
+    }
+
+    #[test]
+    fn a_fixed_tick_bound_ends_at_the_same_tick_however_often_it_waits() {
+        runtime().block_on(async {
+            let until = Until::NextTick.fixed();
+            let started = Instant::now();
+            // Waits shorter than a tick, one after another under the same bound: the bound
+            // still ends within about a tick, not never.
+            let mut waits = 0;
+            loop {
+                let short = monoio::time::sleep(Duration::from_millis(100));
+                match bounded(until, short).await {
+                    Ok(()) => waits += 1,
+                    Err(Elapsed) => break,
+                }
+                assert!(waits < 50, "the bound never ended");
+            }
+            assert!(started.elapsed() <= TICK * 3, "{:?}", started.elapsed());
         });
     }
 

@@ -215,6 +215,23 @@ fn the_idle_timeout_counts_from_the_last_request() {
     );
 }
 
+/// A request that starts late in the idle window is under the header timeout from its first
+/// byte, not cut by the idle timeout while its head trickles in.
+#[test]
+fn a_head_begun_before_the_idle_timeout_is_not_cut_by_it() {
+    let (_up, gw) = gateway(&[
+        ("SCOPEGATE_IDLE_TIMEOUT_MS", "1000"),
+        ("SCOPEGATE_HEADER_TIMEOUT_MS", "5000"),
+    ]);
+    let mut c = gw.client();
+    std::thread::sleep(Duration::from_millis(600));
+    c.send_raw(b"GET /healthz HTTP/1.1\r\n");
+    // Past the idle timeout since the connection opened, within the header timeout.
+    std::thread::sleep(Duration::from_millis(1200));
+    c.send_raw(b"Host: 127.0.0.1\r\n\r\n");
+    assert_eq!(c.read_response().status, 200);
+}
+
 #[test]
 fn upstream_failures_answer_with_the_request_id_and_keep_the_connection() {
     let up = MockServer::start(MockConfig::default());

@@ -122,6 +122,8 @@ fn list(config: &Config, policy: &Policy, chosen: &[usize]) -> Result<Vec<Listed
         }
         Ok(out)
     });
+    drop(rt);
+    crate::timer::end_of_runtime();
     crate::upstream::stdio::shutdown();
     result
 }

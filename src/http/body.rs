@@ -107,6 +107,9 @@ impl BodyReader {
         watch: &mut bool,
         until: Until,
     ) -> Result<Option<Bytes>, BodyError> {
+        // One bound for the whole call: framing bytes that bring no piece (a chunk's size line,
+        // trailers) do not restart it.
+        let until = until.fixed();
         loop {
             if let Some(piece) = self.take(conn)? {
                 return Ok(Some(piece));
@@ -123,7 +126,7 @@ impl BodyReader {
             let limit = match until {
                 Until::At(d) => Some(d.saturating_duration_since(Instant::now())),
                 Until::Forever => None,
-                Until::NextTick => Some(crate::timer::TICK),
+                Until::NextTick | Until::TickAfter(_) => Some(crate::timer::TICK),
             };
             match conn.fill_within(limit).await {
                 Ok(0) if self.framing == Framing::UntilClose && conn.ended_cleanly() => {

@@ -388,6 +388,12 @@ pub async fn rate_limit(
     Some(batch)
 }
 
+thread_local! {
+    /// Where session tokens are decoded and decrypted, one per thread: what a token holds is
+    /// copied into the connection's memory at once, so no connection keeps a buffer for it.
+    static OPEN_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Opens the agent's session token: it must be scopegate's, sealed for this agent and upstream.
 pub fn open_session<'c>(
     sessions: &SessionKeys,
@@ -397,15 +403,22 @@ pub fn open_session<'c>(
     token: &[u8],
     cache: &'c mut ConnCache,
 ) -> Option<&'c [u8]> {
+    if token.is_empty() {
+        return None;
+    }
     if cache.token != token {
+        // Forgotten first: a token that fails to open leaves nothing a later one could match.
         cache.token.clear();
-        let s = sessions.open_in(token, &mut cache.scratch)?;
         cache.token_agent.clear();
-        cache.token_agent.push_str(s.agent);
         cache.token_upstream.clear();
-        cache.token_upstream.push_str(s.upstream);
         cache.token_session.clear();
-        cache.token_session.extend_from_slice(s.upstream_session);
+        OPEN_SCRATCH.with_borrow_mut(|scratch| {
+            let s = sessions.open_in(token, scratch)?;
+            cache.token_agent.push_str(s.agent);
+            cache.token_upstream.push_str(s.upstream);
+            cache.token_session.extend_from_slice(s.upstream_session);
+            Some(())
+        })?;
         cache.token.extend_from_slice(token);
     }
     // The binding is checked on every request, against the policy of this request.
@@ -651,6 +664,14 @@ burst = 2
         assert_eq!(
             open_session(&keys, &p, 0, 0, b"sg1.forged", &mut cache),
             None
+        );
+        // After a token that failed to open, nothing is left to match: not an empty token,
+        // and the good one is opened again.
+        assert_eq!(open_session(&keys, &p, 0, 0, b"", &mut cache), None);
+        assert!(cache.token_session.is_empty() && cache.token_agent.is_empty());
+        assert_eq!(
+            open_session(&keys, &p, 0, 0, token.as_bytes(), &mut cache),
+            Some(&b"up-1"[..])
         );
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use super::memory::Activity;
 use crate::config::Config;
 use crate::http::conn::{Conn, ReadError};
 use crate::http::framing::{self, ChunkedDecoder, Framing};
@@ -22,10 +23,18 @@ pub async fn read_head(
     config: &Config,
     client: &mut Conn,
     head: &mut Head,
+    activity: &Activity,
 ) -> Result<Option<usize>, Reply> {
     let mut deadline: Option<Instant> = None;
+    let mut began = false;
     loop {
         if !client.buf.is_empty() {
+            if !began {
+                // The first bytes of a request: busy from now on (the idle sweep leaves it to
+                // the header timeout).
+                activity.begin();
+                began = true;
+            }
             match head::parse_request(&client.buf, head) {
                 Ok(Some(len)) => return Ok(Some(len)),
                 Ok(None) => {}

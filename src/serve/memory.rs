@@ -1,5 +1,8 @@
 //! What a connection remembers between its requests, so the same key and session token are
-//! not hashed, decoded and decrypted again on every request.
+//! not hashed, decoded and decrypted again on every request; and what the worker's registry
+//! sees of it ([`Activity`]).
+
+use std::cell::Cell;
 
 /// What a connection remembers between its requests, so the same key and session token are
 /// not hashed, decoded and decrypted again on every request. Each entry is keyed by the exact
@@ -16,8 +19,6 @@ pub struct ConnCache {
     pub token_agent: String,
     pub token_upstream: String,
     pub token_session: Vec<u8>,
-    /// Where tokens are decoded and decrypted.
-    pub scratch: Vec<u8>,
     /// The last session token hashed for the audit log, and its hash.
     pub hashed_token: Vec<u8>,
     pub token_hash: Vec<u8>,
@@ -38,5 +39,44 @@ impl ConnCache {
             || !self.token_session.is_empty()
             || !self.hashed_token.is_empty()
             || !self.token_hash.is_empty()
+    }
+}
+
+/// What the worker's registry of connections sees of one: whether it waits between requests,
+/// and how many requests it has begun, so a sweep can tell a connection that stayed idle from one
+/// that served requests in between. The idle timeout is the sweep's (the worker's), not a timer
+/// each idle connection holds: a timer is most of an idle connection's memory. A connection is
+/// idle from its start (a TLS handshake counts) until the first byte of a request arrives.
+pub struct Activity {
+    idle: Cell<bool>,
+    begun: Cell<u32>,
+}
+
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity {
+            idle: Cell::new(true),
+            begun: Cell::new(0),
+        }
+    }
+}
+
+impl Activity {
+    pub fn is_idle(&self) -> bool {
+        self.idle.get()
+    }
+
+    pub fn begun(&self) -> u32 {
+        self.begun.get()
+    }
+
+    pub(super) fn set_idle(&self, idle: bool) {
+        self.idle.set(idle);
+    }
+
+    /// A request has begun (its first bytes are here): busy until it is answered.
+    pub(super) fn begin(&self) {
+        self.idle.set(false);
+        self.begun.set(self.begun.get().wrapping_add(1));
     }
 }

@@ -41,7 +41,6 @@ pub mod record;
 pub mod route;
 mod worker;
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -61,34 +60,10 @@ use crate::tls::stream::TlsStream;
 
 use crate::http::trace::Hop;
 use answer::{KeepAlive, answer};
+pub use memory::Activity;
 use memory::ConnCache;
 use record::Draft;
 pub use worker::{RequestState, Worker};
-
-/// What the worker's registry of connections sees of one: whether it waits between requests,
-/// and how many requests it has begun, so a sweep can tell a connection that stayed idle from one
-/// that served requests in between. The idle timeout is the sweep's (the worker's), not a timer
-/// each idle connection holds: a timer is most of an idle connection's memory.
-#[derive(Default)]
-pub struct Activity {
-    idle: Cell<bool>,
-    begun: Cell<u32>,
-}
-
-impl Activity {
-    pub fn is_idle(&self) -> bool {
-        self.idle.get()
-    }
-
-    pub fn begun(&self) -> u32 {
-        self.begun.get()
-    }
-
-    fn begin(&self) {
-        self.idle.set(false);
-        self.begun.set(self.begun.get().wrapping_add(1));
-    }
-}
 
 /// Serves requests on one agent connection until it closes (or the worker's idle sweep shuts
 /// its read side, which the wait here sees as the end).
@@ -117,7 +92,7 @@ pub async fn serve_connection<A: std::ops::Deref<Target = Activity>>(
     // remembers something: a connection that never authenticated holds none.
     let mut memory: Option<Box<ConnCache>> = None;
     loop {
-        activity.idle.set(client.buf.is_empty());
+        activity.set_idle(client.buf.is_empty());
         if client.buf.is_empty() && client.buf.capacity() == 0 {
             // Idle with nothing buffered: wait for the agent holding no buffer, no request
             // state and no timer, then take the buffer and state from the worker's pools.
@@ -187,7 +162,7 @@ async fn serve_one(
         exchange,
         draft,
     } = state;
-    let head_len = match ingress::read_head(&worker.core.config, client, head).await {
+    let head_len = match ingress::read_head(&worker.core.config, client, head, activity).await {
         Ok(Some(len)) => len,
         Ok(None) => return false,
         Err(reply) => {
@@ -199,7 +174,6 @@ async fn serve_one(
             return false;
         }
     };
-    activity.begin();
     draft.reset(Instant::now());
     let written = client.written;
     // The head's spans point into the connection's buffer until `raw` is set.
