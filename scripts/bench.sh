@@ -268,18 +268,22 @@ done
 
 RESULTS="$WORK/results.jsonl"
 record() { echo "$1" >> "$RESULTS"; }
+# measure PHASE TARGET ROUND AGENTS: a 1 s warm-up, then a closed-loop run of DURATION with the
+# target's CPU ticks (utime+stime) around it, recorded as one result line.
+measure() {
+  local phase=$1 t=$2 round=$3 n=$4 pids before=0 after=0 out
+  load "$t" --connections "$n" --duration 1 --warmup 0 > /dev/null
+  pids=$(pids_of "$t")
+  [[ -n "$pids" ]] && before=$(cpu_ticks $pids)
+  out=$(load "$t" --connections "$n" --duration "$DURATION" --warmup 0)
+  [[ -n "$pids" ]] && after=$(cpu_ticks $pids)
+  record "{\"phase\":\"$phase\",\"target\":\"$t\",\"round\":$round,\"connections\":$n,\"cpu_ticks\":$((after - before)),\"tick\":$TICK,\"load\":$out}"
+  echo "  round $round $t: $(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"{r['rate']:.0f} req/s\")" "$out")" >&2
+}
 
 echo "# max throughput: ${ROUNDS} rounds x ${DURATION}s, closed loop, ${CONNECTIONS} agents" >&2
 for round in $(seq 1 "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
-    load "$t" --connections "$CONNECTIONS" --duration 1 --warmup 0 > /dev/null
-    pids=$(pids_of "$t")
-    before=0; [[ -n "$pids" ]] && before=$(cpu_ticks $pids)
-    out=$(load "$t" --connections "$CONNECTIONS" --duration "$DURATION" --warmup 0)
-    after=0; [[ -n "$pids" ]] && after=$(cpu_ticks $pids)
-    record "{\"phase\":\"max\",\"target\":\"$t\",\"round\":$round,\"cpu_ticks\":$((after - before)),\"tick\":$TICK,\"load\":$out}"
-    echo "  round $round $t: $(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"{r['rate']:.0f} req/s\")" "$out")" >&2
-  done
+  for t in "${TARGETS[@]}"; do measure max "$t" "$round" "$CONNECTIONS"; done
 done
 
 # The same at --many-connections agents (256 by default; 0 skips it): scopegate with everything
@@ -287,15 +291,7 @@ done
 if [[ "$MANY" != 0 ]]; then
   echo "# max throughput at ${MANY} agents: scopegate (everything on) and nginx" >&2
   for round in $(seq 1 "$ROUNDS"); do
-    for t in scopegate-full nginx; do
-      load "$t" --connections "$MANY" --duration 1 --warmup 0 > /dev/null
-      pids=$(pids_of "$t")
-      before=$(cpu_ticks $pids)
-      out=$(load "$t" --connections "$MANY" --duration "$DURATION" --warmup 0)
-      after=$(cpu_ticks $pids)
-      record "{\"phase\":\"many\",\"target\":\"$t\",\"round\":$round,\"connections\":$MANY,\"cpu_ticks\":$((after - before)),\"tick\":$TICK,\"load\":$out}"
-      echo "  round $round $t: $(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"{r['rate']:.0f} req/s\")" "$out")" >&2
-    done
+    for t in scopegate-full nginx; do measure many "$t" "$round" "$MANY"; done
   done
 fi
 
@@ -378,15 +374,7 @@ if r["outcomes"].get("call", {}).get("ok", 0) == 0 or r["errors"]:
 PY
 done
 for round in $(seq 1 "$ROUNDS"); do
-  for t in "${TLS_TARGETS[@]}"; do
-    load "$t" --connections "$CONNECTIONS" --duration 1 --warmup 0 > /dev/null
-    pids=$(pids_of "$t")
-    before=$(cpu_ticks $pids)
-    out=$(load "$t" --connections "$CONNECTIONS" --duration "$DURATION" --warmup 0)
-    after=$(cpu_ticks $pids)
-    record "{\"phase\":\"tls\",\"target\":\"$t\",\"round\":$round,\"cpu_ticks\":$((after - before)),\"tick\":$TICK,\"load\":$out}"
-    echo "  round $round $t: $(python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"{r['rate']:.0f} req/s\")" "$out")" >&2
-  done
+  for t in "${TLS_TARGETS[@]}"; do measure tls "$t" "$round" "$CONNECTIONS"; done
 done
 for t in scopegate-full-uptls scopegate-full-tls; do kill "${PIDSOF[$t]}" 2>/dev/null || true; done
 for n in nginx-tlsup nginx-uptls nginx-tls; do kill "$(cat "$WORK/$n.pid")" 2>/dev/null || true; done

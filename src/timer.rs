@@ -66,11 +66,6 @@ pub fn timeout<F: Future>(limit: Duration, future: F) -> Timeout<F> {
     bounded(Instant::now().checked_add(limit).into(), future)
 }
 
-/// `future`, bounded by `deadline`.
-pub fn timeout_at<F: Future>(deadline: Instant, future: F) -> Timeout<F> {
-    bounded(Until::At(deadline), future)
-}
-
 /// `future`, bounded as `until` says.
 pub fn bounded<F: Future>(until: Until, future: F) -> Timeout<F> {
     Timeout {
@@ -319,7 +314,7 @@ mod tests {
             );
             let past = Instant::now() - Duration::from_millis(1);
             let never = std::future::pending::<()>();
-            assert_eq!(timeout_at(past, never).await, Err(Elapsed));
+            assert_eq!(bounded(Until::At(past), never).await, Err(Elapsed));
         });
     }
 

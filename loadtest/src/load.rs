@@ -720,6 +720,24 @@ pub fn hold_idle(addr: SocketAddr, host: &str, path: &str, n: usize, hold: Durat
     })
 }
 
+/// Connection `i` of a hold: connected, with its key (round robin over the configured ones),
+/// and an MCP session initialized on it; with the deadline its remaining requests share.
+async fn open_session(
+    config: &LoadConfig,
+    i: usize,
+) -> Option<(Conn, Option<String>, String, Instant)> {
+    let key = (!config.keys.is_empty()).then(|| config.keys[i % config.keys.len()].clone());
+    let mut c = Conn::connect(config.addr, config.timeout, config.tls.as_ref())
+        .await
+        .ok()?;
+    let deadline = Instant::now() + config.timeout;
+    c.send(request(config, key.as_deref(), None, INIT))
+        .await
+        .ok()?;
+    let sid = c.response(deadline).await.ok()?.session?;
+    Some((c, key, sid, deadline))
+}
+
 /// Holds `n` idle keep-alive connections of agents that have each initialized a session and made
 /// one allowed `tools/call` (so the proxy remembers its key and session on each) until `hold`
 /// passes; prints `ready <n>` on stdout once all are established. Returns how many were.
@@ -732,22 +750,9 @@ pub fn hold_idle_after_call(config: &LoadConfig, n: usize, hold: Duration) -> us
     rt.block_on(async move {
         let mut conns = Vec::with_capacity(n);
         for i in 0..n {
-            let key = (!config.keys.is_empty()).then(|| config.keys[i % config.keys.len()].clone());
-            let Ok(mut c) = Conn::connect(config.addr, config.timeout, config.tls.as_ref()).await
-            else {
+            let Some((mut c, key, sid, deadline)) = open_session(&config, i).await else {
                 continue;
             };
-            let deadline = Instant::now() + config.timeout;
-            if c.send(request(&config, key.as_deref(), None, INIT))
-                .await
-                .is_err()
-            {
-                continue;
-            }
-            let Ok(a) = c.response(deadline).await else {
-                continue;
-            };
-            let Some(sid) = a.session else { continue };
             let call = body_for(&config, Kind::Call, 1);
             if c.send(request(&config, key.as_deref(), Some(&sid), &call))
                 .await
@@ -777,18 +782,9 @@ pub fn hold_streams(config: &LoadConfig, n: usize, hold: Duration) -> usize {
     rt.block_on(async move {
         let mut streams = Vec::with_capacity(n);
         for i in 0..n {
-            let key = (!config.keys.is_empty()).then(|| config.keys[i % config.keys.len()].clone());
-            let Ok(mut c) = Conn::connect(config.addr, config.timeout, config.tls.as_ref()).await else {
+            let Some((mut c, key, sid, deadline)) = open_session(&config, i).await else {
                 continue;
             };
-            let deadline = Instant::now() + config.timeout;
-            if c.send(request(&config, key.as_deref(), None, INIT)).await.is_err() {
-                continue;
-            }
-            let Ok(a) = c.response(deadline).await else {
-                continue;
-            };
-            let Some(sid) = a.session else { continue };
             let mut get = format!(
                 "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\nMCP-Protocol-Version: 2025-06-18\r\n",
                 config.path, config.host

@@ -124,13 +124,8 @@ impl Conn {
 
     /// [`fill`](Self::fill) with a deadline; `None` waits indefinitely.
     pub async fn fill_within(&mut self, limit: Option<Duration>) -> Result<usize, ReadError> {
-        match limit {
-            None => self.fill().await.map_err(ReadError::Io),
-            Some(d) => match crate::timer::timeout(d, self.fill()).await {
-                Ok(r) => r.map_err(ReadError::Io),
-                Err(_) => Err(ReadError::TimedOut),
-            },
-        }
+        let deadline = limit.and_then(|d| std::time::Instant::now().checked_add(d));
+        self.fill_until(deadline).await
     }
 
     /// Writes all of `data` (owned, handed to the kernel without copying) and returns it.
