@@ -7,6 +7,10 @@
 //! timer wheel), and gives it back when done: a pointer and a deadline in the future, and no
 //! allocation in steady state.
 //!
+//! A pooled `Sleep` serves many tasks in turn, but monoio's keeps the first waker it is polled
+//! with until it fires. So each pooled timer is polled only through its own [`Relay`] waker,
+//! which wakes whichever task holds the timer now.
+//!
 //! Waits that only need to look up now and then (an open event stream checking for a drain or a
 //! reload about once a second) do not need a timer at all: they wait for the thread's next
 //! [`tick`], one shared timer per thread, holding a slot in its list of wakers.
@@ -14,10 +18,77 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-type Timer = Pin<Box<monoio::time::Sleep>>;
+type Timer = Pin<Box<Pooled>>;
+
+/// A timer that can be handed from task to task.
+struct Pooled {
+    sleep: monoio::time::Sleep,
+    relay: Arc<Relay>,
+    /// The waker the `Sleep` is polled with: wakes `relay`'s holder.
+    waker: Waker,
+}
+
+/// Who holds a pooled timer now.
+#[derive(Default)]
+struct Relay {
+    holder: Mutex<Option<Waker>>,
+}
+
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Taken out of the lock before waking it.
+        let holder = self.holder.lock().ok().and_then(|mut h| h.take());
+        if let Some(w) = holder {
+            w.wake();
+        }
+    }
+}
+
+impl Pooled {
+    fn new(deadline: Instant) -> Timer {
+        let relay = Arc::new(Relay::default());
+        Box::pin(Pooled {
+            sleep: monoio::time::sleep_until(deadline.into()),
+            waker: Waker::from(relay.clone()),
+            relay,
+        })
+    }
+
+    /// Whether the deadline passed; else `cx`'s task is woken when it does.
+    fn poll_elapsed(self: Pin<&mut Self>, cx: &Context<'_>) -> bool {
+        // SAFETY: `sleep` is structurally pinned (never moved out of the box); the other
+        // fields are not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        if let Ok(mut holder) = this.relay.holder.lock() {
+            match &*holder {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *holder = Some(cx.waker().clone()),
+            }
+        }
+        let sleep = unsafe { Pin::new_unchecked(&mut this.sleep) };
+        sleep.poll(&mut Context::from_waker(&this.waker)).is_ready()
+    }
+
+    fn reset(self: Pin<&mut Self>, deadline: Instant) {
+        // SAFETY: as in `poll_elapsed`.
+        let this = unsafe { self.get_unchecked_mut() };
+        unsafe { Pin::new_unchecked(&mut this.sleep) }.reset(deadline.into());
+    }
+
+    /// Nobody holds it (back in the pool): a wake now goes nowhere.
+    fn release(&self) {
+        // The waker is dropped after the lock (dropping one may drop a task).
+        let _old = self.relay.holder.lock().ok().and_then(|mut h| h.take());
+    }
+}
 
 /// Timers kept per thread for reuse; more are freed when given back.
 const KEEP: usize = 256;
@@ -133,7 +204,7 @@ impl<F: Future> Future for Timeout<F> {
         }
         let elapsed = match &mut this.waiting {
             Waiting::Not => false,
-            Waiting::Timer(timer) => timer.as_mut().poll(cx).is_ready(),
+            Waiting::Timer(timer) => timer.as_mut().poll_elapsed(cx),
             Waiting::Tick { slot, epoch } => {
                 // A replaced waker is dropped after the borrow (dropping one may drop a task).
                 let (passed, _old) = TICKS.with(|t| t.borrow_mut().passed(*slot, *epoch, cx));
@@ -253,18 +324,19 @@ fn take(deadline: Instant) -> Timer {
     let pooled = POOL.with(|p| p.borrow_mut().pop());
     match pooled {
         Some(mut timer) => {
-            timer.as_mut().reset(deadline.into());
+            timer.as_mut().reset(deadline);
             timer
         }
-        None => Box::pin(monoio::time::sleep_until(deadline.into())),
+        None => Pooled::new(deadline),
     }
 }
 
 /// Back to the pool, still armed: re-arming it to a far deadline would cost a second trip
 /// through the timer wheel per wait, and under load a pooled timer is taken (and reset) again
-/// long before its old deadline. One left in the pool that long wakes its last task once, for
-/// nothing (a spurious wake, which every future tolerates).
+/// long before its old deadline. Its holder is forgotten, so one left in the pool until that
+/// deadline wakes nobody.
 fn give(timer: Timer) {
+    timer.release();
     // A pool on a thread being torn down (or a full one) frees the timer instead.
     let _ = POOL.try_with(|p| {
         let mut pool = p.borrow_mut();
@@ -315,6 +387,27 @@ mod tests {
             let past = Instant::now() - Duration::from_millis(1);
             let never = std::future::pending::<()>();
             assert_eq!(bounded(Until::At(past), never).await, Err(Elapsed));
+        });
+    }
+
+    #[test]
+    fn a_pooled_timer_wakes_the_task_that_took_it_not_the_one_that_gave_it_back() {
+        runtime().block_on(async {
+            // Task A waits on a timer, but its future finishes first: the timer goes back to
+            // the pool armed, having been polled by A.
+            let a = monoio::spawn(async {
+                let quick = monoio::time::sleep(Duration::from_millis(5));
+                timeout(Duration::from_secs(30), quick).await
+            });
+            assert_eq!(a.await, Ok(()));
+            assert_eq!(POOL.with(|p| p.borrow().len()), 1);
+            // Task B takes that timer; its own deadline must wake B (a monoio `Sleep` keeps
+            // the first waker it was polled with until it fires).
+            let b = monoio::spawn(async {
+                timeout(Duration::from_millis(20), std::future::pending::<()>()).await
+            });
+            let guard = monoio::time::timeout(Duration::from_secs(5), b).await;
+            assert_eq!(guard, Ok(Err(Elapsed)), "task B was never woken");
         });
     }
 
