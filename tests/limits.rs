@@ -193,6 +193,30 @@ fn slow_clients_are_cut_off() {
     assert!(up.recorded().is_empty());
 }
 
+/// Deadlines fire whatever waited on the worker before: connections whose heads came in two
+/// pieces (each read waited under a deadline, met in time) leave their timers to the ones after
+/// them, and a head that never finishes on a later connection is still cut off.
+#[test]
+fn a_deadline_fires_after_other_connections_waited_under_theirs() {
+    let (_up, gw) = gateway(&[
+        ("SCOPEGATE_THREADS", "1"),
+        ("SCOPEGATE_HEADER_TIMEOUT_MS", "300"),
+    ]);
+    for _ in 0..3 {
+        let mut c = gw.client();
+        c.send_raw(b"GET /healthz HTTP/1.1\r\n");
+        std::thread::sleep(Duration::from_millis(30));
+        c.send_raw(b"Host: 127.0.0.1\r\n\r\n");
+        assert_eq!(c.read_response().status, 200);
+    }
+    for _ in 0..3 {
+        let mut c = gw.client();
+        c.send_raw(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+        assert_eq!(c.read_response().status, 408);
+        assert!(c.is_closed());
+    }
+}
+
 /// The idle timeout counts from a connection's last request (the worker's sweep sees requests
 /// begun in between), and a connection quiet for longer is closed.
 #[test]
