@@ -280,6 +280,11 @@ async fn worker_main(
         monoio::time::sleep(Duration::from_millis(5)).await;
         close_idle_connections(&registry, true);
     }
+    // Integrity events no request's record stage wrote (the answer that showed them was the
+    // last before shutdown, or its agent went away) go in before the audit writer stops.
+    if let Some(audit) = &worker.audit {
+        crate::serve::record::write_integrity_events(audit).await;
+    }
     debug!("worker {id}: drained");
 }
 

@@ -277,16 +277,21 @@ fn log_line(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], total_us: u64) 
     crate::log::record(crate::log::Level::Info, message, &fields);
 }
 
+/// Writes what list answers told of tool integrity since the last request's record stage;
+/// also called as a worker drains, so that none is left unwritten at shutdown.
+pub async fn write_integrity_events(audit: &crate::audit::AuditSink) {
+    for fragment in &crate::policy::integrity::take_events() {
+        audit.record_event("integrity", fragment).await;
+    }
+}
+
 /// Writes the request's entries to the audit log: one per JSON-RPC message (one for a request
 /// that carried none).
 pub async fn emit(sink: &Sinks<'_>, draft: &Draft, http_method: &[u8], bytes_out: u64) {
     // What list answers told of tool integrity (drifts, findings) goes in first: the answer
     // that showed it is this request's, or an earlier one's.
-    let events = crate::policy::integrity::take_events();
     if let Some(audit) = sink.audit {
-        for fragment in &events {
-            audit.record_event("integrity", fragment).await;
-        }
+        write_integrity_events(audit).await;
     }
     if draft.skip {
         return;
