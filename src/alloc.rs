@@ -192,21 +192,22 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let make = |n: u64| {
+            let make = |n: u64, ms: u64| {
                 let token = Token(drops.clone());
                 async move {
-                    monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    monoio::time::sleep(std::time::Duration::from_millis(ms)).await;
                     let _keep = &token;
                     [n; 64].iter().sum::<u64>()
                 }
             };
-            assert_eq!(pool.run(make(1)).await, 64);
+            assert_eq!(pool.run(make(1, 1)).await, 64);
             let first = pool.free.borrow()[0];
-            assert_eq!(pool.run(make(2)).await, 128);
+            assert_eq!(pool.run(make(2, 1)).await, 128);
             assert_eq!(pool.free.borrow().len(), 1, "one block, reused");
             assert_eq!(pool.free.borrow()[0], first);
             // Dropped before it ends: the future is dropped in place, the block comes back.
-            let unfinished = pool.run(make(3));
+            // (It sleeps far longer than the timeout: it cannot finish first on a busy machine.)
+            let unfinished = pool.run(make(3, 60_000));
             let timed_out = monoio::time::timeout(std::time::Duration::ZERO, unfinished).await;
             assert!(timed_out.is_err());
             assert_eq!(pool.free.borrow().len(), 1);
