@@ -320,33 +320,36 @@ impl Wait {
             if self.ends_at_drain && crate::core::shutting_down() {
                 return Ok(Filled::Draining);
             }
-            // A stream that ends at a drain looks up at the thread's next tick (a timer it
-            // shares); other waits have their limit.
-            let limit = match self.ends_at_drain {
-                true => Some(crate::timer::TICK),
-                false => self.limit,
-            };
-            let deadline = limit.map(|d| Instant::now() + d);
-            if self.watch {
-                let until = match self.ends_at_drain {
-                    true => crate::timer::Until::NextTick,
-                    false => deadline.into(),
-                };
+            let failed = |e| ForwardError::MidResponse(format!("failed mid-body: {e}"));
+            if self.ends_at_drain {
+                // A stream that ends at a drain looks up at the thread's next tick (a timer it
+                // shares). Only the readiness wait is given up then, never a read.
+                let until = crate::timer::Until::NextTick;
                 match wait_readable_watching(up, client, &mut self.watch, until).await {
                     Waited::Readable => {}
                     Waited::AgentGone => return Err(ForwardError::AgentGone),
-                    Waited::TimedOut if self.ends_at_drain => continue,
+                    Waited::TimedOut => continue,
+                }
+                return match up.fill_ready().await {
+                    Ok(Some(n)) => Ok(Filled::Bytes(n)),
+                    Ok(None) => continue,
+                    Err(e) => Err(failed(e)),
+                };
+            }
+            // Other waits have their limit; a read that outlasts it ends the relay.
+            let deadline = self.limit.map(|d| Instant::now() + d);
+            if self.watch {
+                match wait_readable_watching(up, client, &mut self.watch, deadline.into()).await {
+                    Waited::Readable => {}
+                    Waited::AgentGone => return Err(ForwardError::AgentGone),
                     Waited::TimedOut => return Err(self.timed_out()),
                 }
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             return match up.fill_within(left).await {
                 Ok(n) => Ok(Filled::Bytes(n)),
-                Err(ReadError::TimedOut) if self.ends_at_drain => continue,
                 Err(ReadError::TimedOut) => Err(self.timed_out()),
-                Err(ReadError::Io(e)) => {
-                    Err(ForwardError::MidResponse(format!("failed mid-body: {e}")))
-                }
+                Err(ReadError::Io(e)) => Err(failed(e)),
             };
         }
     }

@@ -122,21 +122,16 @@ impl BodyReader {
                 Waited::AgentGone => return Err(BodyError::PeerGone),
                 Waited::TimedOut => return Err(BodyError::TimedOut),
             }
-            // Readable: the read returns at once (the bound is for a spurious wake).
-            let limit = match until {
-                Until::At(d) => Some(d.saturating_duration_since(Instant::now())),
-                Until::Forever => None,
-                Until::NextTick | Until::TickAfter(_) => Some(crate::timer::TICK),
-            };
-            match conn.fill_within(limit).await {
-                Ok(0) if self.framing == Framing::UntilClose && conn.ended_cleanly() => {
+            // Readable: one read, which returns at once and is never given up (a TLS record not
+            // complete yet waits for readiness again, under the same bound).
+            match conn.fill_ready().await {
+                Ok(Some(0)) if self.framing == Framing::UntilClose && conn.ended_cleanly() => {
                     self.done = true;
                     return Ok(None);
                 }
-                Ok(0) => return Err(BodyError::Closed),
+                Ok(Some(0)) => return Err(BodyError::Closed),
                 Ok(_) => {}
-                Err(ReadError::TimedOut) => return Err(BodyError::TimedOut),
-                Err(ReadError::Io(e)) => return Err(BodyError::Io(e)),
+                Err(e) => return Err(BodyError::Io(e)),
             }
         }
     }

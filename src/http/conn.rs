@@ -110,7 +110,22 @@ impl Conn {
         res
     }
 
-    /// [`fill`](Self::fill) before `deadline`; `None` waits indefinitely. Reads no clock: a
+    /// [`fill`](Self::fill) for a stream that is readable ([`Stream::readable`]): one read,
+    /// which returns at once. `None`: a TLS record is not complete yet (wait for readiness
+    /// again). A loop that waits for readiness under a bound, gives up and waits again (an
+    /// event stream looking up now and then) reads only this way: giving up a readiness wait
+    /// loses nothing, while a read given up mid-way loses what it was reading.
+    pub async fn fill_ready(&mut self) -> io::Result<Option<usize>> {
+        match &mut self.stream {
+            Stream::Tls(tls) => Box::pin(tls.read_ready(&mut self.buf)).await,
+            Stream::Tcp(_) | Stream::Unix(_) => self.fill().await.map(Some),
+        }
+    }
+
+    /// [`fill`](Self::fill) before `deadline`; `None` waits indefinitely. A read that times out
+    /// is cancelled and what it was reading is gone (on a plain socket, with the bytes buffered
+    /// and not yet consumed): after a timeout the connection is only closed or drained unread.
+    /// Loops that go on after a timeout wait for readiness and [`fill_ready`](Self::fill_ready). Reads no clock: a
     /// timer is taken only if the read has to wait.
     pub async fn fill_until(
         &mut self,

@@ -169,37 +169,48 @@ impl TlsStream {
     /// close_notify, or the socket closed: see [`closed_cleanly`](Self::closed_cleanly)).
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
-            if self.plaintext > 0 {
-                let len = buf.len();
-                buf.resize(len + self.plaintext, 0);
-                let got = match self.tls.reader().read(&mut buf[len..]) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => {
-                        buf.truncate(len);
-                        return Err(e);
-                    }
-                };
-                buf.truncate(len + got);
-                // Nothing came although rustls said so: trust the reader, not the count.
-                self.plaintext = if got == 0 {
-                    0
-                } else {
-                    self.plaintext.saturating_sub(got)
-                };
-                if got > 0 {
-                    return Ok(got);
-                }
+            if let Some(n) = self.read_ready(buf).await? {
+                return Ok(n);
             }
-            if self.closed {
-                return Ok(0);
-            }
+        }
+    }
+
+    /// One step of [`read_into`](Self::read_into) once the socket is readable: the plaintext
+    /// already decrypted, else one socket read and what it decrypts to. `None`: those bytes did
+    /// not finish a record (wait for readiness again). It waits for the peer no more than that
+    /// one read, so a caller that bounds only its readiness waits never cancels a read (a
+    /// cancelled read's ciphertext is lost, and the stream with it).
+    pub async fn read_ready(&mut self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        if self.plaintext == 0 && !self.closed {
             // Anything rustls wants to say first (a key update, session tickets).
             self.flush().await?;
             if let Fed::End = self.feed().await? {
-                return Ok(0);
+                return Ok(Some(0));
             }
         }
+        if self.plaintext > 0 {
+            let len = buf.len();
+            buf.resize(len + self.plaintext, 0);
+            let got = match self.tls.reader().read(&mut buf[len..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    buf.truncate(len);
+                    return Err(e);
+                }
+            };
+            buf.truncate(len + got);
+            // Nothing came although rustls said so: trust the reader, not the count.
+            self.plaintext = if got == 0 {
+                0
+            } else {
+                self.plaintext.saturating_sub(got)
+            };
+            if got > 0 {
+                return Ok(Some(got));
+            }
+        }
+        Ok(self.closed.then_some(0))
     }
 
     /// Whether the stream ended with the peer's close_notify (not only a closed socket, which
