@@ -18,7 +18,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,11 @@ impl Wake for Relay {
 
     fn wake_by_ref(self: &Arc<Self>) {
         // Taken out of the lock before waking it.
-        let holder = self.holder.lock().ok().and_then(|mut h| h.take());
+        let holder = self
+            .holder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(w) = holder {
             w.wake();
         }
@@ -67,12 +71,19 @@ impl Pooled {
         // SAFETY: `sleep` is structurally pinned (never moved out of the box); the other
         // fields are not pinned.
         let this = unsafe { self.get_unchecked_mut() };
-        if let Ok(mut holder) = this.relay.holder.lock() {
+        let replaced = {
+            let mut holder = this
+                .relay
+                .holder
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             match &*holder {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *holder = Some(cx.waker().clone()),
+                Some(w) if w.will_wake(cx.waker()) => None,
+                _ => holder.replace(cx.waker().clone()),
             }
-        }
+        };
+        // Dropped after the lock (dropping a waker may drop a task).
+        drop(replaced);
         let sleep = unsafe { Pin::new_unchecked(&mut this.sleep) };
         sleep.poll(&mut Context::from_waker(&this.waker)).is_ready()
     }
@@ -86,7 +97,12 @@ impl Pooled {
     /// Nobody holds it (back in the pool): a wake now goes nowhere.
     fn release(&self) {
         // The waker is dropped after the lock (dropping one may drop a task).
-        let _old = self.relay.holder.lock().ok().and_then(|mut h| h.take());
+        let _old = self
+            .relay
+            .holder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -316,8 +332,17 @@ async fn bring_ticks() {
 /// called when a runtime ends, so a later runtime on the same thread starts clean (a timer of
 /// a finished runtime's driver would never fire).
 pub fn end_of_runtime() {
-    let _ = POOL.try_with(|p| p.borrow_mut().clear());
-    let _ = TICKS.try_with(|t| *t.borrow_mut() = Ticks::default());
+    // Taken out first and dropped after the borrows: dropping a waker may drop a task, whose
+    // timeouts then give back their timers or leave their tick slots.
+    // The tick's slots are kept (a wait that outlived its runtime still leaves its own); its
+    // wakers go, and the next runtime's first wait starts a tick task of its own.
+    let timers = POOL.try_with(|p| std::mem::take(&mut *p.borrow_mut()));
+    let wakers = TICKS.try_with(|t| {
+        let mut t = t.borrow_mut();
+        t.running = false;
+        t.wakers.iter_mut().map(Option::take).collect::<Vec<_>>()
+    });
+    drop((timers, wakers));
 }
 
 fn take(deadline: Instant) -> Timer {

@@ -28,6 +28,14 @@ pub struct Exchange {
     pub stdio_failure: Option<String>,
 }
 
+impl Exchange {
+    /// Lets go of the last answer's head, which shares the upstream connection's read buffer
+    /// (kept from a failed exchange, it would hold that buffer while the state is pooled).
+    pub fn release(&mut self) {
+        self.response.raw = bytes::Bytes::new();
+    }
+}
+
 /// Maps the upstream's session id to the token the agent sees.
 pub type SealFn<'a> = &'a dyn Fn(&[u8]) -> Option<String>;
 

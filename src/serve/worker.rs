@@ -102,7 +102,12 @@ impl Worker {
             .unwrap_or_else(|| Box::new(RequestState::new(self.audit.is_some())))
     }
 
-    pub(super) fn give_state(&self, state: Box<RequestState>) {
+    pub(super) fn give_state(&self, mut state: Box<RequestState>) {
+        // A pooled state holds nothing of its last request: not the policy it saw (a reload's
+        // old policy would live on), nor the upstream answer's head (it shares the upstream
+        // connection's read buffer, which a failed exchange did not reuse).
+        state.draft.policy = None;
+        state.exchange.release();
         let mut pool = self.request_states.borrow_mut();
         if pool.len() < MAX_POOLED {
             pool.push(state);
