@@ -17,7 +17,7 @@
 //! route::upstream_of             the upstream, or the aggregate endpoint
 //! ingress::envelope              the JSON-RPC fields, once (400 -32700/-32600)
 //! gate::audit_available          503 while the audit log fails (SCOPEGATE_AUDIT_FAIL_CLOSED)
-//! gate::check_envelope_headers   Mcp-Method / Mcp-Name agree with the body (400)
+//! headers::check_envelope_headers Mcp-Method / Mcp-Name agree with the body (400)
 //! onward::to_aggregate           /mcp over several upstreams: the gates below per message
 //! onward::to_upstream            gate::admit_call, in policy mode:
 //!                                  gate::authorize: every message, one method table (-32004);
@@ -33,6 +33,7 @@
 pub mod admin;
 mod answer;
 pub mod gate;
+pub mod headers;
 pub mod ingress;
 mod live;
 pub mod memory;
@@ -306,7 +307,7 @@ async fn handle_request<'r>(
     }
     pass!(gate::audit_available(worker.audit.as_ref()));
     if let Some(env) = &env {
-        pass!(gate::check_envelope_headers(head, env, &body));
+        pass!(headers::check_envelope_headers(head, env, &body));
     }
     let core = &worker.core;
     let close = close || shutting_down();
