@@ -5,16 +5,22 @@
 //! The README's configuration table lists the same variables in the same order.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ratelimit::{Fallback, FleetSettings, fleet};
-use crate::redis::RedisUrl;
+use crate::ratelimit::FleetSettings;
+use crate::upstream::Upstream;
 use crate::upstream::egress::Egress;
-use crate::upstream::{Transport, Upstream};
+
+mod redis;
+mod values;
+
+use redis::parse_redis;
+pub use values::ConfigError;
+use values::{err, leak_name, parse_bool, parse_listen, parse_ms, parse_origins, parse_u64};
+pub use values::{parse_size, parse_upstreams};
 
 /// The whole runtime configuration.
 #[derive(Debug, Clone)]
@@ -100,20 +106,6 @@ pub enum IoDriver {
     Epoll,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub variable: &'static str,
-    pub problem: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.variable, self.problem)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
@@ -127,13 +119,6 @@ pub const DEFAULT_DRAIN_MS: u64 = 10_000;
 /// Upper bound on worker threads: far past any core count we run on, low enough that a typo
 /// (`SCOPEGATE_THREADS=20000`) is an error and not thousands of runtimes.
 const MAX_THREADS: usize = 1024;
-
-fn err(variable: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        variable,
-        problem: problem.into(),
-    }
-}
 
 impl Config {
     /// Reads the process environment.
@@ -614,226 +599,6 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_REDIS_REPLICAS",
 ];
 
-/// `SCOPEGATE_REDIS_URL` and the settings that go with it.
-fn parse_redis(vars: &HashMap<String, String>) -> Result<Option<FleetSettings>, ConfigError> {
-    let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
-    const WITH_URL: [&str; 5] = [
-        "SCOPEGATE_REDIS_CA_FILE",
-        "SCOPEGATE_REDIS_TIMEOUT_MS",
-        "SCOPEGATE_REDIS_FALLBACK",
-        "SCOPEGATE_REDIS_PREFIX",
-        "SCOPEGATE_REDIS_REPLICAS",
-    ];
-    let Some(url) = get("SCOPEGATE_REDIS_URL") else {
-        if let Some(name) = WITH_URL.into_iter().find(|n| get(n).is_some()) {
-            return Err(err(
-                name,
-                "set without SCOPEGATE_REDIS_URL (the Redis that holds fleet-wide limits)",
-            ));
-        }
-        return Ok(None);
-    };
-    let url = RedisUrl::parse(url).map_err(|e| err("SCOPEGATE_REDIS_URL", e))?;
-    let ca_file = get("SCOPEGATE_REDIS_CA_FILE").map(PathBuf::from);
-    if ca_file.is_some() && !url.tls {
-        return Err(err(
-            "SCOPEGATE_REDIS_CA_FILE",
-            "set for a redis:// URL; a CA file is for rediss:// (TLS)",
-        ));
-    }
-    let timeout = parse_ms(
-        "SCOPEGATE_REDIS_TIMEOUT_MS",
-        get("SCOPEGATE_REDIS_TIMEOUT_MS"),
-        fleet::DEFAULT_TIMEOUT_MS,
-    )?;
-    let fallback = match get("SCOPEGATE_REDIS_FALLBACK") {
-        None | Some("local") => Fallback::Local,
-        Some("closed") => Fallback::Closed,
-        Some(other) => {
-            return Err(err(
-                "SCOPEGATE_REDIS_FALLBACK",
-                format!(
-                    "expected local (each replica enforces its share of every limit) or closed \
-                     (refuse limited calls) while Redis is unreachable, got {other:?}"
-                ),
-            ));
-        }
-    };
-    let prefix = get("SCOPEGATE_REDIS_PREFIX")
-        .unwrap_or(fleet::DEFAULT_PREFIX)
-        .to_owned();
-    let replicas = match get("SCOPEGATE_REDIS_REPLICAS") {
-        None => 1,
-        Some(v) => match parse_u64("SCOPEGATE_REDIS_REPLICAS", v)? {
-            n @ 1..=10_000 => n as u32,
-            n => {
-                return Err(err(
-                    "SCOPEGATE_REDIS_REPLICAS",
-                    format!("must be between 1 and 10000, got {n}"),
-                ));
-            }
-        },
-    };
-    Ok(Some(FleetSettings {
-        url,
-        ca_file,
-        timeout,
-        fallback,
-        prefix,
-        replicas,
-    }))
-}
-
-fn leak_name(name: &str) -> &'static str {
-    // Only on the error path at start-up, once.
-    Box::leak(name.to_owned().into_boxed_str())
-}
-
-fn parse_listen(v: &str) -> Result<SocketAddr, ConfigError> {
-    let mut addrs = v.to_socket_addrs().map_err(|e| {
-        err(
-            "SCOPEGATE_LISTEN",
-            format!("expected host:port (e.g. 127.0.0.1:8080), got {v:?}: {e}"),
-        )
-    })?;
-    addrs
-        .next()
-        .ok_or_else(|| err("SCOPEGATE_LISTEN", format!("{v:?} resolves to no address")))
-}
-
-fn parse_u64(variable: &'static str, v: &str) -> Result<u64, ConfigError> {
-    v.parse::<u64>().map_err(|_| {
-        err(
-            variable,
-            format!("expected a non-negative integer, got {v:?}"),
-        )
-    })
-}
-
-fn parse_ms(
-    variable: &'static str,
-    v: Option<&str>,
-    default_ms: u64,
-) -> Result<Duration, ConfigError> {
-    let ms = match v {
-        None => default_ms,
-        Some(v) => parse_u64(variable, v)?,
-    };
-    if ms == 0 {
-        return Err(err(variable, "must be at least 1 millisecond"));
-    }
-    Ok(Duration::from_millis(ms))
-}
-
-fn parse_bool(variable: &'static str, v: Option<&str>) -> Result<bool, ConfigError> {
-    match v {
-        None => Ok(false),
-        Some("1") | Some("true") | Some("yes") | Some("on") => Ok(true),
-        Some("0") | Some("false") | Some("no") | Some("off") => Ok(false),
-        Some(other) => Err(err(variable, format!("expected 1 or 0, got {other:?}"))),
-    }
-}
-
-/// Bytes, with an optional `KiB`/`MiB`/`GiB` (or `k`/`m`/`g`) suffix.
-pub fn parse_size(variable: &'static str, v: &str) -> Result<usize, ConfigError> {
-    let lower = v.to_ascii_lowercase();
-    let (digits, multiplier) = [
-        ("kib", 1usize << 10),
-        ("mib", 1 << 20),
-        ("gib", 1 << 30),
-        ("k", 1 << 10),
-        ("m", 1 << 20),
-        ("g", 1 << 30),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| lower.strip_suffix(suffix).map(|d| (d.trim(), *m)))
-    .unwrap_or((lower.as_str(), 1));
-    let n: usize = digits.parse().map_err(|_| {
-        err(
-            variable,
-            format!("expected a size in bytes (e.g. 4194304 or 4MiB), got {v:?}"),
-        )
-    })?;
-    let size = n
-        .checked_mul(multiplier)
-        .ok_or_else(|| err(variable, format!("{v:?} is too large")))?;
-    if size == 0 {
-        return Err(err(variable, "must be at least 1 byte"));
-    }
-    Ok(size)
-}
-
-pub fn parse_upstreams(v: &str) -> Result<Vec<Upstream>, ConfigError> {
-    let mut out: Vec<Upstream> = Vec::new();
-    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, url) = item.split_once('=').ok_or_else(|| {
-            err(
-                "SCOPEGATE_UPSTREAMS",
-                format!("expected name=http://host:port/path, got {item:?}"),
-            )
-        })?;
-        let name = name.trim();
-        if !crate::upstream::valid_name(name) {
-            return Err(err(
-                "SCOPEGATE_UPSTREAMS",
-                format!(
-                    "upstream name {name:?} must be 1-64 characters of letters, digits, '_' or '-'"
-                ),
-            ));
-        }
-        if out.iter().any(|u| u.name == name) {
-            return Err(err(
-                "SCOPEGATE_UPSTREAMS",
-                format!("upstream {name:?} is named twice"),
-            ));
-        }
-        let transport = Transport::parse(url.trim()).map_err(|problem| {
-            err(
-                "SCOPEGATE_UPSTREAMS",
-                format!("upstream {name:?}: {problem}"),
-            )
-        })?;
-        out.push(Upstream {
-            name: name.to_owned(),
-            transport,
-            headers: Vec::new(),
-        });
-    }
-    if out.is_empty() {
-        return Err(err("SCOPEGATE_UPSTREAMS", "names no upstream"));
-    }
-    Ok(out)
-}
-
-fn parse_origins(v: &str) -> Result<Vec<String>, ConfigError> {
-    let mut out = Vec::new();
-    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        if item == "*" {
-            return Err(err(
-                "SCOPEGATE_ALLOWED_ORIGINS",
-                "\"*\" is not accepted: list each allowed origin (scheme://host[:port])",
-            ));
-        }
-        let rest = item
-            .strip_prefix("http://")
-            .or_else(|| item.strip_prefix("https://"))
-            .ok_or_else(|| {
-                err(
-                    "SCOPEGATE_ALLOWED_ORIGINS",
-                    format!("{item:?} is not an origin (expected scheme://host[:port])"),
-                )
-            })?;
-        if rest.is_empty() || rest.contains('/') {
-            return Err(err(
-                "SCOPEGATE_ALLOWED_ORIGINS",
-                format!("{item:?} is not an origin (expected scheme://host[:port], no path)"),
-            ));
-        }
-        out.push(item.to_ascii_lowercase());
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -852,84 +617,6 @@ mod tests {
         ]);
         v.extend(vars(extra));
         v
-    }
-
-    #[test]
-    fn redis_settings_parse_and_bad_ones_name_the_variable() {
-        assert_eq!(Config::from_vars(&open(&[])).unwrap().redis, None);
-        let c = Config::from_vars(&open(&[("SCOPEGATE_REDIS_URL", "redis://10.0.0.5/2")])).unwrap();
-        let r = c.redis.unwrap();
-        assert_eq!(
-            (r.url.host.as_str(), r.url.port, r.url.db),
-            ("10.0.0.5", 6379, 2)
-        );
-        assert_eq!(r.timeout, Duration::from_millis(fleet::DEFAULT_TIMEOUT_MS));
-        assert_eq!(
-            (r.fallback, r.prefix.as_str(), r.replicas),
-            (Fallback::Local, "scopegate:", 1)
-        );
-        let c = Config::from_vars(&open(&[
-            ("SCOPEGATE_REDIS_URL", "rediss://r:6380"),
-            ("SCOPEGATE_REDIS_FALLBACK", "closed"),
-            ("SCOPEGATE_REDIS_TIMEOUT_MS", "20"),
-            ("SCOPEGATE_REDIS_PREFIX", "fleet-a:"),
-            ("SCOPEGATE_REDIS_REPLICAS", "4"),
-        ]))
-        .unwrap();
-        let r = c.redis.unwrap();
-        assert_eq!(r.fallback, Fallback::Closed);
-        assert_eq!(
-            (r.timeout, r.prefix.as_str(), r.replicas),
-            (Duration::from_millis(20), "fleet-a:", 4)
-        );
-        for (pairs, variable, says) in [
-            (
-                vec![("SCOPEGATE_REDIS_URL", "redis:/x")],
-                "SCOPEGATE_REDIS_URL",
-                "expected redis://",
-            ),
-            (
-                vec![("SCOPEGATE_REDIS_FALLBACK", "local")],
-                "SCOPEGATE_REDIS_FALLBACK",
-                "without SCOPEGATE_REDIS_URL",
-            ),
-            (
-                vec![
-                    ("SCOPEGATE_REDIS_URL", "redis://h"),
-                    ("SCOPEGATE_REDIS_FALLBACK", "open"),
-                ],
-                "SCOPEGATE_REDIS_FALLBACK",
-                "expected local",
-            ),
-            (
-                vec![
-                    ("SCOPEGATE_REDIS_URL", "redis://h"),
-                    ("SCOPEGATE_REDIS_TIMEOUT_MS", "0"),
-                ],
-                "SCOPEGATE_REDIS_TIMEOUT_MS",
-                "at least 1",
-            ),
-            (
-                vec![
-                    ("SCOPEGATE_REDIS_URL", "redis://h"),
-                    ("SCOPEGATE_REDIS_REPLICAS", "0"),
-                ],
-                "SCOPEGATE_REDIS_REPLICAS",
-                "between 1 and 10000",
-            ),
-            (
-                vec![
-                    ("SCOPEGATE_REDIS_URL", "redis://h"),
-                    ("SCOPEGATE_REDIS_CA_FILE", "/ca.pem"),
-                ],
-                "SCOPEGATE_REDIS_CA_FILE",
-                "rediss://",
-            ),
-        ] {
-            let e = Config::from_vars(&open(&pairs)).unwrap_err();
-            assert_eq!(e.variable, variable, "{pairs:?}");
-            assert!(e.problem.contains(says), "{pairs:?}: {}", e.problem);
-        }
     }
 
     #[test]
@@ -987,14 +674,6 @@ mod tests {
     fn unknown_variable_is_refused() {
         let e = Config::from_vars(&open(&[("SCOPEGATE_MAX_BDOY", "1")])).unwrap_err();
         assert_eq!(e.variable, "SCOPEGATE_MAX_BDOY");
-    }
-
-    #[test]
-    fn sizes_take_suffixes() {
-        assert_eq!(parse_size("X", "4MiB").unwrap(), 4 << 20);
-        assert_eq!(parse_size("X", "64k").unwrap(), 64 << 10);
-        assert_eq!(parse_size("X", "123").unwrap(), 123);
-        assert!(parse_size("X", "0").is_err());
     }
 
     #[test]
