@@ -73,6 +73,27 @@ pub fn hidden(c: char) -> Option<&'static str> {
     })
 }
 
+/// `s` in double quotes, every character a reader would not see escaped, as JSON and TOML
+/// strings both read it: `\"`, `\\`, `\n`, `\t`, `\r`, and each [`hidden`] character
+/// written by `escape` (the formats spell a code point differently).
+pub fn quoted(s: &str, escape: fn(char, &mut String)) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if hidden(c).is_some() => escape(c, &mut out),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// An IP address as text, as `Display` writes it (IPv4 without the formatting machinery: it
 /// goes into every forwarded request's `X-Forwarded-For`).
 pub fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {

@@ -143,26 +143,14 @@ fn format_line(
 /// character (C0, DEL, C1) and the invisible or reordering ones (zero-width, bidi controls,
 /// Unicode tag characters) as `\uXXXX` escapes.
 fn quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() || crate::fmt::hidden(c).is_some() => {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{u:04x}"));
-                }
-            }
-            c => out.push(c),
+    use std::fmt::Write as _;
+    // JSON: a code point as its UTF-16 units.
+    crate::fmt::quoted(s, |c, out| {
+        let mut units = [0u16; 2];
+        for u in c.encode_utf16(&mut units) {
+            let _ = write!(out, "\\u{u:04x}");
         }
-    }
-    out.push('"');
-    out
+    })
 }
 
 /// Lines an agent can cause (its refusals) per second, per worker thread, and the burst.

@@ -181,27 +181,14 @@ impl Pins {
 /// A TOML basic string. Control and hidden characters are written as escapes, so what a
 /// reviewer reads is all there is.
 fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if super::scan::hidden(c).is_some() => {
-                if (c as u32) <= 0xFFFF {
-                    out.push_str(&format!("\\u{:04X}", c as u32));
-                } else {
-                    out.push_str(&format!("\\U{:08X}", c as u32));
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    use std::fmt::Write as _;
+    // TOML: `\uXXXX`, or `\UXXXXXXXX` past the basic plane.
+    crate::fmt::quoted(s, |c, out| {
+        let _ = match c as u32 {
+            n @ ..=0xFFFF => write!(out, "\\u{n:04X}"),
+            n => write!(out, "\\U{n:08X}"),
+        };
+    })
 }
 
 #[cfg(test)]
