@@ -217,6 +217,62 @@ fn a_deadline_fires_after_other_connections_waited_under_theirs() {
     }
 }
 
+/// An upstream that takes the connection but never reads the request gets it no longer than
+/// the upstream timeout: the agent is answered 504 with its id, as for one that never answers.
+#[test]
+fn an_upstream_that_reads_nothing_times_out() {
+    let deaf = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = deaf.local_addr().unwrap().port();
+    // Accepts, holds, never reads (until the test ends).
+    let held = std::thread::spawn(move || {
+        let (conn, _) = deaf.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(conn);
+    });
+    let gw = Gateway::open()
+        .upstream_url("deaf", &format!("http://127.0.0.1:{port}/mcp"))
+        .env("SCOPEGATE_UPSTREAM_TIMEOUT_MS", "500")
+        .env("SCOPEGATE_MAX_BODY", "64MiB")
+        .start();
+    // Far more than the socket buffers on both sides hold.
+    let pad = "a".repeat(48 << 20);
+    let body = call(7, "echo", &format!("{{\"pad\":\"{pad}\"}}"));
+    let mut c = gw.client();
+    let r = c.post("/mcp/deaf", &body).send();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["id"], 7);
+    held.join().unwrap();
+}
+
+/// An agent that stops reading its answer is cut off after SCOPEGATE_SEND_TIMEOUT_MS: its
+/// connection is closed, the rest of the answer is not held for it.
+#[test]
+fn an_agent_that_reads_nothing_is_cut_off() {
+    let (_up, gw) = gateway(&[("SCOPEGATE_SEND_TIMEOUT_MS", "300")]);
+    let mut c = gw.client();
+    let bytes = 64 << 20;
+    c.post("/mcp", &call(8, "big", &format!("{{\"bytes\":{bytes}}}")))
+        .header("Mcp-Session-Id", "s")
+        .write();
+    // Reads nothing for well past the send timeout.
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut got = 0usize;
+    let mut tmp = vec![0u8; 1 << 16];
+    loop {
+        match std::io::Read::read(&mut c.stream, &mut tmp) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("read failed after {got} bytes: {e}\n{}", gw.log()),
+        }
+    }
+    assert!(
+        got < bytes,
+        "the whole answer ({got} bytes) came: not cut off"
+    );
+    // The gateway goes on serving.
+    assert_eq!(gw.client().request("GET", "/healthz").send().status, 200);
+}
+
 /// The idle timeout counts from a connection's last request (the worker's sweep sees requests
 /// begun in between), and a connection quiet for longer is closed.
 #[test]

@@ -39,6 +39,8 @@ pub struct Config {
     pub stream_idle: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// The longest one write to an agent may take (an agent that stops reading is cut off).
+    pub send_timeout: Duration,
     pub idle_timeout: Duration,
     pub drain: Duration,
     pub allowed_origins: Vec<String>,
@@ -113,6 +115,7 @@ pub const DEFAULT_MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
 pub const DEFAULT_STREAM_IDLE_MS: u64 = 300_000;
 pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_DRAIN_MS: u64 = 10_000;
 
@@ -221,6 +224,13 @@ impl Config {
         let max_body = size("SCOPEGATE_MAX_BODY", DEFAULT_MAX_BODY)?;
         let header_timeout = ms("SCOPEGATE_HEADER_TIMEOUT_MS", DEFAULT_HEADER_TIMEOUT_MS)?;
         let body_timeout = ms("SCOPEGATE_BODY_TIMEOUT_MS", DEFAULT_BODY_TIMEOUT_MS)?;
+        let send_timeout = ms("SCOPEGATE_SEND_TIMEOUT_MS", DEFAULT_SEND_TIMEOUT_MS)?;
+        if send_timeout > Duration::from_millis(u32::MAX.into()) {
+            return Err(err(
+                "SCOPEGATE_SEND_TIMEOUT_MS",
+                format!("at most {} (about 49 days)", u32::MAX),
+            ));
+        }
         let idle_timeout = ms("SCOPEGATE_IDLE_TIMEOUT_MS", DEFAULT_IDLE_TIMEOUT_MS)?;
         let drain = ms("SCOPEGATE_DRAIN_MS", DEFAULT_DRAIN_MS)?;
         let allowed_origins = match get("SCOPEGATE_ALLOWED_ORIGINS") {
@@ -508,6 +518,7 @@ impl Config {
             stream_idle,
             header_timeout,
             body_timeout,
+            send_timeout,
             idle_timeout,
             drain,
             allowed_origins,
@@ -555,6 +566,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "SCOPEGATE_STREAM_IDLE_MS",
     "SCOPEGATE_HEADER_TIMEOUT_MS",
     "SCOPEGATE_BODY_TIMEOUT_MS",
+    "SCOPEGATE_SEND_TIMEOUT_MS",
     "SCOPEGATE_IDLE_TIMEOUT_MS",
     "SCOPEGATE_DRAIN_MS",
     "SCOPEGATE_ALLOWED_ORIGINS",
@@ -649,6 +661,8 @@ mod tests {
             ("SCOPEGATE_MAX_BODY", "lots"),
             ("SCOPEGATE_LISTEN", "nowhere"),
             ("SCOPEGATE_UPSTREAM_TIMEOUT_MS", "-5"),
+            ("SCOPEGATE_SEND_TIMEOUT_MS", "0"),
+            ("SCOPEGATE_SEND_TIMEOUT_MS", "4294967296"),
             ("SCOPEGATE_UPSTREAMS", "a=ftp://x/"),
             ("SCOPEGATE_UPSTREAMS", "just-a-url"),
             (

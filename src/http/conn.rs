@@ -69,6 +69,9 @@ pub struct Conn {
     pub written: u64,
     /// How much room a read asks for (smaller for long-lived event streams).
     pub read_chunk: usize,
+    /// The longest one [`write_all`](Self::write_all) may take, in ms (0: no limit): an agent
+    /// that stops reading is cut off (`SCOPEGATE_SEND_TIMEOUT_MS`).
+    pub write_limit_ms: u32,
 }
 
 #[derive(Debug)]
@@ -84,6 +87,7 @@ impl Conn {
             buf: BytesMut::new(),
             written: 0,
             read_chunk: READ_CHUNK,
+            write_limit_ms: 0,
         }
     }
 
@@ -143,12 +147,36 @@ impl Conn {
         self.fill_until(deadline).await
     }
 
-    /// Writes all of `data` (owned, handed to the kernel without copying) and returns it.
-    pub async fn write_all<B: monoio::buf::IoBuf>(&mut self, data: B) -> (io::Result<()>, B) {
-        let (res, data) = match &mut self.stream {
-            Stream::Tcp(tcp) => tcp.write_all(data).await,
-            Stream::Tls(tls) => Box::pin(tls.write_all(data)).await,
-            Stream::Unix(unix) => unix.write_all(data).await,
+    /// Writes all of `data` (owned, handed to the kernel without copying) and returns it. A
+    /// write that outlasts [`write_limit_ms`](Self::write_limit_ms) fails with `TimedOut` (and
+    /// an empty `B`): how much of it went out is unknown, so the connection is then closed, as
+    /// after any failed write.
+    pub async fn write_all<B: monoio::buf::IoBuf + Default>(
+        &mut self,
+        data: B,
+    ) -> (io::Result<()>, B) {
+        let limit = self.write_limit_ms;
+        let write = async {
+            match &mut self.stream {
+                Stream::Tcp(tcp) => tcp.write_all(data).await,
+                Stream::Tls(tls) => Box::pin(tls.write_all(data)).await,
+                Stream::Unix(unix) => unix.write_all(data).await,
+            }
+        };
+        let (res, data) = if limit == 0 {
+            write.await
+        } else {
+            let limit = Duration::from_millis(limit.into());
+            match crate::timer::timeout(limit, write).await {
+                Ok(written) => written,
+                Err(_) => {
+                    let why = format!("the peer took nothing for {} ms", limit.as_millis());
+                    (
+                        Err(io::Error::new(io::ErrorKind::TimedOut, why)),
+                        B::default(),
+                    )
+                }
+            }
         };
         if let Ok(n) = &res {
             self.written += *n as u64;

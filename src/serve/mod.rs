@@ -88,6 +88,8 @@ pub async fn serve_connection<A: std::ops::Deref<Target = Activity>>(
             None => return,
         },
     };
+    // Bounded when configured (at most u32::MAX ms: the configuration checks).
+    client.write_limit_ms = worker.core.config.send_timeout.as_millis() as u32;
     // The connection's memory of its key and session token stays with the connection (the
     // request state it is lent to goes back to a pool shared by all connections), boxed once it
     // remembers something: a connection that never authenticated holds none.

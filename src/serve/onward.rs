@@ -175,8 +175,11 @@ pub async fn to_upstream(
         Err(ForwardError::AgentGone) => {
             // The agent's doing: the call was allowed and relayed until it left.
             draft.status = exchange.status;
-            draft.reason =
-                Some("the agent closed the connection while the answer was relayed".into());
+            draft.reason = Some(
+                "the agent closed the connection, or took nothing for SCOPEGATE_SEND_TIMEOUT_MS, \
+                 while the answer was relayed"
+                    .into(),
+            );
             Err(())
         }
     };

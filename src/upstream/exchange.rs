@@ -10,6 +10,7 @@ pub use super::error::{UpstreamError, unavailable};
 use super::{Pool, Transport, Upstream};
 use crate::http::conn::Conn;
 use crate::http::head::Head;
+use crate::timer::Until;
 
 /// An upstream to exchange with: its definition and this worker's pool.
 #[derive(Clone, Copy)]
@@ -50,9 +51,9 @@ pub async fn exchange_head(
                 false,
             ),
         };
-        let result = match send_request(&mut conn, out, body, inline_body).await {
+        let result = match send_request(&mut conn, out, body, inline_body, deadline).await {
             Ok(()) => read_response_head(&mut conn, head, deadline).await,
-            Err(e) => Err(UpstreamError::Io(e)),
+            Err(e) => Err(e),
         };
         // Closed without a word, or reset (a peer that closes with our request unread in
         // its buffer sends a reset instead: which one comes is a race).
@@ -91,19 +92,28 @@ pub async fn exchange_head(
     Err(HeadFailure::Exchange(UpstreamError::Closed))
 }
 
+/// Writes the request by `deadline` (the upstream's answer's): an upstream that stops reading
+/// it times out like one that does not answer, and its connection is dropped.
 async fn send_request(
     up: &mut Conn,
     out: &mut Vec<u8>,
     body: &Bytes,
     inline_body: bool,
-) -> std::io::Result<()> {
-    let buf = std::mem::take(out);
-    let (res, buf) = up.write_all(buf).await;
-    *out = buf;
-    res?;
-    if !inline_body {
-        let (res, _) = up.write_all(body.clone()).await;
+    deadline: Instant,
+) -> Result<(), UpstreamError> {
+    let send = async {
+        let buf = std::mem::take(out);
+        let (res, buf) = up.write_all(buf).await;
+        *out = buf;
         res?;
+        if !inline_body {
+            let (res, _) = up.write_all(body.clone()).await;
+            res?;
+        }
+        Ok(())
+    };
+    match crate::timer::bounded(Until::At(deadline), send).await {
+        Ok(sent) => sent.map_err(UpstreamError::Io),
+        Err(_) => Err(UpstreamError::TimedOut),
     }
-    Ok(())
 }
