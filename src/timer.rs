@@ -120,11 +120,22 @@ pub enum Until {
     At(Instant),
     /// The thread's next tick: within [`TICK`] from now, shared by every such wait.
     NextTick,
-    /// The tick after the given count of ticks ([`Until::fixed`]).
+    /// Once the thread's count of ticks is past the given one ([`Until::fixed`],
+    /// [`Until::ticks_for`]).
     TickAfter(u64),
 }
 
 impl Until {
+    /// At least `limit` from now, in the thread's ticks (no clock read, no timer: a wait that
+    /// is rarely needed, a write bounded in case the peer stops reading). Ends between `limit`
+    /// and [`TICK`] later, rounded up to whole ticks.
+    pub fn ticks_for(limit: Duration) -> Until {
+        // The next tick may come at once, so one more than the limit's whole ticks.
+        let ticks = limit.as_millis().div_ceil(TICK.as_millis()) as u64 + 1;
+        let now = TICKS.with(|t| t.borrow().epoch);
+        Until::TickAfter(now.saturating_add(ticks - 1))
+    }
+
     /// The same bound, fixed now: a loop that waits several times within one bound (reading a
     /// body piece by piece) then ends at the same tick, however often it waits.
     pub fn fixed(self) -> Until {
@@ -208,7 +219,7 @@ impl<F: Future> Future for Timeout<F> {
                     t.join(epoch, cx)
                 }),
                 Until::TickAfter(epoch) => {
-                    match TICKS.with(|t| (t.borrow().epoch != epoch).then_some(())) {
+                    match TICKS.with(|t| (t.borrow().epoch > epoch).then_some(())) {
                         Some(()) => return Poll::Ready(Err(Elapsed)),
                         None => TICKS.with(|t| t.borrow_mut().join(epoch, cx)),
                     }
@@ -288,7 +299,7 @@ impl Ticks {
         epoch: u64,
         cx: &Context<'_>,
     ) -> (bool, Option<std::task::Waker>) {
-        if self.epoch != epoch {
+        if self.epoch > epoch {
             return (true, None);
         }
         match &mut self.wakers[slot] {
@@ -477,6 +488,24 @@ mod tests {
                 assert!(waits < 50, "the bound never ended");
             }
             assert!(started.elapsed() <= TICK * 3, "{:?}", started.elapsed());
+        });
+    }
+
+    #[test]
+    fn a_bound_in_ticks_is_never_shorter_than_its_limit() {
+        runtime().block_on(async {
+            let never = || std::future::pending::<()>();
+            let started = Instant::now();
+            let until = Until::ticks_for(Duration::from_millis(300));
+            assert_eq!(bounded(until, never()).await, Err(Elapsed));
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(300), "{took:?}");
+            assert!(took <= TICK * 3, "{took:?}");
+            // Once a tick is under way (the task runs), the bound still lasts its limit.
+            let started = Instant::now();
+            let until = Until::ticks_for(Duration::from_millis(1500));
+            assert_eq!(bounded(until, never()).await, Err(Elapsed));
+            assert!(started.elapsed() >= Duration::from_millis(1500));
         });
     }
 

@@ -254,8 +254,8 @@ fn an_agent_that_reads_nothing_is_cut_off() {
     c.post("/mcp", &call(8, "big", &format!("{{\"bytes\":{bytes}}}")))
         .header("Mcp-Session-Id", "s")
         .write();
-    // Reads nothing for well past the send timeout.
-    std::thread::sleep(Duration::from_millis(2000));
+    // Reads nothing for well past the send timeout (which is looked at once a second).
+    std::thread::sleep(Duration::from_millis(3000));
     let mut got = 0usize;
     let mut tmp = vec![0u8; 1 << 16];
     loop {

@@ -148,9 +148,9 @@ impl Conn {
     }
 
     /// Writes all of `data` (owned, handed to the kernel without copying) and returns it. A
-    /// write that outlasts [`write_limit_ms`](Self::write_limit_ms) fails with `TimedOut` (and
-    /// an empty `B`): how much of it went out is unknown, so the connection is then closed, as
-    /// after any failed write.
+    /// write that outlasts [`write_limit_ms`](Self::write_limit_ms) (looked at once a second:
+    /// up to a second or two past it) fails with `TimedOut` and an empty `B`: how much of it
+    /// went out is unknown, so the connection is then closed, as after any failed write.
     pub async fn write_all<B: monoio::buf::IoBuf + Default>(
         &mut self,
         data: B,
@@ -166,8 +166,9 @@ impl Conn {
         let (res, data) = if limit == 0 {
             write.await
         } else {
+            // Bounded by the thread's tick: no clock read or timer per write.
             let limit = Duration::from_millis(limit.into());
-            match crate::timer::timeout(limit, write).await {
+            match crate::timer::bounded(crate::timer::Until::ticks_for(limit), write).await {
                 Ok(written) => written,
                 Err(_) => {
                     let why = format!("the peer took nothing for {} ms", limit.as_millis());
