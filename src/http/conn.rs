@@ -72,6 +72,9 @@ pub struct Conn {
     /// The longest one [`write_all`](Self::write_all) may take, in ms (0: no limit): an agent
     /// that stops reading is cut off (`SCOPEGATE_SEND_TIMEOUT_MS`).
     pub write_limit_ms: u32,
+    /// A read or write on it was given up midway (timed out): what it holds and what the peer
+    /// got are unknown, so it is only closed, never pooled or kept alive.
+    pub broken: bool,
 }
 
 #[derive(Debug)]
@@ -88,6 +91,7 @@ impl Conn {
             written: 0,
             read_chunk: READ_CHUNK,
             write_limit_ms: 0,
+            broken: false,
         }
     }
 
@@ -137,7 +141,10 @@ impl Conn {
     ) -> Result<usize, ReadError> {
         match crate::timer::bounded(deadline.into(), self.fill()).await {
             Ok(r) => r.map_err(ReadError::Io),
-            Err(_) => Err(ReadError::TimedOut),
+            Err(_) => {
+                self.broken = true;
+                Err(ReadError::TimedOut)
+            }
         }
     }
 
@@ -171,6 +178,7 @@ impl Conn {
             match crate::timer::bounded(crate::timer::Until::ticks_for(limit), write).await {
                 Ok(written) => written,
                 Err(_) => {
+                    self.broken = true;
                     let why = format!("the peer took nothing for {} ms", limit.as_millis());
                     (
                         Err(io::Error::new(io::ErrorKind::TimedOut, why)),
@@ -297,4 +305,35 @@ pub async fn wait_readable_watching(
     crate::timer::bounded(until, wait)
         .await
         .unwrap_or(Waited::TimedOut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_given_up_marks_the_connection_broken() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (client, accepted) =
+                monoio::join!(monoio::net::TcpStream::connect(addr), listener.accept());
+            let (_peer, _) = accepted.unwrap();
+            let mut conn = Conn::new(client.unwrap());
+            assert!(!conn.broken);
+            let soon = std::time::Instant::now() + Duration::from_millis(20);
+            assert!(matches!(
+                conn.fill_until(Some(soon)).await,
+                Err(ReadError::TimedOut)
+            ));
+            assert!(
+                conn.broken,
+                "a cancelled read leaves the connection unusable"
+            );
+        });
+    }
 }

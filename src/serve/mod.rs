@@ -123,7 +123,7 @@ pub async fn serve_connection<A: std::ops::Deref<Target = Activity>>(
             None => {}
         }
         worker.give_state(state);
-        if !keep {
+        if !keep || client.broken {
             client.finish().await;
             return;
         }

@@ -78,7 +78,11 @@ impl Pool {
         None
     }
 
+    /// Keeps `conn` for the next request to the same peer (a broken one is closed instead).
     pub fn put(&self, id: PoolId<'_>, mut conn: Conn) {
+        if conn.broken {
+            return;
+        }
         let mut idle = self.idle.borrow_mut();
         let found = idle
             .iter()
