@@ -378,7 +378,9 @@ async fn idle_sweep(registry: Rc<Registry>, timeout: Duration) {
         .div_ceil(every.as_nanos())
         .saturating_add(1);
     let quiet_needed = u32::try_from(quiet_needed).unwrap_or(u32::MAX);
-    while !shutting_down() {
+    // Through a drain too (it ends with the runtime): a connection accepted then for an answer
+    // that never comes is closed when idle for the timeout, like any other.
+    loop {
         monoio::time::sleep(every).await;
         for c in registry.connections.borrow_mut().values_mut() {
             let begun = c.activity.begun();
