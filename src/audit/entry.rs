@@ -426,7 +426,7 @@ fn write_value(nodes: &[Node<'_>], redact: &[Glob], out: &mut Vec<u8>) -> usize 
                 i += 1;
                 if redacts(redact, key) {
                     out.extend_from_slice(b"\"[redacted]\"");
-                    i += crate::mcp::envelope::node_span(&nodes[i]);
+                    i += crate::mcp::tape::node_span(&nodes[i]);
                 } else {
                     i += write_value(&nodes[i..], redact, out);
                 }

@@ -15,6 +15,7 @@ use simd_json::StaticNode;
 use simd_json::{Buffers, Node, Tape};
 
 use super::jsonrpc::{self, Id};
+use super::tape::{has_folded_twins, node_span, variant_of};
 
 /// What kind of JSON-RPC message a body holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +66,9 @@ pub enum EnvelopeError {
     Invalid(&'static str),
     /// A key that decides what runs appears twice (-32600).
     DuplicateKey(&'static str),
+    /// Keys that differ only in letter case, which some parsers read as one (-32600): two in
+    /// one object, or a variant of a field scopegate reads ([`super::tape`]).
+    CaseVariant(&'static str),
 }
 
 impl EnvelopeError {
@@ -74,6 +78,9 @@ impl EnvelopeError {
             EnvelopeError::Invalid(why) => format!("Invalid Request: {why}"),
             EnvelopeError::DuplicateKey(key) => format!(
                 "Invalid Request: duplicate key {key:?}; an ambiguous message is refused rather than guessed"
+            ),
+            EnvelopeError::CaseVariant(key) => format!(
+                "Invalid Request: keys in {key:?} that differ only in letter case, which some parsers read as one; an ambiguous message is refused rather than guessed"
             ),
         }
     }
@@ -251,14 +258,6 @@ fn unreachable_message() -> Message<'static> {
     }
 }
 
-/// Number of tape nodes a value occupies, header included.
-pub fn node_span(node: &Node<'_>) -> usize {
-    match node {
-        Node::Object { count, .. } | Node::Array { count, .. } => count + 1,
-        _ => 1,
-    }
-}
-
 /// The `(key, value index)` pairs of the object at `nodes[at]`, in order; an `Err` item if the
 /// tape is not shaped like an object there.
 pub fn object_entries<'t, 'a>(
@@ -331,7 +330,13 @@ fn read_message<'a>(nodes: &[Node<'a>], at: usize) -> Result<Message<'a>, Envelo
             "params" => (8, "params"),
             "result" => (16, "result"),
             "error" => (32, "error"),
-            _ => (0, ""),
+            _ => match variant_of(
+                key,
+                &["jsonrpc", "method", "id", "params", "result", "error"],
+            ) {
+                Some(_) => return Err(EnvelopeError::CaseVariant("the message")),
+                None => (0, ""),
+            },
         };
         mark_seen(&mut seen, bit, name)?;
         match key {
@@ -410,7 +415,10 @@ fn read_params<'a>(
             "_meta" => (8, "params._meta"),
             "ref" => (16, "params.ref"),
             "notifications" => (32, "params.notifications"),
-            _ => (0, ""),
+            _ => match variant_of(key, &PARAMS_KEYS) {
+                Some(_) => return Err(EnvelopeError::CaseVariant("params")),
+                None => (0, ""),
+            },
         };
         mark_seen(&mut seen, bit, name)?;
         match key {
@@ -444,8 +452,16 @@ fn read_params<'a>(
             _ => {}
         }
     }
+    // Exact duplicates are refused above, naming the key; then any two keys alike but for
+    // letter case, anywhere in the params (arguments at any depth, `_meta`, `ref`).
+    if has_folded_twins(nodes, at) {
+        return Err(EnvelopeError::CaseVariant("params"));
+    }
     Ok(())
 }
+
+/// The fields of `params` scopegate reads.
+const PARAMS_KEYS: [&str; 6] = ["name", "uri", "arguments", "_meta", "ref", "notifications"];
 
 fn read_reference<'a>(nodes: &[Node<'a>], at: usize) -> Result<Reference<'a>, EnvelopeError> {
     if !matches!(nodes.get(at), Some(Node::Object { .. })) {
@@ -463,7 +479,10 @@ fn read_reference<'a>(nodes: &[Node<'a>], at: usize) -> Result<Reference<'a>, En
             "type" => (1, "params.ref.type"),
             "name" => (2, "params.ref.name"),
             "uri" => (4, "params.ref.uri"),
-            _ => (0, ""),
+            _ => match variant_of(key, &["type", "name", "uri"]) {
+                Some(_) => return Err(EnvelopeError::CaseVariant("params.ref")),
+                None => (0, ""),
+            },
         };
         mark_seen(&mut seen, bit, name)?;
         let value = &nodes[value_at];
@@ -681,6 +700,49 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn keys_alike_but_for_letter_case_are_refused() {
+        // A case-blind parser (Go's encoding/json) would run sleep, or read PATH and N.
+        let cases = [
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","Params":{"name":"sleep"}}"#,
+                "the message",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"n":1},"NAME":"sleep"}}"#,
+                "params",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"},"param\u017f":{"name":"sleep"}}"#,
+                "the message",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"path":"/srv/data/ok","PATH":"/etc/passwd"}}}"#,
+                "params",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"o":{"mode":"read","MODE":"write"}}}}"#,
+                "params",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","NAME":"secret"}}}"#,
+                "params.ref",
+            ),
+        ];
+        for (body, key) in cases {
+            assert_eq!(
+                parse_one(body),
+                Err(EnvelopeError::CaseVariant(key)),
+                "{body}"
+            );
+        }
+        // Keys scopegate does not read may differ from each other (and from known ones) freely.
+        assert!(
+            parse_one(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"cursor":"c"}}"#)
+                .is_ok()
+        );
     }
 
     #[test]

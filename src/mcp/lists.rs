@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use super::tape::fold_eq;
+
 /// Which list a response answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListKind {
@@ -93,16 +95,24 @@ pub fn filter_lists(body: &[u8], visible: Visible<'_>) -> Result<Option<Vec<u8>>
 
 /// Filters the lists of one message's result; true when it had any.
 fn filter_message(message: &mut Value, visible: Visible<'_>) -> bool {
+    // Keys alike but for letter case are one key to some parsers ([`super::tape`]): a variant of
+    // `result`, or of a list field, would carry an unfiltered copy past the filter. Dropped.
+    let variant = |key: &str, of: &str| key != of && fold_eq(key, of);
+    if let Some(m) = message.as_object_mut() {
+        m.retain(|k, _| !variant(k, "result"));
+    }
     let Some(result) = message.get_mut("result").and_then(|r| r.as_object_mut()) else {
         return false;
     };
-    let mut found = false;
-    for kind in [
+    let kinds = [
         ListKind::Tools,
         ListKind::Prompts,
         ListKind::Resources,
         ListKind::ResourceTemplates,
-    ] {
+    ];
+    result.retain(|k, _| !kinds.iter().any(|kind| variant(k, kind.field())));
+    let mut found = false;
+    for kind in kinds {
         let Some(items) = result.get_mut(kind.field()) else {
             continue;
         };
@@ -142,11 +152,33 @@ pub fn may_hold_list(data: &[u8]) -> bool {
         }
         from = at;
     }
-    find(data, b"\"result\"").is_some()
-        && (find(data, b"\"tools\"").is_some()
-            || find(data, b"\"prompts\"").is_some()
-            || find(data, b"\"resources\"").is_some()
-            || find(data, b"\"resourceTemplates\"").is_some())
+    // Letters some parsers fold into ASCII ones (`ſ` reads as s, the Kelvin sign as k), written
+    // or escaped: rare, so looked at whole.
+    if ["\u{17f}", "\u{212a}"]
+        .iter()
+        .any(|c| find(data, c.as_bytes()).is_some())
+        || [b"\\u017", b"\\u212"]
+            .iter()
+            .any(|e| find(data, *e).is_some())
+    {
+        return true;
+    }
+    // The keys in any letter case: a case-blind parser reads `"Tools"` as `"tools"`.
+    let (mut result, mut list) = (false, false);
+    for i in memchr::memchr_iter(b'"', data) {
+        let rest = &data[i + 1..];
+        let is = |word: &[u8]| {
+            rest.len() > word.len()
+                && rest[word.len()] == b'"'
+                && rest[..word.len()].eq_ignore_ascii_case(word)
+        };
+        result |= is(b"result");
+        list |= is(b"tools") || is(b"prompts") || is(b"resources") || is(b"resourcetemplates");
+        if result && list {
+            return true;
+        }
+    }
+    false
 }
 
 /// How long a list result may be shared across agents, by its 2026-07-28 caching hints:
@@ -230,6 +262,23 @@ mod tests {
             .iter()
             .map(|t| t[key].as_str().unwrap().to_owned())
             .collect()
+    }
+
+    #[test]
+    fn case_variants_of_list_keys_are_looked_at_and_dropped() {
+        let visible = |_: ListKind, item: &mut Value| item["name"] != "delete_repo";
+        // Only a variant: a case-blind client would read it as the list.
+        let body = r#"{"jsonrpc":"2.0","id":2,"Result":{"Tools":[{"name":"delete_repo"}]},"result":{"tools":[],"TOOLS":[{"name":"delete_repo"}],"toolſ":[{"name":"delete_repo"}]}}"#.as_bytes();
+        assert!(may_hold_list(br#"{"id":2,"RESULT":{"Tools":[]}}"#));
+        assert!(may_hold_list(body));
+        let out = filter_lists(body, &visible).unwrap().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&out).contains("delete_repo"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        // Not a list at all: still relayed as it is.
+        assert!(!may_hold_list(br#"{"id":2,"result":{"content":[]}}"#));
     }
 
     #[test]

@@ -8,4 +8,5 @@ pub mod lists;
 pub mod modern;
 pub mod origin;
 pub mod session;
+pub mod tape;
 pub mod uri;

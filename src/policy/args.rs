@@ -243,7 +243,7 @@ impl Constraint {
             for i in 0..*len {
                 let span = value
                     .get(at)
-                    .map(crate::mcp::envelope::node_span)
+                    .map(crate::mcp::tape::node_span)
                     .ok_or("is a malformed array")?;
                 let item = value.get(at..at + span).ok_or("is a malformed array")?;
                 each.check(item).map_err(|why| format!("item {i} {why}"))?;
@@ -299,7 +299,7 @@ pub fn arguments_iter<'t, 'a>(
     crate::mcp::envelope::object_entries(args, 0)
         .map_while(Result::ok)
         .filter_map(move |(key, at)| {
-            let end = at + crate::mcp::envelope::node_span(args.get(at)?);
+            let end = at + crate::mcp::tape::node_span(args.get(at)?);
             Some((key, args.get(at..end)?))
         })
 }
