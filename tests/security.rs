@@ -143,6 +143,36 @@ fn names_are_not_revealed_before_authentication_and_forbidden_reads_as_unknown()
     assert!(!missing.text().contains("\"m\""), "{}", missing.text());
 }
 
+/// A request refused before its body (no key, a wrong one, an unknown upstream) whose body is
+/// larger than a typical request is answered at once, its body not read or waited for, and its
+/// connection closed: nobody unauthenticated makes the gateway hold or wait for
+/// SCOPEGATE_MAX_BODY. (A small one is read, so the connection stays usable.)
+#[test]
+fn an_unauthenticated_body_is_neither_read_nor_awaited() {
+    let s = setup_with(
+        MockConfig::default(),
+        "/mcp",
+        &[("SCOPEGATE_BODY_TIMEOUT_MS", "20000")],
+    );
+    for auth in ["", "Authorization: Bearer not-a-key-0123456789\r\n"] {
+        let mut c = s.gw.client();
+        // A body announced (4 MiB), none of it sent: the answer must not wait for it.
+        c.send_raw(
+            format!(
+                "POST /mcp/m HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\n\
+                 Content-Length: 4000000\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        // (Waiting for the body would outlast the client's 15 s read timeout: the body
+        // timeout is 20 s.)
+        let r = c.read_response();
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert!(c.is_closed());
+    }
+    assert!(upstream_methods(&s).is_empty());
+}
+
 #[test]
 fn the_agent_cannot_change_the_operator_s_query() {
     let s = setup_with(MockConfig::default(), "/mcp?scope=acme", &[]);

@@ -1,6 +1,5 @@
 //! The one place a reply scopegate answers with is written to the agent.
 
-use super::ingress;
 use super::record::Draft;
 use crate::http::conn::Conn;
 use crate::mcp::jsonrpc::Id;
@@ -11,6 +10,10 @@ use crate::reply::Reply;
 pub enum KeepAlive {
     Yes,
     No,
+    /// No, after an error: once the request is recorded, the connection stops writing and
+    /// drains what the agent still sends, briefly ([`ingress::linger_close`]), so that closing
+    /// does not reset the answer away.
+    Linger,
 }
 
 /// Writes a reply scopegate answers with, records it in the draft, and says whether the
@@ -27,11 +30,9 @@ pub async fn answer(
     draft.replied(reply);
     let (res, _) = client.write_all(reply.render(method, id, close)).await;
     res.map_err(|_| ())?;
-    if close {
-        if reply.status >= 400 {
-            ingress::linger_close(client).await;
-        }
-        return Ok(KeepAlive::No);
-    }
-    Ok(KeepAlive::Yes)
+    Ok(match (close, reply.status >= 400) {
+        (false, _) => KeepAlive::Yes,
+        (true, true) => KeepAlive::Linger,
+        (true, false) => KeepAlive::No,
+    })
 }

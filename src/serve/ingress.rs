@@ -95,10 +95,18 @@ pub fn framing(head: &Head) -> Result<Framing, Reply> {
     Ok(framing)
 }
 
-/// A request with a body that waits for `100 Continue` before sending it: a refusal is
-/// answered at once (and the connection closed) rather than reading a body that is not coming.
-pub fn awaits_continue(head: &Head, framing: Framing) -> bool {
-    framing != Framing::Empty && head.get("expect").is_some()
+/// The largest body of a request refused before it is read that is still read (and dropped),
+/// so that the connection stays usable: a typical MCP request, not `SCOPEGATE_MAX_BODY`.
+pub const REFUSED_BODY_READ: u64 = 64 * 1024;
+
+/// Whether a request with this framing carries a body longer than `limit` bytes, or one of
+/// unknown length (chunked).
+pub fn body_over(framing: Framing, limit: u64) -> bool {
+    match framing {
+        Framing::Empty => false,
+        Framing::Length(n) => n > limit,
+        Framing::Chunked | Framing::UntilClose => true,
+    }
 }
 
 /// The JSON-RPC envelope of a POST's body, parsed once (the fields routing and
@@ -296,12 +304,12 @@ mod tests {
         assert!(envelope(&mut parser, b"GET", b"").unwrap().is_none());
         let bad = envelope(&mut parser, b"POST", b"{not json").err().unwrap();
         assert_eq!(bad.status, 400);
-        let expect = head(
-            "POST /mcp HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-        );
-        assert!(awaits_continue(&expect, framing(&expect).unwrap()));
-        let plain = head("POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
-        assert!(!awaits_continue(&plain, framing(&plain).unwrap()));
+        let small = head("POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        assert!(!body_over(framing(&small).unwrap(), REFUSED_BODY_READ));
+        let large = head("POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n");
+        assert!(body_over(framing(&large).unwrap(), REFUSED_BODY_READ));
+        let chunked = head("POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(body_over(framing(&chunked).unwrap(), REFUSED_BODY_READ));
         let get = head("GET /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
         assert!(framing(&get).unwrap_err().close);
     }

@@ -172,8 +172,11 @@ async fn serve_one(
             draft.reset(Instant::now());
             draft.bytes_in = client.buf.len() as u64;
             let written = client.written;
-            let _ = answer(draft, client, b"", None, &reply, true).await;
+            let answered = answer(draft, client, b"", None, &reply, true).await;
             record::emit(&worker.sinks(), draft, b"", client.written - written).await;
+            if let Ok(KeepAlive::Linger) = answered {
+                ingress::linger_close(client).await;
+            }
             return false;
         }
     };
@@ -216,6 +219,9 @@ async fn serve_one(
     .await;
     // The head shares the connection's buffer: let it go, so the next read reuses the buffer.
     head.raw = Bytes::new();
+    if let Ok(KeepAlive::Linger) = outcome {
+        ingress::linger_close(client).await;
+    }
     matches!(outcome, Ok(KeepAlive::Yes)) && !shutting_down()
 }
 
@@ -264,10 +270,12 @@ async fn handle_request<'r>(
     let framing = pass!(ingress::framing(head), true);
     let jwt = worker.jwt.as_deref();
     let admitted = gate::admit(config, jwt, policy, head, &mut draft.cache);
-    // A refused request's body is still read, so the connection stays usable; unless the agent
-    // waits for `100 Continue` before sending it.
+    // A request refused here (no or a wrong key, an unknown upstream) has its body read only
+    // when it is small, so the connection stays usable; a larger one (or one of unknown length)
+    // is left unread and the connection closed (its unread input drained briefly, not kept). So
+    // nobody unauthenticated makes the gateway hold or wait for SCOPEGATE_MAX_BODY.
     let admitted = match admitted {
-        Err(reply) if ingress::awaits_continue(head, framing) => end!(reply, true),
+        Err(reply) if ingress::body_over(framing, ingress::REFUSED_BODY_READ) => end!(reply, true),
         admitted => admitted,
     };
     let body = pass!(
