@@ -265,8 +265,16 @@ async fn worker_main(
                 if shutting_down() {
                     break;
                 }
-                // EMFILE and friends: back off briefly instead of spinning.
-                warn!("worker {id}: accept failed: {e}");
+                // EMFILE and friends: back off briefly instead of spinning. Peers cause it (a
+                // flood of connections), so it is told within the log's budget for them.
+                if let Some(dropped) = crate::log::budget() {
+                    match dropped {
+                        0 => warn!("worker {id}: accept failed: {e}"),
+                        n => warn!(
+                            "worker {id}: accept failed: {e} ({n} lines dropped before this one)"
+                        ),
+                    }
+                }
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
         }

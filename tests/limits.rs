@@ -273,6 +273,26 @@ fn an_agent_that_reads_nothing_is_cut_off() {
     assert_eq!(gw.client().request("GET", "/healthz").send().status, 200);
 }
 
+/// Out of file descriptors (a flood of connections), the gateway says so within the log's
+/// budget for what peers cause, not once per failed accept, and serves again once they go.
+#[test]
+fn failed_accepts_do_not_flood_the_log() {
+    let up = MockServer::start(MockConfig::default());
+    let gw = Gateway::open().upstream("m", &up).fd_limit(64).start();
+    // Far more connections than the gateway may hold: the rest wait in the backlog while its
+    // accepts fail (EMFILE), every 10 ms, for two seconds.
+    let flood: Vec<std::net::TcpStream> = (0..150)
+        .filter_map(|_| std::net::TcpStream::connect(gw.addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(2000));
+    let told = gw.log().matches("accept failed").count();
+    assert!(told > 0, "the failures were not told:\n{}", gw.log());
+    // The budget: a burst of 20, then 10 a second (a failure every 10 ms would be 200).
+    assert!(told <= 45, "{told} lines for failed accepts");
+    drop(flood);
+    assert_eq!(gw.client().request("GET", "/healthz").send().status, 200);
+}
+
 /// The idle timeout counts from a connection's last request (the worker's sweep sees requests
 /// begun in between), and a connection quiet for longer is closed.
 #[test]

@@ -29,6 +29,8 @@ pub fn call(id: u64, tool: &str, args: &str) -> String {
 pub struct Gateway {
     env: Vec<(String, String)>,
     upstreams: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) for the process, when set.
+    fd_limit: Option<u64>,
 }
 
 impl Gateway {
@@ -42,7 +44,14 @@ impl Gateway {
                 ("SCOPEGATE_DRAIN_MS".into(), "5000".into()),
             ],
             upstreams: Vec::new(),
+            fd_limit: None,
         }
+    }
+
+    /// Runs the gateway with at most `n` open files (soft and hard limit).
+    pub fn fd_limit(mut self, n: u64) -> Gateway {
+        self.fd_limit = Some(n);
+        self
     }
 
     pub fn upstream(mut self, name: &str, mock: &MockServer) -> Gateway {
@@ -92,6 +101,23 @@ impl Gateway {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(n) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe; it touches only the child, before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd
     }
 
