@@ -187,10 +187,16 @@ pub fn authorize(
             Decision::Allow => None,
         }
     })?;
-    if !env.is_batch() {
-        let m = &env.messages()[0];
-        let mut reply = Reply::policy_denied(&rule, &reason).for_id(m.id);
-        if m.kind == Kind::Notification {
+    let requests = env.messages().iter().any(|m| m.kind == Kind::Request);
+    if !env.is_batch() || !requests {
+        // One message, or a batch with no request (nothing an answer could carry an error for:
+        // JSON-RPC sends no empty array): 403 for notifications, as for one alone.
+        let m = &env.messages()[index];
+        let mut reply = Reply::policy_denied(&rule, &reason);
+        if !env.is_batch() {
+            reply = reply.for_id(m.id);
+        }
+        if m.kind == Kind::Notification || !requests {
             reply.status = 403;
         }
         return Some(reply);
@@ -494,6 +500,15 @@ burst = 2
                 .unwrap()
                 .contains("batch refused")
         );
+        drop(env);
+        // A batch of notifications only: no empty array, 403 as for one alone.
+        let env = parser
+            .parse(br#"[{"jsonrpc":"2.0","method":"tools/call","params":{"name":"rm"}}]"#)
+            .unwrap();
+        let r = authorize(&p, 0, 0, &h, &env).unwrap();
+        assert_eq!(r.status, 403);
+        let v: serde_json::Value = serde_json::from_slice(&r.body_bytes(None)).unwrap();
+        assert!(v.is_object(), "{v}");
         drop(env);
         let newer =
             head("POST /mcp/a HTTP/1.1\r\nHost: x\r\nMCP-Protocol-Version: 2025-06-18\r\n\r\n");
