@@ -453,8 +453,8 @@ fn read_params<'a>(
         }
     }
     // Exact duplicates are refused above, naming the key; then any two keys alike but for
-    // letter case, anywhere in the params (arguments at any depth, `_meta`, `ref`).
-    if has_folded_twins(nodes, at) {
+    // letter case in the params and their members (the arguments, `_meta`, `ref`).
+    if has_folded_twins(nodes, at, 1) {
         return Err(EnvelopeError::CaseVariant("params"));
     }
     Ok(())
@@ -720,10 +720,6 @@ mod tests {
             ),
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"path":"/srv/data/ok","PATH":"/etc/passwd"}}}"#,
-                "params",
-            ),
-            (
-                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"o":{"mode":"read","MODE":"write"}}}}"#,
                 "params",
             ),
             (

@@ -97,12 +97,16 @@ pub fn filter_lists(body: &[u8], visible: Visible<'_>) -> Result<Option<Vec<u8>>
 fn filter_message(message: &mut Value, visible: Visible<'_>) -> bool {
     // Keys alike but for letter case are one key to some parsers ([`super::tape`]): a variant of
     // `result`, or of a list field, would carry an unfiltered copy past the filter. Dropped.
+    // Anything dropped counts as found: the body is then re-written, never relayed as it came.
     let variant = |key: &str, of: &str| key != of && fold_eq(key, of);
+    let mut dropped = false;
     if let Some(m) = message.as_object_mut() {
+        let before = m.len();
         m.retain(|k, _| !variant(k, "result"));
+        dropped = m.len() != before;
     }
     let Some(result) = message.get_mut("result").and_then(|r| r.as_object_mut()) else {
-        return false;
+        return dropped;
     };
     let kinds = [
         ListKind::Tools,
@@ -110,8 +114,9 @@ fn filter_message(message: &mut Value, visible: Visible<'_>) -> bool {
         ListKind::Resources,
         ListKind::ResourceTemplates,
     ];
+    let before = result.len();
     result.retain(|k, _| !kinds.iter().any(|kind| variant(k, kind.field())));
-    let mut found = false;
+    let mut found = dropped || result.len() != before;
     for kind in kinds {
         let Some(items) = result.get_mut(kind.field()) else {
             continue;
@@ -157,7 +162,7 @@ pub fn may_hold_list(data: &[u8]) -> bool {
     if ["\u{17f}", "\u{212a}"]
         .iter()
         .any(|c| find(data, c.as_bytes()).is_some())
-        || [b"\\u017", b"\\u212"]
+        || [b"\\u017f", b"\\u017F", b"\\u212a", b"\\u212A"]
             .iter()
             .any(|e| find(data, *e).is_some())
     {
@@ -277,6 +282,10 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out)
         );
+        // Only a variant, no exact key anywhere: re-written all the same.
+        let only = br#"{"jsonrpc":"2.0","id":2,"result":{"Tools":[{"name":"delete_repo"}]}}"#;
+        let out = filter_lists(only, &visible).unwrap().unwrap();
+        assert!(!String::from_utf8_lossy(&out).contains("delete_repo"));
         // Not a list at all: still relayed as it is.
         assert!(!may_hold_list(br#"{"id":2,"result":{"content":[]}}"#));
     }

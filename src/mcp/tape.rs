@@ -16,20 +16,27 @@ pub fn node_span(node: &Node<'_>) -> usize {
     }
 }
 
-/// Whether two keys are the same to a parser that ignores letter case (Unicode simple case
-/// folding, approximated as upper case then lower case, character by character: it folds
-/// `ſ` with `s` and the Kelvin sign with `k`, and a little more, which only refuses more).
+/// Whether two keys are the same to a parser that ignores letter case (simple case folding,
+/// character for character, as Go's `strings.EqualFold`: `ſ` is `s`, the Kelvin sign `k`, but
+/// `ß` is not `ss`).
 pub fn fold_eq(a: &str, b: &str) -> bool {
     if a.is_ascii() && b.is_ascii() {
         return a.eq_ignore_ascii_case(b);
     }
-    folded(a).eq(folded(b))
+    a.chars().map(fold_char).eq(b.chars().map(fold_char))
 }
 
-fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
-    s.chars()
-        .flat_map(char::to_uppercase)
-        .flat_map(char::to_lowercase)
+/// One character folded: its upper case's lower case, where both are one character.
+fn fold_char(c: char) -> char {
+    let mut upper = c.to_uppercase();
+    let (Some(u), None) = (upper.next(), upper.next()) else {
+        return c;
+    };
+    let mut lower = u.to_lowercase();
+    match (lower.next(), lower.next()) {
+        (Some(l), None) => l,
+        _ => c,
+    }
 }
 
 /// The field of `known` that `key` is a case variant of (equal when folded, not as written).
@@ -40,56 +47,58 @@ pub fn variant_of(key: &str, known: &[&'static str]) -> Option<&'static str> {
         .copied()
 }
 
-/// Whether any object in the value at `nodes[at]` (itself or nested at any depth) has two keys
-/// that are the same when folded.
-pub fn has_folded_twins(nodes: &[Node<'_>], at: usize) -> bool {
-    let Some(first) = nodes.get(at) else {
+/// Whether the object at `nodes[at]`, or an object that is a member of it down to `depth`
+/// levels, has two keys that are the same when folded. Deeper objects are data to scopegate
+/// (nothing it checks reads them; a case-blind parser keeps a map's keys apart).
+pub fn has_folded_twins(nodes: &[Node<'_>], at: usize, depth: usize) -> bool {
+    let Some(Node::Object { len, .. }) = nodes.get(at) else {
         return false;
     };
-    let end = (at + node_span(first)).min(nodes.len());
-    (at..end).any(|i| match nodes[i] {
-        Node::Object { len, .. } => {
-            let keys = (0..len).scan(i + 1, |idx, _| {
-                let (Some(Node::String(key)), Some(value)) = (nodes.get(*idx), nodes.get(*idx + 1))
-                else {
-                    return None;
-                };
-                *idx += 1 + node_span(value);
-                Some(*key)
-            });
-            // Small objects (the norm) on the stack, compared pairwise: no allocation.
-            if len <= SMALL {
-                let mut small = [""; SMALL];
-                let mut n = 0;
-                for key in keys {
-                    small[n] = key;
-                    n += 1;
-                }
-                twins(&mut small[..n])
-            } else {
-                twins(&mut keys.collect::<Vec<_>>())
-            }
+    let mut small = [""; SMALL];
+    let mut many: Vec<&str> = Vec::new();
+    let mut idx = at + 1;
+    for i in 0..*len {
+        let (Some(Node::String(key)), Some(value)) = (nodes.get(idx), nodes.get(idx + 1)) else {
+            return false;
+        };
+        if depth > 0 && has_folded_twins(nodes, idx + 1, depth - 1) {
+            return true;
         }
-        _ => false,
-    })
+        if *len <= SMALL {
+            small[i] = key;
+        } else {
+            many.push(key);
+        }
+        idx += 1 + node_span(value);
+    }
+    match *len <= SMALL {
+        true => twins(&mut small[..*len]),
+        false => twins(&mut many),
+    }
 }
 
-/// Objects with at most this many keys are checked without allocating.
+/// Objects with at most this many keys are checked without allocating (unless a key is not
+/// ASCII).
 const SMALL: usize = 16;
 
 /// Whether two of `keys` are the same when folded (the order of `keys` is lost).
 fn twins(keys: &mut [&str]) -> bool {
-    if keys.len() <= SMALL {
-        return (1..keys.len()).any(|i| keys[..i].iter().any(|k| fold_eq(k, keys[i])));
-    }
     if keys.iter().all(|k| k.is_ascii()) {
+        if keys.len() <= SMALL {
+            return (1..keys.len())
+                .any(|i| keys[..i].iter().any(|k| k.eq_ignore_ascii_case(keys[i])));
+        }
         keys.sort_unstable_by(|a, b| {
             let a = a.bytes().map(|c| c.to_ascii_lowercase());
             a.cmp(b.bytes().map(|c| c.to_ascii_lowercase()))
         });
         return keys.windows(2).any(|w| w[0].eq_ignore_ascii_case(w[1]));
     }
-    let mut all: Vec<String> = keys.iter().map(|k| folded(k).collect()).collect();
+    // Folded once each, then compared as strings.
+    let mut all: Vec<String> = keys
+        .iter()
+        .map(|k| k.chars().map(fold_char).collect())
+        .collect();
     all.sort_unstable();
     all.windows(2).any(|w| w[0] == w[1])
 }
@@ -104,6 +113,10 @@ mod tests {
         assert!(fold_eq("params", "param\u{17f}"), "long s");
         assert!(fold_eq("kind", "\u{212a}ind"), "Kelvin sign");
         assert!(!fold_eq("name", "names"));
+        assert!(
+            !fold_eq("stra\u{df}e", "STRASSE"),
+            "simple folding: ß is not ss"
+        );
         assert_eq!(variant_of("Name", &["name", "uri"]), Some("name"));
         assert_eq!(variant_of("name", &["name", "uri"]), None);
         assert_eq!(variant_of("cursor", &["name", "uri"]), None);
@@ -114,11 +127,17 @@ mod tests {
         let tape_of = |json: &str| {
             let mut bytes = json.as_bytes().to_vec();
             let tape = simd_json::to_tape(&mut bytes).unwrap();
-            has_folded_twins(&tape.0, 0)
+            has_folded_twins(&tape.0, 0, 1)
         };
         assert!(!tape_of(r#"{"path":"/a","n":1}"#));
         assert!(tape_of(r#"{"path":"/a","PATH":"/etc/passwd"}"#));
-        assert!(tape_of(r#"{"a":[{"x":1},{"mode":"r","MODE":"w"}]}"#));
+        assert!(
+            tape_of(r#"{"o":{"mode":"r","MODE":"w"}}"#),
+            "a member object"
+        );
+        // Deeper, and in arrays: data (maps keep their keys apart).
+        assert!(!tape_of(r#"{"a":{"files":{"README":1,"readme":2}}}"#));
+        assert!(!tape_of(r#"{"a":[{"x":1},{"mode":"r","MODE":"w"}]}"#));
         let many: Vec<String> = (0..40).map(|i| format!("\"k{i}\":{i}")).collect();
         assert!(!tape_of(&format!("{{{}}}", many.join(","))));
         assert!(tape_of(&format!("{{{},\"K7\":0}}", many.join(","))));

@@ -9,6 +9,7 @@ use super::integrity::CallVerdict;
 use crate::integrity::Kind as ItemDef;
 use crate::mcp::envelope::{Kind, Message, Reference};
 use crate::mcp::lists::ListKind;
+use crate::mcp::tape::fold_eq;
 use crate::mcp::uri;
 
 /// The outcome of authorizing a call.
@@ -186,8 +187,14 @@ pub fn authorize(policy: &Policy, agent: usize, upstream: usize, target: &Target
             let Some(nodes) = filter else {
                 return Decision::Allow;
             };
-            let Some(uris) = arguments_iter(nodes)
-                .find_map(|(k, v)| (k == "resourceSubscriptions").then_some(v))
+            let field = "resourceSubscriptions";
+            if arguments_iter(nodes).any(|(k, _)| k != field && fold_eq(k, field)) {
+                return Decision::Deny {
+                    rule: field.into(),
+                    reason: format!("a key differing from {field:?} only in letter case"),
+                };
+            }
+            let Some(uris) = arguments_iter(nodes).find_map(|(k, v)| (k == field).then_some(v))
             else {
                 return Decision::Allow;
             };
@@ -370,6 +377,19 @@ pub fn authorize_call(
         .filter(|r| r.pattern.matches_qualified(&up.name, name))
     {
         for (arg, constraint) in &rule.args {
+            // Written in another letter case, a constrained argument is that argument to a
+            // case-blind parser (Go's encoding/json): refused, not left unchecked.
+            if let Some(variant) = args.and_then(|nodes| {
+                arguments_iter(nodes).find_map(|(k, _)| (k != arg && fold_eq(k, arg)).then_some(k))
+            }) {
+                return Decision::Deny {
+                    rule: format!("{:?} args.{arg}", rule.pattern.as_str()),
+                    reason: format!(
+                        "argument {variant:?} of {}/{name} differs from the constrained {arg:?} only in letter case",
+                        up.name
+                    ),
+                };
+            }
             let Some(value) = args
                 .and_then(|nodes| arguments_iter(nodes).find_map(|(k, v)| (k == arg).then_some(v)))
             else {
@@ -586,6 +606,19 @@ mod tests {
         assert!(!decide(&p, "nightly-report", FILES, "stat", r#"{"depth":"2"}"#).is_allowed());
         // Arguments that are not an object are refused.
         assert!(!decide(&p, "nightly-report", FILES, "stat", "[1]").is_allowed());
+        // A constrained argument in another letter case, alone, is not left unchecked.
+        let d = decide(
+            &p,
+            "triage-bot",
+            FILES,
+            "read_file",
+            r#"{"PATH":"/etc/passwd"}"#,
+        );
+        assert!(
+            matches!(&d, Decision::Deny { reason, .. } if reason.contains("letter case")),
+            "{d:?}"
+        );
+        assert!(!decide(&p, "nightly-report", FILES, "stat", r#"{"DEPTH":9}"#).is_allowed());
     }
 
     #[test]
