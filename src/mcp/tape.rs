@@ -64,10 +64,9 @@ pub fn has_folded_twins(nodes: &[Node<'_>], at: usize, depth: usize) -> bool {
         if depth > 0 && has_folded_twins(nodes, idx + 1, depth - 1) {
             return true;
         }
-        if *len <= SMALL {
-            small[i] = key;
-        } else {
-            many.push(key);
+        match small.get_mut(i) {
+            Some(slot) if *len <= SMALL => *slot = key,
+            _ => many.push(key),
         }
         idx += 1 + node_span(value);
     }
