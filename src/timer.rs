@@ -130,10 +130,10 @@ impl Until {
     /// is rarely needed, a write bounded in case the peer stops reading). Ends between `limit`
     /// and [`TICK`] later, rounded up to whole ticks.
     pub fn ticks_for(limit: Duration) -> Until {
-        // The next tick may come at once, so one more than the limit's whole ticks.
-        let ticks = limit.as_millis().div_ceil(TICK.as_millis()) as u64 + 1;
+        let ticks = u64::try_from(limit.as_millis().div_ceil(TICK.as_millis())).unwrap_or(u64::MAX);
         let now = TICKS.with(|t| t.borrow().epoch);
-        Until::TickAfter(now.saturating_add(ticks - 1))
+        // One more than the limit's whole ticks: the next tick may come at once.
+        Until::TickAfter(now.saturating_add(ticks))
     }
 
     /// The same bound, fixed now: a loop that waits several times within one bound (reading a

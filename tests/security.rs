@@ -170,6 +170,19 @@ fn an_unauthenticated_body_is_neither_read_nor_awaited() {
         assert_eq!(r.status, 401, "{}", r.text());
         assert!(c.is_closed());
     }
+    // An agent whose key went stale sends its large body whole: it still gets to read its 401
+    // (the body is drained a buffer at a time before the close, never held).
+    let mut c = s.gw.client();
+    let pad = "a".repeat(4_000_000);
+    c.send_raw(
+        format!(
+            "POST /mcp/m HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer stale-key-0123456789\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{pad}",
+            pad.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.read_response().status, 401);
     assert!(upstream_methods(&s).is_empty());
 }
 

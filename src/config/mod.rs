@@ -39,7 +39,8 @@ pub struct Config {
     pub stream_idle: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
-    /// The longest one write to an agent may take (an agent that stops reading is cut off).
+    /// How long an agent may take to accept each 64 KiB written to it (one that stops reading is
+    /// cut off).
     pub send_timeout: Duration,
     pub idle_timeout: Duration,
     pub drain: Duration,

@@ -61,6 +61,9 @@ impl Stream {
     }
 }
 
+/// How much of a write the peer must take per [`Conn::write_limit_ms`].
+pub const WRITE_PIECE: u64 = 64 * 1024;
+
 pub struct Conn {
     pub stream: Stream,
     /// Bytes read and not yet consumed.
@@ -155,14 +158,18 @@ impl Conn {
     }
 
     /// Writes all of `data` (owned, handed to the kernel without copying) and returns it. A
-    /// write that outlasts [`write_limit_ms`](Self::write_limit_ms) (looked at once a second:
-    /// up to a second or two past it) fails with `TimedOut` and an empty `B`: how much of it
-    /// went out is unknown, so the connection is then closed, as after any failed write.
+    /// write that outlasts [`write_limit_ms`](Self::write_limit_ms) for each [`WRITE_PIECE`] it
+    /// holds (looked at once a second: up to a second or two past it) fails with `TimedOut` and
+    /// an empty `B`: how much of it went out is unknown, so the connection is then closed, as
+    /// after any failed write.
     pub async fn write_all<B: monoio::buf::IoBuf + Default>(
         &mut self,
         data: B,
     ) -> (io::Result<()>, B) {
-        let limit = self.write_limit_ms;
+        // Each 64 KiB of the write gets the whole limit: an agent that reads slowly but reads is
+        // not cut off, one that stops is.
+        let pieces = (data.bytes_init() as u64).div_ceil(WRITE_PIECE).max(1);
+        let limit = u64::from(self.write_limit_ms).saturating_mul(pieces);
         let write = async {
             match &mut self.stream {
                 Stream::Tcp(tcp) => tcp.write_all(data).await,
@@ -174,12 +181,15 @@ impl Conn {
             write.await
         } else {
             // Bounded by the thread's tick: no clock read or timer per write.
-            let limit = Duration::from_millis(limit.into());
+            let limit = Duration::from_millis(limit);
             match crate::timer::bounded(crate::timer::Until::ticks_for(limit), write).await {
                 Ok(written) => written,
                 Err(_) => {
                     self.broken = true;
-                    let why = format!("the peer took nothing for {} ms", limit.as_millis());
+                    let why = format!(
+                        "the peer took less than 64 KiB per {} ms",
+                        self.write_limit_ms
+                    );
                     (
                         Err(io::Error::new(io::ErrorKind::TimedOut, why)),
                         B::default(),

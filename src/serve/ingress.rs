@@ -251,10 +251,12 @@ async fn fill_body(client: &mut Conn, deadline: Instant, cut_short: &str) -> Res
     }
 }
 
-/// Most bytes read and discarded while closing after an error.
-const LINGER_BYTES: usize = 256 * 1024;
+/// Most bytes read and discarded while closing after an error (a body refused unread can be
+/// several MiB: the agent must get to read its answer before the close): read and dropped a
+/// buffer at a time, never held.
+const LINGER_BYTES: usize = 8 * 1024 * 1024;
 /// Longest wait for the client to stop sending while closing after an error.
-const LINGER_TIME: Duration = Duration::from_millis(500);
+const LINGER_TIME: Duration = Duration::from_millis(1000);
 
 /// Closes after an error without destroying the answer: closing a socket with unread input
 /// makes the kernel send RST, which can discard the response before the client reads it

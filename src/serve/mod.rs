@@ -274,8 +274,11 @@ async fn handle_request<'r>(
     // when it is small, so the connection stays usable; a larger one (or one of unknown length)
     // is left unread and the connection closed (its unread input drained briefly, not kept). So
     // nobody unauthenticated makes the gateway hold or wait for SCOPEGATE_MAX_BODY.
+    // (An agent waiting for `100 Continue` is answered at once too: its body is not coming.)
+    let unread = ingress::body_over(framing, ingress::REFUSED_BODY_READ)
+        || (ingress::body_over(framing, 0) && head.get("expect").is_some());
     let admitted = match admitted {
-        Err(reply) if ingress::body_over(framing, ingress::REFUSED_BODY_READ) => end!(reply, true),
+        Err(reply) if unread => end!(reply, true),
         admitted => admitted,
     };
     let body = pass!(

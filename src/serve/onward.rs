@@ -176,8 +176,8 @@ pub async fn to_upstream(
             // The agent's doing: the call was allowed and relayed until it left.
             draft.status = exchange.status;
             draft.reason = Some(
-                "the agent closed the connection, or took nothing for SCOPEGATE_SEND_TIMEOUT_MS, \
-                 while the answer was relayed"
+                "the agent closed the connection, or took less than 64 KiB per \
+                 SCOPEGATE_SEND_TIMEOUT_MS, while the answer was relayed"
                     .into(),
             );
             Err(())
