@@ -377,22 +377,27 @@ pub fn authorize_call(
         .filter(|r| r.pattern.matches_qualified(&up.name, name))
     {
         for (arg, constraint) in &rule.args {
-            // Written in another letter case, a constrained argument is that argument to a
-            // case-blind parser (Go's encoding/json): refused, not left unchecked.
-            if let Some(variant) = args.and_then(|nodes| {
-                arguments_iter(nodes).find_map(|(k, _)| (k != arg && fold_eq(k, arg)).then_some(k))
-            }) {
-                return Decision::Deny {
-                    rule: format!("{:?} args.{arg}", rule.pattern.as_str()),
-                    reason: format!(
-                        "argument {variant:?} of {}/{name} differs from the constrained {arg:?} only in letter case",
-                        up.name
-                    ),
-                };
+            // One pass: the argument, and whether it is also written in another letter case
+            // (to a case-blind parser, Go's encoding/json, that is the same argument: refused,
+            // not left unchecked).
+            let mut value = None;
+            for (k, v) in args.into_iter().flat_map(arguments_iter) {
+                if k == arg {
+                    value = Some(v);
+                } else if k.len() == arg.len() || !k.is_ascii() || !arg.is_ascii() {
+                    // (ASCII both: a variant has the same length.)
+                    if fold_eq(k, arg) {
+                        return Decision::Deny {
+                            rule: format!("{:?} args.{arg}", rule.pattern.as_str()),
+                            reason: format!(
+                                "argument {k:?} of {}/{name} differs from the constrained {arg:?} only in letter case",
+                                up.name
+                            ),
+                        };
+                    }
+                }
             }
-            let Some(value) = args
-                .and_then(|nodes| arguments_iter(nodes).find_map(|(k, v)| (k == arg).then_some(v)))
-            else {
+            let Some(value) = value else {
                 continue;
             };
             if let Err(why) = constraint.check(value) {
