@@ -15,7 +15,7 @@ use simd_json::StaticNode;
 use simd_json::{Buffers, Node, Tape};
 
 use super::jsonrpc::{self, Id};
-use super::tape::{has_folded_twins, node_span, variant_of};
+use super::tape::{Same, has_twins, node_span, variant_of};
 
 /// What kind of JSON-RPC message a body holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,16 +435,18 @@ fn read_params<'a>(
                 )
             }
             "arguments" => {
-                if let Node::Object { .. } = value {
-                    check_unique_keys(nodes, value_at)?;
+                // A constraint checked on one copy of an argument must not be bypassed by the
+                // upstream reading the other.
+                if has_twins(nodes, value_at, 0, Same::Exact) {
+                    return Err(EnvelopeError::DuplicateKey("params.arguments"));
                 }
                 message.arguments = Some((value_at as u32, (value_at + node_span(value)) as u32));
             }
             "_meta" => message.progress_token = read_progress_token(nodes, value_at)?,
             "ref" => message.reference = Some(read_reference(nodes, value_at)?),
             "notifications" => {
-                if let Node::Object { .. } = value {
-                    check_unique_keys(nodes, value_at)?;
+                if has_twins(nodes, value_at, 0, Same::Exact) {
+                    return Err(EnvelopeError::DuplicateKey("params.arguments"));
                 }
                 message.notifications =
                     Some((value_at as u32, (value_at + node_span(value)) as u32));
@@ -454,7 +456,7 @@ fn read_params<'a>(
     }
     // Exact duplicates are refused above, naming the key; then any two keys alike but for
     // letter case in the params and their members (the arguments, `_meta`, `ref`).
-    if has_folded_twins(nodes, at, 1) {
+    if has_twins(nodes, at, 1, Same::Folded) {
         return Err(EnvelopeError::CaseVariant("params"));
     }
     Ok(())
@@ -515,36 +517,6 @@ fn read_progress_token<'a>(nodes: &[Node<'a>], at: usize) -> Result<Option<Id<'a
         }
     }
     Ok(token)
-}
-
-/// Refuses an arguments object naming the same argument twice: a constraint checked on one
-/// copy must not be bypassed by the upstream reading the other.
-fn check_unique_keys(nodes: &[Node<'_>], at: usize) -> Result<(), EnvelopeError> {
-    let len = match nodes.get(at) {
-        Some(Node::Object { len, .. }) => *len,
-        _ => return Ok(()),
-    };
-    // Small objects (the norm) compare pairwise without allocating.
-    let mut keys: [&str; 16] = [""; 16];
-    let mut many: Vec<&str> = Vec::new();
-    for (i, entry) in object_entries(nodes, at).enumerate() {
-        let (key, _) = entry?;
-        if len <= keys.len() {
-            if keys[..i].contains(&key) {
-                return Err(EnvelopeError::DuplicateKey("params.arguments"));
-            }
-            keys[i] = key;
-        } else {
-            many.push(key);
-        }
-    }
-    if !many.is_empty() {
-        many.sort_unstable();
-        if many.windows(2).any(|w| w[0] == w[1]) {
-            return Err(EnvelopeError::DuplicateKey("params.arguments"));
-        }
-    }
-    Ok(())
 }
 
 fn as_str<'a>(node: &Node<'a>) -> Option<&'a str> {

@@ -47,10 +47,19 @@ pub fn variant_of(key: &str, known: &[&'static str]) -> Option<&'static str> {
         .copied()
 }
 
+/// When two keys are the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Same {
+    /// As written (escapes resolved): a duplicate.
+    Exact,
+    /// Once folded ([`fold_eq`]).
+    Folded,
+}
+
 /// Whether the object at `nodes[at]`, or an object that is a member of it down to `depth`
-/// levels, has two keys that are the same when folded. Deeper objects are data to scopegate
-/// (nothing it checks reads them; a case-blind parser keeps a map's keys apart).
-pub fn has_folded_twins(nodes: &[Node<'_>], at: usize, depth: usize) -> bool {
+/// levels, has two keys that are the `same`. Deeper objects are data to scopegate (nothing it
+/// checks reads them; a case-blind parser keeps a map's keys apart).
+pub fn has_twins(nodes: &[Node<'_>], at: usize, depth: usize, same: Same) -> bool {
     let Some(Node::Object { len, .. }) = nodes.get(at) else {
         return false;
     };
@@ -61,7 +70,7 @@ pub fn has_folded_twins(nodes: &[Node<'_>], at: usize, depth: usize) -> bool {
         let (Some(Node::String(key)), Some(value)) = (nodes.get(idx), nodes.get(idx + 1)) else {
             return false;
         };
-        if depth > 0 && has_folded_twins(nodes, idx + 1, depth - 1) {
+        if depth > 0 && has_twins(nodes, idx + 1, depth - 1, same) {
             return true;
         }
         match small.get_mut(i) {
@@ -70,9 +79,13 @@ pub fn has_folded_twins(nodes: &[Node<'_>], at: usize, depth: usize) -> bool {
         }
         idx += 1 + node_span(value);
     }
-    match *len <= SMALL {
-        true => twins(&mut small[..*len]),
-        false => twins(&mut many),
+    let keys = match *len <= SMALL {
+        true => &mut small[..*len],
+        false => &mut many[..],
+    };
+    match same {
+        Same::Exact => exact_twins(keys),
+        Same::Folded => folded_twins(keys),
     }
 }
 
@@ -80,8 +93,17 @@ pub fn has_folded_twins(nodes: &[Node<'_>], at: usize, depth: usize) -> bool {
 /// ASCII).
 const SMALL: usize = 16;
 
+/// Whether two of `keys` are equal (the order of `keys` is lost).
+fn exact_twins(keys: &mut [&str]) -> bool {
+    if keys.len() <= SMALL {
+        return (1..keys.len()).any(|i| keys[..i].contains(&keys[i]));
+    }
+    keys.sort_unstable();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
 /// Whether two of `keys` are the same when folded (the order of `keys` is lost).
-fn twins(keys: &mut [&str]) -> bool {
+fn folded_twins(keys: &mut [&str]) -> bool {
     if keys.iter().all(|k| k.is_ascii()) {
         if keys.len() <= SMALL {
             return (1..keys.len())
@@ -126,7 +148,7 @@ mod tests {
         let tape_of = |json: &str| {
             let mut bytes = json.as_bytes().to_vec();
             let tape = simd_json::to_tape(&mut bytes).unwrap();
-            has_folded_twins(&tape.0, 0, 1)
+            has_twins(&tape.0, 0, 1, Same::Folded)
         };
         assert!(!tape_of(r#"{"path":"/a","n":1}"#));
         assert!(tape_of(r#"{"path":"/a","PATH":"/etc/passwd"}"#));
