@@ -114,6 +114,10 @@ async fn send_request(
     };
     match crate::timer::bounded(Until::At(deadline), send).await {
         Ok(sent) => sent.map_err(UpstreamError::Io),
-        Err(_) => Err(UpstreamError::TimedOut),
+        Err(_) => {
+            // A write given up midway: what the upstream got is unknown.
+            up.broken = true;
+            Err(UpstreamError::TimedOut)
+        }
     }
 }
